@@ -1,0 +1,109 @@
+"""Checkpoints: atomic save, safe load (``weights_only=True``), safetensors export.
+
+A checkpoint is a plain dict of tensors and primitives so that it loads with
+``torch.load(weights_only=True)``: no pickled objects, nothing that can run code on load.
+Every checkpoint written by medcore carries ``format`` and ``kind`` (the model it belongs
+to, e.g. ``"ctclip.CTCLIP"``) so a file from another model is named as such.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medcore.errors import CheckpointError
+from medcore.io import atomic_path
+
+FORMAT = "medcore.checkpoint/1"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, kind: str | None = None) -> Path:
+    """Write ``state`` atomically; with ``kind`` the model identity is stamped in."""
+    path = Path(path)
+    payload = dict(state)
+    payload.setdefault("format", FORMAT)
+    if kind is not None:
+        payload["kind"] = kind
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", kind: str | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint safely; ``kind`` checks that it belongs to the expected model.
+
+    Raises CheckpointError for a missing, empty, truncated or non-checkpoint file, for a
+    file that needs unpickling arbitrary objects (refused: it could run code), and for a
+    checkpoint of another model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "empty file (0 bytes)")
+    if path.suffix == ".safetensors":
+        return {"model": load_safetensors(path), "format": "safetensors"}
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise CheckpointError(
+            path, f"refused: contains pickled objects that could run code on load ({first[:160]})"
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            path, f"not a readable PyTorch checkpoint (truncated or corrupt: {str(exc).splitlines()[0][:120]})"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"expected a dict checkpoint, found {type(state).__name__}")
+    if kind is not None:
+        found = state.get("kind")
+        if found is None:
+            raise CheckpointError(path, f"not a {kind} checkpoint (it carries no model identity)")
+        if found != kind:
+            raise CheckpointError(path, f"this is a {found} checkpoint, not {kind}")
+    return state
+
+
+def export_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save model weights as safetensors (shared storage is cloned: safetensors forbids aliasing)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(path, f"not a readable safetensors file ({str(exc)[:120]})") from None
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` without DDP or torch.compile wrappers in the key names."""
+    inner = unwrap_model(model)
+    return inner.state_dict()
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DDP / DataParallel / torch.compile wrappers."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,0 +1,194 @@
+"""The command-line conventions every ``<pkg>-<verb>`` command shares.
+
+- ``run_cli(main_fn, argv)``: user errors become one line ``error: <what>: <why>`` on stderr and
+  exit code 2; Ctrl-C becomes exit 130 with a hint to resume. No traceback reaches the user.
+- ``add_common_args``: the common flags, spelled the same everywhere.
+- ``setup_run``: config (packaged YAML, ``--config``, ``--set``, common flags), device, seeding,
+  torchrun process group, and the run directory with the resolved config in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from medcore.config import load_config, packaged_config_path, save_config
+from medcore.device import DEVICE_CHOICES, resolve_device
+from medcore.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from medcore.errors import UserError
+from medcore.trainer import TrainerConfig, seed_everything
+
+C = TypeVar("C", bound="RunConfig")
+
+
+@dataclass
+class RunConfig:
+    """Fields every package's top-level config has; packages subclass it and add sections.
+
+    A subclass must define ``data`` (with ``data_dir``), ``model`` (with ``pretrained_weights``)
+    and may rely on ``trainer`` as defined here.
+    """
+
+    seed: int = 42
+    device: str = "auto"
+    output_dir: str | None = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def add_common_args(parser: argparse.ArgumentParser, train: bool = True) -> argparse.ArgumentParser:
+    """Add the flags of DESIGN.md; ``train=False`` leaves out the training-only ones."""
+    parser.add_argument("--config", type=Path, help="YAML config file layered over the packaged default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set trainer.lr=3e-4 (repeatable)")
+    parser.add_argument("--data-dir", type=Path, help="real data directory (default: the built-in demo data)")
+    parser.add_argument("--output-dir", type=Path, help="run directory (default: runs/<pkg>/<timestamp>)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, help="device (default: auto)")
+    parser.add_argument("--seed", type=int, help="random seed")
+    if train:
+        parser.add_argument("--epochs", type=int, help="number of epochs")
+        parser.add_argument("--smoke", action="store_true", help="run a few steps only (checks the setup)")
+        parser.add_argument("--resume", metavar="PATH|latest",
+                            help="continue from a checkpoint, or from the newest run's latest.pt")
+        parser.add_argument("--pretrained-weights", type=Path,
+                            help="local file with pretrained backbone weights (no downloads)")
+    return parser
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` items that the common flags stand for."""
+    items: list[str] = []
+    if getattr(args, "data_dir", None) is not None:
+        items.append(f"data.data_dir={args.data_dir}")
+    if getattr(args, "device", None) is not None:
+        items.append(f"device={args.device}")
+    if getattr(args, "seed", None) is not None:
+        items.append(f"seed={args.seed}")
+    if getattr(args, "epochs", None) is not None:
+        items.append(f"trainer.epochs={args.epochs}")
+    if getattr(args, "pretrained_weights", None) is not None:
+        items.append(f"model.pretrained_weights={args.pretrained_weights}")
+    if getattr(args, "output_dir", None) is not None:
+        items.append(f"output_dir={args.output_dir}")
+    return items
+
+
+SMOKE_OVERRIDES = ["trainer.epochs=1", "trainer.max_steps_per_epoch=2", "trainer.eval_every_steps=0"]
+
+
+@dataclass
+class RunContext:
+    """What ``setup_run`` resolved: config, device, process group and run directory."""
+
+    cfg: Any
+    device: torch.device
+    dist: DistInfo
+    run_dir: Path
+    resume: Path | None
+
+
+def default_run_dir(package: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / package / stamp
+
+
+def find_latest_checkpoint(package: str, output_dir: Path | None) -> Path:
+    """``--resume latest``: the latest.pt of ``output_dir``, or of the newest run of ``package``."""
+    if output_dir is not None:
+        candidate = Path(output_dir) / "checkpoints" / "latest.pt"
+        if candidate.is_file():
+            return candidate
+        raise UserError("--resume latest", f"no checkpoints/latest.pt in {output_dir}")
+    runs = sorted(
+        (p for p in (Path("runs") / package).glob("*/checkpoints/latest.pt")),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not runs:
+        raise UserError("--resume latest", f"no earlier run with a latest.pt under runs/{package}/")
+    return runs[-1]
+
+
+def setup_run(
+    args: argparse.Namespace,
+    cfg_cls: type[C],
+    package: str,
+    default_config: str = "default",
+    smoke_overrides: Sequence[str] = (),
+) -> RunContext:
+    """Resolve config, device, seeding, DDP and the run directory for a training command."""
+    sources: list[Any] = [packaged_config_path(package, default_config)]
+    if getattr(args, "config", None) is not None:
+        sources.append(args.config)
+    overrides = list(getattr(args, "overrides", []) or [])
+    if getattr(args, "smoke", False):
+        overrides = [*SMOKE_OVERRIDES, *smoke_overrides, *overrides]
+    cfg = load_config(cfg_cls, *sources, overrides=[*overrides, *common_overrides(args)])
+
+    device = resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")) if "LOCAL_RANK" in os.environ else None)
+    dist = init_distributed(device.type)
+    seed_everything(cfg.seed + dist.rank)
+
+    resume: Path | None = None
+    resume_arg = getattr(args, "resume", None)
+    if resume_arg == "latest":
+        resume = find_latest_checkpoint(package, Path(cfg.output_dir) if cfg.output_dir else None)
+    elif resume_arg:
+        resume = Path(resume_arg)
+        if not resume.is_file():
+            raise UserError(resume, "checkpoint not found")
+    if resume is not None and cfg.output_dir is None and resume.parent.name == "checkpoints":
+        run_dir = resume.parent.parent  # continue in the run that wrote the checkpoint
+    else:
+        run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(package)
+    run_dir = Path(broadcast_object(str(run_dir)))
+    cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    barrier()
+    return RunContext(cfg=cfg, device=device, dist=dist, run_dir=run_dir, resume=resume)
+
+
+def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
+    """Call ``main_fn``; turn user errors and Ctrl-C into one line and an exit code."""
+    try:
+        code = main_fn()
+        return 0 if code is None else int(code)
+    except UserError as exc:
+        print(f"error: {exc.what}: {exc.why}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog or 'interrupted'}: interrupted; finished work is saved (resume with --resume latest)",
+              file=sys.stderr)
+        return 130
+    finally:
+        from medcore.distributed import cleanup_distributed
+
+        cleanup_distributed()
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".4f") -> str:
+    """A plain-text table for printing metric tables in the terminal."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return str(v)
+
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    head = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))) for row in cells]
+    return "\n".join([head, sep, *body])

@@ -1,0 +1,211 @@
+"""Safe file I/O shared by every package: atomic writes, run locks, validated CSVs and images."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medcore.errors import DataError, UserError
+
+# A real radiograph or histology tile is far below this; a header claiming more is refused
+# before any pixel is decoded (decompression-bomb protection).
+MAX_IMAGE_PIXELS = 20_000 * 20_000
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    Readers never see a half-written file, and an interrupted writer leaves the old file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=suffix or (path.suffix + ".tmp")
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (NaN written as null-safe ``NaN`` per Python's json)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_write_csv(path: str | Path, frame: Any, index: bool = False) -> Path:
+    """Write a pandas DataFrame atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=index)
+    return Path(path)
+
+
+class RunLock:
+    """An exclusive lock on an output (a run directory, an HDF5 file) held for a job's life.
+
+    A second job writing into the same output is refused with a clear message instead of
+    interleaving. The lock is a file holding the owner's PID; a lock whose owner no longer
+    runs (the job was killed) is taken over.
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        target = Path(target)
+        self.path = target / ".lock" if target.is_dir() else target.with_name(target.name + ".lock")
+        self.target = target
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner != os.getpid() and _pid_alive(owner):
+                    raise UserError(
+                        self.target, f"in use by another running job (pid {owner}); wait for it or choose another output"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return self
+        raise UserError(self.target, f"could not take the lock {self.path}")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or "0") or None
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owner() == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def safe_join(root: str | Path, name: str) -> Path:
+    """``root / name``, refusing names that climb out of ``root`` (``../``, absolute paths)."""
+    root_resolved = Path(root).resolve()
+    candidate = (root_resolved / name).resolve()
+    if candidate != root_resolved and root_resolved not in candidate.parents:
+        raise DataError(name, f"path leaves the data directory {root}")
+    return candidate
+
+
+def read_csv(
+    path: str | Path,
+    required: Sequence[str] = (),
+    unique: str | None = None,
+    **kwargs: Any,
+):
+    """Read a CSV with pandas, turning every way it can be broken into a one-line DataError.
+
+    ``required`` columns must be present; ``unique`` names a column whose values must not repeat.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        frame = pd.read_csv(path, encoding="utf-8", **kwargs)
+    except UnicodeDecodeError:
+        raise DataError(path, "not UTF-8 text (save the CSV as UTF-8)") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "the CSV is empty") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise DataError(path, f"cannot parse CSV ({str(exc).splitlines()[0]})") from None
+    dupes = [c for c in frame.columns if str(c).rsplit(".", 1)[0] in frame.columns and "." in str(c)]
+    if dupes:
+        raise DataError(path, f"duplicated column(s): {', '.join(map(str, dupes))}")
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(
+            path, f"missing column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})"
+        )
+    if unique is not None:
+        repeated = frame[unique][frame[unique].duplicated()].astype(str).unique().tolist()
+        if repeated:
+            raise DataError(path, f"duplicated {unique} value(s): {', '.join(repeated[:5])}")
+    return frame
+
+
+def load_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
+    """Decode an image file to a uint8 array in ``mode`` ("RGB" -> [H, W, 3], "L" -> [H, W]).
+
+    Grayscale, palette, RGBA and 16-bit images are converted (16-bit is rescaled from its full
+    range, not clipped). Corrupt, truncated or implausibly large files raise a DataError.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "image not found")
+    if path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise DataError(path, f"image header claims {img.width}x{img.height} pixels; refusing to decode")
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                lo, hi = float(arr.min()), float(arr.max())
+                scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+                img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+            if img.mode == "P":
+                img = img.convert("RGBA")
+            if img.mode in ("RGBA", "LA") and mode == "RGB":
+                # Composite transparency over black, the background of radiographs and slides.
+                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(background, img.convert("RGBA"))
+            return np.asarray(img.convert(mode), dtype=np.uint8).copy()
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        raise DataError(path, "image is implausibly large (decompression bomb guard)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"cannot decode image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None

@@ -1,0 +1,67 @@
+"""Helpers the packages' tests share: skip markers, tiny files, CLI capture, gloo DDP runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+skip_if_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _gloo_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined by gloo.
+
+    ``fn`` must be importable (defined at module level). Results travel through files the
+    test names in ``args``; a failing rank fails the call.
+    """
+    mp.spawn(_gloo_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def write_png(path: str | Path, array: np.ndarray) -> Path:
+    """Write a uint8 array ([H, W] or [H, W, 3|4]) as PNG with Pillow."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+    return path
+
+
+def random_image(size: tuple[int, int] = (32, 32), channels: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (*size, channels) if channels > 1 else size
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def call_main(main: Callable[[list[str]], int], argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """Run a command's ``main(argv)`` and return (exit code, stdout, stderr)."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
