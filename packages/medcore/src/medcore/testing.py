@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
 import socket
 from collections.abc import Callable
@@ -23,14 +25,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _gloo_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _load_function(file: str, name: str) -> Callable[..., Any]:
+    # Test modules are imported by file (pytest --import-mode=importlib), so a spawned child
+    # cannot import them by module name: load the defining file directly instead.
+    spec = importlib.util.spec_from_file_location(f"_gloo_{Path(file).stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def _gloo_entry(rank: int, world_size: int, port: int, file: str, name: str, args: tuple[Any, ...]) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        fn(rank, world_size, *args)
+        _load_function(file, name)(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 
@@ -38,10 +50,11 @@ def _gloo_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], a
 def run_gloo(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined by gloo.
 
-    ``fn`` must be importable (defined at module level). Results travel through files the
-    test names in ``args``; a failing rank fails the call.
+    ``fn`` must be a module-level function of a file (a test file is fine). Results travel
+    through files the test names in ``args``; a failing rank fails the call.
     """
-    mp.spawn(_gloo_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    file, name = inspect.getfile(fn), fn.__name__
+    mp.spawn(_gloo_entry, args=(world_size, free_port(), file, name, args), nprocs=world_size, join=True)
 
 
 def write_png(path: str | Path, array: np.ndarray) -> Path:

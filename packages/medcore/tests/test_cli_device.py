@@ -1,0 +1,110 @@
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from medcore.cli import RunConfig, add_common_args, common_overrides, find_latest_checkpoint, format_table, run_cli
+from medcore.config import load_config
+from medcore.demo import ensure_demo_data
+from medcore.device import amp_policy, device_defaults, resolve_device
+from medcore.errors import DataError, UserError
+
+
+@dataclass
+class Data:
+    data_dir: str | None = None
+
+
+@dataclass
+class Model:
+    pretrained_weights: str | None = None
+
+
+@dataclass
+class Cfg(RunConfig):
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+
+
+def test_run_cli_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    def broken() -> int:
+        raise DataError("scans/a.nii.gz", "truncated gzip stream")
+
+    assert run_cli(broken) == 2
+    err = capsys.readouterr().err
+    assert err == "error: scans/a.nii.gz: truncated gzip stream\n"
+    assert run_cli(lambda: None) == 0
+    assert run_cli(lambda: 3) == 3
+
+
+def test_run_cli_turns_ctrl_c_into_130(capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted, prog="x-train") == 130
+    assert "--resume latest" in capsys.readouterr().err
+
+
+def test_common_flags_map_onto_config(tmp_path: Path) -> None:
+    parser = add_common_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--epochs", "3", "--seed", "9", "--device", "cpu", "--data-dir", str(tmp_path),
+                              "--pretrained-weights", "w.pt", "--set", "trainer.lr=0.5"])
+    cfg = load_config(Cfg, overrides=[*args.overrides, *common_overrides(args)])
+    assert (cfg.trainer.epochs, cfg.seed, cfg.device, cfg.trainer.lr) == (3, 9, "cpu", 0.5)
+    assert cfg.data.data_dir == str(tmp_path) and cfg.model.pretrained_weights == "w.pt"
+
+
+def test_resume_latest_finds_newest_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no earlier run"):
+        find_latest_checkpoint("pkg", None)
+    for i, name in enumerate(["20260101-000000", "20260102-000000"]):
+        ck = tmp_path / "runs/pkg" / name / "checkpoints/latest.pt"
+        ck.parent.mkdir(parents=True)
+        ck.write_bytes(b"x")
+        os.utime(ck, (time.time() + i, time.time() + i))
+    assert find_latest_checkpoint("pkg", None).parts[-3] == "20260102-000000"
+
+
+def test_format_table() -> None:
+    text = format_table([{"finding": "Emphysema", "auc": 0.91234}, {"finding": "Nodule", "auc": 0.5}])
+    lines = text.splitlines()
+    assert lines[0].split() == ["finding", "auc"] and lines[2].split() == ["Emphysema", "0.9123"]
+
+
+def test_device_policy_on_cpu() -> None:
+    cpu = resolve_device("cpu")
+    assert cpu.type == "cpu"
+    assert not amp_policy(cpu).enabled  # CPU autocast is opt-in
+    assert amp_policy(cpu, dtype="bf16").dtype == torch.bfloat16
+    assert device_defaults(cpu).batch_size == 4 and device_defaults(cpu).num_workers == 2
+    with pytest.raises(UserError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_demo_cache_generates_once_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def failing(d: Path) -> None:
+        (d / "half.txt").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        ensure_demo_data("pkg", failing)
+    assert not (tmp_path / "pkg/demo-v1").exists()
+
+    def generate(d: Path) -> None:
+        calls.append(d)
+        (d / "a.txt").write_text("data")
+
+    first = ensure_demo_data("pkg", generate)
+    second = ensure_demo_data("pkg", generate)
+    assert first == second and (first / "a.txt").read_text() == "data" and len(calls) == 1

@@ -1,0 +1,160 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from medcore.checkpoint import load_checkpoint
+from medcore.errors import TrainingDiverged
+from medcore.trainer import Trainer, TrainerConfig
+
+X = torch.randn(48, 6, generator=torch.Generator().manual_seed(0))
+Y = (X[:, 0] + 0.5 * X[:, 1] > 0).float()
+DATA = TensorDataset(X, Y)
+
+
+def step(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
+
+
+def evaluate(model: nn.Module, ctx) -> dict[str, float]:
+    logits = model(X).squeeze(1)
+    return {"val/loss": float(step(model, (X, Y))), "val/acc": float(((logits > 0).float() == Y).float().mean())}
+
+
+def make(run_dir: Path, model_seed: int = 1, **overrides) -> Trainer:
+    torch.manual_seed(model_seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+    cfg = TrainerConfig(**{"epochs": 3, "batch_size": 8, "num_workers": 0, "lr": 1e-2, "warmup_steps": 2,
+                           "grad_accum_steps": 2, "log_every_steps": 1, **overrides})
+    return Trainer(model, cfg, train_data=DATA, step_fn=step, run_dir=run_dir, device=torch.device("cpu"),
+                   kind="test.MLP", evaluate_fn=evaluate, seed=5, show_progress=False)
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_at", [2, 4, 7])
+def test_resume_is_bit_identical(tmp_path: Path, stop_at: int) -> None:
+    full = make(tmp_path / "full")
+    full.fit()
+    part = make(tmp_path / "part")
+    part.fit(stop_after_steps=stop_at)
+    assert not (tmp_path / "part/checkpoints/final.pt").exists()
+    torch.manual_seed(12345)  # a different global RNG at restart must not matter
+    resumed = make(tmp_path / "part", model_seed=99)
+    result = resumed.fit(resume=tmp_path / "part/checkpoints/latest.pt")
+    assert result.global_step == full.global_step
+    for key, value in weights(full).items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_accumulation_matches_a_larger_batch(tmp_path: Path) -> None:
+    small = make(tmp_path / "a", batch_size=4, grad_accum_steps=4, epochs=1, scheduler="none")
+    big = make(tmp_path / "b", batch_size=16, grad_accum_steps=1, epochs=1, scheduler="none")
+    # Same sample order requires same batches: compare on a model without dropout.
+    for t in (small, big):
+        t.model[2].p = 0.0
+    small.fit()
+    big.fit()
+    for key, value in weights(small).items():
+        torch.testing.assert_close(value, big.model.state_dict()[key], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_names_and_best_by_monitor(tmp_path: Path) -> None:
+    trainer = make(tmp_path, monitor=["val/missing", "val/acc"], monitor_mode="max", checkpoint_prefix="microf1")
+    result = trainer.fit()
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    best = [n for n in ckpts if n.startswith("microf1_")]
+    assert len(best) == 1, ckpts
+    assert "final.pt" in ckpts and "latest.pt" in ckpts
+    name = best[0]
+    assert name.endswith(f"metric={result.best_metric:.4f}.pt") and "_epoch=" in name
+    assert result.best_metric_name == "val/acc"  # fell back from the missing metric
+    assert result.best_metric == max(r["val/acc"] for r in result.history)
+    state = load_checkpoint(tmp_path / "checkpoints" / name, kind="test.MLP")
+    assert state["best"]["value"] == pytest.approx(result.best_metric)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for x in lines if x["event"] == "eval") == 3
+    assert list((tmp_path / "tb").iterdir()), "TensorBoard events written"
+
+
+def test_fixed_best_name_and_early_stopping(tmp_path: Path) -> None:
+    # lr 0: nothing improves after the first evaluation, so patience 2 stops at epoch 3 of 10.
+    trainer = make(tmp_path, epochs=10, lr=0.0, early_stopping_patience=2, best_name="phase1_best.pt",
+                   scheduler="none")
+    result = trainer.fit()
+    assert result.stopped_early and result.epochs_completed == 3
+    assert (tmp_path / "checkpoints/phase1_best.pt").is_file()
+    assert (tmp_path / "checkpoints/final.pt").is_file()
+
+
+def test_nan_step_is_skipped_then_persistent_nan_stops(tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        loss = step(model, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    trainer = make(tmp_path / "a", epochs=1, grad_accum_steps=1)
+    trainer.step_fn = flaky
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        result = trainer.fit()
+    assert result.global_step == 5  # 6 batches, one skipped
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+
+    def always_nan(model, batch):
+        return step(model, batch) * float("nan")
+
+    doomed = make(tmp_path / "b", epochs=3, grad_accum_steps=1, max_nonfinite_steps=3)
+    doomed.fit(stop_after_steps=2)
+    good = (tmp_path / "b/checkpoints/latest.pt").read_bytes()
+    doomed2 = make(tmp_path / "b", epochs=3, grad_accum_steps=1, max_nonfinite_steps=3)
+    doomed2.step_fn = always_nan
+    with pytest.warns(RuntimeWarning), pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+        doomed2.fit(resume=tmp_path / "b/checkpoints/latest.pt")
+    assert (tmp_path / "b/checkpoints/latest.pt").read_bytes() == good
+    assert not (tmp_path / "b/checkpoints/final.pt").exists()
+
+
+def test_param_groups_and_cosine_warmup(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 1))
+    cfg = TrainerConfig(epochs=2, batch_size=8, num_workers=0, lr=1e-2, warmup_steps=3, scheduler="cosine")
+    groups = [{"params": model[0].parameters(), "lr": 1e-4, "name": "backbone"},
+              {"params": model[1].parameters(), "lr": 1e-2, "name": "head"}]
+    trainer = Trainer(model, cfg, train_data=DATA, step_fn=step, run_dir=tmp_path, device=torch.device("cpu"),
+                      kind="test.MLP", param_groups=groups, show_progress=False)
+    lrs = []
+    orig = trainer._optimizer_step
+
+    def spy() -> None:
+        lrs.append([g["lr"] for g in trainer.optimizer.param_groups])
+        orig()
+
+    trainer._optimizer_step = spy
+    trainer.fit()
+    total = trainer.total_steps
+    assert total == 12
+    for i, (backbone, head) in enumerate(lrs):
+        factor = (i + 1) / 3 if i < 3 else 0.5 * (1 + math.cos(math.pi * (i - 3) / (total - 3)))
+        assert backbone == pytest.approx(1e-4 * factor) and head == pytest.approx(1e-2 * factor)
+
+
+def test_plateau_and_step_schedulers_resume(tmp_path: Path) -> None:
+    for sched in ("plateau", "step"):
+        full = make(tmp_path / f"{sched}-full", scheduler=sched, step_size=1, plateau_patience=0)
+        full.fit()
+        part = make(tmp_path / sched, scheduler=sched, step_size=1, plateau_patience=0)
+        part.fit(stop_after_steps=5)
+        resumed = make(tmp_path / sched, scheduler=sched, step_size=1, plateau_patience=0)
+        resumed.fit(resume=tmp_path / sched / "checkpoints/latest.pt")
+        assert [g["lr"] for g in full.optimizer.param_groups] == [g["lr"] for g in resumed.optimizer.param_groups]
+        for key, value in weights(full).items():
+            assert torch.equal(value, resumed.model.state_dict()[key])
