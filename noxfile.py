@@ -25,7 +25,14 @@ TASK_PACKAGES = PACKAGES[1:]
 def _sync(session: nox.Session, package: str) -> None:
     """Sync the session venv with exactly ``package``, its dependencies and its test group."""
     session.run_install(
-        "uv", "sync", "--locked", "--package", package, "--group", "test", "--no-dev",
+        "uv",
+        "sync",
+        "--locked",
+        "--package",
+        package,
+        "--group",
+        "test",
+        "--no-dev",
         env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
         external=True,
     )
@@ -44,8 +51,16 @@ def tests(session: nox.Session, package: str) -> None:
     """CPU tests of one package in its own venv."""
     _sync(session, package)
     session.chdir(ROOT / "packages" / package)
-    session.run("python", "-m", "pytest", "-m", "not gpu", "-q", *session.posargs,
-                env={"MEDCORE_CACHE_DIR": str(Path(session.create_tmp()) / "cache")})
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-m",
+        "not gpu",
+        "-q",
+        *session.posargs,
+        env={"MEDCORE_CACHE_DIR": str(Path(session.create_tmp()) / "cache")},
+    )
 
 
 @nox.session
@@ -53,14 +68,24 @@ def tests(session: nox.Session, package: str) -> None:
 def gpu_smoke(session: nox.Session, package: str) -> None:
     """GPU tests and a --smoke training run on CUDA with AMP (skipped without CUDA)."""
     if not _has_cuda():
-        session.skip("CUDA is not available on this machine: gpu_smoke needs an NVIDIA GPU and driver")
+        session.skip(
+            "CUDA is not available on this machine: gpu_smoke needs an NVIDIA GPU and driver"
+        )
     _sync(session, package)
     session.chdir(ROOT / "packages" / package)
     session.run("python", "-m", "pytest", "-m", "gpu", "-q", success_codes=[0, 5])
     if package in TASK_PACKAGES:
         out = Path(session.create_tmp()) / f"{package}-gpu-smoke"
-        session.run(f"{package}-train", "--smoke", "--device", "cuda", "--set", "trainer.amp=true",
-                    "--output-dir", str(out))
+        session.run(
+            f"{package}-train",
+            "--smoke",
+            "--device",
+            "cuda",
+            "--set",
+            "trainer.amp=true",
+            "--output-dir",
+            str(out),
+        )
 
 
 @nox.session
@@ -68,8 +93,18 @@ def faults(session: nox.Session) -> None:
     """Only the fault-injection and bad-input tests (marker ``faults``) of every package."""
     for package in PACKAGES:
         _sync(session, package)
-        session.run("python", "-m", "pytest", str(ROOT / "packages" / package), "-m", "faults and not gpu",
-                    "-q", "--rootdir", str(ROOT / "packages" / package), success_codes=[0, 5])
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            str(ROOT / "packages" / package),
+            "-m",
+            "faults and not gpu",
+            "-q",
+            "--rootdir",
+            str(ROOT / "packages" / package),
+            success_codes=[0, 5],
+        )
 
 
 @nox.session
@@ -86,16 +121,34 @@ def wheels(session: nox.Session) -> None:
     dist = Path(session.create_tmp()) / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     for package in PACKAGES:
-        session.run("uv", "build", "--package", package, "--no-sources", "--wheel", "--out-dir", str(dist),
-                    external=True)
+        session.run(
+            "uv",
+            "build",
+            "--package",
+            package,
+            "--no-sources",
+            "--wheel",
+            "--out-dir",
+            str(dist),
+            external=True,
+        )
     medcore_wheel = next(dist.glob("medcore-*.whl"))
     for package in TASK_PACKAGES:
         venv = Path(session.create_tmp()) / f"plain-{package}"
         shutil.rmtree(venv, ignore_errors=True)
         session.run("uv", "venv", "--quiet", str(venv), external=True)
         wheel = next(dist.glob(f"{package}-*.whl"))
-        session.run("uv", "pip", "install", "--quiet", "--python", str(venv), str(wheel), str(medcore_wheel),
-                    external=True)
+        session.run(
+            "uv",
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            str(venv),
+            str(wheel),
+            str(medcore_wheel),
+            external=True,
+        )
         exe = venv / ("Scripts" if sys.platform == "win32" else "bin") / f"{package}-train"
         work = Path(session.create_tmp()) / f"run-{package}"
         shutil.rmtree(work, ignore_errors=True)
@@ -103,7 +156,9 @@ def wheels(session: nox.Session) -> None:
         env = {"MEDCORE_CACHE_DIR": str(work / "cache")}
         session.run(str(exe), "--help", external=True, silent=True)
         with session.chdir(work):
-            session.run(str(exe), "--smoke", "--output-dir", str(work / "run"), external=True, env=env)
+            session.run(
+                str(exe), "--smoke", "--output-dir", str(work / "run"), external=True, env=env
+            )
 
 
 @nox.session
@@ -111,6 +166,13 @@ def bench(session: nox.Session) -> None:
     """Speed and memory benchmarks (not part of the default sessions): nox -s bench -- --quick."""
     if not (ROOT / "benchmarks" / "run.py").is_file():
         session.skip("benchmarks/run.py is not in this checkout yet")
-    session.run_install("uv", "sync", "--locked", "--all-packages", "--no-dev",
-                        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location}, external=True)
+    session.run_install(
+        "uv",
+        "sync",
+        "--locked",
+        "--all-packages",
+        "--no-dev",
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+        external=True,
+    )
     session.run("python", str(ROOT / "benchmarks" / "run.py"), *session.posargs)

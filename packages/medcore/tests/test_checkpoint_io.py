@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from medcore.checkpoint import export_safetensors, load_checkpoint, load_safetensors, save_checkpoint
+from medcore.checkpoint import (
+    export_safetensors,
+    load_checkpoint,
+    load_safetensors,
+    save_checkpoint,
+)
 from medcore.errors import CheckpointError, DataError, UserError
 from medcore.io import RunLock, atomic_path, atomic_write_json, load_image, read_csv, safe_join
 from medcore.testing import write_png
@@ -151,11 +156,15 @@ def test_decompression_bomb_header_is_refused(tmp_path: Path) -> None:
     import zlib
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     header = struct.pack(">IIBBBBB", 60_000, 60_000, 8, 0, 0, 0, 0)
-    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
-    with pytest.raises(DataError, match="refusing to decode|implausibly large"):
+    (tmp_path / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    )
+    with pytest.raises(DataError, match=r"refusing to decode|implausibly large"):
         load_image(tmp_path / "bomb.png")
 
 
@@ -170,4 +179,3 @@ def test_load_pretrained_strips_prefixes_and_rejects_foreign(tmp_path: Path) -> 
     torch.save({"conv.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="wrong architecture"):
         load_pretrained(dst, tmp_path / "other.pth")
-

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from medcore.cli import RunConfig, add_common_args, common_overrides, find_latest_checkpoint, format_table, run_cli
+from medcore.cli import (
+    RunConfig,
+    add_common_args,
+    common_overrides,
+    find_latest_checkpoint,
+    format_table,
+    run_cli,
+)
 from medcore.config import load_config
 from medcore.demo import ensure_demo_data
 from medcore.device import amp_policy, device_defaults, resolve_device
@@ -51,8 +58,22 @@ def test_run_cli_turns_ctrl_c_into_130(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_common_flags_map_onto_config(tmp_path: Path) -> None:
     parser = add_common_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--epochs", "3", "--seed", "9", "--device", "cpu", "--data-dir", str(tmp_path),
-                              "--pretrained-weights", "w.pt", "--set", "trainer.lr=0.5"])
+    args = parser.parse_args(
+        [
+            "--epochs",
+            "3",
+            "--seed",
+            "9",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(tmp_path),
+            "--pretrained-weights",
+            "w.pt",
+            "--set",
+            "trainer.lr=0.5",
+        ]
+    )
     cfg = load_config(Cfg, overrides=[*args.overrides, *common_overrides(args)])
     assert (cfg.trainer.epochs, cfg.seed, cfg.device, cfg.trainer.lr) == (3, 9, "cpu", 0.5)
     assert cfg.data.data_dir == str(tmp_path) and cfg.model.pretrained_weights == "w.pt"
@@ -71,7 +92,9 @@ def test_resume_latest_finds_newest_run(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_format_table() -> None:
-    text = format_table([{"finding": "Emphysema", "auc": 0.91234}, {"finding": "Nodule", "auc": 0.5}])
+    text = format_table(
+        [{"finding": "Emphysema", "auc": 0.91234}, {"finding": "Nodule", "auc": 0.5}]
+    )
     lines = text.splitlines()
     assert lines[0].split() == ["finding", "auc"] and lines[2].split() == ["Emphysema", "0.9123"]
 
@@ -89,7 +112,9 @@ def test_device_policy_on_cpu() -> None:
             resolve_device("cuda")
 
 
-def test_demo_cache_generates_once_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_cache_generates_once_and_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path))
     calls = []
 

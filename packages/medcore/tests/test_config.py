@@ -28,7 +28,9 @@ class Cfg:
 def test_yaml_layers_and_overrides_are_typed(tmp_path: Path) -> None:
     base = tmp_path / "a.yaml"
     base.write_text("model:\n  depth: 4\ntrainer:\n  lr: 1e-3\n")
-    cfg = load_config(Cfg, base, overrides=["model.dropout=0.5", "trainer.epochs=3", "model.sizes=[3,4,5]"])
+    cfg = load_config(
+        Cfg, base, overrides=["model.dropout=0.5", "trainer.epochs=3", "model.sizes=[3,4,5]"]
+    )
     assert cfg.model.depth == 4
     assert cfg.trainer.lr == pytest.approx(1e-3)  # "1e-3" is a YAML string; coerced to float
     assert cfg.model.dropout == 0.5 and cfg.trainer.epochs == 3 and cfg.model.sizes == [3, 4, 5]
@@ -73,9 +75,15 @@ def test_save_round_trip(tmp_path: Path) -> None:
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(Cfg, tmp_path / "c.yaml")
     assert again == cfg
-    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["model"]["pretrained_weights"] == "/x/w.pt"
+    assert (
+        yaml.safe_load((tmp_path / "c.yaml").read_text())["model"]["pretrained_weights"]
+        == "/x/w.pt"
+    )
     assert to_dict(cfg)["trainer"]["monitor"] == ["val/loss"]
 
 
 def test_overrides_nest() -> None:
-    assert overrides_to_dict(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+    assert overrides_to_dict(["a.b=1", "a.c=x", "d=[1, 2]"]) == {
+        "a": {"b": 1, "c": "x"},
+        "d": [1, 2],
+    }

@@ -31,10 +31,28 @@ def _step(model, batch):
 
 
 def _ddp_train(rank: int, world_size: int, out: str) -> None:
-    cfg = TrainerConfig(epochs=1, batch_size=N // world_size, num_workers=0, optimizer="sgd", momentum=0.0,
-                        weight_decay=0.0, lr=0.5, scheduler="none", amp=False)
-    trainer = Trainer(_model(), cfg, train_data=_data(), step_fn=_step, run_dir=out, device=torch.device("cpu"),
-                      kind="test.Lin", evaluate_fn=lambda m, ctx: {"val/loss": 1.0 + rank}, show_progress=False)
+    cfg = TrainerConfig(
+        epochs=1,
+        batch_size=N // world_size,
+        num_workers=0,
+        optimizer="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        lr=0.5,
+        scheduler="none",
+        amp=False,
+    )
+    trainer = Trainer(
+        _model(),
+        cfg,
+        train_data=_data(),
+        step_fn=_step,
+        run_dir=out,
+        device=torch.device("cpu"),
+        kind="test.Lin",
+        evaluate_fn=lambda m, ctx: {"val/loss": 1.0 + rank},
+        show_progress=False,
+    )
     trainer.fit()
     weights = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
     Path(out, f"weights_rank{rank}.json").write_text(json.dumps(weights))
@@ -58,7 +76,9 @@ def test_ddp_averages_gradients_and_only_rank0_writes(tmp_path: Path) -> None:
     evals = [json.loads(x) for x in lines if '"eval"' in x]
     assert len(evals) == 1 and evals[0]["val/loss"] == 1.0  # rank 0 evaluated, logged once
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names[:2] == ["final.pt", "latest.pt"] and len(names) == 3 and names[2].startswith("model_")
+    assert (
+        names[:2] == ["final.pt", "latest.pt"] and len(names) == 3 and names[2].startswith("model_")
+    )
 
 
 def _gather(rank: int, world_size: int, out: str) -> None:
@@ -66,14 +86,18 @@ def _gather(rank: int, world_size: int, out: str) -> None:
     everything = gather_with_grad(feats)
     weights = torch.arange(everything.numel(), dtype=torch.float32).reshape(everything.shape)
     (everything * weights).sum().backward()
-    Path(out, f"g{rank}.json").write_text(json.dumps({"all": everything.tolist(), "grad": feats.grad.tolist()}))
+    Path(out, f"g{rank}.json").write_text(
+        json.dumps({"all": everything.tolist(), "grad": feats.grad.tolist()})
+    )
 
 
 def test_gather_with_grad_sends_each_rank_its_gradient(tmp_path: Path) -> None:
     run_gloo(_gather, 2, str(tmp_path))
     r0 = json.loads((tmp_path / "g0.json").read_text())
     r1 = json.loads((tmp_path / "g1.json").read_text())
-    expected_all = torch.cat([torch.arange(6.0).reshape(3, 2), torch.arange(6.0).reshape(3, 2) + 10])
+    expected_all = torch.cat(
+        [torch.arange(6.0).reshape(3, 2), torch.arange(6.0).reshape(3, 2) + 10]
+    )
     assert torch.equal(torch.tensor(r0["all"]), expected_all)
     weights = torch.arange(12.0).reshape(6, 2)
     # Both ranks' losses use every feature: each rank's gradient is the sum over both losses.

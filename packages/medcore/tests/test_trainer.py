@@ -23,16 +23,39 @@ def step(model: nn.Module, batch) -> torch.Tensor:
 
 def evaluate(model: nn.Module, ctx) -> dict[str, float]:
     logits = model(X).squeeze(1)
-    return {"val/loss": float(step(model, (X, Y))), "val/acc": float(((logits > 0).float() == Y).float().mean())}
+    return {
+        "val/loss": float(step(model, (X, Y))),
+        "val/acc": float(((logits > 0).float() == Y).float().mean()),
+    }
 
 
 def make(run_dir: Path, model_seed: int = 1, **overrides) -> Trainer:
     torch.manual_seed(model_seed)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
-    cfg = TrainerConfig(**{"epochs": 3, "batch_size": 8, "num_workers": 0, "lr": 1e-2, "warmup_steps": 2,
-                           "grad_accum_steps": 2, "log_every_steps": 1, **overrides})
-    return Trainer(model, cfg, train_data=DATA, step_fn=step, run_dir=run_dir, device=torch.device("cpu"),
-                   kind="test.MLP", evaluate_fn=evaluate, seed=5, show_progress=False)
+    cfg = TrainerConfig(
+        **{
+            "epochs": 3,
+            "batch_size": 8,
+            "num_workers": 0,
+            "lr": 1e-2,
+            "warmup_steps": 2,
+            "grad_accum_steps": 2,
+            "log_every_steps": 1,
+            **overrides,
+        }
+    )
+    return Trainer(
+        model,
+        cfg,
+        train_data=DATA,
+        step_fn=step,
+        run_dir=run_dir,
+        device=torch.device("cpu"),
+        kind="test.MLP",
+        evaluate_fn=evaluate,
+        seed=5,
+        show_progress=False,
+    )
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -67,7 +90,12 @@ def test_accumulation_matches_a_larger_batch(tmp_path: Path) -> None:
 
 
 def test_checkpoints_names_and_best_by_monitor(tmp_path: Path) -> None:
-    trainer = make(tmp_path, monitor=["val/missing", "val/acc"], monitor_mode="max", checkpoint_prefix="microf1")
+    trainer = make(
+        tmp_path,
+        monitor=["val/missing", "val/acc"],
+        monitor_mode="max",
+        checkpoint_prefix="microf1",
+    )
     result = trainer.fit()
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     best = [n for n in ckpts if n.startswith("microf1_")]
@@ -86,8 +114,14 @@ def test_checkpoints_names_and_best_by_monitor(tmp_path: Path) -> None:
 
 def test_fixed_best_name_and_early_stopping(tmp_path: Path) -> None:
     # lr 0: nothing improves after the first evaluation, so patience 2 stops at epoch 3 of 10.
-    trainer = make(tmp_path, epochs=10, lr=0.0, early_stopping_patience=2, best_name="phase1_best.pt",
-                   scheduler="none")
+    trainer = make(
+        tmp_path,
+        epochs=10,
+        lr=0.0,
+        early_stopping_patience=2,
+        best_name="phase1_best.pt",
+        scheduler="none",
+    )
     result = trainer.fit()
     assert result.stopped_early and result.epochs_completed == 3
     assert (tmp_path / "checkpoints/phase1_best.pt").is_file()
@@ -126,11 +160,24 @@ def test_nan_step_is_skipped_then_persistent_nan_stops(tmp_path: Path) -> None:
 def test_param_groups_and_cosine_warmup(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 1))
-    cfg = TrainerConfig(epochs=2, batch_size=8, num_workers=0, lr=1e-2, warmup_steps=3, scheduler="cosine")
-    groups = [{"params": model[0].parameters(), "lr": 1e-4, "name": "backbone"},
-              {"params": model[1].parameters(), "lr": 1e-2, "name": "head"}]
-    trainer = Trainer(model, cfg, train_data=DATA, step_fn=step, run_dir=tmp_path, device=torch.device("cpu"),
-                      kind="test.MLP", param_groups=groups, show_progress=False)
+    cfg = TrainerConfig(
+        epochs=2, batch_size=8, num_workers=0, lr=1e-2, warmup_steps=3, scheduler="cosine"
+    )
+    groups = [
+        {"params": model[0].parameters(), "lr": 1e-4, "name": "backbone"},
+        {"params": model[1].parameters(), "lr": 1e-2, "name": "head"},
+    ]
+    trainer = Trainer(
+        model,
+        cfg,
+        train_data=DATA,
+        step_fn=step,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        kind="test.MLP",
+        param_groups=groups,
+        show_progress=False,
+    )
     lrs = []
     orig = trainer._optimizer_step
 
@@ -155,6 +202,8 @@ def test_plateau_and_step_schedulers_resume(tmp_path: Path) -> None:
         part.fit(stop_after_steps=5)
         resumed = make(tmp_path / sched, scheduler=sched, step_size=1, plateau_patience=0)
         resumed.fit(resume=tmp_path / sched / "checkpoints/latest.pt")
-        assert [g["lr"] for g in full.optimizer.param_groups] == [g["lr"] for g in resumed.optimizer.param_groups]
+        assert [g["lr"] for g in full.optimizer.param_groups] == [
+            g["lr"] for g in resumed.optimizer.param_groups
+        ]
         for key, value in weights(full).items():
             assert torch.equal(value, resumed.model.state_dict()[key])

@@ -58,7 +58,8 @@ def load_checkpoint(
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(
-            path, f"not a readable PyTorch checkpoint (truncated or corrupt: {str(exc).splitlines()[0][:120]})"
+            path,
+            f"not a readable PyTorch checkpoint (truncated or corrupt: {str(exc).splitlines()[0][:120]})",
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(path, f"expected a dict checkpoint, found {type(state).__name__}")
@@ -71,7 +72,9 @@ def load_checkpoint(
     return state
 
 
-def export_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def export_safetensors(
+    state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
     """Save model weights as safetensors (shared storage is cloned: safetensors forbids aliasing)."""
     from safetensors.torch import save_file
 

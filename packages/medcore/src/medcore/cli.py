@@ -46,20 +46,40 @@ class RunConfig:
 
 def add_common_args(parser: argparse.ArgumentParser, train: bool = True) -> argparse.ArgumentParser:
     """Add the flags of DESIGN.md; ``train=False`` leaves out the training-only ones."""
-    parser.add_argument("--config", type=Path, help="YAML config file layered over the packaged default")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set trainer.lr=3e-4 (repeatable)")
-    parser.add_argument("--data-dir", type=Path, help="real data directory (default: the built-in demo data)")
-    parser.add_argument("--output-dir", type=Path, help="run directory (default: runs/<pkg>/<timestamp>)")
+    parser.add_argument(
+        "--config", type=Path, help="YAML config file layered over the packaged default"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set trainer.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="real data directory (default: the built-in demo data)"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, help="run directory (default: runs/<pkg>/<timestamp>)"
+    )
     parser.add_argument("--device", choices=DEVICE_CHOICES, help="device (default: auto)")
     parser.add_argument("--seed", type=int, help="random seed")
     if train:
         parser.add_argument("--epochs", type=int, help="number of epochs")
-        parser.add_argument("--smoke", action="store_true", help="run a few steps only (checks the setup)")
-        parser.add_argument("--resume", metavar="PATH|latest",
-                            help="continue from a checkpoint, or from the newest run's latest.pt")
-        parser.add_argument("--pretrained-weights", type=Path,
-                            help="local file with pretrained backbone weights (no downloads)")
+        parser.add_argument(
+            "--smoke", action="store_true", help="run a few steps only (checks the setup)"
+        )
+        parser.add_argument(
+            "--resume",
+            metavar="PATH|latest",
+            help="continue from a checkpoint, or from the newest run's latest.pt",
+        )
+        parser.add_argument(
+            "--pretrained-weights",
+            type=Path,
+            help="local file with pretrained backbone weights (no downloads)",
+        )
     return parser
 
 
@@ -81,7 +101,11 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
     return items
 
 
-SMOKE_OVERRIDES = ["trainer.epochs=1", "trainer.max_steps_per_epoch=2", "trainer.eval_every_steps=0"]
+SMOKE_OVERRIDES = [
+    "trainer.epochs=1",
+    "trainer.max_steps_per_epoch=2",
+    "trainer.eval_every_steps=0",
+]
 
 
 @dataclass
@@ -132,7 +156,10 @@ def setup_run(
         overrides = [*SMOKE_OVERRIDES, *smoke_overrides, *overrides]
     cfg = load_config(cfg_cls, *sources, overrides=[*overrides, *common_overrides(args)])
 
-    device = resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")) if "LOCAL_RANK" in os.environ else None)
+    device = resolve_device(
+        cfg.device,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")) if "LOCAL_RANK" in os.environ else None,
+    )
     dist = init_distributed(device.type)
     seed_everything(cfg.seed + dist.rank)
 
@@ -166,8 +193,10 @@ def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
         print(f"error: {exc.what}: {exc.why}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog or 'interrupted'}: interrupted; finished work is saved (resume with --resume latest)",
-              file=sys.stderr)
+        print(
+            f"{prog or 'interrupted'}: interrupted; finished work is saved (resume with --resume latest)",
+            file=sys.stderr,
+        )
         return 130
     finally:
         from medcore.distributed import cleanup_distributed
@@ -175,7 +204,9 @@ def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
         cleanup_distributed()
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".4f") -> str:
+def format_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".4f"
+) -> str:
     """A plain-text table for printing metric tables in the terminal."""
     if not rows:
         return "(no rows)"
@@ -190,5 +221,11 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     head = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
     sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))) for row in cells]
+    body = [
+        "  ".join(
+            v.rjust(w) if i else v.ljust(w)
+            for i, (v, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
     return "\n".join([head, sep, *body])

@@ -111,7 +111,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{prefix}{unknown[0]}", f"unknown config key (valid keys here: {', '.join(sorted(fields))})"
+            f"{prefix}{unknown[0]}",
+            f"unknown config key (valid keys here: {', '.join(sorted(fields))})",
         )
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:

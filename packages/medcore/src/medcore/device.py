@@ -22,17 +22,23 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
     Under torchrun each process takes the CUDA device of its ``local_rank``.
     """
     if name not in DEVICE_CHOICES:
-        raise UserError("--device", f"unknown device {name!r} (choose from {', '.join(DEVICE_CHOICES)})")
+        raise UserError(
+            "--device", f"unknown device {name!r} (choose from {', '.join(DEVICE_CHOICES)})"
+        )
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda", "CUDA is not available on this machine (use --device auto or cpu)")
+            raise UserError(
+                "--device cuda", "CUDA is not available on this machine (use --device auto or cpu)"
+            )
         index = local_rank if local_rank is not None else torch.cuda.current_device()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if name == "mps" and not mps_available():
-        raise UserError("--device mps", "MPS is not available on this machine (use --device auto or cpu)")
+        raise UserError(
+            "--device mps", "MPS is not available on this machine (use --device auto or cpu)"
+        )
     return torch.device(name)
 
 
@@ -58,7 +64,9 @@ def amp_policy(device: torch.device, enabled: bool = True, dtype: str = "auto") 
     slower than fp32 on most laptops, so it is opt-in.
     """
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError("trainer.amp_dtype", f"unknown AMP dtype {dtype!r} (auto, bf16, fp16, fp32)")
+        raise UserError(
+            "trainer.amp_dtype", f"unknown AMP dtype {dtype!r} (auto, bf16, fp16, fp32)"
+        )
     if not enabled or dtype == "fp32":
         return AmpPolicy(False, torch.float32, False)
     if device.type == "cuda":
@@ -85,7 +93,11 @@ class DeviceDefaults:
     num_workers: int
 
 
-_DEFAULTS = {"cuda": DeviceDefaults(16, 8), "mps": DeviceDefaults(8, 0), "cpu": DeviceDefaults(4, 2)}
+_DEFAULTS = {
+    "cuda": DeviceDefaults(16, 8),
+    "mps": DeviceDefaults(8, 0),
+    "cpu": DeviceDefaults(4, 2),
+}
 
 
 def device_defaults(device: torch.device) -> DeviceDefaults:

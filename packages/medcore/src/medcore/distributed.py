@@ -54,9 +54,7 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = 600.0) -> Dist
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
-        )
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
 
 

@@ -92,7 +92,8 @@ class RunLock:
                 owner = self._owner()
                 if owner is not None and owner != os.getpid() and _pid_alive(owner):
                     raise UserError(
-                        self.target, f"in use by another running job (pid {owner}); wait for it or choose another output"
+                        self.target,
+                        f"in use by another running job (pid {owner}); wait for it or choose another output",
                     ) from None
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
@@ -158,13 +159,16 @@ def read_csv(
         raise DataError(path, "the CSV is empty") from None
     except (pd.errors.ParserError, ValueError) as exc:
         raise DataError(path, f"cannot parse CSV ({str(exc).splitlines()[0]})") from None
-    dupes = [c for c in frame.columns if str(c).rsplit(".", 1)[0] in frame.columns and "." in str(c)]
+    dupes = [
+        c for c in frame.columns if str(c).rsplit(".", 1)[0] in frame.columns and "." in str(c)
+    ]
     if dupes:
         raise DataError(path, f"duplicated column(s): {', '.join(map(str, dupes))}")
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(
-            path, f"missing column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})"
+            path,
+            f"missing column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})",
         )
     if unique is not None:
         repeated = frame[unique][frame[unique].duplicated()].astype(str).unique().tolist()
@@ -189,7 +193,9 @@ def load_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
     try:
         with Image.open(path) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise DataError(path, f"image header claims {img.width}x{img.height} pixels; refusing to decode")
+                raise DataError(
+                    path, f"image header claims {img.width}x{img.height} pixels; refusing to decode"
+                )
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(img, dtype=np.float64)
@@ -208,4 +214,7 @@ def load_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
     except Image.DecompressionBombError:
         raise DataError(path, "image is implausibly large (decompression bomb guard)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(path, f"cannot decode image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise DataError(
+            path,
+            f"cannot decode image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+        ) from None

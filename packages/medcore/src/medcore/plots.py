@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on servers and CI without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_curve
 
-from medcore.io import atomic_path  # noqa: E402
+from medcore.io import atomic_path
 
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -23,7 +23,9 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
 
 
 def plot_roc_curves(
-    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: str | Path, title: str = "ROC"
+    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    path: str | Path,
+    title: str = "ROC",
 ) -> Path:
     """One ROC curve per entry ``name -> (y_true, y_score)``, with its AUC in the legend."""
     from sklearn.metrics import roc_auc_score
@@ -50,12 +52,16 @@ def plot_roc_curves(
     return save_figure(fig, path)
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str = "") -> Path:
+def plot_confusion_matrix(
+    matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
     cm = np.asarray(matrix)
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+        ax.text(
+            j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black"
+        )
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
@@ -64,7 +70,9 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     return save_figure(fig, path)
 
 
-def plot_training_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str], path: str | Path, x: str = "epoch") -> Path:
+def plot_training_curves(
+    history: Sequence[Mapping[str, float]], keys: Sequence[str], path: str | Path, x: str = "epoch"
+) -> Path:
     """Lines of ``keys`` over ``x`` from a list of per-evaluation records."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in keys:

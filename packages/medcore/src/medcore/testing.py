@@ -34,9 +34,14 @@ def _load_function(file: str, name: str) -> Callable[..., Any]:
     return getattr(module, name)
 
 
-def _gloo_entry(rank: int, world_size: int, port: int, file: str, name: str, args: tuple[Any, ...]) -> None:
+def _gloo_entry(
+    rank: int, world_size: int, port: int, file: str, name: str, args: tuple[Any, ...]
+) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
@@ -54,7 +59,9 @@ def run_gloo(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> None:
     through files the test names in ``args``; a failing rank fails the call.
     """
     file, name = inspect.getfile(fn), fn.__name__
-    mp.spawn(_gloo_entry, args=(world_size, free_port(), file, name, args), nprocs=world_size, join=True)
+    mp.spawn(
+        _gloo_entry, args=(world_size, free_port(), file, name, args), nprocs=world_size, join=True
+    )
 
 
 def write_png(path: str | Path, array: np.ndarray) -> Path:
@@ -73,7 +80,9 @@ def random_image(size: tuple[int, int] = (32, 32), channels: int = 3, seed: int 
     return rng.integers(0, 256, size=shape, dtype=np.uint8)
 
 
-def call_main(main: Callable[[list[str]], int], argv: list[str], capsys: Any) -> tuple[int, str, str]:
+def call_main(
+    main: Callable[[list[str]], int], argv: list[str], capsys: Any
+) -> tuple[int, str, str]:
     """Run a command's ``main(argv)`` and return (exit code, stdout, stderr)."""
     code = main(argv)
     captured = capsys.readouterr()

@@ -12,6 +12,7 @@ so on CPU a run resumed from step k ends with the same weights as an uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import itertools
 import math
@@ -161,7 +162,11 @@ def move_to_device(batch: Any, device: torch.device, channels_last: bool = False
         return {k: move_to_device(v, device, channels_last) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)) and not isinstance(batch, str):
         moved = [move_to_device(v, device, channels_last) for v in batch]
-        return type(batch)(moved) if isinstance(batch, tuple) and not hasattr(batch, "_fields") else moved
+        return (
+            type(batch)(moved)
+            if isinstance(batch, tuple) and not hasattr(batch, "_fields")
+            else moved
+        )
     return batch
 
 
@@ -205,7 +210,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
     np.random.set_state(
-        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+        (
+            npst["name"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
     )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -313,7 +324,9 @@ class Trainer:
     def _build_optimizer(self, param_groups: list[dict[str, Any]] | None) -> torch.optim.Optimizer:
         cfg = self.cfg
         if param_groups is None:
-            param_groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "name": "all"}]
+            param_groups = [
+                {"params": [p for p in self.model.parameters() if p.requires_grad], "name": "all"}
+            ]
         groups = []
         for group in param_groups:
             params = [p for p in group["params"] if p.requires_grad]
@@ -325,7 +338,9 @@ class Trainer:
             return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.optimizer == "adam":
             return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
 
     def _build_scheduler(self) -> Any:
         cfg = self.cfg
@@ -341,10 +356,15 @@ class Trainer:
 
             return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         if cfg.scheduler == "step":
-            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+            return torch.optim.lr_scheduler.StepLR(
+                self.optimizer, step_size=cfg.step_size, gamma=cfg.gamma
+            )
         if cfg.scheduler == "plateau":
             return torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, mode=cfg.monitor_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+                self.optimizer,
+                mode=cfg.monitor_mode,
+                factor=cfg.plateau_factor,
+                patience=cfg.plateau_patience,
             )
         return None
 
@@ -368,7 +388,9 @@ class Trainer:
         if self.cfg.max_steps_per_epoch:
             n = min(n, self.cfg.max_steps_per_epoch * self.cfg.grad_accum_steps)
         if n == 0:
-            raise UserError("training data", f"has {len(self.train_data)} samples: not enough for one batch")
+            raise UserError(
+                "training data", f"has {len(self.train_data)} samples: not enough for one batch"
+            )
         return n
 
     def _loader(self, epoch: int, skip: int) -> torch.utils.data.DataLoader:
@@ -398,8 +420,11 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
-            "best": {"value": self.best_value, "name": self.best_name,
-                     "path": str(self.best_path) if self.best_path else None},
+            "best": {
+                "value": self.best_value,
+                "name": self.best_name,
+                "path": str(self.best_path) if self.best_path else None,
+            },
             "bad_evals": self.bad_evals,
             "history": self.history,
             "saved_at": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -417,14 +442,20 @@ class Trainer:
     def load_state(self, path: str | Path) -> None:
         """Restore everything needed to continue a run exactly where ``path`` left it."""
         state = load_checkpoint(path, map_location="cpu", kind=self.kind)
-        missing = [k for k in ("model", "optimizer", "epoch", "global_step", "rng") if k not in state]
+        missing = [
+            k for k in ("model", "optimizer", "epoch", "global_step", "rng") if k not in state
+        ]
         if missing:
-            raise CheckpointError(path, f"not a resumable training checkpoint (missing {', '.join(missing)})")
+            raise CheckpointError(
+                path, f"not a resumable training checkpoint (missing {', '.join(missing)})"
+            )
         try:
             unwrap_model(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(path, f"does not match this model/config ({str(exc).splitlines()[0][:160]})") from None
+            raise CheckpointError(
+                path, f"does not match this model/config ({str(exc).splitlines()[0][:160]})"
+            ) from None
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -455,7 +486,9 @@ class Trainer:
             model = unwrap_model(self.model)
             was_training = model.training
             model.eval()
-            ctx = EvalContext(self.epoch, self.global_step, self.device, self.amp, self.logger, self.run_dir)
+            ctx = EvalContext(
+                self.epoch, self.global_step, self.device, self.amp, self.logger, self.run_dir
+            )
             with torch.no_grad():
                 metrics = {k: float(v) for k, v in self.evaluate_fn(model, ctx).items()}
             model.train(was_training)
@@ -476,14 +509,23 @@ class Trainer:
         better = (
             self.best_value is None
             or name != self.best_name
-            or (value > self.best_value if self.cfg.monitor_mode == "max" else value < self.best_value)
+            or (
+                value > self.best_value
+                if self.cfg.monitor_mode == "max"
+                else value < self.best_value
+            )
         )
         if better:
             self.best_value, self.best_name = value, name
             previous = self.best_path
             self.best_path = self.ckpt_dir / self._best_filename(self.epoch, value)
             self._save(self.best_path.name)
-            if self.is_main and previous is not None and previous != self.best_path and previous.exists():
+            if (
+                self.is_main
+                and previous is not None
+                and previous != self.best_path
+                and previous.exists()
+            ):
                 previous.unlink()
             self.bad_evals = 0
             return False
@@ -503,12 +545,15 @@ class Trainer:
         self.nonfinite_streak += 1
         msg = f"non-finite loss at step {self.global_step}; step skipped ({self.nonfinite_streak} in a row)"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        self.logger.log_jsonl({"event": "nonfinite_loss", "step": self.global_step, "streak": self.nonfinite_streak})
+        self.logger.log_jsonl(
+            {"event": "nonfinite_loss", "step": self.global_step, "streak": self.nonfinite_streak}
+        )
         if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
             last = self.last_good_checkpoint
             where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
             raise TrainingDiverged(
-                "training", f"loss was NaN/inf for {self.nonfinite_streak} consecutive steps; stopped ({where})"
+                "training",
+                f"loss was NaN/inf for {self.nonfinite_streak} consecutive steps; stopped ({where})",
             )
 
     def _optimizer_step(self) -> None:
@@ -521,7 +566,9 @@ class Trainer:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
             self.scheduler.step()
 
-    def fit(self, resume: str | Path | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    def fit(
+        self, resume: str | Path | None = None, stop_after_steps: int | None = None
+    ) -> TrainResult:
         """Train for ``cfg.epochs``; ``resume`` continues from a checkpoint.
 
         ``stop_after_steps`` ends the run after that many optimizer steps as if interrupted
@@ -533,9 +580,17 @@ class Trainer:
         accum = cfg.grad_accum_steps
         stopped_early = False
         interrupted = False
-        self.logger.log_jsonl({"event": "start", "epochs": cfg.epochs, "batches_per_epoch": self.batches_per_epoch,
-                               "steps_per_epoch": self.steps_per_epoch, "amp": self.amp.name,
-                               "batch_size": self.batch_size, "world_size": self.dist.world_size})
+        self.logger.log_jsonl(
+            {
+                "event": "start",
+                "epochs": cfg.epochs,
+                "batches_per_epoch": self.batches_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "amp": self.amp.name,
+                "batch_size": self.batch_size,
+                "world_size": self.dist.world_size,
+            }
+        )
         try:
             while self.epoch < cfg.epochs and not stopped_early:
                 if self.on_epoch_start is not None:
@@ -543,23 +598,31 @@ class Trainer:
                 self.train_model.train()
                 loader = self._loader(self.epoch, self.batch_in_epoch)
                 bar = tqdm(
-                    total=self.batches_per_epoch, initial=self.batch_in_epoch, disable=not self.show_progress,
-                    desc=f"epoch {self.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False,
+                    total=self.batches_per_epoch,
+                    initial=self.batch_in_epoch,
+                    disable=not self.show_progress,
+                    desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                    dynamic_ncols=True,
+                    leave=False,
                 )
                 window_loss, window_n, window_samples, t0 = 0.0, 0, 0, time.perf_counter()
                 micro = 0
                 for batch in loader:
                     batch = move_to_device(batch, self.device, cfg.channels_last)
-                    last_micro = micro + 1 == accum or self.batch_in_epoch + 1 == self.batches_per_epoch
+                    last_micro = (
+                        micro + 1 == accum or self.batch_in_epoch + 1 == self.batches_per_epoch
+                    )
                     sync_ctx = (
                         self.train_model.no_sync()
-                        if self.dist.enabled and not last_micro and hasattr(self.train_model, "no_sync")
-                        else _null()
+                        if self.dist.enabled
+                        and not last_micro
+                        and hasattr(self.train_model, "no_sync")
+                        else contextlib.nullcontext()
                     )
                     with sync_ctx:
                         with autocast(self.device, self.amp):
                             out = self.step_fn(self.train_model, batch)
-                        loss, extras = (out if isinstance(out, tuple) else (out, {}))
+                        loss, extras = out if isinstance(out, tuple) else (out, {})
                         if self._nonfinite_everywhere(loss):
                             self._handle_nonfinite()
                             micro = 0
@@ -579,12 +642,20 @@ class Trainer:
                     self._optimizer_step()
                     self.nonfinite_streak = 0
                     self.global_step += 1
-                    if self.global_step % max(1, cfg.log_every_steps) == 0 or self.batch_in_epoch == self.batches_per_epoch:
+                    if (
+                        self.global_step % max(1, cfg.log_every_steps) == 0
+                        or self.batch_in_epoch == self.batches_per_epoch
+                    ):
                         elapsed = max(time.perf_counter() - t0, 1e-9)
-                        mean_loss = float(dist_utils.all_reduce_mean(torch.tensor(window_loss / max(window_n, 1))))
+                        mean_loss = float(
+                            dist_utils.all_reduce_mean(torch.tensor(window_loss / max(window_n, 1)))
+                        )
                         throughput = window_samples * self.dist.world_size / elapsed
-                        scalars = {"train/loss": mean_loss, "train/samples_per_s": throughput,
-                                   **{f"train/{k}": float(v) for k, v in extras.items()}}
+                        scalars = {
+                            "train/loss": mean_loss,
+                            "train/samples_per_s": throughput,
+                            **{f"train/{k}": float(v) for k, v in extras.items()},
+                        }
                         for i, group in enumerate(self.optimizer.param_groups):
                             scalars[f"lr/{group.get('name', i)}"] = group["lr"]
                         self.logger.log_scalars(scalars, self.global_step)
@@ -621,7 +692,9 @@ class Trainer:
         if not interrupted:
             final_path = self._save("final.pt")
             if stopped_early:
-                self.logger.log_jsonl({"event": "early_stop", "epoch": self.epoch, "step": self.global_step})
+                self.logger.log_jsonl(
+                    {"event": "early_stop", "epoch": self.epoch, "step": self.global_step}
+                )
         dist_utils.barrier()
         return TrainResult(
             best_metric=self.best_value,
@@ -633,11 +706,3 @@ class Trainer:
             stopped_early=stopped_early,
             history=self.history,
         )
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

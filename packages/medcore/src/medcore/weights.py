@@ -38,11 +38,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+def _strip_prefixes(
+    state: dict[str, torch.Tensor], model_keys: set[str]
+) -> dict[str, torch.Tensor]:
     """Remove wrapper prefixes (``module.``, ``backbone.`` ...) when that makes keys match."""
     for prefix in _PREFIXES:
-        if any(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in model_keys):
-            stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        if any(k.startswith(prefix) for k in state) and not any(
+            k.startswith(prefix) for k in model_keys
+        ):
+            stripped = {
+                k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()
+            }
             if len(model_keys & set(stripped)) > len(model_keys & set(state)):
                 state = stripped
     return state

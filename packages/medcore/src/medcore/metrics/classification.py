@@ -94,7 +94,9 @@ def average_precision(y_true: Any, y_score: Any) -> float:
     """
     y, score = _binary_labels(y_true), to_numpy(y_score).astype(float)
     if not y.any():
-        warnings.warn("average precision is undefined without positives; returning NaN", stacklevel=2)
+        warnings.warn(
+            "average precision is undefined without positives; returning NaN", stacklevel=2
+        )
         return float("nan")
     _, tps, fps = _curve(y, score)
     precision = tps / (tps + fps)
@@ -163,9 +165,7 @@ def multilabel_f1(y_true: Any, y_pred: Any) -> dict[str, Any]:
     """
     y, pred = _binary_labels(y_true), _binary_labels(y_pred)
     if y.ndim != 2 or y.shape != pred.shape:
-        raise ValueError(
-            f"expected two [n, c] arrays, got shapes {y.shape} and {pred.shape}"
-        )
+        raise ValueError(f"expected two [n, c] arrays, got shapes {y.shape} and {pred.shape}")
     tp = np.sum(y & pred, axis=0)
     fp = np.sum(~y & pred, axis=0)
     fn = np.sum(y & ~pred, axis=0)
@@ -214,7 +214,9 @@ def multiclass_metrics(y_true: Any, probs: Any) -> dict[str, Any]:
         raise ValueError(f"expected labels [n] and probabilities [n, c], got {y.shape}, {p.shape}")
     num_classes = p.shape[1]
     if y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"labels must be class ids in [0, {num_classes}), got {y.min()}..{y.max()}")
+        raise ValueError(
+            f"labels must be class ids in [0, {num_classes}), got {y.min()}..{y.max()}"
+        )
     pred = p.argmax(1)
     confusion = np.bincount(y * num_classes + pred, minlength=num_classes**2).reshape(
         num_classes, num_classes
@@ -228,7 +230,9 @@ def multiclass_metrics(y_true: Any, probs: Any) -> dict[str, Any]:
     if present.sum() > 1:
         roc_auc_ovr = float(np.mean([roc_auc(y == j, p[:, j]) for j in np.flatnonzero(present)]))
     else:
-        warnings.warn("one-vs-rest ROC AUC needs two classes in y_true; returning NaN", stacklevel=2)
+        warnings.warn(
+            "one-vs-rest ROC AUC needs two classes in y_true; returning NaN", stacklevel=2
+        )
         roc_auc_ovr = float("nan")
     return {
         "accuracy": float(tp.sum() / y.size),
@@ -287,9 +291,7 @@ def bootstrap_ci(
     a single class for ROC AUC) are skipped. The module's :func:`roc_auc` and
     :func:`average_precision` are plain numpy and fast enough for thousands of resamples.
     """
-    values = _bootstrap(
-        {"metric": metric_fn}, to_numpy(y_true), to_numpy(y_score), n_boot, seed
-    )
+    values = _bootstrap({"metric": metric_fn}, to_numpy(y_true), to_numpy(y_score), n_boot, seed)
     return _percentile_interval(values["metric"], alpha)
 
 
@@ -345,5 +347,6 @@ def select_threshold(
         objective = 2 * tps / (tps + fps + num_pos)
     else:
         raise ValueError(f"method must be 'youden' or 'f1', got {method!r}")
-    # argmax returns the first maximum, i.e. the highest threshold among ties.
-    return float(thresholds[np.argmax(objective)])
+    # The first (highest) threshold among ties; the tolerance keeps rounding from breaking them.
+    best = np.flatnonzero(objective >= objective.max() - 1e-12)[0]
+    return float(thresholds[best])

@@ -93,9 +93,9 @@ def compute_relevance(
 def _similarity(query: torch.Tensor, db: torch.Tensor, kind: Similarity) -> torch.Tensor:
     """``[q, n]`` scores where higher means closer."""
     if kind == "cosine":
-        return torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(
-            db, dim=1
-        ).T
+        return (
+            torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(db, dim=1).T
+        )
     if kind == "euclidean":
         return -torch.cdist(query, db)
     raise ValueError(f"similarity must be 'cosine' or 'euclidean', got {kind!r}")
