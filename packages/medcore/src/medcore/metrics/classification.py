@@ -52,6 +52,16 @@ def _binary_labels(y_true: Any) -> np.ndarray:
     return y.astype(bool)
 
 
+def _binary_inputs(y_true: Any, y_score: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean labels and float scores, checked to be 1-D and of equal length."""
+    y, score = _binary_labels(y_true), to_numpy(y_score).astype(float)
+    if y.ndim != 1 or y.shape != score.shape:
+        raise ValueError(
+            f"expected 1-D labels and scores of one length, got {y.shape}, {score.shape}"
+        )
+    return y, score
+
+
 def _safe_div(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
     """``num / den`` with 0 wherever ``den`` is 0."""
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
@@ -74,7 +84,7 @@ def _curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 
 def roc_auc(y_true: Any, y_score: Any) -> float:
     """Area under the ROC curve (ties count one half); NaN with a warning for a single class."""
-    y, score = _binary_labels(y_true), to_numpy(y_score).astype(float)
+    y, score = _binary_inputs(y_true, y_score)
     num_pos = int(y.sum())
     num_neg = y.size - num_pos
     if num_pos == 0 or num_neg == 0:
@@ -92,7 +102,7 @@ def average_precision(y_true: Any, y_score: Any) -> float:
 
     NaN with a warning when ``y_true`` has no positive.
     """
-    y, score = _binary_labels(y_true), to_numpy(y_score).astype(float)
+    y, score = _binary_inputs(y_true, y_score)
     if not y.any():
         warnings.warn(
             "average precision is undefined without positives; returning NaN", stacklevel=2
@@ -138,7 +148,7 @@ def binary_metrics(y_true: Any, y_score: Any, threshold: float = 0.5) -> dict[st
     ``y_true``; ``pr_auc`` is the average precision; ``recall`` and ``sensitivity`` are the same
     number under both names.
     """
-    y, score = _binary_labels(y_true), to_numpy(y_score).astype(float)
+    y, score = _binary_inputs(y_true, y_score)
     pred = score >= threshold
     tp, fp, tn, fn = _counts(y, pred)
     sensitivity = float(_safe_div(tp, tp + fn))
@@ -309,7 +319,7 @@ def metrics_with_ci(
     ``recall`` and ``accuracy``; threshold metrics use ``score >= threshold``. All intervals come
     from the same resamples (see :func:`bootstrap_ci`).
     """
-    y, score = _binary_labels(y_true), to_numpy(y_score).astype(float)
+    y, score = _binary_inputs(y_true, y_score)
     decision_fns: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
         "f1": _f1,
         "precision": _precision,
@@ -336,7 +346,7 @@ def select_threshold(
     scikit-learn's ``roc_curve`` / ``precision_recall_curve``. Youden's ``J = TPR - FPR``; F1 is
     taken along the precision-recall curve. Ties go to the highest threshold.
     """
-    y, score = _binary_labels(y_true), to_numpy(y_score).astype(float)
+    y, score = _binary_inputs(y_true, y_score)
     num_pos = int(y.sum())
     if num_pos == 0 or num_pos == y.size:
         raise ValueError("threshold selection needs both classes in y_true")
