@@ -1,0 +1,63 @@
+"""A training run driven from the fault tests (run as a subprocess or under torchrun).
+
+usage: fault_train_script.py RUN_DIR [--slow] [--resume] [--raise-on-rank R]
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from medcore.distributed import init_distributed
+from medcore.trainer import Trainer, TrainerConfig
+
+
+def main() -> None:
+    run_dir = Path(sys.argv[1])
+    slow = "--slow" in sys.argv
+    resume = "--resume" in sys.argv
+    raise_rank = (
+        int(sys.argv[sys.argv.index("--raise-on-rank") + 1])
+        if "--raise-on-rank" in sys.argv
+        else -1
+    )
+    info = init_distributed("cpu", timeout_s=60)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=gen)
+    data = TensorDataset(x, x.sum(1, keepdim=True))
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.1), nn.Linear(8, 1))
+
+    def step(m, batch):
+        if info.rank == raise_rank:
+            raise RuntimeError(f"rank {info.rank} failed")
+        if slow:
+            time.sleep(0.15)
+        xb, yb = batch
+        return ((m(xb) - yb) ** 2).mean()
+
+    cfg = TrainerConfig(
+        epochs=3, batch_size=4, num_workers=0, lr=1e-2, save_every_steps=1, amp=False
+    )
+    trainer = Trainer(
+        model,
+        cfg,
+        train_data=data,
+        step_fn=step,
+        run_dir=run_dir,
+        device=torch.device("cpu"),
+        kind="faults.MLP",
+        seed=2,
+        show_progress=False,
+    )
+    latest = run_dir / "checkpoints" / "latest.pt"
+    trainer.fit(resume=latest if resume and latest.exists() else None)
+    if info.is_main:
+        torch.save(trainer.model.state_dict(), run_dir / "weights.pt")
+
+
+if __name__ == "__main__":
+    main()
