@@ -1,0 +1,169 @@
+"""``histommnet-analyze``: a BreakHis dataset report and the fold summary training would use.
+
+Counts per class, subtype, magnification and patient, images per patient (and the adaptive
+sampling's draws per epoch), then the patient-wise folds (same seed and rule as
+``histommnet-train``) with their class balance. Written as JSON and CSV + Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from histommnet.breakhis import CLASSES, SUBTYPE_NAMES, BreakHisIndex, Patient, draws_per_patient
+from histommnet.config import HistoConfig
+from histommnet.evaluate import write_table
+from histommnet.train import PACKAGE, load_index, make_folds, resolve_config_arg
+from medcore.cli import add_common_args, format_table, setup_run
+from medcore.io import atomic_write_json
+from medcore.splits import save_splits
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histommnet-analyze", description=__doc__.splitlines()[0])
+    add_common_args(parser, train=False)
+    parser.add_argument("--folds", type=int, help="number of cross-validation folds (default 5)")
+    return parser
+
+
+def patient_frame(patients: list[Patient], cfg: HistoConfig) -> pd.DataFrame:
+    rows = []
+    for p in patients:
+        counts = p.counts(cfg.data.magnifications)
+        rows.append(
+            {
+                "patient": p.key,
+                "patient_id": p.patient_id,
+                "class": CLASSES[p.label],
+                "subtype": SUBTYPE_NAMES[p.subtype],
+                **{
+                    m: len(p.images[m]) if m not in p.filled_from else 0
+                    for m in cfg.data.magnifications
+                },
+                "filled": ",".join(f"{m}<-{s}" for m, s in p.filled_from.items()),
+                "draws_per_epoch": draws_per_patient(
+                    min(counts),
+                    cfg.data.base_images,
+                    cfg.data.volume_bounds,
+                    cfg.data.utilization,
+                    cfg.data.max_draws_per_patient,
+                ),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def count_tables(frame: pd.DataFrame, mags: list[str]) -> dict[str, pd.DataFrame]:
+    frame = frame.assign(images=frame[mags].sum(axis=1))
+    by_class = (
+        frame.groupby("class")
+        .agg(
+            patients=("patient", "size"), images=("images", "sum"), **{m: (m, "sum") for m in mags}
+        )
+        .reset_index()
+    )
+    by_subtype = (
+        frame.groupby(["class", "subtype"])
+        .agg(
+            patients=("patient", "size"), images=("images", "sum"), **{m: (m, "sum") for m in mags}
+        )
+        .reset_index()
+    )
+    per_patient = pd.DataFrame(
+        [
+            {
+                "magnification": m,
+                "min": int(frame[m].min()),
+                "median": float(frame[m].median()),
+                "mean": float(frame[m].mean()),
+                "max": int(frame[m].max()),
+                "total": int(frame[m].sum()),
+            }
+            for m in mags
+        ]
+    )
+    return {
+        "class_counts": by_class,
+        "subtype_counts": by_subtype,
+        "images_per_patient": per_patient,
+    }
+
+
+def fold_frame(
+    folds: list[dict[str, np.ndarray]],
+    patients: list[Patient],
+    frame: pd.DataFrame,
+    mags: list[str],
+) -> pd.DataFrame:
+    images = frame[mags].sum(axis=1).to_numpy()
+    rows = []
+    for i, split in enumerate(folds):
+        for name in ("train", "val", "test"):
+            idx = split[name]
+            labels = np.array([patients[j].label for j in idx])
+            rows.append(
+                {
+                    "fold": i,
+                    "split": name,
+                    "patients": len(idx),
+                    "benign": int((labels == 0).sum()),
+                    "malignant": int((labels == 1).sum()),
+                    "images": int(images[idx].sum()),
+                    "subtypes": len({patients[j].subtype for j in idx}),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def report(
+    index: BreakHisIndex, cfg: HistoConfig, folds: list[dict[str, np.ndarray]]
+) -> dict[str, pd.DataFrame]:
+    """The report's tables: patients, class/subtype counts, images per patient, folds."""
+    patients = index.patients
+    mags = list(cfg.data.magnifications)
+    frame = patient_frame(patients, cfg)
+    tables = {"patients": frame, **count_tables(frame, mags)}
+    tables["folds"] = fold_frame(folds, patients, frame, mags)
+    return tables
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    resolve_config_arg(args)
+    if args.folds is not None:
+        args.overrides = [*args.overrides, f"cv.folds={args.folds}"]
+    ctx = setup_run(args, HistoConfig, PACKAGE, "default")
+    cfg: HistoConfig = ctx.cfg
+    index = load_index(cfg)
+    folds = make_folds(index.patients, cfg)
+    tables = report(index, cfg, folds)
+    for name, table in tables.items():
+        write_table(table, ctx.run_dir / "tables" / name)
+    save_splits(
+        ctx.run_dir / "splits.json",
+        folds,
+        ids=[p.key for p in index.patients],
+        meta={"seed": cfg.seed, "folds": cfg.cv.folds, "val_fraction": cfg.cv.val_fraction},
+    )
+    summary: dict[str, Any] = {
+        "patients": len(index.patients),
+        "patient_ids": len({p.patient_id for p in index.patients}),
+        "images": len(index.images),
+        "skipped": index.skipped,
+        "filled_magnifications": {p.key: p.filled_from for p in index.patients if p.filled_from},
+        **{name: t.to_dict("records") for name, t in tables.items() if name != "patients"},
+    }
+    atomic_write_json(ctx.run_dir / "analysis.json", summary)
+
+    print(
+        f"{summary['patients']} patient folders ({summary['patient_ids']} patients for splitting), "
+        f"{summary['images']} images, {len(index.skipped)} skipped"
+    )
+    for name in ("class_counts", "subtype_counts", "images_per_patient", "folds"):
+        print(f"\n{name.replace('_', ' ')}")
+        print(format_table(tables[name].to_dict("records"), floatfmt=".1f"))
+    print(f"\nreport written to {ctx.run_dir}")
+    return 0

@@ -1,0 +1,283 @@
+"""The BreakHis v1 tree: file-name parsing, folder checks and the per-patient index.
+
+Layout::
+
+    .../breast/{benign,malignant}/SOB/<tumor_type>/<patient_folder>/{40X,100X,200X,400X}/*.png
+    file name: SOB_<B|M>_<type>-<year>-<slide>-<mag>-<seq>.png   e.g. SOB_M_DC-14-2523-400-003.png
+    patient folder: SOB_<B|M>_<type>_<year>-<slide>            e.g. SOB_M_DC_14-2523
+
+Class, subtype, patient and magnification are read from both the path and the name; a file
+whose name disagrees with its folders is skipped and named (its label would be ambiguous).
+
+Items are patient folders. For splitting, folders are grouped by patient id ``<year>-<digits>``:
+BreakHis has folders whose slide ids differ only by a letter suffix (``14-22549AB``,
+``14-22549G``) or that appear under two tumour types, and these must never straddle folds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medcore.errors import DataError
+
+CLASSES = ("benign", "malignant")
+# (code in file names, folder name, class index)
+SUBTYPES = (
+    ("A", "adenosis", 0),
+    ("F", "fibroadenoma", 0),
+    ("PT", "phyllodes_tumor", 0),
+    ("TA", "tubular_adenoma", 0),
+    ("DC", "ductal_carcinoma", 1),
+    ("LC", "lobular_carcinoma", 1),
+    ("MC", "mucinous_carcinoma", 1),
+    ("PC", "papillary_carcinoma", 1),
+)
+SUBTYPE_CODES = tuple(code for code, _, _ in SUBTYPES)
+SUBTYPE_NAMES = tuple(name for _, name, _ in SUBTYPES)
+_CODE_TO_INDEX = {code: i for i, code in enumerate(SUBTYPE_CODES)}
+_FOLDER_TO_INDEX = {name: i for i, name in enumerate(SUBTYPE_NAMES)}
+ALL_MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
+
+_NAME = re.compile(
+    r"^SOB_(?P<cls>[BM])_(?P<type>[A-Z]+)-(?P<year>\d+)-(?P<slide>[0-9A-Za-z]+)-(?P<mag>\d+)-(?P<seq>\d+)\.png$",
+    re.IGNORECASE,
+)
+_NAME_FORMAT = "SOB_<B|M>_<type>-<year>-<slide>-<mag>-<seq>.png"
+
+
+@dataclass(frozen=True)
+class ParsedName:
+    label: int
+    subtype: int
+    year: str
+    slide: str
+    magnification: str
+    seq: int
+
+    @property
+    def patient_folder(self) -> str:
+        return f"SOB_{'BM'[self.label]}_{SUBTYPE_CODES[self.subtype]}_{self.year}-{self.slide}"
+
+    @property
+    def patient_id(self) -> str:
+        digits = re.match(r"\d*", self.slide).group(0) or self.slide
+        return f"{self.year}-{digits}"
+
+
+def parse_name(name: str) -> ParsedName:
+    """Parse a BreakHis file name; DataError if it does not follow the naming scheme."""
+    m = _NAME.match(name)
+    if m is None:
+        raise DataError(name, f"file name does not match {_NAME_FORMAT}")
+    code = m["type"].upper()
+    if code not in _CODE_TO_INDEX:
+        raise DataError(name, f"unknown tumour type {code!r} (known: {', '.join(SUBTYPE_CODES)})")
+    label = 0 if m["cls"].upper() == "B" else 1
+    subtype = _CODE_TO_INDEX[code]
+    if SUBTYPES[subtype][2] != label:
+        raise DataError(name, f"tumour type {code} is not {CLASSES[label]}")
+    return ParsedName(label, subtype, m["year"], m["slide"], f"{int(m['mag'])}X", int(m["seq"]))
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str
+    label: int
+    subtype: int
+    patient_folder: str
+    patient_id: str
+    magnification: str
+
+
+def parse_path(path: str | Path) -> ImageRecord:
+    """Read an image's labels from its path and name; DataError on any disagreement."""
+    path = Path(path)
+    parts = path.parts
+    if len(parts) < 6:
+        raise DataError(
+            path, "not inside a BreakHis tree (<class>/SOB/<tumor_type>/<patient>/<mag>/<file>)"
+        )
+    class_dir, sob_dir, type_dir, patient_dir, mag_dir = parts[-6:-1]
+    if class_dir.lower() not in CLASSES or sob_dir.upper() != "SOB":
+        raise DataError(
+            path, "not inside a BreakHis tree (<class>/SOB/<tumor_type>/<patient>/<mag>/<file>)"
+        )
+    parsed = parse_name(path.name)
+    folder_label = CLASSES.index(class_dir.lower())
+    folder_subtype = _FOLDER_TO_INDEX.get(type_dir.lower())
+    problems = []
+    if parsed.label != folder_label:
+        problems.append(f"name says {CLASSES[parsed.label]}, folder says {class_dir}")
+    if folder_subtype is None:
+        problems.append(f"unknown tumour type folder {type_dir!r}")
+    elif folder_subtype != parsed.subtype:
+        problems.append(f"name says {SUBTYPE_NAMES[parsed.subtype]}, folder says {type_dir}")
+    if mag_dir.upper() != parsed.magnification:
+        problems.append(f"name says {parsed.magnification}, folder says {mag_dir}")
+    if patient_dir.upper() != parsed.patient_folder.upper():
+        problems.append(f"name says patient {parsed.patient_folder}, folder says {patient_dir}")
+    if problems:
+        raise DataError(path, "; ".join(problems))
+    return ImageRecord(
+        str(path),
+        parsed.label,
+        parsed.subtype,
+        patient_dir,
+        parsed.patient_id,
+        parsed.magnification,
+    )
+
+
+def _readable(path: Path) -> str | None:
+    """None if ``path`` is a complete PNG Pillow can read, else why not (no pixels decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as img:
+            img.verify()  # checks the chunk structure and CRCs: catches truncated files
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return (
+            f"cannot decode image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        )
+    return None
+
+
+@dataclass
+class Patient:
+    """One patient folder: its labels and its image paths per magnification."""
+
+    key: str  # the patient folder name
+    patient_id: str  # the group used for leak-free splits
+    label: int
+    subtype: int
+    images: dict[str, list[str]]
+    filled_from: dict[str, str] = field(default_factory=dict)  # missing magnification -> source
+
+    def counts(self, magnifications: Sequence[str]) -> list[int]:
+        return [len(self.images[m]) for m in magnifications]
+
+
+@dataclass
+class BreakHisIndex:
+    patients: list[Patient]
+    skipped: list[tuple[str, str]]  # (path or patient, why)
+    images: list[ImageRecord]
+
+
+def _report(what: str, why: str) -> None:
+    print(f"skip {what}: {why}", file=sys.stderr)
+
+
+def _nearest(missing: str, available: Sequence[str]) -> str:
+    order = ALL_MAGNIFICATIONS
+    pos = order.index(missing)
+    # Ties go to the lower magnification: it shows more tissue context.
+    return min(available, key=lambda m: (abs(order.index(m) - pos), order.index(m)))
+
+
+def scan_breakhis(
+    data_dir: str | Path,
+    magnifications: Sequence[str] = ALL_MAGNIFICATIONS,
+    missing: str = "nearest",
+    check_images: bool = True,
+    verbose: bool = True,
+) -> BreakHisIndex:
+    """Index a BreakHis tree into patients; bad files and incomplete patients are named skips.
+
+    Raises DataError when nothing usable is left or a class has no patient.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(root, "data directory not found")
+    unknown = [m for m in magnifications if m not in ALL_MAGNIFICATIONS]
+    if unknown or not magnifications:
+        raise DataError(
+            "data.magnifications", f"must be a non-empty subset of {', '.join(ALL_MAGNIFICATIONS)}"
+        )
+    report = _report if verbose else (lambda what, why: None)
+    skipped: list[tuple[str, str]] = []
+    records: list[ImageRecord] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.lower().endswith(".png"):
+                continue
+            path = Path(dirpath) / name
+            try:
+                record = parse_path(path)
+            except DataError as exc:
+                skipped.append((str(path), exc.why))
+                report(str(path), exc.why)
+                continue
+            if record.magnification not in magnifications:
+                continue
+            if check_images and (why := _readable(path)) is not None:
+                skipped.append((str(path), why))
+                report(str(path), why)
+                continue
+            records.append(record)
+
+    grouped: dict[str, list[ImageRecord]] = {}
+    for record in records:
+        grouped.setdefault(record.patient_folder, []).append(record)
+    patients: list[Patient] = []
+    for key in sorted(grouped):
+        recs = grouped[key]
+        images = {m: sorted(r.path for r in recs if r.magnification == m) for m in magnifications}
+        available = [m for m in magnifications if images[m]]
+        absent = [m for m in magnifications if not images[m]]
+        patient = Patient(key, recs[0].patient_id, recs[0].label, recs[0].subtype, images)
+        if absent:
+            if missing == "skip":
+                why = f"no images at {', '.join(absent)} (data.missing_magnification=skip)"
+                skipped.append((key, why))
+                report(f"patient {key}", why)
+                continue
+            for m in absent:
+                source = _nearest(m, available)
+                patient.images[m] = list(images[source])
+                patient.filled_from[m] = source
+            fills = ", ".join(f"{m} from {s}" for m, s in patient.filled_from.items())
+            print(f"note: patient {key}: missing magnification filled ({fills})", file=sys.stderr)
+        patients.append(patient)
+
+    if not patients:
+        raise DataError(
+            root,
+            "no usable BreakHis images found (expected <class>/SOB/<tumor_type>/<patient>/"
+            f"<{'|'.join(magnifications)}>/{_NAME_FORMAT})",
+        )
+    for label, name in enumerate(CLASSES):
+        if not any(p.label == label for p in patients):
+            raise DataError(root, f"no {name} patient found: both classes are needed")
+    if skipped and verbose:
+        print(f"skipped {len(skipped)} item(s) while indexing {root}", file=sys.stderr)
+    return BreakHisIndex(patients, skipped, records)
+
+
+def draws_per_patient(
+    count: int,
+    base_images: int = 3,
+    volume_bounds: Sequence[int] = (15, 30),
+    utilization: Sequence[float] = (0.60, 0.40, 0.25),
+    cap: int | None = None,
+) -> int:
+    """Training draws of a patient with ``count`` images per magnification in one epoch.
+
+    Low-volume patients (<= 15) use ~60% of their images, medium (16..30) ~40%, high (> 30)
+    ~25%, and never fewer than ``base_images`` draws.
+    """
+    low, high = volume_bounds
+    fraction = (
+        utilization[0] if count <= low else utilization[1] if count <= high else utilization[2]
+    )
+    n = max(base_images, math.ceil(fraction * count))
+    return min(n, cap) if cap else n

@@ -1,0 +1,115 @@
+"""Typed configuration of histommnet (the sections of ``configs/*.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from medcore.cli import RunConfig
+from medcore.trainer import TrainerConfig
+
+MAGNIFICATIONS = ["40X", "100X", "200X", "400X"]
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation, applied to each magnification's image independently."""
+
+    rotation_degrees: float = 90.0
+    flip: bool = True
+    elastic_p: float = 0.3
+    elastic_alpha: float = 30.0
+    elastic_sigma: float = 5.0
+    blur_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.15
+    hue: float = 0.04
+    erasing_p: float = 0.25
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None
+    magnifications: list[str] = field(default_factory=lambda: list(MAGNIFICATIONS))
+    image_size: int = 224
+    # A patient without some magnification folders: "nearest" fills each missing one from the
+    # nearest available magnification (ties go to the lower one), "skip" drops the patient.
+    missing_magnification: Literal["nearest", "skip"] = "nearest"
+    check_images: bool = True  # verify every PNG while indexing (corrupt files become named skips)
+    # Adaptive multi-image sampling: per epoch a patient contributes
+    # max(base_images, ceil(fraction * n)) draws, n = its images per magnification (the smallest
+    # count over magnifications) and fraction chosen by volume: n <= 15, 16..30, > 30.
+    base_images: int = 3
+    volume_bounds: tuple[int, int] = (15, 30)
+    utilization: tuple[float, float, float] = (0.60, 0.40, 0.25)
+    max_draws_per_patient: int | None = None
+    eval_max_draws: int | None = None  # evaluation covers every image unless capped
+    min_batches_per_epoch: int = 4  # batch size shrinks so small datasets still give this many
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["mmnet", "single", "concat"] = "mmnet"
+    backbone: str = "efficientnet_b1"
+    shared_backbone: bool = False  # one trunk for all magnifications instead of one each
+    pretrained: bool = False
+    pretrained_weights: str | None = None
+    drop_path_rate: float = 0.1
+    embed_dim: int = 256
+    num_heads: int = 4
+    attention_scales: list[int] = field(default_factory=lambda: [1, 3, 5])
+    channel_reduction: int = 16
+    dropout: float = 0.7
+    subtype_head: bool = True
+    single_magnification: str = "200X"  # the input of the single-magnification baseline
+
+
+@dataclass
+class LossConfig:
+    focal_alpha: float = 0.7  # weight of the malignant class (1 - alpha for benign)
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.2
+    mixup_alpha: float = 0.2  # 0 disables mixup
+    mixup_prob: float = 1.0
+    subtype_weight: float = 0.3
+
+
+@dataclass
+class CVConfig:
+    folds: int = 5
+    fold: int | None = None  # run only this fold (0-based)
+    val_fraction: float = 0.3
+    stratify_subtype: bool = True
+    threshold_method: Literal["youden", "f1"] = "youden"
+    # Overfitting warnings: validation loss above training loss by more than this.
+    overfit_loss_gap: float = 0.3
+    eval_batch_size: int | None = None
+
+
+def _spec_trainer() -> TrainerConfig:
+    return TrainerConfig(
+        epochs=25,
+        lr=5e-5,
+        weight_decay=5e-3,
+        grad_clip=1.0,
+        scheduler="plateau",
+        plateau_patience=3,
+        early_stopping_patience=7,
+        monitor=["val/balanced_accuracy"],
+        monitor_mode="max",
+    )
+
+
+@dataclass
+class HistoConfig(RunConfig):
+    # torch intra-op threads (None: torch's default). The demo's tiny tensors run faster on one
+    # thread: spreading a 64x64 convolution over cores costs more than it saves.
+    num_threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    trainer: TrainerConfig = field(default_factory=_spec_trainer)

@@ -1,0 +1,184 @@
+"""Prediction, image- and patient-level metrics, cross-validation summaries, tables and plots.
+
+"Image level" means one draw (one image per magnification); "patient level" averages the
+malignant probability over all draws of a patient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import confusion_matrix
+from torch import nn
+from torch.utils.data import DataLoader
+
+from histommnet.breakhis import CLASSES, SUBTYPE_CODES
+from histommnet.data import MultiMagDataset
+from medcore.device import AmpPolicy, autocast
+from medcore.io import atomic_write_csv, atomic_write_text
+from medcore.metrics import binary_metrics
+from medcore.plots import plot_confusion_matrix, plot_roc_curves
+
+METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1", "sensitivity", "specificity")
+LEVELS = ("image", "patient")
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: MultiMagDataset,
+    device: torch.device,
+    amp: AmpPolicy | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+) -> pd.DataFrame:
+    """One row per draw: patient, label, subtype, malignant probability (and subtype guess)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    rows: list[dict[str, Any]] = []
+    for batch in loader:
+        images = batch["images"].to(device, non_blocking=True)
+        if amp is not None:
+            with autocast(device, amp):
+                out = model(images)
+        else:
+            out = model(images)
+        logits = out["logits"].float()
+        probs = logits.softmax(-1)[:, 1].cpu().numpy()
+        sub = (
+            out["subtype_logits"].float().argmax(-1).cpu().numpy()
+            if "subtype_logits" in out
+            else None
+        )
+        for i in range(len(probs)):
+            p_idx = int(batch["patient"][i])
+            rows.append(
+                {
+                    "patient": dataset.patients[p_idx].key,
+                    "patient_id": dataset.patients[p_idx].patient_id,
+                    "label": int(batch["label"][i]),
+                    "subtype": SUBTYPE_CODES[int(batch["subtype"][i])],
+                    "prob_malignant": float(probs[i]),
+                    "logit_benign": float(logits[i, 0]),
+                    "logit_malignant": float(logits[i, 1]),
+                    **({"subtype_pred": SUBTYPE_CODES[int(sub[i])]} if sub is not None else {}),
+                }
+            )
+    model.train(was_training)
+    return pd.DataFrame(rows)
+
+
+def patient_table(draws: pd.DataFrame) -> pd.DataFrame:
+    """Per-patient mean malignant probability over the patient's draws."""
+    grouped = draws.groupby("patient", sort=True)
+    return pd.DataFrame(
+        {
+            "label": grouped["label"].first(),
+            "subtype": grouped["subtype"].first(),
+            "prob_malignant": grouped["prob_malignant"].mean(),
+            "draws": grouped.size(),
+        }
+    ).reset_index()
+
+
+def level_metrics(frame: pd.DataFrame, threshold: float) -> dict[str, float]:
+    """The six reported metrics (plus precision and PR AUC) at ``prob >= threshold``.
+
+    AUCs are NaN (with a warning) when ``frame`` holds one class only.
+    """
+    return binary_metrics(frame["label"].to_numpy(), frame["prob_malignant"].to_numpy(), threshold)
+
+
+def confusion(frame: pd.DataFrame, threshold: float) -> np.ndarray:
+    pred = (frame["prob_malignant"].to_numpy() >= threshold).astype(int)
+    return confusion_matrix(frame["label"].to_numpy(), pred, labels=[0, 1])
+
+
+def summarize_folds(fold_results: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-fold table, mean +- std table) over folds, one row per fold (and level)."""
+    rows = []
+    for res in fold_results:
+        for level in LEVELS:
+            rows.append(
+                {
+                    "fold": res["fold"],
+                    "level": level,
+                    "threshold": res["threshold"],
+                    **{m: res["test"][level][m] for m in METRICS},
+                }
+            )
+    per_fold = pd.DataFrame(rows)
+    summary_rows = []
+    for level in LEVELS:
+        part = per_fold[per_fold["level"] == level]
+        row: dict[str, Any] = {"level": level, "folds": len(part)}
+        for m in METRICS:
+            values = part[m].to_numpy(dtype=float)
+            finite = values[np.isfinite(values)]
+            row[f"{m}_mean"] = float(finite.mean()) if finite.size else math.nan
+            row[f"{m}_std"] = (
+                float(finite.std(ddof=1)) if finite.size > 1 else 0.0 if finite.size else math.nan
+            )
+        summary_rows.append(row)
+    return per_fold, pd.DataFrame(summary_rows)
+
+
+def summary_display(summary: pd.DataFrame) -> list[dict[str, Any]]:
+    """Summary rows as ``metric: "mean ± std"`` strings for printing."""
+    out = []
+    for _, row in summary.iterrows():
+        shown: dict[str, Any] = {"level": row["level"], "folds": int(row["folds"])}
+        for m in METRICS:
+            shown[m] = f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}"
+        out.append(shown)
+    return out
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    """A GitHub-flavoured Markdown table (pandas' to_markdown needs the extra tabulate package)."""
+
+    def cell(v: Any) -> str:
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
+
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += [
+        "| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(frame: pd.DataFrame, path_stem: Path) -> None:
+    """``<stem>.csv`` and ``<stem>.md`` (atomic)."""
+    atomic_write_csv(path_stem.with_suffix(".csv"), frame)
+    atomic_write_text(path_stem.with_suffix(".md"), markdown_table(frame))
+
+
+def write_fold_plots(
+    plots_dir: Path, fold: int, draws: pd.DataFrame, patients: pd.DataFrame, threshold: float
+) -> None:
+    for level, frame in (("image", draws), ("patient", patients)):
+        plot_confusion_matrix(
+            confusion(frame, threshold),
+            list(CLASSES),
+            plots_dir / f"confusion_fold{fold}_{level}.png",
+            title=f"fold {fold}, {level} level (threshold {threshold:.3f})",
+        )
+
+
+def write_roc_plots(
+    plots_dir: Path, per_fold_frames: dict[int, tuple[pd.DataFrame, pd.DataFrame]]
+) -> None:
+    for i, level in enumerate(LEVELS):
+        curves = {
+            f"fold {f}": (frames[i]["label"].to_numpy(), frames[i]["prob_malignant"].to_numpy())
+            for f, frames in sorted(per_fold_frames.items())
+        }
+        plot_roc_curves(curves, plots_dir / f"roc_{level}.png", title=f"ROC, {level} level")

@@ -1,0 +1,200 @@
+"""``histommnet-gradcam``: Grad-CAM heatmaps per magnification for chosen patients.
+
+Uses the ``grad-cam`` library (``pytorch_grad_cam.GradCAM``) with the last feature layer of each
+magnification's trunk as target layer. Writes ``<patient>/<mag>.png`` overlays and a
+``<patient>_montage.png`` (images above overlays) into the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from histommnet.breakhis import CLASSES, Patient
+from histommnet.config import HistoConfig
+from histommnet.data import MultiMagDataset, denormalize
+from histommnet.model import SingleMagNet, load_model
+from histommnet.train import PACKAGE, load_index, resolve_config_arg
+from medcore.cli import add_common_args, setup_run
+from medcore.errors import UserError
+from medcore.io import atomic_path, atomic_write_json
+from medcore.plots import save_figure
+
+
+class _LogitsOnly(nn.Module):
+    """Adapts a model to Grad-CAM: ``[b, m*3, h, w] -> logits [b, classes]``.
+
+    Grad-CAM wants a 4-D input (it reads a 5-D one as a volume) and a tensor output, while our
+    models take ``[b, m, 3, h, w]`` and return a dict.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, stacked: torch.Tensor) -> torch.Tensor:
+        return self.model(rearrange(stacked, "b (m c) h w -> b m c h w", c=3))["logits"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histommnet-gradcam", description=__doc__.splitlines()[0])
+    add_common_args(parser, train=False)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a fold_<i>_best.pth (or any histommnet checkpoint)",
+    )
+    parser.add_argument(
+        "--patients",
+        nargs="+",
+        metavar="ID",
+        help="patient folders (SOB_M_DC_14-2523) or patient ids (14-2523); default: the fold's test patients",
+    )
+    parser.add_argument(
+        "--num-patients", type=int, default=4, help="how many patients when --patients is not given"
+    )
+    parser.add_argument(
+        "--draw", type=int, default=0, help="which evaluation draw (image tuple) of each patient"
+    )
+    parser.add_argument(
+        "--target",
+        choices=("predicted", *CLASSES),
+        default="predicted",
+        help="class whose evidence is shown (default: the predicted class)",
+    )
+    return parser
+
+
+def _default_patients(checkpoint: Path, patients: list[Patient], count: int) -> list[Patient]:
+    """The test patients of the checkpoint's fold when its run's splits.json is at hand."""
+    fold_dir = checkpoint.resolve().parent.parent  # <run>/fold_<i>/checkpoints/<file>
+    splits = fold_dir.parent / "splits.json"
+    if (
+        checkpoint.parent.name == "checkpoints"
+        and fold_dir.name.startswith("fold_")
+        and splits.is_file()
+    ):
+        ids = json.loads(splits.read_text(encoding="utf-8")).get("ids")
+        fold = int(fold_dir.name.removeprefix("fold_"))
+        if isinstance(ids, list) and fold < len(ids):
+            names = set(ids[fold].get("test", []))
+            chosen = [p for p in patients if p.key in names]
+            if chosen:
+                return chosen[:count]
+    return patients[:count]
+
+
+def _select(wanted: list[str], patients: list[Patient]) -> list[Patient]:
+    chosen = []
+    for name in wanted:
+        found = [p for p in patients if name in (p.key, p.patient_id)]
+        if not found:
+            shown = ", ".join(p.key for p in patients[:5])
+            raise UserError(f"--patients {name}", f"no such patient in the data (e.g. {shown})")
+        chosen.extend(p for p in found if p not in chosen)
+    return chosen
+
+
+def patient_cams(
+    model: nn.Module, images: torch.Tensor, target: int | None
+) -> tuple[np.ndarray, float, int]:
+    """Grad-CAM maps ``[m, h, w]`` of one draw ``[1, m, 3, h, w]``, P(malignant) and the class used."""
+    with torch.no_grad():
+        prob = float(model(images)["logits"].float().softmax(-1)[0, 1])
+    cls = int(prob >= 0.5) if target is None else target
+    wrapped = _LogitsOnly(model)
+    layers = model.encoder.cam_layers()
+    m = images.shape[1]
+    stacked = rearrange(images, "b m c h w -> b (m c) h w")
+    cams = np.zeros((m, *images.shape[-2:]), dtype=np.float32)
+    for i, layer in enumerate(layers):
+        with GradCAM(model=wrapped, target_layers=[layer]) as cam:
+            maps = cam(input_tensor=stacked, targets=[ClassifierOutputTarget(cls)])
+        if isinstance(model, SingleMagNet):
+            cams[model.index] = maps[0]
+        elif len(layers) == 1:  # one shared trunk saw all magnifications: one map each
+            cams[:] = maps[:m]
+        else:
+            cams[i] = maps[0]
+    return cams, prob, cls
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    resolve_config_arg(args)
+    ctx = setup_run(args, HistoConfig, PACKAGE, "default")
+    model, state = load_model(args.checkpoint)
+    model.to(ctx.device).eval()
+    cfg: HistoConfig = ctx.cfg
+    data_cfg = dataclasses.replace(
+        cfg.data,
+        magnifications=list(state["magnifications"]),
+        image_size=int(state.get("image_size", cfg.data.image_size)),
+    )
+    cfg = dataclasses.replace(cfg, data=data_cfg)
+    patients = load_index(cfg).patients
+    chosen = (
+        _select(args.patients, patients)
+        if args.patients
+        else _default_patients(args.checkpoint, patients, args.num_patients)
+    )
+    target = None if args.target == "predicted" else CLASSES.index(args.target)
+    mags = data_cfg.magnifications
+    records = []
+    for patient in chosen:
+        ds = MultiMagDataset([patient], data_cfg, train=False, seed=cfg.seed)
+        if not 0 <= args.draw < len(ds):
+            raise UserError("--draw", f"patient {patient.key} has draws 0..{len(ds) - 1}")
+        images = ds[args.draw]["images"].unsqueeze(0).to(ctx.device)
+        cams, prob, cls = patient_cams(model, images, target)
+        rgb = denormalize(images[0]).permute(0, 2, 3, 1).numpy()
+        fig, axes = plt.subplots(2, len(mags), figsize=(2.4 * len(mags), 5), squeeze=False)
+        for j, mag in enumerate(mags):
+            overlay = show_cam_on_image(rgb[j], cams[j], use_rgb=True)
+            _save_png(ctx.run_dir / patient.key / f"{mag}.png", overlay)
+            axes[0, j].imshow(rgb[j])
+            axes[1, j].imshow(overlay)
+            axes[0, j].set_title(mag)
+            for ax in axes[:, j]:
+                ax.axis("off")
+        fig.suptitle(
+            f"{patient.key}: true {CLASSES[patient.label]}, P(malignant)={prob:.3f}, "
+            f"Grad-CAM for {CLASSES[cls]}",
+            fontsize=9,
+        )
+        save_figure(fig, ctx.run_dir / f"{patient.key}_montage.png")
+        records.append(
+            {
+                "patient": patient.key,
+                "label": CLASSES[patient.label],
+                "prob_malignant": prob,
+                "cam_class": CLASSES[cls],
+                "images": [str(p) for p in ds.draws[args.draw][1]],
+            }
+        )
+        print(
+            f"{patient.key}: P(malignant)={prob:.3f} (true {CLASSES[patient.label]}) -> "
+            f"{ctx.run_dir / patient.key}/"
+        )
+    atomic_write_json(
+        ctx.run_dir / "gradcam.json", {"checkpoint": str(args.checkpoint), "patients": records}
+    )
+    return 0

@@ -1,0 +1,54 @@
+"""Focal loss with label smoothing on soft targets, and mixup.
+
+Shapes: ``b`` batch, ``k`` classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Integer labels ``[b]`` -> smoothed one-hot ``[b, k]``: ``(1 - e) * onehot + e / k``."""
+    onehot = F.one_hot(labels.long(), num_classes).float()
+    return onehot * (1.0 - smoothing) + smoothing / num_classes
+
+
+class FocalLoss(nn.Module):
+    """Alpha-balanced focal loss for the binary head, on (smoothed, possibly mixed) soft targets.
+
+    ``loss = -sum_k w_k (1 - p_k)^gamma q_k log p_k``, averaged over the batch, with class
+    weights ``w = (1 - alpha, alpha)`` (alpha weighs the malignant class) and ``q`` the target
+    distribution. With one-hot ``q`` this is the focal loss of Lin et al.; written here because
+    torchvision's ``sigmoid_focal_loss`` takes neither soft targets nor label smoothing.
+    """
+
+    def __init__(
+        self, alpha: float = 0.7, gamma: float = 2.0, label_smoothing: float = 0.2
+    ) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weights", torch.tensor([1.0 - alpha, alpha]), persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits [b, 2]``; ``target`` integer labels ``[b]`` (smoothed here) or soft ``[b, 2]``."""
+        if target.ndim == 1:
+            target = soft_targets(target, logits.shape[-1], self.label_smoothing)
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        focal = (1.0 - log_p.exp()).pow(self.gamma)
+        return -(self.weights * focal * target * log_p).sum(-1).mean()
+
+
+def mixup(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix each sample with a permuted partner: returns (mixed images, permutation, lambda).
+
+    ``lambda ~ Beta(alpha, alpha)`` from the global torch RNG (saved in checkpoints, so resume
+    is exact); targets are mixed by the caller as ``lambda * q + (1 - lambda) * q[perm]``.
+    All magnifications of a draw share the partner.
+    """
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(images.shape[0]).to(images.device)
+    return lam * images + (1.0 - lam) * images[perm], perm, lam

@@ -1,0 +1,259 @@
+"""MMNet and its baselines (single magnification, simple concatenation).
+
+Shapes: ``b`` batch, ``m`` magnifications, ``c`` channels, ``h w`` pixels, ``d`` token width.
+Every model takes ``images [b, m, 3, h, w]`` and returns a dict with ``logits [b, 2]``
+(benign, malignant) and, with the subtype head, ``subtype_logits [b, 8]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from einops import rearrange
+from torch import nn
+
+from histommnet.attention import (
+    ClinicalChannelAttention,
+    ClinicalCrossMagFusion,
+    HierarchicalMagnificationAttention,
+    MultiScaleAttentionPool,
+)
+from histommnet.breakhis import SUBTYPE_CODES
+from histommnet.config import ModelConfig
+from medcore.checkpoint import load_checkpoint
+from medcore.config import from_dict
+from medcore.errors import CheckpointError, ConfigError
+from medcore.weights import load_pretrained, missing_weights_error
+
+NUM_SUBTYPES = len(SUBTYPE_CODES)
+
+
+def create_trunk(cfg: ModelConfig) -> nn.Module:
+    """A timm CNN without pooling or classifier (``forward_features -> [b, c, h, w]``)."""
+    try:
+        trunk = timm.create_model(
+            cfg.backbone,
+            pretrained=False,
+            num_classes=0,
+            global_pool="",
+            drop_path_rate=cfg.drop_path_rate,
+        )
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise ConfigError("model.backbone", str(exc)) from None
+    if cfg.pretrained_weights:
+        load_pretrained(trunk, cfg.pretrained_weights)
+    elif cfg.pretrained:
+        raise missing_weights_error(
+            "model.pretrained",
+            f'To make the file, on a machine with internet run: python -c "import timm, torch; '
+            f"torch.save(timm.create_model('{cfg.backbone}', pretrained=True).state_dict(), "
+            f"'{cfg.backbone}.pth')\"",
+        )
+    return trunk
+
+
+def cam_layer(trunk: nn.Module) -> nn.Module:
+    """The last convolutional feature layer of a trunk (the Grad-CAM target)."""
+    for name in ("bn2", "final_conv", "layer4", "stages", "features"):
+        layer = getattr(trunk, name, None)
+        if isinstance(layer, nn.Module):
+            return (
+                layer[-1]
+                if isinstance(layer, nn.Sequential) and name in ("stages", "features")
+                else layer
+            )
+    raise ConfigError(
+        "model.backbone", f"no known last feature layer in {type(trunk).__name__} for Grad-CAM"
+    )
+
+
+def _head(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
+    hidden = max(32, in_dim // 2)
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(in_dim, hidden),
+        nn.GELU(),
+        nn.Dropout(dropout / 2),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+class _MultiTrunk(nn.Module):
+    """One trunk per magnification (or one shared), giving a feature map per magnification."""
+
+    def __init__(self, cfg: ModelConfig, num_magnifications: int) -> None:
+        super().__init__()
+        count = 1 if cfg.shared_backbone else num_magnifications
+        self.trunks = nn.ModuleList(create_trunk(cfg) for _ in range(count))
+        self.num_features = int(self.trunks[0].num_features)
+
+    def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``[b, m, 3, h, w]`` -> m feature maps ``[b, c, h', w']``."""
+        m = images.shape[1]
+        if len(self.trunks) == 1:
+            flat = self.trunks[0].forward_features(rearrange(images, "b m c h w -> (b m) c h w"))
+            return list(rearrange(flat, "(b m) c h w -> m b c h w", m=m).unbind(0))
+        return [trunk.forward_features(images[:, i]) for i, trunk in enumerate(self.trunks)]
+
+    def cam_layers(self) -> list[nn.Module]:
+        return [cam_layer(t) for t in self.trunks]
+
+
+class MMNet(nn.Module):
+    """Multi-magnification network: per-magnification trunks and attention, hierarchical
+    cross-magnification attention, fusion, a benign/malignant head and an optional subtype head.
+    """
+
+    def __init__(self, cfg: ModelConfig, magnifications: Sequence[str]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.magnifications = list(magnifications)
+        m, d = len(self.magnifications), cfg.embed_dim
+        self.encoder = _MultiTrunk(cfg, m)
+        c = self.encoder.num_features
+        self.channel_attention = nn.ModuleList(
+            ClinicalChannelAttention(c, cfg.channel_reduction) for _ in range(m)
+        )
+        self.spatial_pool = nn.ModuleList(
+            MultiScaleAttentionPool(c, cfg.attention_scales) for _ in range(m)
+        )
+        self.project = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, d), nn.LayerNorm(d)) for _ in range(m)
+        )
+        attn_dropout = min(0.1, cfg.dropout)
+        self.hierarchy = HierarchicalMagnificationAttention(d, m, cfg.num_heads, attn_dropout)
+        self.fusion = ClinicalCrossMagFusion(d, m, attn_dropout)
+        self.head = _head(d, 2, cfg.dropout)
+        self.subtype_head = _head(d, NUM_SUBTYPES, cfg.dropout) if cfg.subtype_head else None
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, magnifications: Sequence[str]) -> MMNet:
+        return cls(cfg, magnifications)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """One token per magnification, ``[b, m, d]``, before cross-magnification attention."""
+        feats = self.encoder.forward_features(images)
+        tokens = [
+            proj(pool(att(f)))
+            for f, att, pool, proj in zip(
+                feats, self.channel_attention, self.spatial_pool, self.project, strict=True
+            )
+        ]
+        return torch.stack(tokens, dim=1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens, hier_weights = self.hierarchy(self.tokens(images))
+        fused, mag_weights = self.fusion(tokens)
+        out = {
+            "logits": self.head(fused),
+            "embedding": fused,
+            "magnification_weights": mag_weights,
+            "hierarchy_weights": hier_weights,
+        }
+        if self.subtype_head is not None:
+            out["subtype_logits"] = self.subtype_head(fused)
+        return out
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The fused patient-draw embedding ``[b, d]``."""
+        return self.forward(images)["embedding"]
+
+
+class SingleMagNet(nn.Module):
+    """Baseline: one magnification (``single_magnification``) through a trunk and average pooling."""
+
+    def __init__(self, cfg: ModelConfig, magnifications: Sequence[str]) -> None:
+        super().__init__()
+        if cfg.single_magnification not in magnifications:
+            raise ConfigError(
+                "model.single_magnification",
+                f"{cfg.single_magnification} is not among data.magnifications {list(magnifications)}",
+            )
+        self.cfg = cfg
+        self.magnifications = list(magnifications)
+        self.index = self.magnifications.index(cfg.single_magnification)
+        self.encoder = _MultiTrunk(cfg, 1)
+        c = self.encoder.num_features
+        self.head = _head(c, 2, cfg.dropout)
+        self.subtype_head = _head(c, NUM_SUBTYPES, cfg.dropout) if cfg.subtype_head else None
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, magnifications: Sequence[str]) -> SingleMagNet:
+        return cls(cfg, magnifications)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        feat = self.encoder.forward_features(images[:, self.index : self.index + 1])[0]
+        return feat.mean((2, 3))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        emb = self.embed(images)
+        out = {"logits": self.head(emb), "embedding": emb}
+        if self.subtype_head is not None:
+            out["subtype_logits"] = self.subtype_head(emb)
+        return out
+
+
+class ConcatNet(nn.Module):
+    """Baseline: average-pooled features of every magnification concatenated, then a head."""
+
+    def __init__(self, cfg: ModelConfig, magnifications: Sequence[str]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.magnifications = list(magnifications)
+        self.encoder = _MultiTrunk(cfg, len(self.magnifications))
+        width = self.encoder.num_features * len(self.magnifications)
+        self.head = _head(width, 2, cfg.dropout)
+        self.subtype_head = _head(width, NUM_SUBTYPES, cfg.dropout) if cfg.subtype_head else None
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, magnifications: Sequence[str]) -> ConcatNet:
+        return cls(cfg, magnifications)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([f.mean((2, 3)) for f in self.encoder.forward_features(images)], dim=1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        emb = self.embed(images)
+        out = {"logits": self.head(emb), "embedding": emb}
+        if self.subtype_head is not None:
+            out["subtype_logits"] = self.subtype_head(emb)
+        return out
+
+
+MODELS: dict[str, type[nn.Module]] = {"mmnet": MMNet, "single": SingleMagNet, "concat": ConcatNet}
+
+
+def build_model(cfg: ModelConfig, magnifications: Sequence[str]) -> nn.Module:
+    return MODELS[cfg.name].from_config(cfg, magnifications)
+
+
+def checkpoint_kind(model: nn.Module) -> str:
+    return f"histommnet.{type(model).__name__}"
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from one of its checkpoints alone; returns (model, checkpoint dict)."""
+    state = load_checkpoint(path, map_location=map_location)
+    kinds = {f"histommnet.{cls.__name__}" for cls in MODELS.values()}
+    if state.get("kind") not in kinds:
+        found = state.get("kind") or "an unlabelled"
+        raise CheckpointError(path, f"this is {found} checkpoint, not a histommnet model")
+    if "model_config" not in state or "magnifications" not in state:
+        raise CheckpointError(path, "has no model_config/magnifications to rebuild the model from")
+    cfg = from_dict(
+        ModelConfig, {**state["model_config"], "pretrained": False, "pretrained_weights": None}
+    )
+    model = build_model(cfg, state["magnifications"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            path, f"weights do not match the stored config ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    return model, state

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny synthetic BreakHis trees written with Pillow in the real layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from histommnet.config import DataConfig, ModelConfig
+from histommnet.synthetic import generate_breakhis
+from medcore.testing import random_image, write_png
+
+# Small enough to run in seconds on a CI CPU, with the same classes as the real configs.
+TINY_SET = [
+    "num_threads=1",
+    "model.backbone=test_efficientnet",
+    "model.embed_dim=32",
+    "model.attention_scales=[1,3]",
+    "data.image_size=32",
+    "data.eval_max_draws=2",
+    "trainer.epochs=1",
+    "trainer.max_steps_per_epoch=2",
+    "trainer.batch_size=4",
+    "trainer.num_workers=0",
+    "cv.folds=2",
+]
+
+
+def _tiny_args(*extra: str) -> list[str]:
+    args: list[str] = []
+    for item in [*TINY_SET, *extra]:
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture
+def tiny_args():
+    """``tiny_args(*extra_set_items)`` -> the ``--set`` flags of the tiny training config."""
+    return _tiny_args
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 patients (2 per subtype), 2-3 tiles of 32 px per magnification."""
+    root = tmp_path_factory.mktemp("breakhis")
+    generate_breakhis(
+        root, patients_per_subtype=2, images_per_magnification=(2, 3), size=32, seed=1
+    )
+    return root
+
+
+@pytest.fixture
+def tiny_model_cfg() -> ModelConfig:
+    return ModelConfig(
+        backbone="test_efficientnet",
+        embed_dim=32,
+        num_heads=4,
+        attention_scales=[1, 3],
+        dropout=0.1,
+        drop_path_rate=0.0,
+    )
+
+
+@pytest.fixture
+def tiny_data_cfg() -> DataConfig:
+    return DataConfig(image_size=32)
+
+
+def _write_tile(root: Path, cls: str, folder: str, patient: str, mag: str, name: str) -> Path:
+    return write_png(
+        root / cls / "SOB" / folder / patient / mag / name, random_image((16, 16), seed=len(name))
+    )
+
+
+@pytest.fixture
+def write_tile():
+    """``write_tile(root, class, tumour_folder, patient_folder, mag, file_name)`` writes a PNG tile."""
+    return _write_tile
