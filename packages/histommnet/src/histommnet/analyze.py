@@ -16,7 +16,7 @@ import pandas as pd
 from histommnet.breakhis import CLASSES, SUBTYPE_NAMES, BreakHisIndex, Patient, draws_per_patient
 from histommnet.config import HistoConfig
 from histommnet.evaluate import write_table
-from histommnet.train import PACKAGE, load_index, make_folds, resolve_config_arg
+from histommnet.train import PACKAGE, load_index, make_folds
 from medcore.cli import add_common_args, format_table, setup_run
 from medcore.io import atomic_write_json
 from medcore.splits import save_splits
@@ -132,7 +132,6 @@ def report(
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    resolve_config_arg(args)
     if args.folds is not None:
         args.overrides = [*args.overrides, f"cv.folds={args.folds}"]
     ctx = setup_run(args, HistoConfig, PACKAGE, "default")

@@ -105,9 +105,6 @@ def _spec_trainer() -> TrainerConfig:
 
 @dataclass
 class HistoConfig(RunConfig):
-    # torch intra-op threads (None: torch's default). The demo's tiny tensors run faster on one
-    # thread: spreading a 64x64 convolution over cores costs more than it saves.
-    num_threads: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from histommnet.breakhis import CLASSES, SUBTYPE_CODES
 from histommnet.data import MultiMagDataset
+from medcore.cli import markdown_table
 from medcore.device import AmpPolicy, autocast
 from medcore.io import atomic_write_csv, atomic_write_text
 from medcore.metrics import binary_metrics
@@ -141,24 +142,10 @@ def summary_display(summary: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    """A GitHub-flavoured Markdown table (pandas' to_markdown needs the extra tabulate package)."""
-
-    def cell(v: Any) -> str:
-        return format(v, floatfmt) if isinstance(v, float) else str(v)
-
-    cols = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += [
-        "| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def write_table(frame: pd.DataFrame, path_stem: Path) -> None:
     """``<stem>.csv`` and ``<stem>.md`` (atomic)."""
     atomic_write_csv(path_stem.with_suffix(".csv"), frame)
-    atomic_write_text(path_stem.with_suffix(".md"), markdown_table(frame))
+    atomic_write_text(path_stem.with_suffix(".md"), markdown_table(frame.to_dict("records")))
 
 
 def write_fold_plots(

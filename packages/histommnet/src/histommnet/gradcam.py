@@ -26,7 +26,7 @@ from histommnet.breakhis import CLASSES, Patient
 from histommnet.config import HistoConfig
 from histommnet.data import MultiMagDataset, denormalize
 from histommnet.model import SingleMagNet, load_model
-from histommnet.train import PACKAGE, load_index, resolve_config_arg
+from histommnet.train import PACKAGE, load_index
 from medcore.cli import add_common_args, setup_run
 from medcore.errors import UserError
 from medcore.io import atomic_path, atomic_write_json
@@ -139,7 +139,6 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    resolve_config_arg(args)
     ctx = setup_run(args, HistoConfig, PACKAGE, "default")
     model, state = load_model(args.checkpoint)
     model.to(ctx.device).eval()

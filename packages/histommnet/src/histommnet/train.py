@@ -49,10 +49,10 @@ from histommnet.model import NUM_SUBTYPES, build_model, checkpoint_kind
 from histommnet.synthetic import generate_breakhis
 from medcore.checkpoint import export_safetensors, load_checkpoint
 from medcore.cli import RunContext, add_common_args, format_table, setup_run
-from medcore.config import packaged_config_path, to_dict
+from medcore.config import to_dict
 from medcore.demo import ensure_demo_data
 from medcore.device import device_defaults
-from medcore.errors import ConfigError, DataError, UserError
+from medcore.errors import DataError, UserError
 from medcore.io import RunLock, atomic_write_csv, atomic_write_json
 from medcore.logging import RunLogger
 from medcore.metrics import select_threshold
@@ -76,14 +76,6 @@ def _generate_demo(path: Path) -> None:
     generate_breakhis(
         path, patients_per_subtype=4, images_per_magnification=(4, 9), size=64, seed=0
     )
-
-
-def resolve_config_arg(args: argparse.Namespace) -> None:
-    """Let ``--config breakhis.yaml`` name a packaged config when no such file exists here."""
-    config = getattr(args, "config", None)
-    if config is not None and not Path(config).is_file():
-        with contextlib.suppress(ConfigError):  # if not packaged either, setup_run reports it
-            args.config = packaged_config_path(PACKAGE, str(config))
 
 
 def resolve_data_dir(cfg: HistoConfig) -> Path:
@@ -454,7 +446,6 @@ def _resume_run_dir(resume: str, output_dir: Path | None) -> Path:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    resolve_config_arg(args)
     if args.resume:
         run_dir = _resume_run_dir(args.resume, args.output_dir)
         args.output_dir = run_dir
@@ -466,8 +457,6 @@ def run(argv: list[str] | None = None) -> int:
     args.overrides = [*args.overrides, *extra]
     ctx = setup_run(args, HistoConfig, PACKAGE, "default", smoke_overrides=SMOKE_OVERRIDES)
     cfg: HistoConfig = ctx.cfg
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     if cfg.cv.fold is not None and not 0 <= cfg.cv.fold < cfg.cv.folds:
         raise UserError("--fold", f"must be in 0..{cfg.cv.folds - 1}")
     with RunLock(ctx.run_dir) if ctx.dist.is_main else contextlib.nullcontext():
