@@ -133,3 +133,53 @@ def test_demo_cache_generates_once_and_atomically(
     first = ensure_demo_data("pkg", generate)
     second = ensure_demo_data("pkg", generate)
     assert first == second and (first / "a.txt").read_text() == "data" and len(calls) == 1
+
+
+def test_environment_oserrors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    def disk_full() -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints/latest.pt")
+
+    assert run_cli(disk_full) == 2
+    assert (
+        capsys.readouterr().err == "error: /runs/x/checkpoints/latest.pt: No space left on device\n"
+    )
+
+    def bug() -> int:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError):
+        run_cli(bug)
+
+
+def test_setup_run_locks_the_run_dir_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    from medcore import cli as cli_mod
+
+    packaged = tmp_path / "default.yaml"
+    packaged.write_text("seed: 3\n")
+    monkeypatch.setattr(cli_mod, "packaged_config_path", lambda package, name: packaged)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run_dir / ".lock").write_text(str(other.pid))
+        args = add_common_args(argparse.ArgumentParser()).parse_args(["--output-dir", str(run_dir)])
+        with pytest.raises(UserError, match="in use by another running job"):
+            cli_mod.setup_run(args, Cfg, "pkg")
+        assert not (run_dir / "config.yaml").exists()
+    finally:
+        other.kill()
+        other.wait()
+    ctx = cli_mod.setup_run(args, Cfg, "pkg")  # the owner died: stale lock taken over
+    assert ctx.cfg.seed == 3 and (run_dir / "config.yaml").is_file()
+    assert (run_dir / ".lock").read_text() == str(os.getpid())
+    again = cli_mod.setup_run(args, Cfg, "pkg")  # same process: re-entrant, not refused
+    again.release()
+    ctx.release()
+    assert not (run_dir / ".lock").exists()

@@ -207,3 +207,34 @@ def test_plateau_and_step_schedulers_resume(tmp_path: Path) -> None:
         ]
         for key, value in weights(full).items():
             assert torch.equal(value, resumed.model.state_dict()[key])
+
+
+def test_skipped_nonfinite_step_leaves_batchnorm_stats_clean(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    cfg = TrainerConfig(epochs=1, batch_size=8, num_workers=0, lr=1e-2, scheduler="none")
+    calls = {"n": 0}
+
+    def poisoned(m, batch):
+        calls["n"] += 1
+        x, y = batch
+        if calls["n"] == 2:
+            x = x.clone()
+            x[0, 0] = float("nan")  # NaN inside the forward pass reaches BatchNorm's statistics
+        return nn.functional.binary_cross_entropy_with_logits(m(x).squeeze(1), y)
+
+    trainer = Trainer(
+        model,
+        cfg,
+        train_data=DATA,
+        step_fn=poisoned,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        kind="test.BN",
+        show_progress=False,
+    )
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        trainer.fit()
+    bn = trainer.model[1]
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    assert int(bn.num_batches_tracked) == 5  # 6 batches, the poisoned one undone

@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +28,7 @@ from medcore.config import load_config, packaged_config_path, save_config
 from medcore.device import DEVICE_CHOICES, resolve_device
 from medcore.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from medcore.errors import ConfigError, UserError
+from medcore.io import RunLock
 from medcore.trainer import TrainerConfig, seed_everything
 
 C = TypeVar("C", bound="RunConfig")
@@ -121,6 +124,13 @@ class RunContext:
     dist: DistInfo
     run_dir: Path
     resume: Path | None
+    lock: RunLock | None = None
+
+    def release(self) -> None:
+        """Give up the run directory's lock (the process's exit does it otherwise)."""
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+            self.lock = None
 
 
 def default_run_dir(package: str) -> Path:
@@ -192,11 +202,18 @@ def setup_run(
         run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(package)
     run_dir = Path(broadcast_object(str(run_dir)))
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
+    lock: RunLock | None = None
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # Taken before anything is written, held until the process ends: a second job aimed at
+        # the same run directory is refused instead of overwriting this one's files.
+        lock = RunLock(run_dir, directory=True).__enter__()
+        atexit.register(lock.__exit__, None, None, None)
         save_config(cfg, run_dir / "config.yaml")
     barrier()
-    return RunContext(cfg=cfg, device=device, dist=dist, run_dir=run_dir, resume=resume)
+    return RunContext(cfg=cfg, device=device, dist=dist, run_dir=run_dir, resume=resume, lock=lock)
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
@@ -206,6 +223,12 @@ def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
         return 0 if code is None else int(code)
     except UserError as exc:
         print(f"error: {exc.what}: {exc.why}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # Disk full, read-only or forbidden output: the user's environment, not a bug.
+        print(f"error: {exc.filename or 'output'}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -78,13 +78,19 @@ class RunLock:
     runs (the job was killed) is taken over.
     """
 
-    def __init__(self, target: str | Path) -> None:
+    def __init__(self, target: str | Path, directory: bool | None = None) -> None:
         target = Path(target)
-        self.path = target / ".lock" if target.is_dir() else target.with_name(target.name + ".lock")
+        is_dir = target.is_dir() if directory is None else directory
+        self.path = target / ".lock" if is_dir else target.with_name(target.name + ".lock")
         self.target = target
+        self._nested = False
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._owner() == os.getpid():
+            # Already held by this process (e.g. setup_run's lock on the run dir): re-entrant.
+            self._nested = True
+            return self
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -110,6 +116,9 @@ class RunLock:
             return None
 
     def __exit__(self, *exc: object) -> None:
+        if self._nested:
+            self._nested = False
+            return
         if self._owner() == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()

@@ -619,11 +619,19 @@ class Trainer:
                         and hasattr(self.train_model, "no_sync")
                         else contextlib.nullcontext()
                     )
+                    # Buffers (BatchNorm running stats) are updated by the forward pass itself;
+                    # a skipped non-finite step must not leave NaN in them.
+                    saved_buffers = [b.detach().clone() for b in self.model.buffers()]
                     with sync_ctx:
                         with autocast(self.device, self.amp):
                             out = self.step_fn(self.train_model, batch)
                         loss, extras = out if isinstance(out, tuple) else (out, {})
                         if self._nonfinite_everywhere(loss):
+                            with torch.no_grad():
+                                for buf, saved in zip(
+                                    self.model.buffers(), saved_buffers, strict=True
+                                ):
+                                    buf.copy_(saved)
                             self._handle_nonfinite()
                             micro = 0
                             self.batch_in_epoch += 1
