@@ -20,11 +20,13 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medcore.errors import DataError
+from medcore.io import MAX_IMAGE_PIXELS
 
 CLASSES = ("benign", "malignant")
 # (code in file names, folder name, class index)
@@ -141,8 +143,19 @@ def _readable(path: Path) -> str | None:
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
     try:
-        with Image.open(path) as img:
-            img.verify()  # checks the chunk structure and CRCs: catches truncated files
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    return (
+                        f"image header claims {img.width}x{img.height} pixels; refusing to "
+                        "decode (decompression bomb guard)"
+                    )
+                img.verify()  # checks the chunk structure and CRCs: catches truncated files
+    except Image.DecompressionBombError:  # not an OSError: Pillow refuses before we can look
+        return (
+            "image header claims an implausible size; refusing to decode (decompression bomb guard)"
+        )
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return (
             f"cannot decode image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
@@ -196,7 +209,7 @@ def scan_breakhis(
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(root, "data directory not found")
+        raise DataError(root, "not a directory" if root.exists() else "data directory not found")
     unknown = [m for m in magnifications if m not in ALL_MAGNIFICATIONS]
     if unknown or not magnifications:
         raise DataError(

@@ -242,7 +242,7 @@ def load_model(
     state = load_checkpoint(path, map_location=map_location)
     kinds = {f"histommnet.{cls.__name__}" for cls in MODELS.values()}
     if state.get("kind") not in kinds:
-        found = state.get("kind") or "an unlabelled"
+        found = f"a {state['kind']}" if state.get("kind") else "an unlabelled"
         raise CheckpointError(path, f"this is {found} checkpoint, not a histommnet model")
     if "model_config" not in state or "magnifications" not in state:
         raise CheckpointError(path, "has no model_config/magnifications to rebuild the model from")

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -48,7 +49,7 @@ from histommnet.losses import FocalLoss, mixup, soft_targets
 from histommnet.model import NUM_SUBTYPES, build_model, checkpoint_kind
 from histommnet.synthetic import generate_breakhis
 from medcore.checkpoint import export_safetensors, load_checkpoint
-from medcore.cli import RunContext, add_common_args, format_table, setup_run
+from medcore.cli import RunContext, add_common_args, default_run_dir, format_table, setup_run
 from medcore.config import to_dict
 from medcore.demo import ensure_demo_data
 from medcore.device import device_defaults
@@ -152,7 +153,7 @@ def _fold_splits(
         try:
             return load_splits(path, ids=ids)
         except ValueError as exc:
-            raise DataError(path, str(exc)) from None
+            raise DataError(path, str(exc).removeprefix(f"{path}: ")) from None
     folds = make_folds(patients, cfg)
     if is_main:  # every rank computes the same folds; one writes them
         save_splits(
@@ -193,6 +194,11 @@ def _make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
 
     def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         images, labels, subtypes = batch["images"], batch["label"], batch["subtype"]
+        if not torch.isfinite(images).all():
+            # Not fed to the model: a forward pass in training mode would write the NaNs into
+            # the BatchNorm running statistics even though the Trainer skips the step.
+            print("warning: non-finite pixel values in a training batch; skipped", file=sys.stderr)
+            return images.new_tensor(float("nan")), {}
         target = soft_targets(labels, 2, loss_cfg.label_smoothing)
         sub_target = soft_targets(subtypes, NUM_SUBTYPES, loss_cfg.label_smoothing)
         if loss_cfg.mixup_alpha > 0 and torch.rand(()) < loss_cfg.mixup_prob:
@@ -455,12 +461,27 @@ def run(argv: list[str] | None = None) -> int:
     extra += [f"cv.folds={args.folds}"] if args.folds is not None else []
     extra += [f"cv.fold={args.fold}"] if args.fold is not None else []
     args.overrides = [*args.overrides, *extra]
-    ctx = setup_run(args, HistoConfig, PACKAGE, "default", smoke_overrides=SMOKE_OVERRIDES)
-    cfg: HistoConfig = ctx.cfg
-    if cfg.cv.fold is not None and not 0 <= cfg.cv.fold < cfg.cv.folds:
-        raise UserError("--fold", f"must be in 0..{cfg.cv.folds - 1}")
-    with RunLock(ctx.run_dir) if ctx.dist.is_main else contextlib.nullcontext():
+    if args.output_dir is None:
+        args.output_dir = default_run_dir(PACKAGE)
+    # The lock is taken before setup_run writes config.yaml: a second job aimed at a running
+    # job's directory is refused before it changes anything there.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with _run_lock(Path(args.output_dir)) if is_main else contextlib.nullcontext():
+        ctx = setup_run(args, HistoConfig, PACKAGE, "default", smoke_overrides=SMOKE_OVERRIDES)
+        cfg: HistoConfig = ctx.cfg
+        if cfg.cv.fold is not None and not 0 <= cfg.cv.fold < cfg.cv.folds:
+            raise UserError("--fold", f"must be in 0..{cfg.cv.folds - 1}")
         return _cross_validate(ctx)
+
+
+def _run_lock(run_dir: Path) -> RunLock:
+    try:  # created first so that the lock is always <run_dir>/.lock
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            run_dir, f"cannot create the run directory ({exc.strerror or exc})"
+        ) from None
+    return RunLock(run_dir)
 
 
 def _cross_validate(ctx: RunContext) -> int:

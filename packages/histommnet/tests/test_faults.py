@@ -1,0 +1,539 @@
+"""Fault injection and broken inputs through histommnet's own commands (issue 9).
+
+Covered: kill -9 mid-epoch then ``--resume latest`` (same weights as an uninterrupted run), a
+second job into a running job's directory (refused by the lock), a failing checkpoint write,
+checkpoints that would run code or belong to another package, a table of broken BreakHis
+inputs, and NaN batches. Not here: preprocessing (histommnet has no preprocess command) and DDP
+rank failure (medcore's own fault tests cover it at Trainer level; histommnet adds nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import histommnet.train  # noqa: F401  (imported now: the lock check must not wait on it)
+from histommnet.breakhis import scan_breakhis
+from histommnet.cli import gradcam, train
+from histommnet.config import DataConfig
+from histommnet.data import MultiMagDataset, build_transform
+from medcore.checkpoint import load_checkpoint, save_checkpoint
+from medcore.io import load_image
+from medcore.splits import save_splits
+from medcore.testing import call_main, random_image
+
+pytestmark = pytest.mark.faults
+
+SLOW_TRAIN = str(Path(__file__).with_name("slow_train.py"))
+KIND = "histommnet.MMNet"
+TINY = [
+    "num_threads=1",
+    "model.backbone=test_efficientnet",
+    "model.embed_dim=32",
+    "model.attention_scales=[1,3]",
+    "data.image_size=32",
+    "data.eval_max_draws=2",
+    "trainer.epochs=1",
+    "trainer.max_steps_per_epoch=2",
+    "trainer.batch_size=4",
+    "trainer.num_workers=0",
+    "cv.folds=2",
+]
+
+
+def _sets(*items: str) -> list[str]:
+    return [arg for item in [*TINY, *items] for arg in ("--set", item)]
+
+
+def _train_argv(data: Path, out: Path, *items: str) -> list[str]:
+    return ["--data-dir", str(data), "--output-dir", str(out), "--fold", "0", *_sets(*items)]
+
+
+def _error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _all_finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def breast(tiny_tree: Path) -> Path:
+    return tiny_tree / "BreaKHis_v1" / "histology_slides" / "breast"
+
+
+# -- 1 + 3: kill -9 mid-epoch, a second job refused, --resume latest --------------------------
+
+
+def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
+    tiny_tree: Path, tmp_path: Path, capsys
+) -> None:
+    items = ("trainer.epochs=2", "trainer.max_steps_per_epoch=3", "trainer.save_every_steps=1")
+    run = tmp_path / "killed"
+    latest = run / "fold_0" / "checkpoints" / "latest.pt"
+    log = tmp_path / "victim.err"
+    with log.open("w") as err_file:
+        victim = subprocess.Popen(
+            [sys.executable, SLOW_TRAIN, "1.0", *_train_argv(tiny_tree, run, *items)],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and victim.poll() is None:
+            if latest.is_file() and load_checkpoint(latest)["global_step"] >= 1:
+                break
+            time.sleep(0.1)
+        assert victim.poll() is None, log.read_text()
+        assert latest.is_file(), "the victim wrote no latest.pt in time"
+        # 3: a second job into the running job's directory is refused and changes nothing
+        config = (run / "config.yaml").read_bytes()
+        code, _, err = call_main(
+            train, [*_train_argv(tiny_tree, run, *items), "--set", "trainer.lr=0.5"], capsys
+        )
+        assert code == 2
+        line = _error_line(err)
+        assert str(run) in line and f"in use by another running job (pid {victim.pid})" in line
+        assert (run / "config.yaml").read_bytes() == config
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+    state = load_checkpoint(latest, kind=KIND)  # a whole checkpoint, whenever the kill hit
+    assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < 3  # killed mid-epoch
+    assert not (run / "fold_0" / "checkpoints" / "final.pt").exists()
+    assert (run / ".lock").is_file()  # left by the killed job; the resumed run takes it over
+
+    full = tmp_path / "full"
+    code, _, err = call_main(train, _train_argv(tiny_tree, full, *items), capsys)
+    assert code == 0, err
+    code, stdout, err = call_main(train, ["--resume", "latest", "--output-dir", str(run)], capsys)
+    assert code == 0, err
+    assert "mean ± std" in stdout and not (run / ".lock").exists()
+    a = load_checkpoint(full / "fold_0" / "checkpoints" / "final.pt", kind=KIND)["model"]
+    b = load_checkpoint(run / "fold_0" / "checkpoints" / "final.pt", kind=KIND)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- 4: a checkpoint write that fails -----------------------------------------------------------
+
+
+def test_failed_checkpoint_write_keeps_previous(
+    tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_replace = os.replace
+    writes: list[str] = []
+
+    def replace(src, dst):
+        if Path(dst).name == "latest.pt":
+            writes.append(str(dst))
+            if len(writes) == 2:  # the end of epoch 2: the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        train(_train_argv(tiny_tree, run, "trainer.epochs=2"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    ckpts = run / "fold_0" / "checkpoints"
+    state = load_checkpoint(ckpts / "latest.pt", kind=KIND)
+    assert state["epoch"] == 1 and _all_finite(state["model"])  # epoch 1's checkpoint, intact
+    assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]  # no temp file left
+    assert not (run / ".lock").exists()
+
+
+# -- 5: checkpoints that would run code, checkpoints of another package --------------------------
+
+
+class _RunsCode:
+    """Unpickling this runs ``exec``: it creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def _write_run_config(run_dir: Path, data_dir: Path, extra: str = "") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(
+        f"num_threads: 1\ndata:\n  data_dir: {data_dir}\n  image_size: 32\n"
+        "model:\n  backbone: test_efficientnet\n  embed_dim: 32\n  attention_scales: [1, 3]\n"
+        f"cv:\n  folds: 2\n  fold: 0\ntrainer:\n  num_workers: 0\n{extra}",
+        encoding="utf-8",
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "content"),
+    [
+        ("gradcam", "pickle"),
+        ("gradcam", "foreign"),
+        ("resume", "pickle"),
+        ("resume", "foreign"),
+        ("pretrained", "pickle"),
+    ],
+)
+def test_unsafe_or_foreign_checkpoint_is_refused(
+    command: str, content: str, tiny_tree: Path, tmp_path: Path, capsys
+) -> None:
+    marker = tmp_path / "code_ran"
+    run = tmp_path / "run"
+    path = (
+        run / "fold_0" / "checkpoints" / "latest.pt" if command == "resume" else tmp_path / "w.pth"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content == "pickle":
+        torch.save({"model": {"w": torch.zeros(1)}, "kind": KIND, "x": _RunsCode(marker)}, path)
+    else:
+        save_checkpoint({"model": {"w": torch.zeros(1)}}, path, kind="ctclip.CTCLIP")
+    if command == "gradcam":
+        main, argv = gradcam, ["--checkpoint", str(path), "--output-dir", str(tmp_path / "cams")]
+    elif command == "resume":
+        _write_run_config(run, tiny_tree)
+        main, argv = train, ["--resume", str(run)]
+    else:
+        main, argv = train, [*_train_argv(tiny_tree, run), "--pretrained-weights", str(path)]
+    code, _, err = call_main(main, argv, capsys)
+    assert code == 2
+    line = _error_line(err)
+    assert str(path) in line
+    assert ("refused" in line) if content == "pickle" else ("ctclip.CTCLIP" in line)
+    assert not marker.exists()  # the code never ran
+    if content == "pickle":  # and it is real: an unsafe load would have run it
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+
+
+# -- 6: broken BreakHis inputs ----------------------------------------------------------------
+
+# (class folder, tumour folder, patient folder)
+BENIGN = ("benign", "fibroadenoma", "SOB_B_F_14-1003")
+MALIGNANT = ("malignant", "ductal_carcinoma", "SOB_M_DC_14-1009")
+
+
+def _tile(root: Path, seq: int, mag: str = "40X", patient=BENIGN, name: str | None = None) -> Path:
+    cls, folder, key = patient
+    _, letter, code, slide = key.split("_")
+    name = name or f"SOB_{letter}_{code}-{slide}-{mag[:-1]}-{seq:03d}.png"
+    path = root / cls / "SOB" / folder / key / mag / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(random_image((32, 32), seed=3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A well-formed PNG whose header claims ``width x height`` pixels (with almost no data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _image(path: Path, img: Image.Image) -> Path:
+    img.save(path, format="PNG")
+    return path
+
+
+def _missing_magnification(root: Path) -> str:
+    cls, folder, key = MALIGNANT
+    shutil.rmtree(root / cls / "SOB" / folder / key / "400X")
+    return f"note: patient {key}: missing magnification filled (400X from 200X)"
+
+
+def _sixteen_bit(root: Path) -> Path:
+    ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60).astype(np.uint16)
+    return _image(_tile(root, 94), Image.fromarray(ramp))
+
+
+# Rows applied together to one copy of the tiny tree, trained on once: each bad item must be a
+# named skip (or a note) and the job must go on; "used" rows are odd but valid PNGs.
+SHARED_ROWS: dict[str, tuple[Callable[[Path], Path | str], str, str]] = {
+    "zero_byte_png": (lambda r: _write(_tile(r, 81), b""), "skip", "empty file (0 bytes)"),
+    "truncated_png": (
+        lambda r: _write(_tile(r, 82), _png_bytes()[:200]),
+        "skip",
+        "cannot decode image",
+    ),
+    "text_named_png": (
+        lambda r: _write(_tile(r, 83), b"not an image\n"),
+        "skip",
+        "cannot decode image",
+    ),
+    "decompression_bomb_header": (
+        lambda r: _write(_tile(r, 84), _png_header_only(50_000, 50_000)),
+        "skip",
+        "decompression bomb",
+    ),
+    "name_does_not_parse": (
+        lambda r: _write(_tile(r, 0, name="IMG_0001.png"), _png_bytes()),
+        "skip",
+        "file name does not match",
+    ),
+    "unknown_tumour_code": (
+        lambda r: _write(_tile(r, 0, name="SOB_B_XX-14-1003-40-086.png"), _png_bytes()),
+        "skip",
+        "unknown tumour type 'XX'",
+    ),
+    "name_disagrees_with_class_folder": (
+        lambda r: _write(_tile(r, 0, name="SOB_M_DC-14-1003-40-087.png"), _png_bytes()),
+        "skip",
+        "name says malignant, folder says benign",
+    ),
+    "name_disagrees_with_magnification": (
+        lambda r: _write(_tile(r, 0, name="SOB_B_F-14-1003-400-088.png"), _png_bytes()),
+        "skip",
+        "name says 400X, folder says 40X",
+    ),
+    "label_folder_outside_benign_malignant": (
+        lambda r: _write(
+            _tile(r, 89, patient=("borderline", "fibroadenoma", "SOB_B_F_14-1003")), _png_bytes()
+        ),
+        "skip",
+        "not inside a BreakHis tree",
+    ),
+    "png_outside_the_tree_layout": (
+        lambda r: _write(r / "SOB_B_F-14-1003-40-090.png", _png_bytes()),
+        "skip",
+        "not inside a BreakHis tree",
+    ),
+    "patient_missing_a_magnification": (_missing_magnification, "note", ""),
+    "sixteen_bit_png": (_sixteen_bit, "used", ""),
+    "palette_png": (
+        lambda r: _image(
+            _tile(r, 95), Image.fromarray(random_image((32, 32), seed=4)).convert("P")
+        ),
+        "used",
+        "",
+    ),
+    "rgba_png": (
+        lambda r: _image(_tile(r, 96), Image.fromarray(random_image((32, 32), 4, seed=5))),
+        "used",
+        "",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def shared_run(breast: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One training run over a tree holding every SHARED_ROWS defect at once."""
+    base = tmp_path_factory.mktemp("broken")
+    root = base / "breast"
+    shutil.copytree(breast, root)
+    made = {name: make(root) for name, (make, _, _) in SHARED_ROWS.items()}
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = train(_train_argv(root, base / "run"))
+    indexed = {r.path for r in scan_breakhis(root, verbose=False).images}
+    return {
+        "code": code,
+        "out": out.getvalue(),
+        "err": err.getvalue(),
+        "run": base / "run",
+        "made": made,
+        "indexed": indexed,
+    }
+
+
+def _empty_class(root: Path, breast: Path) -> list[str]:
+    shutil.copytree(breast / "benign", root / "benign")
+    (root / "malignant" / "SOB" / "ductal_carcinoma").mkdir(parents=True)
+    return ["--data-dir", str(root)]
+
+
+def _all_images_broken(root: Path, breast: Path) -> list[str]:
+    for patient in (BENIGN, MALIGNANT):
+        _write(_tile(root, 1, patient=patient), b"")
+    return ["--data-dir", str(root)]
+
+
+def _two_patients(root: Path, breast: Path) -> list[str]:
+    for cls, folder, key in (BENIGN, MALIGNANT):
+        shutil.copytree(breast / cls / "SOB" / folder / key, root / cls / "SOB" / folder / key)
+    return ["--data-dir", str(root)]
+
+
+def _resume_with(splits: str | bytes | None = None, config_extra: str = "", config: str = ""):
+    def make(root: Path, breast: Path) -> list[str]:
+        _write_run_config(root, breast, config_extra)
+        if config:
+            (root / "config.yaml").write_text(config, encoding="utf-8")
+        if splits is not None:
+            path = root / "splits.json"
+            path.write_bytes(splits if isinstance(splits, bytes) else splits.encode())
+        return ["--resume", str(root)]
+
+    return make
+
+
+def _splits_of_other_data(root: Path, breast: Path) -> list[str]:
+    argv = _resume_with()(root, breast)
+    folds = [{name: np.array([i]) for i, name in enumerate(("train", "val", "test"))}]
+    save_splits(root / "splits.json", folds, ids=["x", "y", "z"])
+    return argv
+
+
+# Rows that stop the command: exit 2, exactly one `error:` line, no traceback.
+ERROR_ROWS: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
+    "empty_data_dir": (lambda r, b: ["--data-dir", str(r)], "no usable BreakHis images"),
+    "data_dir_missing": (
+        lambda r, b: ["--data-dir", str(r / "nowhere")],
+        "data directory not found",
+    ),
+    "data_dir_is_a_file": (
+        lambda r, b: ["--data-dir", str(_write(r / "breast.png", _png_bytes()))],
+        "not a directory",
+    ),
+    "empty_class": (_empty_class, "no malignant patient found"),
+    "every_image_broken": (_all_images_broken, "no usable BreakHis images"),
+    "too_few_patients_for_folds": (_two_patients, "cv.folds: n_splits=2"),
+    "resume_truncated_splits_json": (_resume_with(splits='{"format": "medc'), "splits.json"),
+    "resume_non_utf8_splits_json": (_resume_with(splits=b"\xff\xfe{}"), "splits.json"),
+    "resume_splits_of_other_data": (_splits_of_other_data, "splits.json"),
+    "resume_broken_config_yaml": (_resume_with(config="data: [unclosed\n"), "config.yaml"),
+    "resume_config_unknown_key": (_resume_with(config="data:\n  nope: 1\n"), "data.nope"),
+}
+
+
+@pytest.mark.parametrize("row", list(SHARED_ROWS))
+def test_broken_input_is_named_and_the_job_goes_on(row: str, shared_run: dict) -> None:
+    _, outcome, reason = SHARED_ROWS[row]
+    run, err, made = shared_run["run"], shared_run["err"], shared_run["made"][row]
+    assert shared_run["code"] == 0, err
+    assert "Traceback" not in err and "mean ± std" in shared_run["out"]
+    skipped = {path: why for path, why in json.loads((run / "dataset.json").read_text())["skipped"]}
+    if outcome == "skip":
+        assert f"skip {made}: " in err and reason in skipped[str(made)]
+        assert str(made) not in shared_run["indexed"]
+    elif outcome == "note":
+        assert made in err
+    else:  # an odd but valid PNG: indexed, decoded to RGB, normalised to finite values
+        assert str(made) in shared_run["indexed"] and str(made) not in skipped
+        pixels = load_image(made)
+        assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+        assert pixels.max() > pixels.min()  # 16-bit: rescaled from its range, not clipped
+        assert torch.isfinite(build_transform(32, None)(pixels)).all()
+    assert f"skipped {len(skipped)} item(s)" in err
+
+
+@pytest.mark.parametrize("row", list(ERROR_ROWS))
+def test_broken_input_is_one_line_error(row: str, breast: Path, tmp_path: Path, capsys) -> None:
+    make, expected = ERROR_ROWS[row]
+    root = tmp_path / "data"
+    root.mkdir()
+    argv = make(root, breast)
+    if "--resume" not in argv:
+        argv += ["--output-dir", str(tmp_path / "run"), *_sets()]
+    code, _, err = call_main(train, argv, capsys)
+    assert code == 2, err
+    assert expected in _error_line(err)
+
+
+def test_image_failing_at_load_time_is_replaced(breast: Path, tmp_path: Path, capsys) -> None:
+    """With ``data.check_images=false`` a corrupt tile surfaces in the loader: named once, replaced."""
+    root = tmp_path / "breast"
+    _two_patients(root, breast)
+    bad = _write(_tile(root, 1), _png_bytes()[:100])  # overwrite the first 40X tile
+    index = scan_breakhis(root, ("40X",), check_images=False, verbose=False)
+    patient = next(p for p in index.patients if p.key == BENIGN[2])
+    ds = MultiMagDataset([patient], DataConfig(image_size=32, magnifications=["40X"]), train=False)
+    images = torch.stack([ds[i]["images"] for i in range(len(ds))])
+    assert torch.isfinite(images).all()
+    err = capsys.readouterr().err
+    assert err.count(f"skip {bad}: cannot decode image") == 1
+
+
+# -- 7: NaN batches ---------------------------------------------------------------------------
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, when: Callable[[MultiMagDataset, int], bool]) -> None:
+    original = MultiMagDataset.__getitem__
+    calls = [0]
+
+    def getitem(self: MultiMagDataset, index: int) -> dict[str, torch.Tensor]:
+        item = original(self, index)
+        if self.train:
+            calls[0] += 1
+            if when(self, calls[0]):
+                item["images"] = torch.full_like(item["images"], float("nan"))
+        return item
+
+    monkeypatch.setattr(MultiMagDataset, "__getitem__", getitem)
+
+
+def test_nan_batch_is_skipped_with_a_warning(
+    tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _poison(monkeypatch, lambda ds, n: n == 1)  # one sample of the first batch
+    run = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="non-finite loss at step 0; step skipped"):
+        code, _, err = call_main(train, _train_argv(tiny_tree, run), capsys)
+    assert code == 0, err
+    assert err.count("warning: non-finite pixel values in a training batch") == 1
+    events = [json.loads(x) for x in (run / "fold_0" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "nonfinite_loss" for e in events) == 1
+    state = load_checkpoint(run / "fold_0" / "checkpoints" / "final.pt", kind=KIND)
+    assert state["global_step"] == 1 and _all_finite(state["model"])  # BatchNorm stats too
+
+
+def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
+    tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _poison(monkeypatch, lambda ds, n: ds.epoch >= 1)  # epoch 1 is fine, then NaN throughout
+    run = tmp_path / "run"
+    items = ("trainer.epochs=3", "trainer.max_nonfinite_steps=2")
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        code, _, err = call_main(train, _train_argv(tiny_tree, run, *items), capsys)
+    assert code == 2
+    line = _error_line(err)
+    ckpts = run / "fold_0" / "checkpoints"
+    assert "NaN/inf for 2 consecutive steps" in line and str(ckpts / "latest.pt") in line
+    state = load_checkpoint(ckpts / "latest.pt", kind=KIND)
+    assert state["epoch"] == 1 and state["global_step"] == 2 and _all_finite(state["model"])
+    assert _all_finite(load_checkpoint(ckpts / "fold_0_best.pth", kind=KIND)["model"])
+    assert not (ckpts / "final.pt").exists() and not (run / "fold_0" / "result.json").exists()
+    assert not (run / ".lock").exists()
