@@ -1,0 +1,98 @@
+"""Typed configuration of ctretrieval: the sections of ``configs/*.yaml``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from medcore.cli import RunConfig
+
+Mode = Literal["microf1", "triplet"]
+
+
+@dataclass
+class PreprocessConfig:
+    """Raw DICOM / NIfTI -> fixed-size uint8 volumes (``ctretrieval-preprocess``)."""
+
+    target_shape: tuple[int, int, int] = (300, 270, 270)  # slices, height, width
+    hu_window: tuple[float, float] = (-1000.0, 400.0)  # HU mapped to 0 and 255
+    min_slices: int = 16  # a series with fewer slices is skipped
+    workers: int = 0  # 0: one per CPU core (at most 8); 1: in-process
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None  # None: the built-in demo
+    labels_csv: str = "labels.csv"  # relative to data_dir unless absolute
+    volumes: str = "volumes.h5"  # preprocessed HDF5, relative to data_dir unless absolute
+    id_column: str = "CT"
+    finding_columns: list[str] = field(
+        default_factory=lambda: ["condensacion", "nodulos", "quistes"]
+    )
+    no_finding_name: str = "sin_hallazgos"  # the extra slot set when no finding is positive
+    id_suffixes: list[str] = field(
+        default_factory=lambda: [".nii.gz", ".nii", ".h5", ".npy", ".dcm"]
+    )
+    test_frac: float = 0.2
+    train_eval_frac: float = 0.1  # stratified subset of train used for per-epoch embedding metrics
+    demo_studies: int = 80  # size of the built-in demo
+    demo_slices: int = 24  # source slices of a demo study (64 x 64 pixels)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["Proximity100x100", "Proximity300x300"] = "Proximity100x100"
+    num_slices: int = 300  # multiple of 3: viewed as num_slices / 3 three-slice images
+    image_size: tuple[int, int] = (270, 270)  # in-plane size the trunk sees (inputs are resized)
+    embedding_size: int = 1024
+    reduce_channels: tuple[int, int, int] = (64, 32, 16)
+    fc_hidden: int = 512
+    dropout: float = 0.5
+    num_classes: int = 0  # classification head size; set from the data in microf1 mode
+    pretrained_weights: str | None = None  # local torchvision resnet18 state dict
+    pretrained: bool = False  # True requires pretrained_weights
+
+
+@dataclass
+class LossConfig:
+    f1_average: Literal["sample", "micro"] = "sample"  # per-study F1 averaged, or batch micro-F1
+    bce_weight: float = 0.0  # > 0: hybrid BCE + F1
+    margin: float = 0.2
+    mining: Literal["hardest", "semihard", "random_hard"] = "hardest"
+
+
+@dataclass
+class SamplerConfig:
+    n_classes: int = 2  # label ids per triplet batch
+    n_samples: int = 3  # studies per label id
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    degrees: float = 5.0
+    scale: tuple[float, float] = (0.95, 1.05)
+    affine_p: float = 0.5
+    noise_std: float = 0.01
+    noise_p: float = 0.5
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
+    relevance: Literal["jaccard", "binary"] = "jaccard"
+    batch_size: int = 4
+    threshold: float = 0.5  # probability (microf1) or neighbour vote (triplet) for a positive
+    knn_k: int = 5  # neighbours voting the findings of a study in triplet mode
+
+
+@dataclass
+class CTRetrievalConfig(RunConfig):
+    mode: Mode = "microf1"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

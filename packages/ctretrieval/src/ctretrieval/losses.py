@@ -1,0 +1,137 @@
+"""The two training objectives: a graded micro-F1 loss and an online triplet loss with multi-label mining.
+
+Shape notation: ``b`` batch, ``c`` label slots, ``e`` embedding size.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Average = Literal["sample", "micro"]
+Mining = Literal["hardest", "semihard", "random_hard"]
+
+
+class GradedMicroF1Loss(nn.Module):
+    """``1 - F1`` computed from sigmoid probabilities with soft counts; targets may be graded.
+
+    With ``p = sigmoid(logits)`` and targets ``t`` in ``[0, 1]``: ``TP = sum p t``,
+    ``FP = sum p (1 - t)``, ``FN = sum (1 - p) t`` and ``F1 = 2 TP / (2 TP + FP + FN)``.
+
+    * ``average="sample"`` (the original's): the sums run over the label slots of each study
+      and the per-study F1 is averaged over the batch; every study weighs the same.
+    * ``average="micro"``: the sums run over the whole batch (all studies and slots), the true
+      batch-level micro-F1; frequent findings weigh more, as in the micro-F1 metric.
+
+    ``bce_weight > 0`` adds ``bce_weight * BCEWithLogits`` (the hybrid loss): BCE gives every
+    slot a gradient even when the soft F1 saturates.
+    """
+
+    def __init__(
+        self, average: Average = "sample", bce_weight: float = 0.0, eps: float = 1e-7
+    ) -> None:
+        super().__init__()
+        if average not in ("sample", "micro"):
+            raise ValueError(f"average must be 'sample' or 'micro', got {average!r}")
+        self.average = average
+        self.bce_weight = bce_weight
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, targets = logits.float(), targets.float()
+        probs = torch.sigmoid(logits)
+        dims = (1,) if self.average == "sample" else (0, 1)
+        tp = (probs * targets).sum(dims)
+        fp = (probs * (1 - targets)).sum(dims)
+        fn = ((1 - probs) * targets).sum(dims)
+        f1 = 2 * tp / (2 * tp + fp + fn + self.eps)
+        loss = 1 - f1.mean()
+        if self.bce_weight > 0:
+            loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(logits, targets)
+        return loss
+
+
+def pairwise_sq_dist(emb: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``[b, b]`` (clamped at 0 against rounding)."""
+    sq = (emb * emb).sum(1)
+    return (sq[:, None] + sq[None, :] - 2 * emb @ emb.T).clamp_min(0)
+
+
+def triplet_masks(
+    labels: torch.Tensor, label_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, b]`` positive mask (same label id, not itself) and negative mask (no shared positive slot).
+
+    "Compatible" negatives share no positive finding with the anchor: a study with nodules is
+    no negative for one with nodules and cysts, although their label ids differ.
+    """
+    same = label_ids[:, None] == label_ids[None, :]
+    eye = torch.eye(len(label_ids), dtype=torch.bool, device=label_ids.device)
+    hot = (labels > 0).float()
+    negative = (hot @ hot.T) == 0
+    return same & ~eye, negative
+
+
+class OnlineTripletLoss(nn.Module):
+    """Triplet loss on the hardest, a semi-hard or a random hard negative of each (anchor, positive).
+
+    Every (anchor, positive) pair of the batch gets one negative among the compatible ones
+    (:func:`triplet_masks`), chosen on squared Euclidean distances ``d``:
+
+    * ``hardest``: the negative closest to the anchor.
+    * ``semihard``: a random negative with ``d_ap < d_an < d_ap + margin``.
+    * ``random_hard``: a random negative that violates the margin, ``d_an < d_ap + margin``.
+
+    Pairs without such a negative give no triplet. The loss is the mean of
+    ``relu(d_ap - d_an + margin)`` over the chosen triplets (0, still attached to the graph,
+    when there are none). Mining is one ``[b, b, b]`` masked tensor, no Python loops; the random
+    choices draw on the global torch RNG (seeded and checkpointed by the Trainer).
+    """
+
+    def __init__(self, margin: float = 0.2, mining: Mining = "hardest") -> None:
+        super().__init__()
+        if mining not in ("hardest", "semihard", "random_hard"):
+            raise ValueError(f"mining must be hardest, semihard or random_hard, got {mining!r}")
+        self.margin = margin
+        self.mining = mining
+
+    @torch.no_grad()
+    def mine(
+        self, dist: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Triplets ``[t, 3]`` (anchor, positive, negative indices) for distances ``dist [b, b]``."""
+        positive, negative = triplet_masks(labels, label_ids)
+        d_ap = dist[:, :, None]  # [a, p, 1]
+        d_an = dist[:, None, :]  # [a, 1, n]
+        valid = positive[:, :, None] & negative[:, None, :]  # [a, p, n]
+        if self.mining == "semihard":
+            valid = valid & (d_an > d_ap) & (d_an < d_ap + self.margin)
+        elif self.mining == "random_hard":
+            valid = valid & (d_an < d_ap + self.margin)
+        if self.mining == "hardest":
+            score = torch.where(
+                valid, -d_an.expand_as(valid), torch.full_like(valid, -torch.inf, dtype=dist.dtype)
+            )
+        else:
+            noise = torch.rand(valid.shape, device=dist.device)
+            score = torch.where(valid, noise, torch.full_like(noise, -1.0))
+        chosen = score.argmax(2)  # [a, p]
+        has = valid.any(2)
+        anchors, positives = has.nonzero(as_tuple=True)
+        return torch.stack([anchors, positives, chosen[anchors, positives]], dim=1)
+
+    def forward(
+        self, emb: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """(mean triplet loss, number of triplets)."""
+        emb = emb.float()
+        dist = pairwise_sq_dist(emb)
+        triplets = self.mine(dist.detach(), labels, label_ids)
+        if triplets.numel() == 0:
+            return emb.sum() * 0.0, 0
+        a, p, n = triplets.unbind(1)
+        losses = F.relu(dist[a, p] - dist[a, n] + self.margin)
+        return losses.mean(), int(triplets.shape[0])

@@ -1,0 +1,226 @@
+"""Proximity networks: a CT volume -> an L2-normalised embedding (and finding logits).
+
+Shape notation: ``b`` batch, ``s`` slices, ``n`` three-slice images (``s / 3``), ``f`` ResNet
+feature channels (512), ``h``/``w`` pixels (of the volume, or of the feature map).
+
+A volume ``[b, s, 1, h, w]`` (or ``[b, s, h, w]``) is cut into ``n = s / 3`` images of three
+consecutive slices, which stand in for the three colour channels of the ResNet-18 trunk. The
+trunk's feature maps ``[b, n, f, h', w']`` go through a Conv3d reduction that treats the ``n``
+images as channels and convolves over (features, height, width), then fully connected layers
+to the embedding. The flattened size after the reduction follows from the input size by a
+dry run, so any slice count (a multiple of 3) and in-plane size work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from ctretrieval.config import ModelConfig
+from medcore.weights import load_pretrained, missing_weights_error
+
+# ImageNet statistics: the trunk's expected input, whether its weights are pretrained or not.
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def resnet18_trunk() -> nn.Sequential:
+    """torchvision ResNet-18 without its pooling and classifier (random init, no download)."""
+    net = torchvision.models.resnet18(weights=None)
+    return nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    )
+
+
+def _reduction(n_images: int, channels: tuple[int, int, int]) -> nn.Sequential:
+    c1, c2, c3 = channels
+    # Stride 3 along the 512 features shrinks them quickly; padding keeps small maps alive.
+    # BatchNorm: without it the study-to-study differences of the trunk features are a tiny
+    # fraction of their common level, and the embedding starts out nearly the same for all.
+    return nn.Sequential(
+        nn.Conv3d(
+            n_images, c1, kernel_size=(3, 3, 3), stride=(3, 1, 1), padding=(0, 1, 1), bias=False
+        ),
+        nn.BatchNorm3d(c1),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(c1, c2, kernel_size=(3, 3, 3), stride=(3, 1, 1), padding=(0, 1, 1), bias=False),
+        nn.BatchNorm3d(c2),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(c2, c3, kernel_size=(3, 2, 2), stride=(3, 2, 2), padding=(0, 1, 1), bias=False),
+        nn.BatchNorm3d(c3),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Proximity100x100(nn.Module):
+    """Volume -> embedding network with the flattened size derived from the input size."""
+
+    def __init__(
+        self,
+        num_slices: int = 300,
+        image_size: tuple[int, int] = (270, 270),
+        embedding_size: int = 1024,
+        num_classes: int = 0,
+        reduce_channels: tuple[int, int, int] = (64, 32, 16),
+        fc_hidden: int = 512,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if num_slices % 3 or num_slices < 3:
+            raise ValueError(f"num_slices must be a positive multiple of 3, got {num_slices}")
+        self.num_slices = num_slices
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.n_images = num_slices // 3
+        self.embedding_size = embedding_size
+        self.trunk = resnet18_trunk()
+        self.reduce = _reduction(self.n_images, tuple(reduce_channels))
+        self.flattened_size = self._dry_run_flattened_size()
+        self.fc = nn.Sequential(
+            nn.Linear(self.flattened_size, fc_hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(fc_hidden, embedding_size),
+        )
+        self.head = nn.Linear(embedding_size, num_classes) if num_classes > 0 else None
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def _dry_run_flattened_size(self) -> int:
+        """Flattened size after the reduction for one study: one trunk image, then the reduction."""
+        was_training = self.training
+        self.eval()
+        feat = self.trunk(torch.zeros(1, 3, *self.image_size))
+        stack = feat[None].expand(1, self.n_images, *feat.shape[1:])
+        size = self.reduce(stack).numel()
+        self.train(was_training)
+        return int(size)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Proximity100x100:
+        model = cls(
+            num_slices=cfg.num_slices,
+            image_size=tuple(cfg.image_size),
+            embedding_size=cfg.embedding_size,
+            num_classes=cfg.num_classes,
+            reduce_channels=tuple(cfg.reduce_channels),
+            fc_hidden=cfg.fc_hidden,
+            dropout=cfg.dropout,
+        )
+        model.load_trunk_weights(cfg)
+        return model
+
+    def load_trunk_weights(self, cfg: ModelConfig) -> None:
+        """ResNet-18 weights from ``cfg.pretrained_weights`` (a local torchvision state dict)."""
+        if cfg.pretrained_weights:
+            load_pretrained(self.trunk, cfg.pretrained_weights, convert=_torchvision_to_trunk)
+        elif cfg.pretrained:
+            raise missing_weights_error(
+                "model.pretrained",
+                "Save torchvision's ResNet-18 on a machine with internet access: python -c \"import torch, "
+                "torchvision; torch.save(torchvision.models.resnet18(weights='IMAGENET1K_V1').state_dict(), "
+                "'resnet18.pt')\"",
+            )
+
+    def prepare(self, volume: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float ``[b, s, (1,) h, w]`` -> float ``[b, s, h, w]`` at the model's size."""
+        if volume.ndim == 5:
+            volume = volume[:, :, 0]
+        if volume.ndim != 4:
+            raise ValueError(
+                f"expected a volume batch [b, s, 1, h, w] or [b, s, h, w], got {tuple(volume.shape)}"
+            )
+        x = volume.float() / 255.0 if volume.dtype == torch.uint8 else volume.float()
+        target = (self.num_slices, *self.image_size)
+        if tuple(x.shape[1:]) != target:
+            x = F.interpolate(x[:, None], size=target, mode="trilinear", align_corners=False)[:, 0]
+        return x
+
+    def embed_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepared volumes ``[b, s, h, w]`` -> embeddings ``[b, e]`` before L2 normalisation."""
+        b, s, h, w = x.shape
+        images = x.reshape(b * s // 3, 3, h, w)  # [b, (n 3), h, w] -> [(b n), 3, h, w]
+        feats = self.trunk((images - self.mean) / self.std)
+        feats = feats.reshape(
+            b, s // 3, *feats.shape[1:]
+        )  # [(b n), f, h', w'] -> [b, n, f, h', w']
+        return self.fc(self.reduce(feats).flatten(1))
+
+    def forward(self, volume: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"embedding": [b, e]}`` plus ``"logits": [b, c]`` when the model has a head."""
+        raw = self.embed_features(self.prepare(volume))
+        out = {"embedding": F.normalize(raw, dim=1)}
+        if self.head is not None:
+            # The head reads the embedding before normalisation: on the unit sphere its logits
+            # could only grow as fast as its weights, which stalls the F1 loss early on.
+            out["logits"] = self.head(raw)
+        return out
+
+    @torch.no_grad()
+    def get_embeddings(self, volume: torch.Tensor, amp: bool = True) -> dict[str, torch.Tensor]:
+        """Embeddings (and finding probabilities) without gradients, under autocast on CUDA."""
+        use_amp = amp and volume.device.type == "cuda"
+        with torch.autocast(device_type=volume.device.type, enabled=use_amp):
+            out = self.forward(volume)
+        result = {"embedding": F.normalize(out["embedding"].float(), dim=1)}
+        if "logits" in out:
+            result["probs"] = torch.sigmoid(out["logits"].float())
+        return result
+
+
+class Proximity300x300(Proximity100x100):
+    """The legacy fixed-input variant: 300 slices of 300 x 300, inputs resized to that size.
+
+    Its flattened size is the constant of the original design; the dry run only confirms it.
+    """
+
+    FLATTENED_SIZE = 16 * 18 * 6 * 6
+
+    def __init__(
+        self,
+        embedding_size: int = 1024,
+        num_classes: int = 0,
+        fc_hidden: int = 512,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__(
+            300, (300, 300), embedding_size, num_classes, (64, 32, 16), fc_hidden, dropout
+        )
+        if self.flattened_size != self.FLATTENED_SIZE:
+            raise RuntimeError(
+                f"flattened size {self.flattened_size} != legacy {self.FLATTENED_SIZE}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Proximity300x300:
+        model = cls(cfg.embedding_size, cfg.num_classes, cfg.fc_hidden, cfg.dropout)
+        model.load_trunk_weights(cfg)
+        return model
+
+
+MODELS: dict[str, type[Proximity100x100]] = {
+    "Proximity100x100": Proximity100x100,
+    "Proximity300x300": Proximity300x300,
+}
+
+
+def build_model(cfg: ModelConfig) -> Proximity100x100:
+    return MODELS[cfg.name].from_config(cfg)
+
+
+def _torchvision_to_trunk(state: dict[str, Any]) -> dict[str, Any]:
+    """torchvision ResNet-18 keys (``conv1.weight``, ``layer1.0...``) -> the trunk's Sequential indices."""
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    index = {name: str(i) for i, name in enumerate(names)}
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in index:
+            out[f"{index[head]}.{rest}"] = value
+        elif head.isdigit() or head == "fc":
+            out[key] = value
+    return out

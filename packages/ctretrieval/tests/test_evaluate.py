@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from ctretrieval.augment import RandomGaussianNoise3D, VolumeAugmentation
+from ctretrieval.config import AugmentConfig, EvalConfig
+from ctretrieval.evaluate import Embedded, compute_metrics, knn_label_scores, valid_ks
+
+
+def test_knn_label_scores_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    db = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=1)
+    labels = (torch.rand(12, 3, generator=g) > 0.5).float()
+    scores = knn_label_scores(db, db, labels, k=3, exclude_self=True)
+    for i in range(12):
+        sims = [(float(db[i] @ db[j]), j) for j in range(12) if j != i]
+        top = [j for _, j in sorted(sims, reverse=True)[:3]]
+        torch.testing.assert_close(scores[i], labels[top].mean(0))
+
+
+def test_compute_metrics_f1_matches_sklearn_and_beats_random_for_label_embeddings() -> None:
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy((rng.random((40, 4)) < 0.4).astype(np.float32))
+    emb = torch.nn.functional.normalize(
+        y + 0.05 * torch.randn(40, 4), dim=1
+    )  # embeddings that know the labels
+    probs = torch.from_numpy(rng.random((40, 4)).astype(np.float32))
+    data = Embedded(emb, y, probs)
+    cfg = EvalConfig(ks=[1, 5, 10, 50])
+    metrics, baseline, scores = compute_metrics(
+        data, data, cfg, ["a", "b", "c", "d"], exclude_self=True
+    )
+    assert "map@50" not in metrics and "map@10" in metrics  # 39 rankable studies
+    assert metrics["micro_f1"] == pytest.approx(
+        f1_score(y.numpy(), probs.numpy() >= 0.5, average="micro")
+    )
+    assert metrics["macro_f1"] == pytest.approx(
+        f1_score(y.numpy(), probs.numpy() >= 0.5, average="macro", zero_division=0)
+    )
+    assert metrics["f1/c"] == pytest.approx(f1_score(y[:, 2].numpy(), probs[:, 2].numpy() >= 0.5))
+    assert metrics["map@10"] > baseline["map@10"] + 0.2
+    torch.testing.assert_close(scores, probs)
+
+
+def test_valid_ks() -> None:
+    assert valid_ks([20, 1, 5, 10], 10, exclude_self=True) == [1, 5]
+    assert valid_ks([1, 10], 10, exclude_self=False) == [1, 10]
+
+
+def test_noise_augmentation_gating() -> None:
+    x = torch.rand(3, 1, 4, 8, 8)
+    torch.manual_seed(0)
+    noisy = RandomGaussianNoise3D(std=0.1, p=1.0)(x)
+    assert noisy.shape == x.shape
+    assert (noisy - x).std().item() == pytest.approx(0.1, rel=0.1)
+    assert torch.equal(RandomGaussianNoise3D(std=0.1, p=0.0)(x), x)
+
+
+def test_volume_augmentation_shape_and_some_samples_untouched() -> None:
+    torch.manual_seed(1)
+    aug = VolumeAugmentation(AugmentConfig(affine_p=0.5, noise_p=0.5))
+    x = torch.rand(16, 6, 16, 16)
+    y = aug(x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    changed = (y - x).abs().flatten(1).amax(1) > 0
+    assert 0 < int(changed.sum()) < 16  # p = 0.5 each: with 16 samples some are, some are not
