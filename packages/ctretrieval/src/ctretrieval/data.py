@@ -57,6 +57,14 @@ def read_labels(path: str | Path, cfg: DataConfig) -> Labels:
     """Read the labels CSV; rows whose finding values are not 0/1 are reported and dropped."""
     columns = [cfg.id_column, *cfg.finding_columns]
     frame = read_csv(path, required=columns, dtype={cfg.id_column: str})
+    unused = [str(c) for c in frame.columns if c not in columns]
+    if unused:
+        # Perhaps a finding the config does not list (data.finding_columns): say so, go on.
+        print(
+            f"warning: {path}: column(s) not used: {', '.join(unused[:10])} "
+            f"(findings read: {', '.join(cfg.finding_columns)})",
+            file=sys.stderr,
+        )
     frame[cfg.id_column] = [normalise_id(v, cfg.id_suffixes) for v in frame[cfg.id_column]]
     repeated = frame[cfg.id_column][frame[cfg.id_column].duplicated()].unique().tolist()
     if repeated:
@@ -122,6 +130,8 @@ def match_ids(
 
 
 def volume_ids(h5_path: str | Path) -> list[str]:
+    """The study ids of a volumes file, after checking (from the metadata) that every volume is
+    a uint8 ``[d, h, w]`` array of one common shape, so no batch fails halfway through a run."""
     import h5py
 
     path = Path(h5_path)
@@ -131,7 +141,29 @@ def volume_ids(h5_path: str | Path) -> list[str]:
         with h5py.File(path, "r") as f:
             if "volumes" not in f:
                 raise DataError(path, "not a ctretrieval volumes file (no /volumes group)")
-            return list(f["volumes"].keys())
+            group = f["volumes"]
+            ids = list(group.keys())
+            first: tuple[str, tuple[int, ...]] | None = None
+            for key in ids:
+                item = group[key]
+                if not isinstance(item, h5py.Dataset) or item.ndim != 3:
+                    shape = getattr(item, "shape", "a group")
+                    raise DataError(
+                        f"{path}:{key}", f"expected a [slices, h, w] volume, got {shape}"
+                    )
+                if item.dtype != np.uint8:
+                    raise DataError(
+                        f"{path}:{key}",
+                        f"expected uint8 volumes (as ctretrieval-preprocess writes), got {item.dtype}",
+                    )
+                if first is None:
+                    first = (key, item.shape)
+                elif item.shape != first[1]:
+                    raise DataError(
+                        path,
+                        f"volumes of different shapes: {first[0]} {first[1]}, {key} {item.shape}",
+                    )
+            return ids
     except OSError as exc:
         raise DataError(path, f"not a readable HDF5 file ({str(exc)[:100]})") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,9 @@ def load_index(path: Path) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as z:
             index = {k: z[k] for k in ("ids", "embeddings", "labels", "has_labels", "meta")}
         index["meta"] = json.loads(str(index["meta"]))
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(path, f"not a ctretrieval index ({str(exc)[:100]})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        why = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise DataError(path, f"not a ctretrieval index ({why})") from None
     if index["meta"].get("format") != INDEX_FORMAT:
         raise DataError(path, "not a ctretrieval index (unknown format)")
     return index

@@ -114,6 +114,15 @@ def _assemble(output: Path, parts: Path, cfg: PreprocessConfig, had_existing: bo
     return count
 
 
+def _remove_stale_temp_files(output: Path, parts: Path) -> None:
+    """Temp files a killed run left (an HDF5 file half assembled, a study half saved).
+
+    Only called under the output's lock: no other job can be writing them.
+    """
+    for stale in [*output.parent.glob(f".{output.name}.*.tmp"), *parts.glob(".*.tmp")]:
+        stale.unlink(missing_ok=True)
+
+
 def _run(
     todo: list[Study], cfg: PreprocessConfig, parts: Path, workers: int
 ) -> Iterator[tuple[str, str | None]]:
@@ -154,6 +163,7 @@ def preprocess(
         existing = set(_existing_ids(output, cfg))
         parts = _parts_dir(output)
         parts.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(output, parts)
         done = existing | {p.stem for p in parts.glob("*.npy")}
         todo = [s for s in studies if s.id not in done]
         skipped: dict[str, str] = {}

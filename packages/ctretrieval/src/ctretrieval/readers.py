@@ -17,6 +17,10 @@ import numpy as np
 from medcore.errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Far beyond any real CT (a 512 x 512 x 4000 series is ~1e9 voxels): a header claiming more is
+# refused before anything is decoded (decompression-bomb protection).
+MAX_VOXELS = 2**31
+MAX_SLICE_PIXELS = 8192 * 8192
 # Files that sit in study folders but are never slices.
 _NOT_DICOM = {".txt", ".json", ".csv", ".xml", ".md", ".jpg", ".png", ".log"}
 
@@ -64,6 +68,12 @@ def read_study(study: Study, min_slices: int = 1) -> np.ndarray:
     volume = read_dicom_series(study.path) if study.kind == "dicom" else read_nifti(study.path)
     if volume.shape[0] < min_slices:
         raise DataError(study.id, f"too few slices ({volume.shape[0]} < {min_slices})")
+    finite = np.isfinite(volume)
+    if not finite.all():
+        n_nan = int(np.isnan(volume).sum())
+        raise DataError(
+            study.id, f"{n_nan} NaN and {int((~finite).sum()) - n_nan} inf voxel(s) in the volume"
+        )
     return volume
 
 
@@ -92,6 +102,12 @@ def _position(ds) -> float | None:
     return float(np.dot(normal, np.asarray(ipp, dtype=np.float64)))
 
 
+def _sop_class_name(ds) -> str:
+    meta = getattr(ds, "file_meta", None)
+    uid = ds.get("SOPClassUID") or getattr(meta, "MediaStorageSOPClassUID", None)
+    return str(getattr(uid, "name", "") or "")
+
+
 def read_dicom_series(folder: str | Path) -> np.ndarray:
     """The series in ``folder`` as HU ``[d, h, w]`` float32, slices ordered by position.
 
@@ -111,6 +127,9 @@ def read_dicom_series(folder: str | Path) -> np.ndarray:
                 f"corrupt or not a DICOM file ({str(exc).splitlines()[0][:100] or type(exc).__name__})",
             ) from None
         if "PixelData" not in ds:
+            if len(ds) == 0 or "Image Storage" in _sop_class_name(ds):
+                # An image file cut short (or empty) would otherwise vanish from the series.
+                raise DataError(path, "image file without pixel data (truncated?)")
             continue  # a structured report or presentation state, not an image slice
         headers.append((path, ds))
     if not headers:
@@ -134,9 +153,18 @@ def read_dicom_series(folder: str | Path) -> np.ndarray:
         keys = [float(n) for n in numbers]
     order = np.argsort(np.asarray(keys, dtype=np.float64), kind="stable")
 
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
+    try:
+        shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
+    except AttributeError:
+        raise DataError(folder, "a slice lacks Rows/Columns") from None
     if len(shapes) > 1:
         raise DataError(folder, f"mixed slice sizes {sorted(shapes)}")
+    rows, cols = shapes.pop()
+    if rows * cols > MAX_SLICE_PIXELS or rows * cols * len(slices) > MAX_VOXELS:
+        raise DataError(
+            folder,
+            f"header claims {len(slices)} slices of {rows} x {cols} pixels; refusing to decode",
+        )
 
     out = None
     for i, j in enumerate(order):
@@ -165,8 +193,14 @@ def read_nifti(path: str | Path) -> np.ndarray:
 
     path = Path(path)
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.load(str(path))
+        shape = tuple(int(v) for v in img.header.get_data_shape())
+        if int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
+            raise DataError(path, f"header claims a volume of shape {shape}; refusing to decode")
+        img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
+    except DataError:
+        raise
     except Exception as exc:  # nibabel raises many types for broken files
         raise DataError(
             path,

@@ -580,6 +580,7 @@ class Trainer:
         accum = cfg.grad_accum_steps
         stopped_early = False
         interrupted = False
+        bar = None
         self.logger.log_jsonl(
             {
                 "event": "start",
@@ -696,6 +697,10 @@ class Trainer:
             if self.batch_in_epoch % accum == 0:
                 self._save("latest.pt")
             raise
+        finally:
+            # An error message printed next must start on its own line, not after the bar.
+            if bar is not None:
+                bar.close()
         final_path = None
         if not interrupted:
             final_path = self._save("final.pt")

@@ -1,0 +1,72 @@
+"""A ctretrieval command that pauses at a chosen point, to be killed there by test_faults.py.
+
+usage: fault_runner.py {train,preprocess,assemble} MARKER N ARGS...
+
+``train``: pauses in the N-th training step (before its forward pass), so every earlier step's
+``latest.pt`` is on disk; ``preprocess``: pauses before reading the N-th study; ``assemble``:
+pauses while the HDF5 file is being assembled, before loading the N-th finished study. On
+pausing it writes its PID to MARKER and sleeps until the test kills it.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _pause(marker: Path) -> None:
+    marker.write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def main() -> int:
+    what, marker, at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    argv = sys.argv[4:]
+    calls = [0]
+
+    def count() -> None:
+        calls[0] += 1
+        if calls[0] == at:
+            _pause(marker)
+
+    if what == "train":
+        import ctretrieval.train as mod
+        from ctretrieval.cli import train as command
+
+        real_step_fn = mod._step_fn
+
+        def step_fn(cfg, augment):
+            step = real_step_fn(cfg, augment)
+
+            def paused(model, batch):
+                count()
+                return step(model, batch)
+
+            return paused
+
+        mod._step_fn = step_fn
+    else:
+        import ctretrieval.preprocess as mod
+        from ctretrieval.cli import preprocess as command
+
+        if what == "preprocess":
+            real_one = mod._process_one
+
+            def process_one(study, cfg, parts):
+                count()
+                return real_one(study, cfg, parts)
+
+            mod._process_one = process_one
+        else:
+            real_load = mod.np.load
+
+            def load(*args, **kwargs):
+                count()
+                return real_load(*args, **kwargs)
+
+            mod.np.load = load
+    return command(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
