@@ -1,0 +1,321 @@
+"""Coordinates CSV + category folders -> validated records -> augmented tensors.
+
+CSV layouts (one row per image, coordinates in pixels of the original image):
+
+- headerless original: ``id, x1, y1, ..., x15, y15, image_name`` (32 columns);
+- headed: ``image_name, [category,] L1_x, L1_y, ..., L15_x, L15_y`` (other columns ignored).
+
+Images are ``<images_dir>/<category>/<image_name>.png|.jpg`` (or directly in ``images_dir``);
+the category is the CSV column when present, else the name's prefix (``COVID-12``), else the
+folder the image is found in. Targets are normalised: ``x / W, y / H`` of the original image.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from cxrlandmarks.anatomy import NUM_LANDMARKS, swap_permutation
+from cxrlandmarks.config import AugmentConfig, DataConfig
+from medcore.errors import DataError
+from medcore.io import load_image, read_csv, safe_join
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+HEADED_COLUMNS = [f"L{i}_{a}" for i in range(1, NUM_LANDMARKS + 1) for a in ("x", "y")]
+
+
+@dataclass
+class LandmarkRecord:
+    name: str
+    category: str
+    path: Path
+    coords: np.ndarray  # [15, 2] pixels of the original image
+    width: int
+    height: int
+
+    @property
+    def normalised(self) -> np.ndarray:
+        return self.coords / np.array([self.width, self.height], dtype=np.float64)
+
+
+def _is_number(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def read_annotations(csv_path: str | Path) -> pd.DataFrame:
+    """The CSV as a frame with ``image_name``, ``category`` (maybe None) and the 30 coordinates."""
+    raw = read_csv(csv_path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=True)
+    first = raw.iloc[0].tolist()
+    numeric_cells = sum(_is_number(v) for v in first)
+    if numeric_cells >= NUM_LANDMARKS:  # no header: the original layout (a header has no numbers)
+        if raw.shape[1] != 2 * NUM_LANDMARKS + 2:
+            raise DataError(
+                csv_path,
+                f"expected {2 * NUM_LANDMARKS + 2} columns (id, 15 x/y pairs, image name), "
+                f"found {raw.shape[1]}",
+            )
+        frame = pd.DataFrame({"image_name": raw.iloc[:, -1].str.strip(), "category": None})
+        coords = raw.iloc[:, 1 : 2 * NUM_LANDMARKS + 1].to_numpy()
+    else:
+        headed = read_csv(csv_path, dtype=str, keep_default_na=False)
+        headed.columns = [str(c).strip() for c in headed.columns]
+        missing = [c for c in ["image_name", *HEADED_COLUMNS] if c not in headed.columns]
+        if missing:
+            raise DataError(
+                csv_path,
+                f"missing column(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: "
+                "expected image_name, [category,] L1_x, L1_y, ..., L15_y, or the headerless "
+                "original layout (id, 30 coordinates, image name)",
+            )
+        frame = pd.DataFrame(
+            {
+                "image_name": headed["image_name"].str.strip(),
+                "category": headed["category"].str.strip() if "category" in headed else None,
+            }
+        )
+        coords = headed[HEADED_COLUMNS].to_numpy()
+    values = pd.DataFrame(coords).apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    frame[HEADED_COLUMNS] = values
+    return frame
+
+
+def _category_of(name: str, given: str | None, categories: list[str]) -> str | None:
+    if given:
+        return given
+    prefix = name.rsplit("-", 1)[0]
+    return prefix if prefix in categories else None
+
+
+def _find_image(
+    images_dir: Path, name: str, category: str | None, categories: list[str]
+) -> tuple[Path, str] | None:
+    stems = (
+        [name]
+        if Path(name).suffix in IMAGE_EXTENSIONS
+        else [name + ext for ext in IMAGE_EXTENSIONS]
+    )
+    folders = [category] if category else list(categories)
+    for folder in [*folders, ""]:
+        for stem in stems:
+            candidate = safe_join(images_dir, f"{folder}/{stem}" if folder else stem)
+            if candidate.is_file():
+                return candidate, folder or category or "unknown"
+    return None
+
+
+def load_records(cfg: DataConfig, data_dir: str | Path) -> list[LandmarkRecord]:
+    """Validated records of the CSV; bad rows are named on stderr and skipped."""
+    from PIL import Image
+
+    data_dir = Path(data_dir)
+    csv_path = data_dir / cfg.csv
+    images_dir = data_dir / cfg.images_dir
+    if not images_dir.is_dir():
+        raise DataError(images_dir, "image directory not found (set data.images_dir)")
+    frame = read_annotations(csv_path)
+    records: list[LandmarkRecord] = []
+    skipped = 0
+    seen: set[str] = set()
+
+    def skip(name: str, why: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        print(f"skipped {name}: {why}", file=sys.stderr)
+
+    for row in frame.itertuples(index=False):
+        name = str(row.image_name)
+        values = np.array([getattr(row, c) for c in HEADED_COLUMNS], dtype=float)
+        if not name:
+            skip(f"row {len(records) + skipped + 1}", "empty image name")
+            continue
+        if name in seen:
+            skip(name, "duplicated image name (first row kept)")
+            continue
+        if not np.isfinite(values).all():
+            skip(name, "missing or non-numeric coordinates")
+            continue
+        category = _category_of(name, row.category, cfg.categories)
+        try:
+            found = _find_image(images_dir, name, category, cfg.categories)
+        except DataError as exc:
+            skip(name, exc.why)
+            continue
+        if found is None:
+            skip(name, f"no image {name}.png/.jpg under {images_dir}")
+            continue
+        path, category = found
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (OSError, ValueError) as exc:
+            skip(
+                name,
+                f"unreadable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+            )
+            continue
+        coords = values.reshape(NUM_LANDMARKS, 2)
+        outside = (
+            (coords < 0).any() or (coords[:, 0] >= width).any() or (coords[:, 1] >= height).any()
+        )
+        if outside:
+            skip(name, f"coordinates outside the {width}x{height} image")
+            continue
+        seen.add(name)
+        records.append(LandmarkRecord(name, category, path, coords, width, height))
+    if skipped:
+        print(f"skipped {skipped} of {len(frame)} rows of {csv_path}", file=sys.stderr)
+    if not records:
+        raise DataError(csv_path, "no usable rows (every row was skipped; see the lines above)")
+    return records
+
+
+@dataclass
+class AugmentParams:
+    flip: bool = False
+    angle: float = 0.0
+    brightness: float = 1.0
+    contrast: float = 1.0
+
+
+def sample_augment(cfg: AugmentConfig, generator: torch.Generator | None = None) -> AugmentParams:
+    """Draw augmentation parameters (from torch's RNG, which the Trainer seeds per worker)."""
+    u = torch.rand(4, generator=generator).tolist()
+    return AugmentParams(
+        flip=u[0] < cfg.hflip_p,
+        angle=(2 * u[1] - 1) * cfg.rotation_deg,
+        brightness=1 + (2 * u[2] - 1) * cfg.brightness,
+        contrast=1 + (2 * u[3] - 1) * cfg.contrast,
+    )
+
+
+def apply_geometry(
+    image: torch.Tensor, coords: torch.Tensor, params: AugmentParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip (mirror x, swap pairs) and rotate about the centre an image ``[c, H, W]`` and its
+    landmarks ``[15, 2]`` (pixels) together, with torchvision's KeyPoints kernels."""
+    img = tv_tensors.Image(image)
+    kp = tv_tensors.KeyPoints(coords, canvas_size=tuple(image.shape[-2:]))
+    if params.flip:
+        img, kp = F.horizontal_flip(img), F.horizontal_flip(kp)
+        kp = tv_tensors.wrap(kp[swap_permutation(kp.shape[0])], like=kp)
+    if params.angle:
+        img = F.rotate(img, params.angle, interpolation=F.InterpolationMode.BILINEAR)
+        kp = F.rotate(kp, params.angle)
+    return img.as_subclass(torch.Tensor), kp.as_subclass(torch.Tensor)
+
+
+def _prescale(
+    image: torch.Tensor, kp: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink isotropically so the longer side is ``size`` (never enlarges).
+
+    An isotropic resize commutes with flips and with rotation about the centre, so doing it
+    first makes augmentation cheap without changing its result; the final (possibly
+    anisotropic) resize to ``size x size`` comes after the geometry.
+    """
+    height, width = image.shape[-2:]
+    if max(height, width) <= size:
+        return image, kp
+    ratio = size / max(height, width)
+    new = [max(1, round(height * ratio)), max(1, round(width * ratio))]
+    return F.resize(image, new, antialias=True), kp * torch.tensor(
+        [new[1] / width, new[0] / height]
+    )
+
+
+def resize_and_normalise(
+    image: torch.Tensor, coords: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize ``[c, H, W]`` uint8 to ``size`` square, to 3 channels, ImageNet-normalise;
+    ``coords`` (pixels of this image) -> [0, 1]."""
+    height, width = image.shape[-2:]
+    image = F.resize(image, [size, size], antialias=True)
+    image = F.to_dtype(image, torch.float32, scale=True).expand(3, -1, -1)
+    image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+    return image, coords.float() / torch.tensor([width, height], dtype=torch.float32)
+
+
+def image_tensor(path: Path) -> torch.Tensor:
+    """An image file as ``[1, H, W]`` uint8 grayscale (RGB, RGBA, 16-bit, palette converted)."""
+    return torch.from_numpy(load_image(path, "L"))[None]
+
+
+class LandmarkDataset(Dataset):
+    """Records -> ``{"image": [3, S, S], "target": [30], "index": i}``; augmented when ``augment``.
+
+    Radiographs are read as grayscale and repeated to the 3 channels the ResNet expects. With
+    ``cache`` each decoded image is kept, shrunk to ``image_size``, in the process that reads it
+    (the main process when the loader has no workers): small datasets and CPU runs skip image
+    decoding after the first epoch.
+    """
+
+    def __init__(
+        self,
+        records: list[LandmarkRecord],
+        image_size: int,
+        augment: AugmentConfig | None = None,
+        cache: bool = False,
+    ) -> None:
+        self.records = records
+        self.image_size = image_size
+        self.augment = augment if augment is not None and augment.enabled else None
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image (shrunk to ``image_size`` if larger) and the landmarks in its pixels."""
+        rec = self.records[index]
+        coords = torch.as_tensor(rec.coords, dtype=torch.float32)
+        image = self._cache.get(index) if self._cache is not None else None
+        if image is None:
+            image = image_tensor(rec.path)
+            if image.shape[-2:] != (rec.height, rec.width):
+                raise DataError(
+                    rec.path, f"image size changed since indexing ({tuple(image.shape[-2:])})"
+                )
+            image, _ = _prescale(image, coords, self.image_size)
+            if self._cache is not None:
+                self._cache[index] = image
+        height, width = image.shape[-2:]
+        return image, coords * torch.tensor([width / rec.width, height / rec.height])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        if torch.utils.data.get_worker_info() is not None and torch.get_num_threads() != 1:
+            torch.set_num_threads(1)  # loader workers share the cores with the training process
+        image, coords = self._load(index)
+        if self.augment is not None:
+            params = sample_augment(self.augment)
+            image, coords = apply_geometry(image, coords, params)
+            height, width = image.shape[-2:]
+            image = F.resize(image, [self.image_size, self.image_size], antialias=True)
+            coords = coords * torch.tensor([self.image_size / width, self.image_size / height])
+            image = F.adjust_contrast(
+                F.adjust_brightness(image, params.brightness), params.contrast
+            )
+        image, target = resize_and_normalise(image, coords, self.image_size)
+        return {"image": image, "target": target.reshape(-1), "index": index}
+
+
+def split_records(
+    records: list[LandmarkRecord], ratios: dict[str, float], seed: int
+) -> dict[str, np.ndarray]:
+    """70/15/15 (by default) split stratified by category."""
+    from medcore.splits import stratified_split
+
+    return stratified_split([r.category for r in records], ratios, seed)

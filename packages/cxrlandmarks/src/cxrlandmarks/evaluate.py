@@ -1,0 +1,316 @@
+"""Evaluation: pixel errors (at 224 and in original-image pixels), per landmark and category,
+clinical thresholds, geometric validation, phase comparison, annotated grids, CSV/JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from cxrlandmarks.anatomy import (
+    DISTANCE_PAIRS,
+    LANDMARK_NAMES,
+    SYMMETRIC_PAIRS,
+    asymmetry,
+    flip_normalised,
+    pair_distances,
+)
+from cxrlandmarks.config import ModelConfig
+from cxrlandmarks.data import LandmarkDataset, LandmarkRecord
+from cxrlandmarks.model import KIND, ResNetLandmarkRegressor
+from medcore.checkpoint import load_checkpoint
+from medcore.config import from_dict
+from medcore.device import amp_policy, autocast
+from medcore.errors import CheckpointError
+from medcore.io import atomic_write_csv, atomic_write_json
+from medcore.metrics import landmark_errors
+
+REFERENCE_SIZE = 224  # "px at 224": ||pred - target|| x 224 on normalised coordinates
+THRESHOLDS = (5.0, 8.5, 10.0, 15.0)
+
+
+def load_model(
+    path: str | Path, device: torch.device
+) -> tuple[ResNetLandmarkRegressor, dict[str, Any]]:
+    """Rebuild a model from a cxrlandmarks checkpoint alone."""
+    state = load_checkpoint(path, map_location="cpu", kind=KIND)
+    if "model_config" not in state:
+        raise CheckpointError(path, "has no model_config (not written by cxrlandmarks-train)")
+    model = ResNetLandmarkRegressor.from_config(from_dict(ModelConfig, state["model_config"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            path, f"weights do not match its model_config ({str(exc).splitlines()[0][:120]})"
+        ) from None
+    return model.to(device).eval(), state
+
+
+@torch.no_grad()
+def predict_batches(
+    models: Sequence[torch.nn.Module], images: torch.Tensor, tta_flip: bool = False
+) -> torch.Tensor:
+    """Mean prediction ``[b, 15, 2]`` of ``models``; with ``tta_flip`` each model also sees the
+    mirrored image, whose prediction is flipped back (x mirrored, pairs swapped) before averaging."""
+    size = images.shape[-1]
+    outs = []
+    for model in models:
+        pred = model(images).float()
+        outs.append(pred.reshape(pred.shape[0], -1, 2))
+        if tta_flip:
+            flipped = model(torch.flip(images, dims=[-1])).float()
+            outs.append(flip_normalised(flipped.reshape(pred.shape[0], -1, 2), size))
+    return torch.stack(outs).mean(0)
+
+
+@torch.no_grad()
+def predict_dataset(
+    models: Sequence[torch.nn.Module],
+    dataset: LandmarkDataset,
+    device: torch.device,
+    batch_size: int = 32,
+    tta_flip: bool = False,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Normalised predictions ``[n, 15, 2]`` in dataset order."""
+    for model in models:
+        model.eval()
+    policy = amp_policy(device, True)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    preds = []
+    for batch in loader:
+        with autocast(device, policy):
+            preds.append(predict_batches(models, batch["image"].to(device), tta_flip).cpu())
+    return torch.cat(preds).numpy()
+
+
+def _targets(records: Sequence[LandmarkRecord]) -> np.ndarray:
+    return np.stack([r.normalised for r in records])
+
+
+def _sizes(records: Sequence[LandmarkRecord]) -> np.ndarray:
+    return np.array([[r.width, r.height] for r in records], dtype=float)[:, None, :]
+
+
+def geometric_validation(
+    pred: np.ndarray, target: np.ndarray, scale: float = REFERENCE_SIZE
+) -> dict[str, Any]:
+    """Symmetry about the mediastinal axis and consistency of the fixed anatomical distances."""
+    p, t = torch.as_tensor(pred) * scale, torch.as_tensor(target) * scale
+    asym_p, asym_t = asymmetry(p), asymmetry(t)
+    d_p, d_t = pair_distances(p), pair_distances(t)
+    dist_err = (d_p - d_t).abs()
+    return {
+        "symmetry_error_pred_px": float(asym_p.norm(dim=-1).mean()),
+        "symmetry_error_true_px": float(asym_t.norm(dim=-1).mean()),
+        "symmetry_consistency_px": float((asym_p - asym_t).norm(dim=-1).mean()),
+        "symmetry_per_pair_px": {
+            f"{a}-{b}": float(v)
+            for (a, b), v in zip(
+                SYMMETRIC_PAIRS, (asym_p - asym_t).norm(dim=-1).mean(0), strict=True
+            )
+        },
+        "distance_error_px": float(dist_err.mean()),
+        "distance_error_rel": float((dist_err / d_t.clamp_min(1e-6)).mean()),
+        "distance_per_pair_px": {
+            f"{a}-{b}": float(v) for (a, b), v in zip(DISTANCE_PAIRS, dist_err.mean(0), strict=True)
+        },
+    }
+
+
+def error_report(pred: np.ndarray, records: Sequence[LandmarkRecord]) -> dict[str, Any]:
+    """Everything a clinician reads: errors at 224 and in original pixels, per landmark and
+    category, the share of images under 5 / 8.5 / 10 / 15 px, and geometric validation."""
+    target = _targets(records)
+    at224 = landmark_errors(pred, target, scale=REFERENCE_SIZE, thresholds=THRESHOLDS)
+    sizes = _sizes(records)
+    original = landmark_errors(pred * sizes, target * sizes, scale=1.0, thresholds=THRESHOLDS)
+    categories = sorted({r.category for r in records})
+    per_category = {}
+    for cat in categories:
+        idx = [i for i, r in enumerate(records) if r.category == cat]
+        e = landmark_errors(pred[idx], target[idx], scale=REFERENCE_SIZE, thresholds=THRESHOLDS)
+        per_category[cat] = {
+            "n": len(idx),
+            **{k: v for k, v in e.items() if not isinstance(v, list)},
+        }
+    return {
+        "n_images": len(records),
+        "px224": {k: v for k, v in at224.items() if k != "per_image_mean"},
+        "original_px": {k: v for k, v in original.items() if k != "per_image_mean"},
+        "per_landmark_px224": dict(zip(LANDMARK_NAMES, at224["per_landmark_mean"], strict=True)),
+        "per_category_px224": per_category,
+        "geometric": geometric_validation(pred, target),
+        "per_image_px224": at224["per_image_mean"],
+    }
+
+
+def summary_row(name: str, report: dict[str, Any]) -> dict[str, Any]:
+    """One row of the phase-comparison table."""
+    px = report["px224"]
+    geo = report["geometric"]
+    return {
+        "model": name,
+        "mean_px": px["mean"],
+        "median_px": px["median"],
+        "std_px": px["std"],
+        "p90_px": px["p90"],
+        "mean_orig_px": report["original_px"]["mean"],
+        "<5px": px["under_5px"],
+        "<8.5px": px["under_8.5px"],
+        "<10px": px["under_10px"],
+        "<15px": px["under_15px"],
+        "sym_px": geo["symmetry_consistency_px"],
+        "dist_px": geo["distance_error_px"],
+    }
+
+
+def write_report(
+    report: dict[str, Any],
+    pred: np.ndarray,
+    records: Sequence[LandmarkRecord],
+    out_dir: Path,
+    grid_images: int = 16,
+) -> None:
+    """metrics.json, per-image / per-landmark / per-category CSVs, predictions CSV and PNG figures."""
+    from cxrlandmarks.plots import plot_landmark_grid, plot_per_landmark
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "metrics.json", report)
+    sizes = _sizes(records)
+    target = _targets(records)
+    err224 = np.linalg.norm(pred - target, axis=-1) * REFERENCE_SIZE
+    per_image = pd.DataFrame(
+        {
+            "image_name": [r.name for r in records],
+            "category": [r.category for r in records],
+            "mean_px224": err224.mean(1),
+            "mean_original_px": np.linalg.norm((pred - target) * sizes, axis=-1).mean(1),
+        }
+    )
+    atomic_write_csv(out_dir / "per_image.csv", per_image)
+    atomic_write_csv(
+        out_dir / "per_landmark.csv",
+        pd.DataFrame(
+            {
+                "index": range(len(LANDMARK_NAMES)),
+                "landmark": LANDMARK_NAMES,
+                "mean_px224": err224.mean(0),
+                "median_px224": np.median(err224, 0),
+                "std_px224": err224.std(0),
+            }
+        ),
+    )
+    atomic_write_csv(
+        out_dir / "per_category.csv",
+        pd.DataFrame([{"category": c, **v} for c, v in report["per_category_px224"].items()]),
+    )
+    atomic_write_csv(
+        out_dir / "predictions.csv", coordinates_frame([r.name for r in records], pred * sizes)
+    )
+    plot_per_landmark(err224, out_dir / "per_landmark.png")
+    order = np.argsort(err224.mean(1))
+    # Best, median and worst cases side by side: what a reader needs to trust the numbers.
+    pick = np.unique(
+        np.concatenate(
+            [
+                order[: grid_images // 4],
+                order[len(order) // 2 - grid_images // 4 :][: grid_images // 2],
+                order[-(grid_images - grid_images // 4 - grid_images // 2) :],
+            ]
+        )
+    )[:grid_images]
+    plot_landmark_grid(
+        [records[i] for i in pick], pred[pick] * sizes[pick], out_dir / "test_grid.png"
+    )
+
+
+def coordinates_frame(names: Sequence[str], coords_px: np.ndarray) -> pd.DataFrame:
+    """Headed coordinates CSV layout: ``image_name, L1_x, L1_y, ..., L15_y`` (pixels)."""
+    frame = pd.DataFrame({"image_name": list(names)})
+    for i in range(coords_px.shape[1]):
+        frame[f"L{i + 1}_x"] = coords_px[:, i, 0]
+        frame[f"L{i + 1}_y"] = coords_px[:, i, 1]
+    return frame
+
+
+def _checkpoints_of(args: Any) -> list[Path]:
+    from cxrlandmarks.config import PhasesConfig
+
+    paths = list(args.checkpoint)
+    if args.run_dir is not None:
+        phases = PhasesConfig()
+        found = [
+            args.run_dir / "checkpoints" / getattr(phases, p).checkpoint
+            for p in ("phase1", "phase2", "phase3", "phase4")
+        ]
+        paths += [p for p in found if p.is_file()]
+        if not paths:
+            raise CheckpointError(args.run_dir, "no phase checkpoints in its checkpoints/ folder")
+    if not paths:
+        raise CheckpointError("--checkpoint", "give at least one checkpoint or --run-dir")
+    return paths
+
+
+def evaluate_command(args: Any) -> int:
+    """``cxrlandmarks-eval``: reports per checkpoint and a comparison table."""
+    from cxrlandmarks.config import DataConfig
+    from cxrlandmarks.data import load_records, split_records
+    from medcore.cli import format_table
+    from medcore.config import from_dict
+    from medcore.device import resolve_device
+    from medcore.splits import load_splits
+
+    paths = _checkpoints_of(args)
+    device = resolve_device(args.device)
+    models = [load_model(p, device) for p in paths]
+    data_cfg = from_dict(DataConfig, models[0][1].get("data_config", {}))
+    data_dir = args.data_dir or data_cfg.data_dir
+    if data_dir is None:
+        from cxrlandmarks.config import CxrConfig
+        from cxrlandmarks.train import resolve_data_dir
+
+        data_dir = resolve_data_dir(CxrConfig(data=data_cfg))
+    records = load_records(data_cfg, data_dir)
+    # <run>/checkpoints/x.pt or <run>/phaseN/checkpoints/x.pt
+    ckpt = paths[0].resolve()
+    run_dir = next((p for p in ckpt.parents[1:3] if (p / "splits.json").is_file()), ckpt.parents[1])
+    if args.split == "all":
+        subset = records
+    else:
+        splits_file = args.splits or run_dir / "splits.json"
+        if splits_file.is_file():
+            try:
+                splits = load_splits(splits_file, ids=[r.name for r in records])
+            except ValueError as exc:
+                raise CheckpointError(splits_file, str(exc)) from None
+        else:
+            print(
+                f"no splits.json at {splits_file}: splitting again with seed {data_cfg.split_seed}"
+            )
+            splits = split_records(records, data_cfg.split_ratios, data_cfg.split_seed)
+        subset = [records[i] for i in splits[args.split]]
+    out_root = args.output_dir or run_dir / f"eval_{args.split}"
+    rows = []
+    for path, (model, state) in zip(paths, models, strict=True):
+        size = int(from_dict(DataConfig, state.get("data_config", {})).image_size)
+        pred = predict_dataset(
+            [model], LandmarkDataset(subset, size), device, tta_flip=args.tta_flip
+        )
+        report = error_report(pred, subset)
+        report["checkpoint"] = str(path)
+        report["tta_flip"] = bool(args.tta_flip)
+        write_report(report, pred, subset, out_root / path.stem)
+        rows.append(summary_row(path.name, report))
+    print(f"{args.split} split ({len(subset)} images), errors in px at 224")
+    print(format_table(rows, floatfmt=".3f"))
+    atomic_write_csv(out_root / "phase_comparison.csv", pd.DataFrame(rows))
+    atomic_write_json(out_root / "phase_comparison.json", rows)
+    print(f"reports in {out_root}")
+    return 0

@@ -1,0 +1,185 @@
+"""Landmark losses: Wing, symmetry, distance preservation and their composite.
+
+Every loss takes normalised coordinates (``[b, 30]`` or ``[b, 15, 2]``, in [0, 1]) and works on
+pixel-scale differences (``pixel_scale`` = 224 by default, the model's reference input size),
+so that Wing's ``w`` and ``epsilon`` mean pixels as in the Wing loss paper and the composite's
+weights balance terms of the same unit. Each component has unit weight; the weights of the
+composite (0.3 symmetry, 0.2 distance) live only in :class:`CompleteLandmarkLoss`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cxrlandmarks.anatomy import asymmetry, pair_distances
+
+
+def as_points(coords: torch.Tensor) -> torch.Tensor:
+    """``[b, 30]`` -> ``[b, 15, 2]`` (already-shaped input passes through)."""
+    return coords if coords.ndim == 3 else coords.reshape(coords.shape[0], -1, 2)
+
+
+class WingLoss(nn.Module):
+    """Wing loss (Feng et al., CVPR 2018) on pixel differences, averaged over coordinates.
+
+    ``w * ln(1 + |x| / epsilon)`` for ``|x| < w``, ``|x| - C`` otherwise, with
+    ``C = w - w * ln(1 + w / epsilon)`` making the two pieces meet at ``|x| = w``.
+    """
+
+    def __init__(self, w: float = 10.0, epsilon: float = 2.0, pixel_scale: float = 224.0) -> None:
+        super().__init__()
+        self.w, self.epsilon, self.pixel_scale = w, epsilon, pixel_scale
+        self.c = w - w * math.log(1 + w / epsilon)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        x = (pred.float() - target.float()).abs() * self.pixel_scale
+        small = self.w * torch.log1p(x / self.epsilon)
+        return torch.where(x < self.w, small, x - self.c).mean()
+
+
+class SymmetryLoss(nn.Module):
+    """Bilateral symmetry about the mediastinal axis (mean x of landmarks 0, 1, 8, 9, 10).
+
+    For each symmetric pair the right landmark is mirrored about the axis and compared with the
+    left one (:func:`cxrlandmarks.anatomy.asymmetry`). ``reference="target"`` (default) asks the
+    prediction to have the asymmetry of the ground truth, which is zero at a perfect prediction
+    and stays correct for rotated or asymmetric chests; ``reference="prior"`` asks for perfect
+    symmetry, the original's unsupervised prior. Mean absolute pixel difference over pairs and
+    both axes.
+    """
+
+    def __init__(
+        self,
+        pixel_scale: float = 224.0,
+        reference: str = "target",
+        axis_weights: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if reference not in ("target", "prior"):
+            raise ValueError(f"reference must be 'target' or 'prior', got {reference!r}")
+        self.pixel_scale, self.reference = pixel_scale, reference
+        self.register_buffer(
+            "axis_weights",
+            torch.tensor(axis_weights, dtype=torch.float32) if axis_weights else None,
+            persistent=False,
+        )
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        asym = asymmetry(as_points(pred.float()) * self.pixel_scale, self.axis_weights)
+        if self.reference == "target":
+            asym = asym - asymmetry(as_points(target.float()) * self.pixel_scale, self.axis_weights)
+        return asym.abs().mean()
+
+
+class DistancePreservationLoss(nn.Module):
+    """Mean absolute difference, in pixels, of the anatomically fixed distances (DISTANCE_PAIRS)."""
+
+    def __init__(self, pixel_scale: float = 224.0) -> None:
+        super().__init__()
+        self.pixel_scale = pixel_scale
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # The epsilon keeps the square root differentiable if two predicted landmarks coincide.
+        d_pred = pair_distances(as_points(pred.float()) * self.pixel_scale, eps=1e-8)
+        d_true = pair_distances(as_points(target.float()) * self.pixel_scale)
+        return (d_pred - d_true).abs().mean()
+
+
+class CompleteLandmarkLoss(nn.Module):
+    """``wing_weight * Wing + symmetry_weight * Symmetry + distance_weight * Distance``.
+
+    Returns the total; the unweighted components of the last call are in ``self.last``.
+    """
+
+    def __init__(
+        self,
+        wing_weight: float = 1.0,
+        symmetry_weight: float = 0.3,
+        distance_weight: float = 0.2,
+        w: float = 10.0,
+        epsilon: float = 2.0,
+        pixel_scale: float = 224.0,
+        symmetry_reference: str = "target",
+    ) -> None:
+        super().__init__()
+        self.weights = {
+            "wing": wing_weight,
+            "symmetry": symmetry_weight,
+            "distance": distance_weight,
+        }
+        self.terms = nn.ModuleDict(
+            {
+                "wing": WingLoss(w, epsilon, pixel_scale),
+                "symmetry": SymmetryLoss(pixel_scale, symmetry_reference),
+                "distance": DistancePreservationLoss(pixel_scale),
+            }
+        )
+        self.last: dict[str, float] = {}
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = pred.new_zeros((), dtype=torch.float32)
+        self.last = {}
+        for name, term in self.terms.items():
+            if self.weights[name] == 0:
+                continue
+            value = term(pred, target)
+            self.last[name] = float(value.detach())
+            total = total + self.weights[name] * value
+        return total
+
+
+class MSELoss(nn.Module):
+    """Mean squared pixel error: a plain baseline to compare the Wing loss against."""
+
+    def __init__(self, pixel_scale: float = 224.0) -> None:
+        super().__init__()
+        self.pixel_scale = pixel_scale
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (((pred.float() - target.float()) * self.pixel_scale) ** 2).mean()
+
+
+LOSS_NAMES = ("wing", "symmetry", "complete", "mse")
+
+
+def build_loss(
+    name: str,
+    *,
+    w: float = 10.0,
+    epsilon: float = 2.0,
+    pixel_scale: float = 224.0,
+    symmetry_weight: float = 0.3,
+    distance_weight: float = 0.2,
+    symmetry_reference: str = "target",
+) -> nn.Module:
+    """The loss of a training phase by name: ``wing`` (phases 1-2), ``symmetry`` = Wing + 0.3 x
+    symmetry (phase 3), ``complete`` = Wing + 0.3 x symmetry + 0.2 x distance (phase 4), ``mse``.
+    """
+    if name == "wing":
+        return CompleteLandmarkLoss(1.0, 0.0, 0.0, w, epsilon, pixel_scale, symmetry_reference)
+    if name == "symmetry":
+        return CompleteLandmarkLoss(
+            1.0, symmetry_weight, 0.0, w, epsilon, pixel_scale, symmetry_reference
+        )
+    if name == "complete":
+        return CompleteLandmarkLoss(
+            1.0, symmetry_weight, distance_weight, w, epsilon, pixel_scale, symmetry_reference
+        )
+    if name == "mse":
+        return MSELoss(pixel_scale)
+    raise ValueError(f"unknown loss {name!r} (choose from {', '.join(LOSS_NAMES)})")
+
+
+__all__ = [
+    "LOSS_NAMES",
+    "CompleteLandmarkLoss",
+    "DistancePreservationLoss",
+    "MSELoss",
+    "SymmetryLoss",
+    "WingLoss",
+    "as_points",
+    "build_loss",
+]

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from cxrlandmarks.anatomy import DISTANCE_PAIRS, SYMMETRIC_PAIRS
+from cxrlandmarks.losses import (
+    CompleteLandmarkLoss,
+    DistancePreservationLoss,
+    SymmetryLoss,
+    WingLoss,
+    build_loss,
+)
+
+
+def symmetric_chest() -> torch.Tensor:
+    """Normalised [1, 15, 2] landmarks, exactly symmetric about x = 0.5."""
+    pts = torch.zeros(15, 2)
+    for i, y in zip((0, 8, 9, 10, 1), (0.1, 0.3, 0.5, 0.7, 0.9), strict=True):
+        pts[i] = torch.tensor([0.5, y])
+    for k, (a, b) in enumerate(SYMMETRIC_PAIRS):
+        pts[a] = torch.tensor([0.5 - 0.1 - 0.05 * k, 0.2 + 0.1 * k])
+        pts[b] = torch.tensor([0.5 + 0.1 + 0.05 * k, 0.2 + 0.1 * k])
+    return pts[None]
+
+
+def test_wing_matches_hand_computed_values_in_pixels():
+    target = torch.zeros(1, 30)
+    pred = torch.zeros(1, 30)
+    pred[0, 0] = 1 / 224  # 1 px: logarithmic part
+    pred[0, 1] = -20 / 224  # 20 px: linear part
+    c = 10 - 10 * math.log(1 + 10 / 2)
+    expected = (10 * math.log(1 + 1 / 2) + (20 - c)) / 30
+    assert WingLoss()(pred, target).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_wing_is_continuous_at_w():
+    loss = WingLoss(pixel_scale=1.0)
+    below = loss(torch.tensor([[10 - 1e-4]]), torch.zeros(1, 1)).item()
+    above = loss(torch.tensor([[10 + 1e-4]]), torch.zeros(1, 1)).item()
+    assert above == pytest.approx(below, abs=1e-3)
+
+
+def test_symmetry_zero_for_symmetric_prediction_in_prior_mode():
+    chest = symmetric_chest()
+    assert SymmetryLoss(reference="prior")(chest, chest).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_symmetry_hand_computed_shift_of_one_landmark():
+    chest = symmetric_chest()
+    pred = chest.clone()
+    pred[0, 3, 0] += 4 / 224  # right apex 4 px outward; the axis (mediastinal mean x) is unchanged
+    pred[0, 13, 1] += 2 / 224  # left costophrenic angle 2 px down
+    # Residuals: pair (2,3) x by 4 px; pair (13,14) y by 2 px; 5 pairs x 2 axes averaged.
+    expected = (4 + 2) / 10
+    assert SymmetryLoss(reference="prior")(pred, chest).item() == pytest.approx(expected, rel=1e-4)
+    assert SymmetryLoss(reference="target")(pred, chest).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_symmetry_axis_moves_with_mediastinum_and_target_mode_ignores_true_asymmetry():
+    chest = symmetric_chest()
+    shifted = chest.clone()
+    shifted[0, [0, 1, 8, 9, 10], 0] += 5 / 224  # axis +5 px -> each pair's x residual -10 px
+    assert SymmetryLoss(reference="prior")(shifted, chest).item() == pytest.approx(
+        10 * 5 / 10, rel=1e-4
+    )
+    # A prediction equal to an asymmetric target costs nothing in target mode.
+    assert SymmetryLoss(reference="target")(shifted, shifted).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distance_preservation_hand_computed():
+    chest = symmetric_chest()
+    pred = chest.clone()
+    pred[0, 1, 1] += 6 / 224  # mediastinum bottom 6 px down: changes (0,1) and (10,1) by 6 px each
+    expected = (6 + 6) / len(DISTANCE_PAIRS)
+    assert DistancePreservationLoss()(pred, chest).item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_complete_is_weighted_sum_of_unit_weight_components():
+    torch.manual_seed(0)
+    target = torch.rand(4, 30)
+    pred = (target + 0.05 * torch.randn(4, 30)).clamp(0, 1)
+    wing = WingLoss()(pred, target)
+    sym = SymmetryLoss()(pred, target)
+    dist = DistancePreservationLoss()(pred, target)
+    total = CompleteLandmarkLoss()(pred, target)
+    assert total.item() == pytest.approx((wing + 0.3 * sym + 0.2 * dist).item(), rel=1e-5)
+    assert build_loss("symmetry")(pred, target).item() == pytest.approx(
+        (wing + 0.3 * sym).item(), rel=1e-5
+    )
+    assert build_loss("wing")(pred, target).item() == pytest.approx(wing.item(), rel=1e-6)
+    assert set(build_loss("complete").terms) == {"wing", "symmetry", "distance"}
+
+
+def test_gradients_finite_at_perfect_prediction():
+    target = symmetric_chest().reshape(1, 30)
+    pred = target.clone().requires_grad_(True)
+    build_loss("complete")(pred, target).backward()
+    assert torch.isfinite(pred.grad).all()
+
+
+def test_unknown_loss_name():
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss("huber")
