@@ -1,0 +1,361 @@
+"""Soft voting of several models' probability files, and the analysis of how they differ.
+
+A probability file is a CSV ``image_id,prob_<class0>,prob_<class1>[,target]`` as written by
+``binensemble-predict``. Files are aligned by ``image_id``; files that do not describe the same
+images with the same classes are refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import cohen_kappa_score
+
+from binensemble.data import read_labels
+from medcore.cli import format_table
+from medcore.errors import DataError, UserError
+from medcore.io import atomic_write_csv, atomic_write_json, read_csv
+from medcore.plots import save_figure
+
+PROB_PREFIX = "prob_"
+
+
+@dataclass
+class ProbFile:
+    """One model's class probabilities ``[n, c]`` per image id (ids in file order)."""
+
+    path: Path
+    ids: list[str]
+    classes: list[str]
+    probs: np.ndarray
+    targets: np.ndarray | None = None
+
+
+def read_probs(path: str | Path) -> ProbFile:
+    """Read and check a probability file (columns, finite values in [0, 1], rows summing to 1)."""
+    path = Path(path)
+    frame = read_csv(path, required=["image_id"], unique="image_id", dtype={"image_id": str})
+    cols = [c for c in frame.columns if str(c).startswith(PROB_PREFIX)]
+    if len(cols) < 2:
+        raise DataError(
+            path,
+            f"needs at least two {PROB_PREFIX}<class> columns (found: {', '.join(map(str, frame.columns))})",
+        )
+    try:
+        probs = frame[cols].to_numpy(dtype=float)
+    except ValueError:
+        raise DataError(path, "probability columns hold non-numbers") from None
+    if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1).any():
+        raise DataError(path, "probabilities must be finite numbers in [0, 1]")
+    bad = np.flatnonzero(np.abs(probs.sum(1) - 1.0) > 1e-3)
+    if bad.size:
+        raise DataError(
+            path, f"probabilities of image {frame['image_id'].iloc[bad[0]]!r} do not sum to 1"
+        )
+    targets = frame["target"].to_numpy(dtype=np.int64) if "target" in frame.columns else None
+    classes = [c[len(PROB_PREFIX) :] for c in cols]
+    return ProbFile(path, frame["image_id"].astype(str).tolist(), classes, probs, targets)
+
+
+def align(files: Sequence[ProbFile]) -> list[ProbFile]:
+    """The files reordered to the first one's image order; mismatches are a DataError."""
+    ref = files[0]
+    out = [ref]
+    ref_set = set(ref.ids)
+    for f in files[1:]:
+        if f.classes != ref.classes:
+            raise DataError(f.path, f"classes {f.classes} differ from {ref.classes} in {ref.path}")
+        missing = sorted(ref_set - set(f.ids))
+        extra = sorted(set(f.ids) - ref_set)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(
+                    f"{len(missing)} image(s) of {ref.path.name} missing (e.g. {missing[0]!r})"
+                )
+            if extra:
+                parts.append(f"{len(extra)} image(s) not in {ref.path.name} (e.g. {extra[0]!r})")
+            raise DataError(f.path, f"does not match {ref.path}: {'; '.join(parts)}")
+        order = pd.Index(f.ids).get_indexer(ref.ids)
+        out.append(
+            ProbFile(
+                f.path,
+                list(ref.ids),
+                f.classes,
+                f.probs[order],
+                None if f.targets is None else f.targets[order],
+            )
+        )
+    return out
+
+
+def check_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
+    """Voting weights normalised to sum 1 (equal weights when none are given)."""
+    if not weights:
+        return np.full(n, 1.0 / n)
+    w = np.asarray(weights, dtype=float)
+    if w.size != n:
+        raise UserError("--weights", f"got {w.size} weight(s) for {n} probability files")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise UserError("--weights", "weights must be non-negative numbers with a positive sum")
+    return w / w.sum()
+
+
+def soft_vote(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Weighted mean of ``[n, c]`` probability arrays (weights normalised to sum 1)."""
+    w = check_weights(weights, len(probs))
+    return np.tensordot(w, np.stack(probs), axes=1)
+
+
+def probs_frame(
+    ids: Sequence[str], probs: np.ndarray, classes: Sequence[str], targets: np.ndarray | None = None
+) -> pd.DataFrame:
+    frame = pd.DataFrame({"image_id": list(ids)})
+    for j, cls in enumerate(classes):
+        frame[f"{PROB_PREFIX}{cls}"] = probs[:, j]
+    if targets is not None:
+        frame["target"] = targets
+    return frame
+
+
+def write_predictions(
+    out_dir: str | Path,
+    name: str,
+    ids: Sequence[str],
+    probs: np.ndarray,
+    classes: Sequence[str],
+    targets: np.ndarray | None = None,
+) -> tuple[Path, Path]:
+    """``<name>.csv`` (``image_id,label``) and ``<name>_probs.csv`` (probabilities), atomically."""
+    out_dir = Path(out_dir)
+    labels = pd.DataFrame({"image_id": list(ids), "label": probs.argmax(1)})
+    pred = atomic_write_csv(out_dir / f"{name}.csv", labels)
+    prob = atomic_write_csv(
+        out_dir / f"{name}_probs.csv", probs_frame(ids, probs, classes, targets)
+    )
+    return pred, prob
+
+
+def vote_files(
+    paths: Sequence[str | Path], weights: Sequence[float] | None = None
+) -> tuple[ProbFile, np.ndarray]:
+    """Read, align and soft-vote probability files; returns the reference file and the voted probs."""
+    if len(paths) < 2:
+        raise UserError("binensemble-vote", "needs two or more probability files")
+    files = align([read_probs(p) for p in paths])
+    return files[0], soft_vote([f.probs for f in files], weights)
+
+
+def resolve_targets(files: Sequence[ProbFile], labels: dict[str, int] | None) -> np.ndarray | None:
+    """True labels from a labels mapping, else from the files' ``target`` column (if all agree)."""
+    ids = files[0].ids
+    if labels is not None:
+        missing = [i for i in ids if i not in labels]
+        if missing:
+            raise DataError(
+                "--labels", f"no label for {len(missing)} image(s) (e.g. {missing[0]!r})"
+            )
+        return np.asarray([labels[i] for i in ids], dtype=np.int64)
+    targets = [f.targets for f in files if f.targets is not None]
+    if not targets:
+        return None
+    if any(not np.array_equal(t, targets[0]) for t in targets):
+        raise DataError(files[0].path, "the files' target columns disagree")
+    return targets[0]
+
+
+def analyse(
+    names: Sequence[str],
+    probs: Sequence[np.ndarray],
+    targets: np.ndarray | None,
+    weights: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Per-model and voted accuracy, pairwise agreement and complementarity.
+
+    For each pair: agreement rate, Cohen's kappa and the number of disagreements; with labels
+    also how often only one of the two is right (the samples voting can fix), both are wrong
+    (double fault, no vote can fix) and the oracle accuracy (either is right).
+    """
+    preds = [p.argmax(1) for p in probs]
+    voted = soft_vote(probs, weights)
+    vote_pred = voted.argmax(1)
+    models = []
+    for name, p, pred in zip([*names, "vote"], [*probs, voted], [*preds, vote_pred], strict=True):
+        row: dict[str, Any] = {
+            "model": name,
+            "predicted_positive": float(pred.mean()),
+            "mean_confidence": float(p.max(1).mean()),
+        }
+        if targets is not None:
+            row["accuracy"] = float((pred == targets).mean())
+        models.append(row)
+    pairs = []
+    for i, j in combinations(range(len(names)), 2):
+        a, b = preds[i], preds[j]
+        differ = a != b
+        row = {
+            "pair": f"{names[i]} vs {names[j]}",
+            "agreement": float((~differ).mean()),
+            "kappa": float(cohen_kappa_score(a, b)) if len(np.unique(np.r_[a, b])) > 1 else 1.0,
+            "disagreements": int(differ.sum()),
+        }
+        if targets is not None:
+            ra, rb = a == targets, b == targets
+            row.update(
+                {
+                    f"only_{names[i]}_right": int((ra & ~rb).sum()),
+                    f"only_{names[j]}_right": int((rb & ~ra).sum()),
+                    "both_wrong": int((~ra & ~rb).sum()),
+                    "oracle_accuracy": float((ra | rb).mean()),
+                    "vote_right_on_disagreements": int(
+                        (vote_pred[differ] == targets[differ]).sum()
+                    ),
+                }
+            )
+        pairs.append(row)
+    return {
+        "models": models,
+        "pairs": pairs,
+        "n_images": len(vote_pred),
+        "labelled": targets is not None,
+    }
+
+
+def disagreement_frame(
+    ids: Sequence[str],
+    names: Sequence[str],
+    probs: Sequence[np.ndarray],
+    targets: np.ndarray | None,
+    weights: Sequence[float] | None = None,
+) -> pd.DataFrame:
+    """The images on which at least two models predict different labels, with every model's P(positive)."""
+    preds = np.stack([p.argmax(1) for p in probs])
+    voted = soft_vote(probs, weights)
+    differ = (preds != preds[0]).any(0)
+    frame = pd.DataFrame({"image_id": np.asarray(ids)[differ]})
+    for name, p, pred in zip(names, probs, preds, strict=True):
+        frame[f"{name}_label"] = pred[differ]
+        frame[f"{name}_p1"] = p[differ, 1]
+    frame["vote_label"] = voted.argmax(1)[differ]
+    frame["vote_p1"] = voted[differ, 1]
+    if targets is not None:
+        frame["target"] = targets[differ]
+    return frame
+
+
+def plot_analysis(
+    names: Sequence[str],
+    probs: Sequence[np.ndarray],
+    targets: np.ndarray | None,
+    report: dict[str, Any],
+    path: str | Path,
+) -> Path:
+    """Accuracy bars (or positive rates), the agreement matrix and P(positive) of the first two models."""
+    import matplotlib.pyplot as plt  # headless backend already chosen by medcore.plots
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    key = "accuracy" if targets is not None else "predicted_positive"
+    rows = report["models"]
+    axes[0].bar([r["model"] for r in rows], [r[key] for r in rows], color="tab:blue")
+    for x, r in enumerate(rows):
+        axes[0].text(x, r[key], f"{r[key]:.3f}", ha="center", va="bottom", fontsize=8)
+    axes[0].set_ylim(0, 1.08)
+    axes[0].set_title(key.replace("_", " "))
+    preds = [p.argmax(1) for p in probs]
+    agree = np.array([[float((a == b).mean()) for b in preds] for a in preds])
+    axes[1].imshow(agree, vmin=min(0.5, agree.min()), vmax=1.0, cmap="Greens")
+    for (i, j), v in np.ndenumerate(agree):
+        axes[1].text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8)
+    axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axes[1].set_yticks(range(len(names)), names)
+    axes[1].set_title("agreement")
+    colour = targets if targets is not None else preds[0]
+    axes[2].scatter(probs[0][:, 1], probs[1][:, 1], c=colour, cmap="coolwarm", s=10, alpha=0.8)
+    axes[2].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[2].axvline(0.5, color="grey", lw=0.8, ls="--")
+    axes[2].set_xlabel(f"{names[0]} P(class 1)")
+    axes[2].set_ylabel(f"{names[1]} P(class 1)")
+    axes[2].set_title(
+        "complementarity (colour: " + ("truth" if targets is not None else names[0]) + ")"
+    )
+    return save_figure(fig, path)
+
+
+# -- the binensemble-vote and binensemble-analyze commands -------------------------------------
+def add_vote_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "probs", nargs="+", type=Path, help="two or more probability files (*_probs.csv)"
+    )
+    parser.add_argument(
+        "--weights", nargs="+", type=float, help="one weight per file (default: equal)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("vote.csv"),
+        help="final image_id,label CSV; probabilities go beside it as <stem>_probs.csv",
+    )
+
+
+def run_vote(args: argparse.Namespace) -> int:
+    ref, voted = vote_files(args.probs, args.weights)
+    out = args.output
+    pred, prob = write_predictions(out.parent, out.stem, ref.ids, voted, ref.classes, ref.targets)
+    labels = voted.argmax(1)
+    print(
+        f"voted {len(args.probs)} models on {len(ref.ids)} images: {int(labels.sum())} predicted "
+        f"{ref.classes[1]}, {int((labels == 0).sum())} {ref.classes[0]}"
+    )
+    print(f"wrote {pred} and {prob}")
+    return 0
+
+
+def add_analyze_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "probs", nargs="+", type=Path, help="two or more probability files (*_probs.csv)"
+    )
+    parser.add_argument("--names", nargs="+", help="model names (default: the file stems)")
+    parser.add_argument("--weights", nargs="+", type=float, help="voting weights (default: equal)")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="image_id,label CSV (default: the files' target column, if they have one)",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("analysis"), help="where the report goes"
+    )
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    if len(args.probs) < 2:
+        raise UserError("binensemble-analyze", "needs two or more probability files")
+    names = args.names or [p.name.removesuffix(".csv").removesuffix("_probs") for p in args.probs]
+    if len(names) != len(args.probs) or len(set(names)) != len(names):
+        raise UserError("--names", f"needs {len(args.probs)} distinct names, one per file")
+    files = align([read_probs(p) for p in args.probs])
+    labels = (
+        None if args.labels is None else read_labels(args.labels, num_classes=len(files[0].classes))
+    )
+    targets = resolve_targets(files, labels)
+    probs = [f.probs for f in files]
+    check_weights(args.weights, len(files))
+    report = analyse(names, probs, targets, args.weights)
+    out = args.output_dir
+    atomic_write_json(out / "analysis.json", report)
+    atomic_write_csv(
+        out / "disagreements.csv",
+        disagreement_frame(files[0].ids, names, probs, targets, args.weights),
+    )
+    plot_analysis(names, probs, targets, report, out / "analysis.png")
+    print(format_table(report["models"]))
+    print()
+    print(format_table(report["pairs"]))
+    print(f"\nreport: {out / 'analysis.json'}, {out / 'disagreements.csv'}, {out / 'analysis.png'}")
+    return 0

@@ -1,0 +1,213 @@
+"""Load a trained model bundle (``model.pt``) and predict images with test-time augmentation.
+
+A bundle is what ``binensemble-train`` leaves in a model's run directory: the best weights,
+the model and data configs, and for the metric model the chosen k and the KNN gallery (the
+training split's embeddings and labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from binensemble.config import BinEnsembleConfig, DataConfig, ModelConfig
+from binensemble.data import (
+    ImageSet,
+    data_root,
+    eval_transform,
+    read_labels,
+    scan_labelled,
+    scan_unlabelled,
+)
+from binensemble.ensemble import write_predictions
+from binensemble.evaluate import extract, images_loader, summarise
+from binensemble.model import MODEL_CLASSES, build_model, model_kind
+from medcore.checkpoint import load_checkpoint
+from medcore.cli import add_common_args, common_overrides, format_table
+from medcore.config import from_dict, load_config, packaged_config_path
+from medcore.device import amp_policy, device_defaults, resolve_device
+from medcore.errors import CheckpointError, DataError
+from medcore.metrics import knn_predict_proba
+from medcore.splits import load_splits
+
+BUNDLE_NAME = "model.pt"
+
+
+@dataclass
+class Bundle:
+    """A model ready to predict: network, configs and (metric model) the KNN settings and gallery."""
+
+    path: Path
+    name: str  # "metric" or "baseline"
+    model: torch.nn.Module
+    model_cfg: ModelConfig
+    data_cfg: DataConfig
+    knn: dict[str, Any] | None
+    gallery_emb: torch.Tensor | None
+    gallery_y: torch.Tensor | None
+
+
+def resolve_bundle_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / BUNDLE_NAME if path.is_dir() else path
+
+
+def load_bundle(path: str | Path, device: torch.device) -> Bundle:
+    """Rebuild the model of a ``model.pt`` (or a training checkpoint of the baseline)."""
+    path = resolve_bundle_path(path)
+    state = load_checkpoint(path, map_location="cpu")
+    kinds = {model_kind(name): name for name in MODEL_CLASSES}
+    if state.get("kind") not in kinds:
+        raise CheckpointError(path, f"not a binensemble model (kind {state.get('kind')!r})")
+    name = kinds[state["kind"]]
+    if "model_config" not in state or "data_config" not in state:
+        raise CheckpointError(path, "carries no model_config/data_config; cannot rebuild the model")
+    model_cfg = from_dict(ModelConfig, state["model_config"])
+    data_cfg = from_dict(DataConfig, state["data_config"])
+    model = build_model(model_cfg, data_cfg.img_size, load_weights=False)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            path, f"weights do not fit the model ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    model.to(device).eval()
+    knn = gallery_emb = gallery_y = None
+    if name == "metric":
+        if "gallery" not in state or "knn" not in state:
+            raise CheckpointError(
+                path,
+                f"a metric training checkpoint has no KNN gallery; use the {BUNDLE_NAME} in the run directory",
+            )
+        knn = dict(state["knn"])
+        gallery_emb = state["gallery"]["embeddings"].float()
+        gallery_y = state["gallery"]["labels"].long()
+    return Bundle(path, name, model, model_cfg, data_cfg, knn, gallery_emb, gallery_y)
+
+
+def predict_probs(
+    bundle: Bundle,
+    images: ImageSet,
+    device: torch.device,
+    views: Sequence[str],
+    batch_size: int,
+    num_workers: int,
+    amp: bool = True,
+    desc: str | None = None,
+) -> np.ndarray:
+    """Class probabilities ``[n, c]`` of ``images``: KNN on TTA embeddings, or mean TTA softmax."""
+    loader = images_loader(images, eval_transform(bundle.data_cfg), batch_size, num_workers)
+    out = extract(bundle.model, loader, device, amp_policy(device, amp), views, desc=desc)
+    if bundle.name == "baseline":
+        return out.numpy()
+    assert (
+        bundle.knn is not None and bundle.gallery_emb is not None and bundle.gallery_y is not None
+    )
+    probs = knn_predict_proba(
+        bundle.gallery_emb,
+        bundle.gallery_y,
+        out,
+        int(bundle.knn["k"]),
+        weighted=bool(bundle.knn["weighted"]),
+        num_classes=bundle.model_cfg.num_classes,
+        metric=bundle.knn["metric"],
+    )
+    return probs.cpu().numpy()
+
+
+def validation_images(root: Path, data_cfg: DataConfig, splits_path: Path) -> ImageSet:
+    """The validation split that a training run saved, checked against the current data."""
+    if not splits_path.is_file():
+        raise DataError(splits_path, "no saved split beside the model (needed for --split val)")
+    labelled = scan_labelled(root, data_cfg)
+    try:
+        splits = load_splits(splits_path, ids=labelled.ids)
+    except ValueError as exc:
+        raise DataError(splits_path, str(exc).splitlines()[0]) from None
+    return labelled.subset(splits["val"])
+
+
+# -- the binensemble-predict command ------------------------------------------------------------
+def add_predict_args(parser: argparse.ArgumentParser) -> None:
+    add_common_args(parser, train=False)
+    parser.add_argument(
+        "model", type=Path, help="a model directory written by binensemble-train, or its model.pt"
+    )
+    parser.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="TestSet/ images (default) or the run's validation split (labelled)",
+    )
+    parser.add_argument(
+        "--no-tta", action="store_true", help="identity view only (default: 4-view TTA)"
+    )
+    parser.add_argument(
+        "--name", help="output file stem (default: the model name, e.g. metric or metric_val)"
+    )
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    sources = [packaged_config_path("binensemble", "default"), args.config]
+    cfg = load_config(
+        BinEnsembleConfig, *sources, overrides=[*args.overrides, *common_overrides(args)]
+    )
+    device = resolve_device(cfg.device)
+    bundle = load_bundle(args.model, device)
+    data_cfg = bundle.data_cfg
+    if args.data_dir is not None:
+        data_cfg = dataclasses.replace(data_cfg, data_dir=str(args.data_dir))
+    root = data_root(data_cfg)
+    targets = None
+    if args.split == "val":
+        images = validation_images(root, data_cfg, bundle.path.parent / "splits.json")
+        targets = images.labels
+    else:
+        images = scan_unlabelled(root, data_cfg)
+        labels_path = root / data_cfg.test_labels
+        if labels_path.is_file():
+            labels = read_labels(labels_path)
+            if all(i in labels for i in images.ids):
+                targets = np.asarray([labels[i] for i in images.ids])
+    views = ["identity"] if args.no_tta or not cfg.predict.tta else list(cfg.predict.views)
+    workers = (
+        device_defaults(device).num_workers
+        if cfg.trainer.num_workers is None
+        else cfg.trainer.num_workers
+    )
+    probs = predict_probs(
+        bundle,
+        images,
+        device,
+        views,
+        cfg.data.eval_batch_size,
+        workers,
+        cfg.trainer.amp,
+        desc=f"{bundle.name}: {args.split}",
+    )
+    out_dir = Path(args.output_dir) if args.output_dir else bundle.path.parent / "predictions"
+    name = args.name or (bundle.name if args.split == "test" else f"{bundle.name}_val")
+    pred_path, prob_path = write_predictions(
+        out_dir, name, images.ids, probs, data_cfg.classes, targets
+    )
+    if targets is not None:
+        print(
+            format_table(
+                [
+                    {
+                        "model": bundle.name,
+                        "split": args.split,
+                        **summarise(targets, probs, prefix=""),
+                    }
+                ]
+            )
+        )
+    print(f"{len(images)} images ({', '.join(views)}): {pred_path}, {prob_path}")
+    return 0
