@@ -1,0 +1,82 @@
+"""Typed configuration of ctclip: the ``data``, ``model`` and ``trainer`` sections of a YAML config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from medcore.cli import RunConfig
+
+TextColumn = Literal["findings", "impressions", "both"]
+
+
+@dataclass
+class DataConfig:
+    """Where the volumes and texts are.
+
+    With ``data_dir`` set (or the demo) the paths default to the CT-RATE layout:
+    ``<data_dir>/ct_volumes.h5`` and ``<data_dir>/ct_rate/{train_reports,valid_predicted_labels}.csv``.
+    Relative paths are taken relative to ``data_dir``.
+    """
+
+    data_dir: str | None = None
+    ct_filepath: str = "ct_volumes.h5"
+    txt_filepath: str = "ct_rate/train_reports.csv"
+    val_ct_filepath: str | None = (
+        None  # None: the training HDF5 (CT-RATE keeps all volumes in one file)
+    )
+    val_label_path: str = "ct_rate/valid_predicted_labels.csv"
+    text_column: TextColumn = "findings"
+    allow_missing: bool = False  # use only CSV names that have a volume instead of failing
+    # Each time a report is drawn, keep a random subset of its sentences (1 to all, in order):
+    # long reports then contribute all their sentences across epochs despite the 77-token
+    # context, and short prompts like "<finding> is present." are in the training distribution.
+    sentence_sampling: bool = False
+    # The built-in demo: how many synthetic volumes, and the preprocessed shape (D, H, W).
+    demo_train_volumes: int = 160
+    demo_valid_volumes: int = 60
+    demo_target_shape: list[int] = field(default_factory=lambda: [16, 56, 56])
+
+
+@dataclass
+class ModelConfig:
+    """The 3D CLIP model: DINOv2 per slice, x-transformers slice fusion, CLIP text transformer."""
+
+    dinov2_model_name: str = "dinov2_vitb14"
+    # Extra timm constructor arguments (depth, embed_dim, num_heads, mlp_ratio ...) for small variants.
+    backbone_overrides: dict[str, int | float] = field(default_factory=dict)
+    image_size: int = 224
+    freeze_dinov2: bool = False
+    pretrained_weights: str | None = None
+    slice_chunk_size: int = 64  # slices per backbone call; bounds activation memory
+    grad_checkpointing: bool = False
+    fusion_depth: int = 4
+    fusion_heads: int = 8
+    embed_dim: int = 512  # joint image-text dimension
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    init_logit_scale: float = math.log(1 / 0.07)
+
+
+@dataclass
+class ValidationConfig:
+    """Zero-shot validation on the 18 findings during training."""
+
+    do_validate: bool = (
+        True  # how often: trainer.eval_every_steps (--valid-interval; 0 = every epoch)
+    )
+    batch_size: int = 8
+    n_boot: int = 1000  # bootstrap resamples for the confidence intervals of the final evaluation
+
+
+@dataclass
+class CTClipConfig(RunConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    backbone_lr_scale: float = 0.1  # backbone learning rate = trainer.lr * backbone_lr_scale
+    use_ddp: bool = False

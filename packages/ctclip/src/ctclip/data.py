@@ -1,0 +1,173 @@
+"""CT-RATE tables (reports, labels) and the HDF5 volume dataset.
+
+Shapes: a volume is ``[d, h, w]`` uint8 (slices, rows, columns) as ctclip-preprocess stores it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from ctclip.config import DataConfig, TextColumn
+from ctclip.findings import FINDINGS
+from ctclip.preprocess import read_volume_names, volume_shape
+from ctclip.text import TEXT_COLUMNS, Tokenizer, report_text
+from medcore.errors import DataError
+from medcore.io import read_csv
+
+REPORT_COLUMNS = (
+    "VolumeName",
+    "ClinicalInformation_EN",
+    "Technique_EN",
+    "Findings_EN",
+    "Impressions_EN",
+)
+
+
+@dataclass
+class DataPaths:
+    ct_filepath: Path
+    txt_filepath: Path
+    val_ct_filepath: Path
+    val_label_path: Path
+
+
+def resolve_paths(cfg: DataConfig) -> DataPaths:
+    """The data files of ``cfg``: relative paths are taken relative to ``data_dir``."""
+    root = Path(cfg.data_dir) if cfg.data_dir else Path()
+
+    def at(p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else root / path
+
+    ct = at(cfg.ct_filepath)
+    return DataPaths(
+        ct_filepath=ct,
+        txt_filepath=at(cfg.txt_filepath),
+        val_ct_filepath=at(cfg.val_ct_filepath) if cfg.val_ct_filepath else ct,
+        val_label_path=at(cfg.val_label_path),
+    )
+
+
+def read_reports(path: Path, column: TextColumn) -> dict[str, str]:
+    """VolumeName -> report text (the columns of ``--text-column``; NaN becomes "")."""
+    frame = read_csv(path, required=["VolumeName", *TEXT_COLUMNS[column]], unique="VolumeName")
+    return {str(r["VolumeName"]): report_text(r, column) for r in frame.to_dict("records")}
+
+
+def read_labels(path: Path) -> pd.DataFrame:
+    """The labels CSV (VolumeName + the 18 findings as 0/1), indexed by VolumeName, in column order."""
+    frame = read_csv(path, required=["VolumeName", *FINDINGS], unique="VolumeName")
+    labels = frame.set_index(frame["VolumeName"].astype(str))[list(FINDINGS)]
+    values = labels.to_numpy()
+    if not np.isin(values, (0, 1)).all():
+        bad = labels.columns[~np.isin(values, (0, 1)).all(0)].tolist()
+        raise DataError(path, f"label columns must hold 0 or 1 (not so in: {', '.join(bad[:3])})")
+    return labels.astype(np.int64)
+
+
+def match_names(
+    csv_names: list[str], h5_path: Path, csv_path: Path, allow_missing: bool
+) -> list[str]:
+    """The CSV's names that have a volume in the HDF5 file; missing ones are an error unless allowed.
+
+    An HDF5 file may hold more volumes than the CSV (CT-RATE keeps all splits in one file).
+    """
+    stored = read_volume_names(h5_path)
+    missing = [n for n in csv_names if n not in stored]
+    if missing and not allow_missing:
+        raise DataError(
+            csv_path,
+            f"{len(missing)} of {len(csv_names)} volumes are not in {h5_path} "
+            f"(first: {', '.join(missing[:3])}); preprocess them or set data.allow_missing=true",
+        )
+    present = [n for n in csv_names if n in stored]
+    if not present:
+        raise DataError(csv_path, f"none of its volumes is in {h5_path}")
+    return present
+
+
+class VolumeReader:
+    """Reads volumes by name from a ctclip HDF5 file, opening it lazily in each process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.shape = volume_shape(self.path)
+        self._h5: h5py.File | None = None
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if self._h5 is None:
+            self._h5 = h5py.File(self.path, "r")
+        return torch.from_numpy(self._h5["volumes"][name][()])
+
+    def __getstate__(self) -> dict:
+        return {
+            "path": self.path,
+            "shape": self.shape,
+            "_h5": None,
+        }  # h5py handles do not cross processes
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a report (split after '.', '!' or '?' followed by white space)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+class CTReportDataset(Dataset):
+    """(volume, report tokens) pairs for contrastive training."""
+
+    def __init__(
+        self,
+        h5_path: Path,
+        reports: dict[str, str],
+        names: list[str],
+        tokenizer: Tokenizer,
+        sentence_sampling: bool = False,
+    ) -> None:
+        self.reader = VolumeReader(h5_path)
+        self.names = names
+        self.reports = reports
+        self.tokenizer = tokenizer
+        self.sentence_sampling = sentence_sampling
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def text(self, name: str) -> str:
+        """The report, or a random in-order subset of its sentences (global torch RNG: the
+        Trainer seeds it per worker and checkpoints it, so runs and resumes repeat exactly)."""
+        report = self.reports[name]
+        if not self.sentence_sampling:
+            return report
+        sentences = split_sentences(report)
+        if len(sentences) < 2:
+            return report
+        k = int(torch.randint(1, len(sentences) + 1, ()))
+        keep = torch.randperm(len(sentences))[:k].sort().values.tolist()
+        return " ".join(sentences[i] for i in keep)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        name = self.names[index]
+        return {"volume": self.reader(name), "tokens": self.tokenizer(self.text(name))[0]}
+
+
+class CTVolumeDataset(Dataset):
+    """Volumes with their 18 labels, for zero-shot evaluation."""
+
+    def __init__(self, h5_path: Path, labels: pd.DataFrame, names: list[str]) -> None:
+        self.reader = VolumeReader(h5_path)
+        self.names = names
+        self.labels = torch.from_numpy(labels.loc[names].to_numpy(dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"volume": self.reader(self.names[index]), "labels": self.labels[index]}

@@ -1,0 +1,236 @@
+"""The 3D CT CLIP model: a DINOv2 ViT on every slice, x-transformers slice fusion, CLIP text tower.
+
+Shape notation: ``b`` batch, ``d`` slices (depth), ``h w`` slice pixels, ``c`` feature channels,
+``n`` text tokens, ``e`` joint embedding dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from open_clip.model import CLIPTextCfg, _build_text_tower
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import nn
+from x_transformers import Encoder
+
+from ctclip.config import ModelConfig
+from medcore.errors import ConfigError
+from medcore.weights import load_pretrained, missing_weights_error
+
+# The spec's torch.hub names of DINOv2 and the timm models with the same architecture.
+BACKBONES: dict[str, str] = {
+    "dinov2_vits14": "vit_small_patch14_dinov2",
+    "dinov2_vitb14": "vit_base_patch14_dinov2",
+    "dinov2_vitl14": "vit_large_patch14_dinov2",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
+    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature
+
+
+def exists(value: object) -> bool:
+    return value is not None
+
+
+def timm_backbone_name(name: str) -> str:
+    """The timm model for a DINOv2 name (hub spelling like ``dinov2_vitb14`` or the timm name)."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if name in BACKBONES.values():
+        return name
+    valid = ", ".join([*BACKBONES, *BACKBONES.values()])
+    raise ConfigError("model.dinov2_model_name", f"unknown backbone {name!r} (valid: {valid})")
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """The DINOv2 ViT for ``cfg`` (random init: weights only come from a local file)."""
+    name = timm_backbone_name(cfg.dinov2_model_name)
+    try:
+        return timm.create_model(
+            name, pretrained=False, img_size=cfg.image_size, num_classes=0, **cfg.backbone_overrides
+        )
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(
+            "model.backbone_overrides", f"timm rejected them ({str(exc).splitlines()[0][:160]})"
+        ) from None
+
+
+def convert_dinov2_state(
+    state: dict[str, torch.Tensor], backbone: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Hub-layout DINOv2 weights (``mask_token``, ``register_tokens``, SwiGLU ``w12``/``w3``, a
+    518-pixel position grid) or timm-layout weights -> the keys and grid of ``backbone``.
+
+    timm's own filter does the conversion and the position-embedding interpolation; wrapper
+    prefixes (DDP ``module.``, a DINO ``teacher`` checkpoint's ``backbone.``) are removed first so
+    that it recognises the hub layout.
+    """
+    for prefix in ("module.", "backbone.", "model."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    state = {
+        k: v for k, v in state.items() if not k.startswith(("head.", "dino_head.", "ibot_head."))
+    }
+    return checkpoint_filter_fn(state, backbone)
+
+
+class VolumeEncoder(nn.Module):
+    """Volume ``[b, d, h, w]`` -> ``[b, e]``: DINOv2 CLS feature of every slice, fused over slices."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        fusion_depth: int = 4,
+        fusion_heads: int = 8,
+        slice_chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        dim = backbone.num_features
+        self.slice_chunk_size = slice_chunk_size
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.fusion = Encoder(
+            dim=dim, depth=fusion_depth, heads=fusion_heads, rotary_pos_emb=True, attn_flash=True
+        )
+        self.proj = nn.Linear(dim, embed_dim, bias=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.backbone.patch_embed.img_size)
+
+    def normalize_slices(self, slices: torch.Tensor) -> torch.Tensor:
+        """``[n, h, w]`` -> ``[n, 3, h, w]``: min-max per slice to [0, 1], then ImageNet mean/std."""
+        x = slices.float()
+        lo = x.amin(dim=(-2, -1), keepdim=True)
+        hi = x.amax(dim=(-2, -1), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-6)  # a uniform slice becomes 0
+        x = repeat(x, "n h w -> n c h w", c=3)
+        return (x - self.mean) / self.std
+
+    def slice_features(self, volume: torch.Tensor) -> torch.Tensor:
+        """``[b, d, h, w]`` -> ``[b, d, c]``, slices through the backbone ``slice_chunk_size`` at a time."""
+        b = volume.shape[0]
+        slices = rearrange(volume, "b d h w -> (b d) h w")
+        feats = [
+            self.backbone(self.normalize_slices(chunk))
+            for chunk in slices.split(self.slice_chunk_size)
+        ]
+        return rearrange(torch.cat(feats), "(b d) c -> b d c", b=b)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        tokens = self.slice_features(volume)
+        cls = repeat(self.cls_token, "1 1 c -> b 1 c", b=tokens.shape[0])
+        fused = self.fusion(torch.cat([cls.to(tokens.dtype), tokens], dim=1))
+        return self.proj(fused[:, 0])
+
+
+class CTCLIP(nn.Module):
+    """Contrastive volume-report model with a learned temperature (``logit_scale``)."""
+
+    def __init__(
+        self,
+        visual: VolumeEncoder,
+        text: nn.Module,
+        context_length: int,
+        init_logit_scale: float = math.log(1 / 0.07),
+    ) -> None:
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.context_length = context_length
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> CTCLIP:
+        """Build the model; with ``load_weights`` the backbone takes ``cfg.pretrained_weights``."""
+        backbone = create_backbone(cfg)
+        if cfg.grad_checkpointing:
+            backbone.set_grad_checkpointing(True)  # timm checkpoints each block
+        if load_weights and exists(cfg.pretrained_weights):
+            load_backbone_weights(backbone, cfg.pretrained_weights)
+        if cfg.freeze_dinov2:
+            if load_weights and not exists(cfg.pretrained_weights):
+                raise missing_weights_error(
+                    "--freeze-dinov2",
+                    "A frozen random backbone learns nothing. Get DINOv2 weights on a "
+                    "machine with network, e.g. torch.hub.load('facebookresearch/dinov2', "
+                    f"'{cfg.dinov2_model_name}').state_dict() saved with torch.save, and pass that file.",
+                )
+            backbone.requires_grad_(False)
+        visual = VolumeEncoder(
+            backbone, cfg.embed_dim, cfg.fusion_depth, cfg.fusion_heads, cfg.slice_chunk_size
+        )
+        text_cfg = CLIPTextCfg(
+            context_length=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            width=cfg.text_width,
+            heads=cfg.text_heads,
+            layers=cfg.text_layers,
+        )
+        text = _build_text_tower(cfg.embed_dim, text_cfg)
+        return cls(visual, text, cfg.context_length, cfg.init_logit_scale)
+
+    def encode_volume(self, volume: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        feats = self.visual(volume)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        feats = self.text(tokens)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    embed = encode_volume
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def forward(
+        self, volume: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised volume features ``[b, e]``, normalised text features ``[b, e]``, logit scale)."""
+        return self.encode_volume(volume), self.encode_text(tokens), self.scale()
+
+    def param_groups(self, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
+        """AdamW groups: the backbone at a lower learning rate; no decay on gains, biases, tokens."""
+        groups: dict[str, dict] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = "backbone" if name.startswith("visual.backbone.") else "head"
+            decay = (
+                param.ndim >= 2
+                and "token" not in name
+                and "pos_embed" not in name
+                and "embedding" not in name
+            )
+            key = f"{part}{'' if decay else '_no_decay'}"
+            group = groups.setdefault(
+                key,
+                {
+                    "params": [],
+                    "name": key,
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "lr": lr * (backbone_lr_scale if part == "backbone" else 1.0),
+                },
+            )
+            group["params"].append(param)
+        return list(groups.values())
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Local DINOv2 weights (timm or torch.hub layout) into ``backbone``; mismatches are errors."""
+    load_pretrained(
+        backbone, path, convert=lambda state: convert_dinov2_state(state, backbone), min_match=0.9
+    )

@@ -1,0 +1,68 @@
+"""The CLIP BPE tokenizer (open_clip ships the vocabulary: no download) and report text selection."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+from ctclip.config import TextColumn
+
+TEXT_COLUMNS = {
+    "findings": ("Findings_EN",),
+    "impressions": ("Impressions_EN",),
+    "both": ("Findings_EN", "Impressions_EN"),
+}
+
+
+class Tokenizer:
+    """Texts -> ``[n, context_length]`` token ids; truncation keeps the end-of-text token.
+
+    The text tower pools at the end-of-text token (the highest id), so it must survive truncation;
+    open_clip's SimpleTokenizer overwrites the last kept position with it.
+    """
+
+    def __init__(self, context_length: int = 77) -> None:
+        if context_length < 3:
+            raise ValueError("context_length must be at least 3")
+        self.context_length = context_length
+        self._tok = SimpleTokenizer(context_length=context_length)
+
+    @property
+    def sot_token_id(self) -> int:
+        return self._tok.sot_token_id
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._tok.eot_token_id
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        return self._tok(texts, context_length=self.context_length)
+
+    def decode(self, tokens: torch.Tensor | list[int]) -> str:
+        """The text of one row of token ids, without start/end/padding tokens."""
+        ids = [int(t) for t in tokens if int(t) not in (0, self.sot_token_id, self.eot_token_id)]
+        return self._tok.decode(ids).strip()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "context_length": self.context_length
+        }  # workers rebuild instead of pickling the BPE tables
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["context_length"])
+
+
+def clean_text(value: Any) -> str:
+    """A report cell as text; NaN/None (a missing section) becomes the empty string."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def report_text(row: dict[str, Any], column: TextColumn) -> str:
+    """The text of a reports-CSV row for ``--text-column`` (findings, impressions or both)."""
+    parts = [clean_text(row.get(c)) for c in TEXT_COLUMNS[column]]
+    return " ".join(p for p in parts if p)

@@ -1,0 +1,66 @@
+"""Zero-shot finding classification: a softmax over each finding's (positive, negative) prompt pair.
+
+Shapes: ``n`` volumes, ``f`` findings, ``e`` embedding dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ctclip.findings import FINDINGS, prompt_pairs
+from ctclip.model import CTCLIP
+from ctclip.text import Tokenizer
+from medcore.device import AmpPolicy, autocast
+
+
+@torch.no_grad()
+def prompt_features(
+    model: CTCLIP,
+    tokenizer: Tokenizer,
+    findings: Sequence[str] = FINDINGS,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Normalised text features of every finding's prompts: ``[f, 2, e]`` (positive, negative)."""
+    texts = [t for pair in prompt_pairs(list(findings)) for t in pair]
+    feats = model.encode_text(tokenizer(texts).to(device)).float()
+    return feats.view(len(findings), 2, -1)
+
+
+def zero_shot_probs(
+    volume_features: torch.Tensor, prompt_feats: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """P(finding present) ``[n, f]`` from volume features ``[n, e]`` and prompt features ``[f, 2, e]``."""
+    logits = logit_scale * torch.einsum(
+        "ne,fke->nfk", volume_features.float(), prompt_feats.float()
+    )
+    return logits.softmax(dim=-1)[..., 0]
+
+
+@torch.no_grad()
+def predict(
+    model: CTCLIP,
+    dataset: Dataset,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    amp: AmpPolicy | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    findings: Sequence[str] = FINDINGS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities ``[n, f]``, labels ``[n, f]``) of the volumes of ``dataset`` (in order)."""
+    was_training = model.training
+    model.eval()
+    amp = amp or AmpPolicy(False, torch.float32, False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    with autocast(device, amp):
+        prompts = prompt_features(model, tokenizer, findings, device)
+        feats, labels = [], []
+        for batch in loader:
+            feats.append(model.encode_volume(batch["volume"].to(device)).float().cpu())
+            labels.append(batch["labels"])
+    model.train(was_training)
+    probs = zero_shot_probs(torch.cat(feats), prompts.cpu(), model.scale().detach().float().cpu())
+    return probs, torch.cat(labels)

@@ -1,0 +1,263 @@
+"""Preprocessing: orientation and HU scaling voxel by voxel, resize/pad, resume, bad files."""
+
+from __future__ import annotations
+
+import gzip
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctclip import cli
+from ctclip import preprocess as pp
+from ctclip.preprocess import VolumeMeta, preprocess_volume, run_preprocess
+
+RNG = np.random.default_rng(0)
+
+
+def _hu(shape) -> np.ndarray:
+    return RNG.integers(-1100, 1300, size=shape).astype(np.float64)
+
+
+def _expected_uint8(hu: np.ndarray) -> np.ndarray:
+    return np.round((np.clip(hu, -1000, 1000) + 1000) / 2000 * 255).astype(np.uint8)
+
+
+def _save(path, data, affine, slope=None, inter=None):
+    img = nib.Nifti1Image(data, affine)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, path)
+    return path
+
+
+def test_lps_header_scaled_volume_voxel_by_voxel(tmp_path):
+    # Voxel axes i->L, j->P, k->S at 1 mm: stored view [k, j, i] (rows anterior->posterior = +j,
+    # columns right->left = +i); the header's slope/intercept apply, the metadata's must not.
+    hu = _hu((6, 5, 4))
+    raw = np.round((hu + 1024) / 0.5).astype(np.int16)
+    path = _save(
+        tmp_path / "v.nii.gz", raw, np.diag([-1.0, -1.0, 1.0, 1.0]), slope=0.5, inter=-1024
+    )
+    meta = VolumeMeta(slope=1.0, intercept=-1024.0, spacing_zyx=(1.0, 1.0, 1.0))
+    vol, attrs = preprocess_volume(path, meta, (4, 5, 6))
+    true_hu = raw.astype(np.float64) * 0.5 - 1024
+    np.testing.assert_array_equal(vol, _expected_uint8(true_hu.transpose(2, 1, 0)))
+    assert attrs["out_spacing"][0] == pytest.approx(1.0)
+
+
+def test_ras_metadata_scaled_volume_and_slice_order(tmp_path):
+    # RAS voxel axes: rows and columns are flipped to the radiological view; the header does not
+    # scale, so the metadata's RescaleSlope/RescaleIntercept apply.
+    hu = _hu((4, 6, 5))
+    raw = (hu + 1024).astype(np.int16)
+    path = _save(tmp_path / "v.nii.gz", raw, np.eye(4))
+    meta = VolumeMeta(slope=1.0, intercept=-1024.0)
+    expected = _expected_uint8(hu.transpose(2, 1, 0)[:, ::-1, ::-1])
+    vol, _ = preprocess_volume(path, meta, (5, 6, 4))
+    np.testing.assert_array_equal(vol, expected)
+    top_down, _ = preprocess_volume(path, meta, (5, 6, 4), slide_b2u=False)
+    np.testing.assert_array_equal(top_down, expected[::-1])
+
+
+def test_permuted_axes_are_reoriented(tmp_path):
+    # Voxel axes (S, R, A): the first array axis runs along z.
+    hu = _hu((3, 4, 5))  # (z, x, y)
+    affine = np.zeros((4, 4))
+    affine[2, 0] = affine[0, 1] = affine[1, 2] = affine[3, 3] = 1.0
+    path = _save(tmp_path / "v.nii.gz", hu.astype(np.float32), affine)
+    vol, _ = preprocess_volume(path, None, (3, 5, 4))
+    ras = hu.transpose(1, 2, 0)  # (x, y, z)
+    np.testing.assert_array_equal(vol, _expected_uint8(ras.transpose(2, 1, 0)[:, ::-1, ::-1]))
+
+
+def test_resize_keeps_aspect_and_centres(tmp_path):
+    # 0.5 mm in-plane, 2 mm slices: 40x40 px -> 20x20 at 1 mm, 4 slices -> 8 at 1 mm, padded to 12.
+    data = np.full((40, 40, 4), 500.0, dtype=np.float32)
+    path = _save(tmp_path / "v.nii.gz", data, np.diag([0.5, 0.5, 2.0, 1.0]))
+    vol, attrs = preprocess_volume(path, None, (12, 20, 20))
+    assert attrs["out_spacing"][0] == pytest.approx(1.0)
+    value = _expected_uint8(np.array(500.0))
+    assert (vol[2:10] == value).all()
+    assert (vol[:2] == 0).all() and (vol[10:] == 0).all()  # air padding, centred
+
+
+def _write_dataset(root, n=4):
+    vols = root / "vols"
+    vols.mkdir()
+    rows = []
+    for i in range(n):
+        name = f"train_{i}_a_1.nii.gz"
+        _save(vols / name, (_hu((8, 8, 4)) + 1024).astype(np.int16), np.diag([2.0, 2.0, 4.0, 1.0]))
+        rows.append(
+            {
+                "VolumeName": name,
+                "XYSpacing": "[2.0, 2.0]",
+                "ZSpacing": 4.0,
+                "RescaleSlope": 1,
+                "RescaleIntercept": -1024,
+                "Manufacturer": "X",
+            }
+        )
+    pd.DataFrame(rows).to_csv(root / "meta.csv", index=False)
+    return vols, root / "meta.csv"
+
+
+def test_bad_files_are_named_skipped_and_counted(tmp_path, capsys):
+    vols, meta = _write_dataset(tmp_path)
+    good = (vols / "train_0_a_1.nii.gz").read_bytes()
+    (vols / "train_1_a_1.nii.gz").write_bytes(good[: len(good) // 2])  # truncated
+    (vols / "train_2_a_1.nii.gz").write_bytes(gzip.compress(b"not a nifti"))  # corrupt
+    _save(vols / "train_3_a_1.nii.gz", np.zeros((4, 4, 4, 2), np.int16), np.eye(4))  # 4D
+    _save(vols / "train_9_a_1.nii.gz", np.zeros((4, 4, 4), np.int16), np.eye(4))  # not in metadata
+    out = tmp_path / "out.h5"
+    code = cli.preprocess(
+        [
+            "--ct-data-path",
+            str(vols),
+            "--ct-out-path",
+            str(out),
+            "--metadata-path",
+            str(meta),
+            "--target-shape",
+            "4",
+            "8",
+            "8",
+            "--num-workers",
+            "0",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    for name in ("train_1_a_1", "train_2_a_1", "train_3_a_1", "train_9_a_1"):
+        assert f"skipped {name}.nii.gz" in captured.err
+    assert "1 written, 0 already present, 4 skipped" in captured.out
+    with h5py.File(out) as h5:
+        assert sorted(h5["volumes"]) == ["train_0_a_1.nii.gz"]
+        ds = h5["volumes/train_0_a_1.nii.gz"]
+        assert ds.shape == (4, 8, 8) and ds.dtype == np.uint8 and ds.chunks == (4, 8, 8)
+        assert ds.attrs["name"] == "train_0_a_1.nii.gz" and ds.attrs["source"].endswith(
+            "train_0_a_1.nii.gz"
+        )
+        np.testing.assert_allclose(ds.attrs["spacing"], [4.0, 2.0, 2.0])
+
+
+def test_interrupted_run_resumes_without_redoing_work(tmp_path, monkeypatch):
+    vols, meta = _write_dataset(tmp_path)
+    out = tmp_path / "out.h5"
+    calls = []
+    real = pp.preprocess_volume
+
+    def interrupt_third(*args, **kwargs):
+        calls.append(args[0].name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pp, "preprocess_volume", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess(vols, out, [meta], (4, 8, 8), num_workers=0, show_progress=False)
+    partial = tmp_path / "out.h5.partial"
+    assert not out.exists() and partial.exists()  # the finished name never holds a partial file
+    with h5py.File(partial, "a") as h5:
+        assert len(pp.complete_names(h5)) == 2
+        h5["volumes"].create_dataset(
+            calls[2], data=np.zeros((4, 8, 8), np.uint8)
+        )  # half-written, unmarked
+
+    calls.clear()
+    monkeypatch.setattr(
+        pp, "preprocess_volume", lambda *a, **k: (calls.append(a[0].name), real(*a, **k))[1]
+    )
+    result = run_preprocess(vols, out, [meta], (4, 8, 8), num_workers=0, show_progress=False)
+    assert len(calls) == 2 and result.skipped_existing == 2
+    assert out.exists() and not partial.exists()
+    with h5py.File(out) as h5:
+        assert len(pp.complete_names(h5)) == 4
+        fresh, _ = real(vols / calls[0], pp.read_metadata([meta])[calls[0]], (4, 8, 8))
+        np.testing.assert_array_equal(h5["volumes"][calls[0]][()], fresh)
+    calls.clear()
+    run_preprocess(vols, out, [meta], (4, 8, 8), num_workers=0, show_progress=False)
+    assert calls == []  # nothing left to do
+
+
+def test_parallel_workers_match_serial(tmp_path):
+    vols, meta = _write_dataset(tmp_path, n=3)
+    run_preprocess(vols, tmp_path / "a.h5", [meta], (4, 8, 8), num_workers=0, show_progress=False)
+    run_preprocess(vols, tmp_path / "b.h5", [meta], (4, 8, 8), num_workers=2, show_progress=False)
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert sorted(a["volumes"]) == sorted(b["volumes"])
+        for name in a["volumes"]:
+            np.testing.assert_array_equal(a["volumes"][name][()], b["volumes"][name][()])
+
+
+def test_wrong_shape_in_existing_file_is_one_line_error(tmp_path, capsys):
+    vols, meta = _write_dataset(tmp_path, n=1)
+    out = tmp_path / "out.h5"
+    run_preprocess(vols, out, [meta], (4, 8, 8), num_workers=0, show_progress=False)
+    before = out.read_bytes()
+    code = cli.preprocess(
+        [
+            "--ct-data-path",
+            str(vols),
+            "--ct-out-path",
+            str(out),
+            "--metadata-path",
+            str(meta),
+            "--target-shape",
+            "4",
+            "16",
+            "16",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "(4, 8, 8)" in err[0]
+    assert out.read_bytes() == before
+
+
+def test_metadata_missing_columns_is_one_line_error(tmp_path, capsys):
+    vols, meta = _write_dataset(tmp_path, n=1)
+    pd.read_csv(meta).drop(columns=["RescaleSlope"]).to_csv(meta, index=False)
+    code = cli.preprocess(
+        [
+            "--ct-data-path",
+            str(vols),
+            "--ct-out-path",
+            str(tmp_path / "o.h5"),
+            "--metadata-path",
+            str(meta),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "RescaleSlope" in err[0]
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_demo_orientations_agree_after_preprocessing(tmp_path):
+    # One phantom written with six voxel orientations comes out the same (up to noise).
+    from ctclip.synthetic import ORIENTATIONS, Case, _write_nifti, render
+
+    labels = {
+        "Lung nodule": 1,
+        "Pleural effusion": 1,
+        "Cardiomegaly": 0,
+        "Medical material": 1,
+        "Consolidation": 1,
+    }
+    case = Case(labels=labels, seed=5)
+    spacing = {0: 5.0, 1: 5.0, 2: 3.2}
+    volumes = []
+    for i, orientation in enumerate(ORIENTATIONS):
+        hu, affine = render(case, orientation, spacing, noise_seed=i, jitter_mm=0.0)
+        path = tmp_path / f"train_1_a_{i}.nii.gz"
+        _write_nifti(path, hu, affine, storage=i % 3, slope=0.5, inter=-1024.0)
+        meta = VolumeMeta(
+            slope=0.5 if i % 3 == 1 else 1.0, intercept=-1024.0 if i % 3 == 1 else 0.0
+        )
+        volumes.append(preprocess_volume(path, meta, (16, 56, 56))[0].astype(float))
+    for vol in volumes[1:]:
+        assert np.abs(vol - volumes[0]).mean() < 2.5  # noise (15 HU) is ~2 grey levels
+    # A reading with rows flipped (anterior/posterior swapped) would differ far more.
+    assert np.abs(volumes[0] - volumes[0][:, ::-1, :]).mean() > 6.0

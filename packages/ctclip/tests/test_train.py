@@ -1,0 +1,167 @@
+"""ctclip-train and ctclip-eval end to end on tiny data, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from ctclip import cli
+from ctclip.findings import FINDINGS
+from medcore.checkpoint import load_checkpoint, save_checkpoint
+from medcore.testing import skip_if_no_cuda
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_sets):
+    """The built-in demo path (generation, preprocessing, training, zero-shot) with --smoke."""
+    tmp = tmp_path_factory.mktemp("run")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDCORE_CACHE_DIR", str(tmp / "cache"))
+    try:
+        code = cli.train(
+            ["--smoke", "--output-dir", str(tmp / "run"), "--device", "cpu", *tiny_sets]
+        )
+    finally:
+        mp.undo()
+    assert code == 0
+    return tmp / "run"
+
+
+def test_smoke_train_writes_the_run_directory(trained_run):
+    for rel in (
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.json",
+        "splits.json",
+        "checkpoints/final.pt",
+        "checkpoints/latest.pt",
+        "checkpoints/final.safetensors",
+        "zero_shot_metrics.csv",
+        "zero_shot_metrics.json",
+        "plots/zero_shot_roc.png",
+    ):
+        assert (trained_run / rel).is_file(), rel
+    assert list((trained_run / "tb").iterdir())
+    final = load_checkpoint(trained_run / "checkpoints/final.pt", kind="ctclip.CTCLIP")
+    assert final["model_config"]["image_size"] == 28 and final["findings"] == list(FINDINGS)
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["num_evaluated_findings"] >= 1 and 0.0 <= metrics["mean_auc"] <= 1.0
+
+
+def test_eval_command_rebuilds_the_model_from_the_checkpoint(trained_run, tmp_path, capsys):
+    demo = next((trained_run.parent / "cache" / "ctclip").glob("demo-*/"))
+    out = tmp_path / "eval"
+    code = cli.evaluate(
+        [
+            "--model-path",
+            str(trained_run / "checkpoints/final.pt"),
+            "--test-data",
+            str(next(demo.glob("*.h5"))),
+            "--test-labels",
+            str(demo / "ct_rate/valid_predicted_labels.csv"),
+            "--output-dir",
+            str(out),
+            "--n-boot",
+            "20",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "AUC [95% CI]" in printed and "mean" in printed
+    rows = pd.read_csv(out / "zero_shot_metrics.csv")
+    assert list(rows["finding"]) == [*FINDINGS, "mean"]
+    for column in ("auc", "auc_ci_low", "f1_ci_high", "precision", "recall", "accuracy"):
+        assert column in rows.columns
+    assert (out / "plots/zero_shot_roc.png").is_file()
+    preds = pd.read_csv(out / "zero_shot_predictions.csv")
+    assert (
+        preds.shape[1] == 19
+        and ((preds[list(FINDINGS)] >= 0) & (preds[list(FINDINGS)] <= 1)).all().all()
+    )
+
+
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_eval_refuses_a_checkpoint_of_another_model(trained_run, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    save_checkpoint({"model": {"w": torch.zeros(1)}}, other, kind="ctretrieval.Model")
+    code = cli.evaluate(
+        ["--model-path", str(other), "--test-data", "x.h5", "--test-labels", "y.csv"]
+    )
+    assert code == 2 and "ctretrieval.Model checkpoint, not ctclip.CTCLIP" in _one_error_line(
+        capsys
+    )
+
+
+def test_real_data_errors_are_one_line(tiny_demo, tiny_sets, tmp_path, capsys):
+    base = [
+        "--data-dir",
+        str(tiny_demo),
+        "--output-dir",
+        str(tmp_path / "r"),
+        "--smoke",
+        *tiny_sets,
+    ]
+    assert cli.train([*base, "--dinov2-model-name", "dinov2_vitz14"]) == 2
+    assert "unknown backbone 'dinov2_vitz14'" in _one_error_line(capsys)
+
+    reports = pd.read_csv(tiny_demo / "ct_rate/train_reports.csv")
+    reports.drop(columns=["Findings_EN"]).to_csv(tmp_path / "no_col.csv", index=False)
+    assert cli.train([*base, "--txt-filepath", str(tmp_path / "no_col.csv")]) == 2
+    assert "missing column(s) Findings_EN" in _one_error_line(capsys)
+
+    extra = pd.concat([reports, reports.iloc[:1].assign(VolumeName="train_999_a_1.nii.gz")])
+    extra.to_csv(tmp_path / "extra.csv", index=False)
+    assert cli.train([*base, "--txt-filepath", str(tmp_path / "extra.csv")]) == 2
+    assert "1 of" in _one_error_line(capsys)
+
+    assert cli.train([*base, "--set", "model.image_size=56"]) == 2
+    assert "28x28 slices but model.image_size is 56" in _one_error_line(capsys)
+
+    assert cli.train([*base, "--pretrained-weights", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in _one_error_line(capsys)
+
+    assert cli.train([*base, "--use-ddp"]) == 2
+    assert "torchrun" in _one_error_line(capsys)
+
+
+def test_real_data_training_uses_the_files(tiny_demo, tiny_sets, tmp_path):
+    code = cli.train(
+        [
+            "--data-dir",
+            str(tiny_demo),
+            "--output-dir",
+            str(tmp_path / "r"),
+            "--smoke",
+            "--text-column",
+            "both",
+            "--no-do-validate",
+            *tiny_sets,
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "r/checkpoints/final.pt").is_file()
+    assert not (tmp_path / "r/zero_shot_metrics.csv").exists()
+    splits = json.loads((tmp_path / "r/splits.json").read_text())
+    assert len(splits["ids"]["train"]) == 8
+
+
+@pytest.mark.gpu
+@skip_if_no_cuda
+def test_training_step_on_cuda_with_amp(tiny_sets, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    code = cli.train(
+        ["--smoke", "--device", "cuda", "--output-dir", str(tmp_path / "run"), *tiny_sets]
+    )
+    assert code == 0
+    log = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in log if r.get("event") == "start")["amp"] in ("bf16", "fp16")
