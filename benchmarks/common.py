@@ -1,0 +1,117 @@
+"""Timing, memory and reporting helpers shared by the benchmark cases.
+
+Every case measures a ratio of two things run in the same process on the same data, so the
+result holds on a noisy machine: absolute numbers move with the machine, ratios much less.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Row:
+    case: str
+    measured: str
+    reference: str
+    ratio: float
+    target: str
+    passed: bool
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(
+    fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1
+) -> float:
+    """Best wall time of ``repeats`` calls after ``warmup`` calls (seconds)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _child(fn: Callable[[], Any], queue: Any) -> None:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put(((peak - base) * 1024, result))
+
+
+def peak_rss_in_child(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Peak resident memory growth (bytes) of ``fn`` run in a fresh process, and its result.
+
+    A fresh process per measurement is the only clean way to read a CPU peak: ru_maxrss never
+    goes down within a process. ``fn`` must be picklable (a module-level function/partial).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def fmt_s(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
