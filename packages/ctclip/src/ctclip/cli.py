@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
 from medcore.cli import add_common_args, run_cli, setup_run
-from medcore.config import packaged_config_path
 from medcore.device import DEVICE_CHOICES, resolve_device
-from medcore.errors import ConfigError
 
 TRAIN_FLAGS = {  # ctclip-train flag -> config key (the spec's spelling of the original options)
     "ct_filepath": "data.ct_filepath",
@@ -31,13 +28,6 @@ SWITCHES = {
 }
 
 
-def _packaged_or_path(args: argparse.Namespace) -> None:
-    """``--config ctrate_vitb14`` names a packaged config; anything that exists is a file."""
-    if args.config is not None and not args.config.exists():
-        with contextlib.suppress(ConfigError):  # otherwise medcore names the missing file
-            args.config = packaged_config_path("ctclip", str(args.config))
-
-
 def train(argv: list[str] | None = None) -> int:
     parser = add_common_args(argparse.ArgumentParser(prog="ctclip-train", description=__doc__))
     for flag in TRAIN_FLAGS:
@@ -56,7 +46,6 @@ def train(argv: list[str] | None = None) -> int:
 
     def main() -> int:
         args = parser.parse_args(argv)
-        _packaged_or_path(args)
         args.overrides = [
             *args.overrides,
             *(
