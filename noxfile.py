@@ -118,7 +118,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def wheels(session: nox.Session) -> None:
     """Build every wheel without workspace sources; install one task package elsewhere and run it."""
-    dist = Path(session.create_tmp()) / "dist"
+    dist = Path(session.create_tmp()).resolve() / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     for package in PACKAGES:
         session.run(
@@ -134,7 +134,7 @@ def wheels(session: nox.Session) -> None:
         )
     medcore_wheel = next(dist.glob("medcore-*.whl"))
     for package in TASK_PACKAGES:
-        venv = Path(session.create_tmp()) / f"plain-{package}"
+        venv = Path(session.create_tmp()).resolve() / f"plain-{package}"
         shutil.rmtree(venv, ignore_errors=True)
         session.run("uv", "venv", "--quiet", str(venv), external=True)
         wheel = next(dist.glob(f"{package}-*.whl"))
@@ -150,7 +150,7 @@ def wheels(session: nox.Session) -> None:
             external=True,
         )
         exe = venv / ("Scripts" if sys.platform == "win32" else "bin") / f"{package}-train"
-        work = Path(session.create_tmp()) / f"run-{package}"
+        work = Path(session.create_tmp()).resolve() / f"run-{package}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         env = {"MEDCORE_CACHE_DIR": str(work / "cache")}
