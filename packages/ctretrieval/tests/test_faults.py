@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import ctretrieval.preprocess as prep_mod
 import ctretrieval.train as train_mod
 from ctretrieval.cli import evaluate, index, preprocess, search, train
 from medcore.checkpoint import load_checkpoint
-from medcore.testing import call_main
+from medcore.testing import RunsCode, all_finite, call_main, error_line, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -65,18 +64,6 @@ def _sets(*items: str) -> list[str]:
 
 def _train_argv(data: Path, out: Path, *items: str) -> list[str]:
     return ["--data-dir", str(data), "--output-dir", str(out), *_sets(*items)]
-
-
-def _error_line(err: str) -> str:
-    """The one ``error:`` line of ``err`` (a progress bar cut short may share its line)."""
-    assert "Traceback" not in err, err
-    lines = [line[line.index("error:") :] for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def _all_finite(tensors: dict) -> bool:
-    return all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
 
 
 def _h5_volumes(path: Path) -> dict[str, np.ndarray]:
@@ -141,13 +128,6 @@ def _start(what: str, marker: Path, at: int, argv: list[str], log: Path) -> subp
         )
 
 
-def _wait_for(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
-        time.sleep(0.1)
-    assert marker.exists() and proc.poll() is None, log.read_text()
-
-
 # -- 1 + 3: kill -9 mid-epoch, a second job refused, --resume latest ----------------------------
 
 
@@ -160,12 +140,12 @@ def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
     # Paused inside the third step of the epoch: latest.pt of step 2 is on disk.
     victim = _start("train", marker, 3, _train_argv(data_dir, run), log)
     try:
-        _wait_for(victim, marker, log)
+        wait_until(marker.exists, victim, log)
         # 3: a second job into the running job's directory is refused and changes nothing
         config = (run / "config.yaml").read_bytes()
         code, _, err = call_main(train, _train_argv(data_dir, run, "trainer.lr=0.5"), capsys)
         assert code == 2
-        line = _error_line(err)
+        line = error_line(err)
         assert str(run) in line and f"in use by another running job (pid {victim.pid})" in line
         assert (run / "config.yaml").read_bytes() == config
     finally:
@@ -230,10 +210,10 @@ def test_kill_9_during_preprocess_then_rerun(
     argv = ["--input", str(raw_dir), "--output", str(out), *PREP]
     victim = _start(what, marker, at, argv, log)
     try:
-        _wait_for(victim, marker, log)
+        wait_until(marker.exists, victim, log)
         code, _, err = call_main(preprocess, argv, capsys)
         assert code == 2
-        line = _error_line(err)
+        line = error_line(err)
         assert str(out) in line and f"in use by another running job (pid {victim.pid})" in line
     finally:
         os.kill(victim.pid, signal.SIGKILL)
@@ -284,24 +264,14 @@ def test_failed_checkpoint_write_keeps_previous(
     code, _, err = call_main(train, _train_argv(data_dir, run), capsys)
     monkeypatch.setattr(os, "replace", real_replace)
     assert code == 2
-    assert "No space left on device" in _error_line(err)
+    assert "No space left on device" in error_line(err)
     ckpts = run / "checkpoints"
     state = load_checkpoint(ckpts / "latest.pt", kind=KIND)
-    assert state["global_step"] == 1 and _all_finite(state["model"])  # step 1's, intact
+    assert state["global_step"] == 1 and all_finite(state["model"])  # step 1's, intact
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest.pt"]  # no temp file left
 
 
 # -- 5: checkpoints that would run code, checkpoints of another package -------------------------
-
-
-class _RunsCode:
-    """Unpickling this creates ``marker`` (any code could run there instead)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.marker),))
 
 
 def _command_argv(
@@ -347,13 +317,13 @@ def test_unsafe_or_foreign_checkpoint_is_refused(
     ckpt = tmp_path / "model.pt"
     weights = {"w": torch.zeros(2)}
     if content == "pickle":
-        torch.save({"kind": KIND, "model": weights, "payload": _RunsCode(marker)}, ckpt)
+        torch.save({"kind": KIND, "model": weights, "payload": RunsCode(marker)}, ckpt)
     else:
         torch.save({"kind": "ctclip.CTCLIP", "model": weights, "model_config": {}}, ckpt)
     fn, argv = _command_argv(command, ckpt, data_dir, index_file, raw_dir / "n0.nii.gz", tmp_path)
     code, _, err = call_main(fn, argv, capsys)
     assert code == 2
-    line = _error_line(err)
+    line = error_line(err)
     assert str(ckpt) in line
     if content == "pickle":
         assert "refused: contains pickled objects that could run code" in line
@@ -496,7 +466,7 @@ def test_preprocess_nothing_readable_is_one_line_error(case: str, tmp_path: Path
     out = tmp_path / "v.h5"
     code, _, err = call_main(preprocess, ["--input", str(raw), "--output", str(out), *PREP], capsys)
     assert code == 2
-    line = _error_line(err)
+    line = error_line(err)
     assert ("no studies found" if case.startswith("empty") else "none of the 1 studies") in line
     assert not out.exists() and not out.with_name(out.name + ".parts").exists()
 
@@ -592,7 +562,7 @@ def test_broken_training_data_is_one_line_error(
     _bad_data(case, data_dir, bad)
     code, _, err = call_main(train, _train_argv(bad, tmp_path / "run"), capsys)
     assert code == 2, err
-    assert message in _error_line(err)
+    assert message in error_line(err)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -655,7 +625,7 @@ def test_search_and_eval_inputs_are_one_line_errors(
     for fn, argv, message in cases:
         code, _, err = call_main(fn, argv, capsys)
         assert code == 2, (argv, err)
-        assert message in _error_line(err), (argv, err)
+        assert message in error_line(err), (argv, err)
     assert not (tmp_path / "r.csv").exists()
 
 
@@ -690,7 +660,7 @@ def test_nan_batch_is_skipped_with_a_warning(
         code, _, err = call_main(train, _train_argv(data_dir, run), capsys)
     assert code == 0, err
     state = load_checkpoint(run / "checkpoints" / "final.pt", kind=KIND)
-    assert _all_finite(state["model"])  # BatchNorm running stats included
+    assert all_finite(state["model"])  # BatchNorm running stats included
     full = load_checkpoint(reference / "checkpoints" / "final.pt", kind=KIND)
     assert state["global_step"] == full["global_step"] - 1  # one step skipped, the rest taken
 
@@ -704,9 +674,9 @@ def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         code, _, err = call_main(train, _train_argv(data_dir, run, *items), capsys)
     assert code == 2
-    line = _error_line(err)
+    line = error_line(err)
     latest = run / "checkpoints" / "latest.pt"
     assert "NaN/inf for 2 consecutive steps" in line and str(latest) in line
     state = load_checkpoint(latest, kind=KIND)
-    assert state["epoch"] == 1 and state["global_step"] == 3 and _all_finite(state["model"])
+    assert state["epoch"] == 1 and state["global_step"] == 3 and all_finite(state["model"])
     assert not (run / "checkpoints" / "final.pt").exists()

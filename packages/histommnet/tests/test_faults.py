@@ -19,7 +19,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,7 @@ from histommnet.data import MultiMagDataset, build_transform
 from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.io import load_image
 from medcore.splits import save_splits
-from medcore.testing import call_main, random_image
+from medcore.testing import RunsCode, all_finite, call_main, error_line, random_image, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -64,17 +63,6 @@ def _sets(*items: str) -> list[str]:
 
 def _train_argv(data: Path, out: Path, *items: str) -> list[str]:
     return ["--data-dir", str(data), "--output-dir", str(out), "--fold", "0", *_sets(*items)]
-
-
-def _error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def _all_finite(state: dict) -> bool:
-    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 @pytest.fixture(autouse=True)
@@ -104,20 +92,16 @@ def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
             stderr=err_file,
         )
     try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and victim.poll() is None:
-            if latest.is_file() and load_checkpoint(latest)["global_step"] >= 1:
-                break
-            time.sleep(0.1)
-        assert victim.poll() is None, log.read_text()
-        assert latest.is_file(), "the victim wrote no latest.pt in time"
+        wait_until(
+            lambda: latest.is_file() and load_checkpoint(latest)["global_step"] >= 1, victim, log
+        )
         # 3: a second job into the running job's directory is refused and changes nothing
         config = (run / "config.yaml").read_bytes()
         code, _, err = call_main(
             train, [*_train_argv(tiny_tree, run, *items), "--set", "trainer.lr=0.5"], capsys
         )
         assert code == 2
-        line = _error_line(err)
+        line = error_line(err)
         assert str(run) in line and f"in use by another running job (pid {victim.pid})" in line
         assert (run / "config.yaml").read_bytes() == config
     finally:
@@ -166,22 +150,12 @@ def test_failed_checkpoint_write_keeps_previous(
     assert err_lines == ["error: output: No space left on device"]
     ckpts = run / "fold_0" / "checkpoints"
     state = load_checkpoint(ckpts / "latest.pt", kind=KIND)
-    assert state["epoch"] == 1 and _all_finite(state["model"])  # epoch 1's checkpoint, intact
+    assert state["epoch"] == 1 and all_finite(state["model"])  # epoch 1's checkpoint, intact
     assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]  # no temp file left
     assert not (run / ".lock").exists()
 
 
 # -- 5: checkpoints that would run code, checkpoints of another package --------------------------
-
-
-class _RunsCode:
-    """Unpickling this runs ``exec``: it creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
 def _write_run_config(run_dir: Path, data_dir: Path, extra: str = "") -> None:
@@ -214,7 +188,7 @@ def test_unsafe_or_foreign_checkpoint_is_refused(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     if content == "pickle":
-        torch.save({"model": {"w": torch.zeros(1)}, "kind": KIND, "x": _RunsCode(marker)}, path)
+        torch.save({"model": {"w": torch.zeros(1)}, "kind": KIND, "x": RunsCode(marker)}, path)
     else:
         save_checkpoint({"model": {"w": torch.zeros(1)}}, path, kind="ctclip.CTCLIP")
     if command == "gradcam":
@@ -226,7 +200,7 @@ def test_unsafe_or_foreign_checkpoint_is_refused(
         main, argv = train, [*_train_argv(tiny_tree, run), "--pretrained-weights", str(path)]
     code, _, err = call_main(main, argv, capsys)
     assert code == 2
-    line = _error_line(err)
+    line = error_line(err)
     assert str(path) in line
     assert ("refused" in line) if content == "pickle" else ("ctclip.CTCLIP" in line)
     assert not marker.exists()  # the code never ran
@@ -474,7 +448,7 @@ def test_broken_input_is_one_line_error(row: str, breast: Path, tmp_path: Path, 
         argv += ["--output-dir", str(tmp_path / "run"), *_sets()]
     code, _, err = call_main(train, argv, capsys)
     assert code == 2, err
-    assert expected in _error_line(err)
+    assert expected in error_line(err)
 
 
 def test_image_failing_at_load_time_is_replaced(breast: Path, tmp_path: Path, capsys) -> None:
@@ -521,7 +495,7 @@ def test_nan_batch_is_skipped_with_a_warning(
     events = [json.loads(x) for x in (run / "fold_0" / "metrics.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "nonfinite_loss" for e in events) == 1
     state = load_checkpoint(run / "fold_0" / "checkpoints" / "final.pt", kind=KIND)
-    assert state["global_step"] == 1 and _all_finite(state["model"])  # BatchNorm stats too
+    assert state["global_step"] == 1 and all_finite(state["model"])  # BatchNorm stats too
 
 
 def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
@@ -533,11 +507,11 @@ def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         code, _, err = call_main(train, _train_argv(tiny_tree, run, *items), capsys)
     assert code == 2
-    line = _error_line(err)
+    line = error_line(err)
     ckpts = run / "fold_0" / "checkpoints"
     assert "NaN/inf for 2 consecutive steps" in line and str(ckpts / "latest.pt") in line
     state = load_checkpoint(ckpts / "latest.pt", kind=KIND)
-    assert state["epoch"] == 1 and state["global_step"] == 2 and _all_finite(state["model"])
-    assert _all_finite(load_checkpoint(ckpts / "fold_0_best.pth", kind=KIND)["model"])
+    assert state["epoch"] == 1 and state["global_step"] == 2 and all_finite(state["model"])
+    assert all_finite(load_checkpoint(ckpts / "fold_0_best.pth", kind=KIND)["model"])
     assert not (ckpts / "final.pt").exists() and not (run / "fold_0" / "result.json").exists()
     assert not (run / ".lock").exists()

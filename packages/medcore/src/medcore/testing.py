@@ -87,3 +87,71 @@ def call_main(
     code = main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# -- fault-suite helpers (issue 9): shared by every package's tests/test_faults.py -------------
+
+
+def error_line(err: str) -> str:
+    """The single ``error: ...`` line of a command's stderr; fails on a traceback or on 0 / 2+.
+
+    A progress bar cut short by the error may share the line, so the text before ``error:``
+    is dropped.
+    """
+    assert "Traceback" not in err, err
+    lines = [line[line.index("error:") :] for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of a state dict is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+class RunsCode:
+    """A pickle payload: unpickling it creates the directory ``marker`` (any code could run).
+
+    Put one in a checkpoint to prove a command refuses it: after the command, ``marker`` must
+    not exist; a ``torch.load(path, weights_only=False)`` would create it.
+    """
+
+    def __init__(self, marker: str | Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.mkdir, (self.marker,))
+
+
+def write_unsafe_checkpoint(path: str | Path, marker: str | Path, kind: str | None = None) -> Path:
+    """A checkpoint that looks like ``kind``'s but carries a :class:`RunsCode` payload."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {"model": {"w": torch.zeros(1)}, "x": RunsCode(marker)}
+    if kind is not None:
+        payload["kind"] = kind
+    torch.save(payload, path)
+    return path
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    proc: Any,
+    log: str | Path | None = None,
+    timeout: float = 400.0,
+    poll: float = 0.1,
+) -> None:
+    """Wait for ``condition()`` while the subprocess ``proc`` is alive (a fault-test victim).
+
+    Fails with the victim's stderr log when it exits first or the time runs out.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if condition():
+            return
+        time.sleep(poll)
+    text = Path(log).read_text(errors="replace") if log is not None and Path(log).exists() else ""
+    state = "timed out" if proc.poll() is None else f"exited with {proc.returncode}"
+    raise AssertionError(f"the victim process {state} before the condition held\n{text}")
