@@ -6,6 +6,7 @@ Shapes: a volume is ``[d, h, w]`` uint8 (slices, rows, columns) as ctclip-prepro
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +58,24 @@ def resolve_paths(cfg: DataConfig) -> DataPaths:
 
 
 def read_reports(path: Path, column: TextColumn) -> dict[str, str]:
-    """VolumeName -> report text (the columns of ``--text-column``; NaN becomes "")."""
+    """VolumeName -> report text (the columns of ``--text-column``; NaN becomes "").
+
+    Reports without any text in those columns are left out and named on stderr: a volume
+    paired with an empty text would teach the model nothing but noise.
+    """
     frame = read_csv(path, required=["VolumeName", *TEXT_COLUMNS[column]], unique="VolumeName")
-    return {str(r["VolumeName"]): report_text(r, column) for r in frame.to_dict("records")}
+    texts = {str(r["VolumeName"]): report_text(r, column) for r in frame.to_dict("records")}
+    empty = [name for name, text in texts.items() if not text]
+    columns = ", ".join(TEXT_COLUMNS[column])
+    if empty and len(empty) == len(texts):
+        raise DataError(path, f"no report has text in {columns} (--text-column {column})")
+    if empty:
+        print(
+            f"warning: {path}: {len(empty)} report(s) without text in {columns} left out "
+            f"(first: {', '.join(empty[:3])})",
+            file=sys.stderr,
+        )
+    return {name: text for name, text in texts.items() if text}
 
 
 def read_labels(path: Path) -> pd.DataFrame:
@@ -91,7 +107,29 @@ def match_names(
     present = [n for n in csv_names if n in stored]
     if not present:
         raise DataError(csv_path, f"none of its volumes is in {h5_path}")
+    if missing:
+        print(
+            f"warning: {csv_path}: {len(missing)} volume(s) not in {h5_path} left out "
+            f"(first: {', '.join(missing[:3])})",
+            file=sys.stderr,
+        )
+    check_volumes(h5_path, present)
     return present
+
+
+def check_volumes(h5_path: Path, names: list[str]) -> None:
+    """Every named volume is uint8 of the file's target shape (read from metadata only)."""
+    shape = volume_shape(h5_path)
+    with h5py.File(h5_path, "r") as h5:
+        group = h5["volumes"]
+        for name in names:
+            ds = group[name]
+            if tuple(ds.shape) != shape or ds.dtype != np.uint8:
+                raise DataError(
+                    h5_path,
+                    f"volume {name} is {ds.dtype} of shape {tuple(ds.shape)}, not uint8 {shape} "
+                    "(write the file with ctclip-preprocess)",
+                )
 
 
 class VolumeReader:

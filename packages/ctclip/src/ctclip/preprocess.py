@@ -44,6 +44,13 @@ from medcore.io import RunLock, read_csv
 FORMAT = "ctclip.volumes/1"
 HU_RANGE = (-1000.0, 1000.0)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# A CT-RATE volume has ~1e8 voxels; a header claiming more than this is refused before any
+# voxel is decoded (a 100-byte file must not make the job allocate terabytes).
+MAX_VOXELS = 2_000_000_000
+
+
+class BadVolume(ValueError):
+    """A NIfTI file that cannot be preprocessed: the message is the reason shown to the user."""
 
 
 @dataclass
@@ -119,19 +126,33 @@ def read_metadata(paths: list[Path]) -> dict[str, VolumeMeta]:
 
 def load_hu_ras(path: Path, meta: VolumeMeta | None) -> tuple[np.ndarray, np.ndarray]:
     """(HU array with axes x->R, y->A, z->S, voxel spacing x y z in mm) of one NIfTI file."""
-    img = nib.load(str(path))
+    if path.stat().st_size == 0:
+        raise BadVolume("empty file (0 bytes)")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for a corrupt header
+        raise BadVolume(
+            f"not a readable NIfTI file (truncated or corrupt: {_first_line(exc)})"
+        ) from None
     if len(img.shape) != 3:
-        raise ValueError(f"expected a 3D volume, found shape {tuple(img.shape)}")
+        raise BadVolume(f"expected a 3D volume, found shape {tuple(img.shape)}")
+    if int(np.prod(img.shape, dtype=np.float64)) > MAX_VOXELS:
+        raise BadVolume("header claims {}x{}x{} voxels; refusing to decode".format(*img.shape))
     proxy = img.dataobj
     header_scales = (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) != (
         1.0,
         0.0,
     )
-    data = np.asarray(img.get_fdata(dtype=np.float32))  # applies the header's scaling, if any
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))  # applies the header's scaling
+    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError ... for a cut file
+        raise BadVolume(
+            f"cannot read the voxels (truncated or corrupt: {_first_line(exc)})"
+        ) from None
     if not header_scales and meta is not None:
         data = data * (meta.slope if meta.slope is not None else 1.0) + (meta.intercept or 0.0)
     if not np.isfinite(data).all():
-        raise ValueError("contains NaN or infinite values")
+        raise BadVolume("contains NaN or infinite values")
     ornt = nib.orientations.io_orientation(img.affine)
     ras = nib.orientations.apply_orientation(data, ornt)
     affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
@@ -214,6 +235,8 @@ def preprocess_volume(
         if meta is not None and meta.spacing_zyx
         else (float(spacing_xyz[2]), float(spacing_xyz[1]), float(spacing_xyz[0]))
     )
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise BadVolume(f"voxel size {tuple(float(v) for v in spacing)} mm (z y x) is not positive")
     resized, out_mm = resize_preserving_aspect(view, spacing, target)
     volume = hu_to_uint8(center_pad_crop(resized, target, HU_RANGE[0]))
     attrs = {
@@ -230,10 +253,16 @@ def _work(args: tuple[Path, VolumeMeta | None, tuple[int, int, int], bool]) -> t
     path = args[0]
     try:
         volume, attrs = preprocess_volume(*args)
+    except BadVolume as exc:
+        return volume_name(path), None, str(exc)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return volume_name(path), None, f"{type(exc).__name__}: {first[:200]}"
+        return volume_name(path), None, f"{type(exc).__name__}: {_first_line(exc)}"
     return volume_name(path), volume, attrs
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def complete_names(h5: h5py.File) -> set[str]:
@@ -355,10 +384,13 @@ def run_preprocess(
     for name in unlisted:
         result.failed[name] = "not in the metadata CSV (slope/intercept and spacing unknown)"
         print(f"skipped {name}: not in the metadata CSV", file=sys.stderr)
-    without_file = len(set(metadata) - set(names))
+    # Metadata names are only matched against the names of files found under ct_data_path,
+    # never used as paths: a name like ../x.nii.gz matches nothing and is named here.
+    without_file = sorted(set(metadata) - set(names))
     if without_file:
         print(
-            f"note: {without_file} metadata rows have no volume under {ct_data_path}",
+            f"note: {len(without_file)} metadata rows have no volume under {ct_data_path} "
+            f"(first: {', '.join(without_file[:3])})",
             file=sys.stderr,
         )
 
@@ -436,4 +468,7 @@ def read_volume_names(path: Path) -> set[str]:
 
 def volume_shape(path: Path) -> tuple[int, int, int]:
     with h5py.File(path, "r") as h5:
-        return tuple(int(v) for v in h5.attrs["target_shape"])
+        shape = h5.attrs.get("target_shape")
+        if shape is None or len(shape) != 3:
+            raise DataError(path, "has no target_shape attribute (write it with ctclip-preprocess)")
+        return tuple(int(v) for v in shape)

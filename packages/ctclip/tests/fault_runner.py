@@ -1,0 +1,73 @@
+"""A ctclip command that pauses at a chosen point, to be killed there by test_faults.py.
+
+usage: fault_runner.py {train,preprocess,write} MARKER N ARGS...
+
+``train``: pauses in the N-th training step (its loss), so every earlier step's ``latest.pt``
+is on disk; ``preprocess``: pauses before reading the N-th volume; ``write``: pauses inside the
+write of the N-th volume, after its data went into the HDF5 file and before its ``complete``
+mark. On pausing it writes its PID to MARKER and sleeps until the test kills it.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _pause(marker: Path) -> None:
+    marker.write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def main() -> int:
+    what, marker, at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    argv = sys.argv[4:]
+    calls = [0]
+
+    def count() -> None:
+        calls[0] += 1
+        if calls[0] == at:
+            _pause(marker)
+
+    if what == "train":
+        import ctclip.train as mod
+        from ctclip.cli import train as command
+
+        real_loss = mod.ClipLoss
+
+        class PausingLoss(real_loss):
+            def forward(self, *args, **kwargs):
+                count()
+                return super().forward(*args, **kwargs)
+
+        mod.ClipLoss = PausingLoss
+    else:
+        import ctclip.preprocess as mod
+        from ctclip.cli import preprocess as command
+
+        if what == "preprocess":
+            real_one = mod.preprocess_volume
+
+            def preprocess_volume(*args, **kwargs):
+                count()
+                return real_one(*args, **kwargs)
+
+            mod.preprocess_volume = preprocess_volume
+        else:
+            import h5py
+
+            real_create = h5py.Group.create_dataset
+
+            def create_dataset(self, *args, **kwargs):
+                ds = real_create(self, *args, **kwargs)
+                if calls[0] + 1 == at:
+                    self.file.flush()  # the worst case: the unmarked volume reached the disk
+                count()  # the data is in, the complete mark not yet
+                return ds
+
+            h5py.Group.create_dataset = create_dataset
+    return command(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
