@@ -125,7 +125,10 @@ def read_metadata(paths: list[Path]) -> dict[str, VolumeMeta]:
 
 
 def load_hu_ras(path: Path, meta: VolumeMeta | None) -> tuple[np.ndarray, np.ndarray]:
-    """(HU array with axes x->R, y->A, z->S, voxel spacing x y z in mm) of one NIfTI file."""
+    """(HU array with axes x->R, y->A, z->S, voxel spacing x y z in mm) of one NIfTI file.
+
+    The array may be a strided view (no copy); :func:`ras_to_view` makes it contiguous.
+    """
     if path.stat().st_size == 0:
         raise BadVolume("empty file (0 bytes)")
     try:
@@ -149,15 +152,24 @@ def load_hu_ras(path: Path, meta: VolumeMeta | None) -> tuple[np.ndarray, np.nda
         raise BadVolume(
             f"cannot read the voxels (truncated or corrupt: {_first_line(exc)})"
         ) from None
+    scaling = [float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))]
     if not header_scales and meta is not None:
-        data = data * (meta.slope if meta.slope is not None else 1.0) + (meta.intercept or 0.0)
-    if not np.isfinite(data).all():
+        slope, inter = (meta.slope if meta.slope is not None else 1.0), (meta.intercept or 0.0)
+        data *= slope  # in place: a CT volume is ~200 MB of float32
+        data += inter
+        scaling += [slope, inter]
+    # Integer voxels with finite scaling cannot be NaN/inf: only float data needs the scan.
+    if (img.get_data_dtype().kind == "f" or not np.isfinite(scaling).all()) and not np.isfinite(
+        data
+    ).all():
         raise BadVolume("contains NaN or infinite values")
     ornt = nib.orientations.io_orientation(img.affine)
+    # A strided view, no copy: nibabel's array is in the file's (Fortran) order, and ras_to_view
+    # makes the one contiguous copy, in an order close to that memory layout (fast).
     ras = nib.orientations.apply_orientation(data, ornt)
     affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    return np.ascontiguousarray(ras), spacing
+    return ras, spacing
 
 
 def ras_to_view(ras: np.ndarray, slide_b2u: bool = True) -> np.ndarray:
@@ -227,8 +239,8 @@ def preprocess_volume(
     path: Path, meta: VolumeMeta | None, target: tuple[int, int, int], slide_b2u: bool = True
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """One NIfTI file -> (uint8 [D, H, W], attributes to store with it)."""
-    ras, spacing_xyz = load_hu_ras(path, meta)
-    hu = np.clip(ras, *HU_RANGE)
+    hu, spacing_xyz = load_hu_ras(path, meta)
+    np.clip(hu, *HU_RANGE, out=hu)  # the array is ours: clip in place
     view = ras_to_view(hu, slide_b2u)
     spacing = (
         meta.spacing_zyx
