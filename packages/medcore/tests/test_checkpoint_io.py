@@ -142,6 +142,13 @@ def test_load_image_conversions(tmp_path: Path) -> None:
     pal.putpixel((0, 0), 1)
     pal.save(tmp_path / "p.png")
     assert load_image(tmp_path / "p.png")[0, 0].tolist() == [10, 20, 30]
+    floats = np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32)  # a float TIFF in [0, 1]
+    Image.fromarray(floats, mode="F").save(tmp_path / "f.tif")
+    assert load_image(tmp_path / "f.tif", mode="L").tolist() == [[0, 128], [255, 64]]
+    floats[0, 0] = np.nan
+    Image.fromarray(floats, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match="NaN or infinite"):
+        load_image(tmp_path / "nan.tif")
     data = (tmp_path / "a.png").read_bytes()
     (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="cannot decode"):

@@ -189,8 +189,8 @@ def read_csv(
 def load_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
     """Decode an image file to a uint8 array in ``mode`` ("RGB" -> [H, W, 3], "L" -> [H, W]).
 
-    Grayscale, palette, RGBA and 16-bit images are converted (16-bit is rescaled from its full
-    range, not clipped). Corrupt, truncated or implausibly large files raise a DataError.
+    Grayscale, palette, RGBA, 16/32-bit integer and 32-bit float images are converted (the
+    deep ones are rescaled from their own min-max range, not clipped; NaN/inf is an error). Corrupt, truncated or implausibly large files raise a DataError.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -206,8 +206,10 @@ def load_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
                     path, f"image header claims {img.width}x{img.height} pixels; refusing to decode"
                 )
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 arr = np.asarray(img, dtype=np.float64)
+                if not np.isfinite(arr).all():  # float images (TIFF) can hold NaN/inf
+                    raise DataError(path, "contains NaN or infinite pixel values")
                 lo, hi = float(arr.min()), float(arr.max())
                 scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
                 img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
