@@ -82,7 +82,7 @@ def _readable(paths: list[Path], desc: str) -> tuple[list[Path], int]:
         try:
             load_image(path)
         except DataError as exc:
-            print(f"skipped {exc.what}: {exc.why}", file=sys.stderr)
+            tqdm.write(f"skipped {exc.what}: {exc.why}", file=sys.stderr)  # not on the bar's line
             skipped += 1
             continue
         good.append(path)

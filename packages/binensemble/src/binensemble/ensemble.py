@@ -42,12 +42,18 @@ def read_probs(path: str | Path) -> ProbFile:
     """Read and check a probability file (columns, finite values in [0, 1], rows summing to 1)."""
     path = Path(path)
     frame = read_csv(path, required=["image_id"], unique="image_id", dtype={"image_id": str})
+    if frame["image_id"].isna().any():
+        row = int(np.flatnonzero(frame["image_id"].isna())[0]) + 2  # 1-based, after the header
+        raise DataError(path, f"empty image_id on line {row}")
     cols = [c for c in frame.columns if str(c).startswith(PROB_PREFIX)]
-    if len(cols) < 2:
+    if len(cols) != 2:
         raise DataError(
             path,
-            f"needs at least two {PROB_PREFIX}<class> columns (found: {', '.join(map(str, frame.columns))})",
+            f"needs exactly two {PROB_PREFIX}<class> columns, one per class "
+            f"(found: {', '.join(map(str, frame.columns))})",
         )
+    if frame.empty:
+        raise DataError(path, "has no rows")
     try:
         probs = frame[cols].to_numpy(dtype=float)
     except ValueError:
@@ -59,7 +65,17 @@ def read_probs(path: str | Path) -> ProbFile:
         raise DataError(
             path, f"probabilities of image {frame['image_id'].iloc[bad[0]]!r} do not sum to 1"
         )
-    targets = frame["target"].to_numpy(dtype=np.int64) if "target" in frame.columns else None
+    targets = None
+    if "target" in frame.columns:
+        values = pd.to_numeric(frame["target"], errors="coerce").to_numpy(dtype=float)
+        bad = np.flatnonzero(~np.isin(values, np.arange(len(cols))))
+        if bad.size:
+            raise DataError(
+                path,
+                f"target of image {frame['image_id'].iloc[bad[0]]!r} is "
+                f"{frame['target'].iloc[bad[0]]}; targets must be class ids 0..{len(cols) - 1}",
+            )
+        targets = values.astype(np.int64)
     classes = [c[len(PROB_PREFIX) :] for c in cols]
     return ProbFile(path, frame["image_id"].astype(str).tolist(), classes, probs, targets)
 

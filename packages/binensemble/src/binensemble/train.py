@@ -61,8 +61,8 @@ from binensemble.losses import BatchHardTripletLoss
 from binensemble.model import build_model, model_kind
 from binensemble.predict import BUNDLE_NAME, load_bundle, predict_probs
 from medcore.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
-from medcore.cli import format_table, setup_run
-from medcore.config import save_config, to_dict
+from medcore.cli import RunContext, format_table, setup_run
+from medcore.config import load_config, save_config, to_dict
 from medcore.device import amp_policy, device_defaults
 from medcore.distributed import barrier, get_rank, get_world_size
 from medcore.errors import DataError, UserError
@@ -81,8 +81,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         choices=["metric", "baseline", "both"],
-        default="both",
-        help="which model to train (default: both, then predict, vote and analyse)",
+        help="which model to train (default: both, then predict, vote and analyse; "
+        "--resume latest: the run's own choice)",
     )
 
 
@@ -301,7 +301,11 @@ def _finalise(
 def _newest_run(output_dir: Path | None) -> Path:
     """``--resume latest``: the given output directory, or the newest run that has a latest.pt."""
     if output_dir is not None:
-        return output_dir
+        if not (Path(output_dir) / "config.yaml").is_file():
+            raise UserError(
+                "--resume latest", f"no {PACKAGE} run to continue in {output_dir} (no config.yaml)"
+            )
+        return Path(output_dir)
     runs = [p.parent.parent for p in Path("runs", PACKAGE).glob("*/checkpoints/latest.pt")]
     runs += [
         p.parent.parent.parent for p in Path("runs", PACKAGE).glob("*/*/checkpoints/latest.pt")
@@ -311,23 +315,47 @@ def _newest_run(output_dir: Path | None) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
+def _trained_models(run_dir: Path) -> str:
+    """Which ``--model`` a run directory was made by: a single model lives in the run itself."""
+    if not any((run_dir / n).exists() for n in ("splits.json", "checkpoints", BUNDLE_NAME)):
+        return "both"
+    saved = load_config(BinEnsembleConfig, run_dir / "config.yaml")
+    return saved.model.kind
+
+
 def _resume_plan(args: argparse.Namespace) -> tuple[str | None, Path | None]:
-    """(mode, checkpoint): ``latest`` resumes every unfinished model of the run; a path, one model."""
+    """(mode, checkpoint): ``latest`` resumes every unfinished model of the run; a path, one model.
+
+    The run's own ``config.yaml`` is the base config of the resumed run (unless ``--config`` is
+    given; ``--set`` still applies on top), so the flags of the first run need not be repeated.
+    """
     if not args.resume:
+        args.model = args.model or "both"
         return None, None
     if args.resume == "latest":
-        args.output_dir = _newest_run(args.output_dir)
+        run_dir = _newest_run(args.output_dir)
+        args.output_dir = run_dir
+        args.config = args.config or run_dir / "config.yaml"
+        trained = _trained_models(run_dir)
+        if args.model not in (None, trained):
+            raise UserError(
+                "--model", f"{run_dir} holds a --model {trained} run; resume it with that choice"
+            )
+        args.model = trained
         return "latest", None
     path = Path(args.resume)
     if not path.is_file():
         raise UserError(path, "checkpoint not found")
-    if args.model == "both":
+    if args.model in (None, "both"):
         raise UserError(
             "--resume PATH",
             "resumes one model: add --model metric|baseline (or use --resume latest)",
         )
     if args.output_dir is None and path.parent.name == "checkpoints":
         args.output_dir = path.parent.parent
+    saved = Path(args.output_dir) / "config.yaml" if args.output_dir is not None else None
+    if args.config is None and saved is not None and saved.is_file():
+        args.config = saved
     return "path", path
 
 
@@ -335,10 +363,45 @@ def run_train(args: argparse.Namespace) -> int:
     resume_mode, resume_path = _resume_plan(args)
     args.resume = None  # resolved above; setup_run must not look for a run layout of its own
     ctx = setup_run(args, BinEnsembleConfig, PACKAGE, "default", smoke_overrides=SMOKE_OVERRIDES)
+    try:
+        return _train_models(ctx, args.model, resume_mode, resume_path)
+    finally:
+        ctx.release()
+
+
+def _test_images(root: Path, cfg: BinEnsembleConfig) -> tuple[ImageSet | None, np.ndarray | None]:
+    """``TestSet/`` and its optional labels, checked before any training.
+
+    A test folder without a usable image is named and left out (the models are still trained);
+    a broken label file is an error.
+    """
+    if not (root / cfg.data.test_dir).is_dir():
+        return None, None
+    try:
+        test_set = scan_unlabelled(root, cfg.data)
+    except DataError as exc:
+        print(f"warning: {exc.what}: {exc.why}; no test predictions", file=sys.stderr)
+        return None, None
+    labels_path = root / cfg.data.test_labels
+    if not labels_path.is_file():
+        return test_set, None
+    test_labels = read_labels(labels_path)
+    missing = [i for i in test_set.ids if i not in test_labels]
+    if missing:
+        raise DataError(
+            labels_path, f"no label for {len(missing)} test image(s) (e.g. {missing[0]!r})"
+        )
+    return test_set, np.asarray([test_labels[i] for i in test_set.ids])
+
+
+def _train_models(
+    ctx: RunContext, model: str, resume_mode: str | None, resume_path: Path | None
+) -> int:
     cfg: BinEnsembleConfig = ctx.cfg
-    names = ["metric", "baseline"] if args.model == "both" else [args.model]
+    names = ["metric", "baseline"] if model == "both" else [model]
     root = data_root(cfg.data)
     labelled = scan_labelled(root, cfg.data)
+    test_set, test_y = _test_images(root, cfg) if ctx.dist.is_main else (None, None)
     with RunLock(ctx.run_dir) if ctx.dist.is_main else contextlib.nullcontext():
         bundles: dict[str, Path] = {}
         for name in names:
@@ -359,15 +422,18 @@ def run_train(args: argparse.Namespace) -> int:
             bundles[name] = train_one(model_cfg, labelled, model_dir, ctx.device, resume)
         if not ctx.dist.is_main:
             return 0
-        report = _predict_vote_report(cfg, root, labelled, bundles, ctx.run_dir, ctx.device)
+        report = _predict_vote_report(
+            cfg, labelled, test_set, test_y, bundles, ctx.run_dir, ctx.device
+        )
     print(report)
     return 0
 
 
 def _predict_vote_report(
     cfg: BinEnsembleConfig,
-    root: Path,
     labelled: ImageSet,
+    test_set: ImageSet | None,
+    test_y: np.ndarray | None,
     bundle_paths: dict[str, Path],
     run_dir: Path,
     device: torch.device,
@@ -378,19 +444,6 @@ def _predict_vote_report(
     pred_dir = run_dir / "predictions"
     splits = load_splits(next(iter(bundle_paths.values())).parent / "splits.json", ids=labelled.ids)
     val_set = labelled.subset(splits["val"])
-    test_set = scan_unlabelled(root, cfg.data) if (root / cfg.data.test_dir).is_dir() else None
-    labels_path = root / cfg.data.test_labels
-    test_labels = (
-        read_labels(labels_path) if test_set is not None and labels_path.is_file() else None
-    )
-    test_y = None
-    if test_set is not None and test_labels is not None:
-        missing = [i for i in test_set.ids if i not in test_labels]
-        if missing:
-            raise DataError(
-                labels_path, f"no label for {len(missing)} test image(s) (e.g. {missing[0]!r})"
-            )
-        test_y = np.asarray([test_labels[i] for i in test_set.ids])
 
     names = list(bundle_paths)
     val_probs: dict[str, np.ndarray] = {}
