@@ -119,8 +119,6 @@ def _find_image(
 
 def load_records(cfg: DataConfig, data_dir: str | Path) -> list[LandmarkRecord]:
     """Validated records of the CSV; bad rows are named on stderr and skipped."""
-    from PIL import Image
-
     data_dir = Path(data_dir)
     csv_path = data_dir / cfg.csv
     images_dir = data_dir / cfg.images_dir
@@ -140,7 +138,7 @@ def load_records(cfg: DataConfig, data_dir: str | Path) -> list[LandmarkRecord]:
         name = str(row.image_name)
         values = np.array([getattr(row, c) for c in HEADED_COLUMNS], dtype=float)
         if not name:
-            skip(f"row {len(records) + skipped + 1}", "empty image name")
+            skip(f"row {len(records) + skipped + 1}", "empty image name (or too few fields)")
             continue
         if name in seen:
             skip(name, "duplicated image name (first row kept)")
@@ -159,13 +157,11 @@ def load_records(cfg: DataConfig, data_dir: str | Path) -> list[LandmarkRecord]:
             continue
         path, category = found
         try:
-            with Image.open(path) as img:
-                width, height = img.size
-        except (OSError, ValueError) as exc:
-            skip(
-                name,
-                f"unreadable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
-            )
+            # Decoded in full now (not just the header): a truncated, corrupt or
+            # decompression-bomb image is named and skipped here, not met mid-training.
+            height, width = load_image(path, "L").shape
+        except DataError as exc:
+            skip(name, f"unreadable image {path.name}: {exc.why}")
             continue
         coords = values.reshape(NUM_LANDMARKS, 2)
         outside = (
@@ -318,4 +314,11 @@ def split_records(
     """70/15/15 (by default) split stratified by category."""
     from medcore.splits import stratified_split
 
-    return stratified_split([r.category for r in records], ratios, seed)
+    try:
+        return stratified_split([r.category for r in records], ratios, seed)
+    except ValueError as exc:  # too few images for the ratios (raised by scikit-learn)
+        raise DataError(
+            "data.split_ratios",
+            f"cannot split {len(records)} usable images into {', '.join(ratios)} "
+            f"({str(exc).splitlines()[0]})",
+        ) from None

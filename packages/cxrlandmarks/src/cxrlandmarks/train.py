@@ -368,6 +368,12 @@ def train_command(args: Any) -> int:
     args.resume = None  # phases resume themselves (one latest.pt per phase)
     if resume:
         args.output_dir = _run_dir_for_resume(resume, args.output_dir)
+        saved = Path(args.output_dir) / "config.yaml"
+        if args.config is None and saved.is_file():
+            args.config = saved  # continue with the interrupted run's settings and data
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        # Checked before setup_run creates the run directory: nothing is left behind.
+        raise UserError(args.data_dir, "data directory not found")
     if args.epochs is not None:
         args.overrides = [*(f"phases.{p}.epochs={args.epochs}" for p in PHASES), *args.overrides]
     smoke = [
@@ -379,8 +385,11 @@ def train_command(args: Any) -> int:
     ctx = setup_run(args, CxrConfig, PACKAGE, preset, smoke_overrides=smoke)
     print(f"cxrlandmarks-train: preset={preset} device={ctx.device} run_dir={ctx.run_dir}")
     lock = RunLock(ctx.run_dir) if ctx.dist.is_main else contextlib.nullcontext()
-    with lock:
-        metrics = run_training(ctx, args.phase, args.init_from, resume=bool(resume))
+    try:
+        with lock:
+            metrics = run_training(ctx, args.phase, args.init_from, resume=bool(resume))
+    finally:
+        ctx.release()  # the run directory is free again once this job ends, even in-process
     if ctx.dist.is_main:
         print(
             f"\nfinal ({metrics['final_phase']}): mean {metrics['mean_px']:.2f} px at 224, "
