@@ -172,6 +172,8 @@ def bench(session: nox.Session) -> None:
         "--locked",
         "--all-packages",
         "--no-dev",
+        "--group",
+        "bench",
         env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
         external=True,
     )

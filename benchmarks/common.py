@@ -27,7 +27,7 @@ class Row:
     reference: str
     ratio: float
     target: str
-    passed: bool
+    passed: bool | None  # None: a measurement reported without a target
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
