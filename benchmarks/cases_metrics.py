@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
-from common import Row, best_time, fmt_s
+from common import Row, best_time, fmt_bytes, fmt_s, peak_rss_in_child
 
 from medcore.metrics import compute_relevance, knn_auto_k, retrieval_metrics
 
@@ -73,6 +75,16 @@ def _map_parity(q, d, ql, dl, n_check: int) -> float:
     return worst
 
 
+def _medcore_peak(n_query: int, n_db: int) -> None:
+    q, d, ql, dl = _retrieval_data(n_query, n_db)
+    retrieval_metrics(q, d, ql, dl, ks=KS, relevance="jaccard")
+
+
+def _torchmetrics_peak(n_query: int, n_db: int) -> None:
+    q, d, ql, dl = _retrieval_data(n_query, n_db)
+    _torchmetrics_all(q, d, ql, dl)
+
+
 def case_retrieval(device: torch.device, quick: bool) -> list[Row]:
     n_query, n_db = 5000, 5000
     # torchmetrics loops over queries in Python, so its time is linear in the query count: it
@@ -100,6 +112,10 @@ def case_retrieval(device: torch.device, quick: bool) -> list[Row]:
     diffs.append(_map_parity(qs, dc, qls, dlc, n_check=min(n_ref, 100)))
     max_diff = max(diffs)
     ratio = t_ref / t_ours
+    # Peak CPU memory (fresh processes, data generation included on both sides); torchmetrics on
+    # its query subset only, so its figure is a lower bound for the full run.
+    mem_ours = peak_rss_in_child(functools.partial(_medcore_peak, n_query, n_db))[0]
+    mem_ref = peak_rss_in_child(functools.partial(_torchmetrics_peak, n_ref, n_db))[0]
     return [
         Row(
             f"5 retrieval metrics {n_query}x{n_db}, k={list(KS)}",
@@ -108,7 +124,9 @@ def case_retrieval(device: torch.device, quick: bool) -> list[Row]:
             ratio,
             ">= 20x, equal to 1e-6",
             ratio >= 20 and max_diff <= 1e-6,
-            f"max |diff| {max_diff:.1e}; torchmetrics AP@k converted per query (see BENCHMARKS.md)",
+            f"max |diff| {max_diff:.1e}; peak RSS medcore {fmt_bytes(mem_ours)} (all "
+            f"{n_query} queries), torchmetrics {fmt_bytes(mem_ref)} ({n_ref} queries); "
+            "AP@k converted per query (see BENCHMARKS.md)",
         )
     ]
 
