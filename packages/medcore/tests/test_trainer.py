@@ -238,3 +238,31 @@ def test_skipped_nonfinite_step_leaves_batchnorm_stats_clean(tmp_path: Path) -> 
     bn = trainer.model[1]
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
     assert int(bn.num_batches_tracked) == 5  # 6 batches, the poisoned one undone
+
+
+def test_final_checkpoint_reuses_the_last_latest(tmp_path: Path) -> None:
+    from medcore.checkpoint import save_checkpoint
+
+    trainer = make(tmp_path, epochs=2)
+    trainer.fit()
+    ckpts = tmp_path / "checkpoints"
+    latest, final = ckpts / "latest.pt", ckpts / "final.pt"
+    a, b = load_checkpoint(latest, kind="test.MLP"), load_checkpoint(final, kind="test.MLP")
+    assert b["epoch"] == 2 and b["global_step"] == a["global_step"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert latest.stat().st_ino == final.stat().st_ino  # linked, not written twice
+    # A later write of latest.pt replaces that file: final.pt keeps its content.
+    save_checkpoint({**a, "global_step": -1}, latest, kind="test.MLP")
+    assert load_checkpoint(final, kind="test.MLP")["global_step"] == a["global_step"]
+    assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]
+
+
+def test_final_checkpoint_is_written_when_latest_is_not_ours(tmp_path: Path) -> None:
+    # Resuming a finished run trains nothing: latest.pt was not written by this trainer, so
+    # final.pt is serialised from the state, not linked.
+    make(tmp_path, epochs=1).fit()
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "final.pt").unlink()
+    make(tmp_path, epochs=1).fit(resume=ckpts / "latest.pt")
+    assert (ckpts / "final.pt").stat().st_ino != (ckpts / "latest.pt").stat().st_ino
+    assert load_checkpoint(ckpts / "final.pt", kind="test.MLP")["epoch"] == 1

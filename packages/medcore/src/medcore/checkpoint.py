@@ -8,7 +8,9 @@ to, e.g. ``"ctclip.CTCLIP"``) so a file from another model is named as such.
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,23 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, kind: str | None = 
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Make ``dst`` an atomic copy of the finished checkpoint ``src``.
+
+    A hard link where the file system allows it (no bytes written: the files share one inode,
+    which is safe because every checkpoint write replaces the file instead of changing it),
+    else a byte copy.
+    """
+    src, dst = Path(src), Path(dst)
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    return dst
 
 
 def load_checkpoint(

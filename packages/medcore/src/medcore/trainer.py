@@ -31,7 +31,7 @@ from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from medcore import distributed as dist_utils
-from medcore.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
+from medcore.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint, unwrap_model
 from medcore.device import AmpPolicy, amp_policy, autocast, device_defaults
 from medcore.errors import CheckpointError, TrainingDiverged, UserError
 from medcore.logging import RunLogger
@@ -319,6 +319,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.history: list[dict[str, float]] = []
         self.last_good_checkpoint: Path | None = None
+        self._latest_position: tuple[int, int, int] | None = None  # of our last latest.pt
 
     # -- construction ---------------------------------------------------------------------
     def _build_optimizer(self, param_groups: list[dict[str, Any]] | None) -> torch.optim.Optimizer:
@@ -431,12 +432,24 @@ class Trainer:
             **self.extra_state,
         }
 
+    def _position(self) -> tuple[int, int, int]:
+        return (self.global_step, self.epoch, self.batch_in_epoch)
+
     def _save(self, name: str) -> Path | None:
         if not self.is_main:
             return None
+        if (
+            name == "final.pt"
+            and self.last_good_checkpoint is not None
+            and self._latest_position == self._position()
+        ):
+            # Nothing changed since latest.pt (the end of the last epoch): reuse it, do not
+            # serialise the same state again (a full model + optimizer write).
+            return copy_checkpoint(self.last_good_checkpoint, self.ckpt_dir / name)
         path = save_checkpoint(self.state_dict(), self.ckpt_dir / name, kind=self.kind)
         if name == "latest.pt":
             self.last_good_checkpoint = path
+            self._latest_position = self._position()
         return path
 
     def load_state(self, path: str | Path) -> None:
