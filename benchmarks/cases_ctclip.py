@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import Row, fmt_bytes, fmt_s, peak_rss_in_child, sync
+from common import Row, fmt_bytes, fmt_s, peak_rss, peak_rss_in_child, reset_peak_rss, sync
 
 SOURCE_SHAPE = (512, 512, 200)  # x, y, z voxels, as a chest CT of CT-RATE
 SPACING = (0.7, 0.7, 1.5)  # mm
@@ -223,12 +223,6 @@ def case_hdf5(device: torch.device, quick: bool) -> list[Row]:
 # -- 4: memory of one training step, chunked + checkpointed vs all slices at once -----------
 
 
-def _rss_peak() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
 def _one_step(slices: int, chunked: bool, device_type: str) -> tuple[float, float, int]:
     """(loss, grad checksum, peak bytes the step adds) of one training step of a fresh model.
 
@@ -268,7 +262,7 @@ def _one_step(slices: int, chunked: bool, device_type: str) -> tuple[float, floa
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = _rss_peak()
+        base = reset_peak_rss()
     image, text, scale = model(volume, tokens)
     # Batch 1: the volume is scored against its report and three others (the reports that the
     # other ranks hold under DDP), image -> text cross-entropy.
@@ -280,7 +274,7 @@ def _one_step(slices: int, chunked: bool, device_type: str) -> tuple[float, floa
     if device.type == "cuda":
         step_bytes = torch.cuda.max_memory_allocated(device) - base
     else:
-        step_bytes = _rss_peak() - base
+        step_bytes = peak_rss() - base
     checksum = float(
         sum(p.grad.double().abs().sum() for p in model.parameters() if p.grad is not None)
     )
