@@ -30,7 +30,12 @@ class _Captured(Exception):
 
 
 def capture(
-    package: str, device: torch.device, steps: int, run_fit: bool = True, extra: tuple = ()
+    package: str,
+    device: torch.device,
+    steps: int,
+    run_fit: bool = True,
+    extra: tuple = (),
+    epochs: int = 1,
 ) -> dict:
     """Run ``<package>-train`` on its demo config up to medcore's ``Trainer.fit`` and capture it.
 
@@ -86,7 +91,7 @@ def capture(
         "--device",
         device.type,
         "--epochs",
-        "1",
+        str(epochs),
         "--set",
         f"trainer.max_steps_per_epoch={steps}",
         "--set",
@@ -151,8 +156,10 @@ def _loader_rate(trainer) -> float:
 
 
 def overhead(package: str, device: torch.device, quick: bool) -> Row:
-    steps = 12 if quick else 40
-    measured = capture(package, device, steps)
+    # Several short epochs: each one's loader start and end-of-epoch checkpoint are counted, as
+    # in a real run, and the timed window is long enough to be stable on a busy machine.
+    steps, epochs = (12, 3) if quick else (40, 5)
+    measured = capture(package, device, steps, epochs=epochs)
     trainer = measured["trainer"]
     real_batches = measured["batches"]
     bare, n = _bare_rate(trainer, real_batches)
