@@ -7,28 +7,24 @@ Pauses in the N-th training step (before its forward pass), so every earlier ste
 MARKER and sleeps until the test kills it. The pause changes no number.
 """
 
-import os
 import sys
-import time
 from pathlib import Path
 
 import binensemble.train as train_module
 from binensemble.cli import train
+from medcore.testing import PauseAt
 
 
 def main() -> int:
     marker, at = Path(sys.argv[1]), int(sys.argv[2])
     real_step_fn = train_module._step_fn
-    calls = [0]
+    pause = PauseAt(marker, at)
 
     def step_fn(cfg):
         step = real_step_fn(cfg)
 
         def paused(model, batch):
-            calls[0] += 1
-            if calls[0] == at:
-                marker.write_text(str(os.getpid()))
-                time.sleep(600)
+            pause()
             return step(model, batch)
 
         return paused

@@ -13,15 +13,12 @@ would cost two extra interpreters importing torch and timm, far over the CPU bud
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +33,16 @@ from binensemble.cli import analyze, predict, train, vote
 from binensemble.config import BinEnsembleConfig
 from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.config import load_config, packaged_config_path, save_config
-from medcore.testing import RunsCode, all_finite, call_main, error_line, random_image, wait_until
+from medcore.testing import (
+    RunsCode,
+    all_finite,
+    call_main,
+    disk_full_on,
+    error_line,
+    png_header_only,
+    random_image,
+    wait_until,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -137,22 +143,11 @@ def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
 def test_failed_checkpoint_write_keeps_previous(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    real_replace = os.replace
-    writes: list[str] = []
-
-    def replace(src, dst):
-        if Path(dst).name == "latest.pt":
-            writes.append(str(dst))
-            if len(writes) == 2:  # the second step's save: the disk is full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        return real_replace(src, dst)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(os, "replace", replace)
-    code, _, err = call_main(
-        train, _train_argv(tiny_data, run, "trainer.save_every_steps=1"), capsys
-    )
-    monkeypatch.setattr(os, "replace", real_replace)
+    with disk_full_on("latest.pt", nth=2):  # the second step's save: the disk is full
+        code, _, err = call_main(
+            train, _train_argv(tiny_data, run, "trainer.save_every_steps=1"), capsys
+        )
     assert code == 2
     line = error_line(err)
     assert "No space left on device" in line and "latest.pt" in line
@@ -267,22 +262,6 @@ def _encoded(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A well-formed PNG whose header claims ``width x height`` pixels (with almost no data)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _write(path: Path, data: bytes | Image.Image) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, Image.Image):
@@ -327,7 +306,7 @@ SHARED_ROWS: dict[str, tuple[str, Callable[[], bytes | Image.Image], str, str]] 
     ),
     "decompression_bomb_header": (
         "TrainSet/normal/bomb.png",
-        lambda: _png_header_only(50_000, 50_000),
+        lambda: png_header_only(50_000, 50_000),
         "skip",
         "decompression bomb",
     ),

@@ -8,26 +8,16 @@ write of the N-th volume, after its data went into the HDF5 file and before its 
 mark. On pausing it writes its PID to MARKER and sleeps until the test kills it.
 """
 
-import os
 import sys
-import time
 from pathlib import Path
 
-
-def _pause(marker: Path) -> None:
-    marker.write_text(str(os.getpid()))
-    time.sleep(600)
+from medcore.testing import PauseAt
 
 
 def main() -> int:
     what, marker, at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     argv = sys.argv[4:]
-    calls = [0]
-
-    def count() -> None:
-        calls[0] += 1
-        if calls[0] == at:
-            _pause(marker)
+    count = PauseAt(marker, at)
 
     if what == "train":
         import ctclip.train as mod
@@ -60,7 +50,7 @@ def main() -> int:
 
             def create_dataset(self, *args, **kwargs):
                 ds = real_create(self, *args, **kwargs)
-                if calls[0] + 1 == at:
+                if count.next_pauses:
                     self.file.flush()  # the worst case: the unmarked volume reached the disk
                 count()  # the data is in, the complete mark not yet
                 return ds

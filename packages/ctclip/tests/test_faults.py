@@ -14,7 +14,6 @@ this file's CPU budget).
 
 from __future__ import annotations
 
-import errno
 import gzip
 import os
 import shutil
@@ -35,7 +34,7 @@ import ctclip.preprocess as prep_mod
 import ctclip.train as train_mod
 from ctclip.cli import evaluate, preprocess, train
 from medcore.checkpoint import load_checkpoint
-from medcore.testing import RunsCode, all_finite, call_main, error_line, wait_until
+from medcore.testing import RunsCode, all_finite, call_main, disk_full_on, error_line, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -210,20 +209,9 @@ def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
 def test_failed_checkpoint_write_keeps_previous(
     tiny_demo: Path, train_argv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    real_replace = os.replace
-    writes: list[str] = []
-
-    def replace(src, dst):
-        if Path(dst).name == "latest.pt":
-            writes.append(str(dst))
-            if len(writes) == 2:  # the second step's save: the disk is full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        return real_replace(src, dst)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(os, "replace", replace)
-    code, _, err = call_main(train, train_argv(tiny_demo, run), capsys)
-    monkeypatch.setattr(os, "replace", real_replace)
+    with disk_full_on("latest.pt", nth=2):  # the second step's save: the disk is full
+        code, _, err = call_main(train, train_argv(tiny_demo, run), capsys)
     assert code == 2
     assert "No space left on device" in error_line(err)
     ckpts = run / "checkpoints"

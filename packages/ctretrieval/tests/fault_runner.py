@@ -8,26 +8,16 @@ pauses while the HDF5 file is being assembled, before loading the N-th finished 
 pausing it writes its PID to MARKER and sleeps until the test kills it.
 """
 
-import os
 import sys
-import time
 from pathlib import Path
 
-
-def _pause(marker: Path) -> None:
-    marker.write_text(str(os.getpid()))
-    time.sleep(600)
+from medcore.testing import PauseAt
 
 
 def main() -> int:
     what, marker, at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     argv = sys.argv[4:]
-    calls = [0]
-
-    def count() -> None:
-        calls[0] += 1
-        if calls[0] == at:
-            _pause(marker)
+    count = PauseAt(marker, at)
 
     if what == "train":
         import ctretrieval.train as mod

@@ -12,7 +12,6 @@ tests cover it at Trainer level; ctretrieval adds nothing to it).
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import signal
@@ -32,7 +31,7 @@ import ctretrieval.preprocess as prep_mod
 import ctretrieval.train as train_mod
 from ctretrieval.cli import evaluate, index, preprocess, search, train
 from medcore.checkpoint import load_checkpoint
-from medcore.testing import RunsCode, all_finite, call_main, error_line, wait_until
+from medcore.testing import RunsCode, all_finite, call_main, disk_full_on, error_line, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -249,20 +248,9 @@ def test_kill_9_during_preprocess_then_rerun(
 def test_failed_checkpoint_write_keeps_previous(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    real_replace = os.replace
-    writes: list[str] = []
-
-    def replace(src, dst):
-        if Path(dst).name == "latest.pt":
-            writes.append(str(dst))
-            if len(writes) == 2:  # the second step's save: the disk is full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        return real_replace(src, dst)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(os, "replace", replace)
-    code, _, err = call_main(train, _train_argv(data_dir, run), capsys)
-    monkeypatch.setattr(os, "replace", real_replace)
+    with disk_full_on("latest.pt", nth=2):  # the second step's save: the disk is full
+        code, _, err = call_main(train, _train_argv(data_dir, run), capsys)
     assert code == 2
     assert "No space left on device" in error_line(err)
     ckpts = run / "checkpoints"

@@ -7,10 +7,10 @@ so every earlier step's ``latest.pt`` is on disk; on pausing it writes its PID t
 sleeps until the test kills it. The pause changes no number.
 """
 
-import os
 import sys
-import time
 from pathlib import Path
+
+from medcore.testing import PauseAt
 
 
 def main() -> int:
@@ -19,17 +19,14 @@ def main() -> int:
     from cxrlandmarks.cli import train
 
     real_build_loss = mod.build_loss
-    calls = [0]
+    pause = PauseAt(marker, at)
 
     def build_loss(*args, **kwargs):
         criterion = real_build_loss(*args, **kwargs)
         forward = criterion.forward
 
         def paused(*a, **k):
-            calls[0] += 1
-            if calls[0] == at:
-                marker.write_text(str(os.getpid()))
-                time.sleep(600)
+            pause()
             return forward(*a, **k)
 
         criterion.forward = paused

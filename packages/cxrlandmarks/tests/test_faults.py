@@ -13,16 +13,13 @@ the suite's CPU budget).
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +35,15 @@ from cxrlandmarks.cli import evaluate, predict, train
 from cxrlandmarks.data import HEADED_COLUMNS, LandmarkDataset
 from cxrlandmarks.synthetic import render_case
 from medcore.checkpoint import load_checkpoint, save_checkpoint
-from medcore.testing import all_finite, call_main, error_line, wait_until, write_unsafe_checkpoint
+from medcore.testing import (
+    all_finite,
+    call_main,
+    disk_full_on,
+    error_line,
+    png_header_only,
+    wait_until,
+    write_unsafe_checkpoint,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.filterwarnings("ignore:cannot stratify:UserWarning")]
 
@@ -196,21 +201,12 @@ def test_kill_9_mid_phase_second_job_refused_then_resume_latest(
 def test_failed_checkpoint_write_keeps_previous(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    real_replace = os.replace
-    writes: list[str] = []
-
-    def replace(src, dst):
-        if Path(dst).name == "latest.pt":
-            writes.append(str(dst))
-            if len(writes) == 2:  # the second step's save: the disk is full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        return real_replace(src, dst)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(os, "replace", replace)
-    argv = _train_argv(data_dir, run, SAVE_EVERY, "phases.phase1.max_steps_per_epoch=2", phase="1")
-    code, _, err = call_main(train, argv, capsys)
-    monkeypatch.setattr(os, "replace", real_replace)
+    with disk_full_on("latest.pt", nth=2):  # the second step's save: the disk is full
+        argv = _train_argv(
+            data_dir, run, SAVE_EVERY, "phases.phase1.max_steps_per_epoch=2", phase="1"
+        )
+        code, _, err = call_main(train, argv, capsys)
     assert code == 2
     ckpts = run / "phase1" / "checkpoints"
     line = error_line(err)
@@ -303,22 +299,6 @@ def _jpeg_bytes() -> bytes:
     return buf.getvalue()
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A well-formed PNG whose header claims ``width x height`` pixels (with almost no data)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _sixteen_bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.asarray(img, dtype=np.uint16) * 257)
 
@@ -371,7 +351,7 @@ SHARED_ROWS: dict[str, tuple[str, str | None, object, Cell | None, str, str]] = 
     "decompression_bomb_header": (
         "COVID-94",
         "COVID",
-        _png_header_only(50_000, 50_000),
+        png_header_only(50_000, 50_000),
         None,
         "skip",
         "decompression bomb",
@@ -658,7 +638,7 @@ PREDICT_FILES: dict[str, tuple[str, bytes | str, str, str]] = {
     "truncated_jpeg": ("cut.jpg", _jpeg_bytes()[:400], "skip", "cannot decode image"),
     "decompression_bomb_header": (
         "bomb.png",
-        _png_header_only(50_000, 50_000),
+        png_header_only(50_000, 50_000),
         "skip",
         "decompression bomb",
     ),

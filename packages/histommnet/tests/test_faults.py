@@ -10,16 +10,13 @@ rank failure (medcore's own fault tests cover it at Trainer level; histommnet ad
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +33,16 @@ from histommnet.data import MultiMagDataset, build_transform
 from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.io import load_image
 from medcore.splits import save_splits
-from medcore.testing import RunsCode, all_finite, call_main, error_line, random_image, wait_until
+from medcore.testing import (
+    RunsCode,
+    all_finite,
+    call_main,
+    disk_full_on,
+    error_line,
+    png_header_only,
+    random_image,
+    wait_until,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -132,22 +138,10 @@ def test_failed_checkpoint_write_keeps_previous(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    real_replace = os.replace
-    writes: list[str] = []
-
-    def replace(src, dst):
-        if Path(dst).name == "latest.pt":
-            writes.append(str(dst))
-            if len(writes) == 2:  # the end of epoch 2: the disk is full
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real_replace(src, dst)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(os, "replace", replace)
-    assert train(_train_argv(tiny_tree, run, "trainer.epochs=2")) == 2
-    monkeypatch.setattr(os, "replace", real_replace)
-    err_lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert err_lines == ["error: output: No space left on device"]
+    with disk_full_on("latest.pt", nth=2):  # the end of epoch 2: the disk is full
+        assert train(_train_argv(tiny_tree, run, "trainer.epochs=2")) == 2
+    assert "No space left on device" in error_line(capsys.readouterr().err)
     ckpts = run / "fold_0" / "checkpoints"
     state = load_checkpoint(ckpts / "latest.pt", kind=KIND)
     assert state["epoch"] == 1 and all_finite(state["model"])  # epoch 1's checkpoint, intact
@@ -231,22 +225,6 @@ def _png_bytes() -> bytes:
     return buf.getvalue()
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A well-formed PNG whose header claims ``width x height`` pixels (with almost no data)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -283,7 +261,7 @@ SHARED_ROWS: dict[str, tuple[Callable[[Path], Path | str], str, str]] = {
         "cannot decode image",
     ),
     "decompression_bomb_header": (
-        lambda r: _write(_tile(r, 84), _png_header_only(50_000, 50_000)),
+        lambda r: _write(_tile(r, 84), png_header_only(50_000, 50_000)),
         "skip",
         "decompression bomb",
     ),

@@ -15,7 +15,7 @@ from medcore.checkpoint import (
 )
 from medcore.errors import CheckpointError, DataError, UserError
 from medcore.io import RunLock, atomic_path, atomic_write_json, load_image, read_csv, safe_join
-from medcore.testing import write_png
+from medcore.testing import png_header_only, write_png
 from medcore.weights import load_pretrained
 
 
@@ -159,18 +159,7 @@ def test_load_image_conversions(tmp_path: Path) -> None:
 
 
 def test_decompression_bomb_header_is_refused(tmp_path: Path) -> None:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    header = struct.pack(">IIBBBBB", 60_000, 60_000, 8, 0, 0, 0, 0)
-    (tmp_path / "bomb.png").write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
-    )
+    (tmp_path / "bomb.png").write_bytes(png_header_only(60_000, 60_000))
     with pytest.raises(DataError, match=r"refusing to decode|implausibly large"):
         load_image(tmp_path / "bomb.png")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.util
 import inspect
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +157,64 @@ def wait_until(
     text = Path(log).read_text(errors="replace") if log is not None and Path(log).exists() else ""
     state = "timed out" if proc.poll() is None else f"exited with {proc.returncode}"
     raise AssertionError(f"the victim process {state} before the condition held\n{text}")
+
+
+class PauseAt:
+    """A call counter for fault runners: the ``n``-th call writes this process's PID to
+    ``marker`` and sleeps, so the test can kill the process exactly there (``kill -9``)."""
+
+    def __init__(self, marker: str | Path, n: int) -> None:
+        self.marker, self.n, self.calls = Path(marker), n, 0
+
+    @property
+    def next_pauses(self) -> bool:
+        """Whether the next call is the one that pauses."""
+        return self.calls + 1 == self.n
+
+    def __call__(self) -> None:
+        import time
+
+        self.calls += 1
+        if self.calls == self.n:
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(600)
+
+
+@contextlib.contextmanager
+def disk_full_on(name: str = "latest.pt", nth: int = 2) -> Iterator[None]:
+    """While active, the ``nth`` ``os.replace`` onto a file called ``name`` fails with ENOSPC:
+    the disk fills up just as a checkpoint is renamed into place. Other renames go through."""
+    real = os.replace
+    seen = [0]
+
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        if Path(dst).name == name:
+            seen[0] += 1
+            if seen[0] == nth:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        real(src, dst, **kwargs)
+
+    os.replace = replace
+    try:
+        yield
+    finally:
+        os.replace = real
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A well-formed PNG whose header claims ``width x height`` RGB pixels, with almost no data
+    (a decompression-bomb-sized header in a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
