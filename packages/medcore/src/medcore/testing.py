@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import importlib.util
 import inspect
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,19 @@ def _gloo_entry(
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         _load_function(file, name)(rank, world_size, *args)
+        # Tear down together: a rank that closes its sockets while its peer still finishes a
+        # collective, or a DDP reducer still holding the group, can abort the peer.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown on success: gloo's worker threads can still be alive there and
+    # abort the process ("terminate called without an active exception", pytorch#179291),
+    # failing a run whose results are already written. A raising rank still exits through
+    # torch's spawn wrapper, which reports its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_gloo(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> None:
