@@ -476,6 +476,18 @@ def test_broken_data_dir_is_one_line_error(
     assert not (run / "checkpoints").exists()  # refused before any training
 
 
+def test_too_few_images_for_a_train_and_validation_part_is_one_line_error(
+    tiny_data: Path, tmp_path: Path, capsys
+) -> None:
+    # 24 labelled images, 99 % for validation: the train part would be empty.
+    run = tmp_path / "run"
+    argv = _train_argv(tiny_data, run, "data.val_fraction=0.99")
+    code, _, err = call_main(train, argv, capsys)
+    assert code == 2, err
+    assert "data.val_fraction: cannot take a fraction 0.99 of 24 samples" in error_line(err)
+    assert not (run / "metric" / "splits.json").exists()
+
+
 def test_empty_test_folder_is_named_and_training_goes_on(
     tiny_data: Path, tmp_path: Path, capsys
 ) -> None:

@@ -597,7 +597,7 @@ ERROR_ROWS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "image_folder_empty": (_no_images, "no usable rows"),
     "too_few_images_to_split": (
         _write_csv(lambda t: "\n".join(t.splitlines()[:2]) + "\n"),
-        "data.split_ratios: cannot split 2 usable images into train, val, test",
+        "data.split_ratios: cannot split 2 samples into train, val, test",
     ),
 }
 

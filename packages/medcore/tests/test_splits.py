@@ -76,6 +76,18 @@ def test_ratios_are_validated(bad):
         stratified_split(np.zeros(20), bad, seed=0)
 
 
+def test_too_few_samples_is_a_plain_error():
+    with pytest.raises(ValueError, match="cannot split 2 samples into train, val, test"):
+        stratified_split(np.zeros(2), RATIOS, seed=0)
+
+
+@pytest.mark.filterwarnings("error")  # no "cannot stratify" warning before the error
+def test_a_split_that_would_leave_a_part_empty_is_a_plain_error():
+    # Two samples, 60 % taken: scikit-learn would leave the train part empty.
+    with pytest.raises(ValueError, match=r"fraction 0\.6 of 2 samples"):
+        stratified_split(np.array([0, 1]), {"train": 0.4, "val": 0.6}, seed=0)
+
+
 def test_multilabel_stratification_beats_a_random_split():
     rng = np.random.default_rng(2)
     Y = (rng.random((400, 8)) < np.linspace(0.03, 0.4, 8)).astype(int)

@@ -107,11 +107,14 @@ def _splits(labelled: ImageSet, cfg: BinEnsembleConfig, path: Path) -> dict[str,
         except ValueError as exc:
             raise DataError(path, f"{str(exc).splitlines()[0]} (use a new --output-dir)") from None
     assert labelled.labels is not None
-    splits = stratified_split(
-        labelled.labels,
-        {"train": 1.0 - cfg.data.val_fraction, "val": cfg.data.val_fraction},
-        seed=cfg.data.split_seed,
-    )
+    try:
+        splits = stratified_split(
+            labelled.labels,
+            {"train": 1.0 - cfg.data.val_fraction, "val": cfg.data.val_fraction},
+            seed=cfg.data.split_seed,
+        )
+    except ValueError as exc:  # too few labelled images for a train and a validation part
+        raise DataError("data.val_fraction", f"{exc} (labelled images)") from None
     if get_rank() == 0:
         save_splits(
             path,

@@ -316,9 +316,5 @@ def split_records(
 
     try:
         return stratified_split([r.category for r in records], ratios, seed)
-    except ValueError as exc:  # too few images for the ratios (raised by scikit-learn)
-        raise DataError(
-            "data.split_ratios",
-            f"cannot split {len(records)} usable images into {', '.join(ratios)} "
-            f"({str(exc).splitlines()[0]})",
-        ) from None
+    except ValueError as exc:  # too few images for the ratios
+        raise DataError("data.split_ratios", f"{exc} (usable images)") from None

@@ -52,6 +52,11 @@ def _carve(n_items: int, ratios: Mapping[str, float], two_way: _TwoWaySplit, see
         raise ValueError(f"ratios need at least two splits, all positive, got {dict(ratios)}")
     if abs(sum(ratios.values()) - 1.0) > 1e-6:
         raise ValueError(f"ratios must sum to 1, got {sum(ratios.values())}")
+    if n_items < len(ratios):
+        raise ValueError(
+            f"cannot split {n_items} samples into {', '.join(ratios)}: "
+            f"each split needs at least one sample"
+        )
     first, *others = ratios
     remaining = np.arange(n_items)
     left = 1.0
@@ -69,6 +74,7 @@ def _stratified_two_way(labels: np.ndarray | None) -> _TwoWaySplit:
     """Two-way split stratified on ``labels`` (unstratified when None or when impossible)."""
 
     def split(positions: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        reason = None
         if labels is not None:
             try:
                 return tuple(
@@ -76,13 +82,21 @@ def _stratified_two_way(labels: np.ndarray | None) -> _TwoWaySplit:
                         positions, test_size=fraction, random_state=seed, stratify=labels[positions]
                     )
                 )
-            except ValueError as err:
-                # Typically a class with a single member; a split beats a crash.
-                warnings.warn(
-                    f"cannot stratify ({err}); splitting this part without stratification",
-                    stacklevel=4,
-                )
-        return tuple(train_test_split(positions, test_size=fraction, random_state=seed))
+            except ValueError as err:  # typically a class with a single member
+                reason = err
+        try:
+            parts = tuple(train_test_split(positions, test_size=fraction, random_state=seed))
+        except ValueError as err:  # a part would be empty: say so in our words, not sklearn's
+            raise ValueError(
+                f"cannot take a fraction {fraction:.3g} of {positions.size} samples "
+                f"with both parts non-empty"
+            ) from err
+        if reason is not None:  # a split beats a crash
+            warnings.warn(
+                f"cannot stratify ({reason}); splitting this part without stratification",
+                stacklevel=4,
+            )
+        return parts
 
     return split
 
