@@ -194,7 +194,8 @@ def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
     assert state["epoch"] == 0 and state["batch_in_epoch"] == 1 and state["global_step"] == 1
     assert not (run / "checkpoints" / "final.pt").exists()
 
-    code, _, err = call_main(train, ["--resume", "latest", *train_argv(tiny_demo, run)], capsys)
+    # Only the run dir: the data, tiny model and schedule come from the run's config.yaml.
+    code, _, err = call_main(train, ["--resume", "latest", "--output-dir", str(run)], capsys)
     assert code == 0, err
     a = load_checkpoint(reference / "checkpoints" / "final.pt", kind=KIND)
     b = load_checkpoint(run / "checkpoints" / "final.pt", kind=KIND)

@@ -154,7 +154,8 @@ def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
     assert state["epoch"] == 0 and state["batch_in_epoch"] == 2 and state["global_step"] == 2
     assert not (run / "checkpoints" / "final.pt").exists()
 
-    code, out, err = call_main(train, ["--resume", "latest", *_train_argv(data_dir, run)], capsys)
+    # Only the run dir: the data, tiny model and schedule come from the run's config.yaml.
+    code, out, err = call_main(train, ["--resume", "latest", "--output-dir", str(run)], capsys)
     assert code == 0, err
     assert "queries ranked against" in out
     a = load_checkpoint(reference / "checkpoints" / "final.pt", kind=KIND)

@@ -12,6 +12,7 @@ from medcore.cli import (
     add_common_args,
     common_overrides,
     find_latest_checkpoint,
+    find_run,
     format_table,
     run_cli,
 )
@@ -153,17 +154,21 @@ def test_environment_oserrors_are_one_line(capsys: pytest.CaptureFixture[str]) -
         run_cli(bug)
 
 
-def test_setup_run_locks_the_run_dir_before_writing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import subprocess
-    import sys
-
-    from medcore import cli as cli_mod
+@pytest.fixture
+def cli_mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``medcore.cli`` with a packaged default config of ``seed: 3`` for any package."""
+    from medcore import cli
 
     packaged = tmp_path / "default.yaml"
     packaged.write_text("seed: 3\n")
-    monkeypatch.setattr(cli_mod, "packaged_config_path", lambda package, name: packaged)
+    monkeypatch.setattr(cli, "packaged_config_path", lambda package, name: packaged)
+    return cli
+
+
+def test_setup_run_locks_the_run_dir_before_writing(tmp_path: Path, cli_mod) -> None:
+    import subprocess
+    import sys
+
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -183,3 +188,54 @@ def test_setup_run_locks_the_run_dir_before_writing(
     again.release()
     ctx.release()
     assert not (run_dir / ".lock").exists()
+
+
+def test_find_run_for_staged_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    layout = ("checkpoints/latest.pt", "*/checkpoints/latest.pt")
+    older = Path("runs/pkg/a/checkpoints/latest.pt")  # a one-stage run
+    newer = Path("runs/pkg/b/fold_1/checkpoints/latest.pt")  # a run of stages
+    for i, ck in enumerate([older, newer]):
+        ck.parent.mkdir(parents=True)
+        ck.write_bytes(b"x")
+        os.utime(ck, (time.time() + i, time.time() + i))
+    assert find_run("pkg", None, layout) == (Path("runs/pkg/b"), newer)
+    os.utime(older, (time.time() + 5, time.time() + 5))
+    assert find_run("pkg", None, layout) == (Path("runs/pkg/a"), older)
+    run_b = Path("runs/pkg/b")
+    assert find_run("pkg", run_b, "fold_*/checkpoints/latest.pt") == (run_b, newer)
+    with pytest.raises(UserError, match=r"no phase\*/checkpoints/latest\.pt in"):
+        find_run("pkg", run_b, "phase*/checkpoints/latest.pt")
+
+
+def test_resume_continues_with_the_runs_own_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_mod
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    parser = add_common_args(argparse.ArgumentParser())
+    first = cli_mod.setup_run(
+        parser.parse_args(["--seed", "7", "--set", "trainer.lr=0.25"]), Cfg, "pkg"
+    )
+    first.release()
+    (first.run_dir / "checkpoints").mkdir()
+    (first.run_dir / "checkpoints/latest.pt").write_bytes(b"x")
+
+    # --resume latest alone: the interrupted run's seed and lr, not the packaged defaults.
+    ctx = cli_mod.setup_run(parser.parse_args(["--resume", "latest"]), Cfg, "pkg")
+    ctx.release()
+    assert ctx.run_dir == first.run_dir and ctx.resume == first.run_dir / "checkpoints/latest.pt"
+    assert (ctx.cfg.seed, ctx.cfg.trainer.lr) == (7, 0.25)
+
+    # A checkpoint path: its run, its settings; --set on top still wins.
+    argv = ["--resume", str(ctx.resume), "--set", "trainer.lr=0.5"]
+    ctx = cli_mod.setup_run(parser.parse_args(argv), Cfg, "pkg")
+    ctx.release()
+    assert ctx.run_dir == first.run_dir and (ctx.cfg.seed, ctx.cfg.trainer.lr) == (7, 0.5)
+
+    # A checkpoint from outside any run starts a new run from the defaults.
+    outside = tmp_path / "weights.pt"
+    outside.write_bytes(b"x")
+    ctx = cli_mod.setup_run(parser.parse_args(["--resume", str(outside)]), Cfg, "pkg")
+    ctx.release()
+    assert ctx.run_dir != first.run_dir and ctx.cfg.seed == 3  # a new run, even in the same second
+    assert ctx.run_dir.parent == first.run_dir.parent

@@ -61,7 +61,7 @@ from binensemble.losses import BatchHardTripletLoss
 from binensemble.model import build_model, model_kind
 from binensemble.predict import BUNDLE_NAME, load_bundle, predict_probs
 from medcore.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
-from medcore.cli import RunContext, format_table, setup_run
+from medcore.cli import RunContext, continue_run, find_run, format_table, setup_run
 from medcore.config import load_config, save_config, to_dict
 from medcore.device import amp_policy, device_defaults
 from medcore.distributed import barrier, get_rank, get_world_size
@@ -309,13 +309,8 @@ def _newest_run(output_dir: Path | None) -> Path:
                 "--resume latest", f"no {PACKAGE} run to continue in {output_dir} (no config.yaml)"
             )
         return Path(output_dir)
-    runs = [p.parent.parent for p in Path("runs", PACKAGE).glob("*/checkpoints/latest.pt")]
-    runs += [
-        p.parent.parent.parent for p in Path("runs", PACKAGE).glob("*/*/checkpoints/latest.pt")
-    ]
-    if not runs:
-        raise UserError("--resume latest", f"no earlier run with a latest.pt under runs/{PACKAGE}/")
-    return max(runs, key=lambda p: p.stat().st_mtime)
+    # One model's run keeps checkpoints/ itself, a --model both run one folder per model.
+    return find_run(PACKAGE, None, ("checkpoints/latest.pt", "*/checkpoints/latest.pt"))[0]
 
 
 def _trained_models(run_dir: Path) -> str:
@@ -337,8 +332,7 @@ def _resume_plan(args: argparse.Namespace) -> tuple[str | None, Path | None]:
         return None, None
     if args.resume == "latest":
         run_dir = _newest_run(args.output_dir)
-        args.output_dir = run_dir
-        args.config = args.config or run_dir / "config.yaml"
+        continue_run(args, run_dir)
         trained = _trained_models(run_dir)
         if args.model not in (None, trained):
             raise UserError(
@@ -354,11 +348,10 @@ def _resume_plan(args: argparse.Namespace) -> tuple[str | None, Path | None]:
             "--resume PATH",
             "resumes one model: add --model metric|baseline (or use --resume latest)",
         )
-    if args.output_dir is None and path.parent.name == "checkpoints":
-        args.output_dir = path.parent.parent
-    saved = Path(args.output_dir) / "config.yaml" if args.output_dir is not None else None
-    if args.config is None and saved is not None and saved.is_file():
-        args.config = saved
+    if args.output_dir is not None:
+        continue_run(args, Path(args.output_dir))
+    elif path.parent.name == "checkpoints":
+        continue_run(args, path.parent.parent)
     return "path", path
 
 

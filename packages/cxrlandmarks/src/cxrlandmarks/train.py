@@ -31,7 +31,7 @@ from cxrlandmarks.losses import build_loss
 from cxrlandmarks.model import KIND, ResNetLandmarkRegressor, build_model
 from cxrlandmarks.synthetic import write_dataset
 from medcore.checkpoint import export_safetensors, load_checkpoint
-from medcore.cli import RunContext, format_table
+from medcore.cli import RunContext, find_run, format_table
 from medcore.config import to_dict
 from medcore.demo import ensure_demo_data
 from medcore.distributed import barrier
@@ -330,22 +330,7 @@ def write_phase_table(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
 def _run_dir_for_resume(resume: str, output_dir: Path | None) -> Path:
     """The run directory that ``--resume latest|PATH`` continues."""
     if resume == "latest":
-        if output_dir is not None:
-            candidates = list(Path(output_dir).glob("phase*/checkpoints/latest.pt"))
-            if not candidates:
-                raise UserError(
-                    "--resume latest", f"no phase*/checkpoints/latest.pt in {output_dir}"
-                )
-            return Path(output_dir)
-        runs = sorted(
-            Path("runs", PACKAGE).glob("*/phase*/checkpoints/latest.pt"),
-            key=lambda p: p.stat().st_mtime,
-        )
-        if not runs:
-            raise UserError(
-                "--resume latest", f"no earlier run with a latest.pt under runs/{PACKAGE}/"
-            )
-        return runs[-1].parents[2]
+        return find_run(PACKAGE, output_dir, "phase*/checkpoints/latest.pt")[0]
     path = Path(resume)
     if not path.is_file():
         raise UserError(path, "checkpoint not found")
@@ -360,17 +345,14 @@ def train_command(args: Any) -> int:
     """``cxrlandmarks-train``: the demo with no arguments, real data with ``--data-dir``."""
     import contextlib
 
-    from medcore.cli import setup_run
+    from medcore.cli import continue_run, setup_run
     from medcore.io import RunLock
 
     preset = args.preset or ("paper" if args.data_dir is not None else "default")
     resume = args.resume
     args.resume = None  # phases resume themselves (one latest.pt per phase)
-    if resume:
-        args.output_dir = _run_dir_for_resume(resume, args.output_dir)
-        saved = Path(args.output_dir) / "config.yaml"
-        if args.config is None and saved.is_file():
-            args.config = saved  # continue with the interrupted run's settings and data
+    if resume:  # continue with the interrupted run's settings and data
+        continue_run(args, _run_dir_for_resume(resume, args.output_dir))
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         # Checked before setup_run creates the run directory: nothing is left behind.
         raise UserError(args.data_dir, "data directory not found")

@@ -49,7 +49,15 @@ from histommnet.losses import FocalLoss, mixup, soft_targets
 from histommnet.model import NUM_SUBTYPES, build_model, checkpoint_kind
 from histommnet.synthetic import generate_breakhis
 from medcore.checkpoint import export_safetensors, load_checkpoint
-from medcore.cli import RunContext, add_common_args, default_run_dir, format_table, setup_run
+from medcore.cli import (
+    RunContext,
+    add_common_args,
+    continue_run,
+    default_run_dir,
+    find_run,
+    format_table,
+    setup_run,
+)
 from medcore.config import to_dict
 from medcore.demo import ensure_demo_data
 from medcore.device import device_defaults
@@ -429,21 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _resume_run_dir(resume: str, output_dir: Path | None) -> Path:
     """The run directory to continue: ``latest`` (newest run) or a run dir / one of its checkpoints."""
     if resume == "latest":
-        if output_dir is not None:
-            candidates = [Path(output_dir)]
-        else:
-            candidates = sorted(
-                (Path("runs") / PACKAGE).glob("*/config.yaml"), key=lambda p: p.stat().st_mtime
-            )
-            candidates = [p.parent for p in candidates[-1:]]
+        run_dir = find_run(PACKAGE, output_dir, "config.yaml")[0]
     else:
         path = Path(resume)
         # .../fold_<i>/checkpoints/latest.pt -> the run directory
-        candidates = [
-            path.parents[2] if path.is_file() and path.parent.name == "checkpoints" else path
-        ]
-    run_dir = candidates[-1] if candidates else None
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        run_dir = path.parents[2] if path.is_file() and path.parent.name == "checkpoints" else path
+    if not (run_dir / "config.yaml").is_file():
         raise UserError(
             f"--resume {resume}", "no histommnet run directory (with config.yaml) to continue"
         )
@@ -453,9 +452,7 @@ def _resume_run_dir(resume: str, output_dir: Path | None) -> Path:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.resume:
-        run_dir = _resume_run_dir(args.resume, args.output_dir)
-        args.output_dir = run_dir
-        args.config = args.config or run_dir / "config.yaml"
+        continue_run(args, _resume_run_dir(args.resume, args.output_dir))
         args.resume = None  # cross-validation resumes fold by fold (see run_fold)
     extra = [f"model.name={args.model}"] if args.model else []
     extra += [f"cv.folds={args.folds}"] if args.folds is not None else []

@@ -134,24 +134,62 @@ class RunContext:
 
 
 def default_run_dir(package: str) -> Path:
+    """``runs/<package>/<date-time>``, with a ``-N`` suffix if a run started in the same second."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / package / stamp
+    run_dir = Path("runs") / package / stamp
+    n = 1
+    while run_dir.exists():
+        run_dir = run_dir.with_name(f"{stamp}-{n}")
+        n += 1
+    return run_dir
+
+
+def find_run(
+    package: str,
+    output_dir: Path | None,
+    layout: str | Sequence[str] = "checkpoints/latest.pt",
+) -> tuple[Path, Path]:
+    """``--resume latest``: (run directory, its newest checkpoint) of ``output_dir``, or of the
+    newest run of ``package`` under ``runs/``.
+
+    ``layout`` is where a run keeps the checkpoint to continue from, as glob patterns relative
+    to the run directory: ``checkpoints/latest.pt`` for one training, e.g.
+    ``phase*/checkpoints/latest.pt`` for a run made of stages, each resumed by itself.
+    """
+    layouts = [layout] if isinstance(layout, str) else list(layout)
+    if output_dir is not None:
+        found = [
+            (Path(output_dir), c) for pattern in layouts for c in Path(output_dir).glob(pattern)
+        ]
+        if not found:
+            raise UserError("--resume latest", f"no {' or '.join(layouts)} in {output_dir}")
+    else:
+        runs = Path("runs") / package
+        found = [
+            (c.parents[len(Path(p).parts) - 1], c) for p in layouts for c in runs.glob(f"*/{p}")
+        ]
+        if not found:
+            raise UserError(
+                "--resume latest",
+                f"no earlier run with a {Path(layouts[0]).name} under runs/{package}/",
+            )
+    return max(found, key=lambda rc: rc[1].stat().st_mtime)
 
 
 def find_latest_checkpoint(package: str, output_dir: Path | None) -> Path:
     """``--resume latest``: the latest.pt of ``output_dir``, or of the newest run of ``package``."""
-    if output_dir is not None:
-        candidate = Path(output_dir) / "checkpoints" / "latest.pt"
-        if candidate.is_file():
-            return candidate
-        raise UserError("--resume latest", f"no checkpoints/latest.pt in {output_dir}")
-    runs = sorted(
-        (p for p in (Path("runs") / package).glob("*/checkpoints/latest.pt")),
-        key=lambda p: p.stat().st_mtime,
-    )
-    if not runs:
-        raise UserError("--resume latest", f"no earlier run with a latest.pt under runs/{package}/")
-    return runs[-1]
+    return find_run(package, output_dir)[1]
+
+
+def continue_run(args: argparse.Namespace, run_dir: Path) -> None:
+    """Point ``args`` at ``run_dir`` for a resumed run, with the run's own ``config.yaml`` as its
+    base config unless ``--config`` is given (``--set`` still applies on top): the flags of the
+    interrupted run need not be repeated, and defaults changed since do not leak in.
+    """
+    args.output_dir = Path(run_dir)
+    saved = Path(run_dir) / "config.yaml"
+    if getattr(args, "config", None) is None and saved.is_file():
+        args.config = saved
 
 
 def resolve_config_arg(args: argparse.Namespace, package: str) -> None:
@@ -171,13 +209,34 @@ def setup_run(
 ) -> RunContext:
     """Resolve config, device, seeding, DDP and the run directory for a training command."""
     resolve_config_arg(args, package)
-    sources: list[Any] = [packaged_config_path(package, default_config)]
-    if getattr(args, "config", None) is not None:
-        sources.append(args.config)
-    overrides = list(getattr(args, "overrides", []) or [])
-    if getattr(args, "smoke", False):
-        overrides = [*SMOKE_OVERRIDES, *smoke_overrides, *overrides]
-    cfg = load_config(cfg_cls, *sources, overrides=[*overrides, *common_overrides(args)])
+
+    def load() -> Any:
+        sources: list[Any] = [packaged_config_path(package, default_config)]
+        if getattr(args, "config", None) is not None:
+            sources.append(args.config)
+        overrides = list(getattr(args, "overrides", []) or [])
+        if getattr(args, "smoke", False):
+            overrides = [*SMOKE_OVERRIDES, *smoke_overrides, *overrides]
+        return load_config(cfg_cls, *sources, overrides=[*overrides, *common_overrides(args)])
+
+    cfg = load()
+
+    resume: Path | None = None
+    resume_arg = getattr(args, "resume", None)
+    if resume_arg == "latest":
+        resume = find_latest_checkpoint(package, Path(cfg.output_dir) if cfg.output_dir else None)
+    elif resume_arg:
+        resume = Path(resume_arg)
+        if not resume.is_file():
+            raise UserError(resume, "checkpoint not found")
+    if resume is not None:
+        # Continue in the given run, or else in the run that wrote the checkpoint, with that
+        # run's settings (a checkpoint from elsewhere starts a new run from its weights).
+        if cfg.output_dir:
+            continue_run(args, Path(cfg.output_dir))
+        elif resume.parent.name == "checkpoints":
+            continue_run(args, resume.parent.parent)
+        cfg = load()
 
     device = resolve_device(
         cfg.device,
@@ -188,18 +247,7 @@ def setup_run(
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed + dist.rank)
 
-    resume: Path | None = None
-    resume_arg = getattr(args, "resume", None)
-    if resume_arg == "latest":
-        resume = find_latest_checkpoint(package, Path(cfg.output_dir) if cfg.output_dir else None)
-    elif resume_arg:
-        resume = Path(resume_arg)
-        if not resume.is_file():
-            raise UserError(resume, "checkpoint not found")
-    if resume is not None and cfg.output_dir is None and resume.parent.name == "checkpoints":
-        run_dir = resume.parent.parent  # continue in the run that wrote the checkpoint
-    else:
-        run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(package)
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(package)
     run_dir = Path(broadcast_object(str(run_dir)))
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
     lock: RunLock | None = None
