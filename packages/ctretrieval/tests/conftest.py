@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ctretrieval.synthetic import write_dicom_series
+
 
 def write_series(
     folder: Path,
@@ -22,43 +24,23 @@ def write_series(
     geometry: bool = True,
     seed: int = 0,
 ) -> list[Path]:
-    """Write ``hu [d, h, w]`` as a CT series: slice i at ``i * spacing`` along the orientation's normal.
+    """Write ``hu [d, h, w]`` as a signed CT series with the demo's writer (pydicom).
 
-    Files get shuffled names so that file order says nothing about slice order.
+    Files get shuffled names, so that file order says nothing about slice order, and instance
+    numbers run backwards, so that they must not win over the geometry.
     """
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    iop = np.asarray(orientation, dtype=float)
-    normal = np.cross(iop[:3], iop[3:])
-    series = generate_uid()
-    order = np.random.default_rng(seed).permutation(len(hu))
-    stored = np.round((hu - intercept) / slope).astype(np.int16)
-    paths = []
-    for i, plane in enumerate(stored):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"slice_{order[i]:03d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.Modality = series, generate_uid(), "CT"
-        # Instance numbers deliberately run backwards: they must not win over the geometry.
-        ds.InstanceNumber = len(hu) - i if geometry else i + 1
-        if geometry:
-            origin = np.array([-100.0, 50.0, 7.0])
-            ds.ImagePositionPatient = [float(v) for v in origin + i * spacing * normal]
-            ds.ImageOrientationPatient = [float(v) for v in iop]
-        ds.Rows, ds.Columns = plane.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        ds.PixelData = plane.tobytes()
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    return write_dicom_series(
+        folder,
+        hu,
+        np.random.default_rng(seed),
+        slope=slope,
+        intercept=intercept,
+        spacing=(spacing, 1.0, 1.0),
+        orientation=orientation,
+        geometry=geometry,
+        signed=True,
+        reverse_instance_numbers=geometry,
+    )
 
 
 def ramp_volume(d: int = 6, h: int = 8, w: int = 8) -> np.ndarray:

@@ -9,6 +9,7 @@ the demo exercises the same reading path as real data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +89,19 @@ def write_dicom_series(
     intercept: float = -1024.0,
     spacing: tuple[float, float, float] = (2.5, 5.0, 5.0),
     patient_id: str = "DEMO",
+    *,
+    orientation: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    geometry: bool = True,
+    signed: bool = False,
+    reverse_instance_numbers: bool = False,
 ) -> list[Path]:
     """Write ``hu [d, h, w]`` as a CT DICOM series, one file per slice in shuffled file order.
 
-    Stored values are ``(hu - intercept) / slope`` as uint16; slice ``i`` sits at
-    ``z = i * spacing[0]`` (``ImagePositionPatient``), axial orientation.
+    Stored values are ``(hu - intercept) / slope``, as uint16 (int16 with ``signed``). Slice
+    ``i`` sits at ``i * spacing[0]`` along the normal of ``orientation`` (axial by default).
+    Without ``geometry`` the files carry no position or orientation, only instance numbers;
+    ``reverse_instance_numbers`` numbers the slices backwards, so that a reader can be checked
+    to order by geometry, not by instance number.
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -100,7 +109,10 @@ def write_dicom_series(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid = generate_uid(), generate_uid()
-    stored = np.clip(np.round((hu - intercept) / slope), 0, 65535).astype(np.uint16)
+    dtype, low, high = (np.int16, -32768, 32767) if signed else (np.uint16, 0, 65535)
+    stored = np.clip(np.round((hu - intercept) / slope), low, high).astype(dtype)
+    iop = np.asarray(orientation, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
     names = rng.permutation(len(hu))
     paths = []
     for i, plane in enumerate(stored):
@@ -114,14 +126,16 @@ def write_dicom_series(
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.Modality, ds.PatientID = "CT", patient_id
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [0.0, 0.0, float(i * spacing[0])]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.InstanceNumber = len(hu) - i if reverse_instance_numbers else i + 1
+        if geometry:
+            ds.ImagePositionPatient = [float(v) for v in i * spacing[0] * normal]
+            ds.ImageOrientationPatient = [float(v) for v in iop]
         ds.SliceThickness = spacing[0]
         ds.PixelSpacing = [spacing[1], spacing[2]]
         ds.Rows, ds.Columns = plane.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = int(signed)
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         ds.PixelData = plane.tobytes()
         ds.save_as(path, enforce_file_format=True)
