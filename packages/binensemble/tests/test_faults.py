@@ -36,6 +36,7 @@ from medcore.config import load_config, packaged_config_path, save_config
 from medcore.testing import (
     RunsCode,
     all_finite,
+    assert_refused_while_running,
     call_main,
     disk_full_on,
     error_line,
@@ -104,9 +105,7 @@ def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
         config = (run / "config.yaml").read_bytes()
         argv = _train_argv(tiny_data, run, *items, "optim.head_lr=0.5")
         code, _, err = call_main(train, argv, capsys)
-        assert code == 2
-        line = error_line(err)
-        assert str(run) in line and f"in use by another running job (pid {victim.pid})" in line
+        assert_refused_while_running(code, err, run, victim.pid)
         assert (run / "config.yaml").read_bytes() == config
     finally:
         os.kill(victim.pid, signal.SIGKILL)

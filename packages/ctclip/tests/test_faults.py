@@ -34,7 +34,15 @@ import ctclip.preprocess as prep_mod
 import ctclip.train as train_mod
 from ctclip.cli import evaluate, preprocess, train
 from medcore.checkpoint import load_checkpoint
-from medcore.testing import RunsCode, all_finite, call_main, disk_full_on, error_line, wait_until
+from medcore.testing import (
+    RunsCode,
+    all_finite,
+    assert_refused_while_running,
+    call_main,
+    disk_full_on,
+    error_line,
+    wait_until,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -137,9 +145,7 @@ def test_kill_9_during_preprocess_then_rerun(
     try:
         wait_until(marker.exists, victim, log)
         code, _, err = call_main(preprocess, argv, capsys)
-        assert code == 2
-        line = error_line(err)
-        assert str(out) in line and f"in use by another running job (pid {victim.pid})" in line
+        assert_refused_while_running(code, err, out, victim.pid)
     finally:
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
@@ -183,9 +189,7 @@ def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
         wait_until(marker.exists, victim, log)
         config = (run / "config.yaml").read_bytes()
         code, _, err = call_main(train, train_argv(tiny_demo, run, "trainer.lr=0.5"), capsys)
-        assert code == 2
-        line = error_line(err)
-        assert str(run) in line and f"in use by another running job (pid {victim.pid})" in line
+        assert_refused_while_running(code, err, run, victim.pid)
         assert (run / "config.yaml").read_bytes() == config
     finally:
         os.kill(victim.pid, signal.SIGKILL)

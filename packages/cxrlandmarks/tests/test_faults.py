@@ -37,6 +37,7 @@ from cxrlandmarks.synthetic import render_case
 from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.testing import (
     all_finite,
+    assert_refused_while_running,
     call_main,
     disk_full_on,
     error_line,
@@ -162,9 +163,7 @@ def test_kill_9_mid_phase_second_job_refused_then_resume_latest(
         config = (run / "config.yaml").read_bytes()
         argv = _train_argv(data_dir, run, SAVE_EVERY, "phases.phase2.head_lr=0.5")
         code, _, err = call_main(train, argv, capsys)
-        assert code == 2
-        line = error_line(err)
-        assert str(run) in line and f"in use by another running job (pid {victim.pid})" in line
+        assert_refused_while_running(code, err, run, victim.pid)
         assert (run / "config.yaml").read_bytes() == config
     finally:
         os.kill(victim.pid, signal.SIGKILL)

@@ -119,6 +119,14 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
+def assert_refused_while_running(code: int, err: str, target: str | Path, pid: int) -> None:
+    """A second job aimed at ``target`` while process ``pid`` works there was refused: exit 2
+    and one ``error:`` line naming both the target and the running job's pid."""
+    assert code == 2, err
+    line = error_line(err)
+    assert str(target) in line and f"in use by another running job (pid {pid})" in line, line
+
+
 def all_finite(state: dict[str, torch.Tensor]) -> bool:
     """Whether every floating-point tensor of a state dict is finite."""
     return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
