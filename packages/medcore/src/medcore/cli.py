@@ -54,7 +54,9 @@ class RunConfig:
 def add_common_args(parser: argparse.ArgumentParser, train: bool = True) -> argparse.ArgumentParser:
     """Add the flags of DESIGN.md; ``train=False`` leaves out the training-only ones."""
     parser.add_argument(
-        "--config", type=Path, help="YAML config file layered over the packaged default"
+        "--config",
+        type=Path,
+        help="research config (packaged NAME.yaml or a file); stands alone on the defaults",
     )
     parser.add_argument(
         "--set",
@@ -84,8 +86,19 @@ def add_common_args(parser: argparse.ArgumentParser, train: bool = True) -> argp
         )
         parser.add_argument(
             "--pretrained-weights",
-            type=Path,
-            help="local file with pretrained backbone weights (no downloads)",
+            metavar="FILE|DIR|hf-hub:ORG/NAME[@REV]",
+            help="pretrained backbone weights: a file, a snapshot directory, or a hub name "
+            "(fetched only when online and HF_HUB_OFFLINE is unset)",
+        )
+        parser.add_argument(
+            "--from-scratch",
+            action="store_true",
+            help="train from random initialisation a config that expects pretrained weights",
+        )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="resolve the config and build the model on the meta device; no data, no weights",
         )
     return parser
 
@@ -103,6 +116,8 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         items.append(f"trainer.epochs={args.epochs}")
     if getattr(args, "pretrained_weights", None) is not None:
         items.append(f"model.pretrained_weights={args.pretrained_weights}")
+    if getattr(args, "from_scratch", False):
+        items.append("model.pretrained=false")
     if getattr(args, "output_dir", None) is not None:
         items.append(f"output_dir={args.output_dir}")
     return items
@@ -211,9 +226,10 @@ def setup_run(
     resolve_config_arg(args, package)
 
     def load() -> Any:
-        sources: list[Any] = [packaged_config_path(package, default_config)]
-        if getattr(args, "config", None) is not None:
-            sources.append(args.config)
+        # A --config stands alone on the dataclass defaults; the packaged demo preset is the
+        # config only when none is given (it is never layered under a research config).
+        config = getattr(args, "config", None)
+        sources: list[Any] = [config if config is not None else packaged_config_path(package, default_config)]
         overrides = list(getattr(args, "overrides", []) or [])
         if getattr(args, "smoke", False):
             overrides = [*SMOKE_OVERRIDES, *smoke_overrides, *overrides]
