@@ -53,6 +53,7 @@ def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model_cfg() -> ModelConfig:
     return ModelConfig(
         backbone="test_efficientnet",
+        pretrained=False,
         embed_dim=32,
         num_heads=4,
         attention_scales=[1, 3],
@@ -63,7 +64,7 @@ def tiny_model_cfg() -> ModelConfig:
 
 @pytest.fixture
 def tiny_data_cfg() -> DataConfig:
-    return DataConfig(image_size=32)
+    return DataConfig(image_size=32, aspect_ratio=1.0)  # the tiles are square
 
 
 def _write_tile(root: Path, cls: str, folder: str, patient: str, mag: str, name: str) -> Path:

@@ -12,7 +12,7 @@ from PIL import Image
 from histommnet.breakhis import scan_breakhis
 from histommnet.cli import analyze, gradcam, train
 from histommnet.config import HistoConfig
-from histommnet.train import make_folds
+from histommnet.crossval import make_folds
 from medcore.checkpoint import load_checkpoint
 from medcore.config import load_config, packaged_config_path
 from medcore.splits import load_splits
@@ -72,7 +72,7 @@ def test_train_one_fold_each_model(
             assert m in fold["test"][level]
     # the patient-level numbers follow from the saved per-patient predictions and threshold
     patients = pd.read_csv(out / "fold_0" / "predictions_patient.csv")
-    pred = (patients["prob_malignant"] >= fold["threshold"]).astype(int)
+    pred = (patients["prob_malignant"] >= fold["thresholds"]["patient"]).astype(int)
     assert fold["test"]["patient"]["accuracy"] == pytest.approx(
         float((pred == patients["label"]).mean())
     )

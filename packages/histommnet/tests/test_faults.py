@@ -411,7 +411,9 @@ def test_broken_input_is_named_and_the_job_goes_on(row: str, shared_run: dict) -
         pixels = load_image(made)
         assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
         assert pixels.max() > pixels.min()  # 16-bit: rescaled from its range, not clipped
-        assert torch.isfinite(build_transform(32, None)(pixels)).all()
+        assert torch.isfinite(
+            build_transform(DataConfig(image_size=32, aspect_ratio=1.0), False)(pixels)
+        ).all()
     assert f"skipped {len(skipped)} item(s)" in err
 
 

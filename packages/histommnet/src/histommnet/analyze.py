@@ -1,32 +1,28 @@
 """``histommnet-analyze``: a BreakHis dataset report and the fold summary training would use.
 
 Counts per class, subtype, magnification and patient, images per patient (and the adaptive
-sampling's draws per epoch), then the patient-wise folds (same seed and rule as
-``histommnet-train``) with their class balance. Written as JSON and CSV + Markdown tables.
+sampling's draws per epoch), then the patient-wise folds with their class balance: with
+``--run`` the folds a training run saved (and its config), else the folds ``histommnet-train``
+would make with the same config and seed. Written as JSON and CSV + Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from histommnet.breakhis import CLASSES, SUBTYPE_NAMES, BreakHisIndex, Patient, draws_per_patient
-from histommnet.config import HistoConfig
+from histommnet.config import PACKAGE, HistoConfig
+from histommnet.crossval import load_index, make_folds, read_folds
 from histommnet.evaluate import write_table
-from histommnet.train import PACKAGE, load_index, make_folds
-from medcore.cli import add_common_args, format_table, setup_run
+from medcore.cli import format_table, setup_run
+from medcore.errors import UserError
 from medcore.io import atomic_write_json
 from medcore.splits import save_splits
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="histommnet-analyze", description=__doc__.splitlines()[0])
-    add_common_args(parser, train=False)
-    parser.add_argument("--folds", type=int, help="number of cross-validation folds (default 5)")
-    return parser
 
 
 def patient_frame(patients: list[Patient], cfg: HistoConfig) -> pd.DataFrame:
@@ -130,14 +126,36 @@ def report(
     return tables
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _training_run(args: argparse.Namespace) -> Path | None:
+    """``--run DIR``: the run whose config (unless ``--config``) and folds are reported."""
+    if args.run is None:
+        return None
+    run_dir = Path(args.run)
+    for name in ("config.yaml", "splits.json"):
+        if not (run_dir / name).is_file():
+            raise UserError(f"--run {run_dir}", f"no {name}: not a histommnet training run")
+    if args.folds is not None:
+        raise UserError("--folds", "a training run's folds are fixed; leave out --folds with --run")
+    if args.config is None:
+        args.config = run_dir / "config.yaml"
+    if args.output_dir is None:
+        args.output_dir = run_dir / "analysis"
+    return run_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    """``histommnet-analyze`` after parsing."""
+    run_dir = _training_run(args)
     if args.folds is not None:
         args.overrides = [*args.overrides, f"cv.folds={args.folds}"]
     ctx = setup_run(args, HistoConfig, PACKAGE, "default")
     cfg: HistoConfig = ctx.cfg
     index = load_index(cfg)
-    folds = make_folds(index.patients, cfg)
+    if run_dir is not None:
+        folds = read_folds(run_dir / "splits.json", index.patients)
+        print(f"folds: the {len(folds)} saved by {run_dir}")
+    else:
+        folds = make_folds(index.patients, cfg)
     tables = report(index, cfg, folds)
     for name, table in tables.items():
         write_table(table, ctx.run_dir / "tables" / name)

@@ -8,6 +8,7 @@ from typing import Literal
 from medcore.cli import RunConfig
 from medcore.trainer import TrainerConfig
 
+PACKAGE = "histommnet"
 MAGNIFICATIONS = ["40X", "100X", "200X", "400X"]
 
 
@@ -33,7 +34,11 @@ class AugmentConfig:
 class DataConfig:
     data_dir: str | None = None
     magnifications: list[str] = field(default_factory=lambda: list(MAGNIFICATIONS))
-    image_size: int = 224
+    image_size: int = 224  # input height in pixels
+    # Input width / height. BreakHis tiles are 700x460: 700/460 keeps their shape (224x341 at
+    # 224 px). Every image is scaled to cover the input and centre-cropped, never squashed, so
+    # 1.0 takes the central square of each tile.
+    aspect_ratio: float = 700 / 460
     # A patient without some magnification folders: "nearest" fills each missing one from the
     # nearest available magnification (ties go to the lower one), "skip" drops the patient.
     missing_magnification: Literal["nearest", "skip"] = "nearest"
@@ -55,7 +60,7 @@ class ModelConfig:
     name: Literal["mmnet", "single", "concat"] = "mmnet"
     backbone: str = "efficientnet_b1"
     shared_backbone: bool = False  # one trunk for all magnifications instead of one each
-    pretrained: bool = False
+    pretrained: bool = True  # start from ImageNet weights (--pretrained-weights or --from-scratch)
     pretrained_weights: str | None = None
     drop_path_rate: float = 0.1
     embed_dim: int = 256
@@ -69,7 +74,11 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    focal_alpha: float = 0.7  # weight of the malignant class (1 - alpha for benign)
+    # Focal class weight: ``focal_alpha`` for the class named by ``focal_alpha_class`` and
+    # 1 - alpha for the other. "minority" is the class with fewer training draws in the fold
+    # (benign in BreakHis: 24 of 82 patients), which is the imbalance the seed's 0.7 counters.
+    focal_alpha: float = 0.7
+    focal_alpha_class: Literal["minority", "malignant", "benign"] = "minority"
     focal_gamma: float = 2.0
     label_smoothing: float = 0.2
     mixup_alpha: float = 0.2  # 0 disables mixup
@@ -83,6 +92,10 @@ class CVConfig:
     fold: int | None = None  # run only this fold (0-based)
     val_fraction: float = 0.3
     stratify_subtype: bool = True
+    # How the decision threshold is chosen on the validation split, separately for draws
+    # (image level) and patients; model selection and early stopping use the balanced accuracy
+    # at the validation-optimal image threshold, never a fixed 0.5 (the smoothed focal loss
+    # keeps probabilities in about 0.4-0.75).
     threshold_method: Literal["youden", "f1"] = "youden"
     # Overfitting warnings: validation loss above training loss by more than this.
     overfit_loss_gap: float = 0.3

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from kornia.geometry.transform import rotate
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from histommnet.breakhis import Patient, draws_per_patient
@@ -25,27 +27,77 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_transform(image_size: int, augment: AugmentConfig | None) -> v2.Compose:
-    """uint8 [h, w, c] array -> normalised float tensor [c, s, s]; ``augment`` None for evaluation."""
-    steps: list[v2.Transform] = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
-    if augment is not None:
-        if augment.flip:
-            steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-        if augment.rotation_degrees:
-            steps.append(v2.RandomRotation(augment.rotation_degrees))
-        if augment.elastic_p:
-            elastic = v2.ElasticTransform(alpha=augment.elastic_alpha, sigma=augment.elastic_sigma)
-            steps.append(v2.RandomApply([elastic], p=augment.elastic_p))
-        if augment.blur_p:
-            kernel = max(3, (image_size // 32) | 1)
-            blur = v2.GaussianBlur(kernel_size=kernel, sigma=tuple(augment.blur_sigma))
-            steps.append(v2.RandomApply([blur], p=augment.blur_p))
-        steps.append(
-            v2.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue)
+def input_size(cfg: DataConfig) -> tuple[int, int]:
+    """The model's input ``(height, width)``: ``image_size`` high, ``aspect_ratio`` wide."""
+    return cfg.image_size, max(1, round(cfg.image_size * cfg.aspect_ratio))
+
+
+class CoverResize:
+    """Scale an image ``[c, H, W]`` to cover ``(h, w)`` keeping its shape, then centre-crop.
+
+    Never squashes: a 700x460 tile at ``(224, 341)`` is scaled whole; at ``(224, 224)`` its
+    central 460x460 square is kept.
+    """
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        (h, w), (height, width) = self.size, image.shape[-2:]
+        scale = max(h / height, w / width)
+        scaled = [max(h, math.ceil(height * scale - 1e-6)), max(w, math.ceil(width * scale - 1e-6))]
+        image = v2.functional.resize(image, scaled, antialias=True)
+        return v2.functional.center_crop(image, [h, w])
+
+
+class ReflectRotation:
+    """Rotation by a uniform angle in ``[-degrees, degrees]`` that fills by reflection.
+
+    torchvision's ``RandomRotation`` fills the corners with a constant, black corners that
+    evaluation never shows; kornia's ``rotate`` samples the mirrored image there instead.
+    The angle comes from the torch RNG (seeded per DataLoader worker) as in torchvision.
+    """
+
+    def __init__(self, degrees: float) -> None:
+        self.degrees = float(degrees)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        angle = (torch.rand(1) * 2.0 - 1.0) * self.degrees
+        rotated = rotate(image.as_subclass(torch.Tensor)[None], angle, padding_mode="reflection")
+        return (
+            tv_tensors.wrap(rotated[0], like=image)
+            if isinstance(image, tv_tensors.Image)
+            else rotated[0]
         )
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if augment is not None and augment.erasing_p:
-        steps.append(v2.RandomErasing(p=augment.erasing_p, scale=(0.02, 0.15)))
+
+
+def build_transform(cfg: DataConfig, augment: bool) -> v2.Compose:
+    """uint8 ``[h, w, c]`` array -> normalised float ``[c, *input_size(cfg)]``.
+
+    With ``augment`` the training augmentation of ``cfg.augment`` runs on the float image.
+    """
+    steps: list = [
+        v2.ToImage(),
+        CoverResize(input_size(cfg)),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
+    aug: AugmentConfig = cfg.augment
+    if augment:
+        if aug.flip:
+            steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+        if aug.rotation_degrees:
+            steps.append(ReflectRotation(aug.rotation_degrees))
+        if aug.elastic_p:
+            elastic = v2.ElasticTransform(alpha=aug.elastic_alpha, sigma=aug.elastic_sigma)
+            steps.append(v2.RandomApply([elastic], p=aug.elastic_p))
+        if aug.blur_p:
+            kernel = max(3, (cfg.image_size // 32) | 1)
+            blur = v2.GaussianBlur(kernel_size=kernel, sigma=tuple(aug.blur_sigma))
+            steps.append(v2.RandomApply([blur], p=aug.blur_p))
+        steps.append(v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
+    steps.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    if augment and aug.erasing_p:
+        steps.append(v2.RandomErasing(p=aug.erasing_p, scale=(0.02, 0.15)))
     return v2.Compose(steps)
 
 
@@ -80,7 +132,7 @@ class MultiMagDataset(Dataset):
         self.train = train
         self.seed = seed
         use_aug = train if augment is None else augment
-        self.transform = build_transform(cfg.image_size, cfg.augment if use_aug else None)
+        self.transform = build_transform(cfg, use_aug)
         self._bad: set[str] = set()
         self.epoch = 0
         self.draws: list[tuple[int, tuple[str, ...]]] = []

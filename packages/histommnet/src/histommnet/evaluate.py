@@ -7,6 +7,8 @@ malignant probability over all draws of a patient.
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from histommnet.data import MultiMagDataset
 from medcore.cli import markdown_table
 from medcore.device import AmpPolicy, autocast
 from medcore.io import atomic_write_csv, atomic_write_text
-from medcore.metrics import binary_metrics
+from medcore.metrics import binary_metrics, select_threshold
 from medcore.plots import plot_confusion_matrix, plot_roc_curves
 
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1", "sensitivity", "specificity")
@@ -97,6 +99,44 @@ def level_metrics(frame: pd.DataFrame, threshold: float) -> dict[str, float]:
     return binary_metrics(frame["label"].to_numpy(), frame["prob_malignant"].to_numpy(), threshold)
 
 
+def choose_threshold(frame: pd.DataFrame, method: str, what: str = "validation") -> float:
+    """The decision threshold maximising ``method`` (Youden's J or F1) on ``frame``.
+
+    A one-class ``frame`` has no such threshold: 0.5, said on stderr.
+    """
+    labels = frame["label"].to_numpy()
+    if len(set(labels.tolist())) < 2:
+        print(f"note: {what} has one class; using threshold 0.5", file=sys.stderr)
+        return 0.5
+    return select_threshold(labels, frame["prob_malignant"].to_numpy(), method=method)
+
+
+def validation_scores(draws: pd.DataFrame, method: str) -> dict[str, float]:
+    """Model-selection metrics of one validation pass, free of a fixed 0.5 cut-off.
+
+    ``balanced_accuracy`` is taken at the validation-optimal threshold (``method``), the
+    patient-level one at the patients' own optimal threshold; the 0.5 figure is kept for
+    reference only. One-class validation sets give NaN AUCs.
+    """
+    patients = patient_table(draws)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one-class validation sets: NaN AUC, reported as such
+        t_image = choose_threshold(draws, method, "validation")
+        t_patient = choose_threshold(patients, method, "validation patients")
+        image = level_metrics(draws, t_image)
+        patient = level_metrics(patients, t_patient)
+        fixed = level_metrics(draws, 0.5)
+    return {
+        "balanced_accuracy": image["balanced_accuracy"],
+        "auc": image["roc_auc"],
+        "threshold": t_image,
+        "balanced_accuracy_at_0.5": fixed["balanced_accuracy"],
+        "patient_balanced_accuracy": patient["balanced_accuracy"],
+        "patient_auc": patient["roc_auc"],
+        "patient_threshold": t_patient,
+    }
+
+
 def confusion(frame: pd.DataFrame, threshold: float) -> np.ndarray:
     pred = (frame["prob_malignant"].to_numpy() >= threshold).astype(int)
     return confusion_matrix(frame["label"].to_numpy(), pred, labels=[0, 1])
@@ -111,7 +151,7 @@ def summarize_folds(fold_results: Sequence[dict[str, Any]]) -> tuple[pd.DataFram
                 {
                     "fold": res["fold"],
                     "level": level,
-                    "threshold": res["threshold"],
+                    "threshold": res["thresholds"][level],
                     **{m: res["test"][level][m] for m in METRICS},
                 }
             )
@@ -149,9 +189,14 @@ def write_table(frame: pd.DataFrame, path_stem: Path) -> None:
 
 
 def write_fold_plots(
-    plots_dir: Path, fold: int, draws: pd.DataFrame, patients: pd.DataFrame, threshold: float
+    plots_dir: Path,
+    fold: int,
+    draws: pd.DataFrame,
+    patients: pd.DataFrame,
+    thresholds: dict[str, float],
 ) -> None:
     for level, frame in (("image", draws), ("patient", patients)):
+        threshold = thresholds[level]
         plot_confusion_matrix(
             confusion(frame, threshold),
             list(CLASSES),

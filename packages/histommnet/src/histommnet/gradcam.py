@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -23,11 +24,11 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from histommnet.breakhis import CLASSES, Patient
-from histommnet.config import HistoConfig
+from histommnet.config import PACKAGE, HistoConfig
+from histommnet.crossval import load_index
 from histommnet.data import MultiMagDataset, denormalize
 from histommnet.model import SingleMagNet, load_model
-from histommnet.train import PACKAGE, load_index
-from medcore.cli import add_common_args, setup_run
+from medcore.cli import setup_run
 from medcore.errors import UserError
 from medcore.io import atomic_path, atomic_write_json
 from medcore.plots import save_figure
@@ -46,36 +47,6 @@ class _LogitsOnly(nn.Module):
 
     def forward(self, stacked: torch.Tensor) -> torch.Tensor:
         return self.model(rearrange(stacked, "b (m c) h w -> b m c h w", c=3))["logits"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="histommnet-gradcam", description=__doc__.splitlines()[0])
-    add_common_args(parser, train=False)
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        required=True,
-        help="a fold_<i>_best.pth (or any histommnet checkpoint)",
-    )
-    parser.add_argument(
-        "--patients",
-        nargs="+",
-        metavar="ID",
-        help="patient folders (SOB_M_DC_14-2523) or patient ids (14-2523); default: the fold's test patients",
-    )
-    parser.add_argument(
-        "--num-patients", type=int, default=4, help="how many patients when --patients is not given"
-    )
-    parser.add_argument(
-        "--draw", type=int, default=0, help="which evaluation draw (image tuple) of each patient"
-    )
-    parser.add_argument(
-        "--target",
-        choices=("predicted", *CLASSES),
-        default="predicted",
-        help="class whose evidence is shown (default: the predicted class)",
-    )
-    return parser
 
 
 def _default_patients(checkpoint: Path, patients: list[Patient], count: int) -> list[Patient]:
@@ -108,13 +79,39 @@ def _select(wanted: list[str], patients: list[Patient]) -> list[Patient]:
     return chosen
 
 
+def fold_threshold(checkpoint: Path) -> float | None:
+    """The image-level decision threshold of the checkpoint's fold (its ``result.json``)."""
+    result = checkpoint.resolve().parent.parent / "result.json"  # fold_<i>/checkpoints/<file>
+    if checkpoint.parent.name != "checkpoints" or not result.is_file():
+        return None
+    thresholds = json.loads(result.read_text(encoding="utf-8")).get("thresholds", {})
+    return float(thresholds["image"]) if "image" in thresholds else None
+
+
+def _threshold(args: argparse.Namespace) -> float:
+    if args.threshold is not None:
+        return args.threshold
+    found = fold_threshold(args.checkpoint)
+    if found is None:
+        print(
+            f"note: no fold result.json beside {args.checkpoint}: the predicted class uses "
+            "P(malignant) >= 0.5 (pass --threshold to set the fold's)",
+            file=sys.stderr,
+        )
+        return 0.5
+    return found
+
+
 def patient_cams(
-    model: nn.Module, images: torch.Tensor, target: int | None
+    model: nn.Module, images: torch.Tensor, target: int | None, threshold: float = 0.5
 ) -> tuple[np.ndarray, float, int]:
-    """Grad-CAM maps ``[m, h, w]`` of one draw ``[1, m, 3, h, w]``, P(malignant) and the class used."""
+    """Grad-CAM maps ``[m, h, w]`` of one draw ``[1, m, 3, h, w]``, P(malignant) and the class used.
+
+    ``target`` None explains the predicted class, malignant when P(malignant) >= ``threshold``.
+    """
     with torch.no_grad():
         prob = float(model(images)["logits"].float().softmax(-1)[0, 1])
-    cls = int(prob >= 0.5) if target is None else target
+    cls = int(prob >= threshold) if target is None else target
     wrapped = _LogitsOnly(model)
     layers = model.encoder.cam_layers()
     m = images.shape[1]
@@ -137,16 +134,18 @@ def _save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``histommnet-gradcam`` after parsing."""
     ctx = setup_run(args, HistoConfig, PACKAGE, "default")
     model, state = load_model(args.checkpoint)
+    threshold = _threshold(args)
     model.to(ctx.device).eval()
     cfg: HistoConfig = ctx.cfg
     data_cfg = dataclasses.replace(
         cfg.data,
         magnifications=list(state["magnifications"]),
         image_size=int(state.get("image_size", cfg.data.image_size)),
+        aspect_ratio=float(state.get("aspect_ratio", cfg.data.aspect_ratio)),
     )
     cfg = dataclasses.replace(cfg, data=data_cfg)
     patients = load_index(cfg).patients
@@ -163,7 +162,7 @@ def run(argv: list[str] | None = None) -> int:
         if not 0 <= args.draw < len(ds):
             raise UserError("--draw", f"patient {patient.key} has draws 0..{len(ds) - 1}")
         images = ds[args.draw]["images"].unsqueeze(0).to(ctx.device)
-        cams, prob, cls = patient_cams(model, images, target)
+        cams, prob, cls = patient_cams(model, images, target, threshold)
         rgb = denormalize(images[0]).permute(0, 2, 3, 1).numpy()
         fig, axes = plt.subplots(2, len(mags), figsize=(2.4 * len(mags), 5), squeeze=False)
         for j, mag in enumerate(mags):
@@ -175,7 +174,8 @@ def run(argv: list[str] | None = None) -> int:
             for ax in axes[:, j]:
                 ax.axis("off")
         fig.suptitle(
-            f"{patient.key}: true {CLASSES[patient.label]}, P(malignant)={prob:.3f}, "
+            f"{patient.key}: true {CLASSES[patient.label]}, P(malignant)={prob:.3f} "
+            f"(threshold {threshold:.3f}), "
             f"Grad-CAM for {CLASSES[cls]}",
             fontsize=9,
         )
@@ -185,6 +185,7 @@ def run(argv: list[str] | None = None) -> int:
                 "patient": patient.key,
                 "label": CLASSES[patient.label],
                 "prob_malignant": prob,
+                "threshold": threshold,
                 "cam_class": CLASSES[cls],
                 "images": [str(p) for p in ds.draws[args.draw][1]],
             }

@@ -5,6 +5,9 @@ Shapes: ``b`` batch, ``k`` classes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +23,8 @@ class FocalLoss(nn.Module):
     """Alpha-balanced focal loss for the binary head, on (smoothed, possibly mixed) soft targets.
 
     ``loss = -sum_k w_k (1 - p_k)^gamma q_k log p_k``, averaged over the batch, with class
-    weights ``w = (1 - alpha, alpha)`` (alpha weighs the malignant class) and ``q`` the target
+    weights ``w = (1 - alpha, alpha)`` (``alpha`` weighs the malignant class here; training
+    derives it from the config with ``malignant_alpha``) and ``q`` the target
     distribution. With one-hot ``q`` this is the focal loss of Lin et al.; written here because
     torchvision's ``sigmoid_focal_loss`` takes neither soft targets nor label smoothing.
     """
@@ -40,6 +44,20 @@ class FocalLoss(nn.Module):
         log_p = F.log_softmax(logits.float(), dim=-1)
         focal = (1.0 - log_p.exp()).pow(self.gamma)
         return -(self.weights * focal * target * log_p).sum(-1).mean()
+
+
+def malignant_alpha(labels: Sequence[int], alpha: float, alpha_class: str = "minority") -> float:
+    """The focal weight of the malignant class for ``FocalLoss``, from ``loss.focal_alpha``.
+
+    ``alpha`` weighs ``alpha_class``: "malignant", "benign", or "minority", the class with
+    fewer training ``labels`` (one per training draw; a tie counts benign as the minority).
+    """
+    if alpha_class == "malignant":
+        return alpha
+    if alpha_class == "benign":
+        return 1.0 - alpha
+    malignant = int(np.sum(np.asarray(labels) == 1))
+    return alpha if malignant < len(labels) - malignant else 1.0 - alpha
 
 
 def mixup(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:

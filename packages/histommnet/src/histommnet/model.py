@@ -7,6 +7,7 @@ Every model takes ``images [b, m, 3, h, w]`` and returns a dict with ``logits [b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,11 @@ MODELS: dict[str, type[nn.Module]] = {"mmnet": MMNet, "single": SingleMagNet, "c
 
 def build_model(cfg: ModelConfig, magnifications: Sequence[str]) -> nn.Module:
     return MODELS[cfg.name].from_config(cfg, magnifications)
+
+
+def dry_run_model_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` without weights to load: what a meta-device build (``--dry-run``) uses."""
+    return dataclasses.replace(cfg, pretrained=False, pretrained_weights=None)
 
 
 def checkpoint_kind(model: nn.Module) -> str:
