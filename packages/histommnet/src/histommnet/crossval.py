@@ -8,7 +8,8 @@ Run directory::
 
     config.yaml  dataset.json  splits.json  metrics.json  metrics.jsonl
     fold_<i>/checkpoints/{fold_<i>_best.pth, fold_<i>_best.safetensors, latest.pt, final.pt}
-    fold_<i>/{metrics.jsonl, tb/, result.json, predictions_image.csv, predictions_patient.csv}
+    fold_<i>/{metrics.jsonl, tb/, result.json, predictions_{image,patient}.csv (test),
+              predictions_val_{image,patient}.csv (validation, where thresholds were chosen)}
     plots/{roc_image.png, roc_patient.png, confusion_fold<i>_<level>.png, curves_fold<i>_*.png}
     tables/{cv_folds, cv_summary}.{csv,md}
 """

@@ -290,6 +290,9 @@ def run_fold(
 
     atomic_write_csv(fold_dir / "predictions_image.csv", test_draws)
     atomic_write_csv(fold_dir / "predictions_patient.csv", frames["test"][1])
+    # The validation predictions the thresholds were chosen on, for auditing them.
+    atomic_write_csv(fold_dir / "predictions_val_image.csv", val_draws)
+    atomic_write_csv(fold_dir / "predictions_val_patient.csv", frames["val"][1])
     plots = ctx.run_dir / "plots"
     write_fold_plots(plots, fold, test_draws, frames["test"][1], thresholds)
     if history:
