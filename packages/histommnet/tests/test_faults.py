@@ -154,8 +154,9 @@ def test_failed_checkpoint_write_keeps_previous(
 def _write_run_config(run_dir: Path, data_dir: Path, extra: str = "") -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(
-        f"num_threads: 1\ndata:\n  data_dir: {data_dir}\n  image_size: 32\n"
-        "model:\n  backbone: test_efficientnet\n  embed_dim: 32\n  attention_scales: [1, 3]\n"
+        f"num_threads: 1\ndata:\n  data_dir: {data_dir}\n  image_size: 32\n  aspect_ratio: 1.0\n"
+        "model:\n  backbone: test_efficientnet\n  pretrained: false\n  embed_dim: 32\n"
+        "  attention_scales: [1, 3]\n"
         f"cv:\n  folds: 2\n  fold: 0\ntrainer:\n  num_workers: 0\n{extra}",
         encoding="utf-8",
     )
