@@ -10,6 +10,8 @@ from histommnet.config import DataConfig, ModelConfig
 from histommnet.synthetic import generate_breakhis
 from medcore.testing import random_image, write_png
 
+NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+
 # Small enough to run in seconds on a CI CPU, with the same classes as the real configs.
 TINY_SET = [
     "num_threads=1",
@@ -64,7 +66,8 @@ def tiny_model_cfg() -> ModelConfig:
 
 @pytest.fixture
 def tiny_data_cfg() -> DataConfig:
-    return DataConfig(image_size=32, aspect_ratio=1.0)  # the tiles are square
+    # square tiles; normalisation as a backbone's pretrained config would give it
+    return DataConfig(image_size=32, aspect_ratio=1.0, **NORM)
 
 
 def _write_tile(root: Path, cls: str, folder: str, patient: str, mag: str, name: str) -> Path:

@@ -13,7 +13,7 @@ import torch
 from histommnet.cli import train
 from histommnet.config import HistoConfig
 from histommnet.data import input_size
-from histommnet.model import build_model, dry_run_model_config
+from histommnet.model import build_model, dry_run_model_config, resolve_normalization
 from medcore.config import load_config, packaged_config_path
 from medcore.summary import build_on_meta, count_parameters
 from medcore.testing import call_main, error_line
@@ -54,6 +54,24 @@ def test_config_builds_the_named_backbone(name: str) -> None:
         assert (cfg.loss.focal_alpha, cfg.loss.focal_alpha_class) == (0.7, "minority")
     else:  # the demo preset trains from scratch on CPU
         assert not cfg.model.pretrained
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_normalisation_comes_from_the_backbone(name: str) -> None:
+    """Not hard-coded ImageNet constants: timm's current efficientnet_b1 tag expects 0.5."""
+    cfg = _config(name)
+    data = resolve_normalization(cfg.model, cfg.data)
+    reference = timm.create_model(CONFIGS[name], pretrained=False).pretrained_cfg
+    assert data.mean == pytest.approx(reference["mean"]) and data.std == pytest.approx(
+        reference["std"]
+    )
+    assert data.interpolation == reference["interpolation"] == "bicubic"
+    if name == "breakhis":
+        assert data.mean == (0.5, 0.5, 0.5)
+    explicit = dataclasses.replace(
+        cfg.data, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0), interpolation="bilinear"
+    )
+    assert resolve_normalization(cfg.model, explicit) == explicit  # set in the config: kept
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
@@ -21,6 +22,7 @@ from histommnet.evaluate import patient_table, validation_scores
 from histommnet.gradcam import patient_cams
 from histommnet.losses import FocalLoss, malignant_alpha
 from histommnet.model import build_model
+from medcore.checkpoint import load_checkpoint
 from medcore.config import load_config, packaged_config_path
 from medcore.metrics import select_threshold
 from medcore.splits import load_splits
@@ -100,6 +102,8 @@ def test_gradcam_predicted_class_uses_the_threshold(tiny_model_cfg) -> None:
 
 # -- augmentation geometry -------------------------------------------------------------------------
 
+NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bilinear"}
+
 
 def _only(**fields: object) -> AugmentConfig:
     off = {
@@ -119,11 +123,11 @@ def _only(**fields: object) -> AugmentConfig:
 def test_rotation_fills_by_reflection_not_black() -> None:
     rng = np.random.default_rng(0)
     tile = rng.integers(170, 230, (46, 70, 3), dtype=np.uint8)  # bright tissue, 700x460 shape
-    cfg = DataConfig(image_size=32, augment=_only(rotation_degrees=90.0))
+    cfg = DataConfig(image_size=32, augment=_only(rotation_degrees=90.0), **NORM)
     transform = build_transform(cfg, augment=True)
     torch.manual_seed(0)
     for _ in range(8):
-        rgb = denormalize(transform(tile))
+        rgb = denormalize(transform(tile), cfg)
         assert rgb.shape == (3, 32, 49)
         assert float(rgb.min()) > 0.55  # black corners would be 0
 
@@ -133,8 +137,8 @@ def test_aspect_ratio_is_kept_never_squashed() -> None:
     tile[..., 2] = 255
     tile[:, :10, 0], tile[:, :10, 2] = 255, 0  # the left 10 of 70 columns are red
     for ratio, width in ((700 / 460, 49), (1.0, 32)):
-        cfg = DataConfig(image_size=32, aspect_ratio=ratio)
-        rgb = denormalize(build_transform(cfg, augment=False)(tile))
+        cfg = DataConfig(image_size=32, aspect_ratio=ratio, **NORM)
+        rgb = denormalize(build_transform(cfg, augment=False)(tile), cfg)
         assert rgb.shape == (3, 32, width)
         red_columns = int((rgb[0].mean(0) > 0.5).sum())
         if ratio == 1.0:  # the central square of the tile: no red column is left
@@ -236,7 +240,14 @@ def test_gradcam_explains_the_class_at_the_folds_threshold(
     out = tmp_path / "cams"
     argv = ["--checkpoint", str(ckpt), "--data-dir", str(tiny_tree), "--output-dir", str(out)]
     assert gradcam(argv) == 0
-    records = json.loads((out / "gradcam.json").read_text())["patients"]
+    report = json.loads((out / "gradcam.json").read_text())
+    records = report["patients"]
+    # the normalisation the fold trained with, stored in its checkpoint, is the one used here
+    stored = load_checkpoint(ckpt)["normalization"]
+    assert report["normalization"] == stored
+    reference = timm.create_model("test_efficientnet", pretrained=False).pretrained_cfg
+    assert stored["mean"] == pytest.approx(list(reference["mean"]))
+    assert stored["interpolation"] == reference["interpolation"]
     for rec in records:
         assert rec["threshold"] == pytest.approx(threshold)
         assert rec["cam_class"] == ("malignant" if rec["prob_malignant"] >= threshold else "benign")

@@ -46,6 +46,7 @@ from medcore.testing import (
 )
 
 pytestmark = pytest.mark.faults
+NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}
 
 SLOW_TRAIN = str(Path(__file__).with_name("slow_train.py"))
 KIND = "histommnet.MMNet"
@@ -413,7 +414,7 @@ def test_broken_input_is_named_and_the_job_goes_on(row: str, shared_run: dict) -
         assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
         assert pixels.max() > pixels.min()  # 16-bit: rescaled from its range, not clipped
         assert torch.isfinite(
-            build_transform(DataConfig(image_size=32, aspect_ratio=1.0), False)(pixels)
+            build_transform(DataConfig(image_size=32, aspect_ratio=1.0, **NORM), False)(pixels)
         ).all()
     assert f"skipped {len(skipped)} item(s)" in err
 
@@ -438,7 +439,9 @@ def test_image_failing_at_load_time_is_replaced(breast: Path, tmp_path: Path, ca
     bad = _write(_tile(root, 1), _png_bytes()[:100])  # overwrite the first 40X tile
     index = scan_breakhis(root, ("40X",), check_images=False, verbose=False)
     patient = next(p for p in index.patients if p.key == BENIGN[2])
-    ds = MultiMagDataset([patient], DataConfig(image_size=32, magnifications=["40X"]), train=False)
+    ds = MultiMagDataset(
+        [patient], DataConfig(image_size=32, magnifications=["40X"], **NORM), train=False
+    )
     images = torch.stack([ds[i]["images"] for i in range(len(ds))])
     assert torch.isfinite(images).all()
     err = capsys.readouterr().err

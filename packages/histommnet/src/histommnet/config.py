@@ -39,6 +39,12 @@ class DataConfig:
     # 224 px). Every image is scaled to cover the input and centre-cropped, never squashed, so
     # 1.0 takes the central square of each tile.
     aspect_ratio: float = 700 / 460
+    # Input normalisation and resize filter; None takes them from the backbone's pretrained
+    # configuration (timm's pretrained_cfg, or the weights' own config.json) when training
+    # starts. What was used is stored in every checkpoint and reused by gradcam.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
     # A patient without some magnification folders: "nearest" fills each missing one from the
     # nearest available magnification (ties go to the lower one), "skip" drops the patient.
     missing_magnification: Literal["nearest", "skip"] = "nearest"

@@ -17,6 +17,7 @@ Run directory::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import warnings
@@ -28,7 +29,7 @@ import pandas as pd
 
 from histommnet.breakhis import BreakHisIndex, Patient, scan_breakhis
 from histommnet.config import PACKAGE, HistoConfig
-from histommnet.data import input_size
+from histommnet.data import input_size, normalization
 from histommnet.evaluate import (
     LEVELS,
     METRICS,
@@ -37,7 +38,7 @@ from histommnet.evaluate import (
     write_roc_plots,
     write_table,
 )
-from histommnet.model import build_model, dry_run_model_config
+from histommnet.model import build_model, dry_run_model_config, resolve_normalization
 from histommnet.synthetic import generate_breakhis
 from histommnet.train import check_pretrained, run_fold
 from medcore.cli import (
@@ -234,7 +235,15 @@ def _dry_run(ctx: RunContext) -> int:
 
 def cross_validate(ctx: RunContext) -> int:
     """Every chosen fold (finished ones read back), then the summary tables, plots and JSON."""
-    cfg: HistoConfig = ctx.cfg
+    cfg = dataclasses.replace(ctx.cfg, data=resolve_normalization(ctx.cfg.model, ctx.cfg.data))
+    ctx.cfg = cfg
+    if ctx.dist.is_main:
+        norm = normalization(cfg.data)
+        print(
+            f"input: {'x'.join(map(str, input_size(cfg.data)))} px, mean {norm['mean']}, "
+            f"std {norm['std']}, {norm['interpolation']} resize ({cfg.model.backbone})",
+            file=sys.stderr,
+        )
     index = load_index(cfg, verbose=ctx.dist.is_main)
     patients = index.patients
     folds = fold_splits(ctx.run_dir, patients, cfg, ctx.dist.is_main)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +24,18 @@ from histommnet.config import AugmentConfig, DataConfig
 from medcore.errors import DataError
 from medcore.io import load_image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERPOLATION = {
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+    "nearest": v2.InterpolationMode.NEAREST,
+}
+
+
+def normalization(cfg: DataConfig) -> dict[str, Any]:
+    """``{mean, std, interpolation}`` of ``cfg``; each must be resolved (not None) by now."""
+    if cfg.mean is None or cfg.std is None or cfg.interpolation is None:
+        raise ValueError("data.mean/std/interpolation are resolved from the backbone first")
+    return {"mean": list(cfg.mean), "std": list(cfg.std), "interpolation": cfg.interpolation}
 
 
 def input_size(cfg: DataConfig) -> tuple[int, int]:
@@ -39,14 +50,15 @@ class CoverResize:
     central 460x460 square is kept.
     """
 
-    def __init__(self, size: tuple[int, int]) -> None:
+    def __init__(self, size: tuple[int, int], interpolation: str = "bilinear") -> None:
         self.size = size
+        self.interpolation = _INTERPOLATION[interpolation]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         (h, w), (height, width) = self.size, image.shape[-2:]
         scale = max(h / height, w / width)
         scaled = [max(h, math.ceil(height * scale - 1e-6)), max(w, math.ceil(width * scale - 1e-6))]
-        image = v2.functional.resize(image, scaled, antialias=True)
+        image = v2.functional.resize(image, scaled, self.interpolation, antialias=True)
         return v2.functional.center_crop(image, [h, w])
 
 
@@ -75,10 +87,12 @@ def build_transform(cfg: DataConfig, augment: bool) -> v2.Compose:
     """uint8 ``[h, w, c]`` array -> normalised float ``[c, *input_size(cfg)]``.
 
     With ``augment`` the training augmentation of ``cfg.augment`` runs on the float image.
+    ``cfg``'s normalisation must be resolved (see ``histommnet.model.resolve_normalization``).
     """
+    norm = normalization(cfg)
     steps: list = [
         v2.ToImage(),
-        CoverResize(input_size(cfg)),
+        CoverResize(input_size(cfg), norm["interpolation"]),
         v2.ToDtype(torch.float32, scale=True),
     ]
     aug: AugmentConfig = cfg.augment
@@ -95,16 +109,17 @@ def build_transform(cfg: DataConfig, augment: bool) -> v2.Compose:
             blur = v2.GaussianBlur(kernel_size=kernel, sigma=tuple(aug.blur_sigma))
             steps.append(v2.RandomApply([blur], p=aug.blur_p))
         steps.append(v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
-    steps.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    steps.append(v2.Normalize(norm["mean"], norm["std"]))
     if augment and aug.erasing_p:
         steps.append(v2.RandomErasing(p=aug.erasing_p, scale=(0.02, 0.15)))
     return v2.Compose(steps)
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Normalised images ``[..., c, h, w]`` back to RGB in [0, 1] (for overlays)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+def denormalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """Images ``[..., c, h, w]`` normalised as ``cfg`` says back to RGB in [0, 1] (overlays)."""
+    norm = normalization(cfg)
+    mean = torch.tensor(norm["mean"]).view(3, 1, 1)
+    std = torch.tensor(norm["std"]).view(3, 1, 1)
     return (images.cpu() * std + mean).clamp(0, 1)
 
 

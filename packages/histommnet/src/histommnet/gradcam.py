@@ -26,8 +26,8 @@ from torch import nn
 from histommnet.breakhis import CLASSES, Patient
 from histommnet.config import PACKAGE, HistoConfig
 from histommnet.crossval import load_index
-from histommnet.data import MultiMagDataset, denormalize
-from histommnet.model import SingleMagNet, load_model
+from histommnet.data import MultiMagDataset, denormalize, normalization
+from histommnet.model import SingleMagNet, load_model, resolve_normalization
 from medcore.cli import setup_run
 from medcore.errors import UserError
 from medcore.io import atomic_path, atomic_write_json
@@ -88,6 +88,22 @@ def fold_threshold(checkpoint: Path) -> float | None:
     return float(thresholds["image"]) if "image" in thresholds else None
 
 
+def _stored_normalization(state: dict) -> dict:
+    """The checkpoint's input normalisation as DataConfig fields ({} for an older checkpoint)."""
+    norm = state.get("normalization")
+    if not isinstance(norm, dict):
+        print(
+            "note: the checkpoint records no input normalisation: using the backbone's",
+            file=sys.stderr,
+        )
+        return {}
+    return {
+        "mean": tuple(norm["mean"]),
+        "std": tuple(norm["std"]),
+        "interpolation": norm["interpolation"],
+    }
+
+
 def _threshold(args: argparse.Namespace) -> float:
     if args.threshold is not None:
         return args.threshold
@@ -146,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
         magnifications=list(state["magnifications"]),
         image_size=int(state.get("image_size", cfg.data.image_size)),
         aspect_ratio=float(state.get("aspect_ratio", cfg.data.aspect_ratio)),
+        **_stored_normalization(state),
     )
+    data_cfg = resolve_normalization(model.cfg, data_cfg)
     cfg = dataclasses.replace(cfg, data=data_cfg)
     patients = load_index(cfg).patients
     chosen = (
@@ -163,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--draw", f"patient {patient.key} has draws 0..{len(ds) - 1}")
         images = ds[args.draw]["images"].unsqueeze(0).to(ctx.device)
         cams, prob, cls = patient_cams(model, images, target, threshold)
-        rgb = denormalize(images[0]).permute(0, 2, 3, 1).numpy()
+        rgb = denormalize(images[0], data_cfg).permute(0, 2, 3, 1).numpy()
         fig, axes = plt.subplots(2, len(mags), figsize=(2.4 * len(mags), 5), squeeze=False)
         for j, mag in enumerate(mags):
             overlay = show_cam_on_image(rgb[j], cams[j], use_rgb=True)
@@ -195,6 +213,11 @@ def run(args: argparse.Namespace) -> int:
             f"{ctx.run_dir / patient.key}/"
         )
     atomic_write_json(
-        ctx.run_dir / "gradcam.json", {"checkpoint": str(args.checkpoint), "patients": records}
+        ctx.run_dir / "gradcam.json",
+        {
+            "checkpoint": str(args.checkpoint),
+            "normalization": normalization(data_cfg),
+            "patients": records,
+        },
     )
     return 0

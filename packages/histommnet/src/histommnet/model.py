@@ -15,6 +15,7 @@ from typing import Any
 import timm
 import torch
 from einops import rearrange
+from timm.data import resolve_data_config
 from torch import nn
 
 from histommnet.attention import (
@@ -24,13 +25,14 @@ from histommnet.attention import (
     MultiScaleAttentionPool,
 )
 from histommnet.breakhis import SUBTYPE_CODES
-from histommnet.config import ModelConfig
+from histommnet.config import DataConfig, ModelConfig
 from medcore.checkpoint import load_checkpoint
 from medcore.config import from_dict
 from medcore.errors import CheckpointError, ConfigError
 from medcore.weights import load_pretrained, missing_weights_error
 
 NUM_SUBTYPES = len(SUBTYPE_CODES)
+_FILTERS = ("bilinear", "bicubic", "nearest")
 
 
 def create_trunk(cfg: ModelConfig) -> nn.Module:
@@ -55,6 +57,26 @@ def create_trunk(cfg: ModelConfig) -> nn.Module:
             f"'{cfg.backbone}.pth')\"",
         )
     return trunk
+
+
+def resolve_normalization(model: ModelConfig, data: DataConfig) -> DataConfig:
+    """``data`` with unset ``mean``/``std``/``interpolation`` taken from the backbone's
+    pretrained configuration (timm's ``pretrained_cfg``)."""
+    if None not in (data.mean, data.std, data.interpolation):
+        return data
+    try:
+        with torch.device("meta"):
+            trunk = timm.create_model(model.backbone, pretrained=False, num_classes=0)
+    except RuntimeError as exc:
+        raise ConfigError("model.backbone", str(exc)) from None
+    found = resolve_data_config(model=trunk)
+    interpolation = found["interpolation"] if found["interpolation"] in _FILTERS else "bicubic"
+    return dataclasses.replace(
+        data,
+        mean=data.mean or tuple(float(v) for v in found["mean"]),
+        std=data.std or tuple(float(v) for v in found["std"]),
+        interpolation=data.interpolation or interpolation,
+    )
 
 
 def cam_layer(trunk: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ import torch
 
 from histommnet.breakhis import Patient
 from histommnet.config import HistoConfig, ModelConfig
-from histommnet.data import MultiMagDataset, adjust_batch_size
+from histommnet.data import MultiMagDataset, adjust_batch_size, normalization
 from histommnet.evaluate import (
     LEVELS,
     choose_threshold,
@@ -226,6 +226,7 @@ def run_fold(
             "magnifications": list(cfg.data.magnifications),
             "image_size": cfg.data.image_size,
             "aspect_ratio": cfg.data.aspect_ratio,
+            "normalization": normalization(cfg.data),
             "fold": fold,
         },
         on_epoch_start=on_epoch_start,
