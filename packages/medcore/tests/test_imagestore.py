@@ -122,7 +122,7 @@ def test_store_that_does_not_fit_the_disk_is_refused_before_writing(
 ) -> None:
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(imagestore.shutil, "disk_usage", lambda _: usage(10**6, 10**6, 1000))
-    with pytest.raises(UserError, match="needs .* GiB and only .* GiB is free"):
+    with pytest.raises(UserError, match=r"needs .* GiB and only .* GiB is free"):
         open_store(pngs, tmp_path / "store", StoreSpec(size=(23, 35)))
     assert not (tmp_path / "store" / "pixels.u8").exists()
     assert not (tmp_path / "store" / "manifest.json").exists()
