@@ -139,9 +139,7 @@ class _Images(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.store[i]))
 
 
-def test_store_pickles_without_its_map_and_serves_workers(
-    tmp_path: Path, pngs: list[Path]
-) -> None:
+def test_store_pickles_without_its_map_and_serves_workers(tmp_path: Path, pngs: list[Path]) -> None:
     store = open_store(pngs, tmp_path / "store", StoreSpec(size=(23, 35)), progress=False)
     _ = store[0]  # map opened in this process
     state = pickle.loads(pickle.dumps(store))
@@ -149,3 +147,9 @@ def test_store_pickles_without_its_map_and_serves_workers(
     loader = torch.utils.data.DataLoader(_Images(store), batch_size=5, num_workers=1)
     (batch,) = list(loader)
     np.testing.assert_array_equal(batch.numpy(), np.asarray(store.pixels))
+
+
+def test_batch_read_equals_item_reads_in_the_given_order(tmp_path: Path, pngs: list[Path]) -> None:
+    store = open_store(pngs, tmp_path / "store", StoreSpec(size=(23, 35)), progress=False)
+    order = [3, 0, 4, 0]
+    np.testing.assert_array_equal(store.batch(order), np.stack([store[i] for i in order]))

@@ -111,6 +111,13 @@ class ImageStore:
     def __getitem__(self, index: int) -> np.ndarray:
         return self.pixels[index]
 
+    def batch(self, indices: Sequence[int]) -> np.ndarray:
+        """Images ``indices`` as one ``[B, H, W, C]`` array (one sorted read of the map)."""
+        order = np.argsort(indices)
+        out = np.empty((len(indices), *self.shape[1:]), dtype=np.uint8)
+        out[order] = self.pixels[np.asarray(indices)[order]]
+        return out
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_pixels"] = None
