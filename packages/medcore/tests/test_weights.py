@@ -15,6 +15,7 @@ from medcore.cli import run_cli
 from medcore.errors import CheckpointError, UserError
 from medcore.layouts import hf_dinov2_to_timm, timm_to_hf_dinov2
 from medcore.weights import (
+    OPEN_CLIP_FILES,
     data_config,
     load_pretrained,
     require_pretrained,
@@ -106,6 +107,19 @@ def test_hub_errors_offline_are_one_line(tmp_path, offline_home) -> None:
         resolve_weights("hf-hub:justaname")
 
 
+def test_hub_name_online_but_unreachable(offline_home, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    # Nothing may be fetched in tests: the library itself stays offline, our check says online.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(
+        CheckpointError, match="cannot be reached and the weights are not in the cache"
+    ):
+        resolve_weights("hf-hub:timm/x")
+
+
 def test_local_dir_single_file_and_missing_things(tmp_path) -> None:
     source = _tiny_resnet()
     local = tmp_path / "local"
@@ -124,6 +138,10 @@ def test_local_dir_single_file_and_missing_things(tmp_path) -> None:
     )
     resolved = resolve_weights(local)
     assert resolved.path == local / "pytorch_model.bin"
+    (local / "open_clip_pytorch_model.bin").write_bytes(b"")
+    assert resolve_weights(local).path == local / "pytorch_model.bin"
+    assert resolve_weights(local, files=OPEN_CLIP_FILES).path.name == "open_clip_pytorch_model.bin"
+    (local / "open_clip_pytorch_model.bin").unlink()
     cfg = data_config(weights_config=resolved.config)
     assert cfg["mean"] == (0.1, 0.2, 0.3) and cfg["std"] == (0.4, 0.5, 0.6)
     assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == pytest.approx(0.875)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from torch import nn
 
 from medcore import layouts
 from medcore.checkpoint import load_checkpoint
+from medcore.distributed import is_main_process
 from medcore.errors import CheckpointError, UserError
 
 HUB_PREFIX = "hf-hub:"
@@ -31,6 +32,9 @@ WEIGHT_FILES = (
     "open_clip_model.safetensors",
     "open_clip_pytorch_model.bin",
 )
+# open_clip repositories on the hub also carry a transformers-format model.safetensors: a caller
+# that wants the open_clip layout asks for these first.
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 CONFIG_FILES = ("config.json", "open_clip_config.json")
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -89,19 +93,22 @@ def _first(names: list[str], n: int = 3) -> str:
 # resolving a spec
 
 
-def resolve_weights(spec: str | Path) -> ResolvedWeights:
+def resolve_weights(spec: str | Path, files: Sequence[str] = WEIGHT_FILES) -> ResolvedWeights:
     """Find the weights file of ``spec``: a file, a directory, or ``hf-hub:ORG/NAME[@REV]``.
 
-    A hub name is looked up in the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) and
-    downloaded only when online and ``HF_HUB_OFFLINE`` is unset. Every failure is a one-line
-    UserError (CheckpointError) saying what was looked for.
+    In a directory or hub snapshot the first of ``files`` present is taken (else a single
+    weights file of any name, e.g. an exported ``final.safetensors``). A hub name is looked up in
+    the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) and downloaded only when online and
+    ``HF_HUB_OFFLINE`` is unset; a cached snapshot is used as it is. Every failure is a one-line
+    CheckpointError (a UserError) saying what was looked for.
     """
     text = str(spec)
+    files = tuple(files)
     if text.startswith(HUB_PREFIX):
-        return _resolve_hub(text[len(HUB_PREFIX) :], text)
+        return _resolve_hub(text[len(HUB_PREFIX) :], text, files)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _resolve_dir(path, text)
+        return _resolve_dir(path, text, files)
     if not path.is_file():
         raise CheckpointError(
             text, "checkpoint not found (expected a weights file, a directory or hf-hub:ORG/NAME)"
@@ -109,8 +116,8 @@ def resolve_weights(spec: str | Path) -> ResolvedWeights:
     return ResolvedWeights(path, _read_configs(path.parent), text)
 
 
-def _resolve_dir(path: Path, source: str) -> ResolvedWeights:
-    for name in WEIGHT_FILES:
+def _resolve_dir(path: Path, source: str, files: tuple[str, ...]) -> ResolvedWeights:
+    for name in files:
         if (path / name).is_file():
             return ResolvedWeights(path / name, _read_configs(path), source)
     # A single weights file of another name (e.g. medcore's exported final.safetensors).
@@ -121,7 +128,7 @@ def _resolve_dir(path: Path, source: str) -> ResolvedWeights:
     why = (
         "sharded weights (model.safetensors.index.json) are not supported: merge them into one file"
         if sharded
-        else f"no weights file in this directory (looked for {', '.join(WEIGHT_FILES)}"
+        else f"no weights file in this directory (looked for {', '.join(files)}"
         + (
             f"; found several: {', '.join(p.name for p in found)}, name one"
             if found
@@ -133,12 +140,11 @@ def _resolve_dir(path: Path, source: str) -> ResolvedWeights:
 
 
 def _read_configs(folder: Path) -> dict[str, Any]:
-    """config.json (or open_clip_config.json) of a weights folder, preprocessor config inside."""
+    """config.json and open_clip_config.json of a weights folder merged, preprocessor inside."""
     config: dict[str, Any] = {}
     for name in CONFIG_FILES:
         if (folder / name).is_file():
-            config = _read_json(folder / name)
-            break
+            config.update(_read_json(folder / name))
     if (folder / PREPROCESSOR_FILE).is_file():
         config["preprocessor"] = _read_json(folder / PREPROCESSOR_FILE)
     return config
@@ -169,7 +175,7 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _resolve_hub(name: str, source: str) -> ResolvedWeights:
+def _resolve_hub(name: str, source: str, files: tuple[str, ...]) -> ResolvedWeights:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -200,23 +206,23 @@ def _resolve_hub(name: str, source: str) -> ResolvedWeights:
         ) from None
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         folder = None
-    if folder is not None and any((folder / n).is_file() for n in WEIGHT_FILES):
-        return _resolve_dir(folder, source)
+    if folder is not None and any((folder / n).is_file() for n in files):
+        return _resolve_dir(folder, source, files)
     if hub_offline():
         at = f" at revision {revision}" if revision else ""
         raise CheckpointError(
             source, f"not in the Hugging Face cache {cache}{at} and HF_HUB_OFFLINE is set: {get}"
         )
-    for filename in WEIGHT_FILES:
+    for filename in files:
         try:
             path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache))
-        except EntryNotFoundError:
-            continue
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: caught first
             raise CheckpointError(
                 source,
                 f"the hub cannot be reached and the weights are not in the cache {cache}: {get}",
             ) from None
+        except EntryNotFoundError:
+            continue
         except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
             raise CheckpointError(
                 source, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -231,7 +237,7 @@ def _resolve_hub(name: str, source: str) -> ResolvedWeights:
             except (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError):
                 continue
         return ResolvedWeights(path, _read_configs(path.parent), source)
-    raise CheckpointError(source, f"the repository has none of {', '.join(WEIGHT_FILES)}")
+    raise CheckpointError(source, f"the repository has none of {', '.join(files)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +320,8 @@ def load_pretrained(
     if missing:  # checked before loading: a refused file leaves the module untouched
         raise CheckpointError(resolved.source, _missing_why(report, state, target))
     module.load_state_dict(usable, strict=False)
-    print(report.line(), flush=True)
+    if is_main_process() and os.environ.get("RANK", "0") == "0":  # once, not per DDP rank
+        print(report.line(), flush=True)
     return report
 
 
