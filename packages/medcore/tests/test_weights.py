@@ -282,6 +282,14 @@ def test_partial_and_foreign_files_are_one_line_errors(tmp_path, capsys) -> None
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_meta_module_is_refused(tmp_path) -> None:
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "w.pt")
+    with torch.device("meta"):
+        lin = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="meta device"):
+        load_pretrained(lin, tmp_path / "w.pt")
+
+
 def test_require_pretrained() -> None:
     require_pretrained(False, None, "model.pretrained", "")
     require_pretrained(True, "w.pt", "model.pretrained", "")

@@ -63,12 +63,11 @@ def best_prefix(state: Tensors, target_keys: set[str]) -> str:
     return best if counts.get(best, 0) > counts.get("", 0) else ""
 
 
-def strip_prefix(state: Tensors, prefix: str) -> tuple[Tensors, list[str]]:
-    """Keys under ``prefix`` without it, and the keys outside it (other parts of the file)."""
+def strip_prefix(state: Tensors, prefix: str) -> Tensors:
+    """The keys under ``prefix``, without it (the rest of the file is other parts of a model)."""
     if not prefix:
-        return state, []
-    inside = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return inside, sorted(k for k in state if not k.startswith(prefix))
+        return state
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def is_hf_dinov2(state: Tensors) -> str | None:

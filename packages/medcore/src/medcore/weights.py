@@ -290,6 +290,11 @@ def load_pretrained(
     CheckpointError naming the first few; a file that matches under half of the module is named
     as another architecture.
     """
+    if any(t.is_meta for t in module.state_dict().values()):
+        # A dry run builds on the meta device, where loading would silently do nothing.
+        raise ValueError(
+            "cannot load weights into a module on the meta device (a dry run loads none)"
+        )
     resolved = spec if isinstance(spec, ResolvedWeights) else resolve_weights(spec)
     state, metadata = read_state_dict(resolved)
     if layouts.is_hf_dinov2(state) is not None:
@@ -298,7 +303,7 @@ def load_pretrained(
         state = convert(state)
     target = module.state_dict()
     prefix = layouts.best_prefix(state, set(target))
-    state, _outside = layouts.strip_prefix(state, prefix)
+    state = layouts.strip_prefix(state, prefix)
     state = layouts.hub_dinov2_to_timm(state)
     usable = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
     # BatchNorm's step counter is not a weight; old torchvision files lack it.
@@ -310,7 +315,7 @@ def load_pretrained(
         matched=len(usable),
         total=len(usable) + len(absent),
         missing=missing,
-        unexpected=sorted(set(state) - set(usable)),
+        unexpected=sorted(set(state) - set(target)),  # a shape mismatch is missing, not this
         new=fresh,
         source=resolved.source,
         what=what,
