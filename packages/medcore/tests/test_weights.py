@@ -202,16 +202,68 @@ def _tiny_dinov2(**kw) -> torch.nn.Module:
     )
 
 
+def _hf_dinov2_keys(depth: int, registers: bool) -> set[str]:
+    """The state-dict keys of transformers' Dinov2Model / Dinov2WithRegistersModel."""
+    keys = {
+        "embeddings.cls_token",
+        "embeddings.mask_token",
+        "embeddings.position_embeddings",
+        "embeddings.patch_embeddings.projection.weight",
+        "embeddings.patch_embeddings.projection.bias",
+        "layernorm.weight",
+        "layernorm.bias",
+    } | ({"embeddings.register_tokens"} if registers else set())
+    layer = [
+        "norm1.weight",
+        "norm1.bias",
+        "attention.attention.query.weight",
+        "attention.attention.query.bias",
+        "attention.attention.key.weight",
+        "attention.attention.key.bias",
+        "attention.attention.value.weight",
+        "attention.attention.value.bias",
+        "attention.output.dense.weight",
+        "attention.output.dense.bias",
+        "layer_scale1.lambda1",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+        "layer_scale2.lambda1",
+    ]
+    return keys | {f"encoder.layer.{i}.{k}" for i in range(depth) for k in layer}
+
+
+def test_hf_dinov2_swiglu_giant_layout() -> None:
+    """ViT-g's SwiGLU MLP: HF ``mlp.weights_in``/``weights_out`` are timm's packed fc1/fc2."""
+    source = timm.create_model(
+        "vit_giant_patch14_dinov2",
+        pretrained=False,
+        img_size=28,
+        num_classes=0,
+        depth=1,
+        embed_dim=48,  # SwiGLU's packed hidden size (48 * 16 / 3 = 256) must be even
+        num_heads=2,
+    )
+    state = source.state_dict()
+    hf = {
+        k.replace("mlp.fc1", "mlp.weights_in").replace("mlp.fc2", "mlp.weights_out"): v
+        for k, v in timm_to_hf_dinov2(state).items()
+    }
+    assert "encoder.layer.0.mlp.weights_in.weight" in hf
+    back = hf_dinov2_to_timm(hf)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
 @pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
 def test_hf_transformers_dinov2_round_trip_and_load(tmp_path, name) -> None:
     torch.manual_seed(0)
     source = timm.create_model(name, pretrained=False, img_size=28, num_classes=0, depth=2)
     state = source.state_dict()
     hf = timm_to_hf_dinov2(state)
-    # The key names of transformers' Dinov2Model (modeling_dinov2.py).
-    assert "encoder.layer.1.attention.attention.query.weight" in hf
-    assert "encoder.layer.0.layer_scale2.lambda1" in hf and "embeddings.mask_token" in hf
-    assert "embeddings.patch_embeddings.projection.weight" in hf and "layernorm.bias" in hf
+    assert set(hf) == _hf_dinov2_keys(depth=2, registers="reg4" in name)
     back = hf_dinov2_to_timm(hf)
     assert back.keys() == state.keys()
     for k in state:
