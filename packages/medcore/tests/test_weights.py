@@ -303,7 +303,7 @@ def test_torch_hub_dinov2_and_dino_teacher_wrapper(tmp_path) -> None:
         torch.testing.assert_close(v, state[k], rtol=0, atol=1e-6)
 
 
-def test_partial_and_foreign_files_are_one_line_errors(tmp_path, capsys) -> None:
+def test_partial_and_foreign_files_are_one_line_errors(tmp_path, offline_home, capsys) -> None:
     source = _tiny_resnet().state_dict()
     partial = {k: v for k, v in source.items() if not k.startswith("layer4.")}
     torch.save(partial, tmp_path / "partial.pt")
@@ -318,14 +318,14 @@ def test_partial_and_foreign_files_are_one_line_errors(tmp_path, capsys) -> None
         load_pretrained(resnet, tmp_path / "vit.pt")
     assert "\n" not in str(e.value)
 
-    def main() -> int:
-        load_pretrained(resnet, tmp_path / "vit.pt")
-        return 0
-
+    (tmp_path / "empty").mkdir()
     for spec_main in (
-        main,
+        lambda: load_pretrained(resnet, tmp_path / "vit.pt"),
+        lambda: load_pretrained(resnet, tmp_path / "partial.pt"),
+        lambda: load_pretrained(resnet, tmp_path / "missing.pt"),
         lambda: resolve_weights("hf-hub:timm/not-cached"),
         lambda: resolve_weights(tmp_path),  # a directory with several files, none standard
+        lambda: resolve_weights(tmp_path / "empty"),  # no weights file at all
         lambda: require_pretrained(True, None, "model.pretrained", "see the README"),
     ):
         capsys.readouterr()

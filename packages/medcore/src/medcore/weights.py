@@ -297,14 +297,16 @@ def load_pretrained(
         )
     resolved = spec if isinstance(spec, ResolvedWeights) else resolve_weights(spec)
     state, metadata = read_state_dict(resolved)
-    if layouts.is_hf_dinov2(state) is not None:
+    target = module.state_dict()
+    # Conversions only when the module is not itself in the file's layout.
+    if layouts.is_hf_dinov2(state) is not None and layouts.is_hf_dinov2(target) is None:
         state = layouts.hf_dinov2_to_timm(state)
     if convert is not None:
         state = convert(state)
-    target = module.state_dict()
     prefix = layouts.best_prefix(state, set(target))
     state = layouts.strip_prefix(state, prefix)
-    state = layouts.hub_dinov2_to_timm(state)
+    if not {"mask_token", "register_tokens"} & set(target):
+        state = layouts.hub_dinov2_to_timm(state)
     usable = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
     # BatchNorm's step counter is not a weight; old torchvision files lack it.
     absent = [k for k in target if k not in usable and not k.endswith("num_batches_tracked")]
