@@ -174,6 +174,9 @@ def test_exported_final_safetensors_and_its_metadata(tmp_path, capsys) -> None:
     assert report.matched == report.total and not report.unexpected
     _assert_same(target, source["backbone"])
     assert "(keys under 'backbone.')" in capsys.readouterr().out
+    head = torch.nn.Linear(512, 3)
+    report = load_pretrained(head, run / "final.safetensors", what="head")  # the file itself
+    assert report.prefix == "head." and torch.equal(head.weight, source["head"].weight)
 
 
 def test_torchvision_resnet18_into_timm_resnet18(tmp_path) -> None:
