@@ -48,19 +48,22 @@ def _suffixes(key: str) -> list[tuple[str, str]]:
     ]
 
 
-def best_prefix(state: Tensors, target_keys: set[str]) -> str:
-    """The key prefix under which the most of ``target_keys`` are found ("" when none beats it).
+def best_prefix(state: Tensors, target: Tensors) -> str:
+    """The key prefix under which the most of ``target``'s tensors are found, shapes included.
 
     Finds ``module.``, ``backbone.``, ``teacher.backbone.``, ``visual.trunk.`` or a whole model's
-    ``visual.backbone.`` without a list of known wrappers.
+    ``visual.backbone.`` without a list of known wrappers. "" unless a prefix matches more; on a
+    tie the shortest prefix wins (deterministic; two equal heads are then told apart by name).
     """
     counts: dict[str, int] = {}
-    for key in state:
+    for key, value in state.items():
         for prefix, rest in _suffixes(key):
-            if rest in target_keys:
+            if rest in target and target[rest].shape == value.shape:
                 counts[prefix] = counts.get(prefix, 0) + 1
-    best = max(counts, key=lambda p: (counts[p], p == ""), default="")
-    return best if counts.get(best, 0) > counts.get("", 0) else ""
+    if not counts:
+        return ""
+    best = min(counts, key=lambda p: (-counts[p], len(p), p))
+    return best if counts[best] > counts.get("", 0) else ""
 
 
 def strip_prefix(state: Tensors, prefix: str) -> Tensors:

@@ -303,7 +303,7 @@ def load_pretrained(
         state = layouts.hf_dinov2_to_timm(state)
     if convert is not None:
         state = convert(state)
-    prefix = layouts.best_prefix(state, set(target))
+    prefix = layouts.best_prefix(state, target)
     state = layouts.strip_prefix(state, prefix)
     if not {"mask_token", "register_tokens"} & set(target):
         state = layouts.hub_dinov2_to_timm(state)
