@@ -38,7 +38,10 @@ OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 CONFIG_FILES = ("config.json", "open_clip_config.json")
 PREPROCESSOR_FILE = "preprocessor_config.json"
-SUPPLY = "pass --pretrained-weights FILE|DIR|hf-hub:ORG/NAME, or --from-scratch to train from random initialisation"
+SUPPLY = (
+    "pass --pretrained-weights FILE|DIR|hf-hub:ORG/NAME, "
+    "or --from-scratch to train from random initialisation"
+)
 
 Converter = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -47,7 +50,7 @@ Converter = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 class ResolvedWeights:
     """A weights file found from the user's spec.
 
-    ``config`` is the ``config.json`` (or ``open_clip_config.json``) beside it, with a
+    ``config`` is the ``config.json`` and ``open_clip_config.json`` beside it (merged), with a
     ``preprocessor_config.json`` under the key ``"preprocessor"``; {} when there is none.
     ``source`` is what the user named, as shown in messages.
     """
@@ -59,7 +62,14 @@ class ResolvedWeights:
 
 @dataclass
 class LoadReport:
-    """What a ``load_pretrained`` call loaded: counts and key names."""
+    """What a ``load_pretrained`` call loaded.
+
+    ``matched`` of the module's ``total`` tensors came from the file; ``new`` are the module's
+    keys left at their initialisation on purpose (the ``new`` patterns), ``missing`` the others
+    (a load with any is refused); ``unexpected`` are file keys the module does not have;
+    ``prefix`` is the part of the file that was taken (e.g. ``"backbone."``); ``metadata`` the
+    file's safetensors metadata or a medcore checkpoint's ``format``/``kind``.
+    """
 
     matched: int
     total: int
