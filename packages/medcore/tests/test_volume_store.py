@@ -87,9 +87,11 @@ def test_other_settings_or_kind_are_refused(tmp_path: Path) -> None:
         VolumeStoreWriter(out, "test.volumes", {**SETTINGS, "target_shape": [8, 6, 6]}),
     ):
         pass
-    with pytest.raises(DataError, match="not a other.volumes volume store"):
-        with VolumeStoreWriter(out, "other.volumes", SETTINGS):
-            pass
+    with (
+        pytest.raises(DataError, match=r"not a other\.volumes volume store"),
+        VolumeStoreWriter(out, "other.volumes", SETTINGS),
+    ):
+        pass
     assert not partial_path(out).exists() and not out.with_name("v.h5.lock").exists()
 
 

@@ -112,7 +112,7 @@ def write_series(
     src = base()
     paths = []
     for n, k in enumerate(order):
-        ipp = origin + [0.0, 0.0, Z0 + k * SZ]
+        ipp = origin + np.array([0.0, 0.0, Z0 + k * SZ])
         pts = ipp + i[..., None] * col_mm * r + j[..., None] * row_mm * c
         hu = grid_values(pts)
         ds = copy.deepcopy(src)
@@ -407,7 +407,7 @@ def test_bad_dicom_is_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
         ds = pydicom.dcmread(p)
         ds.Modality = "MR"
         ds.save_as(p)
-    with pytest.raises(DataError, match="no axial CT image series .*modality MR, not CT"):
+    with pytest.raises(DataError, match=r"no axial CT image series .*modality MR, not CT"):
         read_dicom_series(tmp_path / "mr")
 
 
