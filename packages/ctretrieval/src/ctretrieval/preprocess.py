@@ -38,7 +38,7 @@ from ctretrieval.config import PreprocessConfig
 from ctretrieval.readers import Study, find_studies, read_study
 from medcore.errors import ConfigError, DataError
 from medcore.volume_store import VolumeStoreWriter
-from medcore.volumes import CANONICAL_AXCODES, Volume
+from medcore.volumes import CANONICAL_AXCODES, Volume, center_in_box
 
 KIND = "ctretrieval.volumes"
 
@@ -95,24 +95,7 @@ def resample_to_spacing(
     vol = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
     if size != tuple(hu.shape):
         vol = F.interpolate(vol, size=size, mode="trilinear", align_corners=False)
-    vol = vol[0, 0].numpy()
-    target = tuple(int(v) for v in target_shape)
-    out = np.full(target, fill, dtype=np.float32)
-    pad = np.zeros((3, 2), dtype=np.int64)
-    crop = np.zeros((3, 2), dtype=np.int64)
-    src_sl, dst_sl = [], []
-    for axis, (n, t) in enumerate(zip(vol.shape, target, strict=True)):
-        if n >= t:
-            start = (n - t) // 2
-            crop[axis] = (start, n - t - start)
-            src_sl.append(slice(start, start + t))
-            dst_sl.append(slice(0, t))
-        else:
-            start = (t - n) // 2
-            pad[axis] = (start, t - n - start)
-            src_sl.append(slice(0, n))
-            dst_sl.append(slice(start, start + n))
-    out[tuple(dst_sl)] = vol[tuple(src_sl)]
+    out, pad, crop = center_in_box(vol[0, 0].numpy(), tuple(int(v) for v in target_shape), fill)
     return out, {"pad": pad, "crop": crop}
 
 

@@ -111,6 +111,33 @@ def check_affine(what: str | Path, affine: np.ndarray) -> None:
         raise DataError(what, "singular affine (a zero voxel size or collinear axes)")
 
 
+def center_in_box(
+    vol: np.ndarray, target: tuple[int, int, int], fill: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``vol`` centred in an array of shape ``target``: (array, pad, crop).
+
+    ``pad`` and ``crop`` are ``[3, 2]`` int64 voxel counts added / removed before and after
+    along each axis; an axis is cropped (symmetrically) only where ``vol`` is larger.
+    """
+    out = np.full(target, fill, dtype=vol.dtype)
+    pad = np.zeros((3, 2), dtype=np.int64)
+    crop = np.zeros((3, 2), dtype=np.int64)
+    src, dst = [], []
+    for axis, (n, t) in enumerate(zip(vol.shape, target, strict=True)):
+        if n >= t:
+            start = (n - t) // 2
+            crop[axis] = (start, n - t - start)
+            src.append(slice(start, start + t))
+            dst.append(slice(0, t))
+        else:
+            start = (t - n) // 2
+            pad[axis] = (start, t - n - start)
+            src.append(slice(0, n))
+            dst.append(slice(start, start + n))
+    out[tuple(dst)] = vol[tuple(src)]
+    return out, pad, crop
+
+
 # -- NIfTI --------------------------------------------------------------------------------------
 
 
