@@ -60,7 +60,7 @@ def prepare_demo(cfg: CTClipConfig, is_main: bool) -> CTClipConfig:
         generate_demo(root, d.demo_train_volumes, d.demo_valid_volumes, seed=DEMO_SEED)
 
     shape = tuple(d.demo_target_shape)
-    h5_name = "ct_volumes_{}x{}x{}.h5".format(*shape)
+    h5_name = "ct_volumes_{}x{}x{}.store1.h5".format(*shape)  # store1: medcore volume store
     root = ensure_demo_data("ctclip", generate, version=version) if is_main else None
     if is_main:
         csv = root / "ct_rate"

@@ -254,7 +254,7 @@ def demo_volumes(
     spacing = (
         "" if prep.target_spacing is None else "_" + "x".join(f"{v:g}" for v in prep.target_spacing)
     )
-    h5 = root / "preprocessed" / f"volumes_{d}x{h}x{w}_{lo:g}_{hi:g}{spacing}.h5"
+    h5 = root / "preprocessed" / f"volumes_{d}x{h}x{w}_{lo:g}_{hi:g}{spacing}.store1.h5"
     if not h5.is_file():
         preprocess(root / "dicom", h5, prep, show_progress=show_progress)
     return h5, root / "labels.csv"

@@ -163,7 +163,7 @@ def preprocess(
         raise DataError(
             input_dir, "no studies found (expected one DICOM folder or NIfTI file per study)"
         )
-    with VolumeStoreWriter(output, KIND, store_settings(cfg)) as store:
+    with VolumeStoreWriter(output, KIND, store_settings(cfg), chunks="slice") as store:
         done = store.done
         todo = [s for s in studies if s.id not in done]
         skipped: dict[str, str] = {}

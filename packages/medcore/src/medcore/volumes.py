@@ -154,11 +154,11 @@ def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None) -> 
     if not path.is_file():
         raise DataError(path, "file not found")
     if path.stat().st_size == 0:
-        raise DataError(path, "empty file (0 bytes)")
+        raise DataError(path, "cannot read NIfTI: empty file (0 bytes)")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for a corrupt header
-        raise DataError(path, f"not a readable NIfTI file ({_first_line(exc)})") from None
+        raise DataError(path, f"cannot read NIfTI header ({_first_line(exc)})") from None
     shape = tuple(int(v) for v in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -175,7 +175,7 @@ def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None) -> 
         data = np.asarray(img.get_fdata(dtype=np.float32))  # applies the header's scaling
     except Exception as exc:  # EOFError, zlib.error, OSError, ValueError ... for a cut file
         raise DataError(
-            path, f"cannot read the voxels (truncated or corrupt: {_first_line(exc)})"
+            path, f"cannot read NIfTI voxels (truncated or corrupt: {_first_line(exc)})"
         ) from None
     data = data.reshape(shape, order="A")
     if (header_slope, header_inter) != (1.0, 0.0):
@@ -322,6 +322,11 @@ def _frames(path: Path, ds: Any) -> list[_Slice]:
     return out
 
 
+def _sop_name(ds: Any) -> str:
+    uid = ds.get("SOPClassUID") or getattr(ds.file_meta, "MediaStorageSOPClassUID", None)
+    return str(getattr(uid, "name", "") or "")
+
+
 def _read_headers(folder: Path) -> dict[str, _Series]:
     """Series of ``folder`` by SeriesInstanceUID, from headers only (no pixel data read)."""
     import pydicom
@@ -343,6 +348,9 @@ def _read_headers(folder: Path) -> dict[str, _Series]:
         sop = str(ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
         image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
         if "Rows" not in ds:
+            if "Image Storage" in _sop_name(ds):
+                # An image cut short (or empty) would otherwise vanish from its series.
+                raise DataError(path, "image file without pixel data (truncated?)")
             # A structured report, dose report or presentation state: no image, its own series.
             series.setdefault(uid, _Series(uid, modality, image_type, sop, [], ds, None))
             continue
@@ -449,7 +457,12 @@ def _decode(path: Path) -> np.ndarray:
     import pydicom
 
     try:
-        return pydicom.dcmread(path).pixel_array
+        ds = pydicom.dcmread(path)
+        if "PixelData" not in ds and "FloatPixelData" not in ds:
+            raise DataError(path, "image file without pixel data (truncated?)")
+        return ds.pixel_array
+    except DataError:
+        raise
     except Exception as exc:  # pydicom and its plugins raise many types for undecodable data
         raise DataError(path, f"cannot decode pixel data ({_first_line(exc)})") from None
 
