@@ -229,9 +229,7 @@ def setup_run(
         # A --config stands alone on the dataclass defaults; the packaged demo preset is the
         # config only when none is given (it is never layered under a research config).
         config = getattr(args, "config", None)
-        sources: list[Any] = [
-            config if config is not None else packaged_config_path(package, default_config)
-        ]
+        sources: list[Any] = [config if config is not None else packaged_config_path(package, default_config)]
         overrides = list(getattr(args, "overrides", []) or [])
         if getattr(args, "smoke", False):
             overrides = [*SMOKE_OVERRIDES, *smoke_overrides, *overrides]
