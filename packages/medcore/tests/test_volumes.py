@@ -412,7 +412,7 @@ def test_bad_dicom_is_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_bad_nifti_is_a_one_line_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"expected a 3-D volume, found shape \(128, 96, 24, 2\)"):
+    with pytest.raises(DataError, match=r"expected a 3D volume, found shape \(128, 96, 24, 2\)"):
         read_nifti(NIB / "example4d.nii.gz")
     singular = np.eye(4)
     singular[2, 2] = 0.0

@@ -154,16 +154,18 @@ def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None) -> 
     if not path.is_file():
         raise DataError(path, "file not found")
     if path.stat().st_size == 0:
-        raise DataError(path, "cannot read NIfTI: empty file (0 bytes)")
+        raise DataError(path, "empty file (0 bytes)")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for a corrupt header
-        raise DataError(path, f"cannot read NIfTI header ({_first_line(exc)})") from None
+        raise DataError(
+            path, f"not a readable NIfTI file (truncated or corrupt: {_first_line(exc)})"
+        ) from None
     shape = tuple(int(v) for v in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        raise DataError(path, f"expected a 3-D volume, found shape {shape} (one volume per file)")
+        raise DataError(path, f"expected a 3D volume, found shape {shape} (one volume per file)")
     if int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
         raise DataError(path, "header claims {}x{}x{} voxels; refusing to decode".format(*shape))
     affine = np.asarray(img.affine, dtype=np.float64)
@@ -175,7 +177,7 @@ def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None) -> 
         data = np.asarray(img.get_fdata(dtype=np.float32))  # applies the header's scaling
     except Exception as exc:  # EOFError, zlib.error, OSError, ValueError ... for a cut file
         raise DataError(
-            path, f"cannot read NIfTI voxels (truncated or corrupt: {_first_line(exc)})"
+            path, f"cannot read the voxels (truncated or corrupt: {_first_line(exc)})"
         ) from None
     data = data.reshape(shape, order="A")
     if (header_slope, header_inter) != (1.0, 0.0):
