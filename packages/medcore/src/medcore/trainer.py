@@ -710,7 +710,13 @@ class Trainer:
             with self.fabric.autocast():
                 out = self.step_fn(self.train_model, batch)
             loss, extras = out if isinstance(out, tuple) else (out, {})
-            self.fabric.backward(loss.float() / self.cfg.grad_accum_steps)
+            if loss.requires_grad:
+                self.fabric.backward(loss.float() / self.cfg.grad_accum_steps)
+            elif self.dist.enabled:
+                # A loss cut from the graph (e.g. a NaN constant) still joins DDP's gradient
+                # all-reduce, or the other ranks would wait in it; the step is skipped anyway.
+                params = [p for p in self.train_model.parameters() if p.requires_grad]
+                self.fabric.backward(sum(p.sum() for p in params) * 0.0)
         window.add(loss.detach(), extras, batch_size_of(batch))
 
     def _window_was_finite(self, window: _Window) -> bool:
