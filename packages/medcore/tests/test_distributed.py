@@ -56,7 +56,6 @@ def _watch_collective_devices(expected: torch.device, seen: list[str]) -> None:
 
 
 def _eval_fn(model, ctx: EvalContext) -> dict[str, float]:
-    x, y = _data().tensors
     acc = MetricAccumulator(lambda pred, target: {"val/mse": float(((pred - target) ** 2).mean())})
     part = ctx.shard(_data())
     for i in range(0, len(part), 3):

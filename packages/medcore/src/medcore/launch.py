@@ -42,7 +42,10 @@ def _free_port() -> int:
 
 
 def entry_point(prog: str) -> str:
-    """``module:function`` of the console script ``prog`` (e.g. ``histommnet.cli:train``)."""
+    """``module:function`` of the console script ``prog`` (e.g. ``histommnet.cli:train``);
+    a ``prog`` that is already ``module:function`` names itself."""
+    if ":" in prog:
+        return prog
     found = importlib.metadata.entry_points(group="console_scripts", name=prog)
     if not found:
         raise UserError("--devices", f"cannot relaunch {prog!r}: no such console script installed")
