@@ -68,6 +68,7 @@ def test_devices_2_from_main_runs_two_ranks_and_leaves_the_process_clean(
     }
 
 
+@pytest.mark.faults
 def test_failed_rank_ends_the_job_with_one_line(tmp_path: Path, config: Path) -> None:
     env = {**os.environ, "DEVICES_CMD_FAIL_RANK": "1"}
     start = time.monotonic()
