@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -151,7 +152,13 @@ def make_fabric(
         devices: Any = local
     else:
         if strategy == "fsdp":
-            # FSDP over one device shards nothing; run it as a plain single-device job.
+            # FSDP over one device shards nothing: a plain single-device job, said out loud.
+            if register:
+                print(
+                    "note: trainer.strategy=fsdp with one process: nothing to shard, "
+                    "training on one device (use --devices N)",
+                    file=sys.stderr,
+                )
             strategy = "auto"
         chosen = strategy if strategy != "ddp" else "auto"
         devices = [device.index or 0] if device.type == "cuda" else 1
