@@ -122,7 +122,9 @@ def test_ddp_averages_gradients_and_only_rank0_writes(tmp_path: Path) -> None:
     # The logged loss is the mean over the whole global batch, before the step.
     logged = [json.loads(x) for x in lines if '"train/loss"' in x]
     assert len(logged) == 1
-    assert logged[0]["train/loss"] == pytest.approx(float(_step(_model(), _data().tensors)))
+    assert logged[0]["train/loss"] == pytest.approx(
+        float(_step(_model(), _data().tensors).detach())
+    )
     # Every collective got tensors on the trainer's device (CPU here; CUDA under NCCL).
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"collectives_rank{rank}.json").read_text())
