@@ -153,3 +153,36 @@ def test_batch_read_equals_item_reads_in_the_given_order(tmp_path: Path, pngs: l
     store = open_store(pngs, tmp_path / "store", StoreSpec(size=(23, 35)), progress=False)
     order = [3, 0, 4, 0]
     np.testing.assert_array_equal(store.batch(order), np.stack([store[i] for i in order]))
+
+
+def _hold_lock(target: str, seconds: float) -> None:
+    import time
+
+    from medcore.io import RunLock
+
+    with RunLock(target, directory=False):
+        time.sleep(seconds)
+
+
+def test_waiting_lock_waits_for_a_sibling_instead_of_refusing(tmp_path: Path) -> None:
+    """A second rank generating the same demo data / store waits, then finds the work done."""
+    import multiprocessing as mp
+    import time
+
+    from medcore.io import RunLock, waiting_lock
+
+    target = tmp_path / "demo-v1.gen"
+    holder = mp.get_context("fork").Process(target=_hold_lock, args=(str(target), 1.5))
+    started = time.monotonic()
+    holder.start()
+    lock_file = tmp_path / "demo-v1.gen.lock"
+    deadline = time.monotonic() + 30
+    while not lock_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(UserError, match="in use by another running job"):
+        RunLock(target, directory=False).__enter__()
+    with waiting_lock(target, wait_s=60):
+        assert time.monotonic() - started >= 1.5  # acquired only after the holder let go
+        assert lock_file.read_text() == str(os.getpid())
+    holder.join()
+    assert not lock_file.exists()

@@ -13,13 +13,11 @@ written to temporary names and renamed into place, so an interrupted build is ne
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medcore.errors import DataError, UserError
-from medcore.io import RunLock, atomic_path, atomic_write_json, load_image
+from medcore.io import atomic_path, atomic_write_json, load_image, waiting_lock
 
 FORMAT_VERSION = 1
 Fit = Literal["stretch", "pad", "none"]
@@ -179,29 +177,10 @@ def open_store(
     if _is_current(directory, expected):
         return ImageStore(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with _build_lock(directory, wait_s=wait_s):
+    with waiting_lock(directory / "build", wait_s=wait_s):
         if not _is_current(directory, expected):  # another process may have built it meanwhile
             _build(sources, directory, spec, expected, num_threads, progress)
     return ImageStore(directory)
-
-
-@contextlib.contextmanager
-def _build_lock(directory: Path, wait_s: float) -> Iterator[None]:
-    """The build lock, waiting for another process (a DDP rank, a parallel job) that holds it."""
-    deadline = time.monotonic() + wait_s
-    lock = RunLock(directory / "build", directory=False)
-    while True:
-        try:
-            lock.__enter__()
-            break
-        except UserError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _first_shape(sources: Sequence[Path], spec: StoreSpec) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,29 @@ class RunLock:
         if self._owner() == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+@contextlib.contextmanager
+def waiting_lock(target: str | Path, wait_s: float = 3600.0) -> Iterator[None]:
+    """A :class:`RunLock` on ``target`` that waits while another live process holds it.
+
+    For work that a sibling (another DDP rank, a parallel job) may be doing already, such as
+    generating the demo data or building an image store: wait, then re-check, instead of refusing.
+    """
+    deadline = time.monotonic() + wait_s
+    lock = RunLock(target, directory=False)
+    while True:
+        try:
+            lock.__enter__()
+            break
+        except UserError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _pid_alive(pid: int) -> bool:
