@@ -56,6 +56,9 @@ class TrainerConfig:
     num_workers: int | None = None  # None: the device default (CUDA 8, MPS 0, CPU 2)
     max_steps_per_epoch: int | None = None  # cap batches per epoch (CPU-sized demos, --smoke)
     drop_last: bool = False
+    # A last training batch with fewer samples than this (per rank) is dropped, with a note:
+    # BatchNorm cannot normalise one sample (e.g. 1393 images at batch 24 leave 1).
+    min_batch_size: int = 2
     grad_accum_steps: int = 1
     grad_clip: float | None = None
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -71,7 +74,7 @@ class TrainerConfig:
     plateau_patience: int = 3
     plateau_factor: float = 0.5
     amp: bool = True
-    amp_dtype: str = "auto"
+    amp_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     eval_every_steps: int = 0  # 0: evaluate at the end of every epoch
     monitor: list[str] = field(default_factory=lambda: ["val/loss"])  # first present one is used
     monitor_mode: Literal["max", "min"] = "min"
@@ -90,7 +93,9 @@ class TrainerConfig:
     devices: int | None = None  # processes on this machine (--devices); None: 1 or the launcher's
     num_nodes: int = 1  # machines of a torchrun / SLURM job (--num-nodes)
     # Fabric precision ("bf16-mixed", "16-mixed", "32-true", ...); None: from amp / amp_dtype.
-    precision: str | None = None
+    precision: (
+        Literal["bf16-mixed", "16-mixed", "32-true", "bf16-true", "16-true", "64-true"] | None
+    ) = None
     persistent_workers: bool = True  # keep loader workers across epochs (False: fresh per epoch)
 
     def __post_init__(self) -> None:
@@ -376,6 +381,7 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.batches_per_epoch = self._batches_per_epoch()
+        self._note_small_last_batch()
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
         self.total_steps = max(1, self.steps_per_epoch * cfg.epochs)
         self.scheduler = self._build_scheduler()
@@ -465,7 +471,25 @@ class Trainer:
         else:
             inner = EpochRandomSampler(len(self.train_data), seed=self.seed)
         inner.set_epoch(epoch)
-        return BatchSampler(inner, self.batch_size, drop_last=self.cfg.drop_last)
+        return BatchSampler(inner, self.batch_size, drop_last=self._drop_last(len(inner)))
+
+    def _drop_last(self, per_rank: int) -> bool:
+        """Drop the last batch if asked, or if it is smaller than ``min_batch_size``."""
+        rest = per_rank % self.batch_size
+        return self.cfg.drop_last or 0 < rest < min(self.cfg.min_batch_size, self.batch_size)
+
+    def _note_small_last_batch(self) -> None:
+        if self.custom_batch_sampler is not None or self.cfg.drop_last:
+            return
+        per_rank = len(self._base_batch_sampler(0).sampler)
+        rest = per_rank % self.batch_size
+        if self._drop_last(per_rank) and self.is_main:
+            print(
+                f"note: the last training batch of each epoch would hold {rest} sample"
+                f"{'s' if rest != 1 else ''} (fewer than trainer.min_batch_size="
+                f"{self.cfg.min_batch_size}); it is dropped, so {rest} of {per_rank} samples "
+                "per rank sit out each epoch (a different draw each epoch)"
+            )
 
     def _batches_per_epoch(self) -> int:
         n = len(self._base_batch_sampler(0))
