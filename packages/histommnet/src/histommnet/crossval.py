@@ -38,9 +38,14 @@ from histommnet.evaluate import (
     write_roc_plots,
     write_table,
 )
-from histommnet.model import build_model, dry_run_model_config, resolve_normalization
+from histommnet.model import (
+    build_model,
+    dry_run_model_config,
+    resolve_normalization,
+    weights_hint,
+)
 from histommnet.synthetic import generate_breakhis
-from histommnet.train import check_pretrained, run_fold
+from histommnet.train import run_fold
 from medcore.cli import (
     RunContext,
     continue_run,
@@ -62,6 +67,7 @@ from medcore.splits import (
     stratified_group_kfold,
 )
 from medcore.summary import dry_run
+from medcore.weights import require_pretrained
 
 DEMO_VERSION = "v2"
 SMOKE_OVERRIDES = ["cv.fold=0", "data.eval_max_draws=2", "data.max_draws_per_patient=3"]
@@ -202,7 +208,12 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             return _dry_run(ctx)
         try:
-            check_pretrained(cfg.model)
+            require_pretrained(
+                cfg.model.pretrained,
+                cfg.model.pretrained_weights,
+                "model.pretrained",
+                weights_hint(cfg.model.backbone),
+            )
         except UserError:
             if fresh and ctx.dist.is_main:  # refused before any work: leave no run behind
                 ctx.release()

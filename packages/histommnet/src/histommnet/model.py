@@ -15,7 +15,6 @@ from typing import Any
 import timm
 import torch
 from einops import rearrange
-from timm.data import resolve_data_config
 from torch import nn
 
 from histommnet.attention import (
@@ -29,14 +28,27 @@ from histommnet.config import DataConfig, ModelConfig
 from medcore.checkpoint import load_checkpoint
 from medcore.config import from_dict
 from medcore.errors import CheckpointError, ConfigError
-from medcore.weights import load_pretrained, missing_weights_error
+from medcore.weights import (
+    data_config,
+    load_pretrained,
+    require_pretrained,
+    resolve_weights,
+)
 
 NUM_SUBTYPES = len(SUBTYPE_CODES)
+# The hub names of the weights the configs expect (timm's current default tags).
+HUB_WEIGHTS = {"efficientnet_b1": "hf-hub:timm/efficientnet_b1.ra4_e3600_r240_in1k"}
 _FILTERS = ("bilinear", "bicubic", "nearest")
 
 
+def weights_hint(backbone: str) -> str:
+    """Where the pretrained weights of ``backbone`` are on the hub (for messages)."""
+    return f"e.g. --pretrained-weights {HUB_WEIGHTS.get(backbone, f'hf-hub:timm/{backbone}')}"
+
+
 def create_trunk(cfg: ModelConfig) -> nn.Module:
-    """A timm CNN without pooling or classifier (``forward_features -> [b, c, h, w]``)."""
+    """A timm CNN without pooling or classifier (``forward_features -> [b, c, h, w]``), randomly
+    initialised (``_MultiTrunk`` loads the pretrained weights)."""
     try:
         trunk = timm.create_model(
             cfg.backbone,
@@ -47,21 +59,13 @@ def create_trunk(cfg: ModelConfig) -> nn.Module:
         )
     except RuntimeError as exc:  # timm: "Unknown model (...)"
         raise ConfigError("model.backbone", str(exc)) from None
-    if cfg.pretrained_weights:
-        load_pretrained(trunk, cfg.pretrained_weights, what=f"{cfg.backbone} trunk")
-    elif cfg.pretrained:
-        raise missing_weights_error(
-            "model.pretrained",
-            f'To make the file, on a machine with internet run: python -c "import timm, torch; '
-            f"torch.save(timm.create_model('{cfg.backbone}', pretrained=True).state_dict(), "
-            f"'{cfg.backbone}.pth')\"",
-        )
     return trunk
 
 
 def resolve_normalization(model: ModelConfig, data: DataConfig) -> DataConfig:
     """``data`` with unset ``mean``/``std``/``interpolation`` taken from the backbone's
-    pretrained configuration (timm's ``pretrained_cfg``)."""
+    pretrained configuration: timm's ``pretrained_cfg``, overridden by the weights' own
+    ``config.json`` when ``model.pretrained_weights`` is a snapshot or hub name that has one."""
     if None not in (data.mean, data.std, data.interpolation):
         return data
     try:
@@ -69,12 +73,13 @@ def resolve_normalization(model: ModelConfig, data: DataConfig) -> DataConfig:
             trunk = timm.create_model(model.backbone, pretrained=False, num_classes=0)
     except RuntimeError as exc:
         raise ConfigError("model.backbone", str(exc)) from None
-    found = resolve_data_config(model=trunk)
+    weights = resolve_weights(model.pretrained_weights).config if model.pretrained_weights else {}
+    found = data_config(model=trunk, weights_config=weights)
     interpolation = found["interpolation"] if found["interpolation"] in _FILTERS else "bicubic"
     return dataclasses.replace(
         data,
-        mean=data.mean or tuple(float(v) for v in found["mean"]),
-        std=data.std or tuple(float(v) for v in found["std"]),
+        mean=data.mean or found["mean"],
+        std=data.std or found["std"],
         interpolation=data.interpolation or interpolation,
     )
 
@@ -113,6 +118,14 @@ class _MultiTrunk(nn.Module):
         count = 1 if cfg.shared_backbone else num_magnifications
         self.trunks = nn.ModuleList(create_trunk(cfg) for _ in range(count))
         self.num_features = int(self.trunks[0].num_features)
+        require_pretrained(
+            cfg.pretrained, cfg.pretrained_weights, "model.pretrained", weights_hint(cfg.backbone)
+        )
+        if cfg.pretrained_weights:  # read and reported once, copied into every trunk
+            each = f" (copied into {count} trunks)" if count > 1 else ""
+            load_pretrained(self.trunks[0], cfg.pretrained_weights, what=f"{cfg.backbone}{each}")
+            for trunk in self.trunks[1:]:
+                trunk.load_state_dict(self.trunks[0].state_dict())
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``[b, m, 3, h, w]`` -> m feature maps ``[b, c, h', w']``."""

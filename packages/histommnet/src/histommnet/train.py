@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from histommnet.breakhis import Patient
-from histommnet.config import HistoConfig, ModelConfig
+from histommnet.config import HistoConfig
 from histommnet.data import MultiMagDataset, adjust_batch_size, normalization
 from histommnet.evaluate import (
     LEVELS,
@@ -35,25 +35,10 @@ from medcore.checkpoint import export_safetensors, load_checkpoint
 from medcore.cli import RunContext
 from medcore.config import to_dict
 from medcore.device import device_defaults
-from medcore.errors import UserError
 from medcore.io import atomic_write_csv
 from medcore.logging import RunLogger
 from medcore.plots import plot_training_curves
 from medcore.trainer import EvalContext, Trainer
-
-HUB_WEIGHTS = "hf-hub:timm/efficientnet_b1.ra4_e3600_r240_in1k"
-
-
-def check_pretrained(cfg: ModelConfig) -> None:
-    """Refuse a config that expects pretrained weights when none were named."""
-    if cfg.pretrained and not cfg.pretrained_weights:
-        hub = HUB_WEIGHTS if cfg.backbone == "efficientnet_b1" else f"hf-hub:timm/{cfg.backbone}"
-        raise UserError(
-            "model.pretrained",
-            f"this config starts {cfg.backbone} from pretrained weights, and none were given: "
-            f"pass --pretrained-weights FILE|DIR|hf-hub:NAME (e.g. {hub}) "
-            "or --from-scratch",
-        )
 
 
 class _EpochLoss:
