@@ -89,9 +89,11 @@ def _make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
     return step_fn
 
 
-def _warn(fold: int, epoch: int, message: str, logger: RunLogger) -> None:
-    print(f"warning: fold {fold} epoch {epoch + 1}: {message}", file=sys.stderr)
-    logger.log_jsonl({"event": "overfitting_warning", "epoch": epoch, "message": message})
+def _warn(fold: int, ctx: EvalContext, message: str) -> None:
+    if not ctx.is_main:  # every rank evaluates; one reports
+        return
+    print(f"warning: fold {fold} epoch {ctx.epoch + 1}: {message}", file=sys.stderr)
+    ctx.logger.log_jsonl({"event": "overfitting_warning", "epoch": ctx.epoch, "message": message})
 
 
 def _make_evaluate_fn(
@@ -121,19 +123,17 @@ def _make_evaluate_fn(
         if np.isfinite(gap) and gap > cfg.cv.overfit_loss_gap:
             _warn(
                 fold,
-                ctx.epoch,
+                ctx,
                 f"validation loss {val_loss:.3f} exceeds training loss {tracker.mean:.3f} "
                 f"by {gap:.3f} (> cv.overfit_loss_gap={cfg.cv.overfit_loss_gap})",
-                ctx.logger,
             )
         if scores["balanced_accuracy"] >= 1.0 and not warned_perfect:
             warned_perfect.append(ctx.epoch)  # once per fold: it stays true once reached
             _warn(
                 fold,
-                ctx.epoch,
+                ctx,
                 "perfect validation balanced accuracy: the validation split may be too "
                 "small or too easy to reveal overfitting",
-                ctx.logger,
             )
         return metrics
 
