@@ -22,6 +22,7 @@ from histommnet.evaluate import patient_table, validation_scores
 from histommnet.gradcam import patient_cams
 from histommnet.losses import FocalLoss, malignant_alpha
 from histommnet.model import build_model
+from histommnet.train import selection_score
 from medcore.checkpoint import load_checkpoint
 from medcore.config import load_config, packaged_config_path
 from medcore.splits import load_splits
@@ -82,7 +83,9 @@ def test_validation_balanced_accuracy_is_threshold_free() -> None:
     pred = np.asarray(probs) >= scores["threshold"]
     assert scores["balanced_accuracy"] == balanced_accuracy_score(labels, pred)
     assert scores["auc"] == pytest.approx(roc_auc_score(labels, probs))
-    assert HistoConfig().trainer.monitor == ["val/balanced_accuracy"]
+    assert HistoConfig().trainer.monitor == ["val/selection"]
+    # selection follows that balanced accuracy; equal ones go to the lower validation loss
+    assert selection_score(1.0, 0.04) > selection_score(1.0, 0.07) > selection_score(0.999, 0.0)
 
 
 def test_patient_threshold_is_chosen_on_validation_patients() -> None:

@@ -117,7 +117,7 @@ def _spec_trainer() -> TrainerConfig:
         scheduler="plateau",
         plateau_patience=3,
         early_stopping_patience=7,
-        monitor=["val/balanced_accuracy"],
+        monitor=["val/selection"],  # balanced accuracy at the optimal threshold (train.py)
         monitor_mode="max",
     )
 
