@@ -6,6 +6,7 @@ ConvNeXt-Large + ViT-Large), ``e`` embedding size (128), ``c`` classes.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import timm
@@ -15,7 +16,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from binensemble.config import ModelConfig
-from medcore.errors import ConfigError
+from medcore.errors import ConfigError, UserError
 from medcore.weights import load_pretrained, missing_weights_error
 
 WEIGHTS_HINT = (
@@ -26,6 +27,37 @@ WEIGHTS_HINT = (
     "--set model.convnext_weights=convnext.pt --set model.vit_weights=vit.pt "
     "(or one file with both backbones as --pretrained-weights)."
 )
+
+
+def weight_sources(cfg: ModelConfig) -> dict[str, str | None]:
+    """The file each backbone starts from (a per-backbone file wins over the combined one)."""
+    combined = cfg.pretrained_weights
+    return {"convnext": cfg.convnext_weights or combined, "vit": cfg.vit_weights or combined}
+
+
+def init_description(cfg: ModelConfig) -> str:
+    """The truthful init line: where each backbone's weights come from."""
+    parts = [
+        f"{branch} pretrained from {source}" if source else f"{branch} from scratch"
+        for branch, source in weight_sources(cfg).items()
+    ]
+    return "init: " + ", ".join(parts)
+
+
+def check_pretrained(cfg: ModelConfig) -> None:
+    """Refuse a config that starts from pretrained weights without them, saying how to give them.
+
+    Called before the run directory is made; a dry run never calls it.
+    """
+    missing = [branch for branch, source in weight_sources(cfg).items() if source is None]
+    if cfg.pretrained and missing:
+        raise UserError(
+            "model.pretrained",
+            f"this config starts from pretrained weights, none given for {' and '.join(missing)}: "
+            "pass --pretrained-weights FILE|DIR|hf-hub:NAME (one source holding convnext.* and "
+            "vit.*, or --set model.convnext_weights=FILE --set model.vit_weights=FILE), "
+            "or --from-scratch to train from random initialisation",
+        )
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:
@@ -57,8 +89,37 @@ def _vit_convert(vit: nn.Module):
     return convert
 
 
+BRANCHES = ("convnext", "vit")
+
+
+def branch_normalisation(
+    branch: nn.Module, name: str, mean: list[float] | None = None, std: list[float] | None = None
+) -> dict[str, list[float]]:
+    """A branch's input mean and std: the given ones, else its backbone's pretrained config."""
+    pretrained = getattr(branch, "pretrained_cfg", None) or {}
+    mean = list(mean if mean is not None else pretrained.get("mean", ()))
+    std = list(std if std is not None else pretrained.get("std", ()))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ConfigError(
+            f"model.{name}_mean/std", "needs 3 means and 3 positive stds (none in the backbone)"
+        )
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def with_normalisation(cfg: ModelConfig, backbone: DualBackbone) -> ModelConfig:
+    """``cfg`` with each branch's normalisation filled in, as it is recorded in checkpoints."""
+    values = {}
+    for name, norm in backbone.normalisation().items():
+        values[f"{name}_mean"], values[f"{name}_std"] = norm["mean"], norm["std"]
+    return dataclasses.replace(cfg, **values)
+
+
 class DualBackbone(nn.Module):
-    """ConvNeXt and ViT side by side; ``forward`` returns their pooled features concatenated."""
+    """ConvNeXt and ViT side by side; ``forward`` returns their pooled features concatenated.
+
+    Input: ``[b, 3, h, w]`` pixels in [0, 1]; each branch normalises them with its own mean and
+    std (its pretrained weights' statistics), held as buffers outside the state dict.
+    """
 
     def __init__(
         self,
@@ -68,7 +129,10 @@ class DualBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         convnext_kwargs: dict[str, Any] | None = None,
         vit_kwargs: dict[str, Any] | None = None,
+        norms: dict[str, dict[str, list[float] | None]] | None = None,
     ) -> None:
+        """``norms``: per branch ``{"mean", "std"}``; missing or None values come from the
+        backbone's pretrained configuration."""
         super().__init__()
         self.convnext = _create(
             convnext_name, drop_path_rate=drop_path_rate, **(convnext_kwargs or {})
@@ -78,9 +142,42 @@ class DualBackbone(nn.Module):
             vit_name, img_size=img_size, drop_path_rate=drop_path_rate, **(vit_kwargs or {})
         )
         self.num_features = self.convnext.num_features + self.vit.num_features
+        for name in BRANCHES:
+            self.register_buffer(f"{name}_mean", torch.zeros(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"{name}_std", torch.ones(1, 3, 1, 1), persistent=False)
+        given = norms or {}
+        self.set_normalisation(
+            {n: branch_normalisation(getattr(self, n), n, **given.get(n, {})) for n in BRANCHES}
+        )
+
+    def set_normalisation(self, norms: dict[str, dict[str, list[float]]]) -> None:
+        """Per-branch ``{"mean": [3], "std": [3]}`` of the input pixels."""
+        with torch.no_grad():
+            for name, norm in norms.items():
+                getattr(self, f"{name}_mean").copy_(torch.tensor(norm["mean"]).view(1, 3, 1, 1))
+                getattr(self, f"{name}_std").copy_(torch.tensor(norm["std"]).view(1, 3, 1, 1))
+        self._norms = {name: {k: list(v) for k, v in norm.items()} for name, norm in norms.items()}
+
+    def normalisation(self) -> dict[str, dict[str, list[float]]]:
+        return {name: dict(norm) for name, norm in self._norms.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.convnext(x), self.vit(x)], dim=1)  # [b, f]
+        cnn = self.convnext((x - self.convnext_mean) / self.convnext_std)
+        vit = self.vit((x - self.vit_mean) / self.vit_std)
+        return torch.cat([cnn, vit], dim=1)  # [b, f]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute both backbones' block activations in the backward pass (timm's switch).
+
+        timm checkpoints non-reentrantly, so trainable blocks behind frozen ones still get their
+        gradients although their inputs do not require grad.
+        """
+        for name, branch in (("convnext", self.convnext), ("vit", self.vit)):
+            if not hasattr(branch, "set_grad_checkpointing"):
+                raise ConfigError(
+                    "model.grad_checkpointing", f"the {name} branch has no set_grad_checkpointing"
+                )
+            branch.set_grad_checkpointing(enable)
 
     def load_weights(self, cfg: ModelConfig) -> None:
         """Pretrained weights from local files: one combined file and/or one per backbone."""
@@ -166,10 +263,15 @@ class _DualModel(nn.Module):
             cfg.drop_path_rate,
             cfg.convnext_kwargs,
             cfg.vit_kwargs,
+            {
+                n: {"mean": getattr(cfg, f"{n}_mean"), "std": getattr(cfg, f"{n}_std")}
+                for n in BRANCHES
+            },
         )
         if load_weights:
             backbone.load_weights(cfg)
         backbone.freeze(cfg.train_convnext_stages, cfg.train_vit_blocks)
+        backbone.set_grad_checkpointing(cfg.grad_checkpointing)
         return cls(backbone, cls._head(backbone.num_features, cfg))
 
     @staticmethod
