@@ -150,3 +150,29 @@ def test_one_training_step_at_the_real_width(name: str) -> None:
     # Checkpointed blocks behind frozen ones still get their gradients.
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def _saved_activation_bytes(cfg: BinEnsembleConfig, checkpointing: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one image, counted on the meta device."""
+    model_cfg = dataclasses.replace(cfg.model, grad_checkpointing=checkpointing)
+    model = build_on_meta(lambda: build_model(model_cfg, 224, load_weights=False)).train()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.empty(2, 3, 224, 224))
+    return sum(saved.values())
+
+
+def test_activation_checkpointing_cuts_the_saved_activations_of_full() -> None:
+    """The switch reaches both timm backbones: a step keeps a fraction of the activations.
+
+    At 448 px and batch 24 (bf16) the count is about 22 GiB without checkpointing and 2.3 GiB
+    with it (README); 224 px and 2 images keep this test quick.
+    """
+    cfg = _resolve("full")
+    without, with_ = (_saved_activation_bytes(cfg, flag) for flag in (False, True))
+    assert with_ * 5 < without
