@@ -21,7 +21,6 @@ from binensemble.ensemble import decide
 from binensemble.model import MetricModel
 from binensemble.tta import tta_embed, tta_probs
 from medcore.device import AmpPolicy, autocast
-from medcore.distributed import get_rank
 from medcore.io import atomic_path
 from medcore.metrics import binary_metrics, knn_auto_k, knn_predict_proba, roc_auc
 from medcore.trainer import EvalContext, move_to_device
@@ -144,7 +143,7 @@ def metric_evaluator(
         train_emb = extract(model, train_loader, ctx.device, ctx.amp)
         val_emb = extract(model, val_loader, ctx.device, ctx.amp)
         result = knn_select(train_emb, train_y, val_emb, val_y, cfg)
-        if heldout_dir is not None and get_rank() == 0:
+        if heldout_dir is not None and ctx.is_main:  # every rank evaluates, one writes
             probs = {
                 f"k{k}": knn_predict_proba(
                     train_emb,
@@ -173,7 +172,7 @@ def baseline_evaluator(
 
     def evaluate(model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         probs = extract(model, val_loader, ctx.device, ctx.amp)
-        if heldout_dir is not None and get_rank() == 0:
+        if heldout_dir is not None and ctx.is_main:
             save_heldout(heldout_dir, ctx.epoch, {"probs": probs.numpy()})
         nll = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), torch.as_tensor(val_y))
         return {**summarise(val_y, probs), "val/loss": float(nll)}

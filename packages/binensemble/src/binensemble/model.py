@@ -16,16 +16,14 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from binensemble.config import ModelConfig
-from medcore.errors import ConfigError, UserError
-from medcore.weights import load_pretrained, missing_weights_error
+from medcore.errors import ConfigError
+from medcore.memory import set_grad_checkpointing
+from medcore.weights import data_config, load_pretrained, require_pretrained, resolve_weights
 
 WEIGHTS_HINT = (
-    "Save timm state dicts on a machine with internet access, e.g. "
-    "python -c \"import timm, torch; torch.save(timm.create_model('convnext_large.fb_in22k_ft_in1k', "
-    "pretrained=True).state_dict(), 'convnext.pt'); torch.save(timm.create_model("
-    "'vit_large_patch16_224.augreg_in21k_ft_in1k', pretrained=True).state_dict(), 'vit.pt')\", then pass "
-    "--set model.convnext_weights=convnext.pt --set model.vit_weights=vit.pt "
-    "(or one file with both backbones as --pretrained-weights)."
+    "--pretrained-weights names one source holding both backbones (convnext.*, vit.*); "
+    "or give each: --set model.convnext_weights=hf-hub:timm/convnext_large.fb_in22k_ft_in1k "
+    "--set model.vit_weights=hf-hub:timm/vit_large_patch16_224.augreg_in21k_ft_in1k (or files)"
 )
 
 
@@ -49,15 +47,8 @@ def check_pretrained(cfg: ModelConfig) -> None:
 
     Called before the run directory is made; a dry run never calls it.
     """
-    missing = [branch for branch, source in weight_sources(cfg).items() if source is None]
-    if cfg.pretrained and missing:
-        raise UserError(
-            "model.pretrained",
-            f"this config starts from pretrained weights, none given for {' and '.join(missing)}: "
-            "pass --pretrained-weights FILE|DIR|hf-hub:NAME (one source holding convnext.* and "
-            "vit.*, or --set model.convnext_weights=FILE --set model.vit_weights=FILE), "
-            "or --from-scratch to train from random initialisation",
-        )
+    for branch, source in weight_sources(cfg).items():
+        require_pretrained(cfg.pretrained, source, f"model.{branch}_weights", WEIGHTS_HINT)
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:
@@ -93,12 +84,19 @@ BRANCHES = ("convnext", "vit")
 
 
 def branch_normalisation(
-    branch: nn.Module, name: str, mean: list[float] | None = None, std: list[float] | None = None
+    branch: nn.Module,
+    name: str,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    weights_config: dict[str, Any] | None = None,
 ) -> dict[str, list[float]]:
-    """A branch's input mean and std: the given ones, else its backbone's pretrained config."""
-    pretrained = getattr(branch, "pretrained_cfg", None) or {}
-    mean = list(mean if mean is not None else pretrained.get("mean", ()))
-    std = list(std if std is not None else pretrained.get("std", ()))
+    """A branch's input mean and std: the given ones, else those its weights expect (the weights'
+    own config, e.g. a hub snapshot's ``config.json``, over timm's ``pretrained_cfg``)."""
+    if mean is None or std is None:
+        expected = data_config(model=branch, weights_config=weights_config)
+        mean = list(expected["mean"]) if mean is None else mean
+        std = list(expected["std"]) if std is None else std
+    mean, std = list(mean), list(std)
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ConfigError(
             f"model.{name}_mean/std", "needs 3 means and 3 positive stds (none in the backbone)"
@@ -166,41 +164,37 @@ class DualBackbone(nn.Module):
         vit = self.vit((x - self.vit_mean) / self.vit_std)
         return torch.cat([cnn, vit], dim=1)  # [b, f]
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute both backbones' block activations in the backward pass (timm's switch).
-
-        timm checkpoints non-reentrantly, so trainable blocks behind frozen ones still get their
-        gradients although their inputs do not require grad.
-        """
-        for name, branch in (("convnext", self.convnext), ("vit", self.vit)):
-            if not hasattr(branch, "set_grad_checkpointing"):
-                raise ConfigError(
-                    "model.grad_checkpointing", f"the {name} branch has no set_grad_checkpointing"
-                )
-            branch.set_grad_checkpointing(enable)
-
     def load_weights(self, cfg: ModelConfig) -> None:
-        """Pretrained weights from local files: one combined file and/or one per backbone."""
-        covered = {"convnext": False, "vit": False}
+        """Pretrained weights: one source holding both backbones and/or one per backbone.
+
+        Each load prints its counts (medcore.weights); a missing backbone tensor is an error. A
+        branch whose normalisation the config leaves open takes the one its weights' config
+        names (a hub snapshot's ``config.json``), else timm's for the model.
+        """
         if cfg.pretrained_weights:
-            # A combined file (keys convnext.* and vit.*), e.g. a backbone exported by this package.
+            # A combined source (keys convnext.* and vit.*), e.g. a backbone this package exported.
             load_pretrained(
                 self, cfg.pretrained_weights, convert=self._combined_convert, what="dual backbone"
             )
-            covered = {"convnext": True, "vit": True}
-        if cfg.convnext_weights:
-            load_pretrained(self.convnext, cfg.convnext_weights, what="ConvNeXt backbone")
-            covered["convnext"] = True
-        if cfg.vit_weights:
-            load_pretrained(
-                self.vit, cfg.vit_weights, convert=_vit_convert(self.vit), what="ViT backbone"
+        norms = self.normalisation()
+        for name, what, convert in (
+            ("convnext", "ConvNeXt backbone", None),
+            ("vit", "ViT backbone", _vit_convert(self.vit)),
+        ):
+            spec = getattr(cfg, f"{name}_weights")
+            if not spec:
+                continue
+            resolved = resolve_weights(spec)
+            branch = getattr(self, name)
+            load_pretrained(branch, resolved, convert=convert, what=what)
+            norms[name] = branch_normalisation(
+                branch,
+                name,
+                getattr(cfg, f"{name}_mean"),
+                getattr(cfg, f"{name}_std"),
+                resolved.config,
             )
-            covered["vit"] = True
-        if cfg.pretrained and not all(covered.values()):
-            missing = ", ".join(k for k, v in covered.items() if not v)
-            raise missing_weights_error(
-                f"model.pretrained (no weights for {missing})", WEIGHTS_HINT
-            )
+        self.set_normalisation(norms)
 
     def _combined_convert(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for prefix in ("", "backbone."):
@@ -273,9 +267,11 @@ class _DualModel(nn.Module):
             },
         )
         if load_weights:
+            check_pretrained(cfg)
             backbone.load_weights(cfg)
         backbone.freeze(cfg.train_convnext_stages, cfg.train_vit_blocks)
-        backbone.set_grad_checkpointing(cfg.grad_checkpointing)
+        # timm checkpoints non-reentrantly: trainable blocks behind frozen ones keep their grads.
+        set_grad_checkpointing(backbone, cfg.grad_checkpointing)
         return cls(backbone, cls._head(backbone.num_features, cfg))
 
     @staticmethod

@@ -12,7 +12,6 @@ with cross-entropy. A model directory holds::
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -49,8 +48,8 @@ from medcore.io import atomic_write_json
 from medcore.logging import RunLogger
 from medcore.metrics import multiclass_metrics
 from medcore.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
-from medcore.splits import load_splits, save_splits, stratified_split
-from medcore.trainer import Trainer, TrainerConfig
+from medcore.splits import load_or_make_splits, save_splits, stratified_split
+from medcore.trainer import Trainer
 
 Splits = dict[str, np.ndarray]
 
@@ -66,29 +65,24 @@ def loader_workers(cfg: BinEnsembleConfig, device: torch.device) -> int:
     return cfg.trainer.num_workers
 
 
-def load_or_make_splits(labelled: ImageSet, cfg: BinEnsembleConfig, path: Path) -> Splits:
+def train_val_splits(labelled: ImageSet, cfg: BinEnsembleConfig, path: Path) -> Splits:
     """The stratified train/validation split: loaded if the run saved one, else made and saved."""
-    if path.is_file():
-        try:
-            return load_splits(path, ids=labelled.ids)
-        except ValueError as exc:
-            raise DataError(path, f"{str(exc).splitlines()[0]} (use a new --output-dir)") from None
     assert labelled.labels is not None
-    try:
-        splits = stratified_split(
-            labelled.labels,
-            {"train": 1.0 - cfg.data.val_fraction, "val": cfg.data.val_fraction},
-            seed=cfg.data.split_seed,
-        )
-    except ValueError as exc:  # too few labelled images for a train and a validation part
-        raise DataError("data.val_fraction", f"{exc} (labelled images)") from None
-    if get_rank() == 0:
-        save_splits(
-            path,
-            splits,
-            meta={"seed": cfg.data.split_seed, "val_fraction": cfg.data.val_fraction},
-            ids=labelled.ids,
-        )
+    labels = labelled.labels
+
+    def make() -> Splits:
+        try:
+            return stratified_split(
+                labels,
+                {"train": 1.0 - cfg.data.val_fraction, "val": cfg.data.val_fraction},
+                seed=cfg.data.split_seed,
+            )
+        except ValueError as exc:  # too few labelled images for a train and a validation part
+            raise DataError("data.val_fraction", f"{exc} (labelled images)") from None
+
+    meta = {"seed": cfg.data.split_seed, "val_fraction": cfg.data.val_fraction}
+    splits = load_or_make_splits(path, make, ids=labelled.ids, meta=meta, is_main=get_rank() == 0)
+    assert isinstance(splits, dict)
     return splits
 
 
@@ -108,27 +102,6 @@ def _step_fn(cfg: BinEnsembleConfig):
         return loss, {"accuracy": float((logits.argmax(1) == batch["label"]).float().mean())}
 
     return baseline_step
-
-
-def ragged_batch_rule(
-    trainer_cfg: TrainerConfig, n_train: int, batch_size: int, world_size: int, name: str
-) -> TrainerConfig:
-    """Shuffled batches whose last one would hold a single image drop it (``drop_last``).
-
-    The heads' BatchNorm cannot normalise one image in training mode (the real TrainSet's 1393
-    training images at batch 24 end on such a batch). The order is reshuffled every epoch, so a
-    different image sits out each epoch; the line printed says so.
-    """
-    per_rank = math.ceil(n_train / world_size)  # the distributed sampler pads the ranks evenly
-    if trainer_cfg.drop_last or per_rank % batch_size != 1:
-        return trainer_cfg
-    print(
-        f"{name}: the last training batch of each epoch would hold 1 image ({per_rank} images "
-        f"per process, batch {batch_size}); it is left out (BatchNorm needs 2 to normalise; "
-        "the reshuffled order leaves out another image each epoch)",
-        file=sys.stderr,
-    )
-    return dataclasses.replace(trainer_cfg, drop_last=True)
 
 
 def train_one(
@@ -156,20 +129,20 @@ def train_one(
     if get_rank() == 0:
         save_config(cfg, model_dir / "config.yaml")
     if splits is None:
-        splits = load_or_make_splits(labelled, cfg, model_dir / "splits.json")
+        splits = train_val_splits(labelled, cfg, model_dir / "splits.json")
     elif get_rank() == 0:
         save_splits(model_dir / "splits.json", splits, meta={"source": "fold"}, ids=labelled.ids)
     train_set, val_set = labelled.subset(splits["train"]), labelled.subset(splits["val"])
     assert train_set.labels is not None and val_set.labels is not None
     logger = RunLogger(model_dir, enabled=get_rank() == 0)
     init = init_description(cfg.model)
-    print(f"{name}: {init}", file=sys.stderr)
+    if get_rank() == 0:
+        print(f"{name}: {init}", file=sys.stderr)
     logger.log_jsonl({"event": "init", "model": name, "backbones": init})
     batch_size = cfg.trainer.batch_size or device_defaults(device).batch_size
     workers = loader_workers(cfg, device)
     heldout = model_dir / "heldout" if keep_heldout else None
     val_loader = images_loader(val_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers)
-    trainer_cfg = cfg.trainer
     if name == "metric":
         train_eval_loader = images_loader(
             train_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers
@@ -183,13 +156,12 @@ def train_one(
         )
     else:
         evaluate_fn = baseline_evaluator(val_loader, val_set.labels, heldout)
+        # Shuffled batches: a last batch too small for the heads' BatchNorm (the real TrainSet's
+        # 1393 images at batch 24 leave 1) is dropped by the trainer (trainer.min_batch_size).
         sampler = None
-        trainer_cfg = ragged_batch_rule(
-            trainer_cfg, len(train_set), batch_size, get_world_size(), name
-        )
     trainer = Trainer(
         model,
-        trainer_cfg,
+        cfg.trainer,
         train_data=ImageDataset(train_set, train_transform(cfg.data)),
         step_fn=_step_fn(cfg),
         run_dir=model_dir,
