@@ -9,7 +9,17 @@ from binensemble.model import BaselineModel, DualBackbone, MetricModel, build_mo
 from medcore.checkpoint import export_safetensors
 from medcore.errors import UserError
 
-TINY = ModelConfig(convnext_name="test_convnext", vit_name="test_vit", hidden_dim=32, embed_dim=16)
+# timm's test_* models from scratch, all of them trained, no checkpointing (like the demo).
+TINY = ModelConfig(
+    convnext_name="test_convnext",
+    vit_name="test_vit",
+    hidden_dim=32,
+    embed_dim=16,
+    pretrained=False,
+    train_convnext_stages=-1,
+    train_vit_blocks=-1,
+    grad_checkpointing=False,
+)
 
 
 def test_full_size_architecture_on_meta_device() -> None:

@@ -164,7 +164,8 @@ def read_labels(path: Path, num_classes: int = 2) -> dict[str, int]:
 
 
 def train_transform(cfg: DataConfig) -> v2.Compose:
-    """Resize, random crop, flips, rotation, colour jitter, ImageNet normalisation."""
+    """Resize, random crop, flips, rotation, colour jitter; [0, 1] pixels (each of the model's
+    branches normalises them its own way)."""
     resize = round(cfg.img_size * cfg.resize_scale)
     brightness, contrast, saturation, hue = cfg.color_jitter
     return v2.Compose(
@@ -176,20 +177,18 @@ def train_transform(cfg: DataConfig) -> v2.Compose:
             v2.RandomRotation(cfg.rotation),
             v2.ColorJitter(brightness, contrast, saturation, hue),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(cfg.mean, cfg.std),
         ]
     )
 
 
 def eval_transform(cfg: DataConfig) -> v2.Compose:
-    """Resize and centre crop at the training scale, then normalise."""
+    """Resize and centre crop at the training scale; [0, 1] pixels."""
     resize = round(cfg.img_size * cfg.resize_scale)
     return v2.Compose(
         [
             v2.Resize((resize, resize), antialias=True),
             v2.CenterCrop(cfg.img_size),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(cfg.mean, cfg.std),
         ]
     )
 

@@ -3,6 +3,11 @@
 A probability file is a CSV ``image_id,prob_<class0>,prob_<class1>[,target]`` as written by
 ``binensemble-predict``. Files are aligned by ``image_id``; files that do not describe the same
 images with the same classes are refused with a one-line error.
+
+One decision rule everywhere (:func:`decide`): the class with the larger probability, a tie
+(P(disease) exactly 0.5, e.g. a soft vote of 0.4 and 0.6) going to class 0 (normal). It is the
+rule of medcore's KNN (``knn_auto_k`` chooses k with it), of the CSVs, the reported metrics and
+the analysis, so a reported accuracy is the accuracy of the written labels.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -22,9 +28,26 @@ from binensemble.data import read_labels
 from medcore.cli import format_table
 from medcore.errors import DataError, UserError
 from medcore.io import atomic_write_csv, atomic_write_json, read_csv
+from medcore.metrics import bootstrap_ci
 from medcore.plots import save_figure
 
 PROB_PREFIX = "prob_"
+
+
+def decide(probs: np.ndarray) -> np.ndarray:
+    """Labels of ``[n, c]`` probabilities: the arg-max, ties to the lower class id (normal)."""
+    return np.asarray(probs).argmax(1)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (sound at 0, 1 and small n)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z = float(NormalDist().inv_cdf(0.5 + confidence / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 @dataclass
@@ -151,7 +174,7 @@ def write_predictions(
 ) -> tuple[Path, Path]:
     """``<name>.csv`` (``image_id,label``) and ``<name>_probs.csv`` (probabilities), atomically."""
     out_dir = Path(out_dir)
-    labels = pd.DataFrame({"image_id": list(ids), "label": probs.argmax(1)})
+    labels = pd.DataFrame({"image_id": list(ids), "label": decide(probs)})
     pred = atomic_write_csv(out_dir / f"{name}.csv", labels)
     prob = atomic_write_csv(
         out_dir / f"{name}_probs.csv", probs_frame(ids, probs, classes, targets)
@@ -192,16 +215,22 @@ def analyse(
     probs: Sequence[np.ndarray],
     targets: np.ndarray | None,
     weights: Sequence[float] | None = None,
+    confidence: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Per-model and voted accuracy, pairwise agreement and complementarity.
+    """Per-model and voted accuracy, pairwise agreement and complementarity, with intervals.
 
-    For each pair: agreement rate, Cohen's kappa and the number of disagreements; with labels
-    also how often only one of the two is right (the samples voting can fix), both are wrong
-    (double fault, no vote can fix) and the oracle accuracy (either is right).
+    For each pair: agreement rate (Wilson interval), Cohen's kappa and the number of
+    disagreements; with labels also how often only one of the two is right (the samples voting
+    can fix), both are wrong (double fault, no vote can fix) and the oracle accuracy (either is
+    right). Accuracies carry Wilson intervals; the vote's gain over each model a paired
+    bootstrap interval (the same images resampled for both).
     """
-    preds = [p.argmax(1) for p in probs]
+    preds = [decide(p) for p in probs]
     voted = soft_vote(probs, weights)
-    vote_pred = voted.argmax(1)
+    vote_pred = decide(voted)
+    n = len(vote_pred)
     models = []
     for name, p, pred in zip([*names, "vote"], [*probs, voted], [*preds, vote_pred], strict=True):
         row: dict[str, Any] = {
@@ -210,15 +239,26 @@ def analyse(
             "mean_confidence": float(p.max(1).mean()),
         }
         if targets is not None:
-            row["accuracy"] = float((pred == targets).mean())
+            right = int((pred == targets).sum())
+            low, high = wilson_interval(right, n, confidence)
+            row.update(accuracy=right / n, accuracy_ci_low=low, accuracy_ci_high=high)
+            if name != "vote":
+                gain = (vote_pred == targets).mean() - right / n
+                low, high = bootstrap_ci(
+                    _gain, targets, np.stack([vote_pred, pred], 1), n_boot, 1 - confidence, seed
+                )
+                row.update(vote_gain=float(gain), vote_gain_ci_low=low, vote_gain_ci_high=high)
         models.append(row)
     pairs = []
     for i, j in combinations(range(len(names)), 2):
         a, b = preds[i], preds[j]
         differ = a != b
+        low, high = wilson_interval(int((~differ).sum()), n, confidence)
         row = {
             "pair": f"{names[i]} vs {names[j]}",
             "agreement": float((~differ).mean()),
+            "agreement_ci_low": low,
+            "agreement_ci_high": high,
             "kappa": float(cohen_kappa_score(a, b)) if len(np.unique(np.r_[a, b])) > 1 else 1.0,
             "disagreements": int(differ.sum()),
         }
@@ -239,8 +279,48 @@ def analyse(
     return {
         "models": models,
         "pairs": pairs,
-        "n_images": len(vote_pred),
+        "n_images": n,
         "labelled": targets is not None,
+        "confidence": confidence,
+    }
+
+
+def _gain(targets: np.ndarray, preds: np.ndarray) -> float:
+    """Accuracy of ``preds[:, 0]`` (the vote) minus that of ``preds[:, 1]`` (one model)."""
+    return float((preds[:, 0] == targets).mean() - (preds[:, 1] == targets).mean())
+
+
+def check_rule(
+    report: dict[str, Any], min_accuracy: float = 0.90, max_disagreement: float = 0.05
+) -> dict[str, Any]:
+    """The seed's ensemble rule on an :func:`analyse` report: every model's accuracy above
+    ``min_accuracy`` (needs labels) and every pair disagreeing on fewer than
+    ``max_disagreement`` of the images. Returns ``{"holds", "checked", "reasons"}``.
+    """
+    reasons = []
+    checked = ["disagreement"]
+    if report["labelled"]:
+        checked.insert(0, "accuracy")
+        for row in report["models"]:
+            if row["model"] != "vote" and not row["accuracy"] > min_accuracy:
+                reasons.append(
+                    f"{row['model']} accuracy {row['accuracy']:.3f} "
+                    f"[{row['accuracy_ci_low']:.3f}, {row['accuracy_ci_high']:.3f}] "
+                    f"is not above {min_accuracy:.2f}"
+                )
+    for pair in report["pairs"]:
+        rate = 1.0 - pair["agreement"]
+        if not rate < max_disagreement:
+            reasons.append(
+                f"{pair['pair']} disagree on {rate:.1%} of {report['n_images']} images "
+                f"(not under {max_disagreement:.0%})"
+            )
+    return {
+        "holds": not reasons,
+        "checked": checked,
+        "min_accuracy": min_accuracy,
+        "max_disagreement": max_disagreement,
+        "reasons": reasons,
     }
 
 
@@ -252,14 +332,14 @@ def disagreement_frame(
     weights: Sequence[float] | None = None,
 ) -> pd.DataFrame:
     """The images on which at least two models predict different labels, with every model's P(positive)."""
-    preds = np.stack([p.argmax(1) for p in probs])
+    preds = np.stack([decide(p) for p in probs])
     voted = soft_vote(probs, weights)
     differ = (preds != preds[0]).any(0)
     frame = pd.DataFrame({"image_id": np.asarray(ids)[differ]})
     for name, p, pred in zip(names, probs, preds, strict=True):
         frame[f"{name}_label"] = pred[differ]
         frame[f"{name}_p1"] = p[differ, 1]
-    frame["vote_label"] = voted.argmax(1)[differ]
+    frame["vote_label"] = decide(voted)[differ]
     frame["vote_p1"] = voted[differ, 1]
     if targets is not None:
         frame["target"] = targets[differ]
@@ -284,7 +364,7 @@ def plot_analysis(
         axes[0].text(x, r[key], f"{r[key]:.3f}", ha="center", va="bottom", fontsize=8)
     axes[0].set_ylim(0, 1.08)
     axes[0].set_title(key.replace("_", " "))
-    preds = [p.argmax(1) for p in probs]
+    preds = [decide(p) for p in probs]
     agree = np.array([[float((a == b).mean()) for b in preds] for a in preds])
     axes[1].imshow(agree, vmin=min(0.5, agree.min()), vmax=1.0, cmap="Greens")
     for (i, j), v in np.ndenumerate(agree):
@@ -304,49 +384,28 @@ def plot_analysis(
     return save_figure(fig, path)
 
 
+def rule_message(rule: dict[str, Any], where: str) -> str:
+    """One line saying whether the seed's ensemble rule holds on ``where``, and why not."""
+    if rule["holds"]:
+        return f"{where}: ensemble rule holds ({' and '.join(rule['checked'])} checked)"
+    return (
+        f"warning: {where}: the seed's ensemble rule does not hold ({'; '.join(rule['reasons'])}); "
+        "the seed votes only two models that are both accurate and rarely disagree"
+    )
+
+
 # -- the binensemble-vote and binensemble-analyze commands -------------------------------------
-def add_vote_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "probs", nargs="+", type=Path, help="two or more probability files (*_probs.csv)"
-    )
-    parser.add_argument(
-        "--weights", nargs="+", type=float, help="one weight per file (default: equal)"
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path("vote.csv"),
-        help="final image_id,label CSV; probabilities go beside it as <stem>_probs.csv",
-    )
-
-
 def run_vote(args: argparse.Namespace) -> int:
     ref, voted = vote_files(args.probs, args.weights)
     out = args.output
     pred, prob = write_predictions(out.parent, out.stem, ref.ids, voted, ref.classes, ref.targets)
-    labels = voted.argmax(1)
+    labels = decide(voted)
     print(
         f"voted {len(args.probs)} models on {len(ref.ids)} images: {int(labels.sum())} predicted "
         f"{ref.classes[1]}, {int((labels == 0).sum())} {ref.classes[0]}"
     )
     print(f"wrote {pred} and {prob}")
     return 0
-
-
-def add_analyze_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "probs", nargs="+", type=Path, help="two or more probability files (*_probs.csv)"
-    )
-    parser.add_argument("--names", nargs="+", help="model names (default: the file stems)")
-    parser.add_argument("--weights", nargs="+", type=float, help="voting weights (default: equal)")
-    parser.add_argument(
-        "--labels",
-        type=Path,
-        help="image_id,label CSV (default: the files' target column, if they have one)",
-    )
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path("analysis"), help="where the report goes"
-    )
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -363,6 +422,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     probs = [f.probs for f in files]
     check_weights(args.weights, len(files))
     report = analyse(names, probs, targets, args.weights)
+    report["rule"] = check_rule(report)
     out = args.output_dir
     atomic_write_json(out / "analysis.json", report)
     atomic_write_csv(
@@ -373,5 +433,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     print(format_table(report["models"]))
     print()
     print(format_table(report["pairs"]))
+    print(rule_message(report["rule"], f"these {len(files)} files"))
     print(f"\nreport: {out / 'analysis.json'}, {out / 'disagreements.csv'}, {out / 'analysis.png'}")
     return 0

@@ -6,6 +6,7 @@ ConvNeXt-Large + ViT-Large), ``e`` embedding size (128), ``c`` classes.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import timm
@@ -16,16 +17,38 @@ from torch import nn
 
 from binensemble.config import ModelConfig
 from medcore.errors import ConfigError
-from medcore.weights import load_pretrained, missing_weights_error
+from medcore.memory import set_grad_checkpointing
+from medcore.weights import data_config, load_pretrained, require_pretrained, resolve_weights
 
 WEIGHTS_HINT = (
-    "Save timm state dicts on a machine with internet access, e.g. "
-    "python -c \"import timm, torch; torch.save(timm.create_model('convnext_large.fb_in22k_ft_in1k', "
-    "pretrained=True).state_dict(), 'convnext.pt'); torch.save(timm.create_model("
-    "'vit_large_patch16_224.augreg_in21k_ft_in1k', pretrained=True).state_dict(), 'vit.pt')\", then pass "
-    "--set model.convnext_weights=convnext.pt --set model.vit_weights=vit.pt "
-    "(or one file with both backbones as --pretrained-weights)."
+    "--pretrained-weights names one source holding both backbones (convnext.*, vit.*); "
+    "or give each: --set model.convnext_weights=hf-hub:timm/convnext_large.fb_in22k_ft_in1k "
+    "--set model.vit_weights=hf-hub:timm/vit_large_patch16_224.augreg_in21k_ft_in1k (or files)"
 )
+
+
+def weight_sources(cfg: ModelConfig) -> dict[str, str | None]:
+    """The file each backbone starts from (a per-backbone file wins over the combined one)."""
+    combined = cfg.pretrained_weights
+    return {"convnext": cfg.convnext_weights or combined, "vit": cfg.vit_weights or combined}
+
+
+def init_description(cfg: ModelConfig) -> str:
+    """The truthful init line: where each backbone's weights come from."""
+    parts = [
+        f"{branch} pretrained from {source}" if source else f"{branch} from scratch"
+        for branch, source in weight_sources(cfg).items()
+    ]
+    return "init: " + ", ".join(parts)
+
+
+def check_pretrained(cfg: ModelConfig) -> None:
+    """Refuse a config that starts from pretrained weights without them, saying how to give them.
+
+    Called before the run directory is made; a dry run never calls it.
+    """
+    for branch, source in weight_sources(cfg).items():
+        require_pretrained(cfg.pretrained, source, f"model.{branch}_weights", WEIGHTS_HINT)
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:
@@ -57,8 +80,44 @@ def _vit_convert(vit: nn.Module):
     return convert
 
 
+BRANCHES = ("convnext", "vit")
+
+
+def branch_normalisation(
+    branch: nn.Module,
+    name: str,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    weights_config: dict[str, Any] | None = None,
+) -> dict[str, list[float]]:
+    """A branch's input mean and std: the given ones, else those its weights expect (the weights'
+    own config, e.g. a hub snapshot's ``config.json``, over timm's ``pretrained_cfg``)."""
+    if mean is None or std is None:
+        expected = data_config(model=branch, weights_config=weights_config)
+        mean = list(expected["mean"]) if mean is None else mean
+        std = list(expected["std"]) if std is None else std
+    mean, std = list(mean), list(std)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ConfigError(
+            f"model.{name}_mean/std", "needs 3 means and 3 positive stds (none in the backbone)"
+        )
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def with_normalisation(cfg: ModelConfig, backbone: DualBackbone) -> ModelConfig:
+    """``cfg`` with each branch's normalisation filled in, as it is recorded in checkpoints."""
+    values = {}
+    for name, norm in backbone.normalisation().items():
+        values[f"{name}_mean"], values[f"{name}_std"] = norm["mean"], norm["std"]
+    return dataclasses.replace(cfg, **values)
+
+
 class DualBackbone(nn.Module):
-    """ConvNeXt and ViT side by side; ``forward`` returns their pooled features concatenated."""
+    """ConvNeXt and ViT side by side; ``forward`` returns their pooled features concatenated.
+
+    Input: ``[b, 3, h, w]`` pixels in [0, 1]; each branch normalises them with its own mean and
+    std (its pretrained weights' statistics), held as buffers outside the state dict.
+    """
 
     def __init__(
         self,
@@ -68,7 +127,10 @@ class DualBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         convnext_kwargs: dict[str, Any] | None = None,
         vit_kwargs: dict[str, Any] | None = None,
+        norms: dict[str, dict[str, list[float] | None]] | None = None,
     ) -> None:
+        """``norms``: per branch ``{"mean", "std"}``; missing or None values come from the
+        backbone's pretrained configuration."""
         super().__init__()
         self.convnext = _create(
             convnext_name, drop_path_rate=drop_path_rate, **(convnext_kwargs or {})
@@ -78,32 +140,61 @@ class DualBackbone(nn.Module):
             vit_name, img_size=img_size, drop_path_rate=drop_path_rate, **(vit_kwargs or {})
         )
         self.num_features = self.convnext.num_features + self.vit.num_features
+        for name in BRANCHES:
+            self.register_buffer(f"{name}_mean", torch.zeros(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"{name}_std", torch.ones(1, 3, 1, 1), persistent=False)
+        given = norms or {}
+        self.set_normalisation(
+            {n: branch_normalisation(getattr(self, n), n, **given.get(n, {})) for n in BRANCHES}
+        )
+
+    def set_normalisation(self, norms: dict[str, dict[str, list[float]]]) -> None:
+        """Per-branch ``{"mean": [3], "std": [3]}`` of the input pixels."""
+        with torch.no_grad():
+            for name, norm in norms.items():
+                getattr(self, f"{name}_mean").copy_(torch.tensor(norm["mean"]).view(1, 3, 1, 1))
+                getattr(self, f"{name}_std").copy_(torch.tensor(norm["std"]).view(1, 3, 1, 1))
+        self._norms = {name: {k: list(v) for k, v in norm.items()} for name, norm in norms.items()}
+
+    def normalisation(self) -> dict[str, dict[str, list[float]]]:
+        return {name: dict(norm) for name, norm in self._norms.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.convnext(x), self.vit(x)], dim=1)  # [b, f]
+        cnn = self.convnext((x - self.convnext_mean) / self.convnext_std)
+        vit = self.vit((x - self.vit_mean) / self.vit_std)
+        return torch.cat([cnn, vit], dim=1)  # [b, f]
 
     def load_weights(self, cfg: ModelConfig) -> None:
-        """Pretrained weights from local files: one combined file and/or one per backbone."""
-        covered = {"convnext": False, "vit": False}
+        """Pretrained weights: one source holding both backbones and/or one per backbone.
+
+        Each load prints its counts (medcore.weights); a missing backbone tensor is an error. A
+        branch whose normalisation the config leaves open takes the one its weights' config
+        names (a hub snapshot's ``config.json``), else timm's for the model.
+        """
         if cfg.pretrained_weights:
-            # A combined file (keys convnext.* and vit.*), e.g. a backbone exported by this package.
+            # A combined source (keys convnext.* and vit.*), e.g. a backbone this package exported.
             load_pretrained(
                 self, cfg.pretrained_weights, convert=self._combined_convert, what="dual backbone"
             )
-            covered = {"convnext": True, "vit": True}
-        if cfg.convnext_weights:
-            load_pretrained(self.convnext, cfg.convnext_weights, what="ConvNeXt backbone")
-            covered["convnext"] = True
-        if cfg.vit_weights:
-            load_pretrained(
-                self.vit, cfg.vit_weights, convert=_vit_convert(self.vit), what="ViT backbone"
+        norms = self.normalisation()
+        for name, what, convert in (
+            ("convnext", "ConvNeXt backbone", None),
+            ("vit", "ViT backbone", _vit_convert(self.vit)),
+        ):
+            spec = getattr(cfg, f"{name}_weights")
+            if not spec:
+                continue
+            resolved = resolve_weights(spec)
+            branch = getattr(self, name)
+            load_pretrained(branch, resolved, convert=convert, what=what)
+            norms[name] = branch_normalisation(
+                branch,
+                name,
+                getattr(cfg, f"{name}_mean"),
+                getattr(cfg, f"{name}_std"),
+                resolved.config,
             )
-            covered["vit"] = True
-        if cfg.pretrained and not all(covered.values()):
-            missing = ", ".join(k for k, v in covered.items() if not v)
-            raise missing_weights_error(
-                f"model.pretrained (no weights for {missing})", WEIGHTS_HINT
-            )
+        self.set_normalisation(norms)
 
     def _combined_convert(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for prefix in ("", "backbone."):
@@ -170,10 +261,17 @@ class _DualModel(nn.Module):
             cfg.drop_path_rate,
             cfg.convnext_kwargs,
             cfg.vit_kwargs,
+            {
+                n: {"mean": getattr(cfg, f"{n}_mean"), "std": getattr(cfg, f"{n}_std")}
+                for n in BRANCHES
+            },
         )
         if load_weights:
+            check_pretrained(cfg)
             backbone.load_weights(cfg)
         backbone.freeze(cfg.train_convnext_stages, cfg.train_vit_blocks)
+        # timm checkpoints non-reentrantly: trainable blocks behind frozen ones keep their grads.
+        set_grad_checkpointing(backbone, cfg.grad_checkpointing)
         return cls(backbone, cls._head(backbone.num_features, cfg))
 
     @staticmethod

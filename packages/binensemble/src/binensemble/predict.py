@@ -30,10 +30,10 @@ from binensemble.ensemble import write_predictions
 from binensemble.evaluate import extract, images_loader, summarise
 from binensemble.model import MODEL_CLASSES, build_model, model_kind
 from medcore.checkpoint import load_checkpoint
-from medcore.cli import add_common_args, common_overrides, format_table
+from medcore.cli import common_overrides, format_table
 from medcore.config import from_dict, load_config, packaged_config_path
 from medcore.device import amp_policy, device_defaults, resolve_device
-from medcore.errors import CheckpointError, DataError
+from medcore.errors import CheckpointError, DataError, UserError
 from medcore.metrics import knn_predict_proba
 from medcore.splits import load_splits
 
@@ -69,8 +69,14 @@ def load_bundle(path: str | Path, device: torch.device) -> Bundle:
     name = kinds[state["kind"]]
     if "model_config" not in state or "data_config" not in state:
         raise CheckpointError(path, "carries no model_config/data_config; cannot rebuild the model")
-    model_cfg = from_dict(ModelConfig, state["model_config"])
-    data_cfg = from_dict(DataConfig, state["data_config"])
+    model_cfg, data_cfg = dict(state["model_config"]), dict(state["data_config"])
+    # Bundles of version 0.1.0 normalised both branches with data.mean / data.std.
+    old_mean, old_std = data_cfg.pop("mean", None), data_cfg.pop("std", None)
+    for branch in ("convnext", "vit"):
+        model_cfg.setdefault(f"{branch}_mean", old_mean)
+        model_cfg.setdefault(f"{branch}_std", old_std)
+    model_cfg = from_dict(ModelConfig, model_cfg)
+    data_cfg = from_dict(DataConfig, data_cfg)
     model = build_model(model_cfg, data_cfg.img_size, load_weights=False)
     try:
         model.load_state_dict(state["model"])
@@ -102,7 +108,13 @@ def predict_probs(
     amp: bool = True,
     desc: str | None = None,
 ) -> np.ndarray:
-    """Class probabilities ``[n, c]`` of ``images``: KNN on TTA embeddings, or mean TTA softmax."""
+    """Class probabilities ``[n, c]`` of ``images``: KNN on TTA embeddings, or mean TTA softmax.
+
+    A metric model's queries must be embedded with the views its KNN gallery was embedded with
+    (an embedding averaged over other views lies elsewhere on the sphere).
+    """
+    if bundle.knn is not None:
+        check_views(bundle, views)
     loader = images_loader(images, eval_transform(bundle.data_cfg), batch_size, num_workers)
     out = extract(bundle.model, loader, device, amp_policy(device, amp), views, desc=desc)
     if bundle.name == "baseline":
@@ -122,6 +134,19 @@ def predict_probs(
     return probs.cpu().numpy()
 
 
+def check_views(bundle: Bundle, views: Sequence[str]) -> None:
+    """Refuse query views that differ from the KNN gallery's (order does not matter)."""
+    assert bundle.knn is not None
+    gallery = list(bundle.knn["views"])
+    if sorted(views) != sorted(gallery):
+        raise UserError(
+            "TTA views",
+            f"the KNN gallery of {bundle.path} was embedded with {','.join(gallery)}; "
+            f"queries must use the same views, not {','.join(views)} "
+            "(drop --no-tta / the predict.tta and predict.views settings)",
+        )
+
+
 def validation_images(root: Path, data_cfg: DataConfig, splits_path: Path) -> ImageSet:
     """The validation split that a training run saved, checked against the current data."""
     if not splits_path.is_file():
@@ -135,29 +160,11 @@ def validation_images(root: Path, data_cfg: DataConfig, splits_path: Path) -> Im
 
 
 # -- the binensemble-predict command ------------------------------------------------------------
-def add_predict_args(parser: argparse.ArgumentParser) -> None:
-    add_common_args(parser, train=False)
-    parser.add_argument(
-        "model", type=Path, help="a model directory written by binensemble-train, or its model.pt"
-    )
-    parser.add_argument(
-        "--split",
-        choices=["test", "val"],
-        default="test",
-        help="TestSet/ images (default) or the run's validation split (labelled)",
-    )
-    parser.add_argument(
-        "--no-tta", action="store_true", help="identity view only (default: 4-view TTA)"
-    )
-    parser.add_argument(
-        "--name", help="output file stem (default: the model name, e.g. metric or metric_val)"
-    )
-
-
 def run_predict(args: argparse.Namespace) -> int:
-    sources = [packaged_config_path("binensemble", "default"), args.config]
+    # As in training, a --config stands alone; the demo preset applies only without one.
+    source = args.config or packaged_config_path("binensemble", "default")
     cfg = load_config(
-        BinEnsembleConfig, *sources, overrides=[*args.overrides, *common_overrides(args)]
+        BinEnsembleConfig, source, overrides=[*args.overrides, *common_overrides(args)]
     )
     device = resolve_device(cfg.device)
     bundle = load_bundle(args.model, device)
@@ -177,6 +184,16 @@ def run_predict(args: argparse.Namespace) -> int:
             if all(i in labels for i in images.ids):
                 targets = np.asarray([labels[i] for i in images.ids])
     views = ["identity"] if args.no_tta or not cfg.predict.tta else list(cfg.predict.views)
+    asked = (
+        args.no_tta
+        or args.config is not None
+        or any(
+            item.split("=")[0].strip() in ("predict.tta", "predict.views")
+            for item in args.overrides
+        )
+    )
+    if bundle.knn is not None and not asked:
+        views = list(bundle.knn["views"])  # nothing asked: the gallery's own views
     workers = (
         device_defaults(device).num_workers
         if cfg.trainer.num_workers is None

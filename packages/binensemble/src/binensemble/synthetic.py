@@ -99,22 +99,27 @@ def write_dataset(
     size: int = 80,
     seed: int = 0,
     disease_fraction_test: float = 0.37,
+    lesion_strength: float = 0.3,
 ) -> Path:
-    """Write ``TrainSet/{normal,disease}/*.png``, ``TestSet/*.png`` and ``TestSet_labels.csv``."""
+    """Write ``TrainSet/{normal,disease}/*.png``, ``TestSet/*.png`` and ``TestSet_labels.csv``.
+
+    ``lesion_strength`` scales the lesions' contrast (0.3: the demo's faint lesions).
+    """
     root = Path(root)
     rng = np.random.default_rng(seed)
     for cls, count in (("normal", n_normal), ("disease", n_disease)):
         folder = root / "TrainSet" / cls
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            Image.fromarray(make_image(rng, size, cls == "disease")).save(
+            Image.fromarray(make_image(rng, size, cls == "disease", lesion_strength)).save(
                 folder / f"{cls}_{i + 1:04d}.png"
             )
     test = root / "TestSet"
     test.mkdir(parents=True, exist_ok=True)
     labels = (rng.random(n_test) < disease_fraction_test).astype(int)
     for i, label in enumerate(labels):
-        Image.fromarray(make_image(rng, size, bool(label))).save(test / f"{i + 1}.png")
+        image = make_image(rng, size, bool(label), lesion_strength)
+        Image.fromarray(image).save(test / f"{i + 1}.png")
     atomic_write_csv(
         root / "TestSet_labels.csv",
         pd.DataFrame({"image_id": [str(i + 1) for i in range(n_test)], "label": labels}),

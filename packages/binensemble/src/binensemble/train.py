@@ -1,30 +1,20 @@
-"""Training of the metric and baseline models, then prediction, voting and scoring.
+"""Training of one model into its own directory, ending with its ``model.pt`` bundle.
 
-``binensemble-train`` (no ``--model``, or ``--model both``) runs the whole research pipeline:
-train the metric model (triplet loss, KNN with automatic k) and the baseline (cross-entropy),
-predict the validation split and ``TestSet/`` with 4-view TTA, soft-vote the two, analyse their
-agreement and print the accuracy table. ``--model metric|baseline`` trains one model.
+The metric model trains with batch-hard triplet loss on class-balanced batches and is scored
+per epoch by KNN (automatic k) against the training split's embeddings; the baseline trains
+with cross-entropy. A model directory holds::
 
-Run directory (``--model both``; with one model the model directory is the run directory)::
-
-    config.yaml  metrics.json  splits.json
-    metric/    config.yaml metrics.jsonl metrics.json tb/ checkpoints/ plots/ splits.json
-               model.pt (best weights + k + KNN gallery) model.safetensors knn.json
-    baseline/  (the same, without the KNN files)
-    predictions/  metric.csv metric_probs.csv baseline.csv ... vote.csv vote_probs.csv
-                  *_val_probs.csv (validation split, with targets)
-    analysis/  analysis.json disagreements.csv analysis.png (validation split; test if labelled)
+    config.yaml metrics.jsonl metrics.json tb/ checkpoints/ plots/ splits.json
+    model.pt (weights + k + KNN gallery) model.safetensors knn.json
+    heldout/ (cross-validation folds only: the held-out probabilities of every epoch)
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,19 +25,8 @@ from binensemble.data import (
     BalancedBatchSampler,
     ImageDataset,
     ImageSet,
-    data_root,
     eval_transform,
-    read_labels,
-    scan_labelled,
-    scan_unlabelled,
     train_transform,
-)
-from binensemble.ensemble import (
-    analyse,
-    disagreement_frame,
-    plot_analysis,
-    soft_vote,
-    write_predictions,
 )
 from binensemble.evaluate import (
     baseline_evaluator,
@@ -58,70 +37,52 @@ from binensemble.evaluate import (
     summarise,
 )
 from binensemble.losses import BatchHardTripletLoss
-from binensemble.model import build_model, model_kind
-from binensemble.predict import BUNDLE_NAME, load_bundle, predict_probs
+from binensemble.model import build_model, init_description, model_kind, with_normalisation
+from binensemble.predict import BUNDLE_NAME
 from medcore.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
-from medcore.cli import RunContext, continue_run, find_run, format_table, setup_run
-from medcore.config import load_config, save_config, to_dict
+from medcore.config import save_config, to_dict
 from medcore.device import amp_policy, device_defaults
 from medcore.distributed import barrier, get_rank, get_world_size
-from medcore.errors import DataError, UserError
-from medcore.io import RunLock, atomic_write_csv, atomic_write_json
+from medcore.errors import DataError
+from medcore.io import atomic_write_json
 from medcore.logging import RunLogger
 from medcore.metrics import multiclass_metrics
 from medcore.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
-from medcore.splits import load_splits, save_splits, stratified_split
-from medcore.trainer import Trainer, seed_everything
+from medcore.splits import load_or_make_splits, save_splits, stratified_split
+from medcore.trainer import Trainer
 
-PACKAGE = "binensemble"
-SMOKE_OVERRIDES = ["data.demo=small", "trainer.batch_size=8"]
-
-
-def add_train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        choices=["metric", "baseline", "both"],
-        help="which model to train (default: both, then predict, vote and analyse; "
-        "--resume latest: the run's own choice)",
-    )
+Splits = dict[str, np.ndarray]
 
 
-def _views(cfg: BinEnsembleConfig) -> list[str]:
+def tta_views(cfg: BinEnsembleConfig) -> list[str]:
+    """The views of the configured test-time augmentation (identity only without TTA)."""
     return list(cfg.predict.views) if cfg.predict.tta else ["identity"]
 
 
-def _workers(cfg: BinEnsembleConfig, device: torch.device) -> int:
-    return (
-        device_defaults(device).num_workers
-        if cfg.trainer.num_workers is None
-        else cfg.trainer.num_workers
-    )
+def loader_workers(cfg: BinEnsembleConfig, device: torch.device) -> int:
+    if cfg.trainer.num_workers is None:
+        return device_defaults(device).num_workers
+    return cfg.trainer.num_workers
 
 
-# -- one model --------------------------------------------------------------------------------
-def _splits(labelled: ImageSet, cfg: BinEnsembleConfig, path: Path) -> dict[str, np.ndarray]:
+def train_val_splits(labelled: ImageSet, cfg: BinEnsembleConfig, path: Path) -> Splits:
     """The stratified train/validation split: loaded if the run saved one, else made and saved."""
-    if path.is_file():
-        try:
-            return load_splits(path, ids=labelled.ids)
-        except ValueError as exc:
-            raise DataError(path, f"{str(exc).splitlines()[0]} (use a new --output-dir)") from None
     assert labelled.labels is not None
-    try:
-        splits = stratified_split(
-            labelled.labels,
-            {"train": 1.0 - cfg.data.val_fraction, "val": cfg.data.val_fraction},
-            seed=cfg.data.split_seed,
-        )
-    except ValueError as exc:  # too few labelled images for a train and a validation part
-        raise DataError("data.val_fraction", f"{exc} (labelled images)") from None
-    if get_rank() == 0:
-        save_splits(
-            path,
-            splits,
-            meta={"seed": cfg.data.split_seed, "val_fraction": cfg.data.val_fraction},
-            ids=labelled.ids,
-        )
+    labels = labelled.labels
+
+    def make() -> Splits:
+        try:
+            return stratified_split(
+                labels,
+                {"train": 1.0 - cfg.data.val_fraction, "val": cfg.data.val_fraction},
+                seed=cfg.data.split_seed,
+            )
+        except ValueError as exc:  # too few labelled images for a train and a validation part
+            raise DataError("data.val_fraction", f"{exc} (labelled images)") from None
+
+    meta = {"seed": cfg.data.split_seed, "val_fraction": cfg.data.val_fraction}
+    splits = load_or_make_splits(path, make, ids=labelled.ids, meta=meta, is_main=get_rank() == 0)
+    assert isinstance(splits, dict)
     return splits
 
 
@@ -149,33 +110,55 @@ def train_one(
     model_dir: Path,
     device: torch.device,
     resume: Path | None,
+    splits: Splits | None = None,
+    weights: Literal["best", "final"] = "best",
+    keep_heldout: bool = False,
 ) -> Path:
-    """Train ``cfg.model.kind`` in ``model_dir`` and write its ``model.pt`` bundle; returns its path."""
+    """Train ``cfg.model.kind`` in ``model_dir`` and write its ``model.pt`` bundle; returns its path.
+
+    ``splits`` (``train``/``val`` indices into ``labelled``) default to the saved or a new
+    stratified split; ``weights`` picks the bundle's weights (best validation epoch, or the
+    last epoch when the epoch count was chosen elsewhere); ``keep_heldout`` saves the
+    validation probabilities of every epoch under ``heldout/`` (cross-validation folds).
+    """
     name = cfg.model.kind
     model_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg.model, cfg.data.img_size)
+    # The branches' input normalisation as resolved from the backbones, recorded for predict.
+    cfg = dataclasses.replace(cfg, model=with_normalisation(cfg.model, model.backbone))
     if get_rank() == 0:
         save_config(cfg, model_dir / "config.yaml")
-    splits = _splits(labelled, cfg, model_dir / "splits.json")
+    if splits is None:
+        splits = train_val_splits(labelled, cfg, model_dir / "splits.json")
+    elif get_rank() == 0:
+        save_splits(model_dir / "splits.json", splits, meta={"source": "fold"}, ids=labelled.ids)
     train_set, val_set = labelled.subset(splits["train"]), labelled.subset(splits["val"])
     assert train_set.labels is not None and val_set.labels is not None
-    model = build_model(cfg.model, cfg.data.img_size)
+    logger = RunLogger(model_dir, enabled=get_rank() == 0)
+    init = init_description(cfg.model)
+    if get_rank() == 0:
+        print(f"{name}: {init}", file=sys.stderr)
+    logger.log_jsonl({"event": "init", "model": name, "backbones": init})
     batch_size = cfg.trainer.batch_size or device_defaults(device).batch_size
-    workers = _workers(cfg, device)
+    workers = loader_workers(cfg, device)
+    heldout = model_dir / "heldout" if keep_heldout else None
     val_loader = images_loader(val_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers)
     if name == "metric":
         train_eval_loader = images_loader(
             train_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers
         )
         evaluate_fn = metric_evaluator(
-            train_eval_loader, train_set.labels, val_loader, val_set.labels, cfg.knn
+            train_eval_loader, train_set.labels, val_loader, val_set.labels, cfg.knn, heldout
         )
+        # Every batch is full: batch_size // 2 images of each class.
         sampler = BalancedBatchSampler(
             train_set.labels, batch_size, cfg.seed, get_rank(), get_world_size()
         )
     else:
-        evaluate_fn = baseline_evaluator(val_loader, val_set.labels)
+        evaluate_fn = baseline_evaluator(val_loader, val_set.labels, heldout)
+        # Shuffled batches: a last batch too small for the heads' BatchNorm (the real TrainSet's
+        # 1393 images at batch 24 leave 1) is dropped by the trainer (trainer.min_batch_size).
         sampler = None
-    logger = RunLogger(model_dir, enabled=get_rank() == 0)
     trainer = Trainer(
         model,
         cfg.trainer,
@@ -192,25 +175,23 @@ def train_one(
         logger=logger,
     )
     result = trainer.fit(resume=resume)
-    bundle_path = model_dir / BUNDLE_NAME
     if get_rank() == 0:
-        weights = (
-            result.best_path
-            if result.best_path and result.best_path.is_file()
-            else result.final_path
-        )
-        assert weights is not None
-        model.load_state_dict(load_checkpoint(weights, kind=model_kind(name))["model"])
-        metrics = _finalise(cfg, model, train_set, val_set, model_dir, device, trainer, logger)
+        chosen = result.final_path
+        if weights == "best" and result.best_path and result.best_path.is_file():
+            chosen = result.best_path
+        assert chosen is not None
+        model.load_state_dict(load_checkpoint(chosen, kind=model_kind(name))["model"])
+        metrics = _finalise(cfg, model, train_set, val_set, model_dir, device, trainer)
         metrics.update(
             best_epoch=_best_epoch(result.history, result.best_metric_name, result.best_metric),
             epochs_completed=result.epochs_completed,
-            weights=str(weights),
+            weights=str(chosen),
+            init=init,
         )
         logger.write_final(metrics)
         logger.close()
     barrier()
-    return bundle_path
+    return model_dir / BUNDLE_NAME
 
 
 def _best_epoch(
@@ -230,12 +211,11 @@ def _finalise(
     model_dir: Path,
     device: torch.device,
     trainer: Trainer,
-    logger: RunLogger,
 ) -> dict[str, Any]:
     """Choose k on the validation split (metric model), write the bundle, plots and metrics."""
     name = cfg.model.kind
-    views = _views(cfg)
-    workers = _workers(cfg, device)
+    views = tta_views(cfg)
+    workers = loader_workers(cfg, device)
     amp = amp_policy(device, cfg.trainer.amp, cfg.trainer.amp_dtype)
     val_loader = images_loader(val_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers)
     bundle: dict[str, Any] = {
@@ -246,7 +226,7 @@ def _finalise(
     }
     extra: dict[str, Any] = {}
     if name == "metric":
-        # Gallery and queries both use the TTA embedding, as prediction will.
+        # Gallery and queries both use the TTA embedding; prediction is held to these views.
         train_loader = images_loader(
             train_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers
         )
@@ -298,240 +278,3 @@ def _finalise(
         title=f"{name} (val)",
     )
     return {**summarise(y, val_probs), **extra, "tta_views": views}
-
-
-# -- the pipeline -----------------------------------------------------------------------------
-def _newest_run(output_dir: Path | None) -> Path:
-    """``--resume latest``: the given output directory, or the newest run that has a latest.pt."""
-    if output_dir is not None:
-        if not (Path(output_dir) / "config.yaml").is_file():
-            raise UserError(
-                "--resume latest", f"no {PACKAGE} run to continue in {output_dir} (no config.yaml)"
-            )
-        return Path(output_dir)
-    # One model's run keeps checkpoints/ itself, a --model both run one folder per model.
-    return find_run(PACKAGE, None, ("checkpoints/latest.pt", "*/checkpoints/latest.pt"))[0]
-
-
-def _trained_models(run_dir: Path) -> str:
-    """Which ``--model`` a run directory was made by: a single model lives in the run itself."""
-    if not any((run_dir / n).exists() for n in ("splits.json", "checkpoints", BUNDLE_NAME)):
-        return "both"
-    saved = load_config(BinEnsembleConfig, run_dir / "config.yaml")
-    return saved.model.kind
-
-
-def _resume_plan(args: argparse.Namespace) -> tuple[str | None, Path | None]:
-    """(mode, checkpoint): ``latest`` resumes every unfinished model of the run; a path, one model.
-
-    The run's own ``config.yaml`` is the base config of the resumed run (unless ``--config`` is
-    given; ``--set`` still applies on top), so the flags of the first run need not be repeated.
-    """
-    if not args.resume:
-        args.model = args.model or "both"
-        return None, None
-    if args.resume == "latest":
-        run_dir = _newest_run(args.output_dir)
-        continue_run(args, run_dir)
-        trained = _trained_models(run_dir)
-        if args.model not in (None, trained):
-            raise UserError(
-                "--model", f"{run_dir} holds a --model {trained} run; resume it with that choice"
-            )
-        args.model = trained
-        return "latest", None
-    path = Path(args.resume)
-    if not path.is_file():
-        raise UserError(path, "checkpoint not found")
-    if args.model in (None, "both"):
-        raise UserError(
-            "--resume PATH",
-            "resumes one model: add --model metric|baseline (or use --resume latest)",
-        )
-    if args.output_dir is not None:
-        continue_run(args, Path(args.output_dir))
-    elif path.parent.name == "checkpoints":
-        continue_run(args, path.parent.parent)
-    return "path", path
-
-
-def run_train(args: argparse.Namespace) -> int:
-    resume_mode, resume_path = _resume_plan(args)
-    args.resume = None  # resolved above; setup_run must not look for a run layout of its own
-    ctx = setup_run(args, BinEnsembleConfig, PACKAGE, "default", smoke_overrides=SMOKE_OVERRIDES)
-    try:
-        return _train_models(ctx, args.model, resume_mode, resume_path)
-    finally:
-        ctx.release()
-
-
-def _test_images(root: Path, cfg: BinEnsembleConfig) -> tuple[ImageSet | None, np.ndarray | None]:
-    """``TestSet/`` and its optional labels, checked before any training.
-
-    A test folder without a usable image is named and left out (the models are still trained);
-    a broken label file is an error.
-    """
-    if not (root / cfg.data.test_dir).is_dir():
-        return None, None
-    try:
-        test_set = scan_unlabelled(root, cfg.data)
-    except DataError as exc:
-        print(f"warning: {exc.what}: {exc.why}; no test predictions", file=sys.stderr)
-        return None, None
-    labels_path = root / cfg.data.test_labels
-    if not labels_path.is_file():
-        return test_set, None
-    test_labels = read_labels(labels_path)
-    missing = [i for i in test_set.ids if i not in test_labels]
-    if missing:
-        raise DataError(
-            labels_path, f"no label for {len(missing)} test image(s) (e.g. {missing[0]!r})"
-        )
-    return test_set, np.asarray([test_labels[i] for i in test_set.ids])
-
-
-def _train_models(
-    ctx: RunContext, model: str, resume_mode: str | None, resume_path: Path | None
-) -> int:
-    cfg: BinEnsembleConfig = ctx.cfg
-    names = ["metric", "baseline"] if model == "both" else [model]
-    root = data_root(cfg.data)
-    labelled = scan_labelled(root, cfg.data)
-    test_set, test_y = _test_images(root, cfg) if ctx.dist.is_main else (None, None)
-    with RunLock(ctx.run_dir) if ctx.dist.is_main else contextlib.nullcontext():
-        bundles: dict[str, Path] = {}
-        for name in names:
-            model_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=name))
-            model_dir = ctx.run_dir / name if len(names) > 1 else ctx.run_dir
-            bundle = model_dir / BUNDLE_NAME
-            resume = resume_path
-            if resume_mode == "latest":
-                if bundle.is_file():
-                    print(f"{name}: finished earlier ({bundle}); not retrained", file=sys.stderr)
-                    bundles[name] = bundle
-                    continue
-                latest = model_dir / "checkpoints" / "latest.pt"
-                resume = latest if latest.is_file() else None
-            seed_everything(
-                cfg.seed + ctx.dist.rank
-            )  # each model's result independent of the order
-            bundles[name] = train_one(model_cfg, labelled, model_dir, ctx.device, resume)
-        if not ctx.dist.is_main:
-            return 0
-        report = _predict_vote_report(
-            cfg, labelled, test_set, test_y, bundles, ctx.run_dir, ctx.device
-        )
-    print(report)
-    return 0
-
-
-def _predict_vote_report(
-    cfg: BinEnsembleConfig,
-    labelled: ImageSet,
-    test_set: ImageSet | None,
-    test_y: np.ndarray | None,
-    bundle_paths: dict[str, Path],
-    run_dir: Path,
-    device: torch.device,
-) -> str:
-    """Predict validation and test images with every model, vote, analyse; the printed table."""
-    views = _views(cfg)
-    workers = _workers(cfg, device)
-    pred_dir = run_dir / "predictions"
-    splits = load_splits(next(iter(bundle_paths.values())).parent / "splits.json", ids=labelled.ids)
-    val_set = labelled.subset(splits["val"])
-
-    names = list(bundle_paths)
-    val_probs: dict[str, np.ndarray] = {}
-    test_probs: dict[str, np.ndarray] = {}
-    for name, path in bundle_paths.items():
-        bundle = load_bundle(path, device)
-        val_probs[name] = predict_probs(
-            bundle,
-            val_set,
-            device,
-            views,
-            cfg.data.eval_batch_size,
-            workers,
-            cfg.trainer.amp,
-            desc=f"{name}: validation",
-        )
-        write_predictions(
-            pred_dir, f"{name}_val", val_set.ids, val_probs[name], cfg.data.classes, val_set.labels
-        )
-        if test_set is not None:
-            test_probs[name] = predict_probs(
-                bundle,
-                test_set,
-                device,
-                views,
-                cfg.data.eval_batch_size,
-                workers,
-                cfg.trainer.amp,
-                desc=f"{name}: test",
-            )
-            write_predictions(
-                pred_dir, name, test_set.ids, test_probs[name], cfg.data.classes, test_y
-            )
-    weights = cfg.predict.vote_weights or None
-    if len(names) > 1:
-        if weights is not None and len(weights) != len(names):
-            raise UserError(
-                "predict.vote_weights", f"needs {len(names)} weights ({', '.join(names)})"
-            )
-        val_probs["vote"] = soft_vote([val_probs[n] for n in names], weights)
-        write_predictions(
-            pred_dir, "vote_val", val_set.ids, val_probs["vote"], cfg.data.classes, val_set.labels
-        )
-        if test_set is not None:
-            test_probs["vote"] = soft_vote([test_probs[n] for n in names], weights)
-            write_predictions(
-                pred_dir, "vote", test_set.ids, test_probs["vote"], cfg.data.classes, test_y
-            )
-
-    rows, summary = [], {}
-    for name in val_probs:
-        entry = summarise(val_set.labels, val_probs[name])
-        if test_y is not None:
-            entry.update(summarise(test_y, test_probs[name], prefix="test/"))
-        summary[name] = entry
-        row = {"model": name, "val_acc": entry["val/accuracy"], "val_auc": entry["val/roc_auc"]}
-        if test_y is not None:
-            row.update(test_acc=entry["test/accuracy"], test_auc=entry["test/roc_auc"])
-        rows.append(row)
-    lines = [format_table(rows)]
-    if len(names) > 1:
-        for split, probs, y, ids in (
-            ("val", val_probs, val_set.labels, val_set.ids),
-            ("test", test_probs, test_y, test_set.ids if test_set else None),
-        ):
-            if not probs or ids is None:
-                continue
-            per_model = [probs[n] for n in names]
-            analysis = analyse(names, per_model, y, weights)
-            out = run_dir / "analysis" / split
-            atomic_write_json(out / "analysis.json", analysis)
-            atomic_write_csv(
-                out / "disagreements.csv", disagreement_frame(ids, names, per_model, y, weights)
-            )
-            plot_analysis(names, per_model, y, analysis, out / "analysis.png")
-            pair = analysis["pairs"][0]
-            lines.append(
-                f"{split}: agreement {pair['agreement']:.3f}, {pair['disagreements']} disagreement(s)"
-                + (f", oracle accuracy {pair['oracle_accuracy']:.3f}" if y is not None else "")
-            )
-            summary[f"{split}_agreement"] = pair
-    if test_set is not None:
-        final = pred_dir / ("vote.csv" if len(names) > 1 else f"{names[0]}.csv")
-        lines.append(f"predictions for {cfg.data.test_dir}/: {final}")
-    if len(names) == 1:
-        merged = {**_read_json(run_dir / "metrics.json"), **summary[names[0]]}
-        atomic_write_json(run_dir / "metrics.json", merged)
-    else:
-        atomic_write_json(run_dir / "metrics.json", summary)
-    lines.append(f"run directory: {run_dir}")
-    return "\n".join(lines)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
