@@ -13,6 +13,7 @@ dry run, so any slice count (a multiple of 3) and in-plane size work.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ import torchvision
 from torch import nn
 
 from ctretrieval.config import ModelConfig
+from medcore.device import AmpPolicy, autocast
 from medcore.weights import load_pretrained, missing_weights_error
 
 # ImageNet statistics: the trunk's expected input, whether its weights are pretrained or not.
@@ -161,10 +163,16 @@ class Proximity100x100(nn.Module):
         return out
 
     @torch.no_grad()
-    def get_embeddings(self, volume: torch.Tensor, amp: bool = True) -> dict[str, torch.Tensor]:
-        """Embeddings (and finding probabilities) without gradients, under autocast on CUDA."""
-        use_amp = amp and volume.device.type == "cuda"
-        with torch.autocast(device_type=volume.device.type, enabled=use_amp):
+    def get_embeddings(
+        self, volume: torch.Tensor, amp: AmpPolicy | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings (and finding probabilities) without gradients, in float32.
+
+        ``amp`` is the precision to run in, the training run's (``Trainer.amp``, or
+        :func:`medcore.device.amp_policy` of a checkpoint's trainer settings) so that
+        embeddings are computed as they were trained; None runs in float32.
+        """
+        with autocast(volume.device, amp) if amp is not None else contextlib.nullcontext():
             out = self.forward(volume)
         result = {"embedding": F.normalize(out["embedding"].float(), dim=1)}
         if "logits" in out:
