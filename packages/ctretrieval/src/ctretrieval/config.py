@@ -9,6 +9,9 @@ from medcore.cli import RunConfig
 from medcore.trainer import TrainerConfig
 
 Mode = Literal["microf1", "triplet"]
+# torchvision's ResNet-18 ImageNet weights were trained on inputs normalised with these.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -59,6 +62,9 @@ class ModelConfig:
     # The original starts the trunk from ImageNet weights: True refuses to train without
     # pretrained_weights (--pretrained-weights) unless --from-scratch sets it False.
     pretrained: bool = True
+    # The trunk's input normalisation; set from the weights' config when it has one.
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         # Proximity300x300 has a fixed input; other sizes here would be silently ignored.

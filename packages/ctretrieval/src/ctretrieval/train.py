@@ -24,20 +24,21 @@ from ctretrieval.config import CTRetrievalConfig, ModelConfig
 from ctretrieval.data import StudyTable, load_studies, make_splits
 from ctretrieval.evaluate import compute_metrics, extract, metric_rows
 from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss, graded_targets
-from ctretrieval.model import build_model
+from ctretrieval.model import RESNET18_HINT, build_model, with_weights_normalisation
 from ctretrieval.sampler import BalancedBatchSampler
 from medcore.checkpoint import export_safetensors, load_checkpoint
 from medcore.cli import RunContext, format_table, setup_run
 from medcore.config import to_dict
 from medcore.device import AmpPolicy
 from medcore.distributed import barrier
-from medcore.errors import ConfigError, UserError
+from medcore.errors import ConfigError
 from medcore.io import RunLock, atomic_write_csv
 from medcore.logging import RunLogger
 from medcore.plots import plot_roc_curves, plot_training_curves
 from medcore.splits import load_splits, save_splits
 from medcore.summary import dry_run
 from medcore.trainer import EvalContext, Trainer
+from medcore.weights import require_pretrained
 
 # --smoke on the demo: a smaller demo at a smaller size, so a cold cache still finishes in seconds.
 SMOKE_DEMO_OVERRIDES = [
@@ -71,18 +72,6 @@ def _splits(cfg: CTRetrievalConfig, table: StudyTable, run: RunContext) -> dict[
             ids=table.labels.ids,
         )
     return splits
-
-
-def check_pretrained(model: ModelConfig) -> None:
-    """Refuse a config that starts from pretrained weights when none were supplied."""
-    if model.pretrained and not model.pretrained_weights:
-        raise UserError(
-            "model.pretrained",
-            "this config starts the ResNet-18 trunk from ImageNet weights and none were given: "
-            "pass --pretrained-weights FILE|DIR|hf-hub:NAME (e.g. hf-hub:timm/resnet18.a1_in1k, "
-            "or a torchvision resnet18 .pth), or --from-scratch to train from random "
-            "initialisation",
-        )
 
 
 def model_config(cfg: CTRetrievalConfig) -> ModelConfig:
@@ -239,10 +228,14 @@ def run(args: argparse.Namespace) -> int:
                 "mode": cfg.mode,
                 "backbone": "torchvision resnet18 trunk",
                 "input": {"slices": scratch.num_slices, "image_size": list(scratch.image_size)},
+                # As configured; training takes them from the weights' config when it has one.
+                "normalisation": {"mean": list(scratch.mean), "std": list(scratch.std)},
             },
         )
         return 0
-    check_pretrained(cfg.model)
+    require_pretrained(
+        cfg.model.pretrained, cfg.model.pretrained_weights, "model.pretrained", RESNET18_HINT
+    )
     with RunLock(run.run_dir) if run.dist.is_main else contextlib.nullcontext():
         return _train(cfg, run)
 
@@ -254,7 +247,7 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
     if not run.dist.is_main:
         table = load_studies(cfg.data, cfg.preprocess, show_progress=False)
     splits = _splits(cfg, table, run)
-    model_cfg = model_config(cfg)
+    model_cfg = with_weights_normalisation(model_config(cfg), report=run.dist.is_main)
     _warn_graded_threshold(cfg, table.labels.y[:, :-1])
     model = build_model(model_cfg)
     if run.dist.is_main:
