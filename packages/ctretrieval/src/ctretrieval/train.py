@@ -241,13 +241,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
+    # First, so that weights that cannot be found stop the run before any data is read.
+    model_cfg = with_weights_normalisation(model_config(cfg), report=run.dist.is_main)
     if run.dist.is_main:  # the demo is generated and preprocessed once, by rank 0
         table = load_studies(cfg.data, cfg.preprocess)
     barrier()
     if not run.dist.is_main:
         table = load_studies(cfg.data, cfg.preprocess, show_progress=False)
     splits = _splits(cfg, table, run)
-    model_cfg = with_weights_normalisation(model_config(cfg), report=run.dist.is_main)
     _warn_graded_threshold(cfg, table.labels.y[:, :-1])
     model = build_model(model_cfg)
     if run.dist.is_main:
