@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ctretrieval.synthetic import write_dicom_series
 
@@ -55,6 +56,16 @@ def write_volumes(path: Path, volumes: dict[str, np.ndarray]) -> Path:
         for key, vol in volumes.items():
             group.create_dataset(key, data=vol.astype(np.uint8))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests run on one torch thread: tiny tensors gain nothing from more, and on a shared
+    machine two spinning threads per test are many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

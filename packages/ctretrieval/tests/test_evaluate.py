@@ -8,6 +8,7 @@ from sklearn.metrics import f1_score
 from ctretrieval.augment import RandomGaussianNoise3D, VolumeAugmentation
 from ctretrieval.config import AugmentConfig, EvalConfig
 from ctretrieval.evaluate import Embedded, compute_metrics, knn_label_scores, valid_ks
+from medcore.device import AmpPolicy
 
 
 def test_knn_label_scores_brute_force() -> None:
@@ -67,3 +68,67 @@ def test_volume_augmentation_shape_and_some_samples_untouched() -> None:
     assert y.shape == x.shape and y.dtype == torch.float32
     changed = (y - x).abs().flatten(1).amax(1) > 0
     assert 0 < int(changed.sum()) < 16  # p = 0.5 each: with 16 samples some are, some are not
+
+
+def test_pooled_f1_covers_the_real_findings_and_shows_no_finding_apart() -> None:
+    rng = np.random.default_rng(3)
+    findings = (rng.random((30, 3)) < 0.3).astype(np.float32)
+    y = np.concatenate([findings, (findings.sum(1) == 0)[:, None]], axis=1).astype(np.float32)
+    # Findings half right, the derived slot always right (as it tends to be: it is set for
+    # every study without a finding).
+    probs = (y * 0.3 + rng.random(y.shape) * 0.6).astype(np.float32)
+    probs[:, 3] = y[:, 3]
+    emb = torch.nn.functional.normalize(torch.randn(30, 4), dim=1)
+    data = Embedded(emb, torch.from_numpy(y), torch.from_numpy(probs))
+    names = ["condensacion", "nodulos", "quistes", "sin_hallazgos"]
+    metrics, _, _ = compute_metrics(
+        data, data, EvalConfig(ks=[1, 5]), names, exclude_self=True, no_finding="sin_hallazgos"
+    )
+    pred = probs >= 0.5
+    assert metrics["micro_f1"] == pytest.approx(f1_score(y[:, :3], pred[:, :3], average="micro"))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(y[:, :3], pred[:, :3], average="macro"))
+    assert metrics["f1/sin_hallazgos"] == pytest.approx(f1_score(y[:, 3], pred[:, 3]))
+    # With the derived slot pooled in, micro-F1 would read higher: the slot is easy.
+    assert f1_score(y, pred, average="micro") > metrics["micro_f1"] + 0.01
+
+
+class _Table:
+    """The parts of a StudyTable that the train_eval evaluation reads."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.items = [
+            {
+                "volume": torch.randint(0, 256, (6, 16, 16), dtype=torch.uint8, generator=g),
+                "labels": torch.tensor([i % 2, (i + 1) % 2, 0, 0], dtype=torch.float32),
+            }
+            for i in range(n)
+        ]
+        self.labels = type("L", (), {"class_names": ["a", "b", "c", "sin_hallazgos"]})()
+
+    def dataset(self, rows):
+        return [self.items[i] for i in rows]
+
+
+@pytest.mark.parametrize(
+    ("policy", "dtype"),
+    [
+        (AmpPolicy(True, torch.bfloat16, False), torch.bfloat16),
+        (AmpPolicy(False, torch.float32, False), torch.float32),
+    ],
+)
+def test_train_eval_embeddings_run_in_the_trainers_precision(policy, dtype, tmp_path) -> None:
+    from ctretrieval.config import CTRetrievalConfig
+    from ctretrieval.model import Proximity100x100
+    from ctretrieval.train import _evaluate_fn
+    from medcore.trainer import EvalContext
+
+    model = Proximity100x100(6, (16, 16), 8, 4, (4, 4, 4), 8)
+    seen = []
+    model.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    logger = type("Logger", (), {"log_pr_curve": lambda *a, **k: None})()
+    ctx = EvalContext(0, 0, torch.device("cpu"), policy, logger, tmp_path)
+    cfg = CTRetrievalConfig()
+    out = _evaluate_fn(cfg, _Table(8), np.arange(8))(model, ctx)
+    assert seen and set(seen) == {dtype}  # the trainer's autocast dtype, not a fixed fp16/fp32
+    assert "val/map@1" in out and "val/f1/sin_hallazgos" in out

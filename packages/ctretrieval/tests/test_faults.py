@@ -609,7 +609,7 @@ def test_search_and_eval_inputs_are_one_line_errors(
         (
             search,
             ["--index", str(index_file), "--query", str(broken_nii), *out],
-            "cannot read NIfTI",
+            "not a readable NIfTI",
         ),
         (
             search,

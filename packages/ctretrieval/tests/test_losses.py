@@ -5,8 +5,15 @@ import math
 
 import pytest
 import torch
+from sklearn.metrics import f1_score
 
-from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss, pairwise_sq_dist, triplet_masks
+from ctretrieval.losses import (
+    GradedMicroF1Loss,
+    OnlineTripletLoss,
+    graded_targets,
+    pairwise_sq_dist,
+    triplet_masks,
+)
 
 
 def _f1(p, t):
@@ -145,3 +152,47 @@ def test_no_triplet_gives_zero_attached_loss() -> None:
     loss, n = OnlineTripletLoss()(emb, torch.ones(3, 2), torch.tensor([0, 1, 2]))
     assert n == 0 and loss.item() == 0.0
     loss.backward()
+
+
+def test_default_loss_is_the_batch_micro_f1_of_sklearn() -> None:
+    # A hand-made batch with confident logits: the soft counts are the hard counts, so
+    # 1 - loss is the batch's micro-F1 as sklearn computes it (per-study F1 would differ).
+    targets = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1], [1, 1, 0, 0], [0, 0, 1, 0]])
+    predicted = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 1, 0]])
+    logits = (predicted * 2 - 1).float() * 40
+    expected = f1_score(targets.numpy(), predicted.numpy(), average="micro")
+    per_study = f1_score(targets.numpy(), predicted.numpy(), average="samples")
+    assert abs(expected - per_study) > 0.01  # the batch tells the two apart
+    loss = GradedMicroF1Loss()(logits, targets.float())
+    assert 1 - loss.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_graded_targets_are_jaccard_of_the_finding_set() -> None:
+    labels = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+    graded = graded_targets(labels)
+    sets = [{c for c, v in enumerate(row) if v} for row in labels.tolist()]
+    for i, found in enumerate(sets):
+        for c in range(4):
+            jaccard = len(found & {c}) / len(found | {c})
+            assert graded[i, c].item() == pytest.approx(jaccard if c in found else 0.0)
+    assert graded[1].tolist() == pytest.approx([0, 0.5, 0.5, 0])
+
+
+def test_graded_targets_reach_the_loss_from_the_config() -> None:
+    from ctretrieval.config import CTRetrievalConfig
+    from ctretrieval.train import _step_fn
+    from medcore.config import load_config
+
+    labels = torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 0]])
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0], [-1.0, 0.3, 1.2, -2.0]])
+
+    class Head(torch.nn.Module):
+        def forward(self, x):
+            return {"logits": logits + 0 * x.sum()}
+
+    batch = {"volume": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "labels": labels}
+    for targets, expected in (("binary", labels), ("jaccard", graded_targets(labels))):
+        cfg = load_config(CTRetrievalConfig, overrides=[f"loss.targets={targets}"])
+        loss, _ = _step_fn(cfg, None)(Head(), batch)
+        assert loss.item() == pytest.approx(GradedMicroF1Loss()(logits, expected).item())
+    assert graded_targets(labels)[1, 1] == 0.5

@@ -6,8 +6,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medcore.cli import RunConfig
+from medcore.trainer import TrainerConfig
 
 Mode = Literal["microf1", "triplet"]
+# torchvision's ResNet-18 ImageNet weights were trained on inputs normalised with these.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -44,6 +48,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The network; the defaults are the original's ``base_local`` Proximity100x100."""
+
     name: Literal["Proximity100x100", "Proximity300x300"] = "Proximity100x100"
     num_slices: int = 300  # multiple of 3: viewed as num_slices / 3 three-slice images
     image_size: tuple[int, int] = (270, 270)  # in-plane size the trunk sees (inputs are resized)
@@ -52,13 +58,31 @@ class ModelConfig:
     fc_hidden: int = 512
     dropout: float = 0.5
     num_classes: int = 0  # classification head size; set from the data in microf1 mode
-    pretrained_weights: str | None = None  # local torchvision resnet18 state dict
-    pretrained: bool = False  # True requires pretrained_weights
+    pretrained_weights: str | None = None  # torchvision / timm ResNet-18 weights for the trunk
+    # The original starts the trunk from ImageNet weights: True refuses to train without
+    # pretrained_weights (--pretrained-weights) unless --from-scratch sets it False.
+    pretrained: bool = True
+    # The trunk's input normalisation; set from the weights' config when it has one.
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        # Proximity300x300 has a fixed input; other sizes here would be silently ignored.
+        if self.name == "Proximity300x300" and (
+            self.num_slices != 300 or tuple(self.image_size) != (300, 300)
+        ):
+            raise ValueError(
+                "Proximity300x300 takes 300 slices of 300 x 300: set model.num_slices=300 and "
+                f"model.image_size=[300,300] (got {self.num_slices} and {list(self.image_size)})"
+            )
 
 
 @dataclass
 class LossConfig:
-    f1_average: Literal["sample", "micro"] = "sample"  # per-study F1 averaged, or batch micro-F1
+    f1_average: Literal["micro", "sample"] = "micro"  # batch micro-F1, or per-study F1 averaged
+    # binary: the 0/1 label slots; jaccard: graded targets, slot c of a study with finding set
+    # L gets J(L, {c}) = 1/|L| when c is in L (see losses.graded_targets).
+    targets: Literal["binary", "jaccard"] = "binary"
     bce_weight: float = 0.0  # > 0: hybrid BCE + F1
     margin: float = 0.2
     mining: Literal["hardest", "semihard", "random_hard"] = "hardest"
@@ -90,7 +114,30 @@ class EvalConfig:
 
 
 @dataclass
+class CTRetrievalTrainerConfig(TrainerConfig):
+    """medcore's trainer section with the original's optimisation as defaults: Adam, lr 1e-5,
+    weight decay 1e-4, StepLR(50 epochs, 0.1), 50 epochs, batch 8, mixed precision; the best
+    checkpoint by micro-F1 (ties broken by mAP@10). A subclass, not a default instance, so that
+    a config or ``--set`` naming one trainer key keeps the others."""
+
+    epochs: int = 50
+    batch_size: int | None = 8
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    scheduler: Literal["cosine", "plateau", "step", "none"] = "step"
+    step_size: int = 50
+    gamma: float = 0.1
+    monitor: list[str] = field(
+        default_factory=lambda: ["val/micro_f1_then_map@10", "val/micro_f1", "val/map@10"]
+    )
+    monitor_mode: Literal["max", "min"] = "max"
+
+
+@dataclass
 class CTRetrievalConfig(RunConfig):
+    """The whole configuration; the defaults are the original's micro-F1 setup (``microf1``)."""
+
     mode: Mode = "microf1"
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -99,3 +146,4 @@ class CTRetrievalConfig(RunConfig):
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: CTRetrievalTrainerConfig = field(default_factory=CTRetrievalTrainerConfig)

@@ -4,13 +4,16 @@ Shape notation: ``q`` queries, ``n`` database studies, ``c`` label slots, ``e`` 
 
 Findings are predicted by the classification head (microf1 mode) or, for a model without a
 head (triplet mode), by a vote of the ``knn_k`` nearest database studies: a slot is positive
-when at least ``threshold`` of the neighbours have it.
+when at least ``threshold`` of the neighbours have it. The pooled F1 scores (micro, macro,
+weighted) cover the real findings only: the derived "no finding" slot is set for every study
+without one, so it is easy to get right and would inflate them; its F1 is reported beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,14 +24,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ctretrieval.config import DataConfig, EvalConfig, ModelConfig, PreprocessConfig
+from ctretrieval.config import (
+    CTRetrievalConfig,
+    EvalConfig,
+    ModelConfig,
+)
 from ctretrieval.data import StudyTable, load_studies
 from ctretrieval.model import Proximity100x100, build_model
 from medcore.checkpoint import load_checkpoint
-from medcore.cli import add_common_args, format_table
-from medcore.config import from_dict
-from medcore.device import resolve_device
-from medcore.errors import CheckpointError, DataError
+from medcore.cli import common_overrides, format_table, resolve_config_arg
+from medcore.config import from_dict, load_config, read_yaml, to_dict
+from medcore.device import AmpPolicy, amp_policy, resolve_device
+from medcore.errors import CheckpointError, ConfigError, DataError
 from medcore.io import atomic_write_csv, atomic_write_json
 from medcore.metrics.classification import multilabel_f1
 from medcore.metrics.retrieval import random_baseline, retrieval_metrics
@@ -48,12 +55,15 @@ def extract(
     data: Dataset,
     device: torch.device,
     batch_size: int = 4,
-    amp: bool = True,
+    amp: AmpPolicy | None = None,
     num_workers: int = 0,
     show_progress: bool = False,
     desc: str = "embedding",
 ) -> Embedded:
-    """Embeddings (and head probabilities) of every study of ``data``, in order, no augmentation."""
+    """Embeddings (and head probabilities) of every study of ``data``, in order, no augmentation.
+
+    ``amp``: the precision of the training run (see :meth:`Proximity100x100.get_embeddings`).
+    """
     was_training = model.training
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -90,9 +100,20 @@ def valid_ks(ks: list[int], n_db: int, exclude_self: bool) -> list[int]:
 
 
 def compute_metrics(
-    query: Embedded, db: Embedded, cfg: EvalConfig, class_names: list[str], exclude_self: bool
+    query: Embedded,
+    db: Embedded,
+    cfg: EvalConfig,
+    class_names: list[str],
+    exclude_self: bool,
+    no_finding: str | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, float], dict[str, float], torch.Tensor]:
-    """(model metrics, random-ranking baseline, finding scores ``[q, c]``) for ``query`` against ``db``."""
+    """(model metrics, random-ranking baseline, finding scores ``[q, c]``) for ``query`` against ``db``.
+
+    ``no_finding``: the name of the derived "no finding" slot in ``class_names``, left out of
+    ``micro_f1`` / ``macro_f1`` / ``weighted_f1`` and reported as ``f1/<name>`` only.
+    ``seed``: the random ranking of the baseline.
+    """
     ks = valid_ks(cfg.ks, len(db.emb), exclude_self)
     if not ks:
         raise DataError(
@@ -109,17 +130,25 @@ def compute_metrics(
         exclude_self=exclude_self,
     )
     baseline = random_baseline(
-        query.labels, db.labels, ks=ks, relevance=cfg.relevance, exclude_self=exclude_self
+        query.labels,
+        db.labels,
+        ks=ks,
+        relevance=cfg.relevance,
+        exclude_self=exclude_self,
+        seed=seed,
     )
     if query.probs is not None:
         scores = query.probs
     else:
         scores = knn_label_scores(query.emb, db.emb, db.labels, cfg.knn_k, exclude_self)
-    f1 = multilabel_f1(query.labels.numpy() > 0, scores.numpy() >= cfg.threshold)
-    metrics.update(micro_f1=f1["micro_f1"], macro_f1=f1["macro_f1"], weighted_f1=f1["weighted_f1"])
+    truth, predicted = query.labels.numpy() > 0, scores.numpy() >= cfg.threshold
+    findings = [c for c, name in enumerate(class_names) if name != no_finding]
+    pooled = multilabel_f1(truth[:, findings], predicted[:, findings])
     metrics.update(
-        {f"f1/{name}": v for name, v in zip(class_names, f1["per_class_f1"], strict=True)}
+        micro_f1=pooled["micro_f1"], macro_f1=pooled["macro_f1"], weighted_f1=pooled["weighted_f1"]
     )
+    per_class = multilabel_f1(truth, predicted)["per_class_f1"]
+    metrics.update({f"f1/{name}": v for name, v in zip(class_names, per_class, strict=True)})
     return metrics, baseline, scores
 
 
@@ -138,9 +167,10 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Proximity100x100
         raise CheckpointError(
             path, "has no model_config/model (was it written by ctretrieval-train?)"
         )
-    mcfg = from_dict(
-        ModelConfig, {**state["model_config"], "pretrained_weights": None, "pretrained": False}
-    )
+    stored = {**state["model_config"], "pretrained_weights": None, "pretrained": False}
+    if stored.get("name") == "Proximity300x300":  # fixed input; older checkpoints stored others
+        stored.update(num_slices=300, image_size=[300, 300])
+    mcfg = from_dict(ModelConfig, stored)
     model = build_model(mcfg)
     try:
         model.load_state_dict(state["model"])
@@ -151,15 +181,52 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Proximity100x100
     return model.to(device).eval(), state
 
 
-def study_table_from_checkpoint(
-    state: dict[str, Any], data_dir: Path | None
-) -> tuple[StudyTable, DataConfig, PreprocessConfig]:
-    """The studies a checkpoint was trained on (or those of ``data_dir``), read with its data settings."""
-    dcfg = from_dict(DataConfig, state.get("data_config", {}))
-    pcfg = from_dict(PreprocessConfig, state.get("preprocess_config", {}))
-    if data_dir is not None:
-        dcfg.data_dir = str(data_dir)
-    return load_studies(dcfg, pcfg), dcfg, pcfg
+def checkpoint_amp(state: dict[str, Any], device: torch.device) -> AmpPolicy:
+    """The precision a checkpoint was trained in (its trainer settings), as it runs on ``device``."""
+    tcfg = state.get("trainer_config")
+    if not isinstance(tcfg, dict):
+        policy = amp_policy(device)
+        print(
+            f"note: the checkpoint records no training precision; embedding in {policy.name}",
+            file=sys.stderr,
+        )
+        return policy
+    return amp_policy(device, bool(tcfg.get("amp", True)), str(tcfg.get("amp_dtype", "auto")))
+
+
+# What ctretrieval-eval takes from --config / --set: the model is the checkpoint's.
+_EVAL_SECTIONS = ("eval", "data", "seed")
+
+
+def eval_config(args: argparse.Namespace, state: dict[str, Any]) -> CTRetrievalConfig:
+    """The evaluation's config: the checkpoint's data, preprocess and eval settings, then the
+    eval and data sections of ``--config``, then ``--set`` and the common flags."""
+    base = {
+        "data": state.get("data_config", {}),
+        "preprocess": state.get("preprocess_config", {}),
+        "eval": state.get("eval_config", {}),
+    }
+    layer: dict[str, Any] = {}
+    if args.config is not None:
+        resolve_config_arg(args, "ctretrieval")
+        layer = read_yaml(args.config)
+        unused = sorted(set(layer) - set(_EVAL_SECTIONS))
+        if unused:
+            print(
+                f"note: {args.config}: not used by ctretrieval-eval (it evaluates the "
+                f"checkpoint's model): {', '.join(unused)}",
+                file=sys.stderr,
+            )
+        layer = {k: v for k, v in layer.items() if k in _EVAL_SECTIONS}
+    for item in args.overrides:
+        if item.split("=", 1)[0].strip().split(".")[0] not in _EVAL_SECTIONS:
+            raise ConfigError(
+                f"--set {item}",
+                "ctretrieval-eval takes eval.*, data.* and seed (the model is the checkpoint's)",
+            )
+    return load_config(
+        CTRetrievalConfig, base, layer, overrides=[*args.overrides, *common_overrides(args)]
+    )
 
 
 def _split_rows(
@@ -178,58 +245,38 @@ def _split_rows(
         raise DataError(path, str(exc).split(": ", 1)[-1]) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ctretrieval-eval", description="Metric table of a checkpoint on a split"
-    )
-    parser.add_argument(
-        "--checkpoint", type=Path, required=True, help="a .pt written by ctretrieval-train"
-    )
-    parser.add_argument(
-        "--split",
-        default="test",
-        choices=["test", "train", "train_eval", "all"],
-        help="queries; test is ranked against train (the archive), the others against themselves",
-    )
-    parser.add_argument(
-        "--splits", type=Path, help="splits.json (default: the one in the checkpoint's run dir)"
-    )
-    add_common_args(parser, train=False)
-    args = parser.parse_args(argv)
-
-    device = resolve_device(args.device or "auto")
-    model, state = load_model(args.checkpoint, device)
-    table, _, _ = study_table_from_checkpoint(state, args.data_dir)
-    ecfg = from_dict(EvalConfig, state.get("eval_config", {}))
+def run(args: argparse.Namespace) -> int:
+    """``ctretrieval-eval``: the metric table of ``args.checkpoint`` on ``args.split``."""
+    model, state = load_model(args.checkpoint, torch.device("cpu"))
+    cfg = eval_config(args, state)
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    amp = checkpoint_amp(state, device)
+    table = load_studies(cfg.data, cfg.preprocess)
     rows = _split_rows(table, args.checkpoint, args.split, args.splits)
     if args.split not in rows:
         raise DataError(
             args.splits or "splits.json", f"has no split {args.split!r} ({', '.join(rows)})"
         )
-    query = extract(
-        model,
-        table.dataset(rows[args.split]),
-        device,
-        ecfg.batch_size,
-        show_progress=True,
-        desc=args.split,
+
+    def embed(split: str) -> Embedded:
+        data = table.dataset(rows[split])
+        return extract(
+            model, data, device, cfg.eval.batch_size, amp, show_progress=True, desc=split
+        )
+
+    query = embed(args.split)
+    # Test queries are ranked against the train archive, the other splits against themselves.
+    db = embed("train") if args.split == "test" else query
+    metrics, baseline, _ = compute_metrics(
+        query,
+        db,
+        cfg.eval,
+        table.labels.class_names,
+        exclude_self=args.split != "test",
+        no_finding=cfg.data.no_finding_name,
+        seed=cfg.seed,
     )
-    if args.split == "test":
-        db = extract(
-            model,
-            table.dataset(rows["train"]),
-            device,
-            ecfg.batch_size,
-            show_progress=True,
-            desc="train",
-        )
-        metrics, baseline, _ = compute_metrics(
-            query, db, ecfg, table.labels.class_names, exclude_self=False
-        )
-    else:
-        metrics, baseline, _ = compute_metrics(
-            query, query, ecfg, table.labels.class_names, exclude_self=True
-        )
 
     out_dir = args.output_dir or args.checkpoint.parent.parent / f"eval_{args.split}"
     atomic_write_json(
@@ -238,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint": str(args.checkpoint),
             "split": args.split,
             "n_queries": len(query.emb),
+            "seed": cfg.seed,
+            "eval_config": to_dict(cfg.eval),
             "metrics": metrics,
             "random": baseline,
         },

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctretrieval.config import DataConfig, PreprocessConfig
+from ctretrieval.config import DataConfig, EvalConfig, PreprocessConfig
 from ctretrieval.data import (
     CTVolumeDataset,
     check_store,
@@ -28,12 +28,12 @@ from ctretrieval.data import (
     read_labels,
     volume_ids,
 )
-from ctretrieval.evaluate import extract, knn_label_scores, load_model
+from ctretrieval.evaluate import checkpoint_amp, extract, knn_label_scores, load_model
 from ctretrieval.preprocess import fit_volume
 from ctretrieval.readers import NIFTI_SUFFIXES, Study, read_study
 from medcore.cli import format_table
 from medcore.config import from_dict
-from medcore.device import DEVICE_CHOICES, resolve_device
+from medcore.device import resolve_device
 from medcore.errors import DataError
 from medcore.io import atomic_path, atomic_write_csv, atomic_write_json
 from medcore.volume_store import read_settings
@@ -65,13 +65,15 @@ def build_index(
             if r is not None:
                 labels[k], has[k] = table.y[r], True
     data = CTVolumeDataset(h5, keys, labels, np.zeros(len(keys), dtype=np.int64))
-    emb = extract(model, data, device, batch_size, show_progress=True, desc="indexing").emb
+    amp = checkpoint_amp(state, device)
+    emb = extract(model, data, device, batch_size, amp, show_progress=True, desc="indexing").emb
     meta = {
         "format": INDEX_FORMAT,
         "checkpoint": str(checkpoint),
         "kind": state.get("kind"),
         "class_names": class_names,
         "preprocess_config": state.get("preprocess_config", {}),
+        "eval_config": state.get("eval_config", {}),
         "store_settings": read_settings(h5),  # raw queries are preprocessed with these
         "volumes": str(h5),
     }
@@ -123,7 +125,9 @@ def _query_from_path(
         )
     study = Study(path.name, path, "dicom" if path.is_dir() else "nifti")
     volume, _ = fit_volume(read_study(study, prep.min_slices), prep)
-    out = model.get_embeddings(torch.from_numpy(volume)[None].to(device))
+    out = model.get_embeddings(
+        torch.from_numpy(volume)[None].to(device), checkpoint_amp(state, device)
+    )
     probs = out.get("probs")
     return out["embedding"][0].cpu(), None if probs is None else probs[0].cpu()
 
@@ -134,9 +138,18 @@ def search(
     top_k: int,
     device: torch.device,
     checkpoint: Path | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
+    knn_k: int | None = None,
 ) -> tuple[str, list[str], list[dict[str, Any]]]:
-    """(query id, query findings, top-k rows) for an index id or a raw study path."""
+    """(query id, query findings, top-k rows) for an index id or a raw study path.
+
+    A raw study's findings are the head's probabilities at ``threshold``, or for a model
+    without a head the fraction of its ``knn_k`` nearest labelled studies that have each
+    finding, at ``threshold``; both default to the checkpoint's ``eval`` settings.
+    """
+    ecfg = from_dict(EvalConfig, index["meta"].get("eval_config", {}))
+    threshold = ecfg.threshold if threshold is None else threshold
+    knn_k = ecfg.knn_k if knn_k is None else knn_k
     ids = [str(i) for i in index["ids"]]
     emb = torch.from_numpy(index["embeddings"])
     labels = torch.from_numpy(index["labels"].astype(np.float32))
@@ -160,7 +173,7 @@ def search(
         if probs is None:  # no head: the findings its nearest labelled studies agree on
             known = torch.from_numpy(index["has_labels"])
             probs = (
-                knn_label_scores(q_emb[None], emb[known], labels[known], k=5)[0]
+                knn_label_scores(q_emb[None], emb[known], labels[known], k=knn_k)[0]
                 if known.any()
                 else None
             )
@@ -197,28 +210,8 @@ def search(
     return query_id, q_findings, rows
 
 
-def index_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ctretrieval-index", description="Embed an archive of volumes into an index"
-    )
-    parser.add_argument(
-        "--checkpoint", type=Path, required=True, help="a .pt written by ctretrieval-train"
-    )
-    parser.add_argument(
-        "--volumes",
-        type=Path,
-        help="HDF5 from ctretrieval-preprocess (default: the checkpoint's data)",
-    )
-    parser.add_argument(
-        "--labels", type=Path, help="labels CSV, to show findings in search results"
-    )
-    parser.add_argument(
-        "--data-dir", type=Path, help="data directory with volumes.h5 and labels.csv"
-    )
-    parser.add_argument("--output", type=Path, required=True, help="index file to write (.npz)")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--batch-size", type=int, default=4)
-    args = parser.parse_args(argv)
+def index_main(args: argparse.Namespace) -> int:
+    """``ctretrieval-index`` with parsed arguments (see :mod:`ctretrieval.cli`)."""
     device = resolve_device(args.device)
     h5, csv = args.volumes, args.labels
     if h5 is None:
@@ -235,32 +228,20 @@ def index_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def search_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ctretrieval-search", description="Most similar studies of an index"
-    )
-    parser.add_argument(
-        "--index", type=Path, required=True, help="index file from ctretrieval-index"
-    )
-    parser.add_argument(
-        "--query", required=True, help="a study id of the index, a DICOM folder or a NIfTI file"
-    )
-    parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument(
-        "--checkpoint", type=Path, help="model for raw-study queries (default: the index's)"
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="results CSV (a JSON is written beside it); default: beside the index",
-    )
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    args = parser.parse_args(argv)
-    if args.top_k < 1:
-        raise DataError("--top-k", f"must be at least 1, got {args.top_k}")
+def search_main(args: argparse.Namespace) -> int:
+    """``ctretrieval-search`` with parsed arguments (see :mod:`ctretrieval.cli`)."""
+    for flag, value in (("--top-k", args.top_k), ("--knn-k", args.knn_k)):
+        if value is not None and value < 1:
+            raise DataError(flag, f"must be at least 1, got {value}")
     index = load_index(args.index)
     query_id, findings, rows = search(
-        index, args.query, args.top_k, resolve_device(args.device), args.checkpoint
+        index,
+        args.query,
+        args.top_k,
+        resolve_device(args.device),
+        args.checkpoint,
+        threshold=args.threshold,
+        knn_k=args.knn_k,
     )
     out = args.output or args.index.with_name(f"{args.index.stem}_search") / f"{query_id}.csv"
     atomic_write_csv(out, pd.DataFrame(rows))

@@ -11,8 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Average = Literal["sample", "micro"]
+Average = Literal["micro", "sample"]
 Mining = Literal["hardest", "semihard", "random_hard"]
+Targets = Literal["binary", "jaccard"]
+
+
+def graded_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Jaccard-graded targets ``[b, c]`` of 0/1 label slots ``[b, c]``.
+
+    Slot ``c`` of a study with the positive set ``L`` gets the Jaccard similarity of ``L`` with
+    the single-finding set ``{c}``: ``|L & {c}| / |L | {c}| = 1 / |L|`` for ``c`` in ``L``, else
+    0. A study with one finding keeps its 1; one with nodules and cysts asks 0.5 of each, the
+    relevance that a single-finding study of either has to it. Rows without a positive stay 0.
+    """
+    hot = (labels > 0).to(torch.float32)
+    return hot / hot.sum(1, keepdim=True).clamp_min(1.0)
 
 
 class GradedMicroF1Loss(nn.Module):
@@ -21,17 +34,18 @@ class GradedMicroF1Loss(nn.Module):
     With ``p = sigmoid(logits)`` and targets ``t`` in ``[0, 1]``: ``TP = sum p t``,
     ``FP = sum p (1 - t)``, ``FN = sum (1 - p) t`` and ``F1 = 2 TP / (2 TP + FP + FN)``.
 
-    * ``average="sample"`` (the original's): the sums run over the label slots of each study
-      and the per-study F1 is averaged over the batch; every study weighs the same.
-    * ``average="micro"``: the sums run over the whole batch (all studies and slots), the true
-      batch-level micro-F1; frequent findings weigh more, as in the micro-F1 metric.
+    * ``average="micro"`` (the default, the micro-F1 the original trains for): the sums run
+      over the whole batch (all studies and slots), the batch-level micro-F1, the same pooling
+      as the micro-F1 metric; frequent findings weigh more.
+    * ``average="sample"``: the sums run over the label slots of each study and the per-study
+      F1 is averaged over the batch; every study weighs the same.
 
     ``bce_weight > 0`` adds ``bce_weight * BCEWithLogits`` (the hybrid loss): BCE gives every
     slot a gradient even when the soft F1 saturates.
     """
 
     def __init__(
-        self, average: Average = "sample", bce_weight: float = 0.0, eps: float = 1e-7
+        self, average: Average = "micro", bce_weight: float = 0.0, eps: float = 1e-7
     ) -> None:
         super().__init__()
         if average not in ("sample", "micro"):

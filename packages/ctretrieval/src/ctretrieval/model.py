@@ -13,6 +13,8 @@ dry run, so any slice count (a multiple of 3) and in-plane size work.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Any
 
 import torch
@@ -20,12 +22,20 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ctretrieval.config import ModelConfig
-from medcore.weights import load_pretrained, missing_weights_error
+from ctretrieval.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from medcore.device import AmpPolicy, autocast
+from medcore.weights import (
+    LoadReport,
+    data_config,
+    load_pretrained,
+    missing_weights_error,
+    resolve_weights,
+)
 
-# ImageNet statistics: the trunk's expected input, whether its weights are pretrained or not.
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
+RESNET18_HINT = (
+    "ImageNet ResNet-18 weights: hf-hub:timm/resnet18.a1_in1k (timm), or a torchvision file "
+    "(torch.save(torchvision.models.resnet18(weights='IMAGENET1K_V1').state_dict(), 'resnet18.pt'))"
+)
 
 
 def resnet18_trunk() -> nn.Sequential:
@@ -68,6 +78,8 @@ class Proximity100x100(nn.Module):
         reduce_channels: tuple[int, int, int] = (64, 32, 16),
         fc_hidden: int = 512,
         dropout: float = 0.5,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         if num_slices % 3 or num_slices < 3:
@@ -86,8 +98,9 @@ class Proximity100x100(nn.Module):
             nn.Linear(fc_hidden, embedding_size),
         )
         self.head = nn.Linear(embedding_size, num_classes) if num_classes > 0 else None
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        # The trunk's input normalisation (model.mean / model.std, recorded in the checkpoint).
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
     def _dry_run_flattened_size(self) -> int:
@@ -110,26 +123,25 @@ class Proximity100x100(nn.Module):
             reduce_channels=tuple(cfg.reduce_channels),
             fc_hidden=cfg.fc_hidden,
             dropout=cfg.dropout,
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
         )
         model.load_trunk_weights(cfg)
         return model
 
-    def load_trunk_weights(self, cfg: ModelConfig) -> None:
-        """ResNet-18 weights from ``cfg.pretrained_weights`` (a local torchvision state dict)."""
+    def load_trunk_weights(self, cfg: ModelConfig) -> LoadReport | None:
+        """ResNet-18 weights from ``cfg.pretrained_weights``: a file, a snapshot directory or an
+        ``hf-hub:`` name, in timm's or torchvision's layout (the same keys); None without."""
         if cfg.pretrained_weights:
-            load_pretrained(
+            return load_pretrained(
                 self.trunk,
                 cfg.pretrained_weights,
                 convert=_torchvision_to_trunk,
                 what="ResNet-18 trunk",
             )
-        elif cfg.pretrained:
-            raise missing_weights_error(
-                "model.pretrained",
-                "Save torchvision's ResNet-18 on a machine with internet access: python -c \"import torch, "
-                "torchvision; torch.save(torchvision.models.resnet18(weights='IMAGENET1K_V1').state_dict(), "
-                "'resnet18.pt')\"",
-            )
+        if cfg.pretrained:
+            raise missing_weights_error("model.pretrained", RESNET18_HINT)
+        return None
 
     def prepare(self, volume: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float ``[b, s, (1,) h, w]`` -> float ``[b, s, h, w]`` at the model's size."""
@@ -166,10 +178,16 @@ class Proximity100x100(nn.Module):
         return out
 
     @torch.no_grad()
-    def get_embeddings(self, volume: torch.Tensor, amp: bool = True) -> dict[str, torch.Tensor]:
-        """Embeddings (and finding probabilities) without gradients, under autocast on CUDA."""
-        use_amp = amp and volume.device.type == "cuda"
-        with torch.autocast(device_type=volume.device.type, enabled=use_amp):
+    def get_embeddings(
+        self, volume: torch.Tensor, amp: AmpPolicy | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings (and finding probabilities) without gradients, in float32.
+
+        ``amp`` is the precision to run in, the training run's (``Trainer.amp``, or
+        :func:`medcore.device.amp_policy` of a checkpoint's trainer settings) so that
+        embeddings are computed as they were trained; None runs in float32.
+        """
+        with autocast(volume.device, amp) if amp is not None else contextlib.nullcontext():
             out = self.forward(volume)
         result = {"embedding": F.normalize(out["embedding"].float(), dim=1)}
         if "logits" in out:
@@ -191,9 +209,19 @@ class Proximity300x300(Proximity100x100):
         num_classes: int = 0,
         fc_hidden: int = 512,
         dropout: float = 0.5,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         super().__init__(
-            300, (300, 300), embedding_size, num_classes, (64, 32, 16), fc_hidden, dropout
+            300,
+            (300, 300),
+            embedding_size,
+            num_classes,
+            (64, 32, 16),
+            fc_hidden,
+            dropout,
+            mean,
+            std,
         )
         if self.flattened_size != self.FLATTENED_SIZE:
             raise RuntimeError(
@@ -202,7 +230,9 @@ class Proximity300x300(Proximity100x100):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Proximity300x300:
-        model = cls(cfg.embedding_size, cfg.num_classes, cfg.fc_hidden, cfg.dropout)
+        model = cls(
+            cfg.embedding_size, cfg.num_classes, cfg.fc_hidden, cfg.dropout, cfg.mean, cfg.std
+        )
         model.load_trunk_weights(cfg)
         return model
 
@@ -215,6 +245,30 @@ MODELS: dict[str, type[Proximity100x100]] = {
 
 def build_model(cfg: ModelConfig) -> Proximity100x100:
     return MODELS[cfg.name].from_config(cfg)
+
+
+def with_weights_normalisation(cfg: ModelConfig, report: bool = True) -> ModelConfig:
+    """``cfg`` with the trunk's mean/std from the pretrained weights' own configuration.
+
+    A timm snapshot (``hf-hub:timm/resnet18.*`` or its directory) carries a ``config.json``
+    whose ``pretrained_cfg`` names the statistics its weights were trained with; a bare
+    torchvision file carries none, and torchvision's ImageNet weights expect ImageNet's, which
+    are the defaults. Prints which one is used (``report``).
+    """
+    if not cfg.pretrained_weights:
+        return cfg
+    resolved = resolve_weights(cfg.pretrained_weights)
+    try:
+        stats = data_config(weights_config=resolved.config)
+    except ValueError:  # no (complete) preprocessing config beside the weights
+        if report:
+            print(
+                f"normalisation: ImageNet mean/std (no preprocessing config in {resolved.source})"
+            )
+        return cfg
+    if report:
+        print(f"normalisation: mean {stats['mean']}, std {stats['std']} (from {resolved.source})")
+    return dataclasses.replace(cfg, mean=stats["mean"], std=stats["std"])
 
 
 def _torchvision_to_trunk(state: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +20,25 @@ import torch
 from torch import nn
 
 from ctretrieval.augment import VolumeAugmentation
-from ctretrieval.config import CTRetrievalConfig
+from ctretrieval.config import CTRetrievalConfig, ModelConfig
 from ctretrieval.data import StudyTable, load_studies, make_splits
 from ctretrieval.evaluate import compute_metrics, extract, metric_rows
-from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss
-from ctretrieval.model import build_model
+from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss, graded_targets
+from ctretrieval.model import RESNET18_HINT, build_model, with_weights_normalisation
 from ctretrieval.sampler import BalancedBatchSampler
 from medcore.checkpoint import export_safetensors, load_checkpoint
-from medcore.cli import RunContext, add_common_args, format_table, setup_run
+from medcore.cli import RunContext, format_table, setup_run
 from medcore.config import to_dict
+from medcore.device import AmpPolicy
 from medcore.distributed import barrier
 from medcore.errors import ConfigError
 from medcore.io import RunLock, atomic_write_csv
 from medcore.logging import RunLogger
 from medcore.plots import plot_roc_curves, plot_training_curves
 from medcore.splits import load_splits, save_splits
+from medcore.summary import dry_run
 from medcore.trainer import EvalContext, Trainer
+from medcore.weights import require_pretrained
 
 # --smoke on the demo: a smaller demo at a smaller size, so a cold cache still finishes in seconds.
 SMOKE_DEMO_OVERRIDES = [
@@ -70,8 +74,16 @@ def _splits(cfg: CTRetrievalConfig, table: StudyTable, run: RunContext) -> dict[
     return splits
 
 
+def model_config(cfg: CTRetrievalConfig) -> ModelConfig:
+    """The model section with the head sized for the mode: one logit per label slot (the
+    findings and the derived "no finding" slot) in microf1 mode, none in triplet mode."""
+    n_slots = len(cfg.data.finding_columns) + 1
+    return dataclasses.replace(cfg.model, num_classes=n_slots if cfg.mode == "microf1" else 0)
+
+
 def _step_fn(cfg: CTRetrievalConfig, augment: nn.Module | None):
     f1_loss = GradedMicroF1Loss(cfg.loss.f1_average, cfg.loss.bce_weight)
+    graded = cfg.loss.targets == "jaccard"
     triplet_loss = OnlineTripletLoss(cfg.loss.margin, cfg.loss.mining)
 
     def step(
@@ -82,7 +94,8 @@ def _step_fn(cfg: CTRetrievalConfig, augment: nn.Module | None):
             x = augment(x)
         out = model(x)
         if cfg.mode == "microf1":
-            return f1_loss(out["logits"], batch["labels"]), {}
+            targets = graded_targets(batch["labels"]) if graded else batch["labels"]
+            return f1_loss(out["logits"], targets), {}
         loss, n_triplets = triplet_loss(out["embedding"], batch["labels"], batch["label_id"])
         return loss, {"triplets": float(n_triplets)}
 
@@ -94,8 +107,18 @@ def _evaluate_fn(cfg: CTRetrievalConfig, table: StudyTable, rows: np.ndarray):
     names = table.labels.class_names
 
     def evaluate(model: nn.Module, ctx: EvalContext) -> dict[str, float]:
-        emb = extract(model, data, ctx.device, cfg.eval.batch_size, desc="train_eval embeddings")
-        metrics, _, scores = compute_metrics(emb, emb, cfg.eval, names, exclude_self=True)
+        emb = extract(
+            model, data, ctx.device, cfg.eval.batch_size, ctx.amp, desc="train_eval embeddings"
+        )
+        metrics, _, scores = compute_metrics(
+            emb,
+            emb,
+            cfg.eval,
+            names,
+            exclude_self=True,
+            no_finding=cfg.data.no_finding_name,
+            seed=cfg.seed,
+        )
         for c, name in enumerate(names):
             ctx.logger.log_pr_curve(
                 f"pr/{name}", emb.labels[:, c] > 0, scores[:, c], ctx.global_step
@@ -118,6 +141,7 @@ def _final_report(
     logger: RunLogger,
     weights: Path | None,
     history: list[dict[str, float]],
+    amp: AmpPolicy,
 ) -> dict[str, Any]:
     """Test split ranked against the train archive with the best weights; tables, plots, JSON."""
     if weights is not None:
@@ -125,24 +149,28 @@ def _final_report(
             load_checkpoint(weights, kind=f"ctretrieval.{cfg.model.name}")["model"]
         )
     device = run.device
-    query = extract(
-        model,
-        table.dataset(splits["test"]),
-        device,
-        cfg.eval.batch_size,
-        show_progress=True,
-        desc="test",
-    )
-    db = extract(
-        model,
-        table.dataset(splits["train"]),
-        device,
-        cfg.eval.batch_size,
-        show_progress=True,
-        desc="train",
+    query, db = (
+        extract(
+            model,
+            table.dataset(splits[split]),
+            device,
+            cfg.eval.batch_size,
+            amp,
+            show_progress=True,
+            desc=split,
+        )
+        for split in ("test", "train")
     )
     names = table.labels.class_names
-    metrics, baseline, scores = compute_metrics(query, db, cfg.eval, names, exclude_self=False)
+    metrics, baseline, scores = compute_metrics(
+        query,
+        db,
+        cfg.eval,
+        names,
+        exclude_self=False,
+        no_finding=cfg.data.no_finding_name,
+        seed=cfg.seed,
+    )
     for c, name in enumerate(names):
         logger.log_pr_curve(f"test_pr/{name}", query.labels[:, c] > 0, scores[:, c], 0)
     rows = metric_rows(metrics, baseline)
@@ -178,15 +206,8 @@ def _final_report(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ctretrieval-train", description="Train the CT retrieval embedding"
-    )
-    parser.add_argument(
-        "--mode", choices=["microf1", "triplet"], help="training mode (default: the config's)"
-    )
-    add_common_args(parser)
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``ctretrieval-train`` with parsed arguments (see :mod:`ctretrieval.cli`)."""
     if args.mode:
         args.overrides = [f"mode={args.mode}", *args.overrides]
     run = setup_run(
@@ -197,28 +218,44 @@ def main(argv: list[str] | None = None) -> int:
         smoke_overrides=SMOKE_DEMO_OVERRIDES if args.data_dir is None else (),
     )
     cfg: CTRetrievalConfig = run.cfg
+    if args.dry_run:
+        # The architecture only: random initialisation on the meta device, no weights read.
+        scratch = dataclasses.replace(model_config(cfg), pretrained=False, pretrained_weights=None)
+        dry_run(
+            lambda: build_model(scratch),
+            run.run_dir,
+            extra={
+                "mode": cfg.mode,
+                "backbone": "torchvision resnet18 trunk",
+                "input": {"slices": scratch.num_slices, "image_size": list(scratch.image_size)},
+                # As configured; training takes them from the weights' config when it has one.
+                "normalisation": {"mean": list(scratch.mean), "std": list(scratch.std)},
+            },
+        )
+        return 0
+    require_pretrained(
+        cfg.model.pretrained, cfg.model.pretrained_weights, "model.pretrained", RESNET18_HINT
+    )
     with RunLock(run.run_dir) if run.dist.is_main else contextlib.nullcontext():
         return _train(cfg, run)
 
 
 def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
+    # First, so that weights that cannot be found stop the run before any data is read.
+    model_cfg = with_weights_normalisation(model_config(cfg), report=run.dist.is_main)
     if run.dist.is_main:  # the demo is generated and preprocessed once, by rank 0
         table = load_studies(cfg.data, cfg.preprocess)
     barrier()
     if not run.dist.is_main:
         table = load_studies(cfg.data, cfg.preprocess, show_progress=False)
     splits = _splits(cfg, table, run)
-    n_slots = table.labels.y.shape[1]
-    model_cfg = dataclasses.replace(cfg.model, num_classes=n_slots if cfg.mode == "microf1" else 0)
+    _warn_graded_threshold(cfg, table.labels.y[:, :-1])
     model = build_model(model_cfg)
+    if run.dist.is_main:
+        source = model_cfg.pretrained_weights
+        print(f"init: ResNet-18 trunk {'pretrained from ' + source if source else 'from scratch'}")
 
     tcfg = cfg.trainer
-    if tcfg.monitor == ["val/loss"]:
-        tcfg = dataclasses.replace(
-            tcfg,
-            monitor=["val/micro_f1_then_map@10", "val/micro_f1", "val/map@10"],
-            monitor_mode="max",
-        )
     if tcfg.checkpoint_prefix == "model":
         tcfg = dataclasses.replace(tcfg, checkpoint_prefix=cfg.mode)
 
@@ -259,6 +296,7 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
             "data_config": to_dict(cfg.data),
             "preprocess_config": to_dict(cfg.preprocess),
             "eval_config": to_dict(cfg.eval),
+            "trainer_config": to_dict(tcfg),
             "class_names": table.labels.class_names,
             "mode": cfg.mode,
         },
@@ -270,7 +308,22 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
             if result.best_path and result.best_path.is_file()
             else result.final_path
         )
-        _final_report(cfg, table, splits, model, run, logger, weights, result.history)
+        _final_report(cfg, table, splits, model, run, logger, weights, result.history, trainer.amp)
         print(f"run directory: {run.run_dir}")
     logger.close()
     return 0
+
+
+def _warn_graded_threshold(cfg: CTRetrievalConfig, findings: np.ndarray) -> None:
+    """Graded targets cap a slot's target at 1/|L|: say so when the threshold cannot reach it."""
+    if cfg.mode != "microf1" or cfg.loss.targets != "jaccard" or not len(findings):
+        return
+    most = int((findings > 0).sum(1).max())
+    if most > 1 and cfg.eval.threshold > 1 / most:
+        n = int(((findings > 0).sum(1) * cfg.eval.threshold > 1).sum())
+        print(
+            f"warning: loss.targets=jaccard asks 1/{most} of each finding of a study with {most}; "
+            f"at eval.threshold={cfg.eval.threshold} the findings of {n} studies cannot be "
+            f"predicted (set eval.threshold <= {1 / most:.2f})",
+            file=sys.stderr,
+        )
