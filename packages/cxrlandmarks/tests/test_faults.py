@@ -76,7 +76,7 @@ def _train_argv(data: Path, out: Path, *items: str, phase: str = "all") -> list[
         str(data),
         "--output-dir",
         str(out),
-        "--preset",
+        "--config",
         "default",
         "--device",
         "cpu",

@@ -16,7 +16,8 @@ import torch
 from cxrlandmarks.anatomy import LANDMARK_NAMES
 from cxrlandmarks.config import DataConfig
 from cxrlandmarks.data import IMAGE_EXTENSIONS, image_tensor, resize_and_normalise
-from cxrlandmarks.evaluate import coordinates_frame, load_model, predict_batches
+from cxrlandmarks.evaluate import coordinates_frame, predict_batches
+from cxrlandmarks.model import load_model
 from medcore.config import from_dict
 from medcore.device import amp_policy, autocast, resolve_device
 from medcore.errors import DataError, UserError
