@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from ctclip.config import ModelConfig
-from ctclip.data import CTVolumeDataset, match_names, read_labels
+from ctclip.data import CTVolumeDataset, check_store, match_names, read_labels
 from ctclip.findings import FINDINGS
 from ctclip.model import CTCLIP
 from ctclip.preprocess import volume_shape
@@ -241,6 +241,7 @@ def run_evaluation(
     model, _ = load_model(checkpoint, device)
     labels = read_labels(test_labels)
     names = match_names(list(labels.index), test_data, test_labels, allow_missing)
+    check_store(test_data)
     shape = volume_shape(test_data)
     if shape[1:] != model.visual.image_size:
         raise DataError(
