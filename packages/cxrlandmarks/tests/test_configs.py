@@ -116,7 +116,7 @@ def test_paper_refuses_without_pretrained_weights_before_writing(tmp_path, capsy
     assert code == 2
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: model.pretrained:")
-    assert "--pretrained-weights FILE|DIR|hf-hub:NAME" in line and "--from-scratch" in line
+    assert "--pretrained-weights FILE|DIR|hf-hub:ORG/NAME" in line and "--from-scratch" in line
     assert not out.exists()
     # --data-dir alone means the paper config too.
     code, _, err = call_main(train, ["--data-dir", str(data), "--output-dir", str(out)], capsys)
@@ -142,7 +142,8 @@ def test_init_line_tells_where_the_weights_came_from(tmp_path):
     cfg = CxrConfig()
     with_weights = replace(cfg, model=replace(cfg.model, pretrained_weights=str(path)))
     model, init = build_phase_model(with_weights, cfg.phases.phase1, None)
-    assert init.startswith(f"pretrained trunk from {path}")
+    n = len(reference.state_dict()) - 2  # all but fc.weight and fc.bias
+    assert init.startswith(f"pretrained trunk from {path} ({n}/{n} tensors; 2 unexpected)")
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     scratch = replace(cfg, model=replace(cfg.model, pretrained=False))
     assert build_phase_model(scratch, cfg.phases.phase1, None)[1].startswith("scratch")

@@ -58,12 +58,13 @@ def test_pretrained_trunk_from_local_torchvision_file(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     model = ResNetLandmarkRegressor()
-    missing, unexpected = model.load_pretrained_trunk(path)
+    report = model.load_pretrained_trunk(path)
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     assert torch.equal(
         model.backbone.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var
     )
-    assert set(unexpected) == {"fc.weight", "fc.bias"} and not missing
+    assert set(report.unexpected) == {"fc.weight", "fc.bias"} and not report.missing
+    assert report.matched == report.total == len(reference.state_dict()) - 2
 
 
 def test_pretrained_errors(tmp_path):

@@ -21,6 +21,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,8 +39,6 @@ DEMO_VERSION = "v1"
 # More annotated rows without an image than this share is an error unless data.allow_missing.
 MAX_MISSING_SHARE = 0.02
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 HEADED_COLUMNS = [f"L{i}_{a}" for i in range(1, NUM_LANDMARKS + 1) for a in ("x", "y")]
 
@@ -334,14 +333,19 @@ def _prescale(
 
 
 def resize_and_normalise(
-    image: torch.Tensor, coords: torch.Tensor, size: int
+    image: torch.Tensor, coords: torch.Tensor, size: int, norm: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize ``[c, H, W]`` uint8 to ``size`` square, to 3 channels, ImageNet-normalise;
-    ``coords`` (pixels of this image) -> [0, 1]."""
+    """Resize ``[c, H, W]`` uint8 to ``size`` square, to 3 channels, normalise with the trunk's
+    ``norm["mean"]``/``norm["std"]`` (:func:`cxrlandmarks.model.input_normalisation`);
+    ``coords`` (pixels of this image) -> [0, 1].
+
+    The resize is antialiased bilinear whatever ``norm["interpolation"]`` says: downscaling
+    radiographs, it keeps landmark positions exact (a bicubic kernel overshoots at edges).
+    """
     height, width = image.shape[-2:]
     image = F.resize(image, [size, size], antialias=True)
     image = F.to_dtype(image, torch.float32, scale=True).expand(3, -1, -1)
-    image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+    image = F.normalize(image, norm["mean"], norm["std"])
     return image, coords.float() / torch.tensor([width, height], dtype=torch.float32)
 
 
@@ -352,6 +356,9 @@ def image_tensor(path: Path) -> torch.Tensor:
 
 class LandmarkDataset(Dataset):
     """Records -> ``{"image": [3, S, S], "target": [30], "index": i}``; augmented when ``augment``.
+
+    ``norm`` is the trunk's input normalisation (default: that of torchvision's ImageNet
+    weights, from timm's pretrained configuration).
 
     Radiographs are read as grayscale and repeated to the 3 channels the ResNet expects. With
     ``cache`` each decoded image is kept, shrunk to ``image_size``, in the process that reads it
@@ -365,7 +372,11 @@ class LandmarkDataset(Dataset):
         image_size: int,
         augment: AugmentConfig | None = None,
         cache: bool = False,
+        norm: dict[str, Any] | None = None,
     ) -> None:
+        from cxrlandmarks.model import input_normalisation
+
+        self.norm = norm if norm is not None else input_normalisation()
         self.records = records
         self.image_size = image_size
         self.augment = augment if augment is not None and augment.enabled else None
@@ -404,7 +415,7 @@ class LandmarkDataset(Dataset):
             image = F.adjust_contrast(
                 F.adjust_brightness(image, params.brightness), params.contrast
             )
-        image, target = resize_and_normalise(image, coords, self.image_size)
+        image, target = resize_and_normalise(image, coords, self.image_size, self.norm)
         return {"image": image, "target": target.reshape(-1), "index": index}
 
 

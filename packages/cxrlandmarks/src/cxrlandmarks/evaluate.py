@@ -234,10 +234,10 @@ def report_phases(
         path = ctx.run_dir / "checkpoints" / getattr(cfg.phases, name).checkpoint
         if not path.is_file():
             continue
-        model, _ = load_model(path, ctx.device)
+        model, state = load_model(path, ctx.device)
         pred = predict_dataset(
             [model],
-            LandmarkDataset(test_records, cfg.data.image_size),
+            LandmarkDataset(test_records, cfg.data.image_size, norm=state.get("input_norm")),
             ctx.device,
             cfg.data.eval_batch_size,
         )
@@ -251,6 +251,7 @@ def report_phases(
     write_phase_table(rows, ctx.run_dir / "eval")
     metrics = {
         "final_phase": name,
+        "world_size": ctx.dist.world_size,
         **{k: v for k, v in rows[-1].items() if k != "model"},
         "phases": {n: summary_row(n, r) for n, r in reports.items()},
     }
@@ -332,7 +333,10 @@ def evaluate_command(args: Any) -> int:
     for path, (model, state) in zip(paths, models, strict=True):
         size = int(from_dict(DataConfig, state.get("data_config", {})).image_size)
         pred = predict_dataset(
-            [model], LandmarkDataset(subset, size), device, tta_flip=args.tta_flip
+            [model],
+            LandmarkDataset(subset, size, norm=state.get("input_norm")),
+            device,
+            tta_flip=args.tta_flip,
         )
         report = error_report(pred, subset)
         report["checkpoint"] = str(path)

@@ -20,10 +20,38 @@ from cxrlandmarks.config import ModelConfig
 from medcore.checkpoint import load_checkpoint
 from medcore.config import from_dict
 from medcore.errors import CheckpointError
-from medcore.weights import load_pretrained, missing_weights_error
+from medcore.weights import LoadReport, data_config, load_pretrained, missing_weights_error
 
 KIND = "cxrlandmarks.ResNetLandmarkRegressor"
 FEATURES = 512
+# timm's name for torchvision's ImageNet ResNet-18 weights (the trunk's own layout): its
+# pretrained configuration gives the input normalisation when the weights carry none.
+TIMM_TAG = "resnet18.tv_in1k"
+
+
+def input_normalisation(weights_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``mean``, ``std`` (3 channels), ``interpolation`` and ``input_size`` the trunk's weights
+    expect: from the weights' own config (a timm/HF snapshot's config.json) when there is one,
+    else from timm's pretrained configuration of torchvision's ResNet-18 weights.
+
+    Recorded in every checkpoint (``input_norm``) and used unchanged by eval and predict.
+    """
+    import timm
+
+    tag = timm.models.get_pretrained_cfg(TIMM_TAG).to_dict()
+    cfg = data_config(pretrained_cfg=tag, weights_config=weights_config or {})
+    return {
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": cfg["interpolation"],
+        "input_size": list(cfg["input_size"]),
+    }
+
+
+PRETRAINED_HINT = (
+    "E.g. --pretrained-weights hf-hub:timm/resnet18.tv_in1k (torchvision's ImageNet weights "
+    "through the Hugging Face cache), or a torchvision resnet18.pth file"
+)
 
 
 class ResNetLandmarkRegressor(nn.Module):
@@ -101,17 +129,12 @@ class ResNetLandmarkRegressor(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(not frozen)
 
-    def load_pretrained_trunk(self, path: str | Path | None) -> tuple[list[str], list[str]]:
-        """Load ImageNet (or other) ResNet-18 weights from a local torchvision-layout file."""
-        if path is None:
-            raise missing_weights_error(
-                "model.pretrained_weights",
-                "Save torchvision's weights once on a machine with network access: "
-                'python -c "import torch, torchvision; torch.save(torchvision.models.resnet18('
-                "weights='IMAGENET1K_V1').state_dict(), 'resnet18.pth')\"",
-            )
-        report = load_pretrained(self.backbone, path, what="ResNet-18 trunk")
-        return report.missing, report.unexpected
+    def load_pretrained_trunk(self, spec: str | Path | None) -> LoadReport:
+        """Load ResNet-18 weights into the trunk (torchvision or timm layout): a file, a
+        snapshot directory or ``hf-hub:timm/resnet18.a1_in1k``; prints the load's one line."""
+        if spec is None:
+            raise missing_weights_error("model.pretrained_weights", PRETRAINED_HINT)
+        return load_pretrained(self.backbone, spec, what="ResNet-18 trunk")
 
 
 class ResNetWithCoordinateAttention(ResNetLandmarkRegressor):

@@ -31,8 +31,10 @@ from cxrlandmarks.evaluate import REFERENCE_SIZE, predict_dataset, report_phases
 from cxrlandmarks.losses import build_loss
 from cxrlandmarks.model import (
     KIND,
+    PRETRAINED_HINT,
     ResNetLandmarkRegressor,
     build_model,
+    input_normalisation,
     load_weights,
     read_model_checkpoint,
 )
@@ -44,35 +46,27 @@ from medcore.errors import UserError
 from medcore.io import atomic_path
 from medcore.metrics import landmark_errors
 from medcore.plots import plot_training_curves
-from medcore.splits import load_splits, save_splits
+from medcore.splits import load_or_make_splits
 from medcore.summary import dry_run
 from medcore.trainer import EvalContext, Trainer
+from medcore.weights import require_pretrained, resolve_weights
 
 
 def prepare_splits(
-    cfg: CxrConfig, run_dir: Path
+    cfg: CxrConfig, run_dir: Path, is_main: bool = True
 ) -> tuple[list[LandmarkRecord], dict[str, np.ndarray]]:
-    """Records and the stratified split (reused from ``data.splits_file`` or the run dir)."""
+    """Records and the stratified split (reused from ``data.splits_file`` or the run dir; made
+    and saved by the main rank otherwise)."""
     records = load_records(cfg.data, resolve_data_dir(cfg.data))
     names = [r.name for r in records]
     saved = Path(cfg.data.splits_file) if cfg.data.splits_file else run_dir / "splits.json"
-    if saved.is_file():
-        try:
-            splits = load_splits(saved, ids=names)
-        except ValueError as exc:
-            raise UserError(saved, str(exc)) from None
-    else:
-        splits = split_records(records, cfg.data.split_ratios, cfg.data.split_seed)
-        save_splits(
-            run_dir / "splits.json",
-            splits,
-            ids=names,
-            meta={
-                "seed": cfg.data.split_seed,
-                "ratios": cfg.data.split_ratios,
-                "stratify": "category",
-            },
-        )
+    splits = load_or_make_splits(
+        saved,
+        lambda: split_records(records, cfg.data.split_ratios, cfg.data.split_seed),
+        ids=names,
+        meta={"seed": cfg.data.split_seed, "ratios": cfg.data.split_ratios, "stratify": "category"},
+        is_main=is_main,
+    )
     for name in ("train", "val", "test"):
         if name not in splits or len(splits[name]) == 0:
             raise UserError(
@@ -110,16 +104,26 @@ def build_phase_model(
         origin = "" if state.get("kind") == KIND else " (original code's model_state_dict)"
         init = f"checkpoint {init_path}{origin}"
     elif cfg.model.pretrained_weights is not None:
-        missing, unexpected = model.load_pretrained_trunk(cfg.model.pretrained_weights)
-        loaded = len(model.backbone.state_dict()) - len(missing)
+        report = model.load_pretrained_trunk(cfg.model.pretrained_weights)
         init = (
-            f"pretrained trunk from {cfg.model.pretrained_weights} ({loaded} tensors; "
-            f"missing {len(missing)}, unexpected {len(unexpected)})"
+            f"pretrained trunk from {report.source} ({report.matched}/{report.total} tensors; "
+            f"{len(report.unexpected)} unexpected)"
         )
     else:
         init = "scratch (random initialisation)"
     model.freeze_trunk(phase.freeze_trunk)
     return model, init
+
+
+def run_normalisation(cfg: CxrConfig, init_path: Path | None) -> dict[str, Any]:
+    """The input normalisation of a run: the starting checkpoint's, else the pretrained
+    weights' own configuration's, else that of torchvision's ImageNet weights (timm)."""
+    if init_path is not None:
+        norm = read_model_checkpoint(init_path)[2].get("input_norm")
+        if norm is not None:
+            return norm
+    weights = cfg.model.pretrained_weights
+    return input_normalisation(resolve_weights(weights).config if weights else None)
 
 
 def run_phase(
@@ -128,6 +132,7 @@ def run_phase(
     records: list[LandmarkRecord],
     splits: dict[str, np.ndarray],
     init_path: Path | None,
+    norm: dict[str, Any],
     resume: Path | None = None,
 ) -> Path:
     """Train one phase; returns the path of its best checkpoint in ``<run_dir>/checkpoints``."""
@@ -145,10 +150,14 @@ def run_phase(
     )
     size = cfg.data.image_size
     train_set = LandmarkDataset(
-        [records[i] for i in splits["train"]], size, cfg.augment, cache=cfg.data.cache_images
+        [records[i] for i in splits["train"]],
+        size,
+        cfg.augment,
+        cache=cfg.data.cache_images,
+        norm=norm,
     )
     val_records = [records[i] for i in splits["val"]]
-    val_set = LandmarkDataset(val_records, size, cache=cfg.data.cache_images)
+    val_set = LandmarkDataset(val_records, size, cache=cfg.data.cache_images, norm=norm)
     val_target = np.stack([r.normalised for r in val_records])
 
     def step_fn(
@@ -193,6 +202,7 @@ def run_phase(
             "loss": phase.loss,
             "init_from": str(init_path) if init_path else None,
             "init": init,
+            "input_norm": norm,
         },
     )
     trunk_lr = "frozen" if phase.freeze_trunk else phase.trunk_lr
@@ -250,10 +260,11 @@ def run_training(
 ) -> dict[str, Any]:
     """Run the selected phase(s), then evaluate every finished phase on the test split."""
     cfg: CxrConfig = ctx.cfg
-    records, splits = prepare_splits(cfg, ctx.run_dir)
+    records, splits = prepare_splits(cfg, ctx.run_dir, ctx.dist.is_main)
     print(f"data: {len(records)} images ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
     ckpt_dir = ctx.run_dir / "checkpoints"
     selected = phases_to_run(selection)
+    norm: dict[str, Any] | None = None
     for name in selected:
         phase: PhaseConfig = getattr(cfg.phases, name)
         phase_dir = ctx.run_dir / name / "checkpoints"
@@ -265,9 +276,18 @@ def run_training(
             print(f"[{name}] already finished in this run: kept {ckpt_dir / phase.checkpoint}")
             continue
         init = phase_init(cfg, name, name == selected[0], ckpt_dir, init_from)
+        if norm is None:  # one normalisation for every phase of the run
+            norm = run_normalisation(cfg, init)
+            print(f"input normalisation: mean {norm['mean']} std {norm['std']}")
         latest = phase_dir / "latest.pt"
         run_phase(
-            name, ctx, records, splits, init, resume=latest if resume and latest.is_file() else None
+            name,
+            ctx,
+            records,
+            splits,
+            init,
+            norm,
+            resume=latest if resume and latest.is_file() else None,
         )
     if not ctx.dist.is_main:
         return {}
@@ -302,12 +322,9 @@ def check_pretrained(cfg: CxrConfig, from_scratch: bool, needs_trunk: bool) -> N
             "--from-scratch",
             "contradicts --pretrained-weights (model.pretrained_weights): give one",
         )
-    if needs_trunk and cfg.model.pretrained and cfg.model.pretrained_weights is None:
-        raise UserError(
-            "model.pretrained",
-            "this config starts the ResNet-18 trunk from pretrained weights and none were given: "
-            "pass --pretrained-weights FILE|DIR|hf-hub:NAME (e.g. torchvision's resnet18.pth), "
-            "or --from-scratch to train from random initialisation",
+    if needs_trunk:
+        require_pretrained(
+            cfg.model.pretrained, cfg.model.pretrained_weights, "model.pretrained", PRETRAINED_HINT
         )
 
 
