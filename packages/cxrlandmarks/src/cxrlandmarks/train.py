@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrlandmarks.augment import augment_batch
 from cxrlandmarks.config import PHASES, CxrConfig, PhaseConfig
 from cxrlandmarks.data import (
     PACKAGE,
@@ -149,13 +150,16 @@ def run_phase(
         symmetry_reference=cfg.loss.symmetry_reference,
     )
     size = cfg.data.image_size
+    batched = cfg.augment.enabled and cfg.augment.batched
     train_set = LandmarkDataset(
         [records[i] for i in splits["train"]],
         size,
-        cfg.augment,
+        None if batched else cfg.augment,
         cache=cfg.data.cache_images,
         norm=norm,
     )
+    mean = torch.tensor(norm["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(norm["std"]).view(1, 3, 1, 1)
     val_records = [records[i] for i in splits["val"]]
     val_set = LandmarkDataset(val_records, size, cache=cfg.data.cache_images, norm=norm)
     val_target = np.stack([r.normalised for r in val_records])
@@ -163,8 +167,15 @@ def run_phase(
     def step_fn(
         net: torch.nn.Module, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        pred = net(batch["image"])
-        loss = criterion(pred, batch["target"])
+        images, target = batch["image"], batch["target"]
+        if batched:  # on the device: back to [0, 1], augment, normalise again
+            m, s = mean.to(images.device), std.to(images.device)
+            images, points = augment_batch(
+                images * s + m, target.reshape(len(target), -1, 2), cfg.augment
+            )
+            images, target = (images - m) / s, points.reshape(len(target), -1)
+        pred = net(images)
+        loss = criterion(pred, target)
         return loss, dict(getattr(criterion, "last", {}))
 
     def evaluate_fn(net: torch.nn.Module, ectx: EvalContext) -> dict[str, float]:
