@@ -2,7 +2,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
+from torchvision.models import resnet18
 
 from cxrlandmarks.anatomy import CATEGORIES
 from cxrlandmarks.synthetic import render_case
@@ -37,3 +40,46 @@ def small_dataset(tmp_path: Path) -> tuple[Path, list[dict]]:
             meta.append({"name": name, "category": category, "coords": coords})
     _write_headerless(tmp_path / "coordenadas" / "coordenadas_maestro.csv", rows)
     return tmp_path, meta
+
+
+class OriginalRegressor(nn.Module):
+    """The original code's layout, built here independently: its trunk is
+    ``nn.Sequential(*resnet18.children()[:-1])`` and its head ``regression_head``."""
+
+    def __init__(self, rate: float = 0.5) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(*list(resnet18(weights=None).children())[:-1])
+        self.regression_head = nn.Sequential(
+            nn.Dropout(rate), nn.Linear(512, 512), nn.ReLU(), nn.Dropout(rate / 2),
+            nn.Linear(512, 256), nn.ReLU(), nn.Dropout(rate / 4), nn.Linear(256, 30), nn.Sigmoid(),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.regression_head(torch.flatten(self.backbone(x), 1))
+
+
+def _write_original_checkpoint(path, seed: int = 0) -> OriginalRegressor:
+    """A checkpoint as the original code saves it (``model_state_dict`` + its model_config)."""
+    torch.manual_seed(seed)
+    original = OriginalRegressor().eval()
+    for m in original.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.save(
+        {
+            "epoch": 12,
+            "model_state_dict": original.state_dict(),
+            "model_config": {"num_landmarks": 15, "pretrained": True, "dropout_rate": 0.5},
+            "optimizer_state_dict": {},
+            "loss": 0.01,
+        },
+        path,
+    )
+    return original
+
+
+@pytest.fixture(scope="session")
+def write_original_checkpoint():
+    """``write(path, seed=0) -> OriginalRegressor``: an original-code checkpoint at ``path``."""
+    return _write_original_checkpoint

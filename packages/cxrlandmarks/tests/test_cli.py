@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from cxrlandmarks.cli import evaluate, predict, train
 from medcore.checkpoint import load_checkpoint
@@ -15,12 +16,16 @@ CHECKPOINTS = ("phase1_best.pt", "phase2_best.pt", "geometric_symmetry.pt", "geo
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    """One `--phase all` smoke run shared by the eval / predict tests."""
+def demo_run(tmp_path_factory, write_original_checkpoint) -> Path:
+    """One `--phase all` smoke run shared by the eval / predict tests; its phase 1 starts from
+    a checkpoint of the original code (`--init-from` is honoured for `all`)."""
     root = tmp_path_factory.mktemp("cxr")
+    original = root / "original.pt"
+    write_original_checkpoint(original)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDCORE_CACHE_DIR", str(root / "cache"))
-        assert train([*TINY, "--output-dir", str(root / "run")]) == 0
+        argv = [*TINY, "--output-dir", str(root / "run"), "--init-from", str(original)]
+        assert train(argv) == 0
     return root / "run"
 
 
@@ -48,7 +53,12 @@ def test_train_all_chains_the_four_phases(demo_run):
         load_checkpoint(demo_run / "checkpoints" / n, kind="cxrlandmarks.ResNetLandmarkRegressor")
         for n in CHECKPOINTS
     ]
-    assert states[0]["init_from"] is None
+    original = demo_run.parent / "original.pt"
+    assert states[0]["init_from"] == str(original)
+    assert "original code's model_state_dict" in states[0]["init"]
+    # Phase 1 trains the head only: its trunk is the original checkpoint's, tensor for tensor.
+    trunk = torch.load(original, weights_only=True)["model_state_dict"]["backbone.0.weight"]
+    assert torch.equal(states[0]["model"]["backbone.conv1.weight"], trunk)
     for prev, state in zip(CHECKPOINTS, states[1:], strict=False):
         assert state["init_from"].endswith(prev)  # each phase starts from the previous best
     assert [s["loss"] for s in states] == ["wing", "wing", "symmetry", "complete"]
@@ -59,7 +69,9 @@ def test_train_all_chains_the_four_phases(demo_run):
     assert len(table) == 4 and {"mean_px", "<8.5px", "sym_px", "dist_px"} <= set(table.columns)
 
 
-def test_single_phases_and_missing_previous_phase(tmp_path, monkeypatch, capsys):
+def test_single_phases_and_missing_previous_phase(
+    tmp_path, monkeypatch, capsys, write_original_checkpoint
+):
     monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
     code, _, err = call_main(
@@ -73,6 +85,14 @@ def test_single_phases_and_missing_previous_phase(tmp_path, monkeypatch, capsys)
     assert train([*TINY, "--phase", "2", "--output-dir", str(run)]) == 0
     state = load_checkpoint(run / "checkpoints" / "phase2_best.pt")
     assert state["init_from"] == str(run / "checkpoints" / "phase1_best.pt")
+    # --phase 1 honours --init-from (ours or the original code's checkpoint).
+    original = write_original_checkpoint(tmp_path / "original.pt")
+    argv = [*TINY, "--phase", "1", "--output-dir", str(tmp_path / "p1")]
+    assert train([*argv, "--init-from", str(tmp_path / "original.pt")]) == 0
+    state = load_checkpoint(tmp_path / "p1" / "checkpoints" / "phase1_best.pt")
+    assert state["init_from"] == str(tmp_path / "original.pt")
+    conv = state["model"]["backbone.layer4.1.conv2.weight"]
+    assert torch.equal(conv, original.backbone[7][1].conv2.weight.detach())
 
 
 def test_resume_latest_skips_finished_phases(demo_run, capsys):
@@ -157,7 +177,8 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     cases.append(
         (
             train,
-            [*TINY, "--data-dir", str(bad), "--output-dir", str(tmp_path / "r")],
+            # --data-dir alone is the paper config: --from-scratch gets past its weights check.
+            [*TINY, "--data-dir", str(bad), "--output-dir", str(tmp_path / "r"), "--from-scratch"],
             "expected 32 columns",
         )
     )

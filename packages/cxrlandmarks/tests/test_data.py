@@ -53,7 +53,8 @@ def test_bad_rows_are_named_and_skipped(small_dataset, write_headerless, capsys)
     rows[1][1] = 400  # x outside the 299-px image
     rows[2][-1] = "Normal-99"  # no such image
     write_headerless(root / "bad.csv", rows)
-    records = load_records(DataConfig(csv="bad.csv"), root)
+    # One of six rows without an image is over the 2% bar: accepted only with allow_missing.
+    records = load_records(DataConfig(csv="bad.csv", allow_missing=True), root)
     err = capsys.readouterr().err
     assert len(records) == 3
     assert f"skipped {meta[0]['name']}: missing or non-numeric coordinates" in err
@@ -135,3 +136,53 @@ def test_image_cache_gives_the_same_samples(small_dataset):
             a, b = plain[i], cached[i]
             assert torch.equal(a["image"], b["image"]) and torch.allclose(a["target"], b["target"])
     assert len(cached._cache) == len(records)
+
+
+def test_category_folder_and_name_spellings_match_tolerantly(small_dataset, write_headerless):
+    """``Viral_Pneumonia`` in the CSV, ``viral pneumonia/`` on disk, other case: all found."""
+    root, meta = small_dataset
+    (root / "dataset" / "Viral Pneumonia").rename(root / "dataset" / "viral_pneumonia")
+    (root / "dataset" / "Normal").rename(root / "dataset" / "NORMAL")
+    rows = [
+        [i, *m["coords"].ravel().tolist(), m["name"].replace("Viral Pneumonia", "Viral_Pneumonia")]
+        for i, m in enumerate(meta)
+    ]
+    write_headerless(root / "spelled.csv", rows)
+    records = load_records(DataConfig(csv="spelled.csv"), root)
+    assert len(records) == 6
+    # Categories are the canonical ones of data.categories, whatever the spelling on disk.
+    assert [r.category for r in records] == [m["category"] for m in meta]
+    assert {r.path.parent.name for r in records} == {"COVID", "NORMAL", "viral_pneumonia"}
+
+
+def test_more_than_two_percent_missing_images_is_an_error_with_counts(small_dataset, capsys):
+    root, _ = small_dataset
+    for p in (root / "dataset" / "Normal").iterdir():
+        p.unlink()
+    with pytest.raises(
+        DataError, match=r"2 of 6 annotated rows \(33.3%\) have no image file \(Normal 2\)"
+    ) as exc:
+        load_records(DataConfig(), root)
+    assert "--allow-missing" in exc.value.why
+    records = load_records(DataConfig(allow_missing=True), root)
+    assert len(records) == 4
+    assert "warning: 2 of 6 annotated rows (33.3%) have no image file (Normal 2)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_missing_share_at_most_two_percent_is_accepted(tmp_path, write_headerless):
+    """51 rows, one without an image (1.96%): a loud line, not an error."""
+    from cxrlandmarks.synthetic import render_case
+
+    rng = np.random.default_rng(1)
+    img, lm = render_case(rng, "Normal")
+    folder = tmp_path / "dataset" / "Normal"
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(51):
+        if i:
+            Image.fromarray(img, mode="L").save(folder / f"Normal-{i}.png")
+        rows.append([i, *np.round(lm).astype(int).ravel().tolist(), f"Normal-{i}"])
+    write_headerless(tmp_path / "coordenadas" / "coordenadas_maestro.csv", rows)
+    assert len(load_records(DataConfig(), tmp_path)) == 50

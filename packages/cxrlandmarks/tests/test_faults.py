@@ -76,7 +76,7 @@ def _train_argv(data: Path, out: Path, *items: str, phase: str = "all") -> list[
         str(data),
         "--output-dir",
         str(out),
-        "--preset",
+        "--config",
         "default",
         "--device",
         "cpu",
@@ -477,7 +477,9 @@ def shared_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         mp.setenv("MEDCORE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
         mp.setattr(sys, "stdout", out)
         mp.setattr(sys, "stderr", err)
-        code = train(_train_argv(root, base / "run", "data.csv=labels.csv", phase="1"))
+        # One row of the ~47 lacks its image (over the 2% bar): accepted with allow_missing.
+        sets = ("data.csv=labels.csv", "data.allow_missing=true")
+        code = train(_train_argv(root, base / "run", *sets, phase="1"))
     torch.set_num_threads(threads)
     splits = json.loads((base / "run" / "splits.json").read_text())
     indexed = {name for names in splits["ids"].values() for name in names}
@@ -593,7 +595,8 @@ ERROR_ROWS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
         _write_csv(_each_line(lambda f: [f[0], "nan", *f[2:]])),
         "no usable rows",
     ),
-    "image_folder_empty": (_no_images, "no usable rows"),
+    # Every annotated row without its image: far over the 2% bar, counted per category.
+    "image_folder_empty": (_no_images, "18 of 18 annotated rows (100.0%) have no image file"),
     "too_few_images_to_split": (
         _write_csv(lambda t: "\n".join(t.splitlines()[:2]) + "\n"),
         "data.split_ratios: cannot split 2 samples into train, val, test",

@@ -102,3 +102,58 @@ def test_gradients_finite_at_perfect_prediction():
 def test_unknown_loss_name():
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("huber")
+
+
+def rotated(points: torch.Tensor, degrees: float, about=(0.5, 0.5)) -> torch.Tensor:
+    a = math.radians(degrees)
+    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    centre = torch.tensor(about)
+    return (points - centre) @ rot.T + centre
+
+
+def test_default_symmetry_is_the_prior_about_the_fitted_axis():
+    from cxrlandmarks.config import LossConfig
+
+    assert LossConfig().symmetry_reference == "prior"
+    assert SymmetryLoss().reference == "prior"
+    assert build_loss("symmetry").terms["symmetry"].reference == "prior"
+
+
+def test_rotated_symmetric_chest_has_zero_prior_symmetry_loss():
+    """Images are rotated by up to 15 degrees: symmetry is about the mediastinal axis at its own
+    angle, so a perfectly symmetric chest turned by 10 degrees costs nothing."""
+    chest = rotated(symmetric_chest(), 10.0)
+    assert SymmetryLoss(reference="prior")(chest, chest).item() == pytest.approx(0.0, abs=1e-4)
+    # About a vertical axis it would cost a lot (the pairs' heights differ by several px).
+    left = chest[0, [a for a, _ in SYMMETRIC_PAIRS], 1] * 224
+    right = chest[0, [b for _, b in SYMMETRIC_PAIRS], 1] * 224
+    assert (left - right).abs().mean() > 5
+
+
+@pytest.mark.parametrize("degrees", [0.0, 10.0, -15.0])
+def test_asymmetric_chest_hand_computed_in_the_axis_frame(degrees):
+    """Right apex 4 px further from the axis, left costophrenic angle 2 px further down the
+    axis: residuals 4 (pair 2-3, across) and 2 (pair 13-14, along) over 5 pairs x 2 = 0.6 px,
+    at any rotation of the whole chest."""
+    chest = symmetric_chest()
+    moved = chest.clone()
+    moved[0, 3, 0] += 4 / 224
+    moved[0, 13, 1] += 2 / 224
+    pred = rotated(moved, degrees)
+    loss = SymmetryLoss(reference="prior")(pred, rotated(chest, degrees))
+    assert loss.item() == pytest.approx((4 + 2) / 10, abs=1e-4)
+
+
+def test_target_reference_keeps_the_truths_asymmetry_at_any_angle():
+    chest = symmetric_chest()
+    asym = chest.clone()
+    asym[0, 3, 0] += 4 / 224
+    truth = rotated(asym, 12.0)
+    assert SymmetryLoss(reference="target")(truth, truth).item() == pytest.approx(0.0, abs=1e-4)
+    assert SymmetryLoss(reference="prior")(truth, truth).item() == pytest.approx(0.4, abs=1e-4)
+
+
+def test_symmetry_gradients_finite_when_predicted_points_coincide():
+    pred = torch.full((2, 30), 0.5, requires_grad=True)
+    SymmetryLoss()(pred, torch.rand(2, 30)).backward()
+    assert torch.isfinite(pred.grad).all()

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from cxrlandmarks.anatomy import flip_normalised
+from cxrlandmarks.anatomy import flip_coords
 from cxrlandmarks.config import ModelConfig
 from cxrlandmarks.evaluate import predict_batches
 from cxrlandmarks.model import ResNetLandmarkRegressor, ResNetWithCoordinateAttention
@@ -58,12 +58,13 @@ def test_pretrained_trunk_from_local_torchvision_file(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     model = ResNetLandmarkRegressor()
-    missing, unexpected = model.load_pretrained_trunk(path)
+    report = model.load_pretrained_trunk(path)
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     assert torch.equal(
         model.backbone.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var
     )
-    assert set(unexpected) == {"fc.weight", "fc.bias"} and not missing
+    assert set(report.unexpected) == {"fc.weight", "fc.bias"} and not report.missing
+    assert report.matched == report.total == len(reference.state_dict()) - 2
 
 
 def test_pretrained_errors(tmp_path):
@@ -83,9 +84,9 @@ def test_flip_tta_is_exactly_flip_equivariant():
     plain = predict_batches([model], x)
     tta = predict_batches([model], x, tta_flip=True)
     tta_of_mirror = predict_batches([model], torch.flip(x, dims=[-1]), tta_flip=True)
-    assert torch.allclose(tta_of_mirror, flip_normalised(tta, 48), atol=1e-5)
+    assert torch.allclose(tta_of_mirror, flip_coords(tta), atol=1e-5)
     # TTA is the mean of the plain and the flipped-back prediction.
-    back = flip_normalised(model(torch.flip(x, dims=[-1])).reshape(2, 15, 2), 48)
+    back = flip_coords(model(torch.flip(x, dims=[-1])).reshape(2, 15, 2))
     assert torch.allclose(tta, (plain + back) / 2, atol=1e-6)
     # An ensemble of the same model twice is that model.
     assert torch.allclose(predict_batches([model, model], x), plain, atol=1e-6)
@@ -118,3 +119,25 @@ def test_head_output_stays_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     assert out.dtype == torch.float32
+
+
+def test_original_code_checkpoint_is_imported(tmp_path, write_original_checkpoint):
+    from cxrlandmarks.model import load_model
+
+    path = tmp_path / "geometric_complete.pt"
+    original = write_original_checkpoint(path)
+    model, state = load_model(path, torch.device("cpu"))
+    assert state["epoch"] == 12
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), original(x), atol=1e-6)
+    assert [m.p for m in model.head if isinstance(m, nn.Dropout)] == [0.5, 0.25, 0.125]
+
+
+def test_checkpoint_without_identity_is_refused(tmp_path):
+    from cxrlandmarks.model import load_model
+
+    path = tmp_path / "x.pt"
+    torch.save({"weights": {"a": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match="carries no model identity"):
+        load_model(path, torch.device("cpu"))

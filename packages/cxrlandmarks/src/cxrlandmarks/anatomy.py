@@ -3,6 +3,12 @@
 Indices are 0-based. "left" and "right" are IMAGE left and right (in a PA radiograph the
 image left is the patient's right). Coordinates are ``[..., 15, 2]`` as ``(x, y)``; normalised
 coordinates are pixel coordinates divided by the image width and height (``x / W, y / H``).
+
+Pixel convention, one for the whole package: continuous coordinates with pixel EDGES at
+integers. Pixel column ``i`` covers ``[i, i + 1)`` (its centre is ``i + 0.5``) and an image
+``W`` wide spans ``[0, W]``. So a resize by a factor ``r`` maps ``x -> r * x``, a horizontal
+flip ``x -> W - x`` (normalised: ``1 - x``), rotation turns about ``(W / 2, H / 2)`` and
+normalising is ``x / W``. The CSV's pixel coordinates are read in this convention.
 """
 
 from __future__ import annotations
@@ -62,44 +68,51 @@ def swap_permutation(num_landmarks: int = NUM_LANDMARKS) -> list[int]:
 
 
 def flip_coords(coords: torch.Tensor, width: float = 1.0) -> torch.Tensor:
-    """Mirror ``[..., 15, 2]`` pixel-index coordinates of an image ``width`` wide and swap pairs.
+    """Mirror ``[..., 15, 2]`` coordinates of an image ``width`` wide and swap the pairs.
 
-    Pixel index ``x`` goes to ``width - 1 - x`` (torchvision's convention); for normalised
-    coordinates of an image S pixels wide pass ``width=1`` and use :func:`flip_normalised`.
+    Pixel-edge convention (the package's only one, see the module docstring): ``x -> width - x``.
+    ``width=1`` mirrors normalised coordinates.
     """
     out = coords.clone()
-    out[..., 0] = (width - 1) - out[..., 0]
+    out[..., 0] = width - out[..., 0]
     return out[..., swap_permutation(coords.shape[-2]), :]
 
 
-def flip_normalised(coords: torch.Tensor, size: int) -> torch.Tensor:
-    """:func:`flip_coords` for normalised coordinates predicted on an input ``size`` pixels wide."""
-    out = coords.clone()
-    out[..., 0] = (size - 1) / size - out[..., 0]
-    return out[..., swap_permutation(coords.shape[-2]), :]
+def mediastinal_axis(coords: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mediastinal axis: the least-squares line through landmarks 0, 1, 8, 9, 10.
 
-
-def mediastinal_axis(coords: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """x of the mediastinal axis: the (weighted) mean x of landmarks 0, 1, 8, 9, 10 -> ``[...]``."""
-    xs = coords[..., list(MEDIASTINAL_LANDMARKS), 0]
-    if weights is None:
-        return xs.mean(-1)
-    weights = weights.to(xs)
-    return (xs * weights).sum(-1) / weights.sum()
-
-
-def asymmetry(coords: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Per pair, the right landmark mirrored about the mediastinal axis minus the left one.
-
-    Returns ``[..., 5, 2]``: ``(x_l + x_r - 2 * axis, y_l - y_r)`` up to sign; zero for a chest that
-    is perfectly symmetric about a vertical mediastinal axis.
+    Fitted as ``x = a + b * y`` (the axis is near vertical, tilted by the pose: the augmentation
+    rotates images by up to 15 degrees), so it passes through the points' centroid. Returns
+    ``(centre [..., 2], direction [..., 2])``, the direction a unit vector pointing down the
+    image (+y). ``eps`` (in the coordinates' unit squared) bounds the slope's denominator, which
+    keeps it finite when the points coincide (as untrained predictions nearly do) and leaves
+    every real fit exact.
     """
-    axis = mediastinal_axis(coords, weights)
-    left = coords[..., [a for a, _ in SYMMETRIC_PAIRS], :]
-    right = coords[..., [b for _, b in SYMMETRIC_PAIRS], :]
-    dx = left[..., 0] + right[..., 0] - 2 * axis.unsqueeze(-1)
-    dy = left[..., 1] - right[..., 1]
-    return torch.stack([dx, dy], dim=-1)
+    pts = coords[..., list(MEDIASTINAL_LANDMARKS), :]
+    centre = pts.mean(-2)
+    d = pts - centre.unsqueeze(-2)
+    slope = (d[..., 0] * d[..., 1]).sum(-1) / (d[..., 1] ** 2).sum(-1).clamp_min(eps)
+    direction = torch.stack([slope, torch.ones_like(slope)], dim=-1)
+    return centre, direction / direction.norm(dim=-1, keepdim=True)
+
+
+def asymmetry(coords: torch.Tensor) -> torch.Tensor:
+    """Per symmetric pair, the right landmark mirrored about the mediastinal axis minus the left.
+
+    Measured in the axis' own frame (lateral offset, position along the axis): ``[..., 5, 2]`` =
+    ``(s_left + s_right, t_left - t_right)`` with ``s`` the signed distance from the axis and
+    ``t`` the position along it. Zero for a chest symmetric about its mediastinal axis at any
+    angle, and unchanged when the whole chest is rotated or shifted. For a vertical axis at
+    ``x = c`` it is ``(x_l + x_r - 2c, y_l - y_r)``.
+    """
+    centre, u = mediastinal_axis(coords)
+    normal = torch.stack([u[..., 1], -u[..., 0]], dim=-1)  # the axis turned by -90 degrees
+    rel = coords - centre.unsqueeze(-2)
+    s = (rel * normal.unsqueeze(-2)).sum(-1)
+    t = (rel * u.unsqueeze(-2)).sum(-1)
+    left = [a for a, _ in SYMMETRIC_PAIRS]
+    right = [b for _, b in SYMMETRIC_PAIRS]
+    return torch.stack([s[..., left] + s[..., right], t[..., left] - t[..., right]], dim=-1)
 
 
 def pair_distances(coords: torch.Tensor, eps: float = 0.0) -> torch.Tensor:

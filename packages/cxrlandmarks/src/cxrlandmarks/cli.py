@@ -1,91 +1,73 @@
-"""Console scripts: ``cxrlandmarks-train``, ``cxrlandmarks-eval``, ``cxrlandmarks-predict``."""
+"""Console scripts: ``cxrlandmarks-train``, ``cxrlandmarks-eval``, ``cxrlandmarks-predict``.
+
+Only commands and flags; the commands themselves are in train.py, evaluate.py and predict.py.
+"""
 
 from __future__ import annotations
 
-import argparse
+from argparse import ArgumentParser
+from importlib import import_module
 from pathlib import Path
 
 from medcore.cli import add_common_args, run_cli
 from medcore.device import DEVICE_CHOICES
 
+P, F = dict(type=Path), dict(action="store_true")  # a path flag, a boolean flag
+CKPTS = dict(action="append", type=Path, default=[])
+TTA = ("--tta-flip", dict(F, help="also predict the mirrored image and average"))
+DEVICE = ("--device", dict(choices=DEVICE_CHOICES, default="auto"))
+TRAIN = [
+    ("--phase", dict(choices=["1", "2", "3", "4", "all"], default="all", help="'all' chains 1-4")),
+    (
+        "--init-from",
+        dict(P, help="checkpoint the first phase starts from (ours or the original's)"),
+    ),
+    ("--allow-missing", dict(F, help="accept more than 2%% of annotated rows without an image")),
+]
+EVAL = [
+    ("--checkpoint", dict(CKPTS, help="checkpoint to evaluate (repeat to compare phases)")),
+    ("--run-dir", dict(P, help="evaluate every phase checkpoint of a training run")),
+    ("--split", dict(choices=["train", "val", "test", "all"], default="test")),
+    ("--splits", dict(P, help="splits.json (default: the one in the checkpoint's run)")),
+    ("--data-dir", dict(P, help="data directory (default: the one used in training)")),
+    ("--output-dir", dict(P, help="where reports go (default: <run>/eval_<split>)")),
+    DEVICE,
+    TTA,
+]
+PREDICT = [
+    ("inputs", dict(P, nargs="+", help="image files or folders")),
+    ("--checkpoint", dict(CKPTS, required=True, help="checkpoint (repeat for an ensemble)")),
+    TTA,
+    ("--output-dir", dict(P, default=Path("predictions"))),
+    DEVICE,
+    ("--batch-size", dict(type=int, default=16)),
+    ("--no-overlays", dict(F, help="skip the overlay PNGs")),
+]
+
+
+def _main(prog: str, command: str, flags: list, argv: list[str] | None, about: str) -> int:
+    """Parse ``argv`` for ``prog`` and run ``cxrlandmarks.<module>.<function>`` under run_cli."""
+    parser = ArgumentParser(prog, description=about)
+    if prog.endswith("-train"):
+        add_common_args(parser)
+    for name, kwargs in flags:
+        parser.add_argument(name, **kwargs)
+    args = parser.parse_args(argv)
+    module, function = command.rsplit(".", 1)
+    run = getattr(import_module(f"cxrlandmarks.{module}"), function)
+    return run_cli(lambda: run(args), prog)
+
 
 def train(argv: list[str] | None = None) -> int:
-    from cxrlandmarks.train import train_command
-
-    parser = argparse.ArgumentParser(
-        prog="cxrlandmarks-train",
-        description="4-phase landmark training (no arguments: the built-in synthetic demo)",
-    )
-    add_common_args(parser)
-    parser.add_argument(
-        "--phase",
-        choices=["1", "2", "3", "4", "all"],
-        default="all",
-        help="phase to train; 'all' chains 1-4, each starting from the previous best",
-    )
-    parser.add_argument(
-        "--preset",
-        choices=["default", "paper"],
-        help="packaged config: 'default' (CPU demo) or 'paper' (the spec's values); "
-        "default: paper with --data-dir, else default",
-    )
-    parser.add_argument(
-        "--init-from", type=Path, help="checkpoint the first selected phase starts from"
-    )
-    args = parser.parse_args(argv)
-    return run_cli(lambda: train_command(args), "cxrlandmarks-train")
+    about = "4-phase landmark training (no arguments: the synthetic demo; --data-dir: paper)"
+    return _main("cxrlandmarks-train", "train.train_command", TRAIN, argv, about)
 
 
 def evaluate(argv: list[str] | None = None) -> int:
-    from cxrlandmarks.evaluate import evaluate_command
-
-    parser = argparse.ArgumentParser(
-        prog="cxrlandmarks-eval", description="Evaluate checkpoints on a split"
-    )
-    parser.add_argument(
-        "--checkpoint",
-        action="append",
-        type=Path,
-        default=[],
-        help="checkpoint to evaluate (repeat to compare phases)",
-    )
-    parser.add_argument(
-        "--run-dir", type=Path, help="evaluate every phase checkpoint of a training run"
-    )
-    parser.add_argument("--split", choices=["train", "val", "test", "all"], default="test")
-    parser.add_argument(
-        "--splits", type=Path, help="splits.json (default: the one in the checkpoint's run)"
-    )
-    parser.add_argument(
-        "--data-dir", type=Path, help="data directory (default: the one used in training)"
-    )
-    parser.add_argument(
-        "--output-dir", type=Path, help="where reports go (default: <run>/eval_<split>)"
-    )
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--tta-flip", action="store_true", help="average with the flipped image")
-    args = parser.parse_args(argv)
-    return run_cli(lambda: evaluate_command(args), "cxrlandmarks-eval")
+    about = "Evaluate checkpoints on a split"
+    return _main("cxrlandmarks-eval", "evaluate.evaluate_command", EVAL, argv, about)
 
 
 def predict(argv: list[str] | None = None) -> int:
-    from cxrlandmarks.predict import predict_command
-
-    parser = argparse.ArgumentParser(
-        prog="cxrlandmarks-predict", description="Landmarks for new images"
-    )
-    parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    parser.add_argument(
-        "--checkpoint",
-        action="append",
-        type=Path,
-        required=True,
-        help="model checkpoint (repeat for an ensemble)",
-    )
-    parser.add_argument("--tta-flip", action="store_true", help="average with the flipped image")
-    parser.add_argument("--output-dir", type=Path, default=Path("predictions"))
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
-    args = parser.parse_args(argv)
-    return run_cli(lambda: predict_command(args), "cxrlandmarks-predict")
+    about = "Landmarks for new images"
+    return _main("cxrlandmarks-predict", "predict.predict_command", PREDICT, argv, about)

@@ -1,4 +1,8 @@
-"""Typed configuration: the ``data``, ``augment``, ``model``, ``loss``, ``phases`` and ``trainer`` sections."""
+"""Typed configuration: the ``data``, ``augment``, ``model``, ``loss``, ``phases`` and ``trainer`` sections.
+
+The dataclass defaults are the spec's (paper) values: ``--config paper`` is exactly these, and
+``configs/default.yaml`` is the complete CPU-sized demo preset.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ class DataConfig:
     eval_batch_size: int = 32
     # Keep decoded, shrunk images in memory (with trainer.num_workers: 0 they persist across epochs).
     cache_images: bool = False
+    # More than 2% of annotated rows without an image file is an error (a misspelt category
+    # folder would otherwise drop a whole category); True (``--allow-missing``) accepts them.
+    allow_missing: bool = False
     # The built-in demo: synthetic images per category (299 x 299, like the original data).
     demo_images_per_category: int = 200
 
@@ -42,6 +49,9 @@ class AugmentConfig:
     """Training augmentation; the geometric ones move the landmarks with the image."""
 
     enabled: bool = True
+    # True: augment whole batches on the training device (cxrlandmarks.augment, kornia) instead
+    # of per sample in the loader workers.
+    batched: bool = False
     hflip_p: float = 0.7  # mirrors x and swaps the symmetric pairs
     rotation_deg: float = 15.0  # uniform in +-rotation_deg about the image centre
     brightness: float = 0.4
@@ -55,6 +65,9 @@ class ModelConfig:
     num_landmarks: int = 15
     head_dropout: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])
     coord_attention: bool = False
+    # This config starts the trunk from pretrained (ImageNet) weights: without
+    # pretrained_weights it refuses to start unless --from-scratch sets this to False.
+    pretrained: bool = True
     pretrained_weights: str | None = None
 
 
@@ -67,7 +80,10 @@ class LossConfig:
     pixel_scale: float = 224.0
     symmetry_weight: float = 0.3
     distance_weight: float = 0.2
-    symmetry_reference: Literal["target", "prior"] = "target"
+    # "prior": the original's unsupervised prior, symmetry about the axis fitted through the
+    # mediastinal landmarks at that axis' own angle; "target": the prediction keeps the ground
+    # truth's asymmetry about its own fitted axis (zero at a perfect prediction).
+    symmetry_reference: Literal["prior", "target"] = "prior"
 
 
 @dataclass
@@ -124,5 +140,7 @@ class CxrConfig(RunConfig):
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(monitor=["val/mean_px"], monitor_mode="min")
+        default_factory=lambda: TrainerConfig(
+            monitor=["val/mean_px"], monitor_mode="min", grad_clip=5.0, log_every_steps=20
+        )
     )

@@ -7,32 +7,56 @@ CSV layouts (one row per image, coordinates in pixels of the original image):
 
 Images are ``<images_dir>/<category>/<image_name>.png|.jpg`` (or directly in ``images_dir``);
 the category is the CSV column when present, else the name's prefix (``COVID-12``), else the
-folder the image is found in. Targets are normalised: ``x / W, y / H`` of the original image.
+folder the image is found in. Category folders and image names match tolerantly: case, spaces,
+underscores and hyphens do not matter (``Viral_Pneumonia`` finds ``viral pneumonia/``). Targets
+are normalised: ``x / W, y / H`` of the original image, in the pixel-edge convention of
+:mod:`cxrlandmarks.anatomy`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from cxrlandmarks.anatomy import NUM_LANDMARKS, swap_permutation
+from cxrlandmarks.anatomy import NUM_LANDMARKS, flip_coords
 from cxrlandmarks.config import AugmentConfig, DataConfig
-from medcore.errors import DataError
+from medcore.errors import DataError, UserError
 from medcore.io import load_image, read_csv, safe_join
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+PACKAGE = "cxrlandmarks"
+DEMO_VERSION = "v1"
+# More annotated rows without an image than this share is an error unless data.allow_missing.
+MAX_MISSING_SHARE = 0.02
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 HEADED_COLUMNS = [f"L{i}_{a}" for i in range(1, NUM_LANDMARKS + 1) for a in ("x", "y")]
+
+
+def resolve_data_dir(cfg: DataConfig) -> Path:
+    """The user's data directory, or the cached synthetic demo (generated on first use)."""
+    from cxrlandmarks.synthetic import write_dataset
+    from medcore.demo import ensure_demo_data
+
+    if cfg.data_dir is not None:
+        path = Path(cfg.data_dir)
+        if not path.is_dir():
+            raise UserError(path, "data directory not found")
+        return path
+    n = cfg.demo_images_per_category
+    return ensure_demo_data(
+        PACKAGE, lambda root: write_dataset(root, n, seed=0), version=f"{DEMO_VERSION}-{n}"
+    )
 
 
 @dataclass
@@ -93,40 +117,84 @@ def read_annotations(csv_path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def _category_of(name: str, given: str | None, categories: list[str]) -> str | None:
-    if given:
-        return given
-    prefix = name.rsplit("-", 1)[0]
-    return prefix if prefix in categories else None
+def spelling(name: str) -> str:
+    """A name for tolerant matching: case-folded, runs of spaces, ``_`` and ``-`` as one space."""
+    return re.sub(r"[\s_\-]+", " ", name).strip().casefold()
 
 
-def _find_image(
-    images_dir: Path, name: str, category: str | None, categories: list[str]
-) -> tuple[Path, str] | None:
-    stems = (
-        [name]
-        if Path(name).suffix in IMAGE_EXTENSIONS
-        else [name + ext for ext in IMAGE_EXTENSIONS]
-    )
-    folders = [category] if category else list(categories)
-    for folder in [*folders, ""]:
-        for stem in stems:
-            candidate = safe_join(images_dir, f"{folder}/{stem}" if folder else stem)
-            if candidate.is_file():
-                return candidate, folder or category or "unknown"
-    return None
+class ImageIndex:
+    """The image files under ``images_dir`` (its top level and one folder per category), found
+    by exact path first, else by tolerant spelling of folder and file name."""
+
+    def __init__(self, images_dir: Path, categories: list[str]) -> None:
+        self.images_dir = images_dir
+        self.categories = {spelling(c): c for c in categories}
+        # tolerant folder spelling -> real folder names (several folders may spell alike)
+        self.folders: dict[str, list[str]] = {}
+        for entry in sorted(images_dir.iterdir()):
+            if entry.is_dir():
+                self.folders.setdefault(spelling(entry.name), []).append(entry.name)
+        self._files: dict[str, dict[str, Path]] = {}
+
+    def category_of(self, name: str, given: str | None) -> str | None:
+        """The canonical category (as in ``data.categories``) of a CSV category or name prefix."""
+        if given:
+            return self.categories.get(spelling(given), given)
+        return self.categories.get(spelling(name.rsplit("-", 1)[0]))
+
+    def _listing(self, folder: str) -> dict[str, Path]:
+        if folder not in self._files:
+            base = self.images_dir / folder if folder else self.images_dir
+            self._files[folder] = {
+                spelling(p.stem): p
+                for p in sorted(base.iterdir())
+                if p.suffix in IMAGE_EXTENSIONS and p.is_file()
+            }
+        return self._files[folder]
+
+    def find(self, name: str, category: str | None) -> tuple[Path, str] | None:
+        """``(path, category)`` of the image ``name`` (category: canonical, else its folder)."""
+        stems = (
+            [name]
+            if Path(name).suffix in IMAGE_EXTENSIONS
+            else [name + ext for ext in IMAGE_EXTENSIONS]
+        )
+        wanted = [category] if category else list(self.categories.values())
+        folders = [real for c in wanted for real in self.folders.get(spelling(c), [c])]
+        for folder in [*folders, ""]:
+            for stem in stems:
+                candidate = safe_join(self.images_dir, f"{folder}/{stem}" if folder else stem)
+                if candidate.is_file():
+                    return candidate, self._category(folder, category)
+        key = spelling(Path(name).stem if Path(name).suffix in IMAGE_EXTENSIONS else name)
+        for folder in [*folders, ""]:
+            if folder and not (self.images_dir / folder).is_dir():
+                continue
+            found = self._listing(folder).get(key)
+            if found is not None:
+                return found, self._category(folder, category)
+        return None
+
+    def _category(self, folder: str, category: str | None) -> str:
+        return category or self.categories.get(spelling(folder), folder) or "unknown"
 
 
 def load_records(cfg: DataConfig, data_dir: str | Path) -> list[LandmarkRecord]:
-    """Validated records of the CSV; bad rows are named on stderr and skipped."""
+    """Validated records of the CSV; bad rows are named on stderr and skipped.
+
+    Rows whose image file is missing are counted per category: more than 2% of the rows is an
+    error (a misspelt or absent category folder) unless ``cfg.allow_missing``.
+    """
     data_dir = Path(data_dir)
     csv_path = data_dir / cfg.csv
     images_dir = data_dir / cfg.images_dir
     if not images_dir.is_dir():
         raise DataError(images_dir, "image directory not found (set data.images_dir)")
     frame = read_annotations(csv_path)
+    index = ImageIndex(images_dir, cfg.categories)
     records: list[LandmarkRecord] = []
     skipped = 0
+    missing: Counter[str] = Counter()
     seen: set[str] = set()
 
     def skip(name: str, why: str) -> None:
@@ -146,13 +214,14 @@ def load_records(cfg: DataConfig, data_dir: str | Path) -> list[LandmarkRecord]:
         if not np.isfinite(values).all():
             skip(name, "missing or non-numeric coordinates")
             continue
-        category = _category_of(name, row.category, cfg.categories)
+        category = index.category_of(name, row.category)
         try:
-            found = _find_image(images_dir, name, category, cfg.categories)
+            found = index.find(name, category)
         except DataError as exc:
             skip(name, exc.why)
             continue
         if found is None:
+            missing[category or "unknown"] += 1
             skip(name, f"no image {name}.png/.jpg under {images_dir}")
             continue
         path, category = found
@@ -174,6 +243,20 @@ def load_records(cfg: DataConfig, data_dir: str | Path) -> list[LandmarkRecord]:
         records.append(LandmarkRecord(name, category, path, coords, width, height))
     if skipped:
         print(f"skipped {skipped} of {len(frame)} rows of {csv_path}", file=sys.stderr)
+    if missing:
+        n = sum(missing.values())
+        counts = ", ".join(f"{c} {k}" for c, k in sorted(missing.items()))
+        what = f"{n} of {len(frame)} annotated rows ({100 * n / len(frame):.1f}%) have no image file ({counts})"
+        if n > MAX_MISSING_SHARE * len(frame) and not cfg.allow_missing:
+            found = ", ".join(
+                f"{c} {k}" for c, k in sorted(Counter(r.category for r in records).items())
+            )
+            raise DataError(
+                csv_path,
+                f"{what}; images found: {found or 'none'} under {images_dir}. Check the category "
+                "folders and data.images_dir, or pass --allow-missing to train without them",
+            )
+        print(f"warning: {what}; training without them", file=sys.stderr)
     if not records:
         raise DataError(csv_path, "no usable rows (every row was skipped; see the lines above)")
     return records
@@ -198,20 +281,36 @@ def sample_augment(cfg: AugmentConfig, generator: torch.Generator | None = None)
     )
 
 
+def rotate_points(coords: torch.Tensor, angle: float, width: int, height: int) -> torch.Tensor:
+    """Points ``[..., 2]`` of an image rotated by ``angle`` degrees counter-clockwise (as seen,
+    y pointing down; torchvision's ``rotate`` sense) about its centre ``(W / 2, H / 2)``."""
+    a = math.radians(angle)
+    cos, sin = math.cos(a), math.sin(a)
+    centre = coords.new_tensor([width / 2, height / 2])
+    d = coords - centre
+    return (
+        torch.stack([cos * d[..., 0] + sin * d[..., 1], -sin * d[..., 0] + cos * d[..., 1]], -1)
+        + centre
+    )
+
+
 def apply_geometry(
     image: torch.Tensor, coords: torch.Tensor, params: AugmentParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip (mirror x, swap pairs) and rotate about the centre an image ``[c, H, W]`` and its
-    landmarks ``[15, 2]`` (pixels) together, with torchvision's KeyPoints kernels."""
-    img = tv_tensors.Image(image)
-    kp = tv_tensors.KeyPoints(coords, canvas_size=tuple(image.shape[-2:]))
+    landmarks ``[15, 2]`` (pixels) together.
+
+    The image goes through torchvision's kernels; the landmarks through the pixel-edge maths of
+    :mod:`cxrlandmarks.anatomy` (torchvision's keypoint flip uses ``W - 1 - x`` but its rotation
+    turns about ``W / 2``: two conventions at once).
+    """
+    height, width = image.shape[-2:]
     if params.flip:
-        img, kp = F.horizontal_flip(img), F.horizontal_flip(kp)
-        kp = tv_tensors.wrap(kp[swap_permutation(kp.shape[0])], like=kp)
+        image, coords = F.horizontal_flip(image), flip_coords(coords, width)
     if params.angle:
-        img = F.rotate(img, params.angle, interpolation=F.InterpolationMode.BILINEAR)
-        kp = F.rotate(kp, params.angle)
-    return img.as_subclass(torch.Tensor), kp.as_subclass(torch.Tensor)
+        image = F.rotate(image, params.angle, interpolation=F.InterpolationMode.BILINEAR)
+        coords = rotate_points(coords, params.angle, width, height)
+    return image, coords
 
 
 def _prescale(
@@ -234,14 +333,19 @@ def _prescale(
 
 
 def resize_and_normalise(
-    image: torch.Tensor, coords: torch.Tensor, size: int
+    image: torch.Tensor, coords: torch.Tensor, size: int, norm: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize ``[c, H, W]`` uint8 to ``size`` square, to 3 channels, ImageNet-normalise;
-    ``coords`` (pixels of this image) -> [0, 1]."""
+    """Resize ``[c, H, W]`` uint8 to ``size`` square, to 3 channels, normalise with the trunk's
+    ``norm["mean"]``/``norm["std"]`` (:func:`cxrlandmarks.model.input_normalisation`);
+    ``coords`` (pixels of this image) -> [0, 1].
+
+    The resize is antialiased bilinear whatever ``norm["interpolation"]`` says: downscaling
+    radiographs, it keeps landmark positions exact (a bicubic kernel overshoots at edges).
+    """
     height, width = image.shape[-2:]
     image = F.resize(image, [size, size], antialias=True)
     image = F.to_dtype(image, torch.float32, scale=True).expand(3, -1, -1)
-    image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+    image = F.normalize(image, norm["mean"], norm["std"])
     return image, coords.float() / torch.tensor([width, height], dtype=torch.float32)
 
 
@@ -252,6 +356,9 @@ def image_tensor(path: Path) -> torch.Tensor:
 
 class LandmarkDataset(Dataset):
     """Records -> ``{"image": [3, S, S], "target": [30], "index": i}``; augmented when ``augment``.
+
+    ``norm`` is the trunk's input normalisation (default: that of torchvision's ImageNet
+    weights, from timm's pretrained configuration).
 
     Radiographs are read as grayscale and repeated to the 3 channels the ResNet expects. With
     ``cache`` each decoded image is kept, shrunk to ``image_size``, in the process that reads it
@@ -265,7 +372,11 @@ class LandmarkDataset(Dataset):
         image_size: int,
         augment: AugmentConfig | None = None,
         cache: bool = False,
+        norm: dict[str, Any] | None = None,
     ) -> None:
+        from cxrlandmarks.model import input_normalisation
+
+        self.norm = norm if norm is not None else input_normalisation()
         self.records = records
         self.image_size = image_size
         self.augment = augment if augment is not None and augment.enabled else None
@@ -304,7 +415,7 @@ class LandmarkDataset(Dataset):
             image = F.adjust_contrast(
                 F.adjust_brightness(image, params.brightness), params.contrast
             )
-        image, target = resize_and_normalise(image, coords, self.image_size)
+        image, target = resize_and_normalise(image, coords, self.image_size, self.norm)
         return {"image": image, "target": target.reshape(-1), "index": index}
 
 

@@ -18,38 +18,21 @@ from cxrlandmarks.anatomy import (
     LANDMARK_NAMES,
     SYMMETRIC_PAIRS,
     asymmetry,
-    flip_normalised,
+    flip_coords,
     pair_distances,
 )
-from cxrlandmarks.config import ModelConfig
+from cxrlandmarks.config import PHASES, CxrConfig
 from cxrlandmarks.data import LandmarkDataset, LandmarkRecord
-from cxrlandmarks.model import KIND, ResNetLandmarkRegressor
-from medcore.checkpoint import load_checkpoint
-from medcore.config import from_dict
+from cxrlandmarks.model import load_model
+from medcore.cli import RunContext, format_table
 from medcore.device import amp_policy, autocast
-from medcore.errors import CheckpointError
+from medcore.errors import CheckpointError, UserError
 from medcore.io import atomic_write_csv, atomic_write_json
+from medcore.logging import RunLogger
 from medcore.metrics import landmark_errors
 
 REFERENCE_SIZE = 224  # "px at 224": ||pred - target|| x 224 on normalised coordinates
 THRESHOLDS = (5.0, 8.5, 10.0, 15.0)
-
-
-def load_model(
-    path: str | Path, device: torch.device
-) -> tuple[ResNetLandmarkRegressor, dict[str, Any]]:
-    """Rebuild a model from a cxrlandmarks checkpoint alone."""
-    state = load_checkpoint(path, map_location="cpu", kind=KIND)
-    if "model_config" not in state:
-        raise CheckpointError(path, "has no model_config (not written by cxrlandmarks-train)")
-    model = ResNetLandmarkRegressor.from_config(from_dict(ModelConfig, state["model_config"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            path, f"weights do not match its model_config ({str(exc).splitlines()[0][:120]})"
-        ) from None
-    return model.to(device).eval(), state
 
 
 @torch.no_grad()
@@ -58,14 +41,13 @@ def predict_batches(
 ) -> torch.Tensor:
     """Mean prediction ``[b, 15, 2]`` of ``models``; with ``tta_flip`` each model also sees the
     mirrored image, whose prediction is flipped back (x mirrored, pairs swapped) before averaging."""
-    size = images.shape[-1]
     outs = []
     for model in models:
         pred = model(images).float()
         outs.append(pred.reshape(pred.shape[0], -1, 2))
         if tta_flip:
             flipped = model(torch.flip(images, dims=[-1])).float()
-            outs.append(flip_normalised(flipped.reshape(pred.shape[0], -1, 2), size))
+            outs.append(flip_coords(flipped.reshape(pred.shape[0], -1, 2)))
     return torch.stack(outs).mean(0)
 
 
@@ -240,16 +222,66 @@ def coordinates_frame(names: Sequence[str], coords_px: np.ndarray) -> pd.DataFra
     return frame
 
 
+def report_phases(
+    ctx: RunContext, records: list[LandmarkRecord], splits: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Test-split evaluation of every phase checkpoint present; full report for the last one."""
+    cfg: CxrConfig = ctx.cfg
+    test_records = [records[i] for i in splits["test"]]
+    rows, reports = [], {}
+    last = None
+    for name in PHASES:
+        path = ctx.run_dir / "checkpoints" / getattr(cfg.phases, name).checkpoint
+        if not path.is_file():
+            continue
+        model, state = load_model(path, ctx.device)
+        pred = predict_dataset(
+            [model],
+            LandmarkDataset(test_records, cfg.data.image_size, norm=state.get("input_norm")),
+            ctx.device,
+            cfg.data.eval_batch_size,
+        )
+        reports[name] = error_report(pred, test_records)
+        rows.append(summary_row(f"{name} ({path.name})", reports[name]))
+        last = (name, pred)
+    assert last is not None
+    name, pred = last
+    write_report(reports[name], pred, test_records, ctx.run_dir / "eval", cfg.eval.grid_images)
+    print_phase_table(rows)
+    write_phase_table(rows, ctx.run_dir / "eval")
+    metrics = {
+        "final_phase": name,
+        "world_size": ctx.dist.world_size,
+        **{k: v for k, v in rows[-1].items() if k != "model"},
+        "phases": {n: summary_row(n, r) for n, r in reports.items()},
+    }
+    logger = RunLogger(ctx.run_dir)
+    for step, (n, r) in enumerate(reports.items(), start=1):
+        logger.log_scalars(
+            {f"test/{k}": v for k, v in summary_row(n, r).items() if isinstance(v, float)}, step
+        )
+    logger.write_final(metrics)
+    logger.close()
+    return metrics
+
+
+def print_phase_table(rows: Sequence[dict[str, Any]]) -> None:
+    print("\ntest split, errors in px at 224 (shares are of images under the threshold)")
+    print(format_table(rows, floatfmt=".3f"))
+
+
+def write_phase_table(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
+    atomic_write_csv(out_dir / "phase_comparison.csv", pd.DataFrame(rows))
+    atomic_write_json(out_dir / "phase_comparison.json", list(rows))
+
+
 def _checkpoints_of(args: Any) -> list[Path]:
     from cxrlandmarks.config import PhasesConfig
 
     paths = list(args.checkpoint)
     if args.run_dir is not None:
         phases = PhasesConfig()
-        found = [
-            args.run_dir / "checkpoints" / getattr(phases, p).checkpoint
-            for p in ("phase1", "phase2", "phase3", "phase4")
-        ]
+        found = [args.run_dir / "checkpoints" / getattr(phases, p).checkpoint for p in PHASES]
         paths += [p for p in found if p.is_file()]
         if not paths:
             raise CheckpointError(args.run_dir, "no phase checkpoints in its checkpoints/ folder")
@@ -261,8 +293,7 @@ def _checkpoints_of(args: Any) -> list[Path]:
 def evaluate_command(args: Any) -> int:
     """``cxrlandmarks-eval``: reports per checkpoint and a comparison table."""
     from cxrlandmarks.config import DataConfig
-    from cxrlandmarks.data import load_records, split_records
-    from medcore.cli import format_table
+    from cxrlandmarks.data import load_records, resolve_data_dir, split_records
     from medcore.config import from_dict
     from medcore.device import resolve_device
     from medcore.splits import load_splits
@@ -270,14 +301,15 @@ def evaluate_command(args: Any) -> int:
     paths = _checkpoints_of(args)
     device = resolve_device(args.device)
     models = [load_model(p, device) for p in paths]
+    if "data_config" not in models[0][1] and args.data_dir is None:
+        raise UserError(
+            "--data-dir",
+            f"{paths[0]} records no data directory (the original code's checkpoint): give --data-dir",
+        )
     data_cfg = from_dict(DataConfig, models[0][1].get("data_config", {}))
-    data_dir = args.data_dir or data_cfg.data_dir
-    if data_dir is None:
-        from cxrlandmarks.config import CxrConfig
-        from cxrlandmarks.train import resolve_data_dir
-
-        data_dir = resolve_data_dir(CxrConfig(data=data_cfg))
-    records = load_records(data_cfg, data_dir)
+    if args.data_dir is not None:
+        data_cfg.data_dir = str(args.data_dir)
+    records = load_records(data_cfg, resolve_data_dir(data_cfg))
     # <run>/checkpoints/x.pt or <run>/phaseN/checkpoints/x.pt
     ckpt = paths[0].resolve()
     run_dir = next((p for p in ckpt.parents[1:3] if (p / "splits.json").is_file()), ckpt.parents[1])
@@ -301,7 +333,10 @@ def evaluate_command(args: Any) -> int:
     for path, (model, state) in zip(paths, models, strict=True):
         size = int(from_dict(DataConfig, state.get("data_config", {})).image_size)
         pred = predict_dataset(
-            [model], LandmarkDataset(subset, size), device, tta_flip=args.tta_flip
+            [model],
+            LandmarkDataset(subset, size, norm=state.get("input_norm")),
+            device,
+            tta_flip=args.tta_flip,
         )
         report = error_report(pred, subset)
         report["checkpoint"] = str(path)

@@ -41,36 +41,26 @@ class WingLoss(nn.Module):
 
 
 class SymmetryLoss(nn.Module):
-    """Bilateral symmetry about the mediastinal axis (mean x of landmarks 0, 1, 8, 9, 10).
+    """Bilateral symmetry about the mediastinal axis (the line fitted through 0, 1, 8, 9, 10).
 
-    For each symmetric pair the right landmark is mirrored about the axis and compared with the
-    left one (:func:`cxrlandmarks.anatomy.asymmetry`). ``reference="target"`` (default) asks the
-    prediction to have the asymmetry of the ground truth, which is zero at a perfect prediction
-    and stays correct for rotated or asymmetric chests; ``reference="prior"`` asks for perfect
-    symmetry, the original's unsupervised prior. Mean absolute pixel difference over pairs and
-    both axes.
+    Each right landmark is mirrored about the axis, at the axis' own angle, and compared with
+    its left partner (:func:`cxrlandmarks.anatomy.asymmetry`, in the axis' frame).
+    ``reference="prior"`` (default, the original's prior) asks the prediction to be symmetric;
+    ``reference="target"`` asks it to have the ground truth's asymmetry instead (zero at a
+    perfect prediction, for chests that are not symmetric). Mean absolute pixel residual over
+    the 5 pairs and both axis components.
     """
 
-    def __init__(
-        self,
-        pixel_scale: float = 224.0,
-        reference: str = "target",
-        axis_weights: list[float] | None = None,
-    ) -> None:
+    def __init__(self, pixel_scale: float = 224.0, reference: str = "prior") -> None:
         super().__init__()
         if reference not in ("target", "prior"):
-            raise ValueError(f"reference must be 'target' or 'prior', got {reference!r}")
+            raise ValueError(f"reference must be 'prior' or 'target', got {reference!r}")
         self.pixel_scale, self.reference = pixel_scale, reference
-        self.register_buffer(
-            "axis_weights",
-            torch.tensor(axis_weights, dtype=torch.float32) if axis_weights else None,
-            persistent=False,
-        )
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        asym = asymmetry(as_points(pred.float()) * self.pixel_scale, self.axis_weights)
+        asym = asymmetry(as_points(pred.float()) * self.pixel_scale)
         if self.reference == "target":
-            asym = asym - asymmetry(as_points(target.float()) * self.pixel_scale, self.axis_weights)
+            asym = asym - asymmetry(as_points(target.float()) * self.pixel_scale)
         return asym.abs().mean()
 
 
@@ -102,7 +92,7 @@ class CompleteLandmarkLoss(nn.Module):
         w: float = 10.0,
         epsilon: float = 2.0,
         pixel_scale: float = 224.0,
-        symmetry_reference: str = "target",
+        symmetry_reference: str = "prior",
     ) -> None:
         super().__init__()
         self.weights = {
@@ -153,7 +143,7 @@ def build_loss(
     pixel_scale: float = 224.0,
     symmetry_weight: float = 0.3,
     distance_weight: float = 0.2,
-    symmetry_reference: str = "target",
+    symmetry_reference: str = "prior",
 ) -> nn.Module:
     """The loss of a training phase by name: ``wing`` (phases 1-2), ``symmetry`` = Wing + 0.3 x
     symmetry (phase 3), ``complete`` = Wing + 0.3 x symmetry + 0.2 x distance (phase 4), ``mse``.

@@ -6,8 +6,10 @@ Shapes: ``b`` batch; images ``[b, 3, S, S]`` (ImageNet-normalised); output ``[b,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.layers.coord_attn import CoordAttn
@@ -15,10 +17,41 @@ from torch import nn
 from torchvision.models import resnet18
 
 from cxrlandmarks.config import ModelConfig
-from medcore.weights import load_pretrained, missing_weights_error
+from medcore.checkpoint import load_checkpoint
+from medcore.config import from_dict
+from medcore.errors import CheckpointError
+from medcore.weights import LoadReport, data_config, load_pretrained, missing_weights_error
 
 KIND = "cxrlandmarks.ResNetLandmarkRegressor"
 FEATURES = 512
+# timm's name for torchvision's ImageNet ResNet-18 weights (the trunk's own layout): its
+# pretrained configuration gives the input normalisation when the weights carry none.
+TIMM_TAG = "resnet18.tv_in1k"
+
+
+def input_normalisation(weights_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``mean``, ``std`` (3 channels), ``interpolation`` and ``input_size`` the trunk's weights
+    expect: from the weights' own config (a timm/HF snapshot's config.json) when there is one,
+    else from timm's pretrained configuration of torchvision's ResNet-18 weights.
+
+    Recorded in every checkpoint (``input_norm``) and used unchanged by eval and predict.
+    """
+    import timm
+
+    tag = timm.models.get_pretrained_cfg(TIMM_TAG).to_dict()
+    cfg = data_config(pretrained_cfg=tag, weights_config=weights_config or {})
+    return {
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": cfg["interpolation"],
+        "input_size": list(cfg["input_size"]),
+    }
+
+
+PRETRAINED_HINT = (
+    "E.g. --pretrained-weights hf-hub:timm/resnet18.tv_in1k (torchvision's ImageNet weights "
+    "through the Hugging Face cache), or a torchvision resnet18.pth file"
+)
 
 
 class ResNetLandmarkRegressor(nn.Module):
@@ -96,17 +129,12 @@ class ResNetLandmarkRegressor(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(not frozen)
 
-    def load_pretrained_trunk(self, path: str | Path | None) -> tuple[list[str], list[str]]:
-        """Load ImageNet (or other) ResNet-18 weights from a local torchvision-layout file."""
-        if path is None:
-            raise missing_weights_error(
-                "model.pretrained_weights",
-                "Save torchvision's weights once on a machine with network access: "
-                'python -c "import torch, torchvision; torch.save(torchvision.models.resnet18('
-                "weights='IMAGENET1K_V1').state_dict(), 'resnet18.pth')\"",
-            )
-        report = load_pretrained(self.backbone, path, what="ResNet-18 trunk")
-        return report.missing, report.unexpected
+    def load_pretrained_trunk(self, spec: str | Path | None) -> LoadReport:
+        """Load ResNet-18 weights into the trunk (torchvision or timm layout): a file, a
+        snapshot directory or ``hf-hub:timm/resnet18.a1_in1k``; prints the load's one line."""
+        if spec is None:
+            raise missing_weights_error("model.pretrained_weights", PRETRAINED_HINT)
+        return load_pretrained(self.backbone, spec, what="ResNet-18 trunk")
 
 
 class ResNetWithCoordinateAttention(ResNetLandmarkRegressor):
@@ -120,3 +148,93 @@ class ResNetWithCoordinateAttention(ResNetLandmarkRegressor):
 
 def build_model(cfg: ModelConfig) -> ResNetLandmarkRegressor:
     return ResNetLandmarkRegressor.from_config(cfg)
+
+
+# The original code's trunk is ``nn.Sequential(*resnet18.children()[:-1])`` (``backbone``, or
+# ``backbone_conv`` in its attention variant): children 0, 1, 4-7 are conv1, bn1, layer1-4.
+_ORIGINAL_TRUNK = {
+    "0": "conv1",
+    "1": "bn1",
+    "4": "layer1",
+    "5": "layer2",
+    "6": "layer3",
+    "7": "layer4",
+}
+_ORIGINAL_KEY = re.compile(r"^(?:backbone|backbone_conv)\.(\d+)\.(.*)$")
+
+
+def convert_original_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys of the original code's ``model_state_dict`` -> this model's keys.
+
+    ``backbone.<i>.*`` -> ``backbone.<conv1|bn1|layerN>.*``, ``regression_head.*`` -> ``head.*``
+    (the same Sequential indices), ``coordinate_attention.*`` -> ``attention.*``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _ORIGINAL_KEY.match(key)
+        if match and match.group(1) in _ORIGINAL_TRUNK:
+            key = f"backbone.{_ORIGINAL_TRUNK[match.group(1)]}.{match.group(2)}"
+        elif key.startswith("regression_head."):
+            key = "head." + key[len("regression_head.") :]
+        elif key.startswith("coordinate_attention."):
+            key = "attention." + key[len("coordinate_attention.") :]
+        out[key] = value
+    return out
+
+
+def _original_model_config(state: dict[str, Any], weights: dict[str, torch.Tensor]) -> ModelConfig:
+    """The ModelConfig of an original checkpoint (its ``model_config``: num_landmarks, dropout_rate)."""
+    saved = state.get("model_config") if isinstance(state.get("model_config"), dict) else {}
+    head_out = weights.get("head.7.weight")
+    num_landmarks = int(
+        saved.get("num_landmarks", head_out.shape[0] // 2 if head_out is not None else 15)
+    )
+    rate = float(saved.get("dropout_rate", 0.5))
+    return ModelConfig(
+        num_landmarks=num_landmarks,
+        head_dropout=[rate, rate / 2, rate / 4],
+        coord_attention=any(k.startswith("attention.") for k in weights),
+        pretrained=False,
+    )
+
+
+def read_model_checkpoint(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
+    """Weights, model config and the whole state of a cxrlandmarks checkpoint, or of one written
+    by the original code (``{"model_state_dict", "model_config", ...}``, imported by key).
+
+    Any other checkpoint (another package's, or one without a model identity) is refused.
+    """
+    state = load_checkpoint(path, map_location="cpu")
+    if state.get("kind") is None and isinstance(state.get("model_state_dict"), dict):
+        weights = convert_original_state(state["model_state_dict"])
+        return weights, _original_model_config(state, weights), state
+    found = state.get("kind")
+    if found is None:
+        raise CheckpointError(path, f"not a {KIND} checkpoint (it carries no model identity)")
+    if found != KIND:
+        raise CheckpointError(path, f"this is a {found} checkpoint, not {KIND}")
+    if "model_config" not in state:
+        raise CheckpointError(path, "has no model_config (not written by cxrlandmarks-train)")
+    return state["model"], from_dict(ModelConfig, state["model_config"]), state
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """All of ``weights`` into ``model``, strictly: a mismatch is a one-line CheckpointError."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            path, f"weights do not match the model ({str(exc).splitlines()[0][:120]})"
+        ) from None
+
+
+def load_model(
+    path: str | Path, device: torch.device
+) -> tuple[ResNetLandmarkRegressor, dict[str, Any]]:
+    """Rebuild a model from a checkpoint alone (ours or the original code's), in eval mode."""
+    weights, cfg, state = read_model_checkpoint(path)
+    model = build_model(cfg)
+    load_weights(model, weights, path)
+    return model.to(device).eval(), state

@@ -20,8 +20,13 @@ from medcore.plots import save_figure
 def draw_landmarks(
     ax: plt.Axes, image: np.ndarray, pred: np.ndarray | None, truth: np.ndarray | None = None
 ) -> None:
-    """Image with truth (green circles), prediction (red crosses) and the error as a yellow line."""
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+    """Image with truth (green circles), prediction (red crosses) and the error as a yellow line.
+
+    Coordinates are in the package's pixel-edge convention; the image is placed so that its
+    pixel ``i`` covers ``[i, i + 1)`` as well (imshow would centre it on ``i``).
+    """
+    height, width = image.shape[:2]
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, extent=(0, width, height, 0))
     if truth is not None and pred is not None:
         for (tx, ty), (px, py) in zip(truth, pred, strict=True):
             ax.plot([tx, px], [ty, py], color="yellow", lw=0.6)

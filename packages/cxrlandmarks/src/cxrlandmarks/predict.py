@@ -16,7 +16,8 @@ import torch
 from cxrlandmarks.anatomy import LANDMARK_NAMES
 from cxrlandmarks.config import DataConfig
 from cxrlandmarks.data import IMAGE_EXTENSIONS, image_tensor, resize_and_normalise
-from cxrlandmarks.evaluate import coordinates_frame, load_model, predict_batches
+from cxrlandmarks.evaluate import coordinates_frame, predict_batches
+from cxrlandmarks.model import input_normalisation, load_model
 from medcore.config import from_dict
 from medcore.device import amp_policy, autocast, resolve_device
 from medcore.errors import DataError, UserError
@@ -53,6 +54,10 @@ def predict_command(args: Any) -> int:
             "--checkpoint", f"ensemble members use different input sizes {sorted(sizes)}"
         )
     size = sizes.pop()
+    # Each checkpoint's own input normalisation (the original code's: ImageNet's).
+    norms = [state.get("input_norm") or input_normalisation() for _, state in loaded]
+    if any(n["mean"] != norms[0]["mean"] or n["std"] != norms[0]["std"] for n in norms):
+        raise UserError("--checkpoint", "ensemble members use different input normalisations")
     models = [m for m, _ in loaded]
     images = collect_images(args.inputs)
     policy = amp_policy(device, True)
@@ -66,7 +71,7 @@ def predict_command(args: Any) -> int:
                 skipped += 1
                 print(f"skipped {path}: {exc.why}", file=sys.stderr)
                 continue
-            tensor, _ = resize_and_normalise(img, torch.zeros(1, 2), size)
+            tensor, _ = resize_and_normalise(img, torch.zeros(1, 2), size, norms[0])
             batch.append(tensor)
             shapes.append(img.shape[-2:])
             kept.append(path)

@@ -9,81 +9,65 @@ geometric_symmetry.pt, geometric_complete.pt) and the next phase starts from it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cxrlandmarks.augment import augment_batch
 from cxrlandmarks.config import PHASES, CxrConfig, PhaseConfig
-from cxrlandmarks.data import LandmarkDataset, LandmarkRecord, load_records, split_records
-from cxrlandmarks.evaluate import (
-    REFERENCE_SIZE,
-    error_report,
-    predict_dataset,
-    summary_row,
-    write_report,
+from cxrlandmarks.data import (
+    PACKAGE,
+    LandmarkDataset,
+    LandmarkRecord,
+    load_records,
+    resolve_data_dir,
+    split_records,
 )
+from cxrlandmarks.evaluate import REFERENCE_SIZE, predict_dataset, report_phases
 from cxrlandmarks.losses import build_loss
-from cxrlandmarks.model import KIND, ResNetLandmarkRegressor, build_model
-from cxrlandmarks.synthetic import write_dataset
+from cxrlandmarks.model import (
+    KIND,
+    PRETRAINED_HINT,
+    ResNetLandmarkRegressor,
+    build_model,
+    input_normalisation,
+    load_weights,
+    read_model_checkpoint,
+)
 from medcore.checkpoint import export_safetensors, load_checkpoint
-from medcore.cli import RunContext, find_run, format_table
-from medcore.config import to_dict
-from medcore.demo import ensure_demo_data
+from medcore.cli import RunContext, continue_run, find_run, setup_run
+from medcore.config import load_config, packaged_config_path, to_dict
 from medcore.distributed import barrier
 from medcore.errors import UserError
-from medcore.io import atomic_path, atomic_write_json
-from medcore.logging import RunLogger
+from medcore.io import atomic_path
 from medcore.metrics import landmark_errors
 from medcore.plots import plot_training_curves
-from medcore.splits import load_splits, save_splits
+from medcore.splits import load_or_make_splits
+from medcore.summary import dry_run
 from medcore.trainer import EvalContext, Trainer
-
-PACKAGE = "cxrlandmarks"
-DEMO_VERSION = "v1"
-
-
-def resolve_data_dir(cfg: CxrConfig) -> Path:
-    """The user's data directory, or the cached synthetic demo (generated on first use)."""
-    if cfg.data.data_dir is not None:
-        path = Path(cfg.data.data_dir)
-        if not path.is_dir():
-            raise UserError(path, "data directory not found")
-        return path
-    n = cfg.data.demo_images_per_category
-    return ensure_demo_data(
-        PACKAGE, lambda root: write_dataset(root, n, seed=0), version=f"{DEMO_VERSION}-{n}"
-    )
+from medcore.weights import require_pretrained, resolve_weights
 
 
 def prepare_splits(
-    cfg: CxrConfig, run_dir: Path
+    cfg: CxrConfig, run_dir: Path, is_main: bool = True
 ) -> tuple[list[LandmarkRecord], dict[str, np.ndarray]]:
-    """Records and the stratified split (reused from ``data.splits_file`` or the run dir)."""
-    records = load_records(cfg.data, resolve_data_dir(cfg))
+    """Records and the stratified split (reused from ``data.splits_file`` or the run dir; made
+    and saved by the main rank otherwise)."""
+    records = load_records(cfg.data, resolve_data_dir(cfg.data))
     names = [r.name for r in records]
     saved = Path(cfg.data.splits_file) if cfg.data.splits_file else run_dir / "splits.json"
-    if saved.is_file():
-        try:
-            splits = load_splits(saved, ids=names)
-        except ValueError as exc:
-            raise UserError(saved, str(exc)) from None
-    else:
-        splits = split_records(records, cfg.data.split_ratios, cfg.data.split_seed)
-        save_splits(
-            run_dir / "splits.json",
-            splits,
-            ids=names,
-            meta={
-                "seed": cfg.data.split_seed,
-                "ratios": cfg.data.split_ratios,
-                "stratify": "category",
-            },
-        )
+    splits = load_or_make_splits(
+        saved,
+        lambda: split_records(records, cfg.data.split_ratios, cfg.data.split_seed),
+        ids=names,
+        meta={"seed": cfg.data.split_seed, "ratios": cfg.data.split_ratios, "stratify": "category"},
+        is_main=is_main,
+    )
     for name in ("train", "val", "test"):
         if name not in splits or len(splits[name]) == 0:
             raise UserError(
@@ -112,15 +96,35 @@ def phase_trainer_config(cfg: CxrConfig, phase: PhaseConfig):
 
 def build_phase_model(
     cfg: CxrConfig, phase: PhaseConfig, init_path: Path | None
-) -> ResNetLandmarkRegressor:
+) -> tuple[ResNetLandmarkRegressor, str]:
+    """The phase's model and a truthful description of where its weights came from."""
     model = build_model(cfg.model)
     if init_path is not None:
-        state = load_checkpoint(init_path, kind=KIND)
-        model.load_state_dict(state["model"])
+        weights, _, state = read_model_checkpoint(init_path)
+        load_weights(model, weights, init_path)
+        origin = "" if state.get("kind") == KIND else " (original code's model_state_dict)"
+        init = f"checkpoint {init_path}{origin}"
     elif cfg.model.pretrained_weights is not None:
-        model.load_pretrained_trunk(cfg.model.pretrained_weights)
+        report = model.load_pretrained_trunk(cfg.model.pretrained_weights)
+        init = (
+            f"pretrained trunk from {report.source} ({report.matched}/{report.total} tensors; "
+            f"{len(report.unexpected)} unexpected)"
+        )
+    else:
+        init = "scratch (random initialisation)"
     model.freeze_trunk(phase.freeze_trunk)
-    return model
+    return model, init
+
+
+def run_normalisation(cfg: CxrConfig, init_path: Path | None) -> dict[str, Any]:
+    """The input normalisation of a run: the starting checkpoint's, else the pretrained
+    weights' own configuration's, else that of torchvision's ImageNet weights (timm)."""
+    if init_path is not None:
+        norm = read_model_checkpoint(init_path)[2].get("input_norm")
+        if norm is not None:
+            return norm
+    weights = cfg.model.pretrained_weights
+    return input_normalisation(resolve_weights(weights).config if weights else None)
 
 
 def run_phase(
@@ -129,12 +133,13 @@ def run_phase(
     records: list[LandmarkRecord],
     splits: dict[str, np.ndarray],
     init_path: Path | None,
+    norm: dict[str, Any],
     resume: Path | None = None,
 ) -> Path:
     """Train one phase; returns the path of its best checkpoint in ``<run_dir>/checkpoints``."""
     cfg: CxrConfig = ctx.cfg
     phase: PhaseConfig = getattr(cfg.phases, name)
-    model = build_phase_model(cfg, phase, init_path)
+    model, init = build_phase_model(cfg, phase, init_path)
     criterion = build_loss(
         phase.loss,
         w=cfg.loss.wing_w,
@@ -145,18 +150,32 @@ def run_phase(
         symmetry_reference=cfg.loss.symmetry_reference,
     )
     size = cfg.data.image_size
+    batched = cfg.augment.enabled and cfg.augment.batched
     train_set = LandmarkDataset(
-        [records[i] for i in splits["train"]], size, cfg.augment, cache=cfg.data.cache_images
+        [records[i] for i in splits["train"]],
+        size,
+        None if batched else cfg.augment,
+        cache=cfg.data.cache_images,
+        norm=norm,
     )
+    mean = torch.tensor(norm["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(norm["std"]).view(1, 3, 1, 1)
     val_records = [records[i] for i in splits["val"]]
-    val_set = LandmarkDataset(val_records, size, cache=cfg.data.cache_images)
+    val_set = LandmarkDataset(val_records, size, cache=cfg.data.cache_images, norm=norm)
     val_target = np.stack([r.normalised for r in val_records])
 
     def step_fn(
         net: torch.nn.Module, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        pred = net(batch["image"])
-        loss = criterion(pred, batch["target"])
+        images, target = batch["image"], batch["target"]
+        if batched:  # on the device: back to [0, 1], augment, normalise again
+            m, s = mean.to(images.device), std.to(images.device)
+            images, points = augment_batch(
+                images * s + m, target.reshape(len(target), -1, 2), cfg.augment
+            )
+            images, target = (images - m) / s, points.reshape(len(target), -1)
+        pred = net(images)
+        loss = criterion(pred, target)
         return loss, dict(getattr(criterion, "last", {}))
 
     def evaluate_fn(net: torch.nn.Module, ectx: EvalContext) -> dict[str, float]:
@@ -193,11 +212,14 @@ def run_phase(
             "phase": name,
             "loss": phase.loss,
             "init_from": str(init_path) if init_path else None,
+            "init": init,
+            "input_norm": norm,
         },
     )
+    trunk_lr = "frozen" if phase.freeze_trunk else phase.trunk_lr
     print(
-        f"[{name}] loss={phase.loss} epochs={phase.epochs} trunk_lr={phase.trunk_lr if not phase.freeze_trunk else 'frozen'} "
-        f"head_lr={phase.head_lr} batch={trainer.batch_size} input={size}px init={init_path or 'scratch'}"
+        f"[{name}] loss={phase.loss} epochs={phase.epochs} trunk_lr={trunk_lr} "
+        f"head_lr={phase.head_lr} batch={trainer.batch_size} input={size}px init={init}"
     )
     result = trainer.fit(resume=resume)
     trainer.logger.close()
@@ -221,15 +243,39 @@ def phases_to_run(selection: str) -> list[str]:
     return list(PHASES) if selection == "all" else [f"phase{selection}"]
 
 
+def phase_init(
+    cfg: CxrConfig, name: str, first: bool, ckpt_dir: Path, init_from: Path | None
+) -> Path | None:
+    """The checkpoint phase ``name`` starts from: ``--init-from`` for the first selected phase
+    (any phase, phase 1 included), else the best checkpoint of the phase it follows."""
+    if first and init_from is not None:
+        if not Path(init_from).is_file():
+            raise UserError(init_from, "checkpoint not found")
+        return Path(init_from)
+    phase: PhaseConfig = getattr(cfg.phases, name)
+    if phase.init_from is None:
+        return None
+    previous: PhaseConfig = getattr(cfg.phases, phase.init_from)
+    init = ckpt_dir / previous.checkpoint
+    if not init.is_file():
+        raise UserError(
+            f"--phase {name[-1]}",
+            f"starts from {phase.init_from}'s best checkpoint {init}, which does not exist: run "
+            f"--phase {phase.init_from[-1]} first with the same --output-dir, or pass --init-from PATH",
+        )
+    return init
+
+
 def run_training(
     ctx: RunContext, selection: str, init_from: Path | None = None, resume: bool = False
 ) -> dict[str, Any]:
     """Run the selected phase(s), then evaluate every finished phase on the test split."""
     cfg: CxrConfig = ctx.cfg
-    records, splits = prepare_splits(cfg, ctx.run_dir)
+    records, splits = prepare_splits(cfg, ctx.run_dir, ctx.dist.is_main)
     print(f"data: {len(records)} images ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
     ckpt_dir = ctx.run_dir / "checkpoints"
     selected = phases_to_run(selection)
+    norm: dict[str, Any] | None = None
     for name in selected:
         phase: PhaseConfig = getattr(cfg.phases, name)
         phase_dir = ctx.run_dir / name / "checkpoints"
@@ -240,23 +286,19 @@ def run_training(
         ):
             print(f"[{name}] already finished in this run: kept {ckpt_dir / phase.checkpoint}")
             continue
-        init = None
-        if phase.init_from is not None:
-            previous: PhaseConfig = getattr(cfg.phases, phase.init_from)
-            init = (
-                init_from
-                if (init_from is not None and name == selected[0])
-                else ckpt_dir / previous.checkpoint
-            )
-            if not init.is_file():
-                raise UserError(
-                    f"--phase {name[-1]}",
-                    f"starts from {phase.init_from}'s best checkpoint {init}, which does not exist: run "
-                    f"--phase {phase.init_from[-1]} first with the same --output-dir, or pass --init-from PATH",
-                )
-        latest = ctx.run_dir / name / "checkpoints" / "latest.pt"
+        init = phase_init(cfg, name, name == selected[0], ckpt_dir, init_from)
+        if norm is None:  # one normalisation for every phase of the run
+            norm = run_normalisation(cfg, init)
+            print(f"input normalisation: mean {norm['mean']} std {norm['std']}")
+        latest = phase_dir / "latest.pt"
         run_phase(
-            name, ctx, records, splits, init, resume=latest if resume and latest.is_file() else None
+            name,
+            ctx,
+            records,
+            splits,
+            init,
+            norm,
+            resume=latest if resume and latest.is_file() else None,
         )
     if not ctx.dist.is_main:
         return {}
@@ -267,64 +309,6 @@ def run_training(
         metadata={"kind": KIND},
     )
     return report_phases(ctx, records, splits)
-
-
-def report_phases(
-    ctx: RunContext, records: list[LandmarkRecord], splits: dict[str, np.ndarray]
-) -> dict[str, Any]:
-    """Test-split evaluation of every phase checkpoint present; full report for the last one."""
-    from cxrlandmarks.evaluate import load_model
-
-    cfg: CxrConfig = ctx.cfg
-    test_records = [records[i] for i in splits["test"]]
-    rows, reports = [], {}
-    last = None
-    for name in PHASES:
-        path = ctx.run_dir / "checkpoints" / getattr(cfg.phases, name).checkpoint
-        if not path.is_file():
-            continue
-        model, _ = load_model(path, ctx.device)
-        pred = predict_dataset(
-            [model],
-            LandmarkDataset(test_records, cfg.data.image_size),
-            ctx.device,
-            cfg.data.eval_batch_size,
-        )
-        reports[name] = error_report(pred, test_records)
-        rows.append(summary_row(f"{name} ({path.name})", reports[name]))
-        last = (name, pred)
-    assert last is not None
-    name, pred = last
-    write_report(reports[name], pred, test_records, ctx.run_dir / "eval", cfg.eval.grid_images)
-    print_phase_table(rows)
-    write_phase_table(rows, ctx.run_dir / "eval")
-    metrics = {
-        "final_phase": name,
-        **{k: v for k, v in rows[-1].items() if k != "model"},
-        "phases": {n: summary_row(n, r) for n, r in reports.items()},
-    }
-    logger = RunLogger(ctx.run_dir)
-    for step, (n, r) in enumerate(reports.items(), start=1):
-        logger.log_scalars(
-            {f"test/{k}": v for k, v in summary_row(n, r).items() if isinstance(v, float)}, step
-        )
-    logger.write_final(metrics)
-    logger.close()
-    return metrics
-
-
-def print_phase_table(rows: Sequence[dict[str, Any]]) -> None:
-    print("\ntest split, errors in px at 224 (shares are of images under the threshold)")
-    print(format_table(rows, floatfmt=".3f"))
-
-
-def write_phase_table(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
-    import pandas as pd
-
-    from medcore.io import atomic_write_csv
-
-    atomic_write_csv(out_dir / "phase_comparison.csv", pd.DataFrame(rows))
-    atomic_write_json(out_dir / "phase_comparison.json", list(rows))
 
 
 def _run_dir_for_resume(resume: str, output_dir: Path | None) -> Path:
@@ -341,35 +325,67 @@ def _run_dir_for_resume(resume: str, output_dir: Path | None) -> Path:
     return path.parents[2]
 
 
-def train_command(args: Any) -> int:
+def check_pretrained(cfg: CxrConfig, from_scratch: bool, needs_trunk: bool) -> None:
+    """Refuse a config that expects pretrained weights when none are given (unless the first
+    phase starts from a checkpoint, which carries its trunk)."""
+    if from_scratch and cfg.model.pretrained_weights is not None:
+        raise UserError(
+            "--from-scratch",
+            "contradicts --pretrained-weights (model.pretrained_weights): give one",
+        )
+    if needs_trunk:
+        require_pretrained(
+            cfg.model.pretrained, cfg.model.pretrained_weights, "model.pretrained", PRETRAINED_HINT
+        )
+
+
+def _resolved_config(args: argparse.Namespace, config: str) -> CxrConfig:
+    """The config as setup_run will resolve it, without creating the run directory."""
+    from medcore.cli import common_overrides, resolve_config_arg
+
+    resolve_config_arg(args, PACKAGE)
+    source = args.config if args.config is not None else packaged_config_path(PACKAGE, config)
+    return load_config(CxrConfig, source, overrides=[*args.overrides, *common_overrides(args)])
+
+
+def train_command(args: argparse.Namespace) -> int:
     """``cxrlandmarks-train``: the demo with no arguments, real data with ``--data-dir``."""
-    import contextlib
-
-    from medcore.cli import continue_run, setup_run
-    from medcore.io import RunLock
-
-    preset = args.preset or ("paper" if args.data_dir is not None else "default")
+    config = "paper" if args.data_dir is not None else "default"  # without --config
     resume = args.resume
     args.resume = None  # phases resume themselves (one latest.pt per phase)
     if resume:  # continue with the interrupted run's settings and data
         continue_run(args, _run_dir_for_resume(resume, args.output_dir))
+    # Checked before setup_run creates the run directory: nothing is left behind.
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        # Checked before setup_run creates the run directory: nothing is left behind.
         raise UserError(args.data_dir, "data directory not found")
     if args.epochs is not None:
         args.overrides = [*(f"phases.{p}.epochs={args.epochs}" for p in PHASES), *args.overrides]
+    if args.allow_missing:
+        args.overrides = [*args.overrides, "data.allow_missing=true"]
+    if not args.dry_run and not resume:
+        first = phases_to_run(args.phase)[0]
+        needs_trunk = args.init_from is None and first == "phase1"
+        check_pretrained(_resolved_config(args, config), args.from_scratch, needs_trunk)
     smoke = [
         *(f"phases.{p}.epochs=1" for p in PHASES),
         *(f"phases.{p}.max_steps_per_epoch=2" for p in PHASES),
         "data.demo_images_per_category=20",
         "eval.grid_images=4",
     ]
-    ctx = setup_run(args, CxrConfig, PACKAGE, preset, smoke_overrides=smoke)
-    print(f"cxrlandmarks-train: preset={preset} device={ctx.device} run_dir={ctx.run_dir}")
-    lock = RunLock(ctx.run_dir) if ctx.dist.is_main else contextlib.nullcontext()
-    try:
-        with lock:
-            metrics = run_training(ctx, args.phase, args.init_from, resume=bool(resume))
+    ctx = setup_run(args, CxrConfig, PACKAGE, config, smoke_overrides=smoke)
+    if args.dry_run:
+        cfg: CxrConfig = ctx.cfg
+        dry_run(
+            lambda: build_model(cfg.model),
+            ctx.run_dir,
+            extra={"input_size": cfg.data.image_size, "phases": list(PHASES)},
+        )
+        ctx.release()
+        return 0
+    name = args.config if args.config is not None else config
+    print(f"cxrlandmarks-train: config={name} device={ctx.device} run_dir={ctx.run_dir}")
+    try:  # setup_run holds the run directory's lock
+        metrics = run_training(ctx, args.phase, args.init_from, resume=bool(resume))
     finally:
         ctx.release()  # the run directory is free again once this job ends, even in-process
     if ctx.dist.is_main:
