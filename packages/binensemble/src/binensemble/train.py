@@ -45,9 +45,9 @@ from medcore.device import amp_policy, device_defaults
 from medcore.distributed import barrier, get_rank, get_world_size
 from medcore.errors import DataError
 from medcore.io import atomic_write_json
-from medcore.logging import RunLogger
 from medcore.metrics import multiclass_metrics
 from medcore.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
+from medcore.runlog import RunLogger
 from medcore.splits import load_or_make_splits, save_splits, stratified_split
 from medcore.trainer import Trainer
 

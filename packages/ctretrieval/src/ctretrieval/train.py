@@ -33,8 +33,8 @@ from medcore.device import AmpPolicy
 from medcore.distributed import barrier
 from medcore.errors import ConfigError
 from medcore.io import RunLock, atomic_write_csv
-from medcore.logging import RunLogger
 from medcore.plots import plot_roc_curves, plot_training_curves
+from medcore.runlog import RunLogger
 from medcore.splits import load_splits, save_splits
 from medcore.summary import dry_run
 from medcore.trainer import EvalContext, Trainer

@@ -28,8 +28,8 @@ from medcore.cli import RunContext, format_table
 from medcore.device import amp_policy, autocast
 from medcore.errors import CheckpointError, UserError
 from medcore.io import atomic_write_csv, atomic_write_json
-from medcore.logging import RunLogger
 from medcore.metrics import landmark_errors
+from medcore.runlog import RunLogger
 
 REFERENCE_SIZE = 224  # "px at 224": ||pred - target|| x 224 on normalised coordinates
 THRESHOLDS = (5.0, 8.5, 10.0, 15.0)

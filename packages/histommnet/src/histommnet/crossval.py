@@ -57,7 +57,7 @@ from medcore.cli import (
 from medcore.demo import ensure_demo_data
 from medcore.errors import DataError, UserError
 from medcore.io import atomic_write_json
-from medcore.logging import RunLogger
+from medcore.runlog import RunLogger
 from medcore.splits import (
     SplitLeakError,
     check_no_leak,

@@ -36,8 +36,8 @@ from medcore.cli import RunContext
 from medcore.config import to_dict
 from medcore.device import device_defaults
 from medcore.io import atomic_write_csv
-from medcore.logging import RunLogger
 from medcore.plots import plot_training_curves
+from medcore.runlog import RunLogger
 from medcore.trainer import EvalContext, Trainer
 
 

@@ -41,7 +41,7 @@ from medcore import distributed as dist_utils
 from medcore.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint, unwrap_model
 from medcore.device import AmpPolicy, device_defaults, precision_policy
 from medcore.errors import CheckpointError, TrainingDiverged, UserError
-from medcore.logging import RunLogger
+from medcore.runlog import RunLogger
 
 StepOutput = torch.Tensor | tuple[torch.Tensor, dict[str, float]]
 StepFn = Callable[[nn.Module, Any], StepOutput]
