@@ -19,7 +19,7 @@ from torch import nn
 from x_transformers import Encoder
 
 from ctclip.config import ModelConfig
-from medcore.errors import ConfigError
+from medcore.errors import ConfigError, UserError
 from medcore.weights import load_pretrained, missing_weights_error
 
 # The spec's torch.hub names of DINOv2 and the timm models with the same architecture.
@@ -155,20 +155,16 @@ class CTCLIP(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> CTCLIP:
-        """Build the model; with ``load_weights`` the backbone takes ``cfg.pretrained_weights``."""
+        """Build the model; with ``load_weights`` the backbone takes ``cfg.pretrained_weights``
+        (and a config that needs them but names none is refused, see :func:`check_weights`)."""
         backbone = create_backbone(cfg)
         if cfg.grad_checkpointing:
             backbone.set_grad_checkpointing(True)  # timm checkpoints each block
-        if load_weights and exists(cfg.pretrained_weights):
-            load_backbone_weights(backbone, cfg.pretrained_weights)
+        if load_weights:
+            check_weights(cfg)
+            if exists(cfg.pretrained_weights):
+                load_backbone_weights(backbone, cfg.pretrained_weights)
         if cfg.freeze_dinov2:
-            if load_weights and not exists(cfg.pretrained_weights):
-                raise missing_weights_error(
-                    "--freeze-dinov2",
-                    "A frozen random backbone learns nothing. Get DINOv2 weights on a "
-                    "machine with network, e.g. torch.hub.load('facebookresearch/dinov2', "
-                    f"'{cfg.dinov2_model_name}').state_dict() saved with torch.save, and pass that file.",
-                )
             backbone.requires_grad_(False)
         visual = VolumeEncoder(
             backbone, cfg.embed_dim, cfg.fusion_depth, cfg.fusion_heads, cfg.slice_chunk_size
@@ -227,6 +223,54 @@ class CTCLIP(nn.Module):
             )
             group["params"].append(param)
         return list(groups.values())
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Refuse a model config that cannot start as configured, before anything is written.
+
+    ``pretrained`` without ``pretrained_weights`` says how to supply them; a frozen backbone
+    needs weights in any case (a frozen random backbone learns nothing).
+    """
+    timm_name = timm_backbone_name(cfg.dinov2_model_name)
+    if exists(cfg.pretrained_weights):
+        return
+    hint = (
+        f"DINOv2 weights for {cfg.dinov2_model_name}: a file (torch.hub or timm layout), a "
+        f"snapshot directory, or hf-hub:timm/{timm_name}.lvd142m"
+    )
+    if cfg.freeze_dinov2:
+        raise missing_weights_error("--freeze-dinov2", f"A frozen random backbone learns nothing. {hint}")
+    if cfg.pretrained:
+        raise UserError(
+            "model.pretrained",
+            f"this config starts from pretrained {hint}: pass --pretrained-weights "
+            "FILE|DIR|hf-hub:NAME, or --from-scratch to train the backbone from random init",
+        )
+
+
+def init_line(cfg: ModelConfig) -> str:
+    """What the backbone starts from, for the training log."""
+    source = (
+        f"pretrained from {cfg.pretrained_weights}"
+        if exists(cfg.pretrained_weights)
+        else "scratch (random init)"
+    )
+    frozen = ", frozen" if cfg.freeze_dinov2 else ""
+    return f"init: backbone {timm_backbone_name(cfg.dinov2_model_name)} {source}{frozen}"
+
+
+def component_counts(model: CTCLIP) -> dict[str, int]:
+    """Parameters per component (backbone, slice fusion, projection, text tower, temperature)."""
+    parts = {
+        "visual.backbone": model.visual.backbone,
+        "visual.fusion": model.visual.fusion,
+        "visual.proj": model.visual.proj,
+        "text": model.text,
+    }
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    counts["visual.cls_token"] = model.visual.cls_token.numel()
+    counts["logit_scale"] = model.logit_scale.numel()
+    return counts
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
