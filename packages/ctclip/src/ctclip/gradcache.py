@@ -52,7 +52,7 @@ class _Replay(torch.autograd.Function):
     """Identity on the cached embeddings; its backward re-runs the chunks with a graph."""
 
     @staticmethod
-    def forward(ctx, replay, anchor, image, text):  # noqa: ARG004 (anchor: makes outputs need grad)
+    def forward(ctx, replay, anchor, image, text):
         ctx.replay = replay
         return image.clone(), text.clone()
 
@@ -96,9 +96,7 @@ def cached_embeddings(
                     torch.cuda.set_rng_state(state.device_rng, device)
                 with (
                     torch.enable_grad(),
-                    torch.autocast(
-                        device.type, dtype=state.autocast_dtype, enabled=state.autocast
-                    ),
+                    torch.autocast(device.type, dtype=state.autocast_dtype, enabled=state.autocast),
                 ):
                     image, text = encode(v, t)
                 torch.autograd.backward([image, text], [gi.to(image.dtype), gt.to(text.dtype)])

@@ -239,7 +239,9 @@ def check_weights(cfg: ModelConfig) -> None:
         f"snapshot directory, or hf-hub:timm/{timm_name}.lvd142m"
     )
     if cfg.freeze_dinov2:
-        raise missing_weights_error("--freeze-dinov2", f"A frozen random backbone learns nothing. {hint}")
+        raise missing_weights_error(
+            "--freeze-dinov2", f"A frozen random backbone learns nothing. {hint}"
+        )
     if cfg.pretrained:
         raise UserError(
             "model.pretrained",
