@@ -149,3 +149,20 @@ def test_param_groups_lower_backbone_lr_and_no_decay_on_gains(tiny_cfg):
     assert id(model.logit_scale) in no_decay and groups["head_no_decay"]["weight_decay"] == 0.0
     total = sum(len(g["params"]) for g in groups.values())
     assert total == len([p for p in model.parameters() if p.requires_grad])
+
+
+def test_pretrained_config_without_weights_says_how_to_supply_them(tiny_cfg):
+    with pytest.raises(UserError) as err:
+        CTCLIP.from_config(tiny_cfg(pretrained=True))
+    assert "--pretrained-weights" in err.value.why and "--from-scratch" in err.value.why
+    assert "hf-hub:timm/vit_small_patch14_dinov2" in err.value.why
+    # building without loading (dry run, eval) needs no weights
+    CTCLIP.from_config(tiny_cfg(pretrained=True), load_weights=False)
+
+
+def test_init_line_tells_the_source(tiny_cfg):
+    from ctclip.model import init_line
+
+    assert init_line(tiny_cfg()).endswith("scratch (random init)")
+    line = init_line(tiny_cfg(pretrained_weights="w.pth", freeze_dinov2=True))
+    assert line.endswith("pretrained from w.pth, frozen")
