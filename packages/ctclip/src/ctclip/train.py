@@ -87,27 +87,29 @@ def check_config(cfg: CTClipConfig) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """ctclip-train: ``--dry-run`` builds on meta; otherwise the config is checked, then trained."""
+    """ctclip-train: the config is checked before a run directory is made; ``--dry-run`` then
+    builds the model on the meta device, otherwise it trains."""
     if args.from_scratch and args.pretrained_weights:
         raise UserError("--from-scratch", "given together with --pretrained-weights: choose one")
-    cfg = resolve_config(args)
-    check_config(cfg)
-    if args.dry_run:
-        ctx = setup_run(args, CTClipConfig, "ctclip", "default", smoke_overrides=SMOKE)
-        model_cfg = ctx.cfg.model
-
-        def build() -> CTCLIP:
-            return CTCLIP.from_config(model_cfg, load_weights=False)
-
-        extra = {
-            "backbone": timm_backbone_name(model_cfg.dinov2_model_name),
-            "components": component_counts(build_on_meta(build)),
-        }
-        dry_run(build, ctx.run_dir, extra=extra)
+    if not args.resume:  # a resumed run continues with its config.yaml and checkpoint weights
+        cfg = resolve_config(args)
+        check_config(cfg)
+        if not args.dry_run:
+            check_weights(cfg.model)
+    ctx = setup_run(args, CTClipConfig, "ctclip", "default", smoke_overrides=SMOKE)
+    if not args.dry_run:
+        run_train(ctx)
         return 0
-    if not args.resume:  # a resumed run takes its weights from the checkpoint
-        check_weights(cfg.model)
-    run_train(setup_run(args, CTClipConfig, "ctclip", "default", smoke_overrides=SMOKE))
+    model_cfg = ctx.cfg.model
+
+    def build() -> CTCLIP:
+        return CTCLIP.from_config(model_cfg, load_weights=False)
+
+    extra = {
+        "backbone": timm_backbone_name(model_cfg.dinov2_model_name),
+        "components": component_counts(build_on_meta(build)),
+    }
+    dry_run(build, ctx.run_dir, extra=extra)
     return 0
 
 
@@ -205,6 +207,7 @@ def training_reports(cfg: CTClipConfig, txt_filepath: Path, ctx: RunContext) -> 
 
 def run_train(ctx: RunContext) -> dict[str, Any]:
     cfg: CTClipConfig = ctx.cfg
+    check_config(cfg)
     if cfg.use_ddp and not ctx.dist.enabled:
         raise UserError(
             "--use-ddp", "no process group: start the command with torchrun --nproc_per_node=N"
