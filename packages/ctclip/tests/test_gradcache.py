@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -54,3 +55,23 @@ def test_separate_micro_batches_give_other_gradients(tiny_cfg):
         (ClipLoss()(*accum(volume[half], tokens[half])) / 2).backward()
     diff = (ref.text.token_embedding.weight.grad - accum.text.token_embedding.weight.grad).abs()
     assert diff.max() > 1e-4
+
+
+def test_training_with_the_cache_ends_with_the_same_weights(tiny_demo, tiny_sets, tmp_path):
+    """Through ctclip-train and the Trainer (clipping, AdamW, schedule): two steps of batch 4,
+    cached in chunks of 1, give the weights of two plain steps."""
+    from safetensors.torch import load_file
+
+    from ctclip import cli
+
+    weights = []
+    for name, chunk in (("plain", 0), ("cached", 1)):
+        argv = ["--data-dir", str(tiny_demo), "--output-dir", str(tmp_path / name), "--smoke"]
+        sets = ["num_threads=1", f"grad_cache_chunk_size={chunk}", "trainer.num_workers=0"]
+        argv += [*tiny_sets, "--no-do-validate", *[a for s in sets for a in ("--set", s)]]
+        assert cli.train(argv) == 0
+        weights.append(load_file(str(tmp_path / name / "checkpoints/final.safetensors")))
+    for key, plain in weights[0].items():
+        torch.testing.assert_close(weights[1][key], plain, atol=1e-5, rtol=1e-4, msg=key)
+    for name in ("plain", "cached"):
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["global_step"] == 2
