@@ -3,7 +3,8 @@
 Random pairing (a model that learned nothing about which report goes with which volume) scores
 a zero-shot AUC of 0.5 in expectation; its spread on these 32 validation volumes is measured by
 pairing the trained model's predictions with shuffled label rows. The trained model must beat
-the 99th percentile of that null by MARGIN, and 0.5 by MARGIN + 0.05.
+the 99th percentile of that null by MARGIN, and 0.5 by MARGIN + 0.05. Measured with seeds 0, 1, 2:
+AUC 0.717, 0.702, 0.682 against null 99th percentiles 0.606, 0.620, 0.611.
 """
 
 from __future__ import annotations
