@@ -166,3 +166,19 @@ def test_init_line_tells_the_source(tiny_cfg):
     assert init_line(tiny_cfg()).endswith("scratch (random init)")
     line = init_line(tiny_cfg(pretrained_weights="w.pth", freeze_dinov2=True))
     assert line.endswith("pretrained from w.pth, frozen")
+
+
+def test_normalisation_from_the_backbone_config_unless_the_config_sets_it(tiny_cfg):
+    with torch.device("meta"):
+        expected = timm.create_model("vit_small_patch14_dinov2", pretrained=False).pretrained_cfg
+    model = CTCLIP.from_config(tiny_cfg())
+    norm = model.visual.normalization()
+    assert norm["mean"] == pytest.approx(expected["mean"]) and norm["std"] == pytest.approx(
+        expected["std"]
+    )
+    half = CTCLIP.from_config(tiny_cfg(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]))
+    slices = torch.tensor([[[0, 255], [255, 0]]], dtype=torch.uint8)
+    out = half.visual.normalize_slices(slices)
+    torch.testing.assert_close(out[0, :, 0, 1], torch.full((3,), 2.0))  # (1 - 0.5) / 0.25
+    with pytest.raises(ConfigError, match="both"):
+        CTCLIP.from_config(tiny_cfg(mean=[0.5, 0.5, 0.5]))

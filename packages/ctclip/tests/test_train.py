@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import timm
 import torch
 
 from ctclip import cli
@@ -215,3 +216,16 @@ def test_eval_refuses_safetensors_without_ctclip_metadata(tmp_path, capsys):
     export_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
     code = cli.evaluate(_eval_argv(tmp_path / "w.safetensors", tmp_path, tmp_path, tmp_path / "e"))
     assert code == 2 and "not a ctclip.CTCLIP checkpoint" in _one_error_line(capsys)
+
+
+def test_checkpoints_record_the_normalisation_eval_uses(trained_run):
+    from ctclip.evaluate import load_model
+
+    final = load_checkpoint(trained_run / "checkpoints/final.pt", kind="ctclip.CTCLIP")
+    with torch.device("meta"):
+        cfg = timm.create_model("vit_small_patch14_dinov2", pretrained=False).pretrained_cfg
+    assert final["model_config"]["mean"] == pytest.approx(cfg["mean"])
+    assert final["model_config"]["std"] == pytest.approx(cfg["std"])
+    for name in ("final.pt", "final.safetensors"):
+        model, _ = load_model(trained_run / "checkpoints" / name, torch.device("cpu"))
+        assert model.visual.normalization()["mean"] == pytest.approx(cfg["mean"])

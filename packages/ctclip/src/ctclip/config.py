@@ -61,6 +61,11 @@ class ModelConfig:
     pretrained: bool = True
     freeze_dinov2: bool = False
     pretrained_weights: str | None = None
+    # Per-channel input normalisation the backbone's weights expect (after the per-slice min-max
+    # to [0, 1]); None: from the weights' own config or the architecture's timm pretrained_cfg,
+    # resolved when training starts and recorded in the checkpoint, which eval uses unchanged.
+    mean: list[float] | None = None
+    std: list[float] | None = None
     slice_chunk_size: int = 32  # slices per backbone call; bounds activation memory
     grad_checkpointing: bool = True
     fusion_depth: int = 4

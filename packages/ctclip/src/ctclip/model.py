@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from open_clip.model import CLIPTextCfg, _build_text_tower
+from timm.data import resolve_data_config
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 from x_transformers import Encoder
@@ -33,8 +34,6 @@ BACKBONES: dict[str, str] = {
     "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
     "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature
 
 
@@ -94,6 +93,8 @@ class VolumeEncoder(nn.Module):
         fusion_depth: int = 4,
         fusion_heads: int = 8,
         slice_chunk_size: int = 64,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -104,15 +105,19 @@ class VolumeEncoder(nn.Module):
             dim=dim, depth=fusion_depth, heads=fusion_heads, rotary_pos_emb=True, attn_flash=True
         )
         self.proj = nn.Linear(dim, embed_dim, bias=False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalization(self) -> dict[str, list[float]]:
+        """The per-channel mean/std the slices are normalised with (recorded in checkpoints)."""
+        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.backbone.patch_embed.img_size)
 
     def normalize_slices(self, slices: torch.Tensor) -> torch.Tensor:
-        """``[n, h, w]`` -> ``[n, 3, h, w]``: min-max per slice to [0, 1], then ImageNet mean/std."""
+        """``[n, h, w]`` -> ``[n, 3, h, w]``: min-max per slice to [0, 1], then the backbone's mean/std."""
         x = slices.float()
         lo = x.amin(dim=(-2, -1), keepdim=True)
         hi = x.amax(dim=(-2, -1), keepdim=True)
@@ -166,8 +171,15 @@ class CTCLIP(nn.Module):
                 load_backbone_weights(backbone, cfg.pretrained_weights)
         if cfg.freeze_dinov2:
             backbone.requires_grad_(False)
+        norm = normalization(cfg, backbone)
         visual = VolumeEncoder(
-            backbone, cfg.embed_dim, cfg.fusion_depth, cfg.fusion_heads, cfg.slice_chunk_size
+            backbone,
+            cfg.embed_dim,
+            cfg.fusion_depth,
+            cfg.fusion_heads,
+            cfg.slice_chunk_size,
+            mean=norm["mean"],
+            std=norm["std"],
         )
         text_cfg = CLIPTextCfg(
             context_length=cfg.context_length,
@@ -223,6 +235,18 @@ class CTCLIP(nn.Module):
             )
             group["params"].append(param)
         return list(groups.values())
+
+
+def normalization(cfg: ModelConfig, backbone: nn.Module) -> dict[str, tuple[float, ...]]:
+    """``{"mean", "std"}`` of ``cfg`` where set, else of the backbone's timm pretrained_cfg."""
+    if exists(cfg.mean) and exists(cfg.std):
+        if len(cfg.mean) != 3 or len(cfg.std) != 3:
+            raise ConfigError("model.mean", "model.mean and model.std need 3 values (RGB)")
+        return {"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+    if exists(cfg.mean) or exists(cfg.std):
+        raise ConfigError("model.mean", "set both model.mean and model.std, or neither")
+    data = resolve_data_config({}, model=backbone)
+    return {"mean": tuple(data["mean"]), "std": tuple(data["std"])}
 
 
 def check_weights(cfg: ModelConfig) -> None:

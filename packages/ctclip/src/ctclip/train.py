@@ -264,6 +264,8 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
     print(
         f"init: resumed from {ctx.resume}" if ctx.resume else init_line(cfg.model), file=sys.stderr
     )
+    # The normalisation the backbone was built with travels in the checkpoint, for eval.
+    model_config = to_dict(dataclasses.replace(cfg.model, **model.visual.normalization()))
     trainer = Trainer(
         model,
         cfg.trainer,
@@ -280,7 +282,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
             cfg.trainer.lr, cfg.backbone_lr_scale, cfg.trainer.weight_decay
         ),
         extra_state={
-            "model_config": to_dict(cfg.model),
+            "model_config": model_config,
             "text_column": cfg.data.text_column,
             "findings": list(FINDINGS),
         },
@@ -300,7 +302,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
         ctx.run_dir / "checkpoints" / "final.safetensors",
         metadata={
             "kind": KIND,
-            "model_config": json.dumps(to_dict(cfg.model)),
+            "model_config": json.dumps(model_config),
             "findings": json.dumps(list(FINDINGS)),
         },
     )
