@@ -39,10 +39,18 @@ def _sync(session: nox.Session, package: str) -> None:
 
 
 def _has_cuda() -> bool:
+    return _gpu_count() > 0
+
+
+def _gpu_count() -> int:
+    """NVIDIA GPUs that ``nvidia-smi -L`` lists (0 without a driver)."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return False
-    return subprocess.run([smi, "-L"], capture_output=True, check=False).returncode == 0
+        return 0
+    proc = subprocess.run([smi, "-L"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return 0
+    return sum(1 for line in proc.stdout.splitlines() if line.startswith("GPU "))
 
 
 @nox.session
@@ -85,6 +93,30 @@ def gpu_smoke(session: nox.Session, package: str) -> None:
             "trainer.amp=true",
             "--output-dir",
             str(out),
+        )
+        _multi_gpu_smoke(session, package, Path(session.create_tmp()))
+
+
+def _multi_gpu_smoke(session: nox.Session, package: str, tmp: Path) -> None:
+    """2-GPU DDP and FSDP --smoke runs (the command starts its two ranks itself, NCCL)."""
+    gpus = _gpu_count()
+    if gpus < 2:
+        session.log(f"{package}: 2-GPU DDP and FSDP smokes skipped: {gpus} GPU(s), 2 needed")
+        return
+    for strategy in ("ddp", "fsdp"):
+        session.run(
+            f"{package}-train",
+            "--smoke",
+            "--device",
+            "cuda",
+            "--devices",
+            "2",
+            "--set",
+            f"trainer.strategy={strategy}",
+            "--set",
+            "trainer.amp=true",
+            "--output-dir",
+            str(tmp / f"{package}-{strategy}-smoke"),
         )
 
 

@@ -70,16 +70,18 @@ def _naive(path: Path, order: int = 3) -> np.ndarray:
     import nibabel as nib
     from scipy import ndimage
 
-    from ctclip.preprocess import center_pad_crop, hu_to_uint8
+    from ctclip.preprocess import hu_to_uint8
+    from medcore.volumes import center_in_box
 
     img = nib.load(str(path))
     hu = np.clip(img.get_fdata(dtype=np.float32), -1000, 1000)
     view = hu.transpose(2, 1, 0)[:, ::-1, ::-1]
-    _, h, w = view.shape
-    out_mm = max(h * SPACING[1] / TARGET[1], w * SPACING[0] / TARGET[2])
+    d, h, w = view.shape
+    # The same grid as ctclip-preprocess: the whole volume fits the target, then is padded.
+    out_mm = max(d * SPACING[2] / TARGET[0], h * SPACING[1] / TARGET[1], w * SPACING[0] / TARGET[2])
     factors = (SPACING[2] / out_mm, SPACING[1] / out_mm, SPACING[0] / out_mm)
     resized = ndimage.zoom(view, factors, order=order)
-    return hu_to_uint8(center_pad_crop(resized, TARGET, -1000))
+    return hu_to_uint8(center_in_box(resized, TARGET, -1000)[0])
 
 
 def _per_volume(fn, paths: list[Path]) -> float:

@@ -128,7 +128,7 @@ def train_step(trainer, batch, amp=None) -> None:
     with autocast(trainer.device, amp):
         out = trainer.step_fn(trainer.train_model, batch)
     loss = out[0] if isinstance(out, tuple) else out
-    trainer.scaler.scale(loss.float()).backward()
+    trainer.fabric.backward(loss.float())  # Fabric's precision plugin scales it under 16-mixed
     # The configuration's own optimizer step: gradient clipping, scaler, scheduler included.
     trainer._optimizer_step()
 

@@ -33,6 +33,7 @@ ORDER = (
     "inference",
     "knn",
     "gpu_amp",
+    "loader",
 )
 
 

@@ -84,6 +84,25 @@ def test_resize_keeps_aspect_and_centres(tmp_path):
     assert (vol[:2] == 0).all() and (vol[10:] == 0).all()  # air padding, centred
 
 
+def test_long_scan_is_padded_never_cropped(tmp_path):
+    # 300 slices at 1.25 mm (375 mm) with a 350 mm field of view: the z extent sets the voxel
+    # size, and markers on the first and last slice survive (the old centre crop lost ~100 mm).
+    data = np.full((70, 70, 300), -1000.0, dtype=np.float32)  # x, y, z at 5 mm in-plane
+    data[30:40, 30:40, :3] = 1000.0  # inferior marker (first slices)
+    data[30:40, 30:40, -3:] = 1000.0  # superior marker (last slices)
+    path = _save(tmp_path / "long.nii.gz", data, np.diag([5.0, 5.0, 1.25, 1.0]))
+    vol, attrs = preprocess_volume(path, None, (160, 224, 224))
+    out_mm = 375.0 / 160
+    assert attrs["out_spacing"][0] == pytest.approx(out_mm)
+    np.testing.assert_array_equal(attrs["pad"][0], [0, 0])  # depth fills the box exactly
+    inplane = round(350 / out_mm)
+    assert attrs["pad"][1].sum() == 224 - inplane and attrs["pad"][2].sum() == 224 - inplane
+    assert vol[0].max() > 128 and vol[-1].max() > 128  # both markers kept
+    assert vol[80].max() == 0  # the middle holds air only
+    top, left = attrs["pad"][1][0], attrs["pad"][2][0]
+    assert (vol[:, :top] == 0).all() and (vol[:, :, :left] == 0).all()  # padding is air
+
+
 def _write_dataset(root, n=4):
     vols = root / "vols"
     vols.mkdir()
@@ -142,6 +161,7 @@ def test_bad_files_are_named_skipped_and_counted(tmp_path, capsys):
             "train_0_a_1.nii.gz"
         )
         np.testing.assert_allclose(ds.attrs["spacing"], [4.0, 2.0, 2.0])
+        assert h5.attrs["kind"] == "ctclip.volumes" and list(h5.attrs["target_shape"]) == [4, 8, 8]
 
 
 def test_interrupted_run_resumes_without_redoing_work(tmp_path, monkeypatch):
@@ -213,7 +233,8 @@ def test_wrong_shape_in_existing_file_is_one_line_error(tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "(4, 8, 8)" in err[0]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert "target_shape=[4, 8, 8], not [4, 16, 16]" in err[0]
     assert out.read_bytes() == before
 
 

@@ -1,10 +1,10 @@
 """A ctretrieval command that pauses at a chosen point, to be killed there by test_faults.py.
 
-usage: fault_runner.py {train,preprocess,assemble} MARKER N ARGS...
+usage: fault_runner.py {train,preprocess,append} MARKER N ARGS...
 
 ``train``: pauses in the N-th training step (before its forward pass), so every earlier step's
-``latest.pt`` is on disk; ``preprocess``: pauses before reading the N-th study; ``assemble``:
-pauses while the HDF5 file is being assembled, before loading the N-th finished study. On
+``latest.pt`` is on disk; ``preprocess``: pauses before reading the N-th study; ``append``:
+pauses while the staged studies are appended to the existing HDF5 file, before copying the N-th. On
 pausing it writes its PID to MARKER and sleeps until the test kills it.
 """
 
@@ -42,19 +42,21 @@ def main() -> int:
         if what == "preprocess":
             real_one = mod._process_one
 
-            def process_one(study, cfg, parts):
+            def process_one(study, cfg):
                 count()
-                return real_one(study, cfg, parts)
+                return real_one(study, cfg)
 
             mod._process_one = process_one
         else:
-            real_load = mod.np.load
+            import h5py
 
-            def load(*args, **kwargs):
+            real_copy = h5py.Group.copy
+
+            def copy(self, *args, **kwargs):
                 count()
-                return real_load(*args, **kwargs)
+                return real_copy(self, *args, **kwargs)
 
-            mod.np.load = load
+            h5py.Group.copy = copy
     return command(argv)
 
 

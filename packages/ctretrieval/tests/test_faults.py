@@ -2,7 +2,7 @@
 
 Covered: kill -9 mid-epoch of ``ctretrieval-train`` then ``--resume latest`` (same weights as an
 uninterrupted run); kill -9 of ``ctretrieval-preprocess`` while reading studies and while
-assembling the HDF5 file, then a rerun (nothing processed twice, same file as an uninterrupted
+appending them to the HDF5 file, then a rerun (nothing processed twice, same file as an uninterrupted
 run, the output never unreadable); a second job into a running job's output (refused by the
 lock); a failing checkpoint write; checkpoints that would run code or belong to another package,
 given to eval / index / search / train --resume; a table of broken raw studies, label CSVs,
@@ -40,6 +40,7 @@ from medcore.testing import (
     error_line,
     wait_until,
 )
+from medcore.volume_store import complete_names
 
 pytestmark = pytest.mark.faults
 
@@ -194,7 +195,7 @@ def raw_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return raw
 
 
-@pytest.mark.parametrize("where", ["reading studies", "assembling the HDF5 file"])
+@pytest.mark.parametrize("where", ["reading studies", "appending to the HDF5 file"])
 def test_kill_9_during_preprocess_then_rerun(
     where: str, raw_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -212,7 +213,7 @@ def test_kill_9_during_preprocess_then_rerun(
     capsys.readouterr()
 
     marker, log = tmp_path / "paused", tmp_path / "victim.err"
-    what, at = ("preprocess", 3) if where == "reading studies" else ("assemble", 2)
+    what, at = ("preprocess", 3) if where == "reading studies" else ("append", 2)
     argv = ["--input", str(raw_dir), "--output", str(out), *PREP]
     victim = _start(what, marker, at, argv, log)
     try:
@@ -222,29 +223,33 @@ def test_kill_9_during_preprocess_then_rerun(
     finally:
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-    # Whenever the kill hit, the output is the earlier complete file.
-    after_kill = _h5_volumes(out)
-    assert after_kill.keys() == before.keys()
+    # Whenever the kill hit, the output is readable, its earlier studies unchanged; the kill while
+    # appending leaves the one study already appended, complete and as the reference has it.
+    expected = _h5_volumes(ref)
+    with h5py.File(out, "r") as f:
+        after_kill = {k: f["volumes"][k][()] for k in complete_names(f)}
+    appended = set(after_kill) - set(before)
+    assert set(before) <= set(after_kill)
     assert all(np.array_equal(after_kill[k], before[k]) for k in before)
-    parts = out.with_name(out.name + ".parts")
-    done_by_victim = {p.stem for p in parts.glob("*.npy")}
+    assert len(appended) == (0 if where == "reading studies" else 1)
+    assert all(np.array_equal(after_kill[k], expected[k]) for k in appended)
+    with h5py.File(out.with_name(out.name + ".partial"), "r") as f:  # the staging store
+        done_by_victim = complete_names(f)
     assert len(done_by_victim) == (2 if where == "reading studies" else 4)
 
     seen: list[str] = []
     real = prep_mod._process_one
-    monkeypatch.setattr(
-        prep_mod, "_process_one", lambda s, c, p: seen.append(s.id) or real(s, c, p)
-    )
+    monkeypatch.setattr(prep_mod, "_process_one", lambda s, c: seen.append(s.id) or real(s, c))
     code, stdout, err = call_main(preprocess, argv, capsys)
     assert code == 0, err
     assert f"{len(done_by_victim) + len(before)} already done; 6 volumes in the file" in stdout
     assert len(seen) == len(set(seen))
     assert not set(seen) & (done_by_victim | set(before))  # nothing processed twice
-    assert sorted([*seen, *done_by_victim, *before]) == sorted(_h5_volumes(ref))
-    final, expected = _h5_volumes(out), _h5_volumes(ref)
+    assert sorted([*seen, *done_by_victim, *before]) == sorted(expected)
+    final = _h5_volumes(out)
     assert final.keys() == expected.keys()
     assert all(np.array_equal(final[k], expected[k]) for k in expected)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["volumes.h5"]  # no parts, temp, lock
+    assert sorted(p.name for p in out.parent.iterdir()) == ["volumes.h5"]  # no staging, lock
 
 
 # -- 4: a checkpoint write that fails -----------------------------------------------------------
@@ -420,10 +425,10 @@ RAW_SKIPS = [
     ("dicom too few slices", "too few slices (2 < 3)"),
     ("dicom without pixel data", "without pixel data"),
     ("dicom bomb-sized header", "60000 x 60000 pixels; refusing to decode"),
-    ("nifti zero-byte", "cannot read NIfTI"),
-    ("nifti truncated", "cannot read NIfTI"),
-    ("nifti 4-D", "expected a 3-D volume"),
-    ("nifti 2-D", "expected a 3-D volume"),
+    ("nifti zero-byte", "empty file (0 bytes)"),
+    ("nifti truncated", "(truncated or corrupt"),
+    ("nifti 4-D", "expected a 3D volume"),
+    ("nifti 2-D", "expected a 3D volume"),
     ("nifti NaN voxels", "NaN"),
     ("nifti inf voxels", "inf"),
     ("nifti bomb-sized header", "refusing to decode"),

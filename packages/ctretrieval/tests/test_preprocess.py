@@ -12,6 +12,7 @@ from ctretrieval.cli import preprocess as preprocess_cli
 from ctretrieval.config import PreprocessConfig
 from ctretrieval.preprocess import preprocess, to_uint8_volume
 from medcore.errors import ConfigError
+from medcore.volume_store import complete_names
 
 CFG = PreprocessConfig(target_shape=(4, 8, 8), hu_window=(-1000.0, 400.0), min_slices=3, workers=1)
 
@@ -54,7 +55,7 @@ def test_preprocess_writes_hdf5_and_skips_bad_studies(tmp_path: Path, helpers, c
         assert tuple(f.attrs["target_shape"]) == (4, 8, 8)
     # Slice order survives: the ramp rises through the volume.
     assert (np.diff(good.mean(axis=(1, 2))) > 0).all()
-    assert not (tmp_path / "v.h5.parts").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "v.h5"]  # no staging, no lock
 
 
 def test_resume_processes_only_new_studies(tmp_path: Path, helpers, monkeypatch) -> None:
@@ -63,9 +64,7 @@ def test_resume_processes_only_new_studies(tmp_path: Path, helpers, monkeypatch)
     helpers.write_series(raw / "late", helpers.ramp_volume(5, 10, 10))
     seen = []
     real = prep_mod._process_one
-    monkeypatch.setattr(
-        prep_mod, "_process_one", lambda s, c, p: seen.append(s.id) or real(s, c, p)
-    )
+    monkeypatch.setattr(prep_mod, "_process_one", lambda s, c: seen.append(s.id) or real(s, c))
     report = preprocess(raw, tmp_path / "v.h5", CFG, show_progress=False)
     assert sorted(seen) == ["broken", "late", "short"]  # skipped ones are retried, done ones not
     assert report.written == 1 and report.total_in_file == 3
@@ -80,17 +79,18 @@ def test_interrupted_run_keeps_finished_studies_and_no_broken_file(
     real = prep_mod._process_one
     calls = []
 
-    def flaky(study, cfg, parts):
+    def flaky(study, cfg):
         calls.append(study.id)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(study, cfg, parts)
+        return real(study, cfg)
 
     monkeypatch.setattr(prep_mod, "_process_one", flaky)
     with pytest.raises(KeyboardInterrupt):
         preprocess(raw, tmp_path / "v.h5", CFG, show_progress=False)
     assert not (tmp_path / "v.h5").exists()  # never a half-written HDF5
-    assert [p.stem for p in (tmp_path / "v.h5.parts").glob("*.npy")] == ["a"]
+    with h5py.File(tmp_path / "v.h5.partial") as f:  # the staging store keeps study a
+        assert complete_names(f) == {"a"}
     monkeypatch.setattr(prep_mod, "_process_one", real)
     report = preprocess(raw, tmp_path / "v.h5", CFG, show_progress=False)
     assert report.written == 2 and report.total_in_file == 3
@@ -99,7 +99,9 @@ def test_interrupted_run_keeps_finished_studies_and_no_broken_file(
 def test_other_settings_on_existing_file_are_refused(tmp_path: Path, helpers) -> None:
     raw = _raw(tmp_path, helpers)
     preprocess(raw, tmp_path / "v.h5", CFG, show_progress=False)
-    with pytest.raises(ConfigError, match="written with shape"):
+    with pytest.raises(
+        ConfigError, match=r"other settings \(target_shape=\[4, 8, 8\], not \[5, 8, 8\]"
+    ):
         preprocess(
             raw,
             tmp_path / "v.h5",

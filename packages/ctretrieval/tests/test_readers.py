@@ -6,32 +6,38 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctretrieval.readers import Study, find_studies, read_dicom_series, read_nifti, read_study
+from ctretrieval.readers import Study, find_studies, read_study
 from medcore.errors import DataError
+from medcore.volumes import read_dicom_series, read_nifti
+
+
+def test_series_read_back_in_position_order_with_rescale(tmp_path: Path, helpers) -> None:
+    hu = helpers.ramp_volume()
+    files = helpers.write_series(tmp_path / "s", hu, slope=2.0, intercept=-1024.0, seed=3)
+    # The shuffled file names do not follow the slice order, instance numbers run backwards.
+    assert sorted(files) != files
+    vol = read_study(Study("s", tmp_path / "s", "dicom"))
+    assert vol.shape == hu.shape and vol.voxels.dtype == np.float32
+    # The demo's axial series (rows along +y = posterior, columns along +x = left, slices along
+    # +z = superior, LPS) is already in the canonical orientation.
+    np.testing.assert_allclose(vol.voxels, hu, atol=1.0)  # slope 2: stored values round to 2 HU
+    assert vol.spacing == (2.0, 1.0, 1.0)
 
 
 @pytest.mark.parametrize(
-    "orientation",
-    [(1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, -1), (0.8, 0.6, 0, 0, 0, -1)],  # axial, coronal, oblique
+    "orientation, reason",
+    [((1, 0, 0, 0, 0, -1), "coronal, not axial"), ((0, 1, 0, 0, 0, -1), "sagittal, not axial")],
 )
-def test_series_read_back_in_position_order_with_rescale(
-    tmp_path: Path, helpers, orientation
-) -> None:
-    hu = helpers.ramp_volume()
-    files = helpers.write_series(
-        tmp_path / "s", hu, slope=2.0, intercept=-1024.0, orientation=orientation, seed=3
-    )
-    # The shuffled file names do not follow the slice order.
-    assert sorted(files) != files
-    vol = read_dicom_series(tmp_path / "s")
-    assert vol.shape == hu.shape and vol.dtype == np.float32
-    np.testing.assert_allclose(vol, hu, atol=1.0)  # slope 2: stored values round to 2 HU
+def test_reformats_are_refused(tmp_path: Path, helpers, orientation, reason) -> None:
+    helpers.write_series(tmp_path / "s", helpers.ramp_volume(), orientation=orientation)
+    with pytest.raises(DataError, match=reason):
+        read_study(Study("s", tmp_path / "s", "dicom"))
 
 
-def test_instance_number_fallback_without_geometry(tmp_path: Path, helpers) -> None:
-    hu = helpers.ramp_volume(5)
-    helpers.write_series(tmp_path / "s", hu, geometry=False, seed=1)
-    np.testing.assert_allclose(read_dicom_series(tmp_path / "s"), hu, atol=0.5)
+def test_series_without_geometry_is_refused(tmp_path: Path, helpers) -> None:
+    helpers.write_series(tmp_path / "s", helpers.ramp_volume(5), geometry=False, seed=1)
+    with pytest.raises(DataError, match="geometry unknown"):
+        read_dicom_series(tmp_path / "s")
 
 
 def test_mixed_slice_sizes_are_refused(tmp_path: Path, helpers) -> None:
@@ -71,12 +77,13 @@ def test_too_few_slices(tmp_path: Path, helpers) -> None:
         read_study(Study("s", tmp_path / "s", "dicom"), min_slices=4)
 
 
-def test_nifti_is_read_slices_first(tmp_path: Path) -> None:
+def test_nifti_is_read_slices_first_in_the_canonical_orientation(tmp_path: Path) -> None:
     xyz = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
-    nib.save(nib.Nifti1Image(xyz, np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(xyz, np.eye(4)), tmp_path / "a.nii.gz")  # RAS
     vol = read_nifti(tmp_path / "a.nii.gz")
     assert vol.shape == (6, 5, 4)
-    np.testing.assert_array_equal(vol, np.transpose(xyz, (2, 1, 0)))
+    # slices along +S, rows along -A (anterior first), columns along -R (patient right first)
+    np.testing.assert_array_equal(vol.voxels, np.transpose(xyz, (2, 1, 0))[:, ::-1, ::-1])
 
 
 def test_find_studies(tmp_path: Path, helpers) -> None:

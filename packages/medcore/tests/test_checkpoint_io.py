@@ -169,8 +169,8 @@ def test_load_pretrained_strips_prefixes_and_rejects_foreign(tmp_path: Path) -> 
     wrapped = {"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}
     torch.save(wrapped, tmp_path / "w.pth")
     dst = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    missing, unexpected = load_pretrained(dst, tmp_path / "w.pth")
-    assert missing == [] and unexpected == []
+    report = load_pretrained(dst, tmp_path / "w.pth")
+    assert report.missing == [] and report.unexpected == [] and report.matched == 4
     assert torch.equal(dst[0].weight, src[0].weight)
     torch.save({"conv.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="wrong architecture"):

@@ -1,5 +1,6 @@
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -16,6 +17,9 @@ class Model:
     dropout: float = 0.1
     pretrained_weights: str | None = None
     sizes: list[int] = field(default_factory=lambda: [1, 2])
+    extra: dict[str, Any] = field(default_factory=dict)
+    mode: Literal["a", "b"] = "a"
+    pool: Literal["avg", "max"] | None = "avg"
 
 
 @dataclass
@@ -87,3 +91,36 @@ def test_overrides_nest() -> None:
         "a": {"b": 1, "c": "x"},
         "d": [1, 2],
     }
+
+
+def test_set_empties_a_mapping_and_nulls_an_optional(tmp_path: Path) -> None:
+    path = tmp_path / "research.yaml"
+    path.write_text("model:\n  extra: {depth: 2, width: 64}\n  pretrained_weights: w.pt\n")
+    assert load_config(Cfg, path).model.extra == {"depth": 2, "width": 64}
+    cfg = load_config(
+        Cfg, path, overrides=["model.extra={}", "model.pretrained_weights=null", "model.pool=null"]
+    )
+    assert cfg.model.extra == {} and cfg.model.pretrained_weights is None and cfg.model.pool is None
+    # a dotted path still merges into the mapping; a whole value replaces it
+    cfg = load_config(Cfg, path, overrides=["model.extra.depth=3"])
+    assert cfg.model.extra == {"depth": 3, "width": 64}
+    cfg = load_config(Cfg, path, overrides=["model.extra={depth: 5}"])
+    assert cfg.model.extra == {"depth": 5}
+    assert load_config(Cfg, path).model.extra == {"depth": 2, "width": 64}  # file untouched
+    with pytest.raises(ConfigError, match=r"model\.depth: expected an integer, got None"):
+        load_config(Cfg, overrides=["model.depth=null"])
+    with pytest.raises(ConfigError, match=r"model\.extra: expected a mapping"):
+        load_config(Cfg, overrides=["model.extra=[]"])
+    with pytest.raises(ConfigError, match="depth is a value here, not a section"):
+        load_config(Cfg, overrides=["model.depth=2", "model.depth.x=1"])
+
+
+def test_literal_fields_refuse_other_values_at_load_time(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  mode: c\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Cfg, path)
+    assert str(info.value) == "model.mode: expected one of 'a', 'b', got 'c'"
+    with pytest.raises(ConfigError, match=r"model\.pool: expected .*got 'min'"):
+        load_config(Cfg, overrides=["model.pool=min"])
+    assert load_config(Cfg, overrides=["model.mode=b"]).model.mode == "b"

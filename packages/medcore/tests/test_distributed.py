@@ -3,13 +3,16 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from medcore.distributed import gather_with_grad
+from medcore.metrics.accumulate import MetricAccumulator
 from medcore.testing import run_gloo
-from medcore.trainer import Trainer, TrainerConfig
+from medcore.trainer import EvalContext, Trainer, TrainerConfig
 
 N = 16
 
@@ -30,7 +33,38 @@ def _step(model, batch):
     return ((model(x) - y) ** 2).mean()
 
 
-def _ddp_train(rank: int, world_size: int, out: str) -> None:
+_COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "all_gather_into_tensor", "reduce")
+
+
+def _watch_collective_devices(expected: torch.device, seen: list[str]) -> None:
+    """Wrap torch.distributed's tensor collectives: each records its tensors' devices and
+    fails on one that is not ``expected`` (an NCCL group takes CUDA tensors only)."""
+    for name in _COLLECTIVES:
+        real = getattr(dist, name)
+
+        def checked(*args, _real=real, _name=name, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [
+                t for a in args if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)
+            ]
+            for t in tensors:
+                seen.append(f"{_name}:{t.device}")
+                assert t.device == expected, f"{_name} got a tensor on {t.device}, not {expected}"
+            return _real(*args, **kwargs)
+
+        setattr(dist, name, checked)
+
+
+def _eval_fn(model, ctx: EvalContext) -> dict[str, float]:
+    acc = MetricAccumulator(lambda pred, target: {"val/mse": float(((pred - target) ** 2).mean())})
+    part = ctx.shard(_data())
+    for i in range(0, len(part), 3):
+        xb, yb = zip(*[part[j] for j in range(i, min(i + 3, len(part)))], strict=True)
+        acc.update(pred=model(torch.stack(xb)), target=torch.stack(yb))
+    return acc.compute()
+
+
+def _ddp_train(rank: int, world_size: int, out: str, watch: bool = False) -> None:
     cfg = TrainerConfig(
         epochs=1,
         batch_size=N // world_size,
@@ -50,16 +84,20 @@ def _ddp_train(rank: int, world_size: int, out: str) -> None:
         run_dir=out,
         device=torch.device("cpu"),
         kind="test.Lin",
-        evaluate_fn=lambda m, ctx: {"val/loss": 1.0 + rank},
+        evaluate_fn=lambda m, ctx: {"val/loss": 1.0 + rank, **_eval_fn(m, ctx)},
         show_progress=False,
     )
+    seen: list[str] = []
+    if watch:
+        _watch_collective_devices(trainer.device, seen)
     trainer.fit()
+    Path(out, f"collectives_rank{rank}.json").write_text(json.dumps(seen))
     weights = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
     Path(out, f"weights_rank{rank}.json").write_text(json.dumps(weights))
 
 
 def test_ddp_averages_gradients_and_only_rank0_writes(tmp_path: Path) -> None:
-    run_gloo(_ddp_train, 2, str(tmp_path))
+    run_gloo(_ddp_train, 2, str(tmp_path), True)
     w0 = json.loads((tmp_path / "weights_rank0.json").read_text())
     w1 = json.loads((tmp_path / "weights_rank1.json").read_text())
     assert w0 == w1
@@ -74,7 +112,23 @@ def test_ddp_averages_gradients_and_only_rank0_writes(tmp_path: Path) -> None:
         torch.testing.assert_close(torch.tensor(w0[key]), value, rtol=1e-5, atol=1e-6)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     evals = [json.loads(x) for x in lines if '"eval"' in x]
-    assert len(evals) == 1 and evals[0]["val/loss"] == 1.0  # rank 0 evaluated, logged once
+    assert len(evals) == 1 and evals[0]["val/loss"] == 1.0  # rank 0's metrics, logged once
+    # Each rank evaluated its half; the gathered metric is the single-process one.
+    with torch.no_grad():
+        trained = _model()
+        trained.load_state_dict({k: torch.tensor(v) for k, v in w0.items()})
+        single = _eval_fn(trained, EvalContext(0, 1, torch.device("cpu"), None, None, tmp_path))
+    assert evals[0]["val/mse"] == pytest.approx(single["val/mse"], rel=1e-6)
+    # The logged loss is the mean over the whole global batch, before the step.
+    logged = [json.loads(x) for x in lines if '"train/loss"' in x]
+    assert len(logged) == 1
+    assert logged[0]["train/loss"] == pytest.approx(
+        float(_step(_model(), _data().tensors).detach())
+    )
+    # Every collective got tensors on the trainer's device (CPU here; CUDA under NCCL).
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"collectives_rank{rank}.json").read_text())
+        assert seen and all(s.endswith(":cpu") for s in seen)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert (
         names[:2] == ["final.pt", "latest.pt"] and len(names) == 3 and names[2].startswith("model_")

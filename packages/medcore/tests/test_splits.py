@@ -222,3 +222,29 @@ def test_failed_save_keeps_the_old_file(tmp_path):
         save_splits(path, {"train": np.array([1])}, meta={"bad": object()})
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["splits.json"]
+
+
+def test_load_or_make_splits_makes_once_then_reloads_and_refuses_changed_data(tmp_path):
+    from medcore.errors import DataError
+    from medcore.splits import load_or_make_splits
+
+    ids = [f"s{i}" for i in range(10)]
+    calls = []
+
+    def make():
+        calls.append(1)
+        return stratified_split(np.array([0, 1] * 5), {"train": 0.6, "val": 0.4}, seed=3)
+
+    path = tmp_path / "splits.json"
+    first = load_or_make_splits(path, make, ids=ids, meta={"seed": 3})
+    again = load_or_make_splits(path, make, ids=ids)
+    assert len(calls) == 1
+    assert {k: v.tolist() for k, v in again.items()} == {k: v.tolist() for k, v in first.items()}
+    assert json.loads(path.read_text())["meta"] == {"seed": 3}
+
+    other_rank = tmp_path / "rank1.json"
+    load_or_make_splits(other_rank, make, ids=ids, is_main=False)
+    assert not other_rank.exists() and len(calls) == 2
+
+    with pytest.raises(DataError, match=r"reordered or changed.*another --output-dir"):
+        load_or_make_splits(path, make, ids=list(reversed(ids)))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -266,3 +267,48 @@ def test_final_checkpoint_is_written_when_latest_is_not_ours(tmp_path: Path) -> 
     make(tmp_path, epochs=1).fit(resume=ckpts / "latest.pt")
     assert (ckpts / "final.pt").stat().st_ino != (ckpts / "latest.pt").stat().st_ino
     assert load_checkpoint(ckpts / "final.pt", kind="test.MLP")["epoch"] == 1
+
+
+@pytest.mark.parametrize(("n", "batches"), [(17, 2), (18, 3)])
+def test_a_last_batch_too_small_to_normalise_is_dropped_with_a_note(
+    tmp_path: Path, n: int, batches: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """17 samples at batch 8 leave one: BatchNorm1d would raise on it; 18 leave two (kept)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    sizes: list[int] = []
+
+    def counting_step(model: nn.Module, batch) -> torch.Tensor:
+        sizes.append(batch[0].shape[0])
+        return step(model, batch)
+
+    trainer = Trainer(
+        model,
+        TrainerConfig(epochs=2, batch_size=8, num_workers=0, log_every_steps=1),
+        train_data=TensorDataset(X[:n], Y[:n]),
+        step_fn=counting_step,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        kind="test.MLP",
+        seed=5,
+        show_progress=False,
+    )
+    trainer.fit()
+    assert trainer.batches_per_epoch == batches
+    assert min(sizes) >= 2 and len(sizes) == 2 * batches
+    note = "the last training batch of each epoch would hold 1 sample"
+    assert (note in capsys.readouterr().out) == (n == 17)
+
+
+@dataclasses.dataclass
+class _RunLike:
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+
+
+@pytest.mark.parametrize(("key", "value"), [("amp_dtype", "float16"), ("precision", "bf16")])
+def test_a_wrong_precision_is_a_config_error_at_load_time(key: str, value: str) -> None:
+    from medcore.config import load_config
+    from medcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"trainer\.{key}: expected .*{value!r}"):
+        load_config(_RunLike, {"trainer": {key: value}})

@@ -87,13 +87,17 @@ class DualBackbone(nn.Module):
         covered = {"convnext": False, "vit": False}
         if cfg.pretrained_weights:
             # A combined file (keys convnext.* and vit.*), e.g. a backbone exported by this package.
-            load_pretrained(self, cfg.pretrained_weights, convert=self._combined_convert)
+            load_pretrained(
+                self, cfg.pretrained_weights, convert=self._combined_convert, what="dual backbone"
+            )
             covered = {"convnext": True, "vit": True}
         if cfg.convnext_weights:
-            load_pretrained(self.convnext, cfg.convnext_weights)
+            load_pretrained(self.convnext, cfg.convnext_weights, what="ConvNeXt backbone")
             covered["convnext"] = True
         if cfg.vit_weights:
-            load_pretrained(self.vit, cfg.vit_weights, convert=_vit_convert(self.vit))
+            load_pretrained(
+                self.vit, cfg.vit_weights, convert=_vit_convert(self.vit), what="ViT backbone"
+            )
             covered["vit"] = True
         if cfg.pretrained and not all(covered.values()):
             missing = ", ".join(k for k, v in covered.items() if not v)

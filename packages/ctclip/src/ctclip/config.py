@@ -42,6 +42,10 @@ class DataConfig:
     # long reports then contribute all their sentences across epochs despite the 77-token
     # context, and short prompts like "<finding> is present." are in the training distribution.
     sentence_sampling: bool = False
+    # What the HDF5 store must have been written with (ctclip-preprocess --target-shape,
+    # --slide-b2u); None accepts the store's value. The HU range and orientation are always checked.
+    target_shape: list[int] | None = None
+    slide_b2u: bool | None = None
     # The built-in demo: how many synthetic volumes, and the preprocessed shape (D, H, W).
     demo_train_volumes: int = 160
     demo_valid_volumes: int = 60

@@ -18,10 +18,12 @@ from torch.utils.data import Dataset
 
 from ctclip.config import DataConfig, TextColumn
 from ctclip.findings import FINDINGS
-from ctclip.preprocess import read_volume_names, volume_shape
+from ctclip.preprocess import HU_RANGE, read_volume_names, volume_shape
 from ctclip.text import TEXT_COLUMNS, Tokenizer, report_text
 from medcore.errors import DataError
 from medcore.io import read_csv
+from medcore.volume_store import check_settings
+from medcore.volumes import CANONICAL_AXCODES
 
 REPORT_COLUMNS = (
     "VolumeName",
@@ -115,6 +117,24 @@ def match_names(
         )
     check_volumes(h5_path, present)
     return present
+
+
+def check_store(h5_path: Path, cfg: DataConfig | None = None) -> dict | None:
+    """The store's recorded settings, after checking them against ``cfg`` (one-line ConfigError).
+
+    The HU range and the orientation are always compared with this version's; the target shape
+    and slice order only where ``cfg`` sets them (``data.target_shape``, ``data.slide_b2u``).
+    """
+    expected: dict = {"hu_range": list(HU_RANGE), "orientation": "".join(CANONICAL_AXCODES)}
+    if cfg is not None and cfg.target_shape is not None:
+        expected["target_shape"] = list(cfg.target_shape)
+    if cfg is not None and cfg.slide_b2u is not None:
+        expected["slide_b2u"] = cfg.slide_b2u
+    return check_settings(
+        h5_path,
+        expected,
+        hint="preprocess again with ctclip-preprocess or set data.target_shape / data.slide_b2u",
+    )
 
 
 def check_volumes(h5_path: Path, names: list[str]) -> None:

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from ctclip.config import CTClipConfig, ModelConfig
-from ctclip.data import CTVolumeDataset, match_names, read_labels
+from ctclip.data import CTVolumeDataset, check_store, match_names, read_labels
 from ctclip.findings import FINDINGS
 from ctclip.model import CTCLIP
 from ctclip.preprocess import volume_shape
@@ -289,6 +289,7 @@ def labelled_volumes(
     """The labelled volumes of ``labels_csv`` in ``data``, checked against the model's input size."""
     labels = read_labels(labels_csv)
     names = match_names(list(labels.index), data, labels_csv, allow_missing)
+    check_store(data)
     shape = volume_shape(data)
     if shape[1:] != model.visual.image_size:
         raise DataError(

@@ -302,5 +302,8 @@ def component_counts(model: CTCLIP) -> dict[str, int]:
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Local DINOv2 weights (timm or torch.hub layout) into ``backbone``; mismatches are errors."""
     load_pretrained(
-        backbone, path, convert=lambda state: convert_dinov2_state(state, backbone), min_match=0.9
+        backbone,
+        path,
+        convert=lambda state: convert_dinov2_state(state, backbone),
+        what="DINOv2 backbone",
     )

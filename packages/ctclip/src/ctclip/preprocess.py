@@ -1,30 +1,32 @@
-"""NIfTI CT volumes + metadata CSV -> one HDF5 file of uint8 volumes ``[D, H, W]``.
+"""NIfTI CT volumes + metadata CSV -> one HDF5 volume store of uint8 volumes ``[D, H, W]``.
 
-Per volume: reorient to RAS (closest canonical), Hounsfield units from the header's
+Per volume: read with medcore's reader (:func:`medcore.volumes.read_nifti`: reoriented to the
+canonical orientation, slices inferior -> superior, rows anterior -> posterior, columns
+patient's right -> left, the radiological view), Hounsfield units from the header's
 scl_slope/scl_inter or, when the header does not scale, from the metadata's RescaleSlope /
-RescaleIntercept, clip to [-1000, 1000], resize preserving the physical aspect ratio (the
-in-plane field of view fits H x W; the same mm per voxel along z), centre pad/crop to the
-target shape, store as uint8. Stored orientation: slices inferior -> superior (``slide_b2u``),
-rows anterior -> posterior, columns patient's right -> left (the radiological view).
+RescaleIntercept, clip to [-1000, 1000], resize preserving the physical aspect ratio so that
+the whole volume fits the target (the same mm per voxel on every axis), centre it and pad the
+rest with air. Nothing is cropped: a long scan keeps its first and last slice. With
+``--no-slide-b2u`` slices are stored superior -> inferior.
 
-HDF5 layout: ``/volumes/<VolumeName>`` one dataset per volume, chunked as a whole volume, with
-attributes ``name``, ``source``, ``spacing`` (input mm, z y x), ``out_spacing``, ``source_shape``
-and ``complete``. File attributes: ``format``, ``target_shape``, ``slide_b2u``, ``hu_range``.
+The file is medcore's volume store (:mod:`medcore.volume_store`, kind ``ctclip.volumes``):
+``/volumes/<VolumeName>`` one dataset per volume, chunked as a whole volume, with attributes
+``name``, ``source``, ``spacing`` (input mm, z y x), ``out_spacing``, ``source_shape``, ``pad``
+(``[3, 2]`` voxels of padding before/after along D, H, W) and ``complete``. File attributes:
+``format``, ``format_version``, ``kind``, ``settings`` and the settings ``target_shape``,
+``slide_b2u``, ``hu_range``, ``orientation``.
 
-Crash safety: h5py writes are not atomic, so the job writes into ``<out>.partial``, flushes after
-each volume and marks it ``complete`` only after its data is written; reopening drops volumes
-without the mark. Only a finished job renames the partial file to ``<out>``. Extending an existing
-file works on a copy, so the finished file is never opened for writing.
+Crash safety and appending: finished volumes are staged in ``<out>.partial`` (flushed, each
+marked ``complete`` last; unmarked ones are dropped on reopening). A finished job renames the
+staging file to ``<out>``, or appends its volumes to an existing ``<out>`` in place: the archive
+is never copied, and the finished file is not opened for writing while volumes are computed.
 """
 
 from __future__ import annotations
 
 import ast
 import concurrent.futures as cf
-import datetime as _dt
 import multiprocessing
-import os
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,25 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medcore.errors import DataError
-from medcore.io import RunLock, read_csv
+from medcore.io import read_csv
+from medcore.volume_store import FORMAT as STORE_FORMAT
+from medcore.volume_store import VolumeStoreWriter, complete_names
+from medcore.volumes import CANONICAL_AXCODES, NIFTI_SUFFIXES, center_in_box, read_nifti
 
-FORMAT = "ctclip.volumes/1"
+KIND = "ctclip.volumes"
 HU_RANGE = (-1000.0, 1000.0)
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# A CT-RATE volume has ~1e8 voxels; a header claiming more than this is refused before any
-# voxel is decoded (a 100-byte file must not make the job allocate terabytes).
-MAX_VOXELS = 2_000_000_000
-
-
-class BadVolume(ValueError):
-    """A NIfTI file that cannot be preprocessed: the message is the reason shown to the user."""
 
 
 @dataclass
@@ -124,77 +120,23 @@ def read_metadata(paths: list[Path]) -> dict[str, VolumeMeta]:
     return out
 
 
-def load_hu_ras(path: Path, meta: VolumeMeta | None) -> tuple[np.ndarray, np.ndarray]:
-    """(HU array with axes x->R, y->A, z->S, voxel spacing x y z in mm) of one NIfTI file.
-
-    The array may be a strided view (no copy); :func:`ras_to_view` makes it contiguous.
-    """
-    if path.stat().st_size == 0:
-        raise BadVolume("empty file (0 bytes)")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for a corrupt header
-        raise BadVolume(
-            f"not a readable NIfTI file (truncated or corrupt: {_first_line(exc)})"
-        ) from None
-    if len(img.shape) != 3:
-        raise BadVolume(f"expected a 3D volume, found shape {tuple(img.shape)}")
-    if int(np.prod(img.shape, dtype=np.float64)) > MAX_VOXELS:
-        raise BadVolume("header claims {}x{}x{} voxels; refusing to decode".format(*img.shape))
-    proxy = img.dataobj
-    header_scales = (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) != (
-        1.0,
-        0.0,
-    )
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32))  # applies the header's scaling
-    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError ... for a cut file
-        raise BadVolume(
-            f"cannot read the voxels (truncated or corrupt: {_first_line(exc)})"
-        ) from None
-    scaling = [float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))]
-    if not header_scales and meta is not None:
-        slope, inter = (meta.slope if meta.slope is not None else 1.0), (meta.intercept or 0.0)
-        data *= slope  # in place: a CT volume is ~200 MB of float32
-        data += inter
-        scaling += [slope, inter]
-    # Integer voxels with finite scaling cannot be NaN/inf: only float data needs the scan.
-    if (img.get_data_dtype().kind == "f" or not np.isfinite(scaling).all()) and not np.isfinite(
-        data
-    ).all():
-        raise BadVolume("contains NaN or infinite values")
-    ornt = nib.orientations.io_orientation(img.affine)
-    # A strided view, no copy: nibabel's array is in the file's (Fortran) order, and ras_to_view
-    # makes the one contiguous copy, in an order close to that memory layout (fast).
-    ras = nib.orientations.apply_orientation(data, ornt)
-    affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    return ras, spacing
-
-
-def ras_to_view(ras: np.ndarray, slide_b2u: bool = True) -> np.ndarray:
-    """RAS array (x, y, z) -> (D, H, W): slices along z, rows anterior->posterior, columns right->left."""
-    view = ras.transpose(2, 1, 0)[:, ::-1, ::-1]
-    if not slide_b2u:
-        view = view[::-1]
-    return np.ascontiguousarray(view)
-
-
 def resize_preserving_aspect(
     vol: np.ndarray, spacing_zyx: tuple[float, float, float], target: tuple[int, int, int]
 ) -> tuple[np.ndarray, float]:
-    """Resample to isotropic voxels of the size that fits the in-plane field of view into H x W.
+    """Resample to isotropic voxels of the size at which the whole volume fits ``target``.
 
-    Returns (resampled volume, output voxel size in mm). Antialiased bilinear resampling, done
-    in-plane then along z, because torch's antialiasing covers 2D resizes only.
+    Returns (resampled volume, output voxel size in mm); the larger of the physical extents
+    (relative to the target) sets the voxel size, so no axis exceeds its target and nothing
+    needs cropping. Antialiased bilinear resampling, done in-plane then along z, because
+    torch's antialiasing covers 2D resizes only.
     """
     d, h, w = vol.shape
     sz, sy, sx = spacing_zyx
-    out_mm = max(h * sy / target[1], w * sx / target[2])
+    out_mm = max(d * sz / target[0], h * sy / target[1], w * sx / target[2])
     size = (
-        max(1, round(d * sz / out_mm)),
-        max(1, round(h * sy / out_mm)),
-        max(1, round(w * sx / out_mm)),
+        min(target[0], max(1, round(d * sz / out_mm))),  # min: rounding never exceeds it
+        min(target[1], max(1, round(h * sy / out_mm))),
+        min(target[2], max(1, round(w * sx / out_mm))),
     )
     x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
     if (size[1], size[2]) != (h, w):
@@ -213,23 +155,6 @@ def resize_preserving_aspect(
     return x.numpy(), out_mm
 
 
-def center_pad_crop(vol: np.ndarray, target: tuple[int, int, int], fill: float) -> np.ndarray:
-    """Centre ``vol`` in an array of shape ``target``: pad with ``fill`` or crop symmetrically."""
-    out = np.full(target, fill, dtype=vol.dtype)
-    src, dst = [], []
-    for n, t in zip(vol.shape, target, strict=True):
-        if n >= t:
-            start = (n - t) // 2
-            src.append(slice(start, start + t))
-            dst.append(slice(0, t))
-        else:
-            start = (t - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(start, start + n))
-    out[tuple(dst)] = vol[tuple(src)]
-    return out
-
-
 def hu_to_uint8(hu: np.ndarray) -> np.ndarray:
     lo, hi = HU_RANGE
     return np.round((np.clip(hu, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.uint8)
@@ -239,34 +164,48 @@ def preprocess_volume(
     path: Path, meta: VolumeMeta | None, target: tuple[int, int, int], slide_b2u: bool = True
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """One NIfTI file -> (uint8 [D, H, W], attributes to store with it)."""
-    hu, spacing_xyz = load_hu_ras(path, meta)
-    np.clip(hu, *HU_RANGE, out=hu)  # the array is ours: clip in place
-    view = ras_to_view(hu, slide_b2u)
-    spacing = (
-        meta.spacing_zyx
-        if meta is not None and meta.spacing_zyx
-        else (float(spacing_xyz[2]), float(spacing_xyz[1]), float(spacing_xyz[0]))
-    )
+    rescale = None
+    if meta is not None:
+        rescale = (meta.slope if meta.slope is not None else 1.0, meta.intercept or 0.0)
+    volume = read_nifti(path, rescale)
+    view = volume.voxels
+    np.clip(view, *HU_RANGE, out=view)  # the array is ours: clip in place
+    if not slide_b2u:
+        view = view[::-1]
+    spacing = meta.spacing_zyx if meta is not None and meta.spacing_zyx else volume.spacing
     if not all(np.isfinite(v) and v > 0 for v in spacing):
-        raise BadVolume(f"voxel size {tuple(float(v) for v in spacing)} mm (z y x) is not positive")
+        raise DataError(
+            path, f"voxel size {tuple(float(v) for v in spacing)} mm (z y x) is not positive"
+        )
     resized, out_mm = resize_preserving_aspect(view, spacing, target)
-    volume = hu_to_uint8(center_pad_crop(resized, target, HU_RANGE[0]))
+    boxed, pad, _ = center_in_box(resized, target, HU_RANGE[0])  # never cropped (see above)
     attrs = {
         "name": volume_name(path),
         "source": str(path),
         "spacing": np.asarray(spacing, dtype=np.float64),
         "out_spacing": np.full(3, out_mm, dtype=np.float64),
         "source_shape": np.asarray(view.shape, dtype=np.int64),
+        "pad": pad,
     }
-    return volume, attrs
+    return hu_to_uint8(boxed), attrs
+
+
+def store_settings(target: tuple[int, int, int], slide_b2u: bool) -> dict[str, Any]:
+    """The settings a ctclip store records (and training checks)."""
+    return {
+        "target_shape": [int(v) for v in target],
+        "slide_b2u": bool(slide_b2u),
+        "hu_range": [float(v) for v in HU_RANGE],
+        "orientation": "".join(CANONICAL_AXCODES),
+    }
 
 
 def _work(args: tuple[Path, VolumeMeta | None, tuple[int, int, int], bool]) -> tuple[str, Any, Any]:
     path = args[0]
     try:
         volume, attrs = preprocess_volume(*args)
-    except BadVolume as exc:
-        return volume_name(path), None, str(exc)
+    except DataError as exc:
+        return volume_name(path), None, exc.why
     except Exception as exc:
         return volume_name(path), None, f"{type(exc).__name__}: {_first_line(exc)}"
     return volume_name(path), volume, attrs
@@ -275,64 +214,6 @@ def _work(args: tuple[Path, VolumeMeta | None, tuple[int, int, int], bool]) -> t
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def complete_names(h5: h5py.File) -> set[str]:
-    group = h5.get("volumes")
-    if group is None:
-        return set()
-    return {name for name, ds in group.items() if ds.attrs.get("complete", 0) == 1}
-
-
-def _check_layout(h5: h5py.File, path: Path, target: tuple[int, int, int], slide_b2u: bool) -> None:
-    stored = tuple(int(v) for v in h5.attrs.get("target_shape", target))
-    if stored != tuple(target):
-        raise DataError(
-            path,
-            f"holds volumes of shape {stored}, not {tuple(target)} (use another output "
-            "file or the same --target-shape)",
-        )
-    if bool(h5.attrs.get("slide_b2u", slide_b2u)) != slide_b2u:
-        raise DataError(
-            path, "was written with the other slice order (--slide-b2u); use another output file"
-        )
-
-
-def _open_partial(
-    out: Path, partial: Path, target: tuple[int, int, int], slide_b2u: bool
-) -> h5py.File:
-    """Open (creating or repairing) the partial file; drop volumes not marked complete."""
-    if partial.exists():
-        try:
-            h5 = h5py.File(partial, "a")
-        except OSError as exc:
-            aside = partial.with_name(partial.name + f".corrupt-{_dt.datetime.now():%Y%m%d-%H%M%S}")
-            os.replace(partial, aside)
-            print(
-                f"warning: {partial}: unreadable after an interruption ({str(exc)[:80]}); "
-                f"moved to {aside.name}, starting again",
-                file=sys.stderr,
-            )
-            return _open_partial(out, partial, target, slide_b2u)
-        try:
-            _check_layout(h5, partial, target, slide_b2u)
-        except DataError:
-            h5.close()
-            raise
-        group = h5.require_group("volumes")
-        for name in [n for n, ds in group.items() if ds.attrs.get("complete", 0) != 1]:
-            del group[name]  # half-written before an interruption
-        return h5
-    if out.exists():
-        shutil.copyfile(out, partial)  # extend a copy; the finished file stays readable and intact
-        return _open_partial(out, partial, target, slide_b2u)
-    h5 = h5py.File(partial, "w")
-    h5.attrs["format"] = FORMAT
-    h5.attrs["target_shape"] = np.asarray(target, dtype=np.int64)
-    h5.attrs["slide_b2u"] = slide_b2u
-    h5.attrs["hu_range"] = np.asarray(HU_RANGE)
-    h5.create_group("volumes")
-    return h5
 
 
 def _init_worker() -> None:
@@ -406,55 +287,34 @@ def run_preprocess(
             file=sys.stderr,
         )
 
-    partial = out.with_name(out.name + ".partial")
-    with RunLock(out):
-        if out.exists() and not partial.exists():
-            with h5py.File(out, "r") as h5:
-                _check_layout(h5, out, target, slide_b2u)
-                done = complete_names(h5)
-        else:
-            done = set()
+    settings = store_settings(target, slide_b2u)
+    with VolumeStoreWriter(out, KIND, settings, compression=compression) as store:
+        done = store.done
+        result.skipped_existing = len(done & set(names))
         todo = [
             p for p in files if volume_name(p) not in done and volume_name(p) not in result.failed
         ]
-        if not todo and out.exists() and not partial.exists():
-            result.skipped_existing = len(done)
-            return result
-        h5 = _open_partial(out, partial, target, slide_b2u)
-        try:
-            done = complete_names(h5)
-            todo = [p for p in todo if volume_name(p) not in done]
-            result.skipped_existing = len(done & set(names))
-            jobs = [(p, metadata.get(volume_name(p)), target, slide_b2u) for p in todo]
-            bar = tqdm(
-                total=len(jobs),
-                desc="preprocess",
-                unit="vol",
-                disable=not show_progress,
-                dynamic_ncols=True,
-            )
-            group = h5["volumes"]
-            for name, volume, info in _results(jobs, num_workers):
-                bar.update(1)
-                if volume is None:
-                    result.failed[name] = info
-                    tqdm.write(f"skipped {name}: {info}", file=sys.stderr)
-                    continue
-                ds = group.create_dataset(
-                    name,
-                    data=volume,
-                    chunks=volume.shape,
-                    compression=None if compression in (None, "none") else compression,
-                )
-                for key, value in info.items():
-                    ds.attrs[key] = value
-                ds.attrs["complete"] = 1  # last: a volume without this mark is redone on resume
-                h5.flush()
-                result.written.append(name)
-            bar.close()
-        finally:
-            h5.close()
-        os.replace(partial, out)
+        if not todo and not store.staged:
+            return result  # nothing new: the output stays as it is
+        jobs = [(p, metadata.get(volume_name(p)), target, slide_b2u) for p in todo]
+        bar = tqdm(
+            total=len(jobs),
+            desc="preprocess",
+            unit="vol",
+            disable=not show_progress,
+            dynamic_ncols=True,
+        )
+        for name, volume, info in _results(jobs, num_workers):
+            bar.update(1)
+            if volume is None:
+                result.failed[name] = info
+                tqdm.write(f"skipped {name}: {info}", file=sys.stderr)
+                continue
+            store.write(name, volume, info)
+            result.written.append(name)
+        bar.close()
+        if store.done:
+            store.finish()
     return result
 
 
@@ -471,7 +331,7 @@ def read_volume_names(path: Path) -> set[str]:
         raise DataError(path, "HDF5 file not found" + hint)
     try:
         with h5py.File(path, "r") as h5:
-            if h5.attrs.get("format") != FORMAT:
+            if h5.attrs.get("format") != STORE_FORMAT or h5.attrs.get("kind") != KIND:
                 raise DataError(path, "not a ctclip volume file (write it with ctclip-preprocess)")
             return complete_names(h5)
     except OSError as exc:

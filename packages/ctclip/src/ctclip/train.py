@@ -20,6 +20,7 @@ from ctclip.config import CTClipConfig
 from ctclip.data import (
     CTReportDataset,
     CTVolumeDataset,
+    check_store,
     match_names,
     read_labels,
     read_reports,
@@ -122,7 +123,7 @@ def prepare_demo(cfg: CTClipConfig, is_main: bool) -> CTClipConfig:
         generate_demo(root, d.demo_train_volumes, d.demo_valid_volumes, seed=DEMO_SEED)
 
     shape = tuple(d.demo_target_shape)
-    h5_name = "ct_volumes_{}x{}x{}.h5".format(*shape)
+    h5_name = "ct_volumes_{}x{}x{}.store1.h5".format(*shape)  # store1: medcore volume store
     root = ensure_demo_data("ctclip", generate, version=version) if is_main else None
     if is_main:
         csv = root / "ct_rate"
@@ -235,6 +236,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
         sorted(reports), paths.ct_filepath, paths.txt_filepath, cfg.data.allow_missing
     )
     check_volume_shape(paths.ct_filepath, cfg.model.image_size)
+    check_store(paths.ct_filepath, cfg.data)
     train_ds = CTReportDataset(
         paths.ct_filepath, reports, train_names, tokenizer, cfg.data.sentence_sampling
     )
@@ -246,6 +248,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
             list(labels.index), paths.val_ct_filepath, paths.val_label_path, cfg.data.allow_missing
         )
         check_volume_shape(paths.val_ct_filepath, cfg.model.image_size)
+        check_store(paths.val_ct_filepath, cfg.data)
         val_ds = CTVolumeDataset(paths.val_ct_filepath, labels, val_names)
     if ctx.dist.is_main:
         # The split is given by the files; recording the member names makes the run reproducible.

@@ -16,6 +16,9 @@ class PreprocessConfig:
 
     target_shape: tuple[int, int, int] = (300, 270, 270)  # slices, height, width
     hu_window: tuple[float, float] = (-1000.0, 400.0)  # HU mapped to 0 and 255
+    # None: resize every study to target_shape; (z, y, x) mm: resample to this voxel size and
+    # centre in target_shape (padded; cropped only where larger), recorded per volume.
+    target_spacing: tuple[float, float, float] | None = None
     min_slices: int = 16  # a series with fewer slices is skipped
     workers: int = 0  # 0: one per CPU core (at most 8); 1: in-process
 

@@ -24,6 +24,8 @@ from ctretrieval.config import DataConfig, PreprocessConfig
 from medcore.errors import DataError
 from medcore.io import read_csv
 from medcore.splits import multilabel_stratified_split
+from medcore.volume_store import FORMAT as STORE_FORMAT
+from medcore.volume_store import check_settings, complete_names
 
 
 def normalise_id(value: object, suffixes: list[str]) -> str:
@@ -142,7 +144,9 @@ def volume_ids(h5_path: str | Path) -> list[str]:
             if "volumes" not in f:
                 raise DataError(path, "not a ctretrieval volumes file (no /volumes group)")
             group = f["volumes"]
-            ids = list(group.keys())
+            # A store marks finished volumes complete; a hand-written file has no marks.
+            stored = complete_names(f) if f.attrs.get("format") == STORE_FORMAT else set(group)
+            ids = sorted(stored)
             first: tuple[str, tuple[int, ...]] | None = None
             for key in ids:
                 item = group[key]
@@ -247,7 +251,10 @@ def demo_volumes(
     )
     d, h, w = prep.target_shape
     lo, hi = prep.hu_window
-    h5 = root / "preprocessed" / f"volumes_{d}x{h}x{w}_{lo:g}_{hi:g}.h5"
+    spacing = (
+        "" if prep.target_spacing is None else "_" + "x".join(f"{v:g}" for v in prep.target_spacing)
+    )
+    h5 = root / "preprocessed" / f"volumes_{d}x{h}x{w}_{lo:g}_{hi:g}{spacing}.store1.h5"
     if not h5.is_file():
         preprocess(root / "dicom", h5, prep, show_progress=show_progress)
     return h5, root / "labels.csv"
@@ -281,8 +288,21 @@ class StudyTable:
         )
 
 
+def check_store(h5: str | Path, prep: PreprocessConfig) -> None:
+    """A ConfigError unless the volumes file was written with ``prep``'s settings."""
+    from ctretrieval.preprocess import store_settings
+
+    check_settings(
+        h5,
+        store_settings(prep),
+        hint="set preprocess.* to the store's values or preprocess again with these",
+    )
+
+
 def load_studies(cfg: DataConfig, prep: PreprocessConfig, show_progress: bool = True) -> StudyTable:
     h5, csv = locate_data(cfg, prep, show_progress)
+    if Path(h5).is_file():
+        check_store(h5, prep)
     labels = read_labels(csv, cfg)
     matched, keys = match_ids(labels, volume_ids(h5), cfg.id_suffixes)
     return StudyTable(h5, matched, [keys[i] for i in matched.ids])

@@ -9,6 +9,7 @@ a JSON string with the class names, the checkpoint and its preprocessing setting
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -19,15 +20,23 @@ import pandas as pd
 import torch
 
 from ctretrieval.config import DataConfig, PreprocessConfig
-from ctretrieval.data import CTVolumeDataset, locate_data, normalise_id, read_labels, volume_ids
+from ctretrieval.data import (
+    CTVolumeDataset,
+    check_store,
+    locate_data,
+    normalise_id,
+    read_labels,
+    volume_ids,
+)
 from ctretrieval.evaluate import extract, knn_label_scores, load_model
-from ctretrieval.preprocess import to_uint8_volume
+from ctretrieval.preprocess import fit_volume
 from ctretrieval.readers import NIFTI_SUFFIXES, Study, read_study
 from medcore.cli import format_table
 from medcore.config import from_dict
 from medcore.device import DEVICE_CHOICES, resolve_device
 from medcore.errors import DataError
 from medcore.io import atomic_path, atomic_write_csv, atomic_write_json
+from medcore.volume_store import read_settings
 
 INDEX_FORMAT = "ctretrieval.index/1"
 
@@ -43,6 +52,7 @@ def build_index(
     """Embed every volume of ``h5`` with ``checkpoint`` into the index file ``output``; its size."""
     model, state = load_model(checkpoint, device)
     dcfg = from_dict(DataConfig, state.get("data_config", {}))
+    check_store(h5, from_dict(PreprocessConfig, state.get("preprocess_config", {})))
     keys = volume_ids(h5)
     class_names = list(state.get("class_names", []))
     labels = np.zeros((len(keys), len(class_names)), dtype=np.uint8)
@@ -62,6 +72,7 @@ def build_index(
         "kind": state.get("kind"),
         "class_names": class_names,
         "preprocess_config": state.get("preprocess_config", {}),
+        "store_settings": read_settings(h5),  # raw queries are preprocessed with these
         "volumes": str(h5),
     }
     with atomic_path(output, suffix=".npz") as tmp, open(tmp, "wb") as fh:
@@ -92,13 +103,26 @@ def load_index(path: Path) -> dict[str, Any]:
 
 
 def _query_from_path(
-    path: Path, checkpoint: Path, device: torch.device
+    path: Path, checkpoint: Path, device: torch.device, store: dict[str, Any] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Embedding (and head probabilities) of a raw study: a DICOM folder or a NIfTI file."""
+    """Embedding (and head probabilities) of a raw study: a DICOM folder or a NIfTI file.
+
+    The study is preprocessed as the archive was (``store``: the store's recorded settings),
+    falling back to the checkpoint's settings for an index of a store that records none.
+    """
     model, state = load_model(checkpoint, device)
     prep = from_dict(PreprocessConfig, state.get("preprocess_config", {}))
+    if store:
+        prep = dataclasses.replace(
+            prep,
+            target_shape=tuple(store["target_shape"]),
+            hu_window=tuple(store["hu_window"]),
+            target_spacing=None
+            if store.get("target_spacing") is None
+            else tuple(store["target_spacing"]),
+        )
     study = Study(path.name, path, "dicom" if path.is_dir() else "nifti")
-    volume = to_uint8_volume(read_study(study, prep.min_slices), prep.target_shape, prep.hu_window)
+    volume, _ = fit_volume(read_study(study, prep.min_slices), prep)
     out = model.get_embeddings(torch.from_numpy(volume)[None].to(device))
     probs = out.get("probs")
     return out["embedding"][0].cpu(), None if probs is None else probs[0].cpu()
@@ -127,7 +151,10 @@ def search(
         if not path.exists():
             raise DataError(path, "query study not found")
         q_emb, probs = _query_from_path(
-            path, checkpoint or Path(index["meta"]["checkpoint"]), device
+            path,
+            checkpoint or Path(index["meta"]["checkpoint"]),
+            device,
+            index["meta"].get("store_settings"),
         )
         exclude = None
         if probs is None:  # no head: the findings its nearest labelled studies agree on

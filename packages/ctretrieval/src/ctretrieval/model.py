@@ -117,7 +117,12 @@ class Proximity100x100(nn.Module):
     def load_trunk_weights(self, cfg: ModelConfig) -> None:
         """ResNet-18 weights from ``cfg.pretrained_weights`` (a local torchvision state dict)."""
         if cfg.pretrained_weights:
-            load_pretrained(self.trunk, cfg.pretrained_weights, convert=_torchvision_to_trunk)
+            load_pretrained(
+                self.trunk,
+                cfg.pretrained_weights,
+                convert=_torchvision_to_trunk,
+                what="ResNet-18 trunk",
+            )
         elif cfg.pretrained:
             raise missing_weights_error(
                 "model.pretrained",

@@ -1,25 +1,33 @@
-"""Raw studies -> fixed-size uint8 volumes in one HDF5 file, resumable and atomic.
+"""Raw studies -> fixed-size uint8 volumes in one HDF5 volume store, resumable and atomic.
 
-HDF5 layout: ``/volumes/<study id>`` uint8 ``[d, h, w]``; root attributes ``format``,
-``target_shape`` and ``hu_window``.
+Per study: read with medcore's reader (canonical orientation: slices inferior -> superior, rows
+anterior -> posterior, columns patient right -> left, for DICOM and NIfTI alike), then either
+resize to ``target_shape`` (trilinear), or, with ``target_spacing``, resample to that voxel size
+and centre it in ``target_shape`` (padded with the window's low end; cropped symmetrically only
+where the anatomy is larger than the box, recorded per volume), then window to uint8.
 
-How it survives interruptions: every finished study is first written on its own, atomically,
-as ``<output>.parts/<id>.npy``; a rerun skips studies already in the HDF5 file or in the parts
-folder. Only when every study is done is a new HDF5 file assembled (the old one's volumes plus
-the parts) beside the output and renamed over it, so the output is always either the previous
-complete file or the new complete file, never a half-written one.
+The file is medcore's volume store (:mod:`medcore.volume_store`, kind ``ctretrieval.volumes``):
+``/volumes/<study id>`` uint8 ``[d, h, w]`` with attributes ``source``, ``spacing`` (input mm,
+z y x), ``source_shape``, ``pad`` / ``crop`` (voxels before and after, per axis) and
+``complete``; file attributes ``format``, ``format_version``, ``kind``, ``settings`` and the
+settings ``target_shape``, ``hu_window``, ``target_spacing`` and ``orientation``.
+
+Interruptions: finished studies go into ``<output>.partial`` one by one, flushed, each marked
+complete last; a rerun skips studies already complete in the output or the staging file. At the
+end the staging file becomes the output (renamed, or appended to an existing output in place),
+so the disk holds the archive plus this run's studies, never a second copy.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,110 +37,106 @@ from tqdm.auto import tqdm
 from ctretrieval.config import PreprocessConfig
 from ctretrieval.readers import Study, find_studies, read_study
 from medcore.errors import ConfigError, DataError
-from medcore.io import RunLock, atomic_path
+from medcore.volume_store import VolumeStoreWriter
+from medcore.volumes import CANONICAL_AXCODES, Volume, center_in_box
 
-FORMAT = "ctretrieval.volumes/1"
+KIND = "ctretrieval.volumes"
+
+
+def store_settings(cfg: PreprocessConfig) -> dict[str, Any]:
+    """The settings a store records and downstream commands compare with their config."""
+    return {
+        "target_shape": [int(v) for v in cfg.target_shape],
+        "hu_window": [float(v) for v in cfg.hu_window],
+        "target_spacing": None
+        if cfg.target_spacing is None
+        else [float(v) for v in cfg.target_spacing],
+        "orientation": "".join(CANONICAL_AXCODES),
+    }
+
+
+def _window(vol: torch.Tensor, hu_window: Iterable[float]) -> np.ndarray:
+    lo, hi = (float(v) for v in hu_window)
+    if hi <= lo:
+        raise ConfigError("preprocess.hu_window", f"upper bound {hi} must exceed lower bound {lo}")
+    scaled = (vol.clamp(lo, hi) - lo) * (255.0 / (hi - lo))
+    return scaled.round().to(torch.uint8).numpy()
 
 
 def to_uint8_volume(
     hu: np.ndarray, target_shape: Iterable[int], hu_window: Iterable[float]
 ) -> np.ndarray:
     """Resize a HU volume ``[d, h, w]`` to ``target_shape`` (trilinear) and window it to uint8."""
-    lo, hi = (float(v) for v in hu_window)
-    if hi <= lo:
-        raise ConfigError("preprocess.hu_window", f"upper bound {hi} must exceed lower bound {lo}")
     vol = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
     shape = tuple(int(s) for s in target_shape)
     if tuple(vol.shape[2:]) != shape:
         vol = F.interpolate(vol, size=shape, mode="trilinear", align_corners=False)
-    scaled = (vol[0, 0].clamp(lo, hi) - lo) * (255.0 / (hi - lo))
-    return scaled.round().to(torch.uint8).numpy()
+    return _window(vol[0, 0], hu_window)
 
 
-def _parts_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".parts")
+def resample_to_spacing(
+    hu: np.ndarray,
+    spacing: Iterable[float],
+    target_spacing: Iterable[float],
+    target_shape: Iterable[int],
+    fill: float,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Resample ``hu`` to ``target_spacing`` mm (trilinear), centred in ``target_shape``.
+
+    Returns (float32 volume, {"pad", "crop"}: ``[3, 2]`` voxels added / removed before and after
+    along z, y, x). Padding is ``fill``; cropping happens only where the resampled volume is
+    larger than the box.
+    """
+    src = np.asarray(list(spacing), dtype=np.float64)
+    dst = np.asarray(list(target_spacing), dtype=np.float64)
+    if dst.shape != (3,) or not (dst > 0).all():
+        raise ConfigError("preprocess.target_spacing", f"expected three sizes > 0 mm, got {dst}")
+    size = tuple(max(1, round(n * s / t)) for n, s, t in zip(hu.shape, src, dst, strict=True))
+    vol = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
+    if size != tuple(hu.shape):
+        vol = F.interpolate(vol, size=size, mode="trilinear", align_corners=False)
+    out, pad, crop = center_in_box(vol[0, 0].numpy(), tuple(int(v) for v in target_shape), fill)
+    return out, {"pad": pad, "crop": crop}
 
 
-def _process_one(study: Study, cfg: PreprocessConfig, parts: Path) -> tuple[str, str | None]:
-    """Read, resize and window one study into ``parts/<id>.npy``; (id, reason it was skipped)."""
+def fit_volume(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """A read study -> (uint8 ``target_shape`` volume, attributes stored with it)."""
+    attrs: dict[str, Any] = {
+        "source": str(volume.meta.get("path", "")),
+        "spacing": np.asarray(volume.spacing, dtype=np.float64),
+        "source_shape": np.asarray(volume.shape, dtype=np.int64),
+    }
+    if cfg.target_spacing is None:
+        return to_uint8_volume(volume.voxels, cfg.target_shape, cfg.hu_window), attrs
+    hu, box = resample_to_spacing(
+        volume.voxels, volume.spacing, cfg.target_spacing, cfg.target_shape, cfg.hu_window[0]
+    )
+    return _window(torch.from_numpy(hu), cfg.hu_window), {**attrs, **box}
+
+
+def _process_one(study: Study, cfg: PreprocessConfig) -> tuple[str, Any, Any, dict[str, str]]:
+    """(id, uint8 volume or None, its attributes or the reason it was skipped, rejected series)."""
     try:
-        hu = read_study(study, cfg.min_slices)
-        volume = to_uint8_volume(hu, cfg.target_shape, cfg.hu_window)
+        volume = read_study(study, cfg.min_slices)
+        voxels, attrs = fit_volume(volume, cfg)
     except DataError as exc:
-        return study.id, f"{exc.what}: {exc.why}" if exc.what != study.id else exc.why
-    with atomic_path(parts / f"{study.id}.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, volume)
-    return study.id, None
+        reason = f"{exc.what}: {exc.why}" if exc.what != study.id else exc.why
+        return study.id, None, reason, {}
+    return study.id, voxels, attrs, volume.meta.get("rejected_series", {})
 
 
 def _worker_init() -> None:
     torch.set_num_threads(1)  # one process per core already; more threads would oversubscribe
 
 
-def _existing_ids(output: Path, cfg: PreprocessConfig) -> list[str]:
-    """Ids already in ``output``; refuses a file written with other settings."""
-    import h5py
-
-    if not output.exists():
-        return []
-    try:
-        with h5py.File(output, "r") as f:
-            shape = tuple(int(v) for v in f.attrs.get("target_shape", ()))
-            window = tuple(float(v) for v in f.attrs.get("hu_window", ()))
-            ids = list(f["volumes"].keys()) if "volumes" in f else []
-    except OSError as exc:
-        raise DataError(
-            output, f"not a readable HDF5 file ({str(exc)[:100]}); delete it to rebuild"
-        ) from None
-    if shape != tuple(cfg.target_shape) or window != tuple(float(v) for v in cfg.hu_window):
-        raise ConfigError(
-            output,
-            f"was written with shape {shape} and HU window {window}; use the same settings or another --output",
-        )
-    return ids
-
-
-def _assemble(output: Path, parts: Path, cfg: PreprocessConfig, had_existing: bool) -> int:
-    """Write old volumes + parts into a new HDF5 file and move it over ``output``; volume count."""
-    import h5py
-
-    part_files = sorted(parts.glob("*.npy")) if parts.is_dir() else []
-    with atomic_path(output, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as dst:
-        dst.attrs["format"] = FORMAT
-        dst.attrs["target_shape"] = np.asarray(cfg.target_shape, dtype=np.int64)
-        dst.attrs["hu_window"] = np.asarray(cfg.hu_window, dtype=np.float64)
-        group = dst.create_group("volumes")
-        if had_existing:
-            with h5py.File(output, "r") as src:
-                for key in src["volumes"]:
-                    src.copy(src["volumes"][key], group, name=key)
-        for path in tqdm(part_files, desc="writing HDF5", leave=False, disable=not part_files):
-            volume = np.load(path, allow_pickle=False)
-            group.create_dataset(path.stem, data=volume, chunks=(1, *volume.shape[1:]))
-        count = len(group)
-    shutil.rmtree(parts, ignore_errors=True)
-    return count
-
-
-def _remove_stale_temp_files(output: Path, parts: Path) -> None:
-    """Temp files a killed run left (an HDF5 file half assembled, a study half saved).
-
-    Only called under the output's lock: no other job can be writing them.
-    """
-    for stale in [*output.parent.glob(f".{output.name}.*.tmp"), *parts.glob(".*.tmp")]:
-        stale.unlink(missing_ok=True)
-
-
-def _run(
-    todo: list[Study], cfg: PreprocessConfig, parts: Path, workers: int
-) -> Iterator[tuple[str, str | None]]:
-    """(id, skip reason) of each study as it finishes, in ``workers`` processes."""
+def _run(todo: list[Study], cfg: PreprocessConfig, workers: int) -> Iterator[tuple]:
+    """Results of ``_process_one`` as studies finish, in ``workers`` processes."""
     if workers <= 1 or len(todo) <= 1:
-        yield from (_process_one(s, cfg, parts) for s in todo)
+        yield from (_process_one(s, cfg) for s in todo)
         return
     ctx = get_context("spawn")  # forking after torch started its threads can deadlock
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-        futures = [pool.submit(_process_one, s, cfg, parts) for s in todo]
+        futures = [pool.submit(_process_one, s, cfg) for s in todo]
         for fut in as_completed(futures):
             yield fut.result()
 
@@ -159,33 +163,30 @@ def preprocess(
         raise DataError(
             input_dir, "no studies found (expected one DICOM folder or NIfTI file per study)"
         )
-    with RunLock(output):
-        existing = set(_existing_ids(output, cfg))
-        parts = _parts_dir(output)
-        parts.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(output, parts)
-        done = existing | {p.stem for p in parts.glob("*.npy")}
+    with VolumeStoreWriter(output, KIND, store_settings(cfg), chunks="slice") as store:
+        done = store.done
         todo = [s for s in studies if s.id not in done]
         skipped: dict[str, str] = {}
         written = 0
         workers = cfg.workers or min(8, os.cpu_count() or 1)
         bar = tqdm(total=len(todo), desc="preprocess", disable=not show_progress or not todo)
-        for study_id, reason in _run(todo, cfg, parts, workers):
-            if reason is None:
-                written += 1
+        for study_id, voxels, info, rejected in _run(todo, cfg, workers):
+            for series, why in rejected.items():
+                tqdm.write(f"note: {study_id}: {series} not used: {why}", file=sys.stderr)
+            if voxels is None:
+                skipped[study_id] = info
+                tqdm.write(f"skipped {study_id}: {info}", file=sys.stderr)
             else:
-                skipped[study_id] = reason
-                tqdm.write(f"skipped {study_id}: {reason}", file=sys.stderr)
+                store.write(study_id, voxels, info)
+                written += 1
             bar.update(1)
         bar.close()
-        pending = any(parts.glob("*.npy"))
-        if not existing and not pending:
-            shutil.rmtree(parts, ignore_errors=True)
+        if not store.done:
             raise DataError(
                 input_dir,
                 f"none of the {len(studies)} studies could be read ({len(skipped)} skipped)",
             )
-        total = _assemble(output, parts, cfg, bool(existing)) if pending else len(existing)
+        total = store.finish()
     return PreprocessReport(written, skipped, len(done & {s.id for s in studies}), total)
 
 
@@ -230,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         help="HU window (default -1000 400)",
     )
     parser.add_argument(
+        "--target-spacing",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="resample to this voxel size in mm, then centre in --shape (default: plain resize)",
+    )
+    parser.add_argument(
         "--workers", type=int, help="worker processes (default: one per core, at most 8)"
     )
     parser.add_argument("--min-slices", type=int, help="skip series with fewer slices")
@@ -241,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, key in (
         ("shape", "target_shape"),
         ("hu_window", "hu_window"),
+        ("target_spacing", "target_spacing"),
         ("workers", "workers"),
         ("min_slices", "min_slices"),
     ):

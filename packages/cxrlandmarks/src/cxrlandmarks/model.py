@@ -105,7 +105,8 @@ class ResNetLandmarkRegressor(nn.Module):
                 'python -c "import torch, torchvision; torch.save(torchvision.models.resnet18('
                 "weights='IMAGENET1K_V1').state_dict(), 'resnet18.pth')\"",
             )
-        return load_pretrained(self.backbone, path)
+        report = load_pretrained(self.backbone, path, what="ResNet-18 trunk")
+        return report.missing, report.unexpected
 
 
 class ResNetWithCoordinateAttention(ResNetLandmarkRegressor):

@@ -45,7 +45,7 @@ def create_trunk(cfg: ModelConfig) -> nn.Module:
     except RuntimeError as exc:  # timm: "Unknown model (...)"
         raise ConfigError("model.backbone", str(exc)) from None
     if cfg.pretrained_weights:
-        load_pretrained(trunk, cfg.pretrained_weights)
+        load_pretrained(trunk, cfg.pretrained_weights, what=f"{cfg.backbone} trunk")
     elif cfg.pretrained:
         raise missing_weights_error(
             "model.pretrained",

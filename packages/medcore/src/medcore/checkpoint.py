@@ -68,6 +68,13 @@ def load_checkpoint(
         raise CheckpointError(path, "empty file (0 bytes)")
     if path.suffix == ".safetensors":
         return {"model": load_safetensors(path), "format": "safetensors"}
+    with path.open("rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (or, before 1.6, a pickle stream starting with PROTO).
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise CheckpointError(
+            path, "not a readable PyTorch checkpoint (neither a torch.save archive nor a pickle)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

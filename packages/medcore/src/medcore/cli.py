@@ -24,9 +24,10 @@ from typing import Any, TypeVar
 
 import torch
 
+from medcore import launch
 from medcore.config import load_config, packaged_config_path, save_config
 from medcore.device import DEVICE_CHOICES, resolve_device
-from medcore.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from medcore.distributed import DistInfo, fabric_precision, launched_world, make_fabric
 from medcore.errors import ConfigError, UserError
 from medcore.io import RunLock
 from medcore.trainer import TrainerConfig, seed_everything
@@ -74,7 +75,18 @@ def add_common_args(parser: argparse.ArgumentParser, train: bool = True) -> argp
     )
     parser.add_argument("--device", choices=DEVICE_CHOICES, help="device (default: auto)")
     parser.add_argument("--seed", type=int, help="random seed")
+    _remember_argv(parser)
     if train:
+        parser.add_argument(
+            "--devices",
+            type=int,
+            metavar="N",
+            help="processes (GPUs, or CPU ranks with --device cpu) on this machine; "
+            "the command starts them itself (default: 1, or what torchrun/SLURM started)",
+        )
+        parser.add_argument(
+            "--num-nodes", type=int, metavar="N", help="machines of a torchrun or SLURM job"
+        )
         parser.add_argument("--epochs", type=int, help="number of epochs")
         parser.add_argument(
             "--smoke", action="store_true", help="run a few steps only (checks the setup)"
@@ -103,6 +115,21 @@ def add_common_args(parser: argparse.ArgumentParser, train: bool = True) -> argp
     return parser
 
 
+def _remember_argv(parser: argparse.ArgumentParser) -> None:
+    """Keep the arguments a command was given on its namespace (``args._argv``): ``--devices N``
+    starts the other ranks with exactly these."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, rest = parse(args, namespace)
+        ns._argv = list(sys.argv[1:] if args is None else args)
+        return ns, rest
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
 def common_overrides(args: argparse.Namespace) -> list[str]:
     """The ``--set`` items that the common flags stand for."""
     items: list[str] = []
@@ -114,6 +141,10 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         items.append(f"seed={args.seed}")
     if getattr(args, "epochs", None) is not None:
         items.append(f"trainer.epochs={args.epochs}")
+    if getattr(args, "devices", None) is not None:
+        items.append(f"trainer.devices={args.devices}")
+    if getattr(args, "num_nodes", None) is not None:
+        items.append(f"trainer.num_nodes={args.num_nodes}")
     if getattr(args, "pretrained_weights", None) is not None:
         items.append(f"model.pretrained_weights={args.pretrained_weights}")
     if getattr(args, "from_scratch", False):
@@ -229,7 +260,9 @@ def setup_run(
         # A --config stands alone on the dataclass defaults; the packaged demo preset is the
         # config only when none is given (it is never layered under a research config).
         config = getattr(args, "config", None)
-        sources: list[Any] = [config if config is not None else packaged_config_path(package, default_config)]
+        sources: list[Any] = [
+            config if config is not None else packaged_config_path(package, default_config)
+        ]
         overrides = list(getattr(args, "overrides", []) or [])
         if getattr(args, "smoke", False):
             overrides = [*SMOKE_OVERRIDES, *smoke_overrides, *overrides]
@@ -254,17 +287,17 @@ def setup_run(
             continue_run(args, resume.parent.parent)
         cfg = load()
 
-    device = resolve_device(
-        cfg.device,
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")) if "LOCAL_RANK" in os.environ else None,
+    fabric = _start_processes(cfg, args)
+    dist = DistInfo(
+        rank=fabric.global_rank, local_rank=fabric.local_rank, world_size=fabric.world_size
     )
-    dist = init_distributed(device.type)
+    device = fabric.device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed + dist.rank)
 
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(package)
-    run_dir = Path(broadcast_object(str(run_dir)))
+    run_dir = Path(fabric.broadcast(str(run_dir)))
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
     lock: RunLock | None = None
     if dist.is_main:
@@ -273,15 +306,83 @@ def setup_run(
         lock = RunLock(run_dir, directory=True).__enter__()
         atexit.register(lock.__exit__, None, None, None)
         save_config(cfg, run_dir / "config.yaml")
-    barrier()
+    fabric.barrier()
     return RunContext(cfg=cfg, device=device, dist=dist, run_dir=run_dir, resume=resume, lock=lock)
+
+
+def _start_processes(cfg: Any, args: argparse.Namespace) -> Any:
+    """This process's Fabric: joins the ranks torchrun/SLURM started, or starts ``--devices N``
+    ranks on this machine first (see medcore.launch)."""
+    tcfg = cfg.trainer
+    world, local, nodes = launched_world()
+    if world > 1:
+        for flag, asked, found in (
+            ("--devices", tcfg.devices, local),
+            ("--num-nodes", tcfg.num_nodes if tcfg.num_nodes != 1 else None, nodes),
+        ):
+            if asked is not None and asked != found:
+                raise UserError(flag, f"is {asked}, but the launcher started {found} per job")
+    elif (tcfg.devices or 1) > 1:
+        if tcfg.num_nodes > 1:
+            raise UserError(
+                "--num-nodes", "a multi-node job is started by torchrun or SLURM on every node"
+            )
+        device = resolve_device(cfg.device)  # no CUDA context yet in rank 0: only a count
+        if device.type == "mps":
+            raise UserError("--devices", "MPS is one device; use --devices 1")
+        if device.type == "cuda" and torch.cuda.device_count() < tcfg.devices:
+            raise UserError(
+                "--devices", f"{tcfg.devices} asked, {torch.cuda.device_count()} GPUs visible"
+            )
+        launch.spawn_local(tcfg.devices, _PROG[-1] if _PROG else None, getattr(args, "_argv", None))
+    elif tcfg.num_nodes > 1:
+        raise UserError(
+            "--num-nodes", "a multi-node job is started by torchrun or SLURM on every node"
+        )
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+    device = resolve_device(cfg.device, local_rank=local_rank)
+    return make_fabric(
+        device,
+        strategy=tcfg.strategy,
+        precision=fabric_precision(device, tcfg.amp, tcfg.amp_dtype, tcfg.precision),
+        find_unused_parameters=tcfg.find_unused_parameters,
+    )
+
+
+_PROG: list[str] = []  # the running command's name (run_cli), to start its other ranks
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
-    """Call ``main_fn``; turn user errors and Ctrl-C into one line and an exit code."""
+    """Call ``main_fn``; turn user errors and Ctrl-C into one line and an exit code.
+
+    When the command started ranks of its own (``--devices N``), rank 0 waits for them, and a
+    rank that died makes the whole command fail with that rank's exit code.
+    """
+    from medcore.distributed import cleanup_distributed
+
+    _PROG.append(prog or "")
+    try:
+        code = _run_main(main_fn, prog)
+    except BaseException:
+        if launch.launched_here():
+            launch.finish(ok=False)
+        cleanup_distributed()
+        raise
+    finally:
+        _PROG.pop()
+    if launch.launched_here():
+        children = launch.finish(ok=code == 0)
+        if code == 0 and children:
+            print(f"error: a rank exited with code {children}; job failed", file=sys.stderr)
+            code = children if 0 < children < 128 else 1
+    cleanup_distributed()
+    return code
+
+
+def _run_main(main_fn: Callable[[], int | None], prog: str | None) -> int:
     try:
         code = main_fn()
         return 0 if code is None else int(code)
@@ -290,7 +391,7 @@ def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
         return 2
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
-            raise
+            return _consequence_of_dead_rank(exc)
         # Disk full, read-only or forbidden output: the user's environment, not a bug.
         print(f"error: {exc.filename or 'output'}: {exc.strerror}", file=sys.stderr)
         return 2
@@ -300,10 +401,18 @@ def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    finally:
-        from medcore.distributed import cleanup_distributed
+    except Exception as exc:
+        return _consequence_of_dead_rank(exc)
 
-        cleanup_distributed()
+
+def _consequence_of_dead_rank(exc: BaseException) -> int:
+    """A collective that failed because another rank died: one line naming that rank (which
+    printed its own error); any other exception is a bug and keeps its traceback."""
+    failed = launch.failed_rank()
+    if failed is None:
+        raise exc
+    print(f"error: rank {failed[0]}: exited with code {failed[1]}; job stopped", file=sys.stderr)
+    return failed[1] if 0 < failed[1] < 128 else 1
 
 
 def format_table(

@@ -192,15 +192,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def overrides_to_dict(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def overrides_to_dict(items: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply ``--set`` items to (a copy of) ``base``.
+
+    The dotted path merges into sections; the value replaces what is there, so
+    ``--set model.extra={}`` empties a mapping and ``--set model.weights=null`` clears a value.
+    """
+    out = _deep_merge({}, base or {})
     for item in items:
         parts, value = parse_override(item)
         node = out
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item}", "conflicts with another --set")
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, dict):
+                child = node[part] = dict(child)  # copy on write: base layers stay untouched
+            else:
+                raise ConfigError(f"--set {item}", f"{part} is a value here, not a section")
+            node = child
         node[parts[-1]] = value
     return out
 
@@ -218,7 +228,7 @@ def load_config(
         layer = src if isinstance(src, dict) else read_yaml(src)
         data = _deep_merge(data, layer)
     if overrides:
-        data = _deep_merge(data, overrides_to_dict(overrides))
+        data = overrides_to_dict(overrides, data)
     return _build(cls, data)
 
 

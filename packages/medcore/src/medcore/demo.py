@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from medcore.io import RunLock
+from medcore.io import waiting_lock
 
 
 def cache_root() -> Path:
@@ -30,7 +30,8 @@ def ensure_demo_data(package: str, generate: Callable[[Path], None], version: st
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with RunLock(target.parent / f"demo-{version}.gen"):
+    # Waits while a sibling (another rank of a --devices N run) generates the same data.
+    with waiting_lock(target.parent / f"demo-{version}.gen"):
         if (target / ".complete").is_file():
             return target
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".demo-{version}."))

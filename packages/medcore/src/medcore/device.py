@@ -74,10 +74,25 @@ def amp_policy(device: torch.device, enabled: bool = True, dtype: str = "auto") 
             return AmpPolicy(True, torch.float16, True)
         return AmpPolicy(True, torch.bfloat16, False)
     if device.type == "mps":
-        return AmpPolicy(True, torch.float16, False)
+        # fp16 on MPS needs loss scaling like on CUDA (Fabric's 16-mixed brings the scaler).
+        return AmpPolicy(True, torch.float16, True)
     if dtype == "bf16":
         return AmpPolicy(True, torch.bfloat16, False)
     return AmpPolicy(False, torch.float32, False)
+
+
+def precision_policy(precision: str) -> AmpPolicy:
+    """The AmpPolicy (what evaluate_fns autocast with) of a Fabric precision string."""
+    if precision in ("bf16-mixed", "bf16-true", "bf16"):
+        return AmpPolicy(True, torch.bfloat16, False)
+    if precision in ("16-mixed", "16-true", "16"):
+        return AmpPolicy(True, torch.float16, precision == "16-mixed")
+    if precision in ("32-true", "32", "64-true", "64"):
+        return AmpPolicy(False, torch.float32, False)
+    raise UserError(
+        "trainer.precision",
+        f"unknown precision {precision!r} (bf16-mixed, 16-mixed, 32-true, bf16-true, 16-true)",
+    )
 
 
 def autocast(device: torch.device, policy: AmpPolicy) -> contextlib.AbstractContextManager:

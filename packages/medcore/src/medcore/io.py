@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """JSON form of numpy scalars/arrays, paths and tensors (``json.dumps(default=...)``)."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -60,7 +62,7 @@ def _json_default(obj: Any) -> Any:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON (NaN written as null-safe ``NaN`` per Python's json)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def atomic_write_csv(path: str | Path, frame: Any, index: bool = False) -> Path:
@@ -122,6 +124,29 @@ class RunLock:
         if self._owner() == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+@contextlib.contextmanager
+def waiting_lock(target: str | Path, wait_s: float = 3600.0) -> Iterator[None]:
+    """A :class:`RunLock` on ``target`` that waits while another live process holds it.
+
+    For work that a sibling (another DDP rank, a parallel job) may be doing already, such as
+    generating the demo data or building an image store: wait, then re-check, instead of refusing.
+    """
+    deadline = time.monotonic() + wait_s
+    lock = RunLock(target, directory=False)
+    while True:
+        try:
+            lock.__enter__()
+            break
+        except UserError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _pid_alive(pid: int) -> bool:

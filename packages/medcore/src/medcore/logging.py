@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medcore.io import _json_default, atomic_write_json
+from medcore.io import atomic_write_json, json_default
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -46,7 +46,7 @@ class RunLogger:
             return
         line = {"time": round(time.time(), 3), **{k: _finite_or_none(v) for k, v in record.items()}}
         with self.jsonl_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line, default=_json_default) + "\n")
+            fh.write(json.dumps(line, default=json_default) + "\n")
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         if not self.enabled:

@@ -22,6 +22,9 @@ import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from medcore.errors import DataError
+from medcore.io import json_default
+
 __all__ = [
     "SplitLeakError",
     "check_no_leak",
@@ -218,15 +221,6 @@ def check_no_leak(splits: Mapping[str, np.ndarray], groups: Sequence | np.ndarra
             raise SplitLeakError(f"groups {shown}{more} are in both {a!r} and {b!r}")
 
 
-def _json_default(value: Any) -> Any:
-    """JSON form of numpy scalars and arrays found in ``meta``."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 def _validate_splits(splits: Any, where: str) -> Splits:
     """``splits`` with every index list as an int64 array, or a ValueError naming ``where``."""
     if not isinstance(splits, Mapping) or not splits:
@@ -278,7 +272,7 @@ def save_splits(
         ]
         doc["ids"] = named if folds else named[0]
     doc["meta"] = dict(meta or {})
-    text = json.dumps(doc, default=_json_default)
+    text = json.dumps(doc, default=json_default)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,3 +344,31 @@ def load_splits(
             _check_ids(path, parts, stored if folds else [stored], np.asarray(ids))
     splits = parts if folds else parts[0]
     return (splits, meta) if with_meta else splits
+
+
+def load_or_make_splits(
+    path: str | os.PathLike,
+    make: Callable[[], Splits | list[Splits]],
+    *,
+    ids: Sequence | np.ndarray,
+    meta: Mapping[str, Any] | None = None,
+    is_main: bool = True,
+) -> Splits | list[Splits]:
+    """The run's splits: read from ``path`` when it exists (checked against ``ids``), else made
+    by ``make()`` and saved there by the main process only.
+
+    Every rank calls ``make`` (it must be seeded, so all ranks agree) instead of waiting on a
+    file the main rank writes. A saved file that no longer matches the data is a one-line
+    :class:`~medcore.errors.DataError` telling the user to start a new run.
+    """
+    path = Path(path)
+    if path.is_file():
+        try:
+            return load_splits(path, ids=ids)
+        except ValueError as exc:
+            why = str(exc).removeprefix(f"{path}: ")
+            raise DataError(path, f"{why} (start a new run with another --output-dir)") from None
+    splits = make()
+    if is_main:
+        save_splits(path, splits, meta=meta, ids=ids)
+    return splits

@@ -1,4 +1,7 @@
-"""Helpers the packages' tests share: skip markers, tiny files, CLI capture, gloo DDP runs."""
+"""Helpers the packages' tests share: skip markers, tiny files, CLI capture, gloo DDP runs.
+
+Needs pytest: install ``medcore[testing]`` (each package's ``test`` group does).
+"""
 
 from __future__ import annotations
 

@@ -1,84 +1,459 @@
-"""Pretrained weights from a local file only: timm, torchvision, plain or wrapped state dicts."""
+"""Pretrained weights the way users have them: a file, a snapshot directory or an ``hf-hub:`` name.
+
+``resolve_weights`` finds the weights file (and the config beside it), ``load_pretrained`` reads
+it safely, converts the layout (see :mod:`medcore.layouts`) and loads it into a module, printing
+one line with the counts; a missing tensor that is not a new head is an error, never a silent
+random initialisation. ``data_config`` gives the input normalisation the weights expect.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fnmatch
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from medcore import layouts
 from medcore.checkpoint import load_checkpoint
+from medcore.distributed import is_main_process
 from medcore.errors import CheckpointError, UserError
 
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "teacher", "weights")
-_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.")
+HUB_PREFIX = "hf-hub:"
+# Weight file names in a snapshot or local-dir download, in order of preference.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
+# open_clip repositories on the hub also carry a transformers-format model.safetensors: a caller
+# that wants the open_clip layout asks for these first.
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+CONFIG_FILES = ("config.json", "open_clip_config.json")
+PREPROCESSOR_FILE = "preprocessor_config.json"
+SUPPLY = (
+    "pass --pretrained-weights FILE|DIR|hf-hub:ORG/NAME, "
+    "or --from-scratch to train from random initialisation"
+)
+
+Converter = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def missing_weights_error(what: str, hint: str) -> UserError:
-    """The error for "pretrained weights asked for, no file named": says how to supply one."""
-    return UserError(
-        what,
-        "pretrained weights need a local file (no downloads at run time): pass --pretrained-weights PATH. "
-        + hint,
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """A weights file found from the user's spec.
+
+    ``config`` is the ``config.json`` and ``open_clip_config.json`` beside it (merged), with a
+    ``preprocessor_config.json`` under the key ``"preprocessor"``; {} when there is none.
+    ``source`` is what the user named, as shown in messages.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    source: str
+
+
+@dataclass
+class LoadReport:
+    """What a ``load_pretrained`` call loaded.
+
+    ``matched`` of the module's ``total`` tensors came from the file; ``new`` are the module's
+    keys left at their initialisation on purpose (the ``new`` patterns), ``missing`` the others
+    (a load with any is refused); ``unexpected`` are file keys the module does not have;
+    ``prefix`` is the part of the file that was taken (e.g. ``"backbone."``); ``metadata`` the
+    file's safetensors metadata or a medcore checkpoint's ``format``/``kind``.
+    """
+
+    matched: int
+    total: int
+    missing: list[str]
+    unexpected: list[str]
+    new: list[str]
+    source: str
+    what: str = "backbone"
+    prefix: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """``loaded <what> weights from <source>: M/N tensors matched, k new (...), ...``."""
+        new = f"{len(self.new)} new" + (f" ({_first(self.new)})" if self.new else "")
+        unexpected = f"{len(self.unexpected)} unexpected" + (
+            f" ({_first(self.unexpected)})" if self.unexpected else ""
+        )
+        under = f" (keys under {self.prefix!r})" if self.prefix else ""
+        return (
+            f"loaded {self.what} weights from {self.source}{under}: {self.matched}/{self.total} "
+            f"tensors matched, {new}, {len(self.missing)} missing, {unexpected}"
+        )
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    more = f", ... {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving a spec
+
+
+def resolve_weights(spec: str | Path, files: Sequence[str] = WEIGHT_FILES) -> ResolvedWeights:
+    """Find the weights file of ``spec``: a file, a directory, or ``hf-hub:ORG/NAME[@REV]``.
+
+    In a directory or hub snapshot the first of ``files`` present is taken (else a single
+    weights file of any name, e.g. an exported ``final.safetensors``). A hub name is looked up in
+    the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) and downloaded only when online and
+    ``HF_HUB_OFFLINE`` is unset; a cached snapshot is used as it is. Every failure is a one-line
+    CheckpointError (a UserError) saying what was looked for.
+    """
+    text = str(spec)
+    files = tuple(files)
+    if text.startswith(HUB_PREFIX):
+        return _resolve_hub(text[len(HUB_PREFIX) :], text, files)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _resolve_dir(path, text, files)
+    if not path.is_file():
+        raise CheckpointError(
+            text, "checkpoint not found (expected a weights file, a directory or hf-hub:ORG/NAME)"
+        )
+    return ResolvedWeights(path, _read_configs(path.parent), text)
+
+
+def _resolve_dir(path: Path, source: str, files: tuple[str, ...]) -> ResolvedWeights:
+    for name in files:
+        if (path / name).is_file():
+            return ResolvedWeights(path / name, _read_configs(path), source)
+    # A single weights file of another name (e.g. medcore's exported final.safetensors).
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if len(found) == 1:
+        return ResolvedWeights(found[0], _read_configs(path), source)
+    sharded = (path / "model.safetensors.index.json").is_file()
+    why = (
+        "sharded weights (model.safetensors.index.json) are not supported: merge them into one file"
+        if sharded
+        else f"no weights file in this directory (looked for {', '.join(files)}"
+        + (
+            f"; found several: {', '.join(p.name for p in found)}, name one"
+            if found
+            else " or a single *.safetensors/*.pt/*.pth/*.bin"
+        )
+        + ")"
+    )
+    raise CheckpointError(source, why)
+
+
+def _read_configs(folder: Path) -> dict[str, Any]:
+    """config.json and open_clip_config.json of a weights folder merged, preprocessor inside."""
+    config: dict[str, Any] = {}
+    for name in CONFIG_FILES:
+        if (folder / name).is_file():
+            config.update(_read_json(folder / name))
+    if (folder / PREPROCESSOR_FILE).is_file():
+        config["preprocessor"] = _read_json(folder / PREPROCESSOR_FILE)
+    return config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"unreadable JSON ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "expected a JSON object")
+    return data
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to a true value."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _resolve_hub(name: str, source: str, files: tuple[str, ...]) -> ResolvedWeights:
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
+    repo_id, _, revision = name.partition("@")
+    revision = revision or None
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise UserError(source, "expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    cache = hub_cache_dir()
+    get = (
+        f"run once online without HF_HUB_OFFLINE, or fetch it with `hf download {repo_id}` "
+        "(huggingface-cli download in older huggingface_hub)"
+    )
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
+        )
+    except HFValidationError as exc:
+        raise UserError(
+            source, f"not a valid hub name ({str(exc).splitlines()[0][:120]})"
+        ) from None
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        folder = None
+    if folder is not None and any((folder / n).is_file() for n in files):
+        return _resolve_dir(folder, source, files)
+    if hub_offline():
+        at = f" at revision {revision}" if revision else ""
+        raise CheckpointError(
+            source, f"not in the Hugging Face cache {cache}{at} and HF_HUB_OFFLINE is set: {get}"
+        )
+    for filename in files:
+        try:
+            path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache))
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: caught first
+            raise CheckpointError(
+                source,
+                f"the hub cannot be reached and the weights are not in the cache {cache}: {get}",
+            ) from None
+        except EntryNotFoundError:
+            continue
+        except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
+            raise CheckpointError(
+                source, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            ) from None
+        except HfHubHTTPError as exc:
+            raise CheckpointError(
+                source, f"download failed ({str(exc).splitlines()[0][:160]})"
+            ) from None
+        for extra in (*CONFIG_FILES, PREPROCESSOR_FILE):
+            try:
+                hf_hub_download(repo_id, extra, revision=revision, cache_dir=cache)
+            except (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError):
+                continue
+        return ResolvedWeights(path, _read_configs(path.parent), source)
+    raise CheckpointError(source, f"the repository has none of {', '.join(files)}")
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file (.pt/.pth/.bin/.safetensors), unwrapped from common containers."""
-    state = load_checkpoint(path)
-    for _ in range(3):
-        inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
-        if inner is None:
-            break
-        state = inner
+
+# ---------------------------------------------------------------------------------------------
+# reading and loading
+
+
+def read_state_dict(
+    spec: str | Path | ResolvedWeights,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of a weights file (unwrapped from checkpoint containers) and its metadata.
+
+    The metadata is a safetensors file's header metadata (e.g. ``{"kind": ...}`` of a medcore
+    export) or a medcore checkpoint's string entries (``format``, ``kind``); {} otherwise.
+    """
+    resolved = spec if isinstance(spec, ResolvedWeights) else resolve_weights(spec)
+    path = resolved.path
+    metadata: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        state = load_checkpoint(path)["model"]
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    else:
+        raw = load_checkpoint(path)
+        metadata = {k: v for k, v in raw.items() if isinstance(v, str)}
+        state = layouts.unwrap(raw)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(path, "contains no weight tensors")
-    return tensors
-
-
-def _strip_prefixes(
-    state: dict[str, torch.Tensor], model_keys: set[str]
-) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (``module.``, ``backbone.`` ...) when that makes keys match."""
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix) for k in state) and not any(
-            k.startswith(prefix) for k in model_keys
-        ):
-            stripped = {
-                k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()
-            }
-            if len(model_keys & set(stripped)) > len(model_keys & set(state)):
-                state = stripped
-    return state
+        raise CheckpointError(resolved.source, "contains no weight tensors")
+    return tensors, metadata
 
 
 def load_pretrained(
     module: nn.Module,
-    path: str | Path,
-    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-    min_match: float = 0.5,
-) -> tuple[list[str], list[str]]:
-    """Load a local weights file into ``module``; return (missing, unexpected) key lists.
+    spec: str | Path | ResolvedWeights,
+    convert: Converter | None = None,
+    *,
+    new: Iterable[str] = (),
+    what: str = "backbone",
+) -> LoadReport:
+    """Load pretrained weights into ``module``, print one line with the counts, return the report.
 
-    ``convert`` maps another layout's keys to the module's (e.g. DINOv2 torch.hub -> timm).
-    Tensors whose shape differs (a classifier head for other classes) are left out, reported
-    as missing. Fewer than ``min_match`` of the module's tensors matched is an error: the
-    file is almost certainly for another architecture.
+    ``spec`` is a file, a directory or ``hf-hub:ORG/NAME[@REV]`` (see :func:`resolve_weights`).
+    Layouts are converted automatically (HF-transformers and torch.hub DINOv2 -> timm; wrapper
+    containers and key prefixes removed); ``convert`` then maps a package's own layout (e.g.
+    torchvision names -> a Sequential's indices, position-embedding resampling). ``new`` are glob
+    patterns of the module's keys that are meant to start fresh (a new head): they are listed,
+    not an error. A tensor of another shape counts as missing. Any other missing tensor is a
+    CheckpointError naming the first few; a file that matches under half of the module is named
+    as another architecture.
     """
-    state = read_state_dict(path)
+    if any(t.is_meta for t in module.state_dict().values()):
+        # A dry run builds on the meta device, where loading would silently do nothing.
+        raise ValueError(
+            "cannot load weights into a module on the meta device (a dry run loads none)"
+        )
+    resolved = spec if isinstance(spec, ResolvedWeights) else resolve_weights(spec)
+    state, metadata = read_state_dict(resolved)
+    target = module.state_dict()
+    # Conversions only when the module is not itself in the file's layout.
+    if layouts.is_hf_dinov2(state) is not None and layouts.is_hf_dinov2(target) is None:
+        state = layouts.hf_dinov2_to_timm(state)
     if convert is not None:
         state = convert(state)
-    target = module.state_dict()
-    state = _strip_prefixes(state, set(target))
+    prefix = layouts.best_prefix(state, target)
+    state = layouts.strip_prefix(state, prefix)
+    if not {"mask_token", "register_tokens"} & set(target):
+        state = layouts.hub_dinov2_to_timm(state)
     usable = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
-    if len(usable) < min_match * len(target):
-        raise CheckpointError(
-            path,
-            f"only {len(usable)} of the model's {len(target)} tensors match this file: "
-            "wrong architecture or layout",
+    # BatchNorm's step counter is not a weight; old torchvision files lack it.
+    absent = [k for k in target if k not in usable and not k.endswith("num_batches_tracked")]
+    patterns = list(new)
+    fresh = [k for k in absent if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+    missing = [k for k in absent if k not in fresh]
+    report = LoadReport(
+        matched=len(usable),
+        total=len(usable) + len(absent),
+        missing=missing,
+        unexpected=sorted(set(state) - set(target)),  # a shape mismatch is missing, not this
+        new=fresh,
+        source=resolved.source,
+        what=what,
+        prefix=prefix,
+        metadata=metadata,
+    )
+    if missing:  # checked before loading: a refused file leaves the module untouched
+        raise CheckpointError(resolved.source, _missing_why(report, state, target))
+    module.load_state_dict(usable, strict=False)
+    if is_main_process() and os.environ.get("RANK", "0") == "0":  # once, not per DDP rank
+        print(report.line(), flush=True)
+    return report
+
+
+def _missing_why(
+    report: LoadReport, state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> str:
+    shape = [k for k in report.missing if k in state]
+    detail = f"missing {_first(report.missing)}" + (
+        f"; shape differs for {_first(shape)} (file {tuple(state[shape[0]].shape)}, "
+        f"model {tuple(target[shape[0]].shape)})"
+        if shape
+        else ""
+    )
+    if report.matched < 0.5 * report.total:
+        return (
+            f"only {report.matched} of the {report.what}'s {report.total} tensors match this file: "
+            f"wrong architecture or layout ({detail})"
         )
-    result = module.load_state_dict(usable, strict=False)
-    unexpected = sorted(set(state) - set(usable))
-    return list(result.missing_keys), unexpected
+    return (
+        f"partial weights for the {report.what}: {report.matched}/{report.total} tensors matched, "
+        f"{len(report.missing)} {detail}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# no silent random initialisation
+
+
+def missing_weights_error(what: str, hint: str = "") -> UserError:
+    """The error for "pretrained weights expected, none given": says how to supply them."""
+    return UserError(what, f"pretrained weights expected but none given: {SUPPLY}. {hint}".strip())
+
+
+def require_pretrained(
+    pretrained: bool, weights: str | Path | None, what: str, hint: str = ""
+) -> None:
+    """Raise the one-line error when a config expects pretrained weights and none were given."""
+    if pretrained and not weights:
+        raise missing_weights_error(what, hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# input normalisation from the backbone
+
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
+
+
+def data_config(
+    model: nn.Module | None = None,
+    pretrained_cfg: dict[str, Any] | None = None,
+    weights_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``mean``, ``std``, ``input_size``, ``interpolation``, ``crop_pct`` the weights expect.
+
+    From, in increasing precedence: a timm ``model``'s ``pretrained_cfg`` (through
+    ``timm.data.resolve_data_config``), an explicit ``pretrained_cfg`` dict (timm's keys), and the
+    weights' own config (``ResolvedWeights.config``: a timm ``config.json``'s ``pretrained_cfg``,
+    an open_clip ``preprocess_cfg`` or an HF preprocessor's ``image_mean``/``image_std``).
+    """
+    cfg: dict[str, Any] = {}
+    if model is not None:
+        model_cfg = getattr(model, "pretrained_cfg", None)
+        if not isinstance(model_cfg, dict):
+            raise ValueError(
+                f"{type(model).__name__} has no timm pretrained_cfg: pass pretrained_cfg"
+            )
+        cfg.update(model_cfg)
+    cfg.update(pretrained_cfg or {})
+    cfg.update(_from_weights_config(weights_config or {}))
+    if not cfg:
+        raise ValueError("data_config needs a timm model, a pretrained_cfg or a weights config")
+    try:
+        from timm.data import resolve_data_config
+    except ImportError:
+        resolve_data_config = None
+    if resolve_data_config is not None:
+        out = resolve_data_config(pretrained_cfg=cfg, model=model)
+    else:
+        absent = [k for k in _KEYS if k not in cfg]
+        if absent:
+            raise ValueError(
+                f"pretrained_cfg lacks {', '.join(absent)} (and timm is not installed)"
+            )
+        out = {k: cfg[k] for k in _KEYS}
+    return {
+        "mean": tuple(float(v) for v in out["mean"]),
+        "std": tuple(float(v) for v in out["std"]),
+        "input_size": tuple(int(v) for v in out["input_size"]),
+        "interpolation": str(out["interpolation"]),
+        "crop_pct": float(out["crop_pct"]),
+    }
+
+
+def _from_weights_config(config: dict[str, Any]) -> dict[str, Any]:
+    """timm's data-config keys from a weights folder's config (timm, open_clip or HF)."""
+    out: dict[str, Any] = {}
+    timm_cfg = config.get("pretrained_cfg")
+    if isinstance(timm_cfg, dict):
+        out.update({k: timm_cfg[k] for k in _KEYS if k in timm_cfg})
+    clip_cfg = config.get("preprocess_cfg")
+    if isinstance(clip_cfg, dict):
+        out.update({k: clip_cfg[k] for k in ("mean", "std", "interpolation") if k in clip_cfg})
+        size = config.get("model_cfg", {}).get("vision_cfg", {}).get("image_size")
+        if isinstance(size, int):
+            out["input_size"] = (3, size, size)
+    pre = config.get("preprocessor", config)
+    if "image_mean" in pre and "image_std" in pre:
+        out["mean"], out["std"] = pre["image_mean"], pre["image_std"]
+        crop = pre.get("crop_size")
+        size = pre.get("size")
+        if isinstance(crop, dict) and "height" in crop:
+            out["input_size"] = (3, int(crop["height"]), int(crop["width"]))
+        if isinstance(size, dict) and "shortest_edge" in size and "input_size" in out:
+            out["crop_pct"] = out["input_size"][1] / size["shortest_edge"]
+        if pre.get("resample") in _PIL_RESAMPLE:
+            out["interpolation"] = _PIL_RESAMPLE[pre["resample"]]
+    return out

@@ -1,0 +1,66 @@
+"""A minimal training command on medcore's CLI conventions, for the ``--devices N`` tests.
+
+Run as ``python -m medcore.launch devices_cmd:main ARGS`` (this directory on PYTHONPATH) or
+called as ``main([...])``; ``DEVICES_CMD_SLOW=1`` makes every step slow (kill -9 tests).
+"""
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from medcore.cli import RunConfig, add_common_args, run_cli, setup_run
+from medcore.trainer import Trainer, seed_everything
+
+
+@dataclass
+class Cfg(RunConfig):
+    pass
+
+
+def _train(argv: list[str] | None) -> int:
+    args = add_common_args(argparse.ArgumentParser(prog="devices-cmd")).parse_args(argv)
+    ctx = setup_run(args, Cfg, "devicescmd")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=gen)
+    data = TensorDataset(x, x.sum(1, keepdim=True))
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+    seed_everything(ctx.cfg.seed + ctx.dist.rank)  # the same weights, a dropout stream per rank
+    slow = os.environ.get("DEVICES_CMD_SLOW") == "1"
+
+    def step(m: nn.Module, batch) -> torch.Tensor:
+        if slow:
+            time.sleep(0.2)
+        if os.environ.get("DEVICES_CMD_FAIL_RANK") == str(ctx.dist.rank):
+            raise RuntimeError(f"rank {ctx.dist.rank} failed")
+        xb, yb = batch
+        return ((m(xb) - yb) ** 2).mean()
+
+    trainer = Trainer(
+        model,
+        ctx.cfg.trainer,
+        train_data=data,
+        step_fn=step,
+        run_dir=ctx.run_dir,
+        device=ctx.device,
+        kind="devicescmd.MLP",
+        seed=ctx.cfg.seed,
+        show_progress=False,
+    )
+    result = trainer.fit(resume=ctx.resume)
+    if ctx.dist.is_main:
+        torch.save(trainer.model.state_dict(), ctx.run_dir / "weights.pt")
+        (ctx.run_dir / "result.json").write_text(
+            json.dumps({"world_size": ctx.dist.world_size, "global_step": result.global_step})
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _train(argv), "devices_cmd:main")
