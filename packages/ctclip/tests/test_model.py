@@ -163,9 +163,12 @@ def test_pretrained_config_without_weights_says_how_to_supply_them(tiny_cfg):
 def test_init_line_tells_the_source(tiny_cfg):
     from ctclip.model import init_line
 
-    assert init_line(tiny_cfg()).endswith("scratch (random init)")
-    line = init_line(tiny_cfg(pretrained_weights="w.pth", freeze_dinov2=True))
-    assert line.endswith("pretrained from w.pth, frozen")
+    assert init_line(tiny_cfg()) == (
+        "init: backbone vit_small_patch14_dinov2 scratch (random init); "
+        "text tower scratch (random init)"
+    )
+    line = init_line(tiny_cfg(pretrained_weights="w.pth", freeze_dinov2=True, text_weights="c"))
+    assert "pretrained from w.pth, frozen; text tower from c" in line
 
 
 def test_normalisation_from_the_backbone_config_unless_the_config_sets_it(tiny_cfg):
@@ -182,3 +185,64 @@ def test_normalisation_from_the_backbone_config_unless_the_config_sets_it(tiny_c
     torch.testing.assert_close(out[0, :, 0, 1], torch.full((3,), 2.0))  # (1 - 0.5) / 0.25
     with pytest.raises(ConfigError, match="both"):
         CTCLIP.from_config(tiny_cfg(mean=[0.5, 0.5, 0.5]))
+
+
+def _fake_hub_cache(home, repo: str, files: dict[str, bytes]) -> None:
+    """The Hugging Face cache layout: blobs by hash, a snapshot of links, refs/main."""
+    import hashlib
+
+    rev = "0" * 40
+    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (folder / "blobs").mkdir()
+    for name, data in files.items():
+        sha = hashlib.sha256(data).hexdigest()
+        (folder / "blobs" / sha).write_bytes(data)
+        (snap / name).symlink_to(f"../../blobs/{sha}")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(rev)
+
+
+def _tiny_open_clip():
+    """A locally built open_clip CLIP whose text tower has the tiny config's widths."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(1)
+    return CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=1, width=32, patch_size=14, image_size=28, head_width=16),
+        text_cfg=CLIPTextCfg(context_length=32, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+
+
+def test_text_tower_starts_from_an_open_clip_checkpoint(tmp_path, tiny_cfg, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    clip = _tiny_open_clip()
+    state = clip.state_dict()
+    torch.save(state, tmp_path / "clip.pt")
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors")
+    )
+    # what a hub repository keeps beside it: the HF-transformers copy, which must not be taken
+    save_file({"text_model.embeddings.x": torch.zeros(1)}, str(folder / "model.safetensors"))
+    home = tmp_path / "hf"
+    _fake_hub_cache(home, "org/tiny-clip", {
+        n: (folder / n).read_bytes() for n in ("open_clip_model.safetensors", "model.safetensors")
+    })  # fmt: skip
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokens = torch.randint(1, 1000, (2, 32))
+    expected = clip.encode_text(tokens)
+    for spec in (tmp_path / "clip.pt", folder, "hf-hub:org/tiny-clip"):
+        model = CTCLIP.from_config(tiny_cfg(text_weights=str(spec)))
+        torch.testing.assert_close(model.text(tokens), expected)
+        line = capsys.readouterr().out
+        assert f"loaded CLIP text tower weights from {spec}" in line
+        assert f"{len(model.text.state_dict())}/{len(model.text.state_dict())} tensors" in line
+    with pytest.raises(CheckpointError, match="missing"):
+        CTCLIP.from_config(tiny_cfg(text_weights=str(folder), text_layers=2))

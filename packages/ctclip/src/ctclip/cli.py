@@ -23,6 +23,7 @@ TRAIN_FLAGS = {
     "text_column": ("data.text_column", str),
     "completed_impressions": ("data.completed_impressions", str),
     "dinov2_model_name": ("model.dinov2_model_name", str),
+    "text_weights": ("model.text_weights", str),
     "context_length": ("model.context_length", int),
     "batch_size": ("trainer.batch_size", int),
     "lr": ("trainer.lr", float),

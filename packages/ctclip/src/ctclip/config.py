@@ -65,6 +65,9 @@ class ModelConfig:
     pretrained: bool = True
     freeze_dinov2: bool = False
     pretrained_weights: str | None = None
+    # The text tower's start: an open_clip CLIP checkpoint (FILE, DIR or hf-hub:NAME) whose text
+    # transformer has these widths (the defaults are CLIP ViT-B's); None: random init.
+    text_weights: str | None = None
     # Per-channel input normalisation the backbone's weights expect (after the per-slice min-max
     # to [0, 1]); None: from the weights' own config or the architecture's timm pretrained_cfg,
     # resolved when training starts and recorded in the checkpoint, which eval uses unchanged.

@@ -14,14 +14,20 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from open_clip.model import CLIPTextCfg, _build_text_tower
-from timm.data import resolve_data_config
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 from x_transformers import Encoder
 
 from ctclip.config import ModelConfig
 from medcore.errors import ConfigError, UserError
-from medcore.weights import load_pretrained, missing_weights_error
+from medcore.weights import (
+    OPEN_CLIP_FILES,
+    WEIGHT_FILES,
+    data_config,
+    load_pretrained,
+    require_pretrained,
+    resolve_weights,
+)
 
 # The spec's torch.hub names of DINOv2 and the timm models with the same architecture.
 BACKBONES: dict[str, str] = {
@@ -165,13 +171,14 @@ class CTCLIP(nn.Module):
         backbone = create_backbone(cfg)
         if cfg.grad_checkpointing:
             backbone.set_grad_checkpointing(True)  # timm checkpoints each block
+        weights_config: dict = {}
         if load_weights:
             check_weights(cfg)
             if exists(cfg.pretrained_weights):
-                load_backbone_weights(backbone, cfg.pretrained_weights)
+                weights_config = load_backbone_weights(backbone, cfg.pretrained_weights)
         if cfg.freeze_dinov2:
             backbone.requires_grad_(False)
-        norm = normalization(cfg, backbone)
+        norm = normalization(cfg, backbone, weights_config)
         visual = VolumeEncoder(
             backbone,
             cfg.embed_dim,
@@ -189,6 +196,8 @@ class CTCLIP(nn.Module):
             layers=cfg.text_layers,
         )
         text = _build_text_tower(cfg.embed_dim, text_cfg)
+        if load_weights and exists(cfg.text_weights):
+            load_text_weights(text, cfg.text_weights)
         return cls(visual, text, cfg.context_length, cfg.init_logit_scale)
 
     def encode_volume(self, volume: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -237,16 +246,19 @@ class CTCLIP(nn.Module):
         return list(groups.values())
 
 
-def normalization(cfg: ModelConfig, backbone: nn.Module) -> dict[str, tuple[float, ...]]:
-    """``{"mean", "std"}`` of ``cfg`` where set, else of the backbone's timm pretrained_cfg."""
+def normalization(
+    cfg: ModelConfig, backbone: nn.Module, weights_config: dict | None = None
+) -> dict[str, tuple[float, ...]]:
+    """``{"mean", "std"}`` of ``cfg`` where set, else what the weights' own config says, else
+    the backbone's timm pretrained_cfg (medcore.weights.data_config)."""
     if exists(cfg.mean) and exists(cfg.std):
         if len(cfg.mean) != 3 or len(cfg.std) != 3:
             raise ConfigError("model.mean", "model.mean and model.std need 3 values (RGB)")
         return {"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
     if exists(cfg.mean) or exists(cfg.std):
         raise ConfigError("model.mean", "set both model.mean and model.std, or neither")
-    data = resolve_data_config({}, model=backbone)
-    return {"mean": tuple(data["mean"]), "std": tuple(data["std"])}
+    data = data_config(model=backbone, weights_config=weights_config)
+    return {"mean": data["mean"], "std": data["std"]}
 
 
 def check_weights(cfg: ModelConfig) -> None:
@@ -256,33 +268,35 @@ def check_weights(cfg: ModelConfig) -> None:
     needs weights in any case (a frozen random backbone learns nothing).
     """
     timm_name = timm_backbone_name(cfg.dinov2_model_name)
-    if exists(cfg.pretrained_weights):
-        return
     hint = (
-        f"DINOv2 weights for {cfg.dinov2_model_name}: a file (torch.hub or timm layout), a "
-        f"snapshot directory, or hf-hub:timm/{timm_name}.lvd142m"
+        f"DINOv2 {cfg.dinov2_model_name}: a torch.hub, timm or HF-transformers file or "
+        f"directory, or e.g. hf-hub:timm/{timm_name}.lvd142m"
     )
-    if cfg.freeze_dinov2:
-        raise missing_weights_error(
-            "--freeze-dinov2", f"A frozen random backbone learns nothing. {hint}"
-        )
-    if cfg.pretrained:
+    if cfg.freeze_dinov2 and not exists(cfg.pretrained_weights):
         raise UserError(
-            "model.pretrained",
-            f"this config starts from pretrained {hint}: pass --pretrained-weights "
-            "FILE|DIR|hf-hub:NAME, or --from-scratch to train the backbone from random init",
+            "--freeze-dinov2",
+            "a frozen random backbone learns nothing: pass --pretrained-weights FILE|DIR|"
+            f"hf-hub:NAME ({hint})",
         )
+    require_pretrained(cfg.pretrained, cfg.pretrained_weights, "model.pretrained", hint)
+    # Named weights that cannot be found are refused now, not after the run has started.
+    if exists(cfg.pretrained_weights):
+        resolve_weights(cfg.pretrained_weights)
+    if exists(cfg.text_weights):
+        resolve_weights(cfg.text_weights, files=(*OPEN_CLIP_FILES, *WEIGHT_FILES))
 
 
 def init_line(cfg: ModelConfig) -> str:
-    """What the backbone starts from, for the training log."""
+    """What the backbone and the text tower start from, for the training log."""
     source = (
         f"pretrained from {cfg.pretrained_weights}"
         if exists(cfg.pretrained_weights)
         else "scratch (random init)"
     )
     frozen = ", frozen" if cfg.freeze_dinov2 else ""
-    return f"init: backbone {timm_backbone_name(cfg.dinov2_model_name)} {source}{frozen}"
+    text = f"from {cfg.text_weights}" if exists(cfg.text_weights) else "scratch (random init)"
+    name = timm_backbone_name(cfg.dinov2_model_name)
+    return f"init: backbone {name} {source}{frozen}; text tower {text}"
 
 
 def component_counts(model: CTCLIP) -> dict[str, int]:
@@ -299,11 +313,24 @@ def component_counts(model: CTCLIP) -> dict[str, int]:
     return counts
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Local DINOv2 weights (timm or torch.hub layout) into ``backbone``; mismatches are errors."""
+def load_backbone_weights(backbone: nn.Module, spec: str | Path) -> dict:
+    """DINOv2 weights (torch.hub, timm or HF-transformers layout; file, directory or hub name)
+    into ``backbone``, one line with the counts; a missing tensor is an error. Returns the
+    weights' own config (for their normalisation), {} when there is none."""
+    resolved = resolve_weights(spec)
     load_pretrained(
         backbone,
-        path,
+        resolved,
         convert=lambda state: convert_dinov2_state(state, backbone),
         what="DINOv2 backbone",
     )
+    return resolved.config
+
+
+def load_text_weights(text: nn.Module, spec: str | Path) -> None:
+    """The text tower of an open_clip CLIP checkpoint (file, directory or hub name) into
+    ``text``; the image tower's tensors are reported as unexpected, a missing text tensor (another
+    width, depth or context length) is an error. In a hub repository the open_clip files are
+    preferred over the HF-transformers copy beside them."""
+    resolved = resolve_weights(spec, files=(*OPEN_CLIP_FILES, *WEIGHT_FILES))
+    load_pretrained(text, resolved, what="CLIP text tower")
