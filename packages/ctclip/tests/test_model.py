@@ -246,3 +246,28 @@ def test_text_tower_starts_from_an_open_clip_checkpoint(tmp_path, tiny_cfg, monk
         assert f"{len(model.text.state_dict())}/{len(model.text.state_dict())} tensors" in line
     with pytest.raises(CheckpointError, match="missing"):
         CTCLIP.from_config(tiny_cfg(text_weights=str(folder), text_layers=2))
+
+
+def test_hf_transformers_dinov2_directory_loads_with_its_normalisation(tmp_path, tiny_cfg, capsys):
+    """A ``facebook/dinov2-*`` style folder (HF-transformers keys, preprocessor_config.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from medcore.layouts import timm_to_hf_dinov2
+
+    overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    source = create_backbone(tiny_cfg(backbone_overrides=overrides, image_size=28))
+    folder = tmp_path / "dinov2-tiny"
+    folder.mkdir()
+    hf = timm_to_hf_dinov2(source.state_dict())
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"))
+    pre = {"image_mean": [0.4, 0.4, 0.4], "image_std": [0.2, 0.2, 0.2], "resample": 3}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    model = CTCLIP.from_config(tiny_cfg(pretrained_weights=str(folder)))
+    backbone = model.visual.backbone
+    torch.testing.assert_close(backbone.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(backbone.pos_embed, source.pos_embed)
+    assert model.visual.normalization()["mean"] == pytest.approx([0.4] * 3)
+    assert model.visual.normalization()["std"] == pytest.approx([0.2] * 3)
+    assert "0 missing" in capsys.readouterr().out

@@ -229,3 +229,16 @@ def test_checkpoints_record_the_normalisation_eval_uses(trained_run):
     for name in ("final.pt", "final.safetensors"):
         model, _ = load_model(trained_run / "checkpoints" / name, torch.device("cpu"))
         assert model.visual.normalization()["mean"] == pytest.approx(cfg["mean"])
+
+
+def test_devices_2_on_cpu_trains_two_ranks_with_use_ddp(tiny_demo, tiny_sets, tmp_path):
+    """``--devices 2 --device cpu``: the command starts its second rank itself (gloo); the
+    original ``--use-ddp`` flag is satisfied by it."""
+    run = tmp_path / "run"
+    argv = ["--data-dir", str(tiny_demo), "--output-dir", str(run), "--smoke", "--use-ddp"]
+    argv += ["--devices", "2", "--device", "cpu", "--no-do-validate", *tiny_sets]
+    argv += ["--set", "num_threads=1", "--set", "trainer.num_workers=0"]
+    assert cli.train(argv) == 0
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in log if r.get("event") == "start")["world_size"] == 2
+    assert (run / "checkpoints/final.safetensors").is_file()
