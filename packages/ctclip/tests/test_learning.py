@@ -3,8 +3,9 @@
 Random pairing (a model that learned nothing about which report goes with which volume) scores
 a zero-shot AUC of 0.5 in expectation; its spread on these 32 validation volumes is measured by
 pairing the trained model's predictions with shuffled label rows. The trained model must beat
-the 99th percentile of that null by MARGIN, and 0.5 by MARGIN + 0.05. Measured with seeds 0, 1, 2:
-AUC 0.717, 0.702, 0.682 against null 99th percentiles 0.606, 0.620, 0.611.
+the 99th percentile of that null by MARGIN, and 0.5 by MARGIN + 0.05. Measured (16 epochs, medcore
+volume store and Fabric trainer) with seeds 0, 1, 2: AUC 0.658, 0.692, 0.689 against null 99th
+percentiles 0.594, 0.632, 0.634; the test runs seed 0.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ MARGIN = 0.05
 SETS = [
     "data.demo_train_volumes=96",
     "data.demo_valid_volumes=32",
-    "trainer.epochs=12",
+    "trainer.epochs=16",
     "trainer.batch_size=16",
     "num_threads=1",
     "seed=0",
