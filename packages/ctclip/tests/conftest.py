@@ -44,6 +44,8 @@ def tiny_model_config(**changes) -> ModelConfig:
         text_heads=2,
         text_layers=1,
         slice_chunk_size=64,
+        pretrained=False,
+        grad_checkpointing=False,
     )
     base.update(changes)
     return ModelConfig(**base)

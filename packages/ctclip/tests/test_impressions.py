@@ -138,3 +138,53 @@ def test_unreachable_server_and_too_few_examples_are_one_line_errors(tmp_path, c
     _reports(tmp_path / "r.csv", n_complete=3)
     assert cli.impressions(argv) == 2
     assert "needs that many" in capsys.readouterr().err
+
+
+def test_completed_impressions_fill_only_the_missing_ones(tmp_path, capsys):
+    from ctclip.impressions import fill_impressions
+
+    pd.DataFrame(
+        {
+            "VolumeName": ["a", "b", "c"],
+            "Findings_EN": ["fa", "fb", "fc"],
+            "Impressions_EN": ["own a", None, None],
+        }
+    ).to_csv(tmp_path / "reports.csv", index=False)
+    doc = {"impressions": {"a": "generated a", "b": "generated b", "zz": "other"}}
+    (tmp_path / "done.json").write_text(json.dumps(doc))
+    counts = fill_impressions(tmp_path / "reports.csv", tmp_path / "done.json", tmp_path / "o.csv")
+    out = pd.read_csv(tmp_path / "o.csv")
+    assert out["Impressions_EN"].fillna("").tolist() == ["own a", "generated b", ""]
+    assert counts == {"missing": 2, "filled": 1, "still_missing": 1, "not_in_table": 1}
+    assert "1 of 2 missing impressions" in capsys.readouterr().err
+
+
+def test_generated_impressions_reach_training(tiny_demo, tiny_sets, tmp_path, capsys):
+    """The impressions JSON fills the reports table the run trains on (before: ignored)."""
+    reports = pd.read_csv(tiny_demo / "ct_rate/train_reports.csv")
+    names = reports["VolumeName"].tolist()
+    reports.loc[:2, "Impressions_EN"] = None
+    reports.to_csv(tmp_path / "reports.csv", index=False)
+    doc = {"impressions": {n: f"generated impression {i}." for i, n in enumerate(names[:2])}}
+    (tmp_path / "done.json").write_text(json.dumps(doc))
+    run = tmp_path / "run"
+    argv = [
+        "--data-dir", str(tiny_demo), "--output-dir", str(run), "--smoke", "--no-do-validate",
+        "--txt-filepath", str(tmp_path / "reports.csv"), "--text-column", "impressions",
+        "--completed-impressions", str(tmp_path / "done.json"), *tiny_sets,
+    ]  # fmt: skip
+    assert cli.train(argv) == 0
+    assert "2 of 3 missing impressions" in capsys.readouterr().err
+    used = pd.read_csv(run / "train_reports_completed.csv").set_index("VolumeName")
+    assert used.loc[names[1], "Impressions_EN"] == "generated impression 1."
+    splits = json.loads((run / "splits.json").read_text())
+    # the third report has no text at all now, so it is left out, the two filled ones are not
+    assert names[0] in splits["ids"]["train"] and names[2] not in splits["ids"]["train"]
+
+
+def test_completed_impressions_with_findings_only_text_is_refused(tiny_demo, tmp_path, capsys):
+    argv = ["--data-dir", str(tiny_demo), "--output-dir", str(tmp_path / "r"),
+            "--completed-impressions", "x.json", "--from-scratch"]  # fmt: skip
+    assert cli.train(argv) == 2
+    assert "text_column=findings" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -149,3 +149,125 @@ def test_param_groups_lower_backbone_lr_and_no_decay_on_gains(tiny_cfg):
     assert id(model.logit_scale) in no_decay and groups["head_no_decay"]["weight_decay"] == 0.0
     total = sum(len(g["params"]) for g in groups.values())
     assert total == len([p for p in model.parameters() if p.requires_grad])
+
+
+def test_pretrained_config_without_weights_says_how_to_supply_them(tiny_cfg):
+    with pytest.raises(UserError) as err:
+        CTCLIP.from_config(tiny_cfg(pretrained=True))
+    assert "--pretrained-weights" in err.value.why and "--from-scratch" in err.value.why
+    assert "hf-hub:timm/vit_small_patch14_dinov2" in err.value.why
+    # building without loading (dry run, eval) needs no weights
+    CTCLIP.from_config(tiny_cfg(pretrained=True), load_weights=False)
+
+
+def test_init_line_tells_the_source(tiny_cfg):
+    from ctclip.model import init_line
+
+    assert init_line(tiny_cfg()) == (
+        "init: backbone vit_small_patch14_dinov2 scratch (random init); "
+        "text tower scratch (random init)"
+    )
+    line = init_line(tiny_cfg(pretrained_weights="w.pth", freeze_dinov2=True, text_weights="c"))
+    assert "pretrained from w.pth, frozen; text tower from c" in line
+
+
+def test_normalisation_from_the_backbone_config_unless_the_config_sets_it(tiny_cfg):
+    with torch.device("meta"):
+        expected = timm.create_model("vit_small_patch14_dinov2", pretrained=False).pretrained_cfg
+    model = CTCLIP.from_config(tiny_cfg())
+    norm = model.visual.normalization()
+    assert norm["mean"] == pytest.approx(expected["mean"]) and norm["std"] == pytest.approx(
+        expected["std"]
+    )
+    half = CTCLIP.from_config(tiny_cfg(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]))
+    slices = torch.tensor([[[0, 255], [255, 0]]], dtype=torch.uint8)
+    out = half.visual.normalize_slices(slices)
+    torch.testing.assert_close(out[0, :, 0, 1], torch.full((3,), 2.0))  # (1 - 0.5) / 0.25
+    with pytest.raises(ConfigError, match="both"):
+        CTCLIP.from_config(tiny_cfg(mean=[0.5, 0.5, 0.5]))
+
+
+def _fake_hub_cache(home, repo: str, files: dict[str, bytes]) -> None:
+    """The Hugging Face cache layout: blobs by hash, a snapshot of links, refs/main."""
+    import hashlib
+
+    rev = "0" * 40
+    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (folder / "blobs").mkdir()
+    for name, data in files.items():
+        sha = hashlib.sha256(data).hexdigest()
+        (folder / "blobs" / sha).write_bytes(data)
+        (snap / name).symlink_to(f"../../blobs/{sha}")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(rev)
+
+
+def _tiny_open_clip():
+    """A locally built open_clip CLIP whose text tower has the tiny config's widths."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(1)
+    return CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=1, width=32, patch_size=14, image_size=28, head_width=16),
+        text_cfg=CLIPTextCfg(context_length=32, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+
+
+def test_text_tower_starts_from_an_open_clip_checkpoint(tmp_path, tiny_cfg, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    clip = _tiny_open_clip()
+    state = clip.state_dict()
+    torch.save(state, tmp_path / "clip.pt")
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors")
+    )
+    # what a hub repository keeps beside it: the HF-transformers copy, which must not be taken
+    save_file({"text_model.embeddings.x": torch.zeros(1)}, str(folder / "model.safetensors"))
+    home = tmp_path / "hf"
+    _fake_hub_cache(home, "org/tiny-clip", {
+        n: (folder / n).read_bytes() for n in ("open_clip_model.safetensors", "model.safetensors")
+    })  # fmt: skip
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokens = torch.randint(1, 1000, (2, 32))
+    expected = clip.encode_text(tokens)
+    for spec in (tmp_path / "clip.pt", folder, "hf-hub:org/tiny-clip"):
+        model = CTCLIP.from_config(tiny_cfg(text_weights=str(spec)))
+        torch.testing.assert_close(model.text(tokens), expected)
+        line = capsys.readouterr().out
+        assert f"loaded CLIP text tower weights from {spec}" in line
+        assert f"{len(model.text.state_dict())}/{len(model.text.state_dict())} tensors" in line
+    with pytest.raises(CheckpointError, match="missing"):
+        CTCLIP.from_config(tiny_cfg(text_weights=str(folder), text_layers=2))
+
+
+def test_hf_transformers_dinov2_directory_loads_with_its_normalisation(tmp_path, tiny_cfg, capsys):
+    """A ``facebook/dinov2-*`` style folder (HF-transformers keys, preprocessor_config.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from medcore.layouts import timm_to_hf_dinov2
+
+    overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    source = create_backbone(tiny_cfg(backbone_overrides=overrides, image_size=28))
+    folder = tmp_path / "dinov2-tiny"
+    folder.mkdir()
+    hf = timm_to_hf_dinov2(source.state_dict())
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"))
+    pre = {"image_mean": [0.4, 0.4, 0.4], "image_std": [0.2, 0.2, 0.2], "resample": 3}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    model = CTCLIP.from_config(tiny_cfg(pretrained_weights=str(folder)))
+    backbone = model.visual.backbone
+    torch.testing.assert_close(backbone.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(backbone.pos_embed, source.pos_embed)
+    assert model.visual.normalization()["mean"] == pytest.approx([0.4] * 3)
+    assert model.visual.normalization()["std"] == pytest.approx([0.2] * 3)
+    assert "0 missing" in capsys.readouterr().out

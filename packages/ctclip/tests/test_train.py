@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import timm
 import torch
 
 from ctclip import cli
@@ -165,3 +167,78 @@ def test_training_step_on_cuda_with_amp(tiny_sets, tmp_path, monkeypatch):
     assert code == 0
     log = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert next(r for r in log if r.get("event") == "start")["amp"] in ("bf16", "fp16")
+
+
+def _eval_argv(model: Path, data: Path, labels: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model-path", str(model), "--test-data", str(data), "--test-labels", str(labels),
+        "--output-dir", str(out), "--n-boot", "0", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_eval_accepts_final_safetensors_and_chooses_thresholds_on_validation(trained_run, tmp_path):
+    from ctclip.evaluate import choose_thresholds
+
+    demo = next((trained_run.parent / "cache" / "ctclip").glob("demo-*/"))
+    h5 = next(demo.glob("*.h5"))
+    labels = pd.read_csv(demo / "ct_rate/valid_predicted_labels.csv")
+    labels.iloc[::2].to_csv(tmp_path / "val.csv", index=False)
+    labels.iloc[1::2].to_csv(tmp_path / "test.csv", index=False)
+    ckpt = trained_run / "checkpoints"
+
+    # final.safetensors carries its model config: the same predictions as final.pt
+    for name in ("final.pt", "final.safetensors"):
+        assert cli.evaluate(_eval_argv(ckpt / name, h5, tmp_path / "val.csv", tmp_path / name)) == 0
+    pt, st = (
+        pd.read_csv(tmp_path / n / "zero_shot_predictions.csv")
+        for n in ("final.pt", "final.safetensors")
+    )
+    pd.testing.assert_frame_equal(pt, st)
+
+    out = tmp_path / "tuned"
+    argv = _eval_argv(ckpt / "final.safetensors", h5, tmp_path / "test.csv", out)
+    assert cli.evaluate([*argv, "--val-labels", str(tmp_path / "val.csv")]) == 0
+    val_labels = labels.iloc[::2][list(FINDINGS)].to_numpy()
+    expected, _ = choose_thresholds(pt[list(FINDINGS)].to_numpy(), val_labels)
+    report = json.loads((out / "zero_shot_metrics.json").read_text())
+    got = [row["threshold"] for row in report["per_finding"]]
+    assert got == pytest.approx(expected.tolist())
+    assert report["thresholds_from"] == str(tmp_path / "val.csv")
+
+    # validation volumes that are also test volumes are refused
+    same = cli.evaluate([*argv, "--val-labels", str(tmp_path / "test.csv")])
+    assert same == 2
+
+
+def test_eval_refuses_safetensors_without_ctclip_metadata(tmp_path, capsys):
+    from medcore.checkpoint import export_safetensors
+
+    export_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    code = cli.evaluate(_eval_argv(tmp_path / "w.safetensors", tmp_path, tmp_path, tmp_path / "e"))
+    assert code == 2 and "not a ctclip.CTCLIP checkpoint" in _one_error_line(capsys)
+
+
+def test_checkpoints_record_the_normalisation_eval_uses(trained_run):
+    from ctclip.evaluate import load_model
+
+    final = load_checkpoint(trained_run / "checkpoints/final.pt", kind="ctclip.CTCLIP")
+    with torch.device("meta"):
+        cfg = timm.create_model("vit_small_patch14_dinov2", pretrained=False).pretrained_cfg
+    assert final["model_config"]["mean"] == pytest.approx(cfg["mean"])
+    assert final["model_config"]["std"] == pytest.approx(cfg["std"])
+    for name in ("final.pt", "final.safetensors"):
+        model, _ = load_model(trained_run / "checkpoints" / name, torch.device("cpu"))
+        assert model.visual.normalization()["mean"] == pytest.approx(cfg["mean"])
+
+
+def test_devices_2_on_cpu_trains_two_ranks_with_use_ddp(tiny_demo, tiny_sets, tmp_path):
+    """``--devices 2 --device cpu``: the command starts its second rank itself (gloo); the
+    original ``--use-ddp`` flag is satisfied by it."""
+    run = tmp_path / "run"
+    argv = ["--data-dir", str(tiny_demo), "--output-dir", str(run), "--smoke", "--use-ddp"]
+    argv += ["--devices", "2", "--device", "cpu", "--no-do-validate", *tiny_sets]
+    argv += ["--set", "num_threads=1", "--set", "trainer.num_workers=0"]
+    assert cli.train(argv) == 0
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in log if r.get("event") == "start")["world_size"] == 2
+    assert (run / "checkpoints/final.safetensors").is_file()

@@ -1,4 +1,9 @@
-"""Typed configuration of ctclip: the ``data``, ``model`` and ``trainer`` sections of a YAML config."""
+"""Typed configuration of ctclip: the ``data``, ``model`` and ``trainer`` sections of a YAML config.
+
+The dataclass defaults are the research setting of the original work (CT-RATE, DINOv2 ViT-B/14
+on 160 slices of 224x224, batch 32 for 40 epochs); ``configs/default.yaml`` is the CPU demo and
+each research YAML holds only what differs from these defaults.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medcore.cli import RunConfig
+from medcore.trainer import TrainerConfig
 
 TextColumn = Literal["findings", "impressions", "both"]
 
@@ -28,6 +34,9 @@ class DataConfig:
     )
     val_label_path: str = "ct_rate/valid_predicted_labels.csv"
     text_column: TextColumn = "findings"
+    # The JSON written by ctclip-impressions: its generated impressions fill the reports' missing
+    # Impressions_EN before the texts are built (needs text_column impressions or both).
+    completed_impressions: str | None = None
     allow_missing: bool = False  # use only CSV names that have a volume instead of failing
     # Each time a report is drawn, keep a random subset of its sentences (1 to all, in order):
     # long reports then contribute all their sentences across epochs despite the 77-token
@@ -51,10 +60,21 @@ class ModelConfig:
     # Extra timm constructor arguments (depth, embed_dim, num_heads, mlp_ratio ...) for small variants.
     backbone_overrides: dict[str, int | float] = field(default_factory=dict)
     image_size: int = 224
+    # The backbone starts from pretrained DINOv2 weights (--pretrained-weights); false (or
+    # --from-scratch) trains it from random initialisation.
+    pretrained: bool = True
     freeze_dinov2: bool = False
     pretrained_weights: str | None = None
-    slice_chunk_size: int = 64  # slices per backbone call; bounds activation memory
-    grad_checkpointing: bool = False
+    # The text tower's start: an open_clip CLIP checkpoint (FILE, DIR or hf-hub:NAME) whose text
+    # transformer has these widths (the defaults are CLIP ViT-B's); None: random init.
+    text_weights: str | None = None
+    # Per-channel input normalisation the backbone's weights expect (after the per-slice min-max
+    # to [0, 1]); None: from the weights' own config or the architecture's timm pretrained_cfg,
+    # resolved when training starts and recorded in the checkpoint, which eval uses unchanged.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    slice_chunk_size: int = 32  # slices per backbone call; bounds activation memory
+    grad_checkpointing: bool = True
     fusion_depth: int = 4
     fusion_heads: int = 8
     embed_dim: int = 512  # joint image-text dimension
@@ -78,9 +98,33 @@ class ValidationConfig:
 
 
 @dataclass
+class CTClipTrainerConfig(TrainerConfig):
+    """medcore's training loop with the original work's settings as defaults."""
+
+    epochs: int = 40
+    batch_size: int | None = 32
+    num_workers: int | None = 8
+    drop_last: bool = True
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    warmup_ratio: float = 0.03
+    grad_clip: float | None = 1.0
+    eval_every_steps: int = 200
+    monitor: list[str] = field(default_factory=lambda: ["val/mean_auc"])
+    monitor_mode: Literal["max", "min"] = "max"
+    save_every_steps: int = 200
+
+
+@dataclass
 class CTClipConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    trainer: CTClipTrainerConfig = field(default_factory=CTClipTrainerConfig)
     backbone_lr_scale: float = 0.1  # backbone learning rate = trainer.lr * backbone_lr_scale
+    # Gradient cache: the whole trainer.batch_size is the contrastive batch (every volume sees
+    # every other text as a negative), while the towers run with grad on this many volumes at a
+    # time; 0 embeds the batch in one pass. trainer.grad_accum_steps does NOT enlarge the
+    # contrastive batch: each accumulated micro-batch only sees its own negatives.
+    grad_cache_chunk_size: int = 0
     use_ddp: bool = False

@@ -3,16 +3,19 @@ bootstrap 95% CIs, ROC curves (PNG), predictions and metrics (CSV, JSON)."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ctclip.config import ModelConfig
+from ctclip.config import CTClipConfig, ModelConfig
 from ctclip.data import CTVolumeDataset, check_store, match_names, read_labels
 from ctclip.findings import FINDINGS
 from ctclip.model import CTCLIP
@@ -22,10 +25,20 @@ from ctclip.zeroshot import predict
 from medcore.checkpoint import load_checkpoint
 from medcore.cli import format_table
 from medcore.config import from_dict
+from medcore.device import AmpPolicy, resolve_device
 from medcore.errors import CheckpointError, DataError
 from medcore.io import atomic_write_csv, atomic_write_json
-from medcore.metrics import bootstrap_ci, metrics_with_ci, multilabel_f1, roc_auc_per_class
+from medcore.metrics import (
+    bootstrap_ci,
+    metrics_with_ci,
+    multilabel_f1,
+    roc_auc_per_class,
+    select_threshold,
+)
 from medcore.plots import plot_roc_curves
+
+if TYPE_CHECKING:
+    from medcore.trainer import TrainResult
 
 KIND = "ctclip.CTCLIP"
 METRICS = ("auc", "f1", "precision", "recall", "accuracy")
@@ -44,13 +57,13 @@ def auc_per_finding(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return roc_auc_per_class(labels.astype(int), probs)
 
 
-def _mean_metric(name: str, threshold: float):
+def _mean_metric(name: str, threshold: float | np.ndarray):
     """Mean over findings of one metric, for bootstrapping whole rows (volumes)."""
 
     def fn(y: np.ndarray, s: np.ndarray) -> float:
         if name == "auc":
             return float(np.nanmean(auc_per_finding(s, y))) if evaluable(y).any() else float("nan")
-        pred = s >= threshold
+        pred = s >= threshold  # one threshold, or one per column
         if name == "f1":
             return multilabel_f1(y, pred)["macro_f1"]
         # Column-wise counts (medcore's binary metrics take one column at a time; this runs per resample).
@@ -69,16 +82,34 @@ def _mean_metric(name: str, threshold: float):
     return fn
 
 
+def choose_thresholds(
+    probs: np.ndarray, labels: np.ndarray, default: float = 0.5
+) -> tuple[np.ndarray, list[int]]:
+    """Per-finding thresholds maximising Youden's J on (validation) data, and the columns that
+    have one class only there (those keep ``default``)."""
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels).astype(int)
+    ok = evaluable(labels)
+    thresholds = np.full(probs.shape[1], float(default))
+    for j in np.flatnonzero(ok):
+        thresholds[j] = select_threshold(labels[:, j], probs[:, j], method="youden")
+    return thresholds, [int(j) for j in np.flatnonzero(~ok)]
+
+
 def summarize(
     probs: np.ndarray,
     labels: np.ndarray,
     findings: Sequence[str] = FINDINGS,
-    threshold: float = 0.5,
+    threshold: float | Sequence[float] = 0.5,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Per-finding rows and the mean over the evaluable findings, each metric with a 95% CI."""
+    """Per-finding rows and the mean over the evaluable findings, each metric with a 95% CI.
+
+    ``threshold``: one probability cut-off for every finding, or one per finding (as chosen on
+    validation by :func:`choose_thresholds`).
+    """
     probs, labels = np.asarray(probs, dtype=float), np.asarray(labels).astype(int)
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=float), (len(findings),)).copy()
     ok = evaluable(labels)
     rows = []
     with warnings.catch_warnings():
@@ -88,10 +119,11 @@ def summarize(
                 "finding": finding,
                 "positives": int(labels[:, j].sum()),
                 "n": int(labels.shape[0]),
+                "threshold": float(thresholds[j]),
             }
             if ok[j]:
                 m = metrics_with_ci(
-                    labels[:, j], probs[:, j], threshold=threshold, n_boot=n_boot, seed=seed
+                    labels[:, j], probs[:, j], threshold=thresholds[j], n_boot=n_boot, seed=seed
                 )
                 for name in METRICS:
                     row.update(
@@ -113,7 +145,7 @@ def summarize(
             if not ok.any():
                 mean[name] = float("nan")
                 continue
-            fn = _mean_metric(name, threshold)
+            fn = _mean_metric(name, thresholds[ok])
             y, s = labels[:, ok], probs[:, ok]
             mean[name] = fn(y, s)
             if n_boot:
@@ -125,7 +157,7 @@ def summarize(
         "evaluated_findings": [f for f, k in zip(findings, ok, strict=True) if k],
         "num_evaluated": int(ok.sum()),
         "num_findings": len(findings),
-        "threshold": threshold,
+        "threshold": float(thresholds[0]) if np.all(thresholds == thresholds[0]) else "per finding",
         "n_boot": n_boot,
     }
 
@@ -205,9 +237,35 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def read_model_file(path: Path) -> dict[str, Any]:
+    """``{"model", "model_config"}`` of a ctclip checkpoint (``.pt``) or exported weights
+    (``final.safetensors``, whose metadata carries the model config)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path, map_location="cpu", kind=KIND)
+    from safetensors import safe_open
+
+    state = load_checkpoint(path)  # checks the file and reads the tensors
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("kind") != KIND:
+        found = meta.get("kind")
+        raise CheckpointError(
+            path,
+            f"this is a {found} checkpoint, not {KIND}"
+            if found
+            else f"not a {KIND} checkpoint (its metadata carries no model identity)",
+        )
+    try:
+        state["model_config"] = json.loads(meta["model_config"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(path, "its metadata has no readable model_config") from None
+    return state
+
+
 def load_model(path: Path, device: torch.device) -> tuple[CTCLIP, dict[str, Any]]:
     """Rebuild the model from a ctclip checkpoint alone (its config travels inside it)."""
-    state = load_checkpoint(path, map_location="cpu", kind=KIND)
+    state = read_model_file(path)
     if "model_config" not in state or "model" not in state:
         raise CheckpointError(
             path, "has no model_config/model entries (not written by ctclip-train)"
@@ -225,6 +283,44 @@ def load_model(path: Path, device: torch.device) -> tuple[CTCLIP, dict[str, Any]
     return model.to(device).eval(), state
 
 
+def labelled_volumes(
+    model: CTCLIP, data: Path, labels_csv: Path, allow_missing: bool
+) -> CTVolumeDataset:
+    """The labelled volumes of ``labels_csv`` in ``data``, checked against the model's input size."""
+    labels = read_labels(labels_csv)
+    names = match_names(list(labels.index), data, labels_csv, allow_missing)
+    check_store(data)
+    shape = volume_shape(data)
+    if shape[1:] != model.visual.image_size:
+        raise DataError(
+            data,
+            f"holds {shape[1]}x{shape[2]} slices; the model takes "
+            f"{model.visual.image_size[0]}x{model.visual.image_size[1]}",
+        )
+    return CTVolumeDataset(data, labels, names)
+
+
+def validation_thresholds(
+    model: CTCLIP,
+    dataset: CTVolumeDataset,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    batch_size: int,
+    default: float,
+    source: str,
+) -> np.ndarray:
+    """Per-finding thresholds (Youden's J) chosen on the validation volumes of ``dataset``."""
+    probs, labels = predict(model, dataset, tokenizer, device, batch_size=batch_size)
+    thresholds, one_class = choose_thresholds(probs.numpy(), labels.numpy(), default)
+    kept = f"; {len(one_class)} with one class there keep {default:g}" if one_class else ""
+    print(
+        f"thresholds: chosen per finding on {len(dataset)} validation volumes of {source} "
+        f"(Youden's J){kept}",
+        file=sys.stderr,
+    )
+    return thresholds
+
+
 def run_evaluation(
     checkpoint: Path,
     test_data: Path,
@@ -236,29 +332,99 @@ def run_evaluation(
     seed: int = 0,
     threshold: float = 0.5,
     allow_missing: bool = False,
+    val_labels: Path | None = None,
+    val_data: Path | None = None,
 ) -> dict[str, Any]:
-    """ctclip-eval: zero-shot metrics of ``checkpoint`` on the volumes of ``test_labels``."""
+    """ctclip-eval: zero-shot metrics of ``checkpoint`` on the volumes of ``test_labels``.
+
+    With ``val_labels`` the decision threshold of each finding is chosen on those validation
+    volumes (in ``val_data``, default ``test_data``) and applied to test; otherwise every
+    finding uses ``threshold``.
+    """
     model, _ = load_model(checkpoint, device)
-    labels = read_labels(test_labels)
-    names = match_names(list(labels.index), test_data, test_labels, allow_missing)
-    check_store(test_data)
-    shape = volume_shape(test_data)
-    if shape[1:] != model.visual.image_size:
-        raise DataError(
-            test_data,
-            f"holds {shape[1]}x{shape[2]} slices; the model takes "
-            f"{model.visual.image_size[0]}x{model.visual.image_size[1]}",
-        )
-    dataset = CTVolumeDataset(test_data, labels, names)
     tokenizer = Tokenizer(model.context_length)
+    dataset = labelled_volumes(model, test_data, test_labels, allow_missing)
+    thresholds: float | np.ndarray = threshold
+    if val_labels is not None:
+        val_ds = labelled_volumes(model, val_data or test_data, val_labels, allow_missing)
+        overlap = set(val_ds.names) & set(dataset.names)
+        if overlap:
+            raise DataError(
+                val_labels,
+                f"{len(overlap)} of its volumes are also test volumes (first: "
+                f"{sorted(overlap)[0]}): thresholds chosen on test data would bias the metrics",
+            )
+        thresholds = validation_thresholds(
+            model, val_ds, tokenizer, device, batch_size, threshold, str(val_labels)
+        )
+    else:
+        print(
+            f"thresholds: {threshold:g} for every finding (--val-labels chooses them on validation)",
+            file=sys.stderr,
+        )
     probs, y = predict(model, dataset, tokenizer, device, batch_size=batch_size)
-    summary = summarize(probs.numpy(), y.numpy(), threshold=threshold, n_boot=n_boot, seed=seed)
+    summary = summarize(probs.numpy(), y.numpy(), threshold=thresholds, n_boot=n_boot, seed=seed)
     summary.update(
         {
             "checkpoint": str(checkpoint),
             "test_data": str(test_data),
             "test_labels": str(test_labels),
+            "thresholds_from": str(val_labels) if val_labels is not None else "fixed",
         }
     )
-    write_report(out_dir, names, probs.numpy(), y.numpy(), summary)
+    write_report(out_dir, dataset.names, probs.numpy(), y.numpy(), summary)
     return summary
+
+
+def main(args: argparse.Namespace) -> int:
+    """ctclip-eval: evaluate, print the table, say where the files went."""
+    summary = run_evaluation(
+        args.model_path,
+        args.test_data,
+        args.test_labels,
+        args.output_dir,
+        resolve_device(args.device),
+        batch_size=args.batch_size,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        threshold=args.threshold,
+        allow_missing=args.allow_missing,
+        val_labels=args.val_labels,
+        val_data=args.val_data,
+    )
+    print(format_summary(summary))
+    print(f"written to {args.output_dir}", file=sys.stderr)
+    return 0
+
+
+def final_report(
+    model: CTCLIP,
+    result: TrainResult,
+    val_ds: CTVolumeDataset,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    amp: AmpPolicy,
+    cfg: CTClipConfig,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """After training: zero-shot report of the best (else final) weights on the validation set."""
+    weights = (
+        result.best_path if result.best_path and result.best_path.is_file() else result.final_path
+    )
+    model.load_state_dict(load_checkpoint(weights, kind=KIND)["model"])
+    probs, labels = predict(model, val_ds, tokenizer, device, amp, cfg.validation.batch_size)
+    report = summarize(probs.numpy(), labels.numpy(), n_boot=cfg.validation.n_boot, seed=cfg.seed)
+    write_report(run_dir, val_ds.names, probs.numpy(), labels.numpy(), report)
+    print(
+        f"\nzero-shot on {len(val_ds)} validation volumes ({Path(weights).name}):", file=sys.stderr
+    )
+    print(format_summary(report))
+    return {
+        "checkpoint": str(weights),
+        "mean_auc": report["mean"]["auc"],
+        "num_evaluated_findings": report["num_evaluated"],
+        "zero_shot": report["mean"],
+        "auc_per_finding": {
+            r["finding"]: r["auc"] for r in report["per_finding"] if np.isfinite(r["auc"])
+        },
+    }

@@ -7,6 +7,7 @@ impression is saved at once (atomic JSON), and a rerun skips the volumes already
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ctclip.text import clean_text
 from medcore.errors import DataError, UserError
-from medcore.io import RunLock, atomic_write_json, read_csv
+from medcore.io import RunLock, atomic_write_csv, atomic_write_json, read_csv
 
 SYSTEM_PROMPT = (
     "You are a radiologist. Given the findings section of a chest CT report, write its impression "
@@ -79,6 +80,53 @@ def chat_completion(
     except (KeyError, IndexError, TypeError):
         raise TransientError(f"unexpected reply: {str(body)[:120]}") from None
     return str(text).strip()
+
+
+def read_completed(path: Path) -> dict[str, str]:
+    """VolumeName -> generated impression, from the JSON that ctclip-impressions writes."""
+    if not Path(path).is_file():
+        raise DataError(
+            path, "completed-impressions JSON not found (write it with ctclip-impressions)"
+        )
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        impressions = doc["impressions"]
+        if not isinstance(impressions, dict):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise DataError(
+            path, "not an impressions JSON file (no 'impressions' mapping; see ctclip-impressions)"
+        ) from None
+    return {str(k): clean_text(v) for k, v in impressions.items() if clean_text(v)}
+
+
+def fill_impressions(reports_csv: Path, completed: Path, out_csv: Path) -> dict[str, int]:
+    """Write ``reports_csv`` to ``out_csv`` with its missing Impressions_EN taken from the
+    ``completed`` JSON; print one line with the counts and return them.
+
+    Only missing impressions are filled: a report's own impression always wins.
+    """
+    frame = read_csv(reports_csv, required=["VolumeName", "Impressions_EN"], unique="VolumeName")
+    generated = read_completed(completed)
+    names = frame["VolumeName"].astype(str)
+    missing = frame["Impressions_EN"].map(clean_text) == ""
+    fill = missing & names.isin(list(generated))
+    frame["Impressions_EN"] = frame["Impressions_EN"].astype(object)
+    frame.loc[fill, "Impressions_EN"] = names[fill].map(generated)
+    counts = {
+        "missing": int(missing.sum()),
+        "filled": int(fill.sum()),
+        "still_missing": int((missing & ~fill).sum()),
+        "not_in_table": len(set(generated) - set(names)),
+    }
+    atomic_write_csv(out_csv, frame)
+    print(
+        f"impressions: {counts['filled']} of {counts['missing']} missing impressions in "
+        f"{reports_csv} filled from {completed}; {counts['still_missing']} still missing; "
+        f"{counts['not_in_table']} generated for volumes not in the table (unused)",
+        file=sys.stderr,
+    )
+    return counts
 
 
 def run_impressions(
@@ -162,3 +210,24 @@ def run_impressions(
         "already_done": len(targets) - len(todo),
         "failed": failed,
     }
+
+
+def main(args: argparse.Namespace) -> int:
+    """ctclip-impressions: generate, then one line of counts; exit 1 if any request failed."""
+    res = run_impressions(
+        args.target_file,
+        args.output_file,
+        args.base_url,
+        model=args.model,
+        num_examples=args.num_examples,
+        api_key=args.api_key,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        timeout=args.timeout,
+        seed=args.seed,
+    )
+    print(
+        f"{args.output_file}: {res['generated']} generated, {res['already_done']} already done, "
+        f"{res['failed']} failed"
+    )
+    return 0 if not res["failed"] else 1

@@ -19,8 +19,15 @@ from torch import nn
 from x_transformers import Encoder
 
 from ctclip.config import ModelConfig
-from medcore.errors import ConfigError
-from medcore.weights import load_pretrained, missing_weights_error
+from medcore.errors import ConfigError, UserError
+from medcore.weights import (
+    OPEN_CLIP_FILES,
+    WEIGHT_FILES,
+    data_config,
+    load_pretrained,
+    require_pretrained,
+    resolve_weights,
+)
 
 # The spec's torch.hub names of DINOv2 and the timm models with the same architecture.
 BACKBONES: dict[str, str] = {
@@ -33,8 +40,6 @@ BACKBONES: dict[str, str] = {
     "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
     "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature
 
 
@@ -94,6 +99,8 @@ class VolumeEncoder(nn.Module):
         fusion_depth: int = 4,
         fusion_heads: int = 8,
         slice_chunk_size: int = 64,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -104,15 +111,19 @@ class VolumeEncoder(nn.Module):
             dim=dim, depth=fusion_depth, heads=fusion_heads, rotary_pos_emb=True, attn_flash=True
         )
         self.proj = nn.Linear(dim, embed_dim, bias=False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalization(self) -> dict[str, list[float]]:
+        """The per-channel mean/std the slices are normalised with (recorded in checkpoints)."""
+        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.backbone.patch_embed.img_size)
 
     def normalize_slices(self, slices: torch.Tensor) -> torch.Tensor:
-        """``[n, h, w]`` -> ``[n, 3, h, w]``: min-max per slice to [0, 1], then ImageNet mean/std."""
+        """``[n, h, w]`` -> ``[n, 3, h, w]``: min-max per slice to [0, 1], then the backbone's mean/std."""
         x = slices.float()
         lo = x.amin(dim=(-2, -1), keepdim=True)
         hi = x.amax(dim=(-2, -1), keepdim=True)
@@ -155,23 +166,27 @@ class CTCLIP(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> CTCLIP:
-        """Build the model; with ``load_weights`` the backbone takes ``cfg.pretrained_weights``."""
+        """Build the model; with ``load_weights`` the backbone takes ``cfg.pretrained_weights``
+        (and a config that needs them but names none is refused, see :func:`check_weights`)."""
         backbone = create_backbone(cfg)
         if cfg.grad_checkpointing:
             backbone.set_grad_checkpointing(True)  # timm checkpoints each block
-        if load_weights and exists(cfg.pretrained_weights):
-            load_backbone_weights(backbone, cfg.pretrained_weights)
+        weights_config: dict = {}
+        if load_weights:
+            check_weights(cfg)
+            if exists(cfg.pretrained_weights):
+                weights_config = load_backbone_weights(backbone, cfg.pretrained_weights)
         if cfg.freeze_dinov2:
-            if load_weights and not exists(cfg.pretrained_weights):
-                raise missing_weights_error(
-                    "--freeze-dinov2",
-                    "A frozen random backbone learns nothing. Get DINOv2 weights on a "
-                    "machine with network, e.g. torch.hub.load('facebookresearch/dinov2', "
-                    f"'{cfg.dinov2_model_name}').state_dict() saved with torch.save, and pass that file.",
-                )
             backbone.requires_grad_(False)
+        norm = normalization(cfg, backbone, weights_config)
         visual = VolumeEncoder(
-            backbone, cfg.embed_dim, cfg.fusion_depth, cfg.fusion_heads, cfg.slice_chunk_size
+            backbone,
+            cfg.embed_dim,
+            cfg.fusion_depth,
+            cfg.fusion_heads,
+            cfg.slice_chunk_size,
+            mean=norm["mean"],
+            std=norm["std"],
         )
         text_cfg = CLIPTextCfg(
             context_length=cfg.context_length,
@@ -181,6 +196,8 @@ class CTCLIP(nn.Module):
             layers=cfg.text_layers,
         )
         text = _build_text_tower(cfg.embed_dim, text_cfg)
+        if load_weights and exists(cfg.text_weights):
+            load_text_weights(text, cfg.text_weights)
         return cls(visual, text, cfg.context_length, cfg.init_logit_scale)
 
     def encode_volume(self, volume: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -229,11 +246,91 @@ class CTCLIP(nn.Module):
         return list(groups.values())
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Local DINOv2 weights (timm or torch.hub layout) into ``backbone``; mismatches are errors."""
+def normalization(
+    cfg: ModelConfig, backbone: nn.Module, weights_config: dict | None = None
+) -> dict[str, tuple[float, ...]]:
+    """``{"mean", "std"}`` of ``cfg`` where set, else what the weights' own config says, else
+    the backbone's timm pretrained_cfg (medcore.weights.data_config)."""
+    if exists(cfg.mean) and exists(cfg.std):
+        if len(cfg.mean) != 3 or len(cfg.std) != 3:
+            raise ConfigError("model.mean", "model.mean and model.std need 3 values (RGB)")
+        return {"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+    if exists(cfg.mean) or exists(cfg.std):
+        raise ConfigError("model.mean", "set both model.mean and model.std, or neither")
+    data = data_config(model=backbone, weights_config=weights_config)
+    return {"mean": data["mean"], "std": data["std"]}
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Refuse a model config that cannot start as configured, before anything is written.
+
+    ``pretrained`` without ``pretrained_weights`` says how to supply them; a frozen backbone
+    needs weights in any case (a frozen random backbone learns nothing).
+    """
+    timm_name = timm_backbone_name(cfg.dinov2_model_name)
+    hint = (
+        f"DINOv2 {cfg.dinov2_model_name}: a torch.hub, timm or HF-transformers file or "
+        f"directory, or e.g. hf-hub:timm/{timm_name}.lvd142m"
+    )
+    if cfg.freeze_dinov2 and not exists(cfg.pretrained_weights):
+        raise UserError(
+            "--freeze-dinov2",
+            "a frozen random backbone learns nothing: pass --pretrained-weights FILE|DIR|"
+            f"hf-hub:NAME ({hint})",
+        )
+    require_pretrained(cfg.pretrained, cfg.pretrained_weights, "model.pretrained", hint)
+    # Named weights that cannot be found are refused now, not after the run has started.
+    if exists(cfg.pretrained_weights):
+        resolve_weights(cfg.pretrained_weights)
+    if exists(cfg.text_weights):
+        resolve_weights(cfg.text_weights, files=(*OPEN_CLIP_FILES, *WEIGHT_FILES))
+
+
+def init_line(cfg: ModelConfig) -> str:
+    """What the backbone and the text tower start from, for the training log."""
+    source = (
+        f"pretrained from {cfg.pretrained_weights}"
+        if exists(cfg.pretrained_weights)
+        else "scratch (random init)"
+    )
+    frozen = ", frozen" if cfg.freeze_dinov2 else ""
+    text = f"from {cfg.text_weights}" if exists(cfg.text_weights) else "scratch (random init)"
+    name = timm_backbone_name(cfg.dinov2_model_name)
+    return f"init: backbone {name} {source}{frozen}; text tower {text}"
+
+
+def component_counts(model: CTCLIP) -> dict[str, int]:
+    """Parameters per component (backbone, slice fusion, projection, text tower, temperature)."""
+    parts = {
+        "visual.backbone": model.visual.backbone,
+        "visual.fusion": model.visual.fusion,
+        "visual.proj": model.visual.proj,
+        "text": model.text,
+    }
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    counts["visual.cls_token"] = model.visual.cls_token.numel()
+    counts["logit_scale"] = model.logit_scale.numel()
+    return counts
+
+
+def load_backbone_weights(backbone: nn.Module, spec: str | Path) -> dict:
+    """DINOv2 weights (torch.hub, timm or HF-transformers layout; file, directory or hub name)
+    into ``backbone``, one line with the counts; a missing tensor is an error. Returns the
+    weights' own config (for their normalisation), {} when there is none."""
+    resolved = resolve_weights(spec)
     load_pretrained(
         backbone,
-        path,
+        resolved,
         convert=lambda state: convert_dinov2_state(state, backbone),
         what="DINOv2 backbone",
     )
+    return resolved.config
+
+
+def load_text_weights(text: nn.Module, spec: str | Path) -> None:
+    """The text tower of an open_clip CLIP checkpoint (file, directory or hub name) into
+    ``text``; the image tower's tensors are reported as unexpected, a missing text tensor (another
+    width, depth or context length) is an error. In a hub repository the open_clip files are
+    preferred over the HF-transformers copy beside them."""
+    resolved = resolve_weights(spec, files=(*OPEN_CLIP_FILES, *WEIGHT_FILES))
+    load_pretrained(text, resolved, what="CLIP text tower")

@@ -120,3 +120,14 @@ def read_split_frames(data_dir: Path) -> dict[str, pd.DataFrame]:
         side: read_csv(Path(data_dir) / name)
         for side, name in zip(("validation", "test"), FILES["reports"], strict=True)
     }
+
+
+def main(args: Any) -> int:
+    """ctclip-split: split, then one line of volume and patient counts."""
+    summary = run_split(args.data_dir, args.target_val_size, args.seed)
+    val, test = summary["validation"], summary["test"]
+    print(
+        f"validation: {val['volumes']} volumes / {val['patients']} patients; "
+        f"test: {test['volumes']} volumes / {test['patients']} patients; no patient in both"
+    )
+    return 0

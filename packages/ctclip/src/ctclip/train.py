@@ -6,7 +6,9 @@ Without ``--data-dir`` the built-in demo runs: synthetic CT-RATE-format data is 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,31 +26,92 @@ from ctclip.data import (
     read_reports,
     resolve_paths,
 )
-from ctclip.evaluate import (
-    KIND,
-    auc_per_finding,
-    format_summary,
-    json_safe,
-    summarize,
-    write_report,
-)
+from ctclip.evaluate import KIND, auc_per_finding, final_report, json_safe
 from ctclip.findings import FINDINGS
+from ctclip.gradcache import cached_embeddings
+from ctclip.impressions import fill_impressions
 from ctclip.losses import ClipLoss
-from ctclip.model import CTCLIP
+from ctclip.model import CTCLIP, check_weights, component_counts, init_line, timm_backbone_name
 from ctclip.preprocess import run_preprocess, volume_shape
 from ctclip.synthetic import generate_demo
 from ctclip.text import Tokenizer
 from ctclip.zeroshot import predict
-from medcore.checkpoint import export_safetensors, load_checkpoint
-from medcore.cli import RunContext
-from medcore.config import to_dict
+from medcore.checkpoint import export_safetensors
+from medcore.cli import (
+    SMOKE_OVERRIDES,
+    RunContext,
+    common_overrides,
+    resolve_config_arg,
+    setup_run,
+)
+from medcore.config import load_config, packaged_config_path, to_dict
 from medcore.demo import ensure_demo_data
-from medcore.distributed import barrier
-from medcore.errors import DataError, UserError
+from medcore.distributed import barrier, get_world_size
+from medcore.errors import ConfigError, DataError, UserError
 from medcore.splits import save_splits
+from medcore.summary import build_on_meta, dry_run
 from medcore.trainer import EvalContext, Trainer
 
 DEMO_SEED = 0  # the demo data does not depend on --seed, so every run shares one cache
+SMOKE = [  # a smaller demo, so that --smoke is quick even with a cold cache
+    "data.demo_train_volumes=24",
+    "data.demo_valid_volumes=12",
+    "trainer.batch_size=8",
+    "validation.n_boot=50",
+]
+
+
+def resolve_config(args: argparse.Namespace) -> CTClipConfig:
+    """The config exactly as ``setup_run`` resolves it, to check it before a run dir is made."""
+    resolve_config_arg(args, "ctclip")
+    source = args.config if args.config is not None else packaged_config_path("ctclip", "default")
+    overrides = [*SMOKE_OVERRIDES, *SMOKE, *args.overrides] if args.smoke else args.overrides
+    return load_config(CTClipConfig, source, overrides=[*overrides, *common_overrides(args)])
+
+
+def check_config(cfg: CTClipConfig) -> None:
+    """Settings that contradict each other or that the run would ignore are errors."""
+    if cfg.data.completed_impressions and cfg.data.text_column == "findings":
+        raise ConfigError(
+            "data.completed_impressions",
+            "the texts are the findings only (data.text_column=findings): set text_column "
+            "to impressions or both to train on the generated impressions",
+        )
+    if cfg.grad_cache_chunk_size < 0:
+        raise ConfigError("grad_cache_chunk_size", "must be >= 0 (0: no gradient cache)")
+    if cfg.grad_cache_chunk_size and cfg.trainer.grad_accum_steps > 1:
+        raise ConfigError(
+            "grad_cache_chunk_size",
+            "use either the gradient cache or trainer.grad_accum_steps, not both (the cache "
+            "already runs the batch in chunks; accumulation would split its negatives)",
+        )
+
+
+def main(args: argparse.Namespace) -> int:
+    """ctclip-train: the config is checked before a run directory is made; ``--dry-run`` then
+    builds the model on the meta device, otherwise it trains."""
+    if args.from_scratch and args.pretrained_weights:
+        raise UserError("--from-scratch", "given together with --pretrained-weights: choose one")
+    if not args.resume:  # a resumed run continues with its config.yaml and checkpoint weights
+        cfg = resolve_config(args)
+        check_config(cfg)
+        if not args.dry_run:
+            check_weights(cfg.model)
+    ctx = setup_run(args, CTClipConfig, "ctclip", "default", smoke_overrides=SMOKE)
+    if not args.dry_run:
+        run_train(ctx)
+        return 0
+    model_cfg = ctx.cfg.model
+
+    def build() -> CTCLIP:
+        return CTCLIP.from_config(model_cfg, load_weights=False)
+
+    extra = {
+        "backbone": timm_backbone_name(model_cfg.dinov2_model_name),
+        "components": component_counts(build_on_meta(build)),
+    }
+    dry_run(build, ctx.run_dir, extra=extra)
+    return 0
 
 
 def prepare_demo(cfg: CTClipConfig, is_main: bool) -> CTClipConfig:
@@ -109,18 +172,66 @@ def make_validation_fn(val_ds: CTVolumeDataset, tokenizer: Tokenizer, batch_size
     return evaluate_fn
 
 
+def make_step_fn(model: CTCLIP, chunk_size: int):
+    """The Trainer's step: the contrastive loss of a batch, through the gradient cache when
+    ``chunk_size`` is smaller than the batch."""
+    loss_fn = ClipLoss()
+
+    def step_fn(train_model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        volume, tokens = batch["volume"], batch["tokens"]
+        if chunk_size and chunk_size < len(volume):
+            image, text = cached_embeddings(
+                lambda v, t: train_model(v, t)[:2], volume, tokens, chunk_size, model.logit_scale
+            )
+            scale = model.scale()
+        else:
+            image, text, scale = train_model(volume, tokens)
+        return loss_fn(image, text, scale), {"logit_scale": scale.detach()}
+
+    return step_fn
+
+
+def training_reports(cfg: CTClipConfig, txt_filepath: Path, ctx: RunContext) -> Path:
+    """The reports table to train on: with ``data.completed_impressions``, a copy in the run
+    directory whose missing impressions are filled from ctclip-impressions' JSON."""
+    if not cfg.data.completed_impressions:
+        return txt_filepath
+    completed = Path(cfg.data.completed_impressions).expanduser()
+    if not completed.is_absolute() and cfg.data.data_dir:
+        completed = Path(cfg.data.data_dir) / completed
+    filled = ctx.run_dir / "train_reports_completed.csv"
+    if ctx.dist.is_main:
+        fill_impressions(txt_filepath, completed, filled)
+    barrier()
+    return filled
+
+
 def run_train(ctx: RunContext) -> dict[str, Any]:
     cfg: CTClipConfig = ctx.cfg
+    check_config(cfg)
     if cfg.use_ddp and not ctx.dist.enabled:
         raise UserError(
             "--use-ddp", "no process group: start the command with torchrun --nproc_per_node=N"
+        )
+    if cfg.grad_cache_chunk_size and get_world_size() > 1:
+        raise ConfigError(
+            "grad_cache_chunk_size",
+            "the gradient cache runs in one process only; under DDP every rank's batch already "
+            "meets all ranks' negatives (set it to 0)",
+        )
+    if cfg.trainer.grad_accum_steps > 1:
+        print(
+            f"note: trainer.grad_accum_steps={cfg.trainer.grad_accum_steps} averages gradients, "
+            f"but each contrastive loss sees only its own {cfg.trainer.batch_size} pairs; "
+            "grad_cache_chunk_size enlarges the contrastive batch itself",
+            file=sys.stderr,
         )
     demo = cfg.data.data_dir is None
     if demo:
         cfg = prepare_demo(cfg, ctx.dist.is_main)
     paths = resolve_paths(cfg.data)
     tokenizer = Tokenizer(cfg.model.context_length)
-    reports = read_reports(paths.txt_filepath, cfg.data.text_column)
+    reports = read_reports(training_reports(cfg, paths.txt_filepath, ctx), cfg.data.text_column)
     train_names = match_names(
         sorted(reports), paths.ct_filepath, paths.txt_filepath, cfg.data.allow_missing
     )
@@ -152,18 +263,17 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
             ids=names,
         )
 
-    model = CTCLIP.from_config(cfg.model)
-    loss_fn = ClipLoss()
-
-    def step_fn(train_model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        image, text, scale = train_model(batch["volume"], batch["tokens"])
-        return loss_fn(image, text, scale), {"logit_scale": float(scale.detach())}
-
+    model = CTCLIP.from_config(cfg.model, load_weights=ctx.resume is None)
+    print(
+        f"init: resumed from {ctx.resume}" if ctx.resume else init_line(cfg.model), file=sys.stderr
+    )
+    # The normalisation the backbone was built with travels in the checkpoint, for eval.
+    model_config = to_dict(dataclasses.replace(cfg.model, **model.visual.normalization()))
     trainer = Trainer(
         model,
         cfg.trainer,
         train_data=train_ds,
-        step_fn=step_fn,
+        step_fn=make_step_fn(model, cfg.grad_cache_chunk_size),
         run_dir=ctx.run_dir,
         device=ctx.device,
         kind=KIND,
@@ -175,7 +285,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
             cfg.trainer.lr, cfg.backbone_lr_scale, cfg.trainer.weight_decay
         ),
         extra_state={
-            "model_config": to_dict(cfg.model),
+            "model_config": model_config,
             "text_column": cfg.data.text_column,
             "findings": list(FINDINGS),
         },
@@ -193,37 +303,17 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
     export_safetensors(
         model.state_dict(),
         ctx.run_dir / "checkpoints" / "final.safetensors",
-        metadata={"kind": KIND},
+        metadata={
+            "kind": KIND,
+            "model_config": json.dumps(model_config),
+            "findings": json.dumps(list(FINDINGS)),
+        },
     )
     if val_ds is not None:
-        weights = (
-            result.best_path
-            if result.best_path and result.best_path.is_file()
-            else result.final_path
-        )
-        model.load_state_dict(load_checkpoint(weights, kind=KIND)["model"])
-        probs, labels = predict(
-            model, val_ds, tokenizer, ctx.device, trainer.amp, cfg.validation.batch_size
-        )
-        report = summarize(
-            probs.numpy(), labels.numpy(), n_boot=cfg.validation.n_boot, seed=cfg.seed
-        )
-        write_report(ctx.run_dir, val_ds.names, probs.numpy(), labels.numpy(), report)
-        print(
-            f"\nzero-shot on {len(val_ds)} validation volumes ({Path(weights).name}):",
-            file=sys.stderr,
-        )
-        print(format_summary(report))
         summary.update(
-            {
-                "checkpoint": str(weights),
-                "mean_auc": report["mean"]["auc"],
-                "num_evaluated_findings": report["num_evaluated"],
-                "zero_shot": report["mean"],
-                "auc_per_finding": {
-                    r["finding"]: r["auc"] for r in report["per_finding"] if np.isfinite(r["auc"])
-                },
-            }
+            final_report(
+                model, result, val_ds, tokenizer, ctx.device, trainer.amp, cfg, ctx.run_dir
+            )
         )
     trainer.logger.write_final(json_safe(summary))
     trainer.logger.close()
