@@ -3,7 +3,6 @@ weights expect, recorded in the checkpoint and used by predict."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,24 +14,14 @@ from binensemble.cli import train
 from binensemble.model import DualBackbone
 from binensemble.predict import load_bundle
 from medcore.checkpoint import load_checkpoint
-from medcore.testing import call_main, error_line
+from medcore.testing import call_main, error_line, hub_snapshot
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 VIT_NORM = {"mean": [0.1, 0.2, 0.3], "std": [0.6, 0.5, 0.4]}
 
 
 def _hub_snapshot(home: Path, repo: str, files: dict[str, bytes]) -> Path:
-    """The Hugging Face cache layout: blobs by hash, a snapshot of links, refs/main."""
-    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
-    snap = folder / "snapshots" / REV
-    for sub in ("blobs", f"snapshots/{REV}", "refs"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        sha = hashlib.sha256(data).hexdigest()
-        (folder / "blobs" / sha).write_bytes(data)
-        (snap / name).symlink_to(Path("..") / ".." / "blobs" / sha)
-    (folder / "refs" / "main").write_text(REV)
-    return snap
+    return hub_snapshot(home, repo, files, REV)
 
 
 @pytest.fixture

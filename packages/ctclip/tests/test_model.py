@@ -14,6 +14,7 @@ from ctclip.model import (
     timm_backbone_name,
 )
 from medcore.errors import CheckpointError, ConfigError, UserError
+from medcore.testing import hub_snapshot
 
 
 def test_backbone_names_map_to_timm_dinov2():
@@ -188,20 +189,7 @@ def test_normalisation_from_the_backbone_config_unless_the_config_sets_it(tiny_c
 
 
 def _fake_hub_cache(home, repo: str, files: dict[str, bytes]) -> None:
-    """The Hugging Face cache layout: blobs by hash, a snapshot of links, refs/main."""
-    import hashlib
-
-    rev = "0" * 40
-    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
-    snap = folder / "snapshots" / rev
-    snap.mkdir(parents=True)
-    (folder / "blobs").mkdir()
-    for name, data in files.items():
-        sha = hashlib.sha256(data).hexdigest()
-        (folder / "blobs" / sha).write_bytes(data)
-        (snap / name).symlink_to(f"../../blobs/{sha}")
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(rev)
+    hub_snapshot(home, repo, files)
 
 
 def _tiny_open_clip():

@@ -4,7 +4,6 @@ bring, and a two-rank CPU run."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ctretrieval.cli import train
 from ctretrieval.config import IMAGENET_MEAN, ModelConfig
 from ctretrieval.evaluate import load_model
 from ctretrieval.model import build_model, with_weights_normalisation
-from medcore.testing import call_main
+from medcore.testing import call_main, hub_snapshot
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 TINY = dict(
@@ -32,11 +31,8 @@ def _reference() -> torchvision.models.ResNet:
 
 def _fake_timm_hub(home: Path, reference: torch.nn.Module, mean: list[float]) -> Path:
     """``models--timm--resnet18.a1_in1k`` in the hub cache layout (blobs, snapshot links, refs)."""
-    folder = home / "hub" / "models--timm--resnet18.a1_in1k"
-    snap = folder / "snapshots" / REV
-    (folder / "blobs").mkdir(parents=True)
-    snap.mkdir(parents=True)
     tmp = home / "w.safetensors"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp))
     pretrained_cfg = {
         "input_size": [3, 224, 224],
@@ -46,16 +42,8 @@ def _fake_timm_hub(home: Path, reference: torch.nn.Module, mean: list[float]) ->
         "std": [0.5, 0.5, 0.5],
     }
     config = {"architecture": "resnet18", "pretrained_cfg": pretrained_cfg}
-    for name, data in (
-        ("model.safetensors", tmp.read_bytes()),
-        ("config.json", json.dumps(config).encode()),
-    ):
-        sha = hashlib.sha256(data).hexdigest()
-        (folder / "blobs" / sha).write_bytes(data)
-        (snap / name).symlink_to(Path("..") / ".." / "blobs" / sha)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(REV)
-    return snap
+    files = {"model.safetensors": tmp.read_bytes(), "config.json": json.dumps(config).encode()}
+    return hub_snapshot(home, "timm/resnet18.a1_in1k", files, REV)
 
 
 @pytest.fixture

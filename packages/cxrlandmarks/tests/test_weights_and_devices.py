@@ -1,7 +1,6 @@
 """Pretrained weights from the Hugging Face cache (offline), their input normalisation carried
 from the weights' config to the checkpoint and to predict; ``--devices 2`` on CPU."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from cxrlandmarks.cli import predict, train
 from cxrlandmarks.data import image_tensor, resize_and_normalise
 from cxrlandmarks.model import input_normalisation, load_model
 from medcore.checkpoint import load_checkpoint
-from medcore.testing import call_main
+from medcore.testing import call_main, hub_snapshot
 
 REPO = "timm/resnet18.a1_in1k"
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -29,17 +28,11 @@ def fake_hub_snapshot(home: Path, tmp: Path) -> torch.nn.Module:
     source = timm.create_model("resnet18", pretrained=False)
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp / "w.st"))
     config = {"architecture": "resnet18", "pretrained_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}
-    folder = home / "hub" / f"models--{REPO.replace('/', '--')}"
-    snap = folder / "snapshots" / REV
-    snap.mkdir(parents=True)
-    (folder / "blobs").mkdir()
-    for name, data in (("model.safetensors", (tmp / "w.st").read_bytes()),
-                       ("config.json", json.dumps(config).encode())):  # fmt: skip
-        sha = hashlib.sha256(data).hexdigest()
-        (folder / "blobs" / sha).write_bytes(data)
-        (snap / name).symlink_to(Path("..") / ".." / "blobs" / sha)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(REV)
+    files = {
+        "model.safetensors": (tmp / "w.st").read_bytes(),
+        "config.json": json.dumps(config).encode(),
+    }
+    hub_snapshot(home, REPO, files, REV)
     return source
 
 

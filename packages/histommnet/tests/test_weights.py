@@ -4,7 +4,6 @@ loads, normalisation from the weights' own config, and a 2-process run."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from safetensors.torch import save_file
 from histommnet.cli import train
 from histommnet.config import DataConfig, ModelConfig
 from histommnet.model import build_model, resolve_normalization
-from medcore.testing import call_main, error_line
+from medcore.testing import call_main, error_line, hub_snapshot
 
 MAGS = ["40X", "100X", "200X", "400X"]
 REPO = "timm/test_efficientnet.tiny"
@@ -30,17 +29,7 @@ def _timm_source() -> torch.nn.Module:
 
 
 def _hub_snapshot(home: Path, files: dict[str, bytes]) -> Path:
-    """The hub cache layout: blobs by hash, a snapshot of symlinks, refs/main."""
-    folder = home / "hub" / f"models--{REPO.replace('/', '--')}"
-    snap = folder / "snapshots" / REV
-    for sub in (folder / "blobs", snap, folder / "refs"):
-        sub.mkdir(parents=True)
-    for name, data in files.items():
-        sha = hashlib.sha256(data).hexdigest()
-        (folder / "blobs" / sha).write_bytes(data)
-        (snap / name).symlink_to(Path("..") / ".." / "blobs" / sha)
-    (folder / "refs" / "main").write_text(REV)
-    return snap
+    return hub_snapshot(home, REPO, files, REV)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """The weights resolver, layout conversion and load reports (offline: a fake HF cache on disk)."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from medcore.checkpoint import export_safetensors
 from medcore.cli import run_cli
 from medcore.errors import CheckpointError, UserError
 from medcore.layouts import hf_dinov2_to_timm, timm_to_hf_dinov2
+from medcore.testing import hub_snapshot
 from medcore.weights import (
     OPEN_CLIP_FILES,
     data_config,
@@ -37,18 +37,7 @@ def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def _fake_hub_cache(home: Path, repo: str, files: dict[str, bytes], rev: str = REV) -> Path:
-    """The real cache layout: blobs by hash, a snapshot of symlinks, refs/main -> the revision."""
-    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
-    (folder / "blobs").mkdir(parents=True)
-    snap = folder / "snapshots" / rev
-    snap.mkdir(parents=True)
-    for name, data in files.items():
-        sha = hashlib.sha256(data).hexdigest()
-        (folder / "blobs" / sha).write_bytes(data)
-        (snap / name).symlink_to(Path("..") / ".." / "blobs" / sha)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(rev)
-    return snap
+    return hub_snapshot(home, repo, files, rev)
 
 
 @pytest.fixture

@@ -242,3 +242,24 @@ def png_header_only(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 16))
         + chunk(b"IEND", b"")
     )
+
+
+def hub_snapshot(home: str | Path, repo: str, files: dict[str, bytes], rev: str = "0" * 40) -> Path:
+    """Write ``files`` into a Hugging Face cache under ``home`` (what ``HF_HOME`` points at) in
+    the hub's own layout: ``hub/models--ORG--NAME/blobs/<sha256>``, ``snapshots/<rev>/<name>``
+    links to the blobs, ``refs/main`` naming the revision. Returns the snapshot directory.
+
+    Lets weight-loading tests resolve ``hf-hub:ORG/NAME`` offline, as a user's cache would.
+    """
+    import hashlib
+
+    folder = Path(home) / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / rev
+    for sub in (folder / "blobs", snap, folder / "refs"):
+        sub.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        sha = hashlib.sha256(data).hexdigest()
+        (folder / "blobs" / sha).write_bytes(data)
+        (snap / name).symlink_to(Path("..") / ".." / "blobs" / sha)
+    (folder / "refs" / "main").write_text(rev)
+    return snap
