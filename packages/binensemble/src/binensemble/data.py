@@ -21,9 +21,10 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from binensemble.config import DataConfig
+from binensemble.config import BinEnsembleConfig, DataConfig
 from binensemble.synthetic import generate_demo
 from medcore.demo import ensure_demo_data
+from medcore.device import device_defaults
 from medcore.errors import DataError
 from medcore.io import load_image, read_csv
 
@@ -255,3 +256,10 @@ class BalancedBatchSampler(Sampler[list[int]]):
         batches = np.concatenate(streams, axis=1)
         for b in range(self.rank, len(batches), self.world_size):
             yield batches[b].tolist()
+
+
+def loader_workers(cfg: BinEnsembleConfig, device: torch.device) -> int:
+    """DataLoader workers: the config's, else medcore's default for the device."""
+    if cfg.trainer.num_workers is None:
+        return device_defaults(device).num_workers
+    return cfg.trainer.num_workers

@@ -22,6 +22,7 @@ from binensemble.data import (
     ImageSet,
     data_root,
     eval_transform,
+    loader_workers,
     read_labels,
     scan_labelled,
     scan_unlabelled,
@@ -32,7 +33,7 @@ from binensemble.model import MODEL_CLASSES, build_model, model_kind
 from medcore.checkpoint import load_checkpoint
 from medcore.cli import common_overrides, format_table
 from medcore.config import from_dict, load_config, packaged_config_path
-from medcore.device import amp_policy, device_defaults, resolve_device
+from medcore.device import amp_policy, resolve_device
 from medcore.errors import CheckpointError, DataError, UserError
 from medcore.metrics import knn_predict_proba
 from medcore.splits import load_splits
@@ -194,11 +195,7 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     if bundle.knn is not None and not asked:
         views = list(bundle.knn["views"])  # nothing asked: the gallery's own views
-    workers = (
-        device_defaults(device).num_workers
-        if cfg.trainer.num_workers is None
-        else cfg.trainer.num_workers
-    )
+    workers = loader_workers(cfg, device)
     probs = predict_probs(
         bundle,
         images,

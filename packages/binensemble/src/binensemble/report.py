@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from binensemble.config import BinEnsembleConfig
-from binensemble.data import ImageSet
+from binensemble.data import ImageSet, loader_workers
 from binensemble.ensemble import (
     analyse,
     check_rule,
@@ -29,7 +29,7 @@ from binensemble.ensemble import (
 )
 from binensemble.evaluate import summarise
 from binensemble.predict import load_bundle, predict_probs
-from binensemble.train import loader_workers, tta_views
+from binensemble.train import tta_views
 from medcore.cli import format_table
 from medcore.errors import UserError
 from medcore.io import atomic_write_csv, atomic_write_json

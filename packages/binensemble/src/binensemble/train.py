@@ -26,6 +26,7 @@ from binensemble.data import (
     ImageDataset,
     ImageSet,
     eval_transform,
+    loader_workers,
     train_transform,
 )
 from binensemble.evaluate import (
@@ -57,12 +58,6 @@ Splits = dict[str, np.ndarray]
 def tta_views(cfg: BinEnsembleConfig) -> list[str]:
     """The views of the configured test-time augmentation (identity only without TTA)."""
     return list(cfg.predict.views) if cfg.predict.tta else ["identity"]
-
-
-def loader_workers(cfg: BinEnsembleConfig, device: torch.device) -> int:
-    if cfg.trainer.num_workers is None:
-        return device_defaults(device).num_workers
-    return cfg.trainer.num_workers
 
 
 def train_val_splits(labelled: ImageSet, cfg: BinEnsembleConfig, path: Path) -> Splits:
