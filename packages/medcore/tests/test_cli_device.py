@@ -11,7 +11,6 @@ from medcore.cli import (
     RunConfig,
     add_common_args,
     common_overrides,
-    find_latest_checkpoint,
     find_run,
     format_table,
     run_cli,
@@ -83,13 +82,13 @@ def test_common_flags_map_onto_config(tmp_path: Path) -> None:
 def test_resume_latest_finds_newest_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="no earlier run"):
-        find_latest_checkpoint("pkg", None)
+        find_run("pkg", None)[1]
     for i, name in enumerate(["20260101-000000", "20260102-000000"]):
         ck = tmp_path / "runs/pkg" / name / "checkpoints/latest.pt"
         ck.parent.mkdir(parents=True)
         ck.write_bytes(b"x")
         os.utime(ck, (time.time() + i, time.time() + i))
-    assert find_latest_checkpoint("pkg", None).parts[-3] == "20260102-000000"
+    assert find_run("pkg", None)[1].parts[-3] == "20260102-000000"
 
 
 def test_format_table() -> None:
@@ -156,13 +155,13 @@ def test_environment_oserrors_are_one_line(capsys: pytest.CaptureFixture[str]) -
 
 @pytest.fixture
 def cli_mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """``medcore.cli`` with a packaged default config of ``seed: 3`` for any package."""
-    from medcore import cli
+    """``medcore.run`` with a packaged default config of ``seed: 3`` for any package."""
+    from medcore import run
 
     packaged = tmp_path / "default.yaml"
     packaged.write_text("seed: 3\n")
-    monkeypatch.setattr(cli, "packaged_config_path", lambda package, name: packaged)
-    return cli
+    monkeypatch.setattr(run, "packaged_config_path", lambda package, name: packaged)
+    return run
 
 
 def test_setup_run_locks_the_run_dir_before_writing(tmp_path: Path, cli_mod) -> None:

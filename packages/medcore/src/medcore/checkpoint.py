@@ -136,3 +136,34 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def export_best(
+    best_path: str | Path | None,
+    final_path: str | Path | None,
+    model: torch.nn.Module,
+    out: str | Path,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Load the best checkpoint's weights (the final one's when no best was kept) into
+    ``model`` and export them as safetensors at ``out``; returns the checkpoint used.
+
+    The package's report and its exported weights then describe the same model: the one
+    that won model selection, not whatever the last epoch left in memory.
+    """
+    chosen = next(
+        (Path(p) for p in (best_path, final_path) if p is not None and Path(p).is_file()), None
+    )
+    if chosen is None:
+        raise CheckpointError(out, "training kept neither a best nor a final checkpoint to export")
+    weights = load_checkpoint(chosen, map_location="cpu")["model"]
+    try:
+        unwrap_model(model).load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            chosen, f"weights do not match the model ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    export_safetensors(
+        unwrap_model(model).state_dict(), out, metadata={"source": str(chosen), **(metadata or {})}
+    )
+    return chosen
