@@ -186,3 +186,18 @@ def test_waiting_lock_waits_for_a_sibling_instead_of_refusing(tmp_path: Path) ->
         assert lock_file.read_text() == str(os.getpid())
     holder.join()
     assert not lock_file.exists()
+
+
+def test_cached_store_is_found_again_under_the_cache(
+    tmp_path: Path, pngs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    spec = StoreSpec(size=(23, 35))
+    first = imagestore.cached_store(pngs, spec, progress=False)
+    assert first.directory.parent == tmp_path / "cache" / "imagestore"
+    built = (first.directory / "pixels.u8").stat().st_mtime_ns
+    again = imagestore.cached_store(pngs, spec, progress=False)  # no rebuild
+    assert again.directory == first.directory
+    assert (again.directory / "pixels.u8").stat().st_mtime_ns == built
+    other = imagestore.cached_store(pngs[:3], spec, progress=False)  # other sources, other store
+    assert other.directory != first.directory and len(other) == 3

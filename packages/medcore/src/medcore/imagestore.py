@@ -183,6 +183,18 @@ def open_store(
     return ImageStore(directory)
 
 
+def cached_store(
+    paths: Sequence[str | Path], spec: StoreSpec, directory: str | Path | None = None, **kw
+) -> ImageStore:
+    """:func:`open_store` in ``directory``, by default ``<medcore cache>/imagestore/<key>``: one
+    store per set of sources and size, found again by every run, phase, fold and model."""
+    from medcore.demo import cache_root
+
+    if directory is None:
+        directory = cache_root() / "imagestore" / store_key([Path(p) for p in paths], spec)
+    return open_store(paths, directory, spec, **kw)
+
+
 def _first_shape(sources: Sequence[Path], spec: StoreSpec) -> tuple[int, int]:
     for path in sources:
         try:
