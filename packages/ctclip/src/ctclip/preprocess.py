@@ -65,6 +65,13 @@ class PreprocessResult:
     failed: dict[str, str] = field(default_factory=dict)
     output: Path | None = None
 
+    def counts(self) -> str:
+        """The one line ctclip-preprocess ends with."""
+        return (
+            f"{self.output}: {len(self.written)} written, {self.skipped_existing} already "
+            f"present, {len(self.failed)} skipped"
+        )
+
 
 def volume_name(path: Path) -> str:
     """The CT-RATE VolumeName of a file: its file name (``train_1_a_1.nii.gz``)."""
@@ -344,3 +351,13 @@ def volume_shape(path: Path) -> tuple[int, int, int]:
         if shape is None or len(shape) != 3:
             raise DataError(path, "has no target_shape attribute (write it with ctclip-preprocess)")
         return tuple(int(v) for v in shape)
+
+
+def main(args: Any) -> int:
+    """ctclip-preprocess: preprocess, then one line of counts."""
+    res = run_preprocess(
+        args.ct_data_path, args.ct_out_path, args.metadata_path, tuple(args.target_shape),
+        args.slide_b2u, args.num_workers, args.compression,
+    )  # fmt: skip
+    print(res.counts())
+    return 0
