@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ctclip.notes import name_left_out
 from medcore.errors import DataError
 from medcore.io import read_csv
 from medcore.volume_store import FORMAT as STORE_FORMAT
@@ -287,12 +288,7 @@ def run_preprocess(
     # Metadata names are only matched against the names of files found under ct_data_path,
     # never used as paths: a name like ../x.nii.gz matches nothing and is named here.
     without_file = sorted(set(metadata) - set(names))
-    if without_file:
-        print(
-            f"note: {len(without_file)} metadata rows have no volume under {ct_data_path} "
-            f"(first: {', '.join(without_file[:3])})",
-            file=sys.stderr,
-        )
+    name_left_out("note: ", without_file, f"metadata rows have no volume under {ct_data_path}")
 
     settings = store_settings(target, slide_b2u)
     with VolumeStoreWriter(out, KIND, settings, compression=compression) as store:
