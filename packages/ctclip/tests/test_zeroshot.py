@@ -110,3 +110,31 @@ def test_thresholds_chosen_on_validation_maximise_youden_and_apply_per_finding()
     )
     assert tuned["mean"]["f1"] > fixed["mean"]["f1"] + 0.2  # 0.5 misses finding 3's positives
     assert tuned["threshold"] == "per finding" and fixed["threshold"] == 0.5
+
+
+def test_predict_reads_the_volumes_in_loader_workers_in_dataset_order(tiny_demo, tiny_cfg):
+    """Through medcore's inference loop with 2 DataLoader workers (each opens the HDF5 file
+    itself): the probabilities of a plain loop over the volumes read directly, in order."""
+    import h5py
+
+    from ctclip.data import CTVolumeDataset, read_labels
+    from ctclip.model import CTCLIP
+    from ctclip.text import Tokenizer
+    from ctclip.zeroshot import predict, prompt_features
+
+    torch.manual_seed(0)
+    model = CTCLIP.from_config(tiny_cfg(), load_weights=False).eval()
+    labels = read_labels(tiny_demo / "ct_rate/valid_predicted_labels.csv")
+    names = list(labels.index)[::-1]  # not the file's order
+    ds = CTVolumeDataset(tiny_demo / "ct_volumes.h5", labels, names)
+    tokenizer = Tokenizer(model.context_length)
+    probs, got_labels = predict(
+        model, ds, tokenizer, torch.device("cpu"), batch_size=4, num_workers=2
+    )
+
+    with torch.no_grad(), h5py.File(tiny_demo / "ct_volumes.h5", "r") as h5:
+        volumes = torch.stack([torch.from_numpy(h5["volumes"][n][()]) for n in names])
+        feats = model.encode_volume(volumes)
+        expected = zero_shot_probs(feats, prompt_features(model, tokenizer), model.scale())
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(got_labels, torch.tensor(labels.loc[names].to_numpy(), dtype=torch.float32))

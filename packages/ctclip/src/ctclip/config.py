@@ -128,3 +128,24 @@ class CTClipConfig(RunConfig):
     # contrastive batch: each accumulated micro-batch only sees its own negatives.
     grad_cache_chunk_size: int = 0
     use_ddp: bool = False
+
+
+# ctclip-train flags in the original work's spelling -> (config key, type); bool: --x / --no-x.
+# Each one given becomes a --set item (ctclip.train.flag_overrides).
+TRAIN_FLAGS: dict[str, tuple[str, type]] = {
+    "ct_filepath": ("data.ct_filepath", str),
+    "txt_filepath": ("data.txt_filepath", str),
+    "val_ct_filepath": ("data.val_ct_filepath", str),
+    "val_label_path": ("data.val_label_path", str),
+    "text_column": ("data.text_column", str),
+    "completed_impressions": ("data.completed_impressions", str),
+    "dinov2_model_name": ("model.dinov2_model_name", str),
+    "text_weights": ("model.text_weights", str),
+    "context_length": ("model.context_length", int),
+    "batch_size": ("trainer.batch_size", int),
+    "lr": ("trainer.lr", float),
+    "valid_interval": ("trainer.eval_every_steps", int),
+    "freeze_dinov2": ("model.freeze_dinov2", bool),
+    "do_validate": ("validation.do_validate", bool),
+    "use_ddp": ("use_ddp", bool),
+}

@@ -6,7 +6,6 @@ Shapes: a volume is ``[d, h, w]`` uint8 (slices, rows, columns) as ctclip-prepro
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch.utils.data import Dataset
 
 from ctclip.config import DataConfig, TextColumn
 from ctclip.findings import FINDINGS
+from ctclip.notes import name_left_out
 from ctclip.preprocess import HU_RANGE, read_volume_names, volume_shape
 from ctclip.text import TEXT_COLUMNS, Tokenizer, report_text
 from medcore.errors import DataError
@@ -71,12 +71,7 @@ def read_reports(path: Path, column: TextColumn) -> dict[str, str]:
     columns = ", ".join(TEXT_COLUMNS[column])
     if empty and len(empty) == len(texts):
         raise DataError(path, f"no report has text in {columns} (--text-column {column})")
-    if empty:
-        print(
-            f"warning: {path}: {len(empty)} report(s) without text in {columns} left out "
-            f"(first: {', '.join(empty[:3])})",
-            file=sys.stderr,
-        )
+    name_left_out(f"warning: {path}: ", empty, f"report(s) without text in {columns} left out")
     return {name: text for name, text in texts.items() if text}
 
 
@@ -109,12 +104,7 @@ def match_names(
     present = [n for n in csv_names if n in stored]
     if not present:
         raise DataError(csv_path, f"none of its volumes is in {h5_path}")
-    if missing:
-        print(
-            f"warning: {csv_path}: {len(missing)} volume(s) not in {h5_path} left out "
-            f"(first: {', '.join(missing[:3])})",
-            file=sys.stderr,
-        )
+    name_left_out(f"warning: {csv_path}: ", missing, f"volume(s) not in {h5_path} left out")
     check_volumes(h5_path, present)
     return present
 

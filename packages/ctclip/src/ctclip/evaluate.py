@@ -15,15 +15,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctclip.config import CTClipConfig, ModelConfig
+from ctclip.config import ModelConfig
 from ctclip.data import CTVolumeDataset, check_store, match_names, read_labels
 from ctclip.findings import FINDINGS
 from ctclip.model import CTCLIP
 from ctclip.preprocess import volume_shape
 from ctclip.text import Tokenizer
 from ctclip.zeroshot import predict
+from medcore import inference
 from medcore.checkpoint import load_checkpoint
-from medcore.cli import format_table
 from medcore.config import from_dict
 from medcore.device import AmpPolicy, resolve_device
 from medcore.errors import CheckpointError, DataError
@@ -36,9 +36,10 @@ from medcore.metrics import (
     select_threshold,
 )
 from medcore.plots import plot_roc_curves
+from medcore.tables import format_table
 
 if TYPE_CHECKING:
-    from medcore.trainer import TrainResult
+    from medcore.run import RunContext
 
 KIND = "ctclip.CTCLIP"
 METRICS = ("auc", "f1", "precision", "recall", "accuracy")
@@ -237,50 +238,43 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def read_model_file(path: Path) -> dict[str, Any]:
-    """``{"model", "model_config"}`` of a ctclip checkpoint (``.pt``) or exported weights
-    (``final.safetensors``, whose metadata carries the model config)."""
+def read_model_file(path: Path) -> dict[str, Any] | None:
+    """The checkpoint dict of exported weights (``final.safetensors``, whose metadata carries
+    the model identity, config and training precision); None for a ``.pt`` checkpoint, which
+    :func:`medcore.inference.load_model` reads itself."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        return load_checkpoint(path, map_location="cpu", kind=KIND)
+        return None
     from safetensors import safe_open
 
     state = load_checkpoint(path)  # checks the file and reads the tensors
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if meta.get("kind") != KIND:
-        found = meta.get("kind")
+    if not meta.get("kind"):
         raise CheckpointError(
-            path,
-            f"this is a {found} checkpoint, not {KIND}"
-            if found
-            else f"not a {KIND} checkpoint (its metadata carries no model identity)",
+            path, f"not a {KIND} checkpoint (its metadata carries no model identity)"
         )
-    try:
-        state["model_config"] = json.loads(meta["model_config"])
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(path, "its metadata has no readable model_config") from None
+    state.update({k: meta[k] for k in ("kind", "precision") if k in meta})
+    if "model_config" in meta:  # without it, load_model names what is missing
+        try:
+            state["model_config"] = json.loads(meta["model_config"])
+        except json.JSONDecodeError:
+            raise CheckpointError(path, "its metadata has no readable model_config") from None
     return state
+
+
+def build_model(state: dict[str, Any]) -> CTCLIP:
+    """The unweighted model of a ctclip checkpoint, from the config it carries."""
+    overrides = {"pretrained_weights": None, "freeze_dinov2": False}
+    cfg = from_dict(ModelConfig, {**state["model_config"], **overrides})
+    return CTCLIP.from_config(cfg, load_weights=False)
 
 
 def load_model(path: Path, device: torch.device) -> tuple[CTCLIP, dict[str, Any]]:
     """Rebuild the model from a ctclip checkpoint alone (its config travels inside it)."""
     state = read_model_file(path)
-    if "model_config" not in state or "model" not in state:
-        raise CheckpointError(
-            path, "has no model_config/model entries (not written by ctclip-train)"
-        )
-    cfg = from_dict(
-        ModelConfig, {**state["model_config"], "pretrained_weights": None, "freeze_dinov2": False}
-    )
-    model = CTCLIP.from_config(cfg, load_weights=False)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            path, f"weights do not fit its own config ({str(exc).splitlines()[0][:160]})"
-        ) from None
-    return model.to(device).eval(), state
+    model, state = inference.load_model(path, KIND, build_model, device=device, state=state)
+    return model, state  # type: ignore[return-value]
 
 
 def labelled_volumes(
@@ -304,13 +298,12 @@ def validation_thresholds(
     model: CTCLIP,
     dataset: CTVolumeDataset,
     tokenizer: Tokenizer,
-    device: torch.device,
-    batch_size: int,
+    options: dict[str, Any],
     default: float,
     source: str,
 ) -> np.ndarray:
     """Per-finding thresholds (Youden's J) chosen on the validation volumes of ``dataset``."""
-    probs, labels = predict(model, dataset, tokenizer, device, batch_size=batch_size)
+    probs, labels = predict(model, dataset, tokenizer, **options)
     thresholds, one_class = choose_thresholds(probs.numpy(), labels.numpy(), default)
     kept = f"; {len(one_class)} with one class there keep {default:g}" if one_class else ""
     print(
@@ -321,77 +314,54 @@ def validation_thresholds(
     return thresholds
 
 
-def run_evaluation(
-    checkpoint: Path,
-    test_data: Path,
-    test_labels: Path,
-    out_dir: Path,
-    device: torch.device,
-    batch_size: int = 8,
-    n_boot: int = 1000,
-    seed: int = 0,
-    threshold: float = 0.5,
-    allow_missing: bool = False,
-    val_labels: Path | None = None,
-    val_data: Path | None = None,
-) -> dict[str, Any]:
-    """ctclip-eval: zero-shot metrics of ``checkpoint`` on the volumes of ``test_labels``.
+def main(args: argparse.Namespace) -> int:
+    """ctclip-eval: zero-shot metrics of ``--model-path`` on the volumes of ``--test-labels``,
+    the table printed, the report written to ``--output-dir``.
 
-    With ``val_labels`` the decision threshold of each finding is chosen on those validation
-    volumes (in ``val_data``, default ``test_data``) and applied to test; otherwise every
-    finding uses ``threshold``.
+    With ``--val-labels`` the decision threshold of each finding is chosen on those validation
+    volumes (in ``--val-data``, default ``--test-data``) and applied to test; otherwise every
+    finding uses ``--threshold``. Inference runs in the checkpoint's training precision, with
+    the device's default DataLoader workers.
     """
-    model, _ = load_model(checkpoint, device)
+    device = resolve_device(args.device)
+    model, state = load_model(args.model_path, device)
     tokenizer = Tokenizer(model.context_length)
-    dataset = labelled_volumes(model, test_data, test_labels, allow_missing)
-    thresholds: float | np.ndarray = threshold
-    if val_labels is not None:
-        val_ds = labelled_volumes(model, val_data or test_data, val_labels, allow_missing)
+    options = {"device": device, "batch_size": args.batch_size}
+    options["amp"] = inference.checkpoint_precision(state, device)
+    dataset = labelled_volumes(model, args.test_data, args.test_labels, args.allow_missing)
+    thresholds: float | np.ndarray = args.threshold
+    if args.val_labels is not None:
+        val_data = args.val_data or args.test_data
+        val_ds = labelled_volumes(model, val_data, args.val_labels, args.allow_missing)
         overlap = set(val_ds.names) & set(dataset.names)
         if overlap:
             raise DataError(
-                val_labels,
+                args.val_labels,
                 f"{len(overlap)} of its volumes are also test volumes (first: "
                 f"{sorted(overlap)[0]}): thresholds chosen on test data would bias the metrics",
             )
         thresholds = validation_thresholds(
-            model, val_ds, tokenizer, device, batch_size, threshold, str(val_labels)
+            model, val_ds, tokenizer, options, args.threshold, str(args.val_labels)
         )
     else:
         print(
-            f"thresholds: {threshold:g} for every finding (--val-labels chooses them on validation)",
+            f"thresholds: {args.threshold:g} for every finding (--val-labels chooses them on "
+            "validation)",
             file=sys.stderr,
         )
-    probs, y = predict(model, dataset, tokenizer, device, batch_size=batch_size)
-    summary = summarize(probs.numpy(), y.numpy(), threshold=thresholds, n_boot=n_boot, seed=seed)
+    probs, y = predict(model, dataset, tokenizer, **options)
+    summary = summarize(
+        probs.numpy(), y.numpy(), threshold=thresholds, n_boot=args.n_boot, seed=args.seed
+    )
     summary.update(
         {
-            "checkpoint": str(checkpoint),
-            "test_data": str(test_data),
-            "test_labels": str(test_labels),
-            "thresholds_from": str(val_labels) if val_labels is not None else "fixed",
+            "checkpoint": str(args.model_path),
+            "test_data": str(args.test_data),
+            "test_labels": str(args.test_labels),
+            "thresholds_from": str(args.val_labels) if args.val_labels is not None else "fixed",
         }
     )
-    write_report(out_dir, dataset.names, probs.numpy(), y.numpy(), summary)
-    return summary
-
-
-def main(args: argparse.Namespace) -> int:
-    """ctclip-eval: evaluate, print the table, say where the files went."""
-    summary = run_evaluation(
-        args.model_path,
-        args.test_data,
-        args.test_labels,
-        args.output_dir,
-        resolve_device(args.device),
-        batch_size=args.batch_size,
-        n_boot=args.n_boot,
-        seed=args.seed,
-        threshold=args.threshold,
-        allow_missing=args.allow_missing,
-        val_labels=args.val_labels,
-        val_data=args.val_data,
-    )
+    write_report(args.output_dir, dataset.names, probs.numpy(), y.numpy(), summary)
     print(format_summary(summary))
     print(f"written to {args.output_dir}", file=sys.stderr)
     return 0
@@ -399,22 +369,20 @@ def main(args: argparse.Namespace) -> int:
 
 def final_report(
     model: CTCLIP,
-    result: TrainResult,
+    weights: Path,
     val_ds: CTVolumeDataset,
     tokenizer: Tokenizer,
-    device: torch.device,
     amp: AmpPolicy,
-    cfg: CTClipConfig,
-    run_dir: Path,
+    ctx: RunContext,
 ) -> dict[str, Any]:
-    """After training: zero-shot report of the best (else final) weights on the validation set."""
-    weights = (
-        result.best_path if result.best_path and result.best_path.is_file() else result.final_path
-    )
-    model.load_state_dict(load_checkpoint(weights, kind=KIND)["model"])
-    probs, labels = predict(model, val_ds, tokenizer, device, amp, cfg.validation.batch_size)
+    """After training, on the main rank: zero-shot report of ``model`` (holding the best, else
+    the final, checkpoint's weights, ``weights``) on the validation set."""
+    cfg = ctx.cfg
+    options = {"batch_size": cfg.validation.batch_size, "num_workers": cfg.trainer.num_workers}
+    # Rank 0 alone writes the report: it embeds every volume itself (no collective).
+    probs, labels = predict(model, val_ds, tokenizer, ctx.device, amp, **options, shard=False)
     report = summarize(probs.numpy(), labels.numpy(), n_boot=cfg.validation.n_boot, seed=cfg.seed)
-    write_report(run_dir, val_ds.names, probs.numpy(), labels.numpy(), report)
+    write_report(ctx.run_dir, val_ds.names, probs.numpy(), labels.numpy(), report)
     print(
         f"\nzero-shot on {len(val_ds)} validation volumes ({Path(weights).name}):", file=sys.stderr
     )

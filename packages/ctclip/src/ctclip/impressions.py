@@ -214,17 +214,10 @@ def run_impressions(
 
 def main(args: argparse.Namespace) -> int:
     """ctclip-impressions: generate, then one line of counts; exit 1 if any request failed."""
+    # The flags are run_impressions' own parameters, spelled the same.
+    options = ("model", "num_examples", "api_key", "temperature", "max_tokens", "timeout", "seed")
     res = run_impressions(
-        args.target_file,
-        args.output_file,
-        args.base_url,
-        model=args.model,
-        num_examples=args.num_examples,
-        api_key=args.api_key,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        timeout=args.timeout,
-        seed=args.seed,
+        args.target_file, args.output_file, args.base_url, **{k: getattr(args, k) for k in options}
     )
     print(
         f"{args.output_file}: {res['generated']} generated, {res['already_done']} already done, "

@@ -19,6 +19,7 @@ from torch import nn
 from x_transformers import Encoder
 
 from ctclip.config import ModelConfig
+from medcore.constants import IMAGENET_MEAN, IMAGENET_STD
 from medcore.errors import ConfigError, UserError
 from medcore.weights import (
     OPEN_CLIP_FILES,
@@ -99,8 +100,8 @@ class VolumeEncoder(nn.Module):
         fusion_depth: int = 4,
         fusion_heads: int = 8,
         slice_chunk_size: int = 64,
-        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         self.backbone = backbone

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ctclip.notes import name_left_out
 from medcore.errors import DataError
 from medcore.io import read_csv
 from medcore.volume_store import FORMAT as STORE_FORMAT
@@ -64,6 +65,13 @@ class PreprocessResult:
     skipped_existing: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     output: Path | None = None
+
+    def counts(self) -> str:
+        """The one line ctclip-preprocess ends with."""
+        return (
+            f"{self.output}: {len(self.written)} written, {self.skipped_existing} already "
+            f"present, {len(self.failed)} skipped"
+        )
 
 
 def volume_name(path: Path) -> str:
@@ -280,12 +288,7 @@ def run_preprocess(
     # Metadata names are only matched against the names of files found under ct_data_path,
     # never used as paths: a name like ../x.nii.gz matches nothing and is named here.
     without_file = sorted(set(metadata) - set(names))
-    if without_file:
-        print(
-            f"note: {len(without_file)} metadata rows have no volume under {ct_data_path} "
-            f"(first: {', '.join(without_file[:3])})",
-            file=sys.stderr,
-        )
+    name_left_out("note: ", without_file, f"metadata rows have no volume under {ct_data_path}")
 
     settings = store_settings(target, slide_b2u)
     with VolumeStoreWriter(out, KIND, settings, compression=compression) as store:
@@ -344,3 +347,13 @@ def volume_shape(path: Path) -> tuple[int, int, int]:
         if shape is None or len(shape) != 3:
             raise DataError(path, "has no target_shape attribute (write it with ctclip-preprocess)")
         return tuple(int(v) for v in shape)
+
+
+def main(args: Any) -> int:
+    """ctclip-preprocess: preprocess, then one line of counts."""
+    res = run_preprocess(
+        args.ct_data_path, args.ct_out_path, args.metadata_path, tuple(args.target_shape),
+        args.slide_b2u, args.num_workers, args.compression,
+    )  # fmt: skip
+    print(res.counts())
+    return 0

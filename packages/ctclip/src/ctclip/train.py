@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctclip.config import CTClipConfig
+from ctclip.config import TRAIN_FLAGS, CTClipConfig
 from ctclip.data import (
     CTReportDataset,
     CTVolumeDataset,
@@ -36,18 +36,12 @@ from ctclip.preprocess import run_preprocess, volume_shape
 from ctclip.synthetic import generate_demo
 from ctclip.text import Tokenizer
 from ctclip.zeroshot import predict
-from medcore.checkpoint import export_safetensors
-from medcore.cli import (
-    SMOKE_OVERRIDES,
-    RunContext,
-    common_overrides,
-    resolve_config_arg,
-    setup_run,
-)
-from medcore.config import load_config, packaged_config_path, to_dict
+from medcore.checkpoint import export_best
+from medcore.config import to_dict
 from medcore.demo import ensure_demo_data
-from medcore.distributed import barrier, get_world_size
+from medcore.distributed import barrier, launched_world
 from medcore.errors import ConfigError, DataError, UserError
+from medcore.run import RunContext, setup_run
 from medcore.splits import save_splits
 from medcore.summary import build_on_meta, dry_run
 from medcore.trainer import EvalContext, Trainer
@@ -61,12 +55,17 @@ SMOKE = [  # a smaller demo, so that --smoke is quick even with a cold cache
 ]
 
 
-def resolve_config(args: argparse.Namespace) -> CTClipConfig:
-    """The config exactly as ``setup_run`` resolves it, to check it before a run dir is made."""
-    resolve_config_arg(args, "ctclip")
-    source = args.config if args.config is not None else packaged_config_path("ctclip", "default")
-    overrides = [*SMOKE_OVERRIDES, *SMOKE, *args.overrides] if args.smoke else args.overrides
-    return load_config(CTClipConfig, source, overrides=[*overrides, *common_overrides(args)])
+def flag_overrides(args: argparse.Namespace) -> None:
+    """The original work's flags that were given become ``--set`` items."""
+    for flag, (key, _) in TRAIN_FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            args.overrides.append(f"{key}={getattr(args, flag)}")
+
+
+def processes(cfg: CTClipConfig) -> int:
+    """How many ranks the run will have: what torchrun/SLURM started, else ``--devices``."""
+    world = launched_world()[0]
+    return world if world > 1 else cfg.trainer.devices or 1
 
 
 def check_config(cfg: CTClipConfig) -> None:
@@ -85,6 +84,16 @@ def check_config(cfg: CTClipConfig) -> None:
             "use either the gradient cache or trainer.grad_accum_steps, not both (the cache "
             "already runs the batch in chunks; accumulation would split its negatives)",
         )
+    if cfg.use_ddp and processes(cfg) < 2:
+        raise UserError(
+            "--use-ddp", "no process group: start the command with torchrun --nproc_per_node=N"
+        )
+    if cfg.grad_cache_chunk_size and processes(cfg) > 1:
+        raise ConfigError(
+            "grad_cache_chunk_size",
+            "the gradient cache runs in one process only; under DDP every rank's batch already "
+            "meets all ranks' negatives (set it to 0)",
+        )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -92,12 +101,14 @@ def main(args: argparse.Namespace) -> int:
     builds the model on the meta device, otherwise it trains."""
     if args.from_scratch and args.pretrained_weights:
         raise UserError("--from-scratch", "given together with --pretrained-weights: choose one")
-    if not args.resume:  # a resumed run continues with its config.yaml and checkpoint weights
-        cfg = resolve_config(args)
+    flag_overrides(args)
+
+    def check(cfg: CTClipConfig) -> None:
         check_config(cfg)
-        if not args.dry_run:
+        if not args.dry_run and not args.resume:  # a resumed run has its checkpoint's weights
             check_weights(cfg.model)
-    ctx = setup_run(args, CTClipConfig, "ctclip", "default", smoke_overrides=SMOKE)
+
+    ctx = setup_run(args, CTClipConfig, "ctclip", "default", smoke_overrides=SMOKE, check=check)
     if not args.dry_run:
         run_train(ctx)
         return 0
@@ -152,11 +163,16 @@ def check_volume_shape(h5_path: Path, image_size: int) -> None:
         )
 
 
-def make_validation_fn(val_ds: CTVolumeDataset, tokenizer: Tokenizer, batch_size: int):
-    """Zero-shot AUC per finding, logged as ``val/auc/<finding>`` and ``val/mean_auc``."""
+def make_validation_fn(
+    val_ds: CTVolumeDataset, tokenizer: Tokenizer, batch_size: int, num_workers: int | None
+):
+    """Zero-shot AUC per finding, logged as ``val/auc/<finding>`` and ``val/mean_auc``; under
+    DDP each rank embeds its shard of the validation volumes (medcore.inference.predict)."""
 
     def evaluate_fn(model: CTCLIP, ctx: EvalContext) -> dict[str, float]:
-        probs, labels = predict(model, val_ds, tokenizer, ctx.device, ctx.amp, batch_size)
+        probs, labels = predict(
+            model, val_ds, tokenizer, ctx.device, ctx.amp, batch_size, num_workers
+        )
         aucs = auc_per_finding(probs.numpy(), labels.numpy())
         metrics = {
             f"val/auc/{f.replace(' ', '_')}": float(a)
@@ -207,18 +223,7 @@ def training_reports(cfg: CTClipConfig, txt_filepath: Path, ctx: RunContext) -> 
 
 
 def run_train(ctx: RunContext) -> dict[str, Any]:
-    cfg: CTClipConfig = ctx.cfg
-    check_config(cfg)
-    if cfg.use_ddp and not ctx.dist.enabled:
-        raise UserError(
-            "--use-ddp", "no process group: start the command with torchrun --nproc_per_node=N"
-        )
-    if cfg.grad_cache_chunk_size and get_world_size() > 1:
-        raise ConfigError(
-            "grad_cache_chunk_size",
-            "the gradient cache runs in one process only; under DDP every rank's batch already "
-            "meets all ranks' negatives (set it to 0)",
-        )
+    cfg: CTClipConfig = ctx.cfg  # checked by check_config before the run started
     if cfg.trainer.grad_accum_steps > 1:
         print(
             f"note: trainer.grad_accum_steps={cfg.trainer.grad_accum_steps} averages gradients, "
@@ -278,7 +283,9 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
         device=ctx.device,
         kind=KIND,
         seed=cfg.seed,
-        evaluate_fn=make_validation_fn(val_ds, tokenizer, cfg.validation.batch_size)
+        evaluate_fn=make_validation_fn(
+            val_ds, tokenizer, cfg.validation.batch_size, cfg.trainer.num_workers
+        )
         if val_ds
         else None,
         param_groups=model.param_groups(
@@ -300,21 +307,21 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
     if not ctx.dist.is_main or result.final_path is None:
         trainer.logger.close()
         return summary
-    export_safetensors(
-        model.state_dict(),
+    # The exported weights and the report are of the best checkpoint (else the final one).
+    weights = export_best(
+        result.best_path,
+        result.final_path,
+        model,
         ctx.run_dir / "checkpoints" / "final.safetensors",
         metadata={
             "kind": KIND,
             "model_config": json.dumps(model_config),
             "findings": json.dumps(list(FINDINGS)),
+            "precision": str(trainer.precision),
         },
     )
     if val_ds is not None:
-        summary.update(
-            final_report(
-                model, result, val_ds, tokenizer, ctx.device, trainer.amp, cfg, ctx.run_dir
-            )
-        )
+        summary.update(final_report(model, weights, val_ds, tokenizer, trainer.amp, ctx))
     trainer.logger.write_final(json_safe(summary))
     trainer.logger.close()
     return summary

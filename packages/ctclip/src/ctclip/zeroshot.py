@@ -8,11 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ctclip.findings import FINDINGS, prompt_pairs
 from ctclip.model import CTCLIP
 from ctclip.text import Tokenizer
+from medcore import inference
 from medcore.device import AmpPolicy, autocast
 
 
@@ -39,7 +40,6 @@ def zero_shot_probs(
     return logits.softmax(dim=-1)[..., 0]
 
 
-@torch.no_grad()
 def predict(
     model: CTCLIP,
     dataset: Dataset,
@@ -47,20 +47,36 @@ def predict(
     device: torch.device,
     amp: AmpPolicy | None = None,
     batch_size: int = 8,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     findings: Sequence[str] = FINDINGS,
+    shard: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities ``[n, f]``, labels ``[n, f]``) of the volumes of ``dataset`` (in order)."""
+    """(probabilities ``[n, f]``, labels ``[n, f]``) of the volumes of ``dataset`` (in order).
+
+    The volumes go through :func:`medcore.inference.predict` (DataLoader workers: ``num_workers``,
+    None for the device's default; pinned memory on CUDA; under DDP with ``shard`` each rank
+    embeds its shard and every rank gets all of them; ``shard=False`` for one rank alone).
+    """
+    amp = amp or AmpPolicy(False, torch.float32, False)
     was_training = model.training
     model.eval()
-    amp = amp or AmpPolicy(False, torch.float32, False)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     with autocast(device, amp):
-        prompts = prompt_features(model, tokenizer, findings, device)
-        feats, labels = [], []
-        for batch in loader:
-            feats.append(model.encode_volume(batch["volume"].to(device)).float().cpu())
-            labels.append(batch["labels"])
+        prompts = prompt_features(model, tokenizer, findings, device).cpu()
     model.train(was_training)
-    probs = zero_shot_probs(torch.cat(feats), prompts.cpu(), model.scale().detach().float().cpu())
-    return probs, torch.cat(labels)
+
+    def forward(m: CTCLIP, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"features": m.encode_volume(batch["volume"]).float(), "labels": batch["labels"]}
+
+    out = inference.predict(
+        model,
+        dataset,
+        forward,
+        device=device,
+        precision=amp,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shard=shard,
+        desc="zero-shot",
+    )
+    probs = zero_shot_probs(out["features"], prompts, model.scale().detach().float().cpu())
+    return probs, out["labels"]
