@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ctretrieval.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from ctretrieval.config import ModelConfig
+from medcore.constants import IMAGENET_MEAN, IMAGENET_STD
 from medcore.device import AmpPolicy, autocast
 from medcore.weights import (
     LoadReport,
@@ -203,26 +204,9 @@ class Proximity300x300(Proximity100x100):
 
     FLATTENED_SIZE = 16 * 18 * 6 * 6
 
-    def __init__(
-        self,
-        embedding_size: int = 1024,
-        num_classes: int = 0,
-        fc_hidden: int = 512,
-        dropout: float = 0.5,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-    ) -> None:
-        super().__init__(
-            300,
-            (300, 300),
-            embedding_size,
-            num_classes,
-            (64, 32, 16),
-            fc_hidden,
-            dropout,
-            mean,
-            std,
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        """``Proximity100x100``'s keywords except the fixed input and reduction."""
+        super().__init__(300, (300, 300), reduce_channels=(64, 32, 16), **kwargs)
         if self.flattened_size != self.FLATTENED_SIZE:
             raise RuntimeError(
                 f"flattened size {self.flattened_size} != legacy {self.FLATTENED_SIZE}"
@@ -231,7 +215,12 @@ class Proximity300x300(Proximity100x100):
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Proximity300x300:
         model = cls(
-            cfg.embedding_size, cfg.num_classes, cfg.fc_hidden, cfg.dropout, cfg.mean, cfg.std
+            embedding_size=cfg.embedding_size,
+            num_classes=cfg.num_classes,
+            fc_hidden=cfg.fc_hidden,
+            dropout=cfg.dropout,
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
         )
         model.load_trunk_weights(cfg)
         return model
