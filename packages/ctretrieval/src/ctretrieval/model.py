@@ -116,19 +116,24 @@ class Proximity100x100(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Proximity100x100:
-        model = cls(
-            num_slices=cfg.num_slices,
-            image_size=tuple(cfg.image_size),
-            embedding_size=cfg.embedding_size,
-            num_classes=cfg.num_classes,
-            reduce_channels=tuple(cfg.reduce_channels),
-            fc_hidden=cfg.fc_hidden,
-            dropout=cfg.dropout,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
-        )
+        model = cls(**cls.config_kwargs(cfg))
         model.load_trunk_weights(cfg)
         return model
+
+    @staticmethod
+    def config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+        """The constructor's keywords from the model section."""
+        return {
+            "num_slices": cfg.num_slices,
+            "image_size": tuple(cfg.image_size),
+            "embedding_size": cfg.embedding_size,
+            "num_classes": cfg.num_classes,
+            "reduce_channels": tuple(cfg.reduce_channels),
+            "fc_hidden": cfg.fc_hidden,
+            "dropout": cfg.dropout,
+            "mean": tuple(cfg.mean),
+            "std": tuple(cfg.std),
+        }
 
     def load_trunk_weights(self, cfg: ModelConfig) -> LoadReport | None:
         """ResNet-18 weights from ``cfg.pretrained_weights``: a file, a snapshot directory or an
@@ -212,18 +217,10 @@ class Proximity300x300(Proximity100x100):
                 f"flattened size {self.flattened_size} != legacy {self.FLATTENED_SIZE}"
             )
 
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> Proximity300x300:
-        model = cls(
-            embedding_size=cfg.embedding_size,
-            num_classes=cfg.num_classes,
-            fc_hidden=cfg.fc_hidden,
-            dropout=cfg.dropout,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
-        )
-        model.load_trunk_weights(cfg)
-        return model
+    @staticmethod
+    def config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+        fixed = ("num_slices", "image_size", "reduce_channels")
+        return {k: v for k, v in Proximity100x100.config_kwargs(cfg).items() if k not in fixed}
 
 
 MODELS: dict[str, type[Proximity100x100]] = {
