@@ -36,7 +36,7 @@ from medcore.runlog import RunLogger
 from medcore.splits import load_or_make_splits
 from medcore.summary import dry_run
 from medcore.tables import format_table
-from medcore.trainer import EvalContext, Trainer
+from medcore.trainer import EvalContext, Trainer, TrainResult
 from medcore.weights import require_pretrained
 
 # --smoke on the demo: a smaller demo at a smaller size, so a cold cache still finishes in seconds.
@@ -129,7 +129,7 @@ def _final_report(
     model: nn.Module,
     run: RunContext,
     logger: RunLogger,
-    result: Any,
+    result: TrainResult,
     amp: AmpPolicy,
 ) -> dict[str, Any]:
     """Test split ranked against the train archive with the best weights (exported as
