@@ -7,7 +7,7 @@ from sklearn.metrics import f1_score
 
 from ctretrieval.augment import RandomGaussianNoise3D, VolumeAugmentation
 from ctretrieval.config import AugmentConfig, EvalConfig
-from ctretrieval.evaluate import Embedded, compute_metrics, knn_label_scores, valid_ks
+from ctretrieval.metrics import Embedded, compute_metrics, knn_label_scores, valid_ks
 from medcore.device import AmpPolicy
 
 

@@ -7,13 +7,12 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from ctretrieval.losses import (
-    GradedMicroF1Loss,
-    OnlineTripletLoss,
-    graded_targets,
-    pairwise_sq_dist,
-    triplet_masks,
-)
+from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss, graded_targets
+from medcore.metric_learning import pairwise_distances, triplet_masks
+
+
+def pairwise_sq_dist(emb: torch.Tensor) -> torch.Tensor:
+    return pairwise_distances(emb, squared=True)
 
 
 def _f1(p, t):
@@ -137,7 +136,7 @@ def test_triplet_loss_value_and_gradient() -> None:
 
 def test_compatible_negatives_share_no_finding() -> None:
     labels = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1]]).float()
-    positive, negative = triplet_masks(labels, torch.tensor([0, 1, 2, 3]))
+    positive, negative = triplet_masks(torch.tensor([0, 1, 2, 3]), labels)
     assert not positive.any()
     assert negative.tolist() == [
         [False, False, True, True],

@@ -13,9 +13,10 @@ import torchvision
 from safetensors.torch import save_file
 
 from ctretrieval.cli import train
-from ctretrieval.config import IMAGENET_MEAN, ModelConfig
+from ctretrieval.config import ModelConfig
 from ctretrieval.evaluate import load_model
 from ctretrieval.model import build_model, with_weights_normalisation
+from medcore.constants import IMAGENET_MEAN
 from medcore.testing import call_main, hub_snapshot
 
 REV = "0123456789abcdef0123456789abcdef01234567"

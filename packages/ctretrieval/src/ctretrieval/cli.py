@@ -1,83 +1,74 @@
-"""Console entry points ``ctretrieval-{preprocess,train,eval,index,search}``: commands and flags.
-
-Each command parses its flags here and hands the namespace to the function that does the work.
-"""
+"""Console entry points ``ctretrieval-{preprocess,train,eval,index,search}``: commands and flags."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
-from typing import Any
 
 from medcore.cli import add_common_args, run_cli
 from medcore.device import DEVICE_CHOICES
 
-CKPT = {"type": Path, "help": "a .pt written by ctretrieval-train"}
+P, F = {"type": Path}, {"type": float}
+CKPT = {**P, "help": "a .pt written by ctretrieval-train"}
 DEVICE = {"choices": DEVICE_CHOICES, "default": "auto"}
-
-# command: description and the common flags it takes (train=True / False; None: none)
-ABOUT = {
-    "train": ("Train the CT retrieval embedding", True),
-    "eval": ("Metric table of a checkpoint on a split", False),
-    "index": ("Embed an archive of volumes into an index", None),
-    "search": ("Most similar studies of an index", None),
-}
-FLAGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "train": [("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"})],
-    "eval": [
+# command: (description, common flags (train=True / False; None: none), module:function, flags)
+# fmt: off
+COMMANDS = {
+    "preprocess": ("DICOM series / NIfTI -> uint8 volumes in one HDF5", None, "preprocess:run", [
+        ("--input", {**P, "required": True, "help": "one DICOM folder or NIfTI file per study"}),
+        ("--output", {**P, "required": True, "help": "HDF5 file to write (resumed if it exists)"}),
+        ("--config", {**P, "help": "YAML whose preprocess: section sets the options"}),
+        ("--set", {"dest": "overrides", "action": "append", "default": [], "metavar": "K=V"}),
+        ("--shape", {"type": int, "nargs": 3, "metavar": ("SLICES", "H", "W"), "help": "size"}),
+        ("--hu-window", {**F, "nargs": 2, "metavar": ("LOW", "HIGH"), "help": "default -1000 400"}),
+        ("--target-spacing", {**F, "nargs": 3, "help": "mm (z y x), then centred in --shape"}),
+        ("--workers", {"type": int, "help": "worker processes (default: one per core, at most 8)"}),
+        ("--min-slices", {"type": int, "help": "skip series with fewer slices"})]),
+    "train": ("Train the CT retrieval embedding", True, "train:run", [
+        ("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"})]),
+    "eval": ("Metric table of a checkpoint on a split", False, "evaluate:run", [
         ("--checkpoint", {**CKPT, "required": True}),
         ("--split", {"default": "test", "choices": ["test", "train", "train_eval", "all"]}),
-        ("--splits", {"type": Path, "help": "splits.json (default: the checkpoint's run's)"}),
-    ],
-    "index": [
+        ("--splits", {**P, "help": "splits.json (default: the checkpoint's run's)"})]),
+    "index": ("Embed an archive of volumes into an index", None, "index:index_main", [
         ("--checkpoint", {**CKPT, "required": True}),
-        ("--volumes", {"type": Path, "help": "HDF5 (default: the checkpoint's data)"}),
-        ("--labels", {"type": Path, "help": "labels CSV, to show findings in results"}),
-        ("--data-dir", {"type": Path, "help": "directory with volumes.h5 and labels.csv"}),
-        ("--output", {"type": Path, "required": True, "help": "index file to write (.npz)"}),
-        ("--device", DEVICE),
-        ("--batch-size", {"type": int, "default": 4}),
-    ],
-    "search": [
-        ("--index", {"type": Path, "required": True, "help": "from ctretrieval-index"}),
+        ("--volumes", {**P, "help": "HDF5 (default: the checkpoint's data)"}),
+        ("--labels", {**P, "help": "labels CSV, to show findings in results"}),
+        ("--data-dir", {**P, "help": "directory with volumes.h5 and labels.csv"}),
+        ("--output", {**P, "required": True, "help": "index file to write (.npz)"}),
+        ("--device", DEVICE), ("--batch-size", {"type": int, "default": 4})]),
+    "search": ("Most similar studies of an index", None, "index:search_main", [
+        ("--index", {**P, "required": True, "help": "from ctretrieval-index"}),
         ("--query", {"required": True, "help": "an id of the index, a DICOM folder, a NIfTI"}),
         ("--top-k", {"type": int, "default": 10, "help": "results to list"}),
         ("--knn-k", {"type": int, "help": "neighbours voting findings (default: eval.knn_k)"}),
-        ("--threshold", {"type": float, "help": "for a finding (default: eval.threshold)"}),
+        ("--threshold", {**F, "help": "for a finding (default: eval.threshold)"}),
         ("--checkpoint", {**CKPT, "help": "model for raw-study queries (default: the index's)"}),
-        ("--output", {"type": Path, "help": "results CSV, JSON beside it (default: by the index)"}),
-        ("--device", DEVICE),
-    ],
+        ("--output", {**P, "help": "results CSV, JSON beside it (default: by the index)"}),
+        ("--device", DEVICE)]),
 }
+# fmt: on
 
 
 def parse(command: str, argv: list[str] | None) -> argparse.Namespace:
-    description, common = ABOUT[command]
+    description, common, _, flags = COMMANDS[command]
     parser = argparse.ArgumentParser(prog=f"ctretrieval-{command}", description=description)
-    for flag, kwargs in FLAGS[command]:
+    for flag, kwargs in flags:
         parser.add_argument(flag, **kwargs)
     if common is not None:
         add_common_args(parser, train=common)
     return parser.parse_args(argv)
 
 
-def _command(name: str, target: str) -> Callable[[list[str] | None], int]:
-    """``main(argv) -> exit code`` of ``ctretrieval-<name>``, calling ``module:function``."""
+def _main(command: str):
+    module, function = COMMANDS[command][2].split(":")
 
-    def main(argv: list[str] | None = None) -> int:
-        module, function = target.split(":")
-        work = getattr(importlib.import_module(module), function)
-        if name == "preprocess":  # parses its own flags (ctretrieval.preprocess)
-            return run_cli(lambda: work(argv), f"ctretrieval-{name}")
-        return run_cli(lambda: work(parse(name, argv)), f"ctretrieval-{name}")
+    def main(argv: list[str] | None = None) -> int:  # the module is imported when it runs
+        work = getattr(import_module(f"ctretrieval.{module}"), function)
+        return run_cli(lambda: work(parse(command, argv)), f"ctretrieval-{command}")
 
     return main
 
 
-preprocess = _command("preprocess", "ctretrieval.preprocess:main")
-train = _command("train", "ctretrieval.train:run")
-evaluate = _command("eval", "ctretrieval.evaluate:run")
-index = _command("index", "ctretrieval.index:index_main")
-search = _command("search", "ctretrieval.index:search_main")
+preprocess, train, evaluate, index, search = map(_main, COMMANDS)

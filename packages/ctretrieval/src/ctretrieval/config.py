@@ -6,12 +6,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medcore.cli import RunConfig
+from medcore.constants import IMAGENET_MEAN, IMAGENET_STD
 from medcore.trainer import TrainerConfig
 
 Mode = Literal["microf1", "triplet"]
-# torchvision's ResNet-18 ImageNet weights were trained on inputs normalised with these.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

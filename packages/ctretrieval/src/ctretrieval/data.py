@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ctretrieval.config import DataConfig, PreprocessConfig
+from ctretrieval.config import DataConfig, PreprocessConfig, SamplerConfig
 from medcore.errors import DataError
 from medcore.io import read_csv
+from medcore.metric_learning import BalancedBatchSampler
 from medcore.splits import multilabel_stratified_split
 from medcore.volume_store import FORMAT as STORE_FORMAT
 from medcore.volume_store import check_settings, complete_names
@@ -306,3 +307,31 @@ def load_studies(cfg: DataConfig, prep: PreprocessConfig, show_progress: bool = 
     labels = read_labels(csv, cfg)
     matched, keys = match_ids(labels, volume_ids(h5), cfg.id_suffixes)
     return StudyTable(h5, matched, [keys[i] for i in matched.ids])
+
+
+def balanced_sampler(
+    y: np.ndarray,
+    label_ids: np.ndarray,
+    cfg: SamplerConfig,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    batches_per_epoch: int | None = None,
+) -> BalancedBatchSampler:
+    """Triplet batches: ``cfg.n_classes`` mutually compatible label ids x ``cfg.n_samples`` studies.
+
+    ``y``: the multi-hot label slots (label ids sharing no positive finding are compatible).
+    An epoch is ``len // (batch size x world size)`` batches per rank (at least one) unless
+    ``batches_per_epoch`` is given (the trainer's ``max_steps_per_epoch``).
+    """
+    batch = cfg.n_classes * cfg.n_samples
+    return BalancedBatchSampler(
+        label_ids,
+        cfg.n_samples,
+        cfg.n_classes,
+        labels=y,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        batches_per_epoch=batches_per_epoch or max(1, len(label_ids) // (batch * world_size)),
+    )

@@ -28,14 +28,16 @@ from ctretrieval.data import (
     read_labels,
     volume_ids,
 )
-from ctretrieval.evaluate import checkpoint_amp, extract, knn_label_scores, load_model
+from ctretrieval.evaluate import load_model
+from ctretrieval.metrics import embed, knn_label_scores
 from ctretrieval.preprocess import fit_volume
 from ctretrieval.readers import NIFTI_SUFFIXES, Study, read_study
-from medcore.cli import format_table
 from medcore.config import from_dict
 from medcore.device import resolve_device
 from medcore.errors import DataError
+from medcore.inference import checkpoint_precision
 from medcore.io import atomic_path, atomic_write_csv, atomic_write_json
+from medcore.tables import format_table
 from medcore.volume_store import read_settings
 
 INDEX_FORMAT = "ctretrieval.index/1"
@@ -65,8 +67,8 @@ def build_index(
             if r is not None:
                 labels[k], has[k] = table.y[r], True
     data = CTVolumeDataset(h5, keys, labels, np.zeros(len(keys), dtype=np.int64))
-    amp = checkpoint_amp(state, device)
-    emb = extract(model, data, device, batch_size, amp, show_progress=True, desc="indexing").emb
+    precision = checkpoint_precision(state, device)
+    emb = embed(model, data, device, batch_size, precision, desc="indexing").emb
     meta = {
         "format": INDEX_FORMAT,
         "checkpoint": str(checkpoint),
@@ -126,7 +128,7 @@ def _query_from_path(
     study = Study(path.name, path, "dicom" if path.is_dir() else "nifti")
     volume, _ = fit_volume(read_study(study, prep.min_slices), prep)
     out = model.get_embeddings(
-        torch.from_numpy(volume)[None].to(device), checkpoint_amp(state, device)
+        torch.from_numpy(volume)[None].to(device), checkpoint_precision(state, device)
     )
     probs = out.get("probs")
     return out["embedding"][0].cpu(), None if probs is None else probs[0].cpu()

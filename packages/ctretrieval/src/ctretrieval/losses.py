@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medcore.metric_learning import Mining, mine_triplets, pairwise_distances, triplet_masks
+
 Average = Literal["micro", "sample"]
-Mining = Literal["hardest", "semihard", "random_hard"]
 Targets = Literal["binary", "jaccard"]
 
 
@@ -68,32 +69,13 @@ class GradedMicroF1Loss(nn.Module):
         return loss
 
 
-def pairwise_sq_dist(emb: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances ``[b, b]`` (clamped at 0 against rounding)."""
-    sq = (emb * emb).sum(1)
-    return (sq[:, None] + sq[None, :] - 2 * emb @ emb.T).clamp_min(0)
-
-
-def triplet_masks(
-    labels: torch.Tensor, label_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[b, b]`` positive mask (same label id, not itself) and negative mask (no shared positive slot).
-
-    "Compatible" negatives share no positive finding with the anchor: a study with nodules is
-    no negative for one with nodules and cysts, although their label ids differ.
-    """
-    same = label_ids[:, None] == label_ids[None, :]
-    eye = torch.eye(len(label_ids), dtype=torch.bool, device=label_ids.device)
-    hot = (labels > 0).float()
-    negative = (hot @ hot.T) == 0
-    return same & ~eye, negative
-
-
 class OnlineTripletLoss(nn.Module):
     """Triplet loss on the hardest, a semi-hard or a random hard negative of each (anchor, positive).
 
     Every (anchor, positive) pair of the batch gets one negative among the compatible ones
-    (:func:`triplet_masks`), chosen on squared Euclidean distances ``d``:
+    (:func:`medcore.metric_learning.triplet_masks` with the multi-hot labels: no shared
+    positive finding), chosen on squared Euclidean distances ``d``
+    (:func:`medcore.metric_learning.mine_triplets`):
 
     * ``hardest``: the negative closest to the anchor.
     * ``semihard``: a random negative with ``d_ap < d_an < d_ap + margin``.
@@ -112,37 +94,19 @@ class OnlineTripletLoss(nn.Module):
         self.margin = margin
         self.mining = mining
 
-    @torch.no_grad()
     def mine(
         self, dist: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor
     ) -> torch.Tensor:
         """Triplets ``[t, 3]`` (anchor, positive, negative indices) for distances ``dist [b, b]``."""
-        positive, negative = triplet_masks(labels, label_ids)
-        d_ap = dist[:, :, None]  # [a, p, 1]
-        d_an = dist[:, None, :]  # [a, 1, n]
-        valid = positive[:, :, None] & negative[:, None, :]  # [a, p, n]
-        if self.mining == "semihard":
-            valid = valid & (d_an > d_ap) & (d_an < d_ap + self.margin)
-        elif self.mining == "random_hard":
-            valid = valid & (d_an < d_ap + self.margin)
-        if self.mining == "hardest":
-            score = torch.where(
-                valid, -d_an.expand_as(valid), torch.full_like(valid, -torch.inf, dtype=dist.dtype)
-            )
-        else:
-            noise = torch.rand(valid.shape, device=dist.device)
-            score = torch.where(valid, noise, torch.full_like(noise, -1.0))
-        chosen = score.argmax(2)  # [a, p]
-        has = valid.any(2)
-        anchors, positives = has.nonzero(as_tuple=True)
-        return torch.stack([anchors, positives, chosen[anchors, positives]], dim=1)
+        positive, negative = triplet_masks(label_ids, labels)
+        return mine_triplets(dist, positive, negative, self.mining, self.margin)
 
     def forward(
         self, emb: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
         """(mean triplet loss, number of triplets)."""
         emb = emb.float()
-        dist = pairwise_sq_dist(emb)
+        dist = pairwise_distances(emb, squared=True)
         triplets = self.mine(dist.detach(), labels, label_ids)
         if triplets.numel() == 0:
             return emb.sum() * 0.0, 0

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ctretrieval.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from ctretrieval.config import ModelConfig
+from medcore.constants import IMAGENET_MEAN, IMAGENET_STD
 from medcore.device import AmpPolicy, autocast
 from medcore.weights import (
     LoadReport,
@@ -115,19 +116,24 @@ class Proximity100x100(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Proximity100x100:
-        model = cls(
-            num_slices=cfg.num_slices,
-            image_size=tuple(cfg.image_size),
-            embedding_size=cfg.embedding_size,
-            num_classes=cfg.num_classes,
-            reduce_channels=tuple(cfg.reduce_channels),
-            fc_hidden=cfg.fc_hidden,
-            dropout=cfg.dropout,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
-        )
+        model = cls(**cls.config_kwargs(cfg))
         model.load_trunk_weights(cfg)
         return model
+
+    @staticmethod
+    def config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+        """The constructor's keywords from the model section."""
+        return {
+            "num_slices": cfg.num_slices,
+            "image_size": tuple(cfg.image_size),
+            "embedding_size": cfg.embedding_size,
+            "num_classes": cfg.num_classes,
+            "reduce_channels": tuple(cfg.reduce_channels),
+            "fc_hidden": cfg.fc_hidden,
+            "dropout": cfg.dropout,
+            "mean": tuple(cfg.mean),
+            "std": tuple(cfg.std),
+        }
 
     def load_trunk_weights(self, cfg: ModelConfig) -> LoadReport | None:
         """ResNet-18 weights from ``cfg.pretrained_weights``: a file, a snapshot directory or an
@@ -203,38 +209,18 @@ class Proximity300x300(Proximity100x100):
 
     FLATTENED_SIZE = 16 * 18 * 6 * 6
 
-    def __init__(
-        self,
-        embedding_size: int = 1024,
-        num_classes: int = 0,
-        fc_hidden: int = 512,
-        dropout: float = 0.5,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-    ) -> None:
-        super().__init__(
-            300,
-            (300, 300),
-            embedding_size,
-            num_classes,
-            (64, 32, 16),
-            fc_hidden,
-            dropout,
-            mean,
-            std,
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        """``Proximity100x100``'s keywords except the fixed input and reduction."""
+        super().__init__(300, (300, 300), reduce_channels=(64, 32, 16), **kwargs)
         if self.flattened_size != self.FLATTENED_SIZE:
             raise RuntimeError(
                 f"flattened size {self.flattened_size} != legacy {self.FLATTENED_SIZE}"
             )
 
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> Proximity300x300:
-        model = cls(
-            cfg.embedding_size, cfg.num_classes, cfg.fc_hidden, cfg.dropout, cfg.mean, cfg.std
-        )
-        model.load_trunk_weights(cfg)
-        return model
+    @staticmethod
+    def config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+        fixed = ("num_slices", "image_size", "reduce_channels")
+        return {k: v for k, v in Proximity100x100.config_kwargs(cfg).items() if k not in fixed}
 
 
 MODELS: dict[str, type[Proximity100x100]] = {

@@ -20,6 +20,7 @@ so the disk holds the archive plus this run's studies, never a second copy.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from ctretrieval.config import PreprocessConfig
 from ctretrieval.readers import Study, find_studies, read_study
 from medcore.errors import ConfigError, DataError
+from medcore.run import load_run_config
 from medcore.volume_store import VolumeStoreWriter
 from medcore.volumes import CANONICAL_AXCODES, Volume, center_in_box
 
@@ -190,73 +192,17 @@ def preprocess(
     return PreprocessReport(written, skipped, len(done & {s.id for s in studies}), total)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from medcore.config import load_config
-
-    parser = argparse.ArgumentParser(
-        prog="ctretrieval-preprocess",
-        description="DICOM series / NIfTI files -> uint8 volumes in one HDF5 file",
-    )
-    parser.add_argument(
-        "--input", type=Path, required=True, help="one DICOM folder or NIfTI file per study"
-    )
-    parser.add_argument(
-        "--output", type=Path, required=True, help="HDF5 file to write (resumed if it exists)"
-    )
-    parser.add_argument(
-        "--config", type=Path, help="YAML whose preprocess: section sets the options"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. --set preprocess.min_slices=32",
-    )
-    parser.add_argument(
-        "--shape",
-        type=int,
-        nargs=3,
-        metavar=("SLICES", "H", "W"),
-        help="target size (default 300 270 270)",
-    )
-    parser.add_argument(
-        "--hu-window",
-        type=float,
-        nargs=2,
-        metavar=("LOW", "HIGH"),
-        help="HU window (default -1000 400)",
-    )
-    parser.add_argument(
-        "--target-spacing",
-        type=float,
-        nargs=3,
-        metavar=("Z", "Y", "X"),
-        help="resample to this voxel size in mm, then centre in --shape (default: plain resize)",
-    )
-    parser.add_argument(
-        "--workers", type=int, help="worker processes (default: one per core, at most 8)"
-    )
-    parser.add_argument("--min-slices", type=int, help="skip series with fewer slices")
-    args = parser.parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
+    """``ctretrieval-preprocess`` with parsed arguments (see :mod:`ctretrieval.cli`): the
+    preprocess section of ``--config`` on the defaults, then ``--set`` and the flags."""
     from ctretrieval.config import CTRetrievalConfig
 
-    items = list(args.overrides)
-    for flag, key in (
-        ("shape", "target_shape"),
-        ("hu_window", "hu_window"),
-        ("target_spacing", "target_spacing"),
-        ("workers", "workers"),
-        ("min_slices", "min_slices"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            items.append(f"preprocess.{key}={list(value) if isinstance(value, list) else value}")
-    cfg = load_config(CTRetrievalConfig, args.config, overrides=items).preprocess
+    flags = {k: getattr(args, k) for k in ("workers", "min_slices", "hu_window", "target_spacing")}
+    items = [f"preprocess.{k}={v}" for k, v in {"target_shape": args.shape, **flags}.items()]
+    args.overrides = [*args.overrides, *(i for i in items if not i.endswith("=None"))]
+    cfg = load_run_config(
+        args, CTRetrievalConfig, "ctretrieval", sections=("preprocess",), base={}
+    ).preprocess
     report = preprocess(args.input, args.output, cfg)
     print(
         f"{args.output}: {report.written} studies written, {len(report.skipped)} skipped, "

@@ -8,10 +8,9 @@ retrieval and F1 metrics that choose the best checkpoint (micro-F1 first, then m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,23 +20,23 @@ from torch import nn
 
 from ctretrieval.augment import VolumeAugmentation
 from ctretrieval.config import CTRetrievalConfig, ModelConfig
-from ctretrieval.data import StudyTable, load_studies, make_splits
-from ctretrieval.evaluate import compute_metrics, extract, metric_rows
+from ctretrieval.data import StudyTable, balanced_sampler, load_studies, make_splits
 from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss, graded_targets
+from ctretrieval.metrics import embed, metric_rows, score
 from ctretrieval.model import RESNET18_HINT, build_model, with_weights_normalisation
-from ctretrieval.sampler import BalancedBatchSampler
-from medcore.checkpoint import export_safetensors, load_checkpoint
-from medcore.cli import RunContext, format_table, setup_run
+from medcore.checkpoint import export_best
 from medcore.config import to_dict
 from medcore.device import AmpPolicy
 from medcore.distributed import barrier
 from medcore.errors import ConfigError
-from medcore.io import RunLock, atomic_write_csv
+from medcore.io import atomic_write_csv
 from medcore.plots import plot_roc_curves, plot_training_curves
+from medcore.run import RunContext, setup_run
 from medcore.runlog import RunLogger
-from medcore.splits import load_splits, save_splits
+from medcore.splits import load_or_make_splits
 from medcore.summary import dry_run
-from medcore.trainer import EvalContext, Trainer
+from medcore.tables import format_table
+from medcore.trainer import EvalContext, Trainer, TrainResult
 from medcore.weights import require_pretrained
 
 # --smoke on the demo: a smaller demo at a smaller size, so a cold cache still finishes in seconds.
@@ -50,28 +49,20 @@ SMOKE_DEMO_OVERRIDES = [
 
 
 def _splits(cfg: CTRetrievalConfig, table: StudyTable, run: RunContext) -> dict[str, np.ndarray]:
-    """The run's splits: reloaded when resuming (same studies, same order), else made and saved."""
-    path = run.run_dir / "splits.json"
-    if run.resume is not None and path.is_file():
-        try:
-            return load_splits(path, ids=table.labels.ids)
-        except ValueError as exc:
-            raise ConfigError(
-                path, f"cannot resume with these data ({str(exc).split(': ', 1)[-1]})"
-            ) from None
-    splits = make_splits(table.labels.y, cfg.data.test_frac, cfg.data.train_eval_frac, cfg.seed)
-    if run.dist.is_main:
-        save_splits(
-            path,
-            splits,
-            meta={
-                "seed": cfg.seed,
-                "test_frac": cfg.data.test_frac,
-                "train_eval_frac": cfg.data.train_eval_frac,
-            },
-            ids=table.labels.ids,
-        )
-    return splits
+    """The run's splits: reloaded from the run directory when there (same studies, same
+    order), else made (seeded, on every rank) and saved by rank 0."""
+    meta = {
+        "seed": cfg.seed,
+        "test_frac": cfg.data.test_frac,
+        "train_eval_frac": cfg.data.train_eval_frac,
+    }
+    return load_or_make_splits(  # type: ignore[return-value]
+        run.run_dir / "splits.json",
+        lambda: make_splits(table.labels.y, cfg.data.test_frac, cfg.data.train_eval_frac, cfg.seed),
+        ids=table.labels.ids,
+        meta=meta,
+        is_main=run.dist.is_main,
+    )
 
 
 def model_config(cfg: CTRetrievalConfig) -> ModelConfig:
@@ -107,18 +98,17 @@ def _evaluate_fn(cfg: CTRetrievalConfig, table: StudyTable, rows: np.ndarray):
     names = table.labels.class_names
 
     def evaluate(model: nn.Module, ctx: EvalContext) -> dict[str, float]:
-        emb = extract(
-            model, data, ctx.device, cfg.eval.batch_size, ctx.amp, desc="train_eval embeddings"
+        # Distributed evaluation: each rank embeds its shard, every rank gets all embeddings.
+        emb = embed(
+            model,
+            data,
+            ctx.device,
+            cfg.eval.batch_size,
+            ctx.amp,
+            cfg.trainer.num_workers,
+            desc="train_eval embeddings",
         )
-        metrics, _, scores = compute_metrics(
-            emb,
-            emb,
-            cfg.eval,
-            names,
-            exclude_self=True,
-            no_finding=cfg.data.no_finding_name,
-            seed=cfg.seed,
-        )
+        metrics, _, scores = score(emb, emb, cfg, names, exclude_self=True)
         for c, name in enumerate(names):
             ctx.logger.log_pr_curve(
                 f"pr/{name}", emb.labels[:, c] > 0, scores[:, c], ctx.global_step
@@ -139,38 +129,33 @@ def _final_report(
     model: nn.Module,
     run: RunContext,
     logger: RunLogger,
-    weights: Path | None,
-    history: list[dict[str, float]],
+    result: TrainResult,
     amp: AmpPolicy,
 ) -> dict[str, Any]:
-    """Test split ranked against the train archive with the best weights; tables, plots, JSON."""
-    if weights is not None:
-        model.load_state_dict(
-            load_checkpoint(weights, kind=f"ctretrieval.{cfg.model.name}")["model"]
-        )
-    device = run.device
+    """Test split ranked against the train archive with the best weights (exported as
+    safetensors); tables, plots, JSON. Rank 0 only, so the embedding is not sharded."""
+    weights = export_best(
+        result.best_path,
+        result.final_path,
+        model,
+        run.run_dir / "checkpoints" / "model.safetensors",
+        metadata={"kind": f"ctretrieval.{cfg.model.name}"},
+    )
     query, db = (
-        extract(
+        embed(
             model,
             table.dataset(splits[split]),
-            device,
+            run.device,
             cfg.eval.batch_size,
             amp,
-            show_progress=True,
+            cfg.trainer.num_workers,
             desc=split,
+            shard=False,
         )
         for split in ("test", "train")
     )
     names = table.labels.class_names
-    metrics, baseline, scores = compute_metrics(
-        query,
-        db,
-        cfg.eval,
-        names,
-        exclude_self=False,
-        no_finding=cfg.data.no_finding_name,
-        seed=cfg.seed,
-    )
+    metrics, baseline, scores = score(query, db, cfg, names, exclude_self=False)
     for c, name in enumerate(names):
         logger.log_pr_curve(f"test_pr/{name}", query.labels[:, c] > 0, scores[:, c], 0)
     rows = metric_rows(metrics, baseline)
@@ -179,16 +164,12 @@ def _final_report(
         name: (query.labels[:, c].numpy() > 0, scores[:, c].numpy()) for c, name in enumerate(names)
     }
     plot_roc_curves(curves, run.run_dir / "plots" / "test_roc.png", title="test findings")
+    history = result.history
     if history:
         keys = [
             k for k in ("val/micro_f1", "val/map@10", "val/ndcg@10") if any(k in r for r in history)
         ]
         plot_training_curves(history, keys, run.run_dir / "plots" / "train_eval_curves.png")
-    export_safetensors(
-        model.state_dict(),
-        run.run_dir / "checkpoints" / "model.safetensors",
-        metadata={"kind": f"ctretrieval.{cfg.model.name}", "source": str(weights)},
-    )
     print(
         f"\n{cfg.mode} mode, test split: {len(query.emb)} queries ranked against {len(db.emb)} training studies "
         f"(relevance: {cfg.eval.relevance})"
@@ -206,6 +187,26 @@ def _final_report(
     return summary
 
 
+def _check(args: argparse.Namespace) -> Callable[[CTRetrievalConfig], None]:
+    """The config checks that can refuse a run, before any process or run directory exists."""
+
+    def check(cfg: CTRetrievalConfig) -> None:
+        if cfg.mode == "triplet" and (cfg.sampler.n_classes < 2 or cfg.sampler.n_samples < 1):
+            raise ConfigError(
+                "sampler",
+                "a triplet batch needs n_classes >= 2 (for negatives) and n_samples >= 1 "
+                f"(got {cfg.sampler.n_classes} x {cfg.sampler.n_samples})",
+            )
+        if args.dry_run:  # the architecture only: no weights are read
+            return
+        require_pretrained(
+            cfg.model.pretrained, cfg.model.pretrained_weights, "model.pretrained", RESNET18_HINT
+        )
+        with_weights_normalisation(cfg.model, report=False)  # weights that cannot be found
+
+    return check
+
+
 def run(args: argparse.Namespace) -> int:
     """``ctretrieval-train`` with parsed arguments (see :mod:`ctretrieval.cli`)."""
     if args.mode:
@@ -216,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         "ctretrieval",
         "default",
         smoke_overrides=SMOKE_DEMO_OVERRIDES if args.data_dir is None else (),
+        check=_check(args),
     )
     cfg: CTRetrievalConfig = run.cfg
     if args.dry_run:
@@ -233,11 +235,7 @@ def run(args: argparse.Namespace) -> int:
             },
         )
         return 0
-    require_pretrained(
-        cfg.model.pretrained, cfg.model.pretrained_weights, "model.pretrained", RESNET18_HINT
-    )
-    with RunLock(run.run_dir) if run.dist.is_main else contextlib.nullcontext():
-        return _train(cfg, run)
+    return _train(cfg, run)
 
 
 def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
@@ -262,21 +260,16 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
     train_rows = splits["train"]
     sampler = None
     if cfg.mode == "triplet":
-        y = table.labels.y[train_rows]
-        try:
-            sampler = BalancedBatchSampler(
-                y,
-                table.labels.label_ids[train_rows],
-                cfg.sampler.n_classes,
-                cfg.sampler.n_samples,
-                seed=cfg.seed,
-                rank=run.dist.rank,
-                world_size=run.dist.world_size,
-                batches_per_epoch=tcfg.max_steps_per_epoch
-                and tcfg.max_steps_per_epoch * tcfg.grad_accum_steps,
-            )
-        except ValueError as exc:
-            raise ConfigError("sampler", str(exc)) from None
+        sampler = balanced_sampler(
+            table.labels.y[train_rows],
+            table.labels.label_ids[train_rows],
+            cfg.sampler,
+            cfg.seed,
+            rank=run.dist.rank,
+            world_size=run.dist.world_size,
+            batches_per_epoch=tcfg.max_steps_per_epoch
+            and tcfg.max_steps_per_epoch * tcfg.grad_accum_steps,
+        )
     augment = VolumeAugmentation(cfg.augment).to(run.device) if cfg.augment.enabled else None
     logger = RunLogger(run.run_dir, enabled=run.dist.is_main)
     trainer = Trainer(
@@ -303,12 +296,7 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
     )
     result = trainer.fit(resume=run.resume)
     if run.dist.is_main:
-        weights = (
-            result.best_path
-            if result.best_path and result.best_path.is_file()
-            else result.final_path
-        )
-        _final_report(cfg, table, splits, model, run, logger, weights, result.history, trainer.amp)
+        _final_report(cfg, table, splits, model, run, logger, result, trainer.amp)
         print(f"run directory: {run.run_dir}")
     logger.close()
     return 0
