@@ -49,9 +49,9 @@ class AugmentConfig:
     """Training augmentation; the geometric ones move the landmarks with the image."""
 
     enabled: bool = True
-    # True: augment whole batches on the training device (cxrlandmarks.augment, kornia) instead
-    # of per sample in the loader workers.
-    batched: bool = False
+    # True: augment whole batches on the training device (cxrlandmarks.augment, kornia); False:
+    # per sample in the loader workers (the same ops on the CPU, kept to compare against).
+    batched: bool = True
     hflip_p: float = 0.7  # mirrors x and swaps the symmetric pairs
     rotation_deg: float = 15.0  # uniform in +-rotation_deg about the image centre
     brightness: float = 0.4

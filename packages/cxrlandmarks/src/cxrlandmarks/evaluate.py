@@ -203,6 +203,7 @@ def report_phases(ctx: RunContext, data: RunData) -> dict[str, Any]:
             cfg.data.eval_batch_size,
             num_workers=cfg.trainer.num_workers,
             desc=f"test {name}",
+            shard=False,  # the main rank reports alone, after the other ranks are done
         )
         reports[name] = error_report(pred, test_records)
         rows.append(summary_row(f"{name} ({path.name})", reports[name]))

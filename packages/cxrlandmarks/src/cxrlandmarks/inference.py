@@ -46,9 +46,11 @@ def predict_dataset(
     tta_flip: bool = False,
     num_workers: int | None = None,
     desc: str | None = "predict",
+    shard: bool = True,
 ) -> np.ndarray:
-    """Normalised predictions ``[n, 15, 2]`` in dataset order (every rank gets all of them
-    under DDP: each predicts its shard, see :func:`medcore.inference.predict`)."""
+    """Normalised predictions ``[n, 15, 2]`` in dataset order. Under DDP with ``shard`` (every
+    rank calls it) each rank predicts its shard and gets all of them; ``shard=False``: this
+    rank predicts everything alone (see :func:`medcore.inference.predict`)."""
     ensemble = nn.ModuleList(models)  # one module: predict() switches all of them to eval
 
     def forward(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -63,5 +65,6 @@ def predict_dataset(
         batch_size=batch_size,
         num_workers=num_workers,
         desc=desc,
+        shard=shard,
     )
     return out.numpy()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -43,8 +44,8 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """New images -> ``{"image": [3, S, S] normalised, "size": [W, H], "ok": 0/1}``; one that
-    cannot be read is named on stderr and comes back with ``ok`` 0 (dropped and counted)."""
+    """New images -> ``{"image": [3, S, S] normalised, "size": [W, H], "why": ""}``; one that
+    cannot be read comes back blank with the reason in ``why`` (named, dropped and counted)."""
 
     def __init__(self, paths: list[Path], size: int, norm: dict[str, Any]) -> None:
         self.paths, self.size, self.norm = paths, size, norm
@@ -56,12 +57,11 @@ class ImageFiles(Dataset):
         try:
             img = image_tensor(self.paths[index])
         except DataError as exc:
-            print(f"skipped {self.paths[index]}: {exc.why}", file=sys.stderr)
             blank = torch.zeros(3, self.size, self.size)
-            return {"image": blank, "size": torch.zeros(2), "ok": torch.tensor(0)}
+            return {"image": blank, "size": torch.zeros(2), "why": exc.why}
         tensor, _ = resize_and_normalise(img, torch.zeros(1, 2), self.size, self.norm)
-        wh = torch.tensor([img.shape[-1], img.shape[-2]], dtype=torch.float64)
-        return {"image": tensor, "size": wh, "ok": torch.tensor(1)}
+        wh = torch.tensor([img.shape[-1], img.shape[-2]], dtype=torch.float32)
+        return {"image": tensor, "size": wh, "why": ""}
 
 
 def predict_command(args: Any) -> int:
@@ -86,12 +86,15 @@ def predict_command(args: Any) -> int:
 
     def forward(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pred = predict_batches(list(net), batch["image"], args.tta_flip)
-        return {"pred": pred, "size": batch["size"], "ok": batch["ok"]}
+        return {"pred": pred, "size": batch["size"], "why": batch["why"]}
 
     precision = checkpoint_precision(loaded[0][1], device)
     result = predict(ensemble, data, forward, device=device, precision=precision,
                    batch_size=args.batch_size, desc="predict")  # fmt: skip
-    ok = result["ok"].bool().numpy()
+    for path, why in zip(images, result["why"], strict=True):
+        if why:
+            print(f"skipped {path}: {why}", file=sys.stderr)
+    ok = np.array([not why for why in result["why"]])
     skipped = int((~ok).sum())
     if not ok.any():
         raise UserError("inputs", f"none of the {len(images)} images could be read")
