@@ -83,7 +83,9 @@ def augment_batch(
     return out, pts / size
 
 
-# -- the per-sample path (augment.batched: false): one image [c, H, W] at a time, on the CPU --
+# -- the per-sample path (augment.batched: false): one image [c, H, W] at a time, on the CPU.
+# Kept as the reference the batched path is tested against (same ops, torchvision's kernels)
+# and for images that are not square, where it rotates before the final stretch.
 
 
 @dataclass
