@@ -84,8 +84,8 @@ def augment_batch(
 
 
 # -- the per-sample path (augment.batched: false): one image [c, H, W] at a time, on the CPU.
-# Kept as the reference the batched path is tested against (same ops, torchvision's kernels)
-# and for images that are not square, where it rotates before the final stretch.
+# Not needed by the spec (the batched path does all of it); kept as the reference the batched
+# path is compared with (the same ops through torchvision's kernels, one sample at a time).
 
 
 @dataclass
