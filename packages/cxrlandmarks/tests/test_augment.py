@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from cxrlandmarks.anatomy import SYMMETRIC_PAIRS, flip_coords, swap_permutation
+from cxrlandmarks.augment import AugmentParams, apply_geometry, sample_augment
 from cxrlandmarks.config import AugmentConfig
-from cxrlandmarks.data import (
-    AugmentParams,
-    LandmarkDataset,
-    LandmarkRecord,
-    apply_geometry,
-    sample_augment,
-)
+from cxrlandmarks.data import LandmarkDataset, LandmarkRecord
 from medcore.testing import write_png
 
 H, W = 121, 141

@@ -744,12 +744,16 @@ def _poison(monkeypatch: pytest.MonkeyPatch, when: Callable[[int], bool]) -> Non
     monkeypatch.setattr(LandmarkDataset, "__getitem__", getitem)
 
 
+# _poison finds the training set as the one that augments per sample: the CPU path.
+PER_SAMPLE = "augment.batched=false"
+
+
 def test_nan_batch_is_skipped_with_a_warning(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     _poison(monkeypatch, lambda n: n == 1)  # one sample of the first batch
     run = tmp_path / "run"
-    argv = _train_argv(data_dir, run, "phases.phase1.max_steps_per_epoch=3", phase="1")
+    argv = _train_argv(data_dir, run, "phases.phase1.max_steps_per_epoch=3", PER_SAMPLE, phase="1")
     with pytest.warns(RuntimeWarning, match="non-finite loss at step 0; step skipped"):
         code, _, err = call_main(train, argv, capsys)
     assert code == 0, err
@@ -769,6 +773,7 @@ def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
         "phases.phase1.epochs=3",
         "phases.phase1.max_steps_per_epoch=2",
         "trainer.max_nonfinite_steps=2",
+        PER_SAMPLE,
     )
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         code, _, err = call_main(train, _train_argv(data_dir, run, *items, phase="1"), capsys)

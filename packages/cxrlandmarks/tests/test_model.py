@@ -5,7 +5,7 @@ from torchvision.models import resnet18
 
 from cxrlandmarks.anatomy import flip_coords
 from cxrlandmarks.config import ModelConfig
-from cxrlandmarks.evaluate import predict_batches
+from cxrlandmarks.inference import predict_batches
 from cxrlandmarks.model import ResNetLandmarkRegressor, ResNetWithCoordinateAttention
 from medcore.errors import CheckpointError, UserError
 from medcore.testing import skip_if_no_cuda

@@ -13,10 +13,14 @@ others, whose rotation here happens on the stretched image.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from kornia.geometry.transform import warp_affine
+from torchvision.transforms.v2 import functional as F
 
-from cxrlandmarks.anatomy import swap_permutation
+from cxrlandmarks.anatomy import flip_coords, swap_permutation
 from cxrlandmarks.config import AugmentConfig
 
 
@@ -77,3 +81,59 @@ def augment_batch(
     k = contrast.to(out)[:, None, None, None]
     out = (k * out + (1 - k) * mean).clamp(0, 1)
     return out, pts / size
+
+
+# -- the per-sample path (augment.batched: false): one image [c, H, W] at a time, on the CPU.
+# Not needed by the spec (the batched path does all of it); kept as the reference the batched
+# path is compared with (the same ops through torchvision's kernels, one sample at a time).
+
+
+@dataclass
+class AugmentParams:
+    flip: bool = False
+    angle: float = 0.0
+    brightness: float = 1.0
+    contrast: float = 1.0
+
+
+def sample_augment(cfg: AugmentConfig, generator: torch.Generator | None = None) -> AugmentParams:
+    """Draw augmentation parameters (from torch's RNG, which the Trainer seeds per worker)."""
+    u = torch.rand(4, generator=generator).tolist()
+    return AugmentParams(
+        flip=u[0] < cfg.hflip_p,
+        angle=(2 * u[1] - 1) * cfg.rotation_deg,
+        brightness=1 + (2 * u[2] - 1) * cfg.brightness,
+        contrast=1 + (2 * u[3] - 1) * cfg.contrast,
+    )
+
+
+def rotate_points(coords: torch.Tensor, angle: float, width: int, height: int) -> torch.Tensor:
+    """Points ``[..., 2]`` of an image rotated by ``angle`` degrees counter-clockwise (as seen,
+    y pointing down; torchvision's ``rotate`` sense) about its centre ``(W / 2, H / 2)``."""
+    a = math.radians(angle)
+    cos, sin = math.cos(a), math.sin(a)
+    centre = coords.new_tensor([width / 2, height / 2])
+    d = coords - centre
+    return (
+        torch.stack([cos * d[..., 0] + sin * d[..., 1], -sin * d[..., 0] + cos * d[..., 1]], -1)
+        + centre
+    )
+
+
+def apply_geometry(
+    image: torch.Tensor, coords: torch.Tensor, params: AugmentParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip (mirror x, swap pairs) and rotate about the centre an image ``[c, H, W]`` and its
+    landmarks ``[15, 2]`` (pixels) together.
+
+    The image goes through torchvision's kernels; the landmarks through the pixel-edge maths of
+    :mod:`cxrlandmarks.anatomy` (torchvision's keypoint flip uses ``W - 1 - x`` but its rotation
+    turns about ``W / 2``: two conventions at once).
+    """
+    height, width = image.shape[-2:]
+    if params.flip:
+        image, coords = F.horizontal_flip(image), flip_coords(coords, width)
+    if params.angle:
+        image = F.rotate(image, params.angle, interpolation=F.InterpolationMode.BILINEAR)
+        coords = rotate_points(coords, params.angle, width, height)
+    return image, coords

@@ -1,73 +1,66 @@
-"""Console scripts: ``cxrlandmarks-train``, ``cxrlandmarks-eval``, ``cxrlandmarks-predict``.
-
-Only commands and flags; the commands themselves are in train.py, evaluate.py and predict.py.
-"""
+"""``cxrlandmarks-train|eval|predict``: commands and flags only (the commands: train.py,
+evaluate.py, predict.py)."""
 
 from __future__ import annotations
 
-from argparse import ArgumentParser
-from importlib import import_module
+from argparse import ArgumentParser, Namespace
 from pathlib import Path
 
 from medcore.cli import add_common_args, run_cli
 from medcore.device import DEVICE_CHOICES
 
-P, F = dict(type=Path), dict(action="store_true")  # a path flag, a boolean flag
-CKPTS = dict(action="append", type=Path, default=[])
-TTA = ("--tta-flip", dict(F, help="also predict the mirrored image and average"))
-DEVICE = ("--device", dict(choices=DEVICE_CHOICES, default="auto"))
-TRAIN = [
-    ("--phase", dict(choices=["1", "2", "3", "4", "all"], default="all", help="'all' chains 1-4")),
-    (
-        "--init-from",
-        dict(P, help="checkpoint the first phase starts from (ours or the original's)"),
-    ),
-    ("--allow-missing", dict(F, help="accept more than 2%% of annotated rows without an image")),
-]
-EVAL = [
-    ("--checkpoint", dict(CKPTS, help="checkpoint to evaluate (repeat to compare phases)")),
-    ("--run-dir", dict(P, help="evaluate every phase checkpoint of a training run")),
-    ("--split", dict(choices=["train", "val", "test", "all"], default="test")),
-    ("--splits", dict(P, help="splits.json (default: the one in the checkpoint's run)")),
-    ("--data-dir", dict(P, help="data directory (default: the one used in training)")),
-    ("--output-dir", dict(P, help="where reports go (default: <run>/eval_<split>)")),
-    DEVICE,
-    TTA,
-]
-PREDICT = [
-    ("inputs", dict(P, nargs="+", help="image files or folders")),
-    ("--checkpoint", dict(CKPTS, required=True, help="checkpoint (repeat for an ensemble)")),
-    TTA,
-    ("--output-dir", dict(P, default=Path("predictions"))),
-    DEVICE,
-    ("--batch-size", dict(type=int, default=16)),
-    ("--no-overlays", dict(F, help="skip the overlay PNGs")),
-]
 
-
-def _main(prog: str, command: str, flags: list, argv: list[str] | None, about: str) -> int:
-    """Parse ``argv`` for ``prog`` and run ``cxrlandmarks.<module>.<function>`` under run_cli."""
+def _parser(prog: str, about: str, *, tta: bool = True) -> ArgumentParser:
     parser = ArgumentParser(prog, description=about)
-    if prog.endswith("-train"):
-        add_common_args(parser)
-    for name, kwargs in flags:
-        parser.add_argument(name, **kwargs)
-    args = parser.parse_args(argv)
-    module, function = command.rsplit(".", 1)
-    run = getattr(import_module(f"cxrlandmarks.{module}"), function)
-    return run_cli(lambda: run(args), prog)
+    if tta:
+        parser.add_argument("--tta-flip", action="store_true", help="also predict the mirror")
+    return parser
+
+
+def parse_train(argv: list[str] | None) -> Namespace:
+    p = add_common_args(_parser("cxrlandmarks-train", "4-phase landmark training", tta=False))
+    p.add_argument("--phase", choices=["1", "2", "3", "4", "all"], default="all")
+    p.add_argument("--init-from", type=Path, help="checkpoint the first phase starts from")
+    p.add_argument("--allow-missing", action="store_true", help="accept >2%% rows w/o image")
+    return p.parse_args(argv)
+
+
+def parse_eval(argv: list[str] | None) -> Namespace:
+    p = _parser("cxrlandmarks-eval", "Evaluate checkpoints on a split")
+    p.add_argument("--checkpoint", action="append", type=Path, default=[], help="repeatable")
+    p.add_argument("--run-dir", type=Path, help="evaluate every phase checkpoint of a run")
+    p.add_argument("--split", choices=["train", "val", "test", "all"], default="test")
+    p.add_argument("--splits", type=Path, help="splits.json (default: the checkpoint's run's)")
+    p.add_argument("--data-dir", type=Path, help="data directory (default: the training's)")
+    p.add_argument("--output-dir", type=Path, help="reports (default: <run>/eval_<split>)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    return p.parse_args(argv)
+
+
+def parse_predict(argv: list[str] | None) -> Namespace:
+    p = _parser("cxrlandmarks-predict", "Landmarks for new images")
+    p.add_argument("inputs", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", action="append", type=Path, required=True, help="repeatable")
+    p.add_argument("--output-dir", type=Path, default=Path("predictions"))
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
+    return p.parse_args(argv)
 
 
 def train(argv: list[str] | None = None) -> int:
-    about = "4-phase landmark training (no arguments: the synthetic demo; --data-dir: paper)"
-    return _main("cxrlandmarks-train", "train.train_command", TRAIN, argv, about)
+    from cxrlandmarks.train import train_command
+
+    return run_cli(lambda: train_command(parse_train(argv)), "cxrlandmarks-train")
 
 
 def evaluate(argv: list[str] | None = None) -> int:
-    about = "Evaluate checkpoints on a split"
-    return _main("cxrlandmarks-eval", "evaluate.evaluate_command", EVAL, argv, about)
+    from cxrlandmarks.evaluate import evaluate_command
+
+    return run_cli(lambda: evaluate_command(parse_eval(argv)), "cxrlandmarks-eval")
 
 
 def predict(argv: list[str] | None = None) -> int:
-    about = "Landmarks for new images"
-    return _main("cxrlandmarks-predict", "predict.predict_command", PREDICT, argv, about)
+    from cxrlandmarks.predict import predict_command
+
+    return run_cli(lambda: predict_command(parse_predict(argv)), "cxrlandmarks-predict")

@@ -35,7 +35,8 @@ class DataConfig:
     split_seed: int = 42
     splits_file: str | None = None  # reuse a saved splits.json instead of splitting again
     eval_batch_size: int = 32
-    # Keep decoded, shrunk images in memory (with trainer.num_workers: 0 they persist across epochs).
+    # LandmarkDataset's in-process cache when it decodes files itself. Training, validation and
+    # test always read medcore's image store (each image decoded once, for every phase and run).
     cache_images: bool = False
     # More than 2% of annotated rows without an image file is an error (a misspelt category
     # folder would otherwise drop a whole category); True (``--allow-missing``) accepts them.
@@ -49,9 +50,9 @@ class AugmentConfig:
     """Training augmentation; the geometric ones move the landmarks with the image."""
 
     enabled: bool = True
-    # True: augment whole batches on the training device (cxrlandmarks.augment, kornia) instead
-    # of per sample in the loader workers.
-    batched: bool = False
+    # True: augment whole batches on the training device (cxrlandmarks.augment, kornia); False:
+    # per sample in the loader workers (the same ops on the CPU, kept to compare against).
+    batched: bool = True
     hflip_p: float = 0.7  # mirrors x and swaps the symmetric pairs
     rotation_deg: float = 15.0  # uniform in +-rotation_deg about the image centre
     brightness: float = 0.4

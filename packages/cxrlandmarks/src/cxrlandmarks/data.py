@@ -19,6 +19,7 @@ import math
 import re
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from cxrlandmarks.anatomy import NUM_LANDMARKS, flip_coords
+from cxrlandmarks.anatomy import NUM_LANDMARKS
+from cxrlandmarks.augment import apply_geometry, sample_augment
 from cxrlandmarks.config import AugmentConfig, DataConfig
 from medcore.errors import DataError, UserError
+from medcore.imagestore import ImageStore, StoreSpec, cached_store
 from medcore.io import load_image, read_csv, safe_join
 
 PACKAGE = "cxrlandmarks"
@@ -262,57 +265,6 @@ def load_records(cfg: DataConfig, data_dir: str | Path) -> list[LandmarkRecord]:
     return records
 
 
-@dataclass
-class AugmentParams:
-    flip: bool = False
-    angle: float = 0.0
-    brightness: float = 1.0
-    contrast: float = 1.0
-
-
-def sample_augment(cfg: AugmentConfig, generator: torch.Generator | None = None) -> AugmentParams:
-    """Draw augmentation parameters (from torch's RNG, which the Trainer seeds per worker)."""
-    u = torch.rand(4, generator=generator).tolist()
-    return AugmentParams(
-        flip=u[0] < cfg.hflip_p,
-        angle=(2 * u[1] - 1) * cfg.rotation_deg,
-        brightness=1 + (2 * u[2] - 1) * cfg.brightness,
-        contrast=1 + (2 * u[3] - 1) * cfg.contrast,
-    )
-
-
-def rotate_points(coords: torch.Tensor, angle: float, width: int, height: int) -> torch.Tensor:
-    """Points ``[..., 2]`` of an image rotated by ``angle`` degrees counter-clockwise (as seen,
-    y pointing down; torchvision's ``rotate`` sense) about its centre ``(W / 2, H / 2)``."""
-    a = math.radians(angle)
-    cos, sin = math.cos(a), math.sin(a)
-    centre = coords.new_tensor([width / 2, height / 2])
-    d = coords - centre
-    return (
-        torch.stack([cos * d[..., 0] + sin * d[..., 1], -sin * d[..., 0] + cos * d[..., 1]], -1)
-        + centre
-    )
-
-
-def apply_geometry(
-    image: torch.Tensor, coords: torch.Tensor, params: AugmentParams
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip (mirror x, swap pairs) and rotate about the centre an image ``[c, H, W]`` and its
-    landmarks ``[15, 2]`` (pixels) together.
-
-    The image goes through torchvision's kernels; the landmarks through the pixel-edge maths of
-    :mod:`cxrlandmarks.anatomy` (torchvision's keypoint flip uses ``W - 1 - x`` but its rotation
-    turns about ``W / 2``: two conventions at once).
-    """
-    height, width = image.shape[-2:]
-    if params.flip:
-        image, coords = F.horizontal_flip(image), flip_coords(coords, width)
-    if params.angle:
-        image = F.rotate(image, params.angle, interpolation=F.InterpolationMode.BILINEAR)
-        coords = rotate_points(coords, params.angle, width, height)
-    return image, coords
-
-
 def _prescale(
     image: torch.Tensor, kp: torch.Tensor, size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,6 +306,16 @@ def image_tensor(path: Path) -> torch.Tensor:
     return torch.from_numpy(load_image(path, "L"))[None]
 
 
+def image_store(records: list[LandmarkRecord], size: int) -> ImageStore:
+    """The records' images decoded once, grayscale, stretched to the model input ``size``
+    (normalised landmarks stay as they are), shared by every phase, validation and test."""
+    store = cached_store([r.path for r in records], StoreSpec((size, size), "L", "stretch"))
+    bad = [r.name for r, ok in zip(records, store.valid, strict=True) if not ok]
+    if bad:  # they decoded when indexed: changed since
+        raise DataError(records[0].path.parent, f"{len(bad)} image(s) no longer decode: {bad[:5]}")
+    return store
+
+
 class LandmarkDataset(Dataset):
     """Records -> ``{"image": [3, S, S], "target": [30], "index": i}``; augmented when ``augment``.
 
@@ -363,7 +325,8 @@ class LandmarkDataset(Dataset):
     Radiographs are read as grayscale and repeated to the 3 channels the ResNet expects. With
     ``cache`` each decoded image is kept, shrunk to ``image_size``, in the process that reads it
     (the main process when the loader has no workers): small datasets and CPU runs skip image
-    decoding after the first epoch.
+    decoding after the first epoch. With ``store`` (:func:`image_store`, ``rows``: each
+    record's row in it) the images are read from the store instead of decoded.
     """
 
     def __init__(
@@ -373,6 +336,8 @@ class LandmarkDataset(Dataset):
         augment: AugmentConfig | None = None,
         cache: bool = False,
         norm: dict[str, Any] | None = None,
+        store: ImageStore | None = None,
+        rows: Sequence[int] | None = None,
     ) -> None:
         from cxrlandmarks.model import input_normalisation
 
@@ -381,6 +346,8 @@ class LandmarkDataset(Dataset):
         self.image_size = image_size
         self.augment = augment if augment is not None and augment.enabled else None
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.store = store
+        self.rows = list(range(len(records)) if rows is None else rows)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -389,6 +356,11 @@ class LandmarkDataset(Dataset):
         """The image (shrunk to ``image_size`` if larger) and the landmarks in its pixels."""
         rec = self.records[index]
         coords = torch.as_tensor(rec.coords, dtype=torch.float32)
+        if self.store is not None:  # [S, S, 1] uint8, landmarks scaled like the image
+            row = self.rows[index]
+            scale_y, scale_x = self.store.scales[row]
+            image = torch.from_numpy(np.array(self.store[row])).permute(2, 0, 1)
+            return image, coords * torch.tensor([scale_x, scale_y], dtype=torch.float32)
         image = self._cache.get(index) if self._cache is not None else None
         if image is None:
             image = image_tensor(rec.path)
@@ -417,6 +389,24 @@ class LandmarkDataset(Dataset):
             )
         image, target = resize_and_normalise(image, coords, self.image_size, self.norm)
         return {"image": image, "target": target.reshape(-1), "index": index}
+
+
+@dataclass
+class RunData:
+    """What every phase of a run shares: the records, the split, the decoded images."""
+
+    records: list[LandmarkRecord]
+    splits: dict[str, np.ndarray]
+    store: ImageStore
+
+    def dataset(
+        self, split: str, size: int, norm: dict[str, Any], augment: AugmentConfig | None = None
+    ) -> LandmarkDataset:
+        """The split's records at ``size``, read from the store."""
+        rows = self.splits[split]
+        return LandmarkDataset(
+            [self.records[i] for i in rows], size, augment, norm=norm, store=self.store, rows=rows
+        )
 
 
 def split_records(

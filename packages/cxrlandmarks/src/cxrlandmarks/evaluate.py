@@ -11,65 +11,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from cxrlandmarks.anatomy import (
     DISTANCE_PAIRS,
     LANDMARK_NAMES,
     SYMMETRIC_PAIRS,
     asymmetry,
-    flip_coords,
     pair_distances,
 )
 from cxrlandmarks.config import PHASES, CxrConfig
-from cxrlandmarks.data import LandmarkDataset, LandmarkRecord
+from cxrlandmarks.data import PACKAGE, LandmarkDataset, LandmarkRecord, RunData, image_store
+from cxrlandmarks.inference import REFERENCE_SIZE, predict_dataset
 from cxrlandmarks.model import load_model
-from medcore.cli import RunContext, format_table
-from medcore.device import amp_policy, autocast
 from medcore.errors import CheckpointError, UserError
+from medcore.inference import checkpoint_precision
 from medcore.io import atomic_write_csv, atomic_write_json
 from medcore.metrics import landmark_errors
+from medcore.run import RunContext, load_run_config
 from medcore.runlog import RunLogger
+from medcore.tables import format_table
 
-REFERENCE_SIZE = 224  # "px at 224": ||pred - target|| x 224 on normalised coordinates
 THRESHOLDS = (5.0, 8.5, 10.0, 15.0)
-
-
-@torch.no_grad()
-def predict_batches(
-    models: Sequence[torch.nn.Module], images: torch.Tensor, tta_flip: bool = False
-) -> torch.Tensor:
-    """Mean prediction ``[b, 15, 2]`` of ``models``; with ``tta_flip`` each model also sees the
-    mirrored image, whose prediction is flipped back (x mirrored, pairs swapped) before averaging."""
-    outs = []
-    for model in models:
-        pred = model(images).float()
-        outs.append(pred.reshape(pred.shape[0], -1, 2))
-        if tta_flip:
-            flipped = model(torch.flip(images, dims=[-1])).float()
-            outs.append(flip_coords(flipped.reshape(pred.shape[0], -1, 2)))
-    return torch.stack(outs).mean(0)
-
-
-@torch.no_grad()
-def predict_dataset(
-    models: Sequence[torch.nn.Module],
-    dataset: LandmarkDataset,
-    device: torch.device,
-    batch_size: int = 32,
-    tta_flip: bool = False,
-    num_workers: int = 0,
-) -> np.ndarray:
-    """Normalised predictions ``[n, 15, 2]`` in dataset order."""
-    for model in models:
-        model.eval()
-    policy = amp_policy(device, True)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    preds = []
-    for batch in loader:
-        with autocast(device, policy):
-            preds.append(predict_batches(models, batch["image"].to(device), tta_flip).cpu())
-    return torch.cat(preds).numpy()
 
 
 def _targets(records: Sequence[LandmarkRecord]) -> np.ndarray:
@@ -222,12 +184,10 @@ def coordinates_frame(names: Sequence[str], coords_px: np.ndarray) -> pd.DataFra
     return frame
 
 
-def report_phases(
-    ctx: RunContext, records: list[LandmarkRecord], splits: dict[str, np.ndarray]
-) -> dict[str, Any]:
+def report_phases(ctx: RunContext, data: RunData) -> dict[str, Any]:
     """Test-split evaluation of every phase checkpoint present; full report for the last one."""
     cfg: CxrConfig = ctx.cfg
-    test_records = [records[i] for i in splits["test"]]
+    test_records = [data.records[i] for i in data.splits["test"]]
     rows, reports = [], {}
     last = None
     for name in PHASES:
@@ -237,9 +197,13 @@ def report_phases(
         model, state = load_model(path, ctx.device)
         pred = predict_dataset(
             [model],
-            LandmarkDataset(test_records, cfg.data.image_size, norm=state.get("input_norm")),
+            data.dataset("test", cfg.data.image_size, state.get("input_norm")),
             ctx.device,
+            checkpoint_precision(state, ctx.device),
             cfg.data.eval_batch_size,
+            num_workers=cfg.trainer.num_workers,
+            desc=f"test {name}",
+            shard=False,  # the main rank reports alone, after the other ranks are done
         )
         reports[name] = error_report(pred, test_records)
         rows.append(summary_row(f"{name} ({path.name})", reports[name]))
@@ -290,11 +254,15 @@ def _checkpoints_of(args: Any) -> list[Path]:
     return paths
 
 
+def data_config_of(args: Any, state: dict[str, Any]) -> Any:
+    """The data section of a checkpoint (its training's), under ``--data-dir``."""
+    base = {"data": state.get("data_config", {})}
+    return load_run_config(args, CxrConfig, PACKAGE, sections=["data"], base=base).data
+
+
 def evaluate_command(args: Any) -> int:
     """``cxrlandmarks-eval``: reports per checkpoint and a comparison table."""
-    from cxrlandmarks.config import DataConfig
     from cxrlandmarks.data import load_records, resolve_data_dir, split_records
-    from medcore.config import from_dict
     from medcore.device import resolve_device
     from medcore.splits import load_splits
 
@@ -306,15 +274,13 @@ def evaluate_command(args: Any) -> int:
             "--data-dir",
             f"{paths[0]} records no data directory (the original code's checkpoint): give --data-dir",
         )
-    data_cfg = from_dict(DataConfig, models[0][1].get("data_config", {}))
-    if args.data_dir is not None:
-        data_cfg.data_dir = str(args.data_dir)
+    data_cfg = data_config_of(args, models[0][1])  # --data-dir over the checkpoint's
     records = load_records(data_cfg, resolve_data_dir(data_cfg))
     # <run>/checkpoints/x.pt or <run>/phaseN/checkpoints/x.pt
     ckpt = paths[0].resolve()
     run_dir = next((p for p in ckpt.parents[1:3] if (p / "splits.json").is_file()), ckpt.parents[1])
     if args.split == "all":
-        subset = records
+        subset, rows = records, list(range(len(records)))
     else:
         splits_file = args.splits or run_dir / "splits.json"
         if splits_file.is_file():
@@ -327,25 +293,36 @@ def evaluate_command(args: Any) -> int:
                 f"no splits.json at {splits_file}: splitting again with seed {data_cfg.split_seed}"
             )
             splits = split_records(records, data_cfg.split_ratios, data_cfg.split_seed)
-        subset = [records[i] for i in splits[args.split]]
+        rows = list(splits[args.split])
+        subset = [records[i] for i in rows]
     out_root = args.output_dir or run_dir / f"eval_{args.split}"
-    rows = []
+    made: dict[int, Any] = {}
+
+    def stores(size: int) -> Any:  # one decoded store per input size
+        if size not in made:
+            made[size] = image_store(records, size)
+        return made[size]
+
+    table = []
     for path, (model, state) in zip(paths, models, strict=True):
-        size = int(from_dict(DataConfig, state.get("data_config", {})).image_size)
+        size = data_config_of(args, state).image_size
         pred = predict_dataset(
             [model],
-            LandmarkDataset(subset, size, norm=state.get("input_norm")),
+            LandmarkDataset(
+                subset, size, norm=state.get("input_norm"), store=stores(size), rows=rows
+            ),
             device,
+            checkpoint_precision(state, device),
             tta_flip=args.tta_flip,
+            desc=path.name,
         )
         report = error_report(pred, subset)
         report["checkpoint"] = str(path)
         report["tta_flip"] = bool(args.tta_flip)
         write_report(report, pred, subset, out_root / path.stem)
-        rows.append(summary_row(path.name, report))
+        table.append(summary_row(path.name, report))
     print(f"{args.split} split ({len(subset)} images), errors in px at 224")
-    print(format_table(rows, floatfmt=".3f"))
-    atomic_write_csv(out_root / "phase_comparison.csv", pd.DataFrame(rows))
-    atomic_write_json(out_root / "phase_comparison.json", rows)
+    print(format_table(table, floatfmt=".3f"))
+    write_phase_table(table, out_root)
     print(f"reports in {out_root}")
     return 0

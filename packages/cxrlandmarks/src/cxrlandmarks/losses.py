@@ -10,6 +10,7 @@ composite (0.3 symmetry, 0.2 distance) live only in :class:`CompleteLandmarkLoss
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,32 +136,23 @@ class MSELoss(nn.Module):
 LOSS_NAMES = ("wing", "symmetry", "complete", "mse")
 
 
-def build_loss(
-    name: str,
-    *,
-    w: float = 10.0,
-    epsilon: float = 2.0,
-    pixel_scale: float = 224.0,
-    symmetry_weight: float = 0.3,
-    distance_weight: float = 0.2,
-    symmetry_reference: str = "prior",
-) -> nn.Module:
+# Each phase's loss: the CompleteLandmarkLoss terms it switches off.
+_OFF = {"wing": ("symmetry_weight", "distance_weight"), "symmetry": ("distance_weight",)}
+
+
+def build_loss(name: str, **params: Any) -> nn.Module:
     """The loss of a training phase by name: ``wing`` (phases 1-2), ``symmetry`` = Wing + 0.3 x
     symmetry (phase 3), ``complete`` = Wing + 0.3 x symmetry + 0.2 x distance (phase 4), ``mse``.
+
+    ``params``: :class:`CompleteLandmarkLoss` keywords (``w``, ``epsilon``, ``pixel_scale``,
+    ``symmetry_weight``, ``distance_weight``, ``symmetry_reference``); ``mse`` takes
+    ``pixel_scale`` only.
     """
-    if name == "wing":
-        return CompleteLandmarkLoss(1.0, 0.0, 0.0, w, epsilon, pixel_scale, symmetry_reference)
-    if name == "symmetry":
-        return CompleteLandmarkLoss(
-            1.0, symmetry_weight, 0.0, w, epsilon, pixel_scale, symmetry_reference
-        )
-    if name == "complete":
-        return CompleteLandmarkLoss(
-            1.0, symmetry_weight, distance_weight, w, epsilon, pixel_scale, symmetry_reference
-        )
     if name == "mse":
-        return MSELoss(pixel_scale)
-    raise ValueError(f"unknown loss {name!r} (choose from {', '.join(LOSS_NAMES)})")
+        return MSELoss(params.get("pixel_scale", 224.0))
+    if name not in ("wing", "symmetry", "complete"):
+        raise ValueError(f"unknown loss {name!r} (choose from {', '.join(LOSS_NAMES)})")
+    return CompleteLandmarkLoss(**{**params, **dict.fromkeys(_OFF.get(name, ()), 0.0)})
 
 
 __all__ = [

@@ -18,8 +18,9 @@ from torchvision.models import resnet18
 
 from cxrlandmarks.config import ModelConfig
 from medcore.checkpoint import load_checkpoint
-from medcore.config import from_dict
+from medcore.config import from_dict, to_dict
 from medcore.errors import CheckpointError
+from medcore.inference import load_model as load_checkpoint_model
 from medcore.weights import LoadReport, data_config, load_pretrained, missing_weights_error
 
 KIND = "cxrlandmarks.ResNetLandmarkRegressor"
@@ -233,8 +234,18 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str |
 def load_model(
     path: str | Path, device: torch.device
 ) -> tuple[ResNetLandmarkRegressor, dict[str, Any]]:
-    """Rebuild a model from a checkpoint alone (ours or the original code's), in eval mode."""
+    """Rebuild a model from a checkpoint alone (ours or the original code's), in eval mode.
+
+    The original code's checkpoint is read into our layout first (converted weights, its model
+    config), then both go through :func:`medcore.inference.load_model`.
+    """
     weights, cfg, state = read_model_checkpoint(path)
-    model = build_model(cfg)
-    load_weights(model, weights, path)
-    return model.to(device).eval(), state
+    state = {**state, "kind": KIND, "model": weights, "model_config": to_dict(cfg)}
+    model, state = load_checkpoint_model(
+        path,
+        KIND,
+        lambda s: build_model(from_dict(ModelConfig, s["model_config"])),
+        device=device,
+        state=state,
+    )
+    return model, state  # type: ignore[return-value]

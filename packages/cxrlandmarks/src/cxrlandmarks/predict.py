@@ -12,15 +12,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from cxrlandmarks.anatomy import LANDMARK_NAMES
-from cxrlandmarks.config import DataConfig
 from cxrlandmarks.data import IMAGE_EXTENSIONS, image_tensor, resize_and_normalise
-from cxrlandmarks.evaluate import coordinates_frame, predict_batches
+from cxrlandmarks.evaluate import coordinates_frame, data_config_of
+from cxrlandmarks.inference import predict_batches
 from cxrlandmarks.model import input_normalisation, load_model
-from medcore.config import from_dict
-from medcore.device import amp_policy, autocast, resolve_device
+from medcore.device import resolve_device
 from medcore.errors import DataError, UserError
+from medcore.inference import checkpoint_precision, predict
 from medcore.io import atomic_write_csv, atomic_write_json
 
 
@@ -41,14 +43,33 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return images
 
 
+class ImageFiles(Dataset):
+    """New images -> ``{"image": [3, S, S] normalised, "size": [W, H], "why": ""}``; one that
+    cannot be read comes back blank with the reason in ``why`` (named, dropped and counted)."""
+
+    def __init__(self, paths: list[Path], size: int, norm: dict[str, Any]) -> None:
+        self.paths, self.size, self.norm = paths, size, norm
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        try:
+            img = image_tensor(self.paths[index])
+        except DataError as exc:
+            blank = torch.zeros(3, self.size, self.size)
+            return {"image": blank, "size": torch.zeros(2), "why": exc.why}
+        tensor, _ = resize_and_normalise(img, torch.zeros(1, 2), self.size, self.norm)
+        wh = torch.tensor([img.shape[-1], img.shape[-2]], dtype=torch.float32)
+        return {"image": tensor, "size": wh, "why": ""}
+
+
 def predict_command(args: Any) -> int:
     from cxrlandmarks.plots import draw_landmarks
 
     device = resolve_device(args.device)
     loaded = [load_model(p, device) for p in args.checkpoint]
-    sizes = {
-        int(from_dict(DataConfig, state.get("data_config", {})).image_size) for _, state in loaded
-    }
+    sizes = {data_config_of(args, state).image_size for _, state in loaded}
     if len(sizes) != 1:
         raise UserError(
             "--checkpoint", f"ensemble members use different input sizes {sorted(sizes)}"
@@ -60,34 +81,26 @@ def predict_command(args: Any) -> int:
         raise UserError("--checkpoint", "ensemble members use different input normalisations")
     models = [m for m, _ in loaded]
     images = collect_images(args.inputs)
-    policy = amp_policy(device, True)
-    names, coords, skipped = [], [], 0
-    for start in range(0, len(images), args.batch_size):
-        batch, shapes, kept = [], [], []
-        for path in images[start : start + args.batch_size]:
-            try:
-                img = image_tensor(path)
-            except DataError as exc:
-                skipped += 1
-                print(f"skipped {path}: {exc.why}", file=sys.stderr)
-                continue
-            tensor, _ = resize_and_normalise(img, torch.zeros(1, 2), size, norms[0])
-            batch.append(tensor)
-            shapes.append(img.shape[-2:])
-            kept.append(path)
-        if not batch:
-            continue
-        with torch.no_grad(), autocast(device, policy):
-            pred = (
-                predict_batches(models, torch.stack(batch).to(device), args.tta_flip).cpu().numpy()
-            )
-        for path, (h, w), p in zip(kept, shapes, pred, strict=True):
-            names.append(str(path))
-            coords.append(p * np.array([w, h], dtype=float))
-    if not coords:
+    data = ImageFiles(images, size, norms[0])
+    ensemble = nn.ModuleList(models)  # one module: predict() switches all of them to eval
+
+    def forward(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pred = predict_batches(list(net), batch["image"], args.tta_flip)
+        return {"pred": pred, "size": batch["size"], "why": batch["why"]}
+
+    precision = checkpoint_precision(loaded[0][1], device)
+    result = predict(ensemble, data, forward, device=device, precision=precision,
+                   batch_size=args.batch_size, desc="predict")  # fmt: skip
+    for path, why in zip(images, result["why"], strict=True):
+        if why:
+            print(f"skipped {path}: {why}", file=sys.stderr)
+    ok = np.array([not why for why in result["why"]])
+    skipped = int((~ok).sum())
+    if not ok.any():
         raise UserError("inputs", f"none of the {len(images)} images could be read")
+    names = [str(p) for p, good in zip(images, ok, strict=True) if good]
+    coords_px = (result["pred"].double() * result["size"][:, None, :]).numpy()[ok]
     out = Path(args.output_dir)
-    coords_px = np.stack(coords)
     atomic_write_csv(out / "predictions.csv", coordinates_frame(names, coords_px))
     atomic_write_json(
         out / "predictions.json",

@@ -1,8 +1,9 @@
 """The 4-phase training: frozen trunk -> full fine-tune -> + symmetry -> + distance.
 
-Each phase is one medcore Trainer run in ``<run_dir>/<phase>/`` (its own latest/final
-checkpoints, metrics.jsonl and TensorBoard events, so an interrupted chain resumes inside the
-phase it stopped in). The best checkpoint of a phase (lowest validation mean pixel error) is
+Each phase is one medcore stage (:mod:`medcore.stages`) and one Trainer run in
+``<run_dir>/<phase>/`` (its own latest/final checkpoints, metrics.jsonl and TensorBoard events):
+a resumed chain skips its finished phases and resumes inside the one it stopped in. The images
+are decoded once into medcore's image store, shared by every phase, validation and test. The best checkpoint of a phase (lowest validation mean pixel error) is
 copied to ``<run_dir>/checkpoints/`` under the spec's name (phase1_best.pt, phase2_best.pt,
 geometric_symmetry.pt, geometric_complete.pt) and the next phase starts from it.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,15 @@ from cxrlandmarks.augment import augment_batch
 from cxrlandmarks.config import PHASES, CxrConfig, PhaseConfig
 from cxrlandmarks.data import (
     PACKAGE,
-    LandmarkDataset,
     LandmarkRecord,
+    RunData,
+    image_store,
     load_records,
     resolve_data_dir,
     split_records,
 )
-from cxrlandmarks.evaluate import REFERENCE_SIZE, predict_dataset, report_phases
+from cxrlandmarks.evaluate import report_phases
+from cxrlandmarks.inference import REFERENCE_SIZE, predict_dataset
 from cxrlandmarks.losses import build_loss
 from cxrlandmarks.model import (
     KIND,
@@ -39,15 +41,15 @@ from cxrlandmarks.model import (
     load_weights,
     read_model_checkpoint,
 )
-from medcore.checkpoint import export_safetensors, load_checkpoint
-from medcore.cli import RunContext, continue_run, find_run, setup_run
-from medcore.config import load_config, packaged_config_path, to_dict
+from medcore.checkpoint import copy_checkpoint, export_best
+from medcore.config import to_dict
 from medcore.distributed import barrier
 from medcore.errors import UserError
-from medcore.io import atomic_path
 from medcore.metrics import landmark_errors
 from medcore.plots import plot_training_curves
+from medcore.run import RunContext, setup_run
 from medcore.splits import load_or_make_splits
+from medcore.stages import Stage, run_stage
 from medcore.summary import dry_run
 from medcore.trainer import EvalContext, Trainer
 from medcore.weights import require_pretrained, resolve_weights
@@ -74,12 +76,6 @@ def prepare_splits(
                 "data.split_ratios", f"the {name!r} split is empty ({len(records)} usable images)"
             )
     return records, splits
-
-
-def _copy_atomic(src: Path, dst: Path) -> Path:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-    return dst
 
 
 def phase_trainer_config(cfg: CxrConfig, phase: PhaseConfig):
@@ -128,15 +124,16 @@ def run_normalisation(cfg: CxrConfig, init_path: Path | None) -> dict[str, Any]:
 
 
 def run_phase(
-    name: str,
+    stage: Stage,
     ctx: RunContext,
-    records: list[LandmarkRecord],
-    splits: dict[str, np.ndarray],
+    data: RunData,
     init_path: Path | None,
     norm: dict[str, Any],
-    resume: Path | None = None,
-) -> Path:
-    """Train one phase; returns the path of its best checkpoint in ``<run_dir>/checkpoints``."""
+) -> dict[str, Any]:
+    """Train one phase in its stage directory; its best checkpoint is copied to
+    ``<run_dir>/checkpoints`` under the spec's name. Returns ``{"best", "phase_best",
+    "phase_final"}`` (paths)."""
+    name = stage.name
     cfg: CxrConfig = ctx.cfg
     phase: PhaseConfig = getattr(cfg.phases, name)
     model, init = build_phase_model(cfg, phase, init_path)
@@ -151,18 +148,11 @@ def run_phase(
     )
     size = cfg.data.image_size
     batched = cfg.augment.enabled and cfg.augment.batched
-    train_set = LandmarkDataset(
-        [records[i] for i in splits["train"]],
-        size,
-        None if batched else cfg.augment,
-        cache=cfg.data.cache_images,
-        norm=norm,
-    )
+    train_set = data.dataset("train", size, norm, None if batched else cfg.augment)
     mean = torch.tensor(norm["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(norm["std"]).view(1, 3, 1, 1)
-    val_records = [records[i] for i in splits["val"]]
-    val_set = LandmarkDataset(val_records, size, cache=cfg.data.cache_images, norm=norm)
-    val_target = np.stack([r.normalised for r in val_records])
+    val_set = data.dataset("val", size, norm)
+    val_target = np.stack([r.normalised for r in val_set.records])
 
     def step_fn(
         net: torch.nn.Module, batch: dict[str, Any]
@@ -179,7 +169,10 @@ def run_phase(
         return loss, dict(getattr(criterion, "last", {}))
 
     def evaluate_fn(net: torch.nn.Module, ectx: EvalContext) -> dict[str, float]:
-        pred = predict_dataset([net], val_set, ectx.device, cfg.data.eval_batch_size)
+        pred = predict_dataset(
+            [net], val_set, ectx.device, ectx.amp, cfg.data.eval_batch_size,
+            num_workers=cfg.trainer.num_workers, desc=None,
+        )  # fmt: skip
         e = landmark_errors(pred, val_target, scale=REFERENCE_SIZE)
         return {
             "val/mean_px": e["mean"],
@@ -196,7 +189,7 @@ def run_phase(
         phase_trainer_config(cfg, phase),
         train_data=train_set,
         step_fn=step_fn,
-        run_dir=ctx.run_dir / name,
+        run_dir=stage.dir,
         device=ctx.device,
         kind=KIND,
         evaluate_fn=evaluate_fn,
@@ -221,7 +214,7 @@ def run_phase(
         f"[{name}] loss={phase.loss} epochs={phase.epochs} trunk_lr={trunk_lr} "
         f"head_lr={phase.head_lr} batch={trainer.batch_size} input={size}px init={init}"
     )
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=stage.resume)
     trainer.logger.close()
     if ctx.dist.is_main and result.history:
         plot_training_curves(
@@ -234,9 +227,10 @@ def run_phase(
         raise UserError(name, "training wrote no checkpoint")
     target = ctx.run_dir / "checkpoints" / phase.checkpoint
     if ctx.dist.is_main:
-        _copy_atomic(best, target)
+        copy_checkpoint(best, target)
     barrier()  # the next phase starts from this file on every rank
-    return target
+    paths = {"best": target, "phase_best": result.best_path, "phase_final": result.final_path}
+    return {k: str(v) if v is not None else None for k, v in paths.items()}
 
 
 def phases_to_run(selection: str) -> list[str]:
@@ -244,10 +238,16 @@ def phases_to_run(selection: str) -> list[str]:
 
 
 def phase_init(
-    cfg: CxrConfig, name: str, first: bool, ckpt_dir: Path, init_from: Path | None
+    cfg: CxrConfig,
+    name: str,
+    first: bool,
+    ckpt_dir: Path,
+    init_from: Path | None,
+    done: dict[str, dict[str, Any]],
 ) -> Path | None:
     """The checkpoint phase ``name`` starts from: ``--init-from`` for the first selected phase
-    (any phase, phase 1 included), else the best checkpoint of the phase it follows."""
+    (any phase, phase 1 included), else the best checkpoint of the phase it follows (the
+    result of that stage in this run, else its copy in ``ckpt_dir`` from an earlier run)."""
     if first and init_from is not None:
         if not Path(init_from).is_file():
             raise UserError(init_from, "checkpoint not found")
@@ -255,6 +255,8 @@ def phase_init(
     phase: PhaseConfig = getattr(cfg.phases, name)
     if phase.init_from is None:
         return None
+    if phase.init_from in done:
+        return Path(done[phase.init_from]["best"])
     previous: PhaseConfig = getattr(cfg.phases, phase.init_from)
     init = ckpt_dir / previous.checkpoint
     if not init.is_file():
@@ -266,63 +268,41 @@ def phase_init(
     return init
 
 
-def run_training(
-    ctx: RunContext, selection: str, init_from: Path | None = None, resume: bool = False
-) -> dict[str, Any]:
-    """Run the selected phase(s), then evaluate every finished phase on the test split."""
+def run_training(ctx: RunContext, selection: str, init_from: Path | None = None) -> dict[str, Any]:
+    """Run the selected phase(s) as stages, then evaluate every finished phase on the test split."""
     cfg: CxrConfig = ctx.cfg
     records, splits = prepare_splits(cfg, ctx.run_dir, ctx.dist.is_main)
     print(f"data: {len(records)} images ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
+    data = RunData(records, splits, image_store(records, cfg.data.image_size))
     ckpt_dir = ctx.run_dir / "checkpoints"
     selected = phases_to_run(selection)
-    norm: dict[str, Any] | None = None
-    for name in selected:
-        phase: PhaseConfig = getattr(cfg.phases, name)
-        phase_dir = ctx.run_dir / name / "checkpoints"
-        if (
-            resume
-            and (phase_dir / "final.pt").is_file()
-            and (ckpt_dir / phase.checkpoint).is_file()
-        ):
-            print(f"[{name}] already finished in this run: kept {ckpt_dir / phase.checkpoint}")
-            continue
-        init = phase_init(cfg, name, name == selected[0], ckpt_dir, init_from)
-        if norm is None:  # one normalisation for every phase of the run
-            norm = run_normalisation(cfg, init)
+    done: dict[str, dict[str, Any]] = {}
+    norm: dict[str, Any] = {}
+    ran: set[str] = set()  # the stages that ran in this job (the others finished earlier)
+
+    def phase_fn(stage: Stage) -> dict[str, Any]:
+        ran.add(stage.name)
+        init = phase_init(cfg, stage.name, stage.name == selected[0], ckpt_dir, init_from, done)
+        if not norm:  # one normalisation for every phase of the run
+            norm.update(run_normalisation(cfg, init))
             print(f"input normalisation: mean {norm['mean']} std {norm['std']}")
-        latest = phase_dir / "latest.pt"
-        run_phase(
-            name,
-            ctx,
-            records,
-            splits,
-            init,
-            norm,
-            resume=latest if resume and latest.is_file() else None,
-        )
+        return run_phase(stage, ctx, data, init, norm)
+
+    for name in selected:
+        done[name] = run_stage(ctx, name, phase_fn, quiet=True)
+        if name not in ran:
+            print(f"[{name}] already finished in this run: kept {done[name]['best']}")
     if not ctx.dist.is_main:
         return {}
-    final_name = getattr(cfg.phases, selected[-1]).checkpoint
-    export_safetensors(
-        load_checkpoint(ckpt_dir / final_name, kind=KIND)["model"],
-        ckpt_dir / (Path(final_name).stem + ".safetensors"),
+    last = done[selected[-1]]
+    export_best(
+        last["phase_best"],
+        last["phase_final"],
+        build_model(cfg.model),
+        Path(last["best"]).with_suffix(".safetensors"),
         metadata={"kind": KIND},
     )
-    return report_phases(ctx, records, splits)
-
-
-def _run_dir_for_resume(resume: str, output_dir: Path | None) -> Path:
-    """The run directory that ``--resume latest|PATH`` continues."""
-    if resume == "latest":
-        return find_run(PACKAGE, output_dir, "phase*/checkpoints/latest.pt")[0]
-    path = Path(resume)
-    if not path.is_file():
-        raise UserError(path, "checkpoint not found")
-    if path.parent.name != "checkpoints" or path.parents[1].name not in PHASES:
-        raise UserError(
-            path, "expected <run_dir>/phaseN/checkpoints/latest.pt (or use --resume latest)"
-        )
-    return path.parents[2]
+    return report_phases(ctx, data)
 
 
 def check_pretrained(cfg: CxrConfig, from_scratch: bool, needs_trunk: bool) -> None:
@@ -339,40 +319,31 @@ def check_pretrained(cfg: CxrConfig, from_scratch: bool, needs_trunk: bool) -> N
         )
 
 
-def _resolved_config(args: argparse.Namespace, config: str) -> CxrConfig:
-    """The config as setup_run will resolve it, without creating the run directory."""
-    from medcore.cli import common_overrides, resolve_config_arg
-
-    resolve_config_arg(args, PACKAGE)
-    source = args.config if args.config is not None else packaged_config_path(PACKAGE, config)
-    return load_config(CxrConfig, source, overrides=[*args.overrides, *common_overrides(args)])
+SMOKE = [
+    *(f"phases.{p}.epochs=1" for p in PHASES),
+    *(f"phases.{p}.max_steps_per_epoch=2" for p in PHASES),
+    "data.demo_images_per_category=20",
+    "eval.grid_images=4",
+]
 
 
 def train_command(args: argparse.Namespace) -> int:
     """``cxrlandmarks-train``: the demo with no arguments, real data with ``--data-dir``."""
     config = "paper" if args.data_dir is not None else "default"  # without --config
-    resume = args.resume
-    args.resume = None  # phases resume themselves (one latest.pt per phase)
-    if resume:  # continue with the interrupted run's settings and data
-        continue_run(args, _run_dir_for_resume(resume, args.output_dir))
-    # Checked before setup_run creates the run directory: nothing is left behind.
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise UserError(args.data_dir, "data directory not found")
-    if args.epochs is not None:
+    if args.epochs is not None:  # every phase's epochs (not trainer.epochs)
         args.overrides = [*(f"phases.{p}.epochs={args.epochs}" for p in PHASES), *args.overrides]
     if args.allow_missing:
         args.overrides = [*args.overrides, "data.allow_missing=true"]
-    if not args.dry_run and not resume:
-        first = phases_to_run(args.phase)[0]
-        needs_trunk = args.init_from is None and first == "phase1"
-        check_pretrained(_resolved_config(args, config), args.from_scratch, needs_trunk)
-    smoke = [
-        *(f"phases.{p}.epochs=1" for p in PHASES),
-        *(f"phases.{p}.max_steps_per_epoch=2" for p in PHASES),
-        "data.demo_images_per_category=20",
-        "eval.grid_images=4",
-    ]
-    ctx = setup_run(args, CxrConfig, PACKAGE, config, smoke_overrides=smoke)
+
+    def check(cfg: CxrConfig) -> None:  # before the run directory exists: nothing left behind
+        if cfg.data.data_dir is not None and not Path(cfg.data.data_dir).is_dir():
+            raise UserError(cfg.data.data_dir, "data directory not found")
+        if not args.dry_run and not args.resume:
+            first = phases_to_run(args.phase)[0]
+            needs_trunk = args.init_from is None and first == "phase1"
+            check_pretrained(cfg, args.from_scratch, needs_trunk)
+
+    ctx = setup_run(args, CxrConfig, PACKAGE, config, SMOKE, staged=True, check=check)
     if args.dry_run:
         cfg: CxrConfig = ctx.cfg
         dry_run(
@@ -385,7 +356,7 @@ def train_command(args: argparse.Namespace) -> int:
     name = args.config if args.config is not None else config
     print(f"cxrlandmarks-train: config={name} device={ctx.device} run_dir={ctx.run_dir}")
     try:  # setup_run holds the run directory's lock
-        metrics = run_training(ctx, args.phase, args.init_from, resume=bool(resume))
+        metrics = run_training(ctx, args.phase, args.init_from)
     finally:
         ctx.release()  # the run directory is free again once this job ends, even in-process
     if ctx.dist.is_main:
