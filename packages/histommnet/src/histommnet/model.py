@@ -25,9 +25,9 @@ from histommnet.attention import (
 )
 from histommnet.breakhis import SUBTYPE_CODES
 from histommnet.config import DataConfig, ModelConfig
-from medcore.checkpoint import load_checkpoint
+from medcore import inference
 from medcore.config import from_dict
-from medcore.errors import CheckpointError, ConfigError
+from medcore.errors import ConfigError
 from medcore.weights import (
     data_config,
     load_pretrained,
@@ -276,25 +276,16 @@ def checkpoint_kind(model: nn.Module) -> str:
     return f"histommnet.{type(model).__name__}"
 
 
+def _build_from_checkpoint(state: dict[str, Any]) -> nn.Module:
+    cfg = from_dict(
+        ModelConfig, {**state["model_config"], "pretrained": False, "pretrained_weights": None}
+    )
+    return build_model(cfg, state["magnifications"])
+
+
 def load_model(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from one of its checkpoints alone; returns (model, checkpoint dict)."""
-    state = load_checkpoint(path, map_location=map_location)
     kinds = {f"histommnet.{cls.__name__}" for cls in MODELS.values()}
-    if state.get("kind") not in kinds:
-        found = f"a {state['kind']}" if state.get("kind") else "an unlabelled"
-        raise CheckpointError(path, f"this is {found} checkpoint, not a histommnet model")
-    if "model_config" not in state or "magnifications" not in state:
-        raise CheckpointError(path, "has no model_config/magnifications to rebuild the model from")
-    cfg = from_dict(
-        ModelConfig, {**state["model_config"], "pretrained": False, "pretrained_weights": None}
-    )
-    model = build_model(cfg, state["magnifications"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            path, f"weights do not match the stored config ({str(exc).splitlines()[0][:160]})"
-        ) from None
-    return model, state
+    return inference.load_model(path, kinds, _build_from_checkpoint, device=map_location)
