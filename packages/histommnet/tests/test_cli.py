@@ -248,6 +248,25 @@ def test_bad_inputs_are_one_line_errors(tiny_args, tiny_tree: Path, tmp_path: Pa
     assert code == 2 and "checkpoint not found" in _error_line(err)
 
 
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (["--fold", "7"], "--fold"),
+        (["--set", "model.backbone=no_such_net"], "model.backbone"),
+        (["--set", "model.pretrained=true"], "--pretrained-weights"),
+        (["--model", "single", "--set", "model.single_magnification=1000X"], "1000X"),
+    ],
+)
+def test_refused_config_leaves_no_run_dir(
+    items: list[str], expected: str, tiny_args, tiny_tree: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    argv = [*tiny_args(), "--data-dir", str(tiny_tree), "--output-dir", str(out), *items]
+    code, _, err = call_main(train, argv, capsys)
+    assert code == 2 and expected in _error_line(err)
+    assert not out.exists()  # refused by setup_run's check, before the run directory
+
+
 @pytest.mark.gpu
 @skip_if_no_cuda
 def test_cuda_amp_training_step(tiny_args, tiny_tree: Path, tmp_path: Path, capsys) -> None:

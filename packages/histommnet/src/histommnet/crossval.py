@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import timm
 
 from histommnet.breakhis import BreakHisIndex, Patient, scan_breakhis
 from histommnet.config import PACKAGE, HistoConfig
@@ -50,7 +51,7 @@ from histommnet.model import (
 from histommnet.synthetic import generate_breakhis
 from histommnet.train import train_fold
 from medcore.demo import ensure_demo_data
-from medcore.errors import DataError, UserError
+from medcore.errors import ConfigError, DataError, UserError
 from medcore.inference import checkpoint_precision
 from medcore.io import atomic_write_json
 from medcore.run import RunContext, setup_run
@@ -180,6 +181,14 @@ def check_config(cfg: HistoConfig, dry: bool = False) -> None:
         )
     if cfg.cv.fold is not None and not 0 <= cfg.cv.fold < cfg.cv.folds:
         raise UserError("--fold", f"must be in 0..{cfg.cv.folds - 1}")
+    if not timm.is_model(cfg.model.backbone):
+        raise ConfigError("model.backbone", f"unknown timm model {cfg.model.backbone!r}")
+    mags = list(cfg.data.magnifications)
+    if cfg.model.name == "single" and cfg.model.single_magnification not in mags:
+        raise ConfigError(
+            "model.single_magnification",
+            f"{cfg.model.single_magnification} is not among data.magnifications {mags}",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
