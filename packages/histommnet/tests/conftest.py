@@ -35,6 +35,12 @@ def _tiny_args(*extra: str) -> list[str]:
     return args
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The medcore cache (demo data, decoded image stores) under the session's temp dir."""
+    monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture
 def tiny_args():
     """``tiny_args(*extra_set_items)`` -> the ``--set`` flags of the tiny training config."""

@@ -132,7 +132,7 @@ def test_demo_smoke_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     # resuming a finished run reuses the finished fold instead of training again
     code, stdout2, err2 = call_main(train, ["--resume", "latest", "--output-dir", str(out)], capsys)
     assert code == 0, err2
-    assert "finished earlier" in err2 and "mean ± std" in stdout2
+    assert "fold_0: finished before the interruption; skipped" in err2 and "mean ± std" in stdout2
 
 
 def test_analyze_report(tiny_tree: Path, tmp_path: Path, capsys) -> None:
@@ -248,6 +248,25 @@ def test_bad_inputs_are_one_line_errors(tiny_args, tiny_tree: Path, tmp_path: Pa
     assert code == 2 and "checkpoint not found" in _error_line(err)
 
 
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (["--fold", "7"], "--fold"),
+        (["--set", "model.backbone=no_such_net"], "model.backbone"),
+        (["--set", "model.pretrained=true"], "--pretrained-weights"),
+        (["--model", "single", "--set", "model.single_magnification=1000X"], "1000X"),
+    ],
+)
+def test_refused_config_leaves_no_run_dir(
+    items: list[str], expected: str, tiny_args, tiny_tree: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    argv = [*tiny_args(), "--data-dir", str(tiny_tree), "--output-dir", str(out), *items]
+    code, _, err = call_main(train, argv, capsys)
+    assert code == 2 and expected in _error_line(err)
+    assert not out.exists()  # refused by setup_run's check, before the run directory
+
+
 @pytest.mark.gpu
 @skip_if_no_cuda
 def test_cuda_amp_training_step(tiny_args, tiny_tree: Path, tmp_path: Path, capsys) -> None:
@@ -296,6 +315,7 @@ def test_resume_interrupted_fold(tiny_args, tiny_tree: Path, tmp_path: Path, cap
     # As if killed after the last epoch's latest.pt: no final checkpoint, no fold result.
     (ckpts / "final.pt").unlink()
     (out / "fold_0" / "result.json").unlink()
+    (out / "fold_0" / "stage.json").unlink()  # the fold's stage record, written last
     assert load_checkpoint(ckpts / "latest.pt")["epoch"] == 2
     code, stdout, err = call_main(train, ["--resume", str(out)], capsys)
     assert "mean ± std" in stdout
@@ -307,7 +327,8 @@ def test_resume_interrupted_fold(tiny_args, tiny_tree: Path, tmp_path: Path, cap
     ]
     assert sum(e["event"] == "eval" for e in events) == 2
     code, _, err = call_main(train, ["--resume", str(tmp_path / "nowhere")], capsys)
-    assert code == 2 and "--resume" in _error_line(err)
+    line = _error_line(err)
+    assert code == 2 and "nowhere: no such run directory or checkpoint" in line
 
 
 def test_packaged_config_by_name(tiny_tree: Path, tmp_path: Path, capsys) -> None:

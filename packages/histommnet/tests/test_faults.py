@@ -29,7 +29,7 @@ import histommnet.train  # noqa: F401  (imported now: the lock check must not wa
 from histommnet.breakhis import scan_breakhis
 from histommnet.cli import gradcam, train
 from histommnet.config import DataConfig
-from histommnet.data import MultiMagDataset, build_transform
+from histommnet.data import MultiMagDataset, Normalize, WorkingImages
 from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.io import load_image
 from medcore.splits import save_splits
@@ -71,11 +71,6 @@ def _sets(*items: str) -> list[str]:
 
 def _train_argv(data: Path, out: Path, *items: str) -> list[str]:
     return ["--data-dir", str(data), "--output-dir", str(out), "--fold", "0", *_sets(*items)]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -413,9 +408,9 @@ def test_broken_input_is_named_and_the_job_goes_on(row: str, shared_run: dict) -
         pixels = load_image(made)
         assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
         assert pixels.max() > pixels.min()  # 16-bit: rescaled from its range, not clipped
-        assert torch.isfinite(
-            build_transform(DataConfig(image_size=32, aspect_ratio=1.0, **NORM), False)(pixels)
-        ).all()
+        cfg = DataConfig(image_size=32, aspect_ratio=1.0, **NORM)
+        image = WorkingImages([str(made)], cfg, progress=False).get(str(made))
+        assert torch.isfinite(Normalize(cfg)(image)).all()
     assert f"skipped {len(skipped)} item(s)" in err
 
 

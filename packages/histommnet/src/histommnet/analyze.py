@@ -19,10 +19,11 @@ from histommnet.breakhis import CLASSES, SUBTYPE_NAMES, BreakHisIndex, Patient, 
 from histommnet.config import PACKAGE, HistoConfig
 from histommnet.crossval import load_index, make_folds, read_folds
 from histommnet.evaluate import write_table
-from medcore.cli import format_table, setup_run
 from medcore.errors import UserError
 from medcore.io import atomic_write_json
+from medcore.run import setup_run
 from medcore.splits import save_splits
+from medcore.tables import format_table
 
 
 def patient_frame(patients: list[Patient], cfg: HistoConfig) -> pd.DataFrame:

@@ -1,14 +1,17 @@
 """``histommnet-train``'s orchestration: data, patient-wise folds, one training per fold, summary.
 
-Per fold (``histommnet.train.run_fold``): nested patient-wise validation split, training with
-medcore's Trainer, thresholds chosen on validation and applied to the test patients. Then
-mean +- std over folds, tables (CSV + Markdown) and plots.
+Every image is decoded once at the input size (``histommnet.data.WorkingImages``) for all
+folds. Each fold is a ``medcore.stages`` stage ``fold_<i>`` (a resumed run skips finished folds
+and resumes the interrupted one): nested patient-wise validation split, training
+(``histommnet.train.train_fold``), thresholds chosen on validation and applied to the test
+patients (``histommnet.evaluate.test_fold``). Then mean +- std over folds, tables (CSV +
+Markdown) and plots.
 
 Run directory::
 
     config.yaml  dataset.json  splits.json  metrics.json  metrics.jsonl
     fold_<i>/checkpoints/{fold_<i>_best.pth, fold_<i>_best.safetensors, latest.pt, final.pt}
-    fold_<i>/{metrics.jsonl, tb/, result.json, predictions_{image,patient}.csv (test),
+    fold_<i>/{stage.json, metrics.jsonl, tb/, result.json, predictions_{image,patient}.csv (test),
               predictions_val_{image,patient}.csv (validation, where thresholds were chosen)}
     plots/{roc_image.png, roc_patient.png, confusion_fold<i>_<level>.png, curves_fold<i>_*.png}
     tables/{cv_folds, cv_summary}.{csv,md}
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -26,15 +28,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import timm
 
 from histommnet.breakhis import BreakHisIndex, Patient, scan_breakhis
 from histommnet.config import PACKAGE, HistoConfig
-from histommnet.data import input_size, normalization
+from histommnet.data import STORE_FILTER, MultiMagDataset, WorkingImages, input_size, normalization
 from histommnet.evaluate import (
     LEVELS,
     METRICS,
     summarize_folds,
     summary_display,
+    test_fold,
     write_roc_plots,
     write_table,
 )
@@ -45,28 +49,24 @@ from histommnet.model import (
     weights_hint,
 )
 from histommnet.synthetic import generate_breakhis
-from histommnet.train import run_fold
-from medcore.cli import (
-    RunContext,
-    continue_run,
-    default_run_dir,
-    find_run,
-    format_table,
-    setup_run,
-)
+from histommnet.train import train_fold
 from medcore.demo import ensure_demo_data
-from medcore.errors import DataError, UserError
+from medcore.errors import ConfigError, DataError, UserError
+from medcore.inference import checkpoint_precision
 from medcore.io import atomic_write_json
+from medcore.run import RunContext, setup_run
 from medcore.runlog import RunLogger
 from medcore.splits import (
     SplitLeakError,
     check_no_leak,
+    load_or_make_splits,
     load_splits,
     nested_validation,
-    save_splits,
     stratified_group_kfold,
 )
+from medcore.stages import Stage, run_stage
 from medcore.summary import dry_run
+from medcore.tables import format_table
 from medcore.weights import require_pretrained
 
 DEMO_VERSION = "v2"
@@ -155,73 +155,59 @@ def fold_splits(
     run_dir: Path, patients: list[Patient], cfg: HistoConfig, is_main: bool = True
 ) -> list[dict[str, np.ndarray]]:
     """The folds, saved to ``splits.json``; a resumed run reuses (and checks) the saved ones."""
-    path = run_dir / "splits.json"
-    if path.is_file():
-        return read_folds(path, patients)
-    folds = make_folds(patients, cfg)
-    if is_main:  # every rank computes the same folds; one writes them
-        save_splits(
-            path,
-            folds,
-            ids=[p.key for p in patients],
-            meta={
-                "seed": cfg.seed,
-                "folds": cfg.cv.folds,
-                "val_fraction": cfg.cv.val_fraction,
-                "stratify_subtype": cfg.cv.stratify_subtype,
-                "unit": "patient folder",
-            },
-        )
-    return folds
+    return load_or_make_splits(
+        run_dir / "splits.json",
+        lambda: make_folds(patients, cfg),
+        ids=[p.key for p in patients],
+        meta={
+            "seed": cfg.seed,
+            "folds": cfg.cv.folds,
+            "val_fraction": cfg.cv.val_fraction,
+            "stratify_subtype": cfg.cv.stratify_subtype,
+            "unit": "patient folder",
+        },
+        is_main=is_main,
+    )
 
 
-def resume_run_dir(resume: str, output_dir: Path | None) -> Path:
-    """The run directory to continue: ``latest`` (newest run) or a run dir / one of its checkpoints."""
-    if resume == "latest":
-        run_dir = find_run(PACKAGE, output_dir, "config.yaml")[0]
-    else:
-        path = Path(resume)
-        # .../fold_<i>/checkpoints/latest.pt -> the run directory
-        run_dir = path.parents[2] if path.is_file() and path.parent.name == "checkpoints" else path
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(
-            f"--resume {resume}", "no histommnet run directory (with config.yaml) to continue"
+def check_config(cfg: HistoConfig, dry: bool = False) -> None:
+    """What refuses a config before the run directory exists (``setup_run``'s ``check``)."""
+    if not dry:
+        require_pretrained(
+            cfg.model.pretrained,
+            cfg.model.pretrained_weights,
+            "model.pretrained",
+            weights_hint(cfg.model.backbone),
         )
-    return run_dir
+    if cfg.cv.fold is not None and not 0 <= cfg.cv.fold < cfg.cv.folds:
+        raise UserError("--fold", f"must be in 0..{cfg.cv.folds - 1}")
+    if not timm.is_model(cfg.model.backbone):
+        raise ConfigError("model.backbone", f"unknown timm model {cfg.model.backbone!r}")
+    mags = list(cfg.data.magnifications)
+    if cfg.model.name == "single" and cfg.model.single_magnification not in mags:
+        raise ConfigError(
+            "model.single_magnification",
+            f"{cfg.model.single_magnification} is not among data.magnifications {mags}",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     """``histommnet-train`` after parsing: resolve the run, then dry-run or cross-validate."""
-    if args.resume:
-        continue_run(args, resume_run_dir(args.resume, args.output_dir))
-        args.resume = None  # cross-validation resumes fold by fold (see run_fold)
     extra = [f"model.name={args.model}"] if args.model else []
     extra += [f"cv.folds={args.folds}"] if args.folds is not None else []
     extra += [f"cv.fold={args.fold}"] if args.fold is not None else []
     args.overrides = [*args.overrides, *extra]
-    if args.output_dir is None:
-        args.output_dir = default_run_dir(PACKAGE)
-    fresh = not Path(args.output_dir).exists()
-    ctx = setup_run(args, HistoConfig, PACKAGE, "default", smoke_overrides=SMOKE_OVERRIDES)
+    ctx = setup_run(
+        args,
+        HistoConfig,
+        PACKAGE,
+        "default",
+        smoke_overrides=SMOKE_OVERRIDES,
+        staged=True,
+        check=lambda cfg: check_config(cfg, dry=args.dry_run),
+    )
     try:
-        cfg: HistoConfig = ctx.cfg
-        if args.dry_run:
-            return _dry_run(ctx)
-        try:
-            require_pretrained(
-                cfg.model.pretrained,
-                cfg.model.pretrained_weights,
-                "model.pretrained",
-                weights_hint(cfg.model.backbone),
-            )
-        except UserError:
-            if fresh and ctx.dist.is_main:  # refused before any work: leave no run behind
-                ctx.release()
-                shutil.rmtree(ctx.run_dir, ignore_errors=True)
-            raise
-        if cfg.cv.fold is not None and not 0 <= cfg.cv.fold < cfg.cv.folds:
-            raise UserError("--fold", f"must be in 0..{cfg.cv.folds - 1}")
-        return cross_validate(ctx)
+        return _dry_run(ctx) if args.dry_run else cross_validate(ctx)
     finally:
         ctx.release()
 
@@ -252,9 +238,15 @@ def cross_validate(ctx: RunContext) -> int:
         norm = normalization(cfg.data)
         print(
             f"input: {'x'.join(map(str, input_size(cfg.data)))} px, mean {norm['mean']}, "
-            f"std {norm['std']}, {norm['interpolation']} resize ({cfg.model.backbone})",
+            f"std {norm['std']}, {STORE_FILTER} resize ({cfg.model.backbone})",
             file=sys.stderr,
         )
+        if norm["interpolation"] != STORE_FILTER:
+            print(
+                f"note: data.interpolation={norm['interpolation']} is recorded, but images are "
+                f"decoded once with the image store's {STORE_FILTER} filter (antialiased)",
+                file=sys.stderr,
+            )
     index = load_index(cfg, verbose=ctx.dist.is_main)
     patients = index.patients
     folds = fold_splits(ctx.run_dir, patients, cfg, ctx.dist.is_main)
@@ -269,10 +261,76 @@ def cross_validate(ctx: RunContext) -> int:
             },
         )
     chosen = [cfg.cv.fold] if cfg.cv.fold is not None else list(range(len(folds)))
-    results = [run_fold(ctx, patients, folds[i], i) for i in chosen]
+    # decoded once at the input size, for every fold, split and DataLoader worker
+    mags = cfg.data.magnifications
+    images = WorkingImages(
+        [path for p in patients for m in mags for path in p.images[m]],
+        cfg.data,
+        progress=ctx.dist.is_main,
+    )
+    results = [
+        run_stage(
+            ctx, f"fold_{i}", lambda stage, i=i: _fold(ctx, stage, images, patients, folds[i], i)
+        )
+        for i in chosen
+    ]
     if ctx.dist.is_main:
         _summarize(ctx, results)
     return 0
+
+
+def _fold(
+    ctx: RunContext,
+    stage: Stage,
+    images: WorkingImages,
+    patients: list[Patient],
+    split: dict[str, np.ndarray],
+    fold: int,
+) -> dict[str, Any]:
+    """Stage ``fold_<i>``: train on the fold's training patients, then test; its result."""
+    cfg: HistoConfig = ctx.cfg
+    subsets = {name: [patients[j] for j in split[name]] for name in ("train", "val", "test")}
+    seeds = {"train": cfg.seed * 1000 + fold, "val": cfg.seed, "test": cfg.seed}
+    ds = {
+        name: MultiMagDataset(part, cfg.data, name == "train", seeds[name], images=images)
+        for name, part in subsets.items()
+    }
+    logger = RunLogger(stage.dir, enabled=ctx.dist.is_main)
+    trained = train_fold(ctx, stage, ds["train"], ds["val"], fold, logger)
+    if trained is None:  # not the main rank
+        return {}
+    tested = test_fold(
+        trained.model,
+        fold,
+        ds["val"],
+        ds["test"],
+        device=ctx.device,
+        precision=checkpoint_precision(trained.state, ctx.device),
+        batch_size=trained.eval_batch_size,
+        num_workers=cfg.trainer.num_workers,
+        method=cfg.cv.threshold_method,
+        fold_dir=stage.dir,
+        plots_dir=ctx.run_dir / "plots",
+        history=trained.history,
+    )
+    result: dict[str, Any] = {
+        "fold": fold,
+        "thresholds": tested.pop("thresholds"),
+        "threshold_method": tested.pop("threshold_method"),
+        "focal_class_weights": {"benign": 1.0 - trained.alpha, "malignant": trained.alpha},
+        "checkpoint": str(trained.weights_path),
+        "best_epoch": int(trained.state.get("epoch", 0)),
+        "patients": {name: len(part) for name, part in subsets.items()},
+        "draws": {
+            "train_per_epoch": len(ds["train"]),
+            "val": len(ds["val"]),
+            "test": len(ds["test"]),
+        },
+        **tested,
+    }
+    logger.write_final(result, "result.json")
+    logger.close()
+    return result
 
 
 def _summarize(ctx: RunContext, results: list[dict[str, Any]]) -> None:

@@ -1,7 +1,7 @@
 """The multi-magnification dataset: items are patients, each draw one image per magnification.
 
 Shapes: ``b`` batch, ``m`` magnifications, ``c`` colour channels, ``h w`` pixels. A batch is a
-dict with ``images [b, m, c, h, w]`` (float, normalised), ``label [b]``, ``subtype [b]``,
+dict with ``images [b, m, c, h, w]`` (float in [0, 1]; ``model_input`` normalises), ``label [b]``, ``subtype [b]``,
 ``patient [b]`` (position in ``dataset.patients``) and ``draw [b]``.
 """
 
@@ -12,23 +12,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import kornia.augmentation as K
 import numpy as np
 import torch
 from kornia.geometry.transform import rotate
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from histommnet.breakhis import Patient, draws_per_patient
 from histommnet.config import AugmentConfig, DataConfig
 from medcore.errors import DataError
+from medcore.imagestore import ImageStore, StoreSpec, cached_store
 from medcore.io import load_image
 
-_INTERPOLATION = {
-    "bilinear": v2.InterpolationMode.BILINEAR,
-    "bicubic": v2.InterpolationMode.BICUBIC,
-    "nearest": v2.InterpolationMode.NEAREST,
-}
+STORE_FILTER = "bilinear"  # medcore.imagestore resizes with Pillow's (antialiased) bilinear
 
 
 def normalization(cfg: DataConfig) -> dict[str, Any]:
@@ -43,84 +39,156 @@ def input_size(cfg: DataConfig) -> tuple[int, int]:
     return cfg.image_size, max(1, round(cfg.image_size * cfg.aspect_ratio))
 
 
-class CoverResize:
-    """Scale an image ``[c, H, W]`` to cover ``(h, w)`` keeping its shape, then centre-crop.
+def cover_size(source: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` a ``source`` ``(height, width)`` image is scaled to so that it covers ``size``
+    keeping its shape (the centre crop of that is the input): never squashed, so a 700x460
+    tile at ``(224, 341)`` is scaled whole and at ``(224, 224)`` its central square is kept."""
+    (h, w), (height, width) = size, source
+    scale = max(h / height, w / width)
+    return max(h, math.ceil(height * scale - 1e-6)), max(w, math.ceil(width * scale - 1e-6))
 
-    Never squashes: a 700x460 tile at ``(224, 341)`` is scaled whole; at ``(224, 224)`` its
-    central 460x460 square is kept.
+
+def _source_shape(path: str) -> tuple[int, int] | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # joins the common shape's store, which names and skips it
+
+
+class WorkingImages:
+    """Every image decoded once at the input size, in ``medcore.imagestore`` stores shared by all
+    folds, splits and DataLoader workers (rebuilt by the store when a source changes).
+
+    A source is scaled to cover the input keeping its shape (``cover_size``), so sources of
+    different shapes go to different stores; reading one takes the centre crop. Images that do
+    not decode are named here once and replaced at read time by another image of the same
+    patient and magnification (``MultiMagDataset``).
     """
 
-    def __init__(self, size: tuple[int, int], interpolation: str = "bilinear") -> None:
-        self.size = size
-        self.interpolation = _INTERPOLATION[interpolation]
+    def __init__(self, paths: Sequence[str], cfg: DataConfig, progress: bool = True) -> None:
+        self.size = input_size(cfg)
+        groups: dict[tuple[int, int] | None, list[str]] = {}
+        for path in dict.fromkeys(paths):
+            groups.setdefault(_source_shape(path), []).append(path)
+        unreadable = groups.pop(None, [])
+        if unreadable:
+            common = max(groups, key=lambda k: len(groups[k])) if groups else self.size
+            groups.setdefault(common, []).extend(unreadable)
+        self.stores: list[ImageStore] = []
+        self.where: dict[str, tuple[int, int]] = {}
+        self.bad: set[str] = set()
+        for shape, group in groups.items():
+            spec = StoreSpec(cover_size(shape, self.size), "RGB", "stretch")
+            store = cached_store(group, spec, progress=progress)
+            for i, path in enumerate(group):
+                self.where[path] = (len(self.stores), i)
+                if not store.valid[i]:
+                    self.bad.add(path)
+            self.stores.append(store)
+        for path in sorted(self.bad):
+            try:
+                load_image(path)
+                why = "not decoded into the image store"
+            except DataError as exc:
+                why = exc.why
+            print(
+                f"skip {path}: {why} (replaced by another image of the same patient and "
+                "magnification)",
+                file=sys.stderr,
+            )
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        (h, w), (height, width) = self.size, image.shape[-2:]
-        scale = max(h / height, w / width)
-        scaled = [max(h, math.ceil(height * scale - 1e-6)), max(w, math.ceil(width * scale - 1e-6))]
-        image = v2.functional.resize(image, scaled, self.interpolation, antialias=True)
-        return v2.functional.center_crop(image, [h, w])
+    def __contains__(self, path: str) -> bool:
+        return path in self.where
+
+    def get(self, path: str) -> torch.Tensor:
+        """Image ``path`` as float ``[c, h, w]`` in [0, 1] at the input size (a valid one)."""
+        s, i = self.where[path]
+        stored = self.stores[s][i]
+        (h, w), (sh, sw) = self.size, stored.shape[:2]
+        top, left = round((sh - h) / 2.0), round((sw - w) / 2.0)
+        crop = np.array(stored[top : top + h, left : left + w])  # a copy, off the map
+        return torch.from_numpy(crop).permute(2, 0, 1).float().div_(255.0)
 
 
-class ReflectRotation:
-    """Rotation by a uniform angle in ``[-degrees, degrees]`` that fills by reflection.
+class Normalize(torch.nn.Module):
+    """Images ``[..., c, h, w]`` in [0, 1] -> normalised as ``cfg`` says (on their device)."""
 
-    torchvision's ``RandomRotation`` fills the corners with a constant, black corners that
-    evaluation never shows; kornia's ``rotate`` samples the mirrored image there instead.
-    The angle comes from the torch RNG (seeded per DataLoader worker) as in torchvision.
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__()
+        norm = normalization(cfg)
+        self.register_buffer("mean", torch.tensor(norm["mean"]).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(norm["std"]).view(3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return (images - mean) / std
+
+
+class TrainAugment(torch.nn.Module):
+    """The training augmentation of ``cfg.augment`` on a batch on the training device:
+    ``[b, m, c, h, w]`` in [0, 1] -> normalised, each magnification's image drawn apart.
+
+    All ops are batched kornia ops with per-image parameters (``same_on_batch=False``), drawn
+    from the global torch RNG (seeded and checkpointed by the Trainer: a resumed run draws the
+    same). Order and probabilities as the per-sample pipeline had them: flips, rotation by a
+    uniform angle filled by reflection (black corners would be a cue evaluation never shows),
+    elastic deformation, Gaussian blur, colour jitter, normalisation, random erasing (on the
+    normalised image, so an erased patch is the mean colour).
     """
 
-    def __init__(self, degrees: float) -> None:
-        self.degrees = float(degrees)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        angle = (torch.rand(1) * 2.0 - 1.0) * self.degrees
-        rotated = rotate(image.as_subclass(torch.Tensor)[None], angle, padding_mode="reflection")
-        return (
-            tv_tensors.wrap(rotated[0], like=image)
-            if isinstance(image, tv_tensors.Image)
-            else rotated[0]
-        )
-
-
-def build_transform(cfg: DataConfig, augment: bool) -> v2.Compose:
-    """uint8 ``[h, w, c]`` array -> normalised float ``[c, *input_size(cfg)]``.
-
-    With ``augment`` the training augmentation of ``cfg.augment`` runs on the float image.
-    ``cfg``'s normalisation must be resolved (see ``histommnet.model.resolve_normalization``).
-    """
-    norm = normalization(cfg)
-    steps: list = [
-        v2.ToImage(),
-        CoverResize(input_size(cfg), norm["interpolation"]),
-        v2.ToDtype(torch.float32, scale=True),
-    ]
-    aug: AugmentConfig = cfg.augment
-    if augment:
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__()
+        aug: AugmentConfig = cfg.augment
+        h, w = input_size(cfg)
+        self.degrees = float(aug.rotation_degrees)
+        before: list[torch.nn.Module] = []
         if aug.flip:
-            steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-        if aug.rotation_degrees:
-            steps.append(ReflectRotation(aug.rotation_degrees))
+            before += [K.RandomHorizontalFlip(p=0.5), K.RandomVerticalFlip(p=0.5)]
+        self.flips = torch.nn.Sequential(*before)
+        after: list[torch.nn.Module] = []
         if aug.elastic_p:
-            elastic = v2.ElasticTransform(alpha=aug.elastic_alpha, sigma=aug.elastic_sigma)
-            steps.append(v2.RandomApply([elastic], p=aug.elastic_p))
+            # torchvision's ElasticTransform: displacement ``alpha`` pixels over the height
+            # (torchvision divides both axes by their size), smoothed by a ``sigma`` Gaussian
+            # of its kernel size; kornia takes the displacement in normalised units.
+            kernel = int(8 * aug.elastic_sigma + 1) | 1
+            after.append(
+                K.RandomElasticTransform(
+                    kernel_size=(kernel, kernel),
+                    sigma=(aug.elastic_sigma, aug.elastic_sigma),
+                    alpha=(aug.elastic_alpha / h, aug.elastic_alpha / w),
+                    p=aug.elastic_p,
+                )
+            )
         if aug.blur_p:
             kernel = max(3, (cfg.image_size // 32) | 1)
-            blur = v2.GaussianBlur(kernel_size=kernel, sigma=tuple(aug.blur_sigma))
-            steps.append(v2.RandomApply([blur], p=aug.blur_p))
-        steps.append(v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
-    steps.append(v2.Normalize(norm["mean"], norm["std"]))
-    if augment and aug.erasing_p:
-        steps.append(v2.RandomErasing(p=aug.erasing_p, scale=(0.02, 0.15)))
-    return v2.Compose(steps)
+            after.append(
+                K.RandomGaussianBlur((kernel, kernel), tuple(aug.blur_sigma), p=aug.blur_p)
+            )
+        if aug.brightness or aug.contrast or aug.saturation or aug.hue:
+            after.append(
+                K.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue, p=1.0)
+            )
+        self.photometric = torch.nn.Sequential(*after)
+        self.normalize = Normalize(cfg)
+        self.erase = (
+            K.RandomErasing(scale=(0.02, 0.15), ratio=(0.3, 3.3), value=0.0, p=aug.erasing_p)
+            if aug.erasing_p
+            else torch.nn.Identity()
+        )
 
-
-def denormalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
-    """Images ``[..., c, h, w]`` normalised as ``cfg`` says back to RGB in [0, 1] (overlays)."""
-    norm = normalization(cfg)
-    mean = torch.tensor(norm["mean"]).view(3, 1, 1)
-    std = torch.tensor(norm["std"]).view(3, 1, 1)
-    return (images.cpu() * std + mean).clamp(0, 1)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, m = images.shape[:2]
+        x = self.flips(images.flatten(0, 1))
+        if self.degrees:
+            # angles from the CPU generator, like every kornia parameter: same draws on any device
+            angle = (torch.rand(x.shape[0]) * 2.0 - 1.0) * self.degrees
+            x = rotate(x, angle.to(x.device, x.dtype), padding_mode="reflection")
+        x = self.photometric(x).clamp(0.0, 1.0)
+        x = self.erase(self.normalize(x))
+        return x.unflatten(0, (b, m))
 
 
 class MultiMagDataset(Dataset):
@@ -139,16 +207,21 @@ class MultiMagDataset(Dataset):
         cfg: DataConfig,
         train: bool,
         seed: int = 0,
-        augment: bool | None = None,
+        images: WorkingImages | None = None,
     ) -> None:
         self.patients = list(patients)
         self.cfg = cfg
         self.magnifications = list(cfg.magnifications)
         self.train = train
         self.seed = seed
-        use_aug = train if augment is None else augment
-        self.transform = build_transform(cfg, use_aug)
-        self._bad: set[str] = set()
+        paths = [
+            p for patient in self.patients for m in self.magnifications for p in patient.images[m]
+        ]
+        self.images = images if images is not None else WorkingImages(paths, cfg)
+        missing = [p for p in paths if p not in self.images]
+        if missing:
+            raise ValueError(f"{len(missing)} images not in the working images, e.g. {missing[0]}")
+        self.normalize = Normalize(cfg)
         self.epoch = 0
         self.draws: list[tuple[int, tuple[str, ...]]] = []
         self.set_epoch(0)
@@ -193,31 +266,24 @@ class MultiMagDataset(Dataset):
     def __len__(self) -> int:
         return len(self.draws)
 
-    def _load(self, path: str, mag_index: int, patient: Patient) -> np.ndarray:
-        try:
-            return load_image(path)
-        except DataError as exc:
-            if path not in self._bad:
-                self._bad.add(path)
-                print(
-                    f"skip {path}: {exc.why} (replaced by another image of the same patient "
-                    "and magnification)",
-                    file=sys.stderr,
-                )
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's ``images`` (in [0, 1]) as the model takes them: normalised."""
+        return self.normalize(images)
+
+    def _load(self, path: str, mag_index: int, patient: Patient) -> torch.Tensor:
+        if path not in self.images.bad:
+            return self.images.get(path)
         for other in patient.images[self.magnifications[mag_index]]:
-            if other not in self._bad:
-                try:
-                    return load_image(other)
-                except DataError:
-                    self._bad.add(other)
+            if other not in self.images.bad:
+                return self.images.get(other)
         raise DataError(patient.key, f"no readable image at {self.magnifications[mag_index]}")
 
-    def load_tuple(self, index: int, transform: v2.Compose | None = None) -> torch.Tensor:
-        """The images of draw ``index`` as ``[m, c, h, w]``."""
+    def load_tuple(self, index: int) -> torch.Tensor:
+        """The images of draw ``index`` as ``[m, c, h, w]``, float in [0, 1] (not normalised:
+        augmentation and normalisation run on the batch, see ``TrainAugment``)."""
         p_idx, paths = self.draws[index]
         patient = self.patients[p_idx]
-        tf = transform or self.transform
-        return torch.stack([tf(self._load(p, i, patient)) for i, p in enumerate(paths)])
+        return torch.stack([self._load(p, i, patient) for i, p in enumerate(paths)])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         p_idx, _ = self.draws[index]

@@ -18,64 +18,72 @@ import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import Subset
 
 from histommnet.breakhis import CLASSES, SUBTYPE_CODES
 from histommnet.data import MultiMagDataset
-from medcore.cli import markdown_table
-from medcore.device import AmpPolicy, autocast
+from medcore import inference
+from medcore.device import AmpPolicy
 from medcore.io import atomic_write_csv, atomic_write_text
 from medcore.metrics import binary_metrics, select_threshold
-from medcore.plots import plot_confusion_matrix, plot_roc_curves
+from medcore.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
+from medcore.tables import markdown_table
 
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1", "sensitivity", "specificity")
 LEVELS = ("image", "patient")
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     dataset: MultiMagDataset,
     device: torch.device,
-    amp: AmpPolicy | None = None,
+    precision: AmpPolicy | None = None,
     batch_size: int = 16,
-    num_workers: int = 0,
+    num_workers: int | None = None,
+    shard: bool = True,
+    indices: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """One row per draw: patient, label, subtype, malignant probability (and subtype guess)."""
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    rows: list[dict[str, Any]] = []
-    for batch in loader:
-        images = batch["images"].to(device, non_blocking=True)
-        if amp is not None:
-            with autocast(device, amp):
-                out = model(images)
-        else:
-            out = model(images)
-        logits = out["logits"].float()
-        probs = logits.softmax(-1)[:, 1].cpu().numpy()
-        sub = (
-            out["subtype_logits"].float().argmax(-1).cpu().numpy()
-            if "subtype_logits" in out
-            else None
-        )
-        for i in range(len(probs)):
-            p_idx = int(batch["patient"][i])
-            rows.append(
-                {
-                    "patient": dataset.patients[p_idx].key,
-                    "patient_id": dataset.patients[p_idx].patient_id,
-                    "label": int(batch["label"][i]),
-                    "subtype": SUBTYPE_CODES[int(batch["subtype"][i])],
-                    "prob_malignant": float(probs[i]),
-                    "logit_benign": float(logits[i, 0]),
-                    "logit_malignant": float(logits[i, 1]),
-                    **({"subtype_pred": SUBTYPE_CODES[int(sub[i])]} if sub is not None else {}),
-                }
-            )
-    model.train(was_training)
-    return pd.DataFrame(rows)
+    """One row per draw (of ``indices`` only, when given): patient, label, subtype, malignant
+    probability (and subtype guess).
+
+    ``medcore.inference.predict``: a DataLoader (``num_workers`` None: the device default),
+    sharded over the ranks under DDP (every rank gets all rows), in ``precision``'s autocast.
+    """
+
+    def forward(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = net(dataset.model_input(batch["images"]))
+        kept = {"logits": out["logits"].float(), "patient": batch["patient"]}
+        if "subtype_logits" in out:
+            kept["subtype_pred"] = out["subtype_logits"].argmax(-1)
+        return kept
+
+    out = inference.predict(
+        model,
+        dataset if indices is None else Subset(dataset, list(indices)),
+        forward,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shard=shard,
+        desc=None,
+    )
+    logits = out["logits"].numpy()
+    patients = [dataset.patients[int(i)] for i in out["patient"]]
+    frame = pd.DataFrame(
+        {
+            "patient": [p.key for p in patients],
+            "patient_id": [p.patient_id for p in patients],
+            "label": [p.label for p in patients],
+            "subtype": [SUBTYPE_CODES[p.subtype] for p in patients],
+            "prob_malignant": out["logits"].softmax(-1)[:, 1].numpy().astype(float),
+            "logit_benign": logits[:, 0].astype(float),
+            "logit_malignant": logits[:, 1].astype(float),
+        }
+    )
+    if "subtype_pred" in out:
+        frame["subtype_pred"] = [SUBTYPE_CODES[int(i)] for i in out["subtype_pred"]]
+    return frame
 
 
 def patient_table(draws: pd.DataFrame) -> pd.DataFrame:
@@ -211,6 +219,70 @@ def write_fold_plots(
             plots_dir / f"confusion_fold{fold}_{level}.png",
             title=f"fold {fold}, {level} level (threshold {threshold:.3f})",
         )
+
+
+def test_fold(
+    model: nn.Module,
+    fold: int,
+    val_ds: MultiMagDataset,
+    test_ds: MultiMagDataset,
+    *,
+    device: torch.device,
+    precision: AmpPolicy,
+    batch_size: int,
+    num_workers: int | None,
+    method: str,
+    fold_dir: Path,
+    plots_dir: Path,
+    history: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    """A trained fold on its validation and test patients (the main rank's own unsharded
+    passes): thresholds chosen on validation, both splits' metrics; predictions and plots
+    written. Returns ``thresholds``, ``threshold_method``, ``val``, ``test`` (and
+    ``test_subtype_accuracy`` with a subtype head)."""
+    run = {"device": device, "precision": precision, "batch_size": batch_size}
+    val_draws = predict(model, val_ds, **run, num_workers=num_workers, shard=False)
+    test_draws = predict(model, test_ds, **run, num_workers=num_workers, shard=False)
+    frames = {
+        "val": (val_draws, patient_table(val_draws)),
+        "test": (test_draws, patient_table(test_draws)),
+    }
+    # Each level's threshold is chosen on its own validation units: draws, then patients
+    # (a patient's mean probability is distributed unlike a single draw's).
+    thresholds = {
+        level: choose_threshold(frame, method, f"fold {fold} validation ({level} level)")
+        for level, frame in zip(LEVELS, frames["val"], strict=True)
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = {
+            split_name: {
+                level: level_metrics(frame, thresholds[level])
+                for level, frame in zip(LEVELS, pair, strict=True)
+            }
+            for split_name, pair in frames.items()
+        }
+    out: dict[str, Any] = {"thresholds": thresholds, "threshold_method": method, **scores}
+    if "subtype_pred" in test_draws:
+        out["test_subtype_accuracy"] = float(
+            (test_draws["subtype_pred"] == test_draws["subtype"]).mean()
+        )
+    atomic_write_csv(fold_dir / "predictions_image.csv", test_draws)
+    atomic_write_csv(fold_dir / "predictions_patient.csv", frames["test"][1])
+    # The validation predictions the thresholds were chosen on, for auditing them.
+    atomic_write_csv(fold_dir / "predictions_val_image.csv", val_draws)
+    atomic_write_csv(fold_dir / "predictions_val_patient.csv", frames["val"][1])
+    write_fold_plots(plots_dir, fold, test_draws, frames["test"][1], thresholds)
+    if history:
+        plot_training_curves(
+            history, ["train/epoch_loss", "val/loss"], plots_dir / f"curves_fold{fold}_loss.png"
+        )
+        plot_training_curves(
+            history,
+            ["val/balanced_accuracy", "val/patient_balanced_accuracy", "val/auc"],
+            plots_dir / f"curves_fold{fold}_val.png",
+        )
+    return out
 
 
 def write_roc_plots(

@@ -26,12 +26,14 @@ from torch import nn
 from histommnet.breakhis import CLASSES, Patient
 from histommnet.config import PACKAGE, HistoConfig
 from histommnet.crossval import load_index
-from histommnet.data import MultiMagDataset, denormalize, normalization
+from histommnet.data import MultiMagDataset, WorkingImages, normalization
+from histommnet.evaluate import predict
 from histommnet.model import SingleMagNet, load_model, resolve_normalization
-from medcore.cli import setup_run
 from medcore.errors import UserError
+from medcore.inference import checkpoint_precision
 from medcore.io import atomic_path, atomic_write_json
 from medcore.plots import save_figure
+from medcore.run import setup_run
 
 
 class _LogitsOnly(nn.Module):
@@ -119,14 +121,20 @@ def _threshold(args: argparse.Namespace) -> float:
 
 
 def patient_cams(
-    model: nn.Module, images: torch.Tensor, target: int | None, threshold: float = 0.5
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int | None,
+    threshold: float = 0.5,
+    prob: float | None = None,
 ) -> tuple[np.ndarray, float, int]:
     """Grad-CAM maps ``[m, h, w]`` of one draw ``[1, m, 3, h, w]``, P(malignant) and the class used.
 
-    ``target`` None explains the predicted class, malignant when P(malignant) >= ``threshold``.
+    ``target`` None explains the predicted class, malignant when P(malignant) >= ``threshold``;
+    ``prob``: the draw's P(malignant) when already predicted.
     """
-    with torch.no_grad():
-        prob = float(model(images)["logits"].float().softmax(-1)[0, 1])
+    if prob is None:
+        with torch.no_grad():
+            prob = float(model(images)["logits"].float().softmax(-1)[0, 1])
     cls = int(prob >= threshold) if target is None else target
     wrapped = _LogitsOnly(model)
     layers = model.encoder.cam_layers()
@@ -174,14 +182,28 @@ def run(args: argparse.Namespace) -> int:
     )
     target = None if args.target == "predicted" else CLASSES.index(args.target)
     mags = data_cfg.magnifications
+    paths = [path for p in chosen for m in mags for path in p.images[m]]
+    images_once = WorkingImages(paths, data_cfg)  # decoded once for every chosen patient
+    precision = checkpoint_precision(state, ctx.device)
     records = []
     for patient in chosen:
-        ds = MultiMagDataset([patient], data_cfg, train=False, seed=cfg.seed)
+        ds = MultiMagDataset([patient], data_cfg, train=False, seed=cfg.seed, images=images_once)
         if not 0 <= args.draw < len(ds):
             raise UserError("--draw", f"patient {patient.key} has draws 0..{len(ds) - 1}")
-        images = ds[args.draw]["images"].unsqueeze(0).to(ctx.device)
-        cams, prob, cls = patient_cams(model, images, target, threshold)
-        rgb = denormalize(images[0], data_cfg).permute(0, 2, 3, 1).numpy()
+        index = args.draw
+        p_draw = predict(
+            model,
+            ds,
+            ctx.device,
+            precision,
+            num_workers=0,  # one draw: no worker processes for it
+            shard=False,
+            indices=[index],
+        )["prob_malignant"].iloc[0]
+        rgb_batch = ds[index]["images"].unsqueeze(0)
+        images = ds.model_input(rgb_batch).to(ctx.device)
+        cams, prob, cls = patient_cams(model, images, target, threshold, prob=float(p_draw))
+        rgb = rgb_batch[0].permute(0, 2, 3, 1).numpy()
         fig, axes = plt.subplots(2, len(mags), figsize=(2.4 * len(mags), 5), squeeze=False)
         for j, mag in enumerate(mags):
             overlay = show_cam_on_image(rgb[j], cams[j], use_rgb=True)
@@ -205,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                 "prob_malignant": prob,
                 "threshold": threshold,
                 "cam_class": CLASSES[cls],
-                "images": [str(p) for p in ds.draws[args.draw][1]],
+                "images": [str(p) for p in ds.draws[index][1]],
             }
         )
         print(

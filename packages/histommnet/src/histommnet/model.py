@@ -25,9 +25,9 @@ from histommnet.attention import (
 )
 from histommnet.breakhis import SUBTYPE_CODES
 from histommnet.config import DataConfig, ModelConfig
-from medcore.checkpoint import load_checkpoint
+from medcore import inference
 from medcore.config import from_dict
-from medcore.errors import CheckpointError, ConfigError
+from medcore.errors import ConfigError
 from medcore.weights import (
     data_config,
     load_pretrained,
@@ -139,15 +139,45 @@ class _MultiTrunk(nn.Module):
         return [cam_layer(t) for t in self.trunks]
 
 
-class MMNet(nn.Module):
+class _Classifier(nn.Module):
+    """What every model shares: its config and magnifications, the benign/malignant head and the
+    optional subtype head on a ``width``-wide embedding, and the output dict."""
+
+    def _set_config(self, cfg: ModelConfig, magnifications: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.magnifications = list(magnifications)
+
+    def _add_heads(self, width: int) -> None:
+        self.head = _head(width, 2, self.cfg.dropout)
+        self.subtype_head = (
+            _head(width, NUM_SUBTYPES, self.cfg.dropout) if self.cfg.subtype_head else None
+        )
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, magnifications: Sequence[str]) -> nn.Module:
+        return cls(cfg, magnifications)  # type: ignore[call-arg]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._outputs(self.embed(images))
+
+    def _outputs(self, emb: torch.Tensor, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"logits": self.head(emb), "embedding": emb, **extra}
+        if self.subtype_head is not None:
+            out["subtype_logits"] = self.subtype_head(emb)
+        return out
+
+
+class MMNet(_Classifier):
     """Multi-magnification network: per-magnification trunks and attention, hierarchical
     cross-magnification attention, fusion, a benign/malignant head and an optional subtype head.
     """
 
     def __init__(self, cfg: ModelConfig, magnifications: Sequence[str]) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.magnifications = list(magnifications)
+        self._set_config(cfg, magnifications)
         m, d = len(self.magnifications), cfg.embed_dim
         self.encoder = _MultiTrunk(cfg, m)
         c = self.encoder.num_features
@@ -163,12 +193,7 @@ class MMNet(nn.Module):
         attn_dropout = min(0.1, cfg.dropout)
         self.hierarchy = HierarchicalMagnificationAttention(d, m, cfg.num_heads, attn_dropout)
         self.fusion = ClinicalCrossMagFusion(d, m, attn_dropout)
-        self.head = _head(d, 2, cfg.dropout)
-        self.subtype_head = _head(d, NUM_SUBTYPES, cfg.dropout) if cfg.subtype_head else None
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, magnifications: Sequence[str]) -> MMNet:
-        return cls(cfg, magnifications)
+        self._add_heads(d)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """One token per magnification, ``[b, m, d]``, before cross-magnification attention."""
@@ -184,22 +209,16 @@ class MMNet(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens, hier_weights = self.hierarchy(self.tokens(images))
         fused, mag_weights = self.fusion(tokens)
-        out = {
-            "logits": self.head(fused),
-            "embedding": fused,
-            "magnification_weights": mag_weights,
-            "hierarchy_weights": hier_weights,
-        }
-        if self.subtype_head is not None:
-            out["subtype_logits"] = self.subtype_head(fused)
-        return out
+        return self._outputs(
+            fused, magnification_weights=mag_weights, hierarchy_weights=hier_weights
+        )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The fused patient-draw embedding ``[b, d]``."""
         return self.forward(images)["embedding"]
 
 
-class SingleMagNet(nn.Module):
+class SingleMagNet(_Classifier):
     """Baseline: one magnification (``single_magnification``) through a trunk and average pooling."""
 
     def __init__(self, cfg: ModelConfig, magnifications: Sequence[str]) -> None:
@@ -209,55 +228,27 @@ class SingleMagNet(nn.Module):
                 "model.single_magnification",
                 f"{cfg.single_magnification} is not among data.magnifications {list(magnifications)}",
             )
-        self.cfg = cfg
-        self.magnifications = list(magnifications)
+        self._set_config(cfg, magnifications)
         self.index = self.magnifications.index(cfg.single_magnification)
         self.encoder = _MultiTrunk(cfg, 1)
-        c = self.encoder.num_features
-        self.head = _head(c, 2, cfg.dropout)
-        self.subtype_head = _head(c, NUM_SUBTYPES, cfg.dropout) if cfg.subtype_head else None
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, magnifications: Sequence[str]) -> SingleMagNet:
-        return cls(cfg, magnifications)
+        self._add_heads(self.encoder.num_features)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         feat = self.encoder.forward_features(images[:, self.index : self.index + 1])[0]
         return feat.mean((2, 3))
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        emb = self.embed(images)
-        out = {"logits": self.head(emb), "embedding": emb}
-        if self.subtype_head is not None:
-            out["subtype_logits"] = self.subtype_head(emb)
-        return out
 
-
-class ConcatNet(nn.Module):
+class ConcatNet(_Classifier):
     """Baseline: average-pooled features of every magnification concatenated, then a head."""
 
     def __init__(self, cfg: ModelConfig, magnifications: Sequence[str]) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.magnifications = list(magnifications)
+        self._set_config(cfg, magnifications)
         self.encoder = _MultiTrunk(cfg, len(self.magnifications))
-        width = self.encoder.num_features * len(self.magnifications)
-        self.head = _head(width, 2, cfg.dropout)
-        self.subtype_head = _head(width, NUM_SUBTYPES, cfg.dropout) if cfg.subtype_head else None
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, magnifications: Sequence[str]) -> ConcatNet:
-        return cls(cfg, magnifications)
+        self._add_heads(self.encoder.num_features * len(self.magnifications))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([f.mean((2, 3)) for f in self.encoder.forward_features(images)], dim=1)
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        emb = self.embed(images)
-        out = {"logits": self.head(emb), "embedding": emb}
-        if self.subtype_head is not None:
-            out["subtype_logits"] = self.subtype_head(emb)
-        return out
 
 
 MODELS: dict[str, type[nn.Module]] = {"mmnet": MMNet, "single": SingleMagNet, "concat": ConcatNet}
@@ -276,25 +267,16 @@ def checkpoint_kind(model: nn.Module) -> str:
     return f"histommnet.{type(model).__name__}"
 
 
+def _build_from_checkpoint(state: dict[str, Any]) -> nn.Module:
+    cfg = from_dict(
+        ModelConfig, {**state["model_config"], "pretrained": False, "pretrained_weights": None}
+    )
+    return build_model(cfg, state["magnifications"])
+
+
 def load_model(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from one of its checkpoints alone; returns (model, checkpoint dict)."""
-    state = load_checkpoint(path, map_location=map_location)
     kinds = {f"histommnet.{cls.__name__}" for cls in MODELS.values()}
-    if state.get("kind") not in kinds:
-        found = f"a {state['kind']}" if state.get("kind") else "an unlabelled"
-        raise CheckpointError(path, f"this is {found} checkpoint, not a histommnet model")
-    if "model_config" not in state or "magnifications" not in state:
-        raise CheckpointError(path, "has no model_config/magnifications to rebuild the model from")
-    cfg = from_dict(
-        ModelConfig, {**state["model_config"], "pretrained": False, "pretrained_weights": None}
-    )
-    model = build_model(cfg, state["magnifications"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            path, f"weights do not match the stored config ({str(exc).splitlines()[0][:160]})"
-        ) from None
-    return model, state
+    return inference.load_model(path, kinds, _build_from_checkpoint, device=map_location)

@@ -1,43 +1,39 @@
-"""Training and evaluation of one cross-validation fold (``histommnet-train`` runs them all).
+"""Training of one cross-validation fold (``histommnet-train`` runs them all, then tests).
 
-Per fold: focal loss (class weight on the fold's minority class), mixup, label smoothing and
-the optional subtype head; early stopping and model selection on validation balanced accuracy
-at the validation-optimal threshold; overfitting warnings; thresholds chosen on the validation
-draws and on the validation patients, then applied to the test patients.
+Per fold: batched on-device augmentation (``histommnet.data.TrainAugment``), focal loss (class
+weight on the fold's minority class), mixup, label smoothing and the optional subtype head;
+early stopping and model selection on validation balanced accuracy at the validation-optimal
+threshold; overfitting warnings. The selected weights are exported for the fold's test
+(``histommnet.evaluate.test_fold``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
-import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from histommnet.breakhis import Patient
 from histommnet.config import HistoConfig
-from histommnet.data import MultiMagDataset, adjust_batch_size, normalization
-from histommnet.evaluate import (
-    LEVELS,
-    choose_threshold,
-    level_metrics,
-    patient_table,
-    predict,
-    validation_scores,
-    write_fold_plots,
+from histommnet.data import (
+    MultiMagDataset,
+    TrainAugment,
+    adjust_batch_size,
+    normalization,
 )
+from histommnet.evaluate import predict, validation_scores
 from histommnet.losses import FocalLoss, malignant_alpha, mixup, soft_targets
 from histommnet.model import NUM_SUBTYPES, build_model, checkpoint_kind
-from medcore.checkpoint import export_safetensors, load_checkpoint
-from medcore.cli import RunContext
+from medcore.checkpoint import export_best, load_checkpoint
 from medcore.config import to_dict
 from medcore.device import device_defaults
-from medcore.io import atomic_write_csv
-from medcore.plots import plot_training_curves
+from medcore.run import RunContext
 from medcore.runlog import RunLogger
+from medcore.stages import Stage
 from medcore.trainer import EvalContext, Trainer
 
 
@@ -61,6 +57,7 @@ class _EpochLoss:
 
 def _make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
     loss_cfg = cfg.loss
+    augment = TrainAugment(cfg.data)
 
     def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         images, labels, subtypes = batch["images"], batch["label"], batch["subtype"]
@@ -69,6 +66,7 @@ def _make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
             # the BatchNorm running statistics even though the Trainer skips the step.
             print("warning: non-finite pixel values in a training batch; skipped", file=sys.stderr)
             return images.new_tensor(float("nan")), {}
+        images = augment.to(images.device)(images)
         target = soft_targets(labels, 2, loss_cfg.label_smoothing)
         sub_target = soft_targets(subtypes, NUM_SUBTYPES, loss_cfg.label_smoothing)
         if loss_cfg.mixup_alpha > 0 and torch.rand(()) < loss_cfg.mixup_prob:
@@ -114,11 +112,12 @@ def _make_evaluate_fn(
     criterion: FocalLoss,
     tracker: _EpochLoss,
     eval_bs: int,
+    workers: int | None,
 ):
     warned_perfect: list[int] = []
 
     def evaluate_fn(model: torch.nn.Module, ctx: EvalContext) -> dict[str, float]:
-        draws = predict(model, val_ds, ctx.device, ctx.amp, eval_bs)
+        draws = predict(model, val_ds, ctx.device, ctx.amp, eval_bs, workers)
         logits = torch.tensor(
             draws[["logit_benign", "logit_malignant"]].to_numpy(), device=ctx.device
         )
@@ -158,21 +157,30 @@ def fold_alpha(train_ds: MultiMagDataset, cfg: HistoConfig) -> float:
     return malignant_alpha(labels, cfg.loss.focal_alpha, cfg.loss.focal_alpha_class)
 
 
-def run_fold(
-    ctx: RunContext, patients: list[Patient], split: dict[str, np.ndarray], fold: int
-) -> dict[str, Any]:
-    """Train and evaluate one fold; a finished fold is read back, an interrupted one resumed."""
-    cfg: HistoConfig = ctx.cfg
-    fold_dir = ctx.run_dir / f"fold_{fold}"
-    result_path = fold_dir / "result.json"
-    if result_path.is_file():
-        print(f"fold {fold}: finished earlier, reusing {result_path}", file=sys.stderr)
-        return json.loads(result_path.read_text(encoding="utf-8"))
-    subsets = {name: [patients[j] for j in split[name]] for name in ("train", "val", "test")}
-    train_ds = MultiMagDataset(subsets["train"], cfg.data, train=True, seed=cfg.seed * 1000 + fold)
-    val_ds = MultiMagDataset(subsets["val"], cfg.data, train=False, seed=cfg.seed)
-    test_ds = MultiMagDataset(subsets["test"], cfg.data, train=False, seed=cfg.seed)
+@dataclass
+class TrainedFold:
+    """A fold's training: the model with the selected (best, else final) weights, and how."""
 
+    model: torch.nn.Module
+    state: dict[str, Any]  # the selected checkpoint
+    weights_path: Path
+    history: list[dict[str, Any]]
+    alpha: float  # focal weight of the malignant class
+    eval_batch_size: int
+
+
+def train_fold(
+    ctx: RunContext,
+    stage: Stage,
+    train_ds: MultiMagDataset,
+    val_ds: MultiMagDataset,
+    fold: int,
+    logger: RunLogger,
+) -> TrainedFold | None:
+    """Train one fold in ``stage.dir`` (resumed from ``stage.resume``); on the main rank the
+    selected weights are exported next to the checkpoint and returned (None on the others)."""
+    cfg: HistoConfig = ctx.cfg
+    fold_dir = stage.dir
     requested = cfg.trainer.batch_size or device_defaults(ctx.device).batch_size
     batch_size, drop_last = adjust_batch_size(
         requested, len(train_ds) // ctx.dist.world_size, cfg.data.min_batches_per_epoch
@@ -191,10 +199,9 @@ def run_fold(
         else "random (from scratch)"
     )
     print(
-        f"fold {fold}: {len(subsets['train'])} train / {len(subsets['val'])} val / "
-        f"{len(subsets['test'])} test patients; {len(train_ds)} training draws per epoch, "
-        f"batch size {batch_size}; focal weights benign {1 - alpha:.2f} / malignant "
-        f"{alpha:.2f}; {cfg.model.backbone} init: {init}",
+        f"fold {fold}: {len(train_ds.patients)} train / {len(val_ds.patients)} val patients; "
+        f"{len(train_ds)} training draws per epoch, batch size {batch_size}; focal weights "
+        f"benign {1 - alpha:.2f} / malignant {alpha:.2f}; {cfg.model.backbone} init: {init}",
         file=sys.stderr,
     )
 
@@ -207,7 +214,6 @@ def run_fold(
         tracker.reset()
 
     kind = checkpoint_kind(model)
-    logger = RunLogger(fold_dir, enabled=ctx.dist.is_main)
     trainer = Trainer(
         model,
         tcfg,
@@ -216,7 +222,9 @@ def run_fold(
         run_dir=fold_dir,
         device=ctx.device,
         kind=kind,
-        evaluate_fn=_make_evaluate_fn(cfg, fold, val_ds, criterion, tracker, eval_bs),
+        evaluate_fn=_make_evaluate_fn(
+            cfg, fold, val_ds, criterion, tracker, eval_bs, cfg.trainer.num_workers
+        ),
         seed=cfg.seed + fold,
         extra_state={
             "model_config": to_dict(cfg.model),
@@ -231,77 +239,15 @@ def run_fold(
     )
     ckpt_dir = fold_dir / "checkpoints"
     final_path = ckpt_dir / "final.pt"
-    if final_path.is_file():
+    if final_path.is_file():  # interrupted after training, before the fold's result
         history = load_checkpoint(final_path, kind=kind).get("history", [])
     else:
-        latest = ckpt_dir / "latest.pt"
-        history = trainer.fit(resume=latest if latest.is_file() else None).history
+        history = trainer.fit(resume=stage.resume).history
     if not ctx.dist.is_main:
-        return {}
-
+        return None
     best_path = ckpt_dir / tcfg.best_name
-    weights_path = best_path if best_path.is_file() else final_path
-    state = load_checkpoint(weights_path, kind=kind)
-    model.load_state_dict(state["model"])
-    model.to(ctx.device)
-    export_safetensors(
-        state["model"], best_path.with_suffix(".safetensors"), metadata={"kind": kind}
+    weights_path = export_best(
+        best_path, final_path, model, best_path.with_suffix(".safetensors"), {"kind": kind}
     )
-
-    val_draws = predict(model, val_ds, ctx.device, trainer.amp, eval_bs)
-    test_draws = predict(model, test_ds, ctx.device, trainer.amp, eval_bs)
-    frames = {
-        "val": (val_draws, patient_table(val_draws)),
-        "test": (test_draws, patient_table(test_draws)),
-    }
-    # Each level's threshold is chosen on its own validation units: draws, then patients
-    # (a patient's mean probability is distributed unlike a single draw's).
-    method = cfg.cv.threshold_method
-    thresholds = {
-        level: choose_threshold(frame, method, f"fold {fold} validation ({level} level)")
-        for level, frame in zip(LEVELS, frames["val"], strict=True)
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scores = {
-            split_name: {
-                level: level_metrics(frame, thresholds[level])
-                for level, frame in zip(LEVELS, pair, strict=True)
-            }
-            for split_name, pair in frames.items()
-        }
-    result: dict[str, Any] = {
-        "fold": fold,
-        "thresholds": thresholds,
-        "threshold_method": method,
-        "focal_class_weights": {"benign": 1.0 - alpha, "malignant": alpha},
-        "checkpoint": str(weights_path),
-        "best_epoch": int(state.get("epoch", 0)),
-        "patients": {name: len(subsets[name]) for name in subsets},
-        "draws": {"train_per_epoch": len(train_ds), "val": len(val_ds), "test": len(test_ds)},
-        **scores,
-    }
-    if "subtype_pred" in test_draws:
-        result["test_subtype_accuracy"] = float(
-            (test_draws["subtype_pred"] == test_draws["subtype"]).mean()
-        )
-
-    atomic_write_csv(fold_dir / "predictions_image.csv", test_draws)
-    atomic_write_csv(fold_dir / "predictions_patient.csv", frames["test"][1])
-    # The validation predictions the thresholds were chosen on, for auditing them.
-    atomic_write_csv(fold_dir / "predictions_val_image.csv", val_draws)
-    atomic_write_csv(fold_dir / "predictions_val_patient.csv", frames["val"][1])
-    plots = ctx.run_dir / "plots"
-    write_fold_plots(plots, fold, test_draws, frames["test"][1], thresholds)
-    if history:
-        plot_training_curves(
-            history, ["train/epoch_loss", "val/loss"], plots / f"curves_fold{fold}_loss.png"
-        )
-        plot_training_curves(
-            history,
-            ["val/balanced_accuracy", "val/patient_balanced_accuracy", "val/auc"],
-            plots / f"curves_fold{fold}_val.png",
-        )
-    logger.write_final(result, "result.json")
-    logger.close()
-    return result
+    state = load_checkpoint(weights_path, kind=kind)
+    return TrainedFold(model.to(ctx.device), state, weights_path, history, alpha, eval_bs)
