@@ -60,7 +60,7 @@ def test_train_both_models_votes_and_scores(
         tiny_args("--data-dir", str(tiny_data), "--output-dir", str(run), "--resume", "latest"),
         capsys,
     )
-    assert code == 0 and "not retrained" in err
+    assert code == 0 and "finished before the interruption; skipped" in err
     assert (run / "predictions" / "vote_probs.csv").read_text() == before
 
     # The commands on the run's outputs: predict, vote, analyze.
