@@ -8,22 +8,22 @@ folder (``disease/img_0007``) so that equal names in both folders stay distinct.
 from __future__ import annotations
 
 import functools
-import math
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from binensemble.config import BinEnsembleConfig, DataConfig
 from binensemble.synthetic import generate_demo
 from medcore.demo import ensure_demo_data
+from medcore import metric_learning
 from medcore.device import device_defaults
 from medcore.errors import DataError
 from medcore.io import load_image, read_csv
@@ -211,51 +211,27 @@ class ImageDataset(Dataset):
         return {"image": self.transform(image), "label": label, "index": i}
 
 
-class BalancedBatchSampler(Sampler[list[int]]):
-    """Batches holding ``batch_size // num_classes`` samples of every class.
+class BalancedBatchSampler(metric_learning.BalancedBatchSampler):
+    """Batches holding ``batch_size // num_classes`` samples of every class (medcore's sampler:
+    per-class reshuffled streams, one global sequence per ``(seed, epoch)`` strided by rank).
 
     Batch-hard triplet mining needs a positive and a negative for every anchor; plain random
-    batches of an imbalanced set often lack one. Each class is drawn from its own reshuffled
-    stream (the minority class is repeated within an epoch); the order depends only on
-    ``(seed, epoch)``. Under torchrun each rank takes every ``world_size``-th batch.
+    batches of an imbalanced set often lack one.
     """
 
     def __init__(
         self, labels: np.ndarray, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
     ) -> None:
-        self.classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-        if len(self.classes) < 2:
-            raise DataError("training split", "needs images of both classes for triplet mining")
-        self.per_class = batch_size // len(self.classes)
-        if self.per_class < 2:
+        n_classes = len(np.unique(labels))
+        if n_classes >= 2 and batch_size // n_classes < 2:
             raise DataError(
                 "trainer.batch_size",
-                f"must be at least {2 * len(self.classes)} for triplet mining (2 per class)",
+                f"must be at least {2 * n_classes} for triplet mining (2 per class)",
             )
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        total = math.ceil(len(labels) / (self.per_class * len(self.classes)))
-        self.per_rank = math.ceil(total / world_size)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        need = self.per_rank * self.world_size * self.per_class
-        streams = []
-        for members in self.classes:
-            rounds = math.ceil(need / len(members))
-            order = torch.cat([torch.randperm(len(members), generator=gen) for _ in range(rounds)])[
-                :need
-            ]
-            streams.append(members[order.numpy()].reshape(-1, self.per_class))
-        batches = np.concatenate(streams, axis=1)
-        for b in range(self.rank, len(batches), self.world_size):
-            yield batches[b].tolist()
+        super().__init__(
+            labels, n_samples=batch_size // max(n_classes, 1), seed=seed, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
 
 
 def loader_workers(cfg: BinEnsembleConfig, device: torch.device) -> int:
