@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from binensemble.config import BinEnsembleConfig, DataConfig
 from binensemble.synthetic import generate_demo
-from medcore.demo import ensure_demo_data
 from medcore import metric_learning
+from medcore.demo import ensure_demo_data
 from medcore.device import device_defaults
 from medcore.errors import DataError
 from medcore.io import load_image, read_csv
