@@ -192,7 +192,8 @@ def test_bad_inputs_are_one_line_errors(tiny_data: Path, tmp_path: Path, capsys,
     fake = tmp_path / "other.pt"
     save_checkpoint({"model": {"w": torch.zeros(1)}}, fake, kind="ctclip.CTCLIP")
     code, _, err = call_main(predict, [str(fake), "--data-dir", str(tiny_data)], capsys)
-    assert code == 2 and "not a binensemble model" in _error_line(err)
+    line = _error_line(err)
+    assert code == 2 and "ctclip.CTCLIP" in line and "binensemble.MetricModel" in line
 
 
 @pytest.mark.gpu

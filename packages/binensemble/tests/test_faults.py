@@ -729,7 +729,9 @@ def _nan_on(calls: Callable[[int], bool], monkeypatch: pytest.MonkeyPatch) -> No
         def poisoned(model, batch):
             count[0] += 1
             if calls(count[0]):
-                batch = {**batch, "image": torch.full_like(batch["image"], torch.nan)}
+                # float NaN pixels in place of the store's uint8 ones (step_fn augments either)
+                nan = torch.full_like(batch["image"], torch.nan, dtype=torch.float32)
+                batch = {**batch, "image": nan}
             return step(model, batch)
 
         return poisoned
