@@ -134,8 +134,11 @@ def test_one_training_step_at_the_real_width(name: str) -> None:
                 module.reset_running_stats()
     model.backbone.set_normalisation(model.backbone.normalisation())  # buffers after to_empty
     model.train()
-    batch = {"image": torch.randn(4, 3, 32, 32, generator=gen), "label": torch.tensor([0, 0, 1, 1])}
-    loss, _ = _step_fn(cfg)(model, batch)
+    # step_fn crops 32 px from the store's uint8 working-size images, as in training.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=32))
+    size = round(32 * cfg.data.resize_scale)
+    pixels = torch.randint(0, 256, (4, 3, size, size), generator=gen, dtype=torch.uint8)
+    loss, _ = _step_fn(cfg)(model, {"image": pixels, "label": torch.tensor([0, 0, 1, 1])})
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -13,7 +13,7 @@ from binensemble.data import (
     ImageDataset,
     scan_labelled,
     scan_unlabelled,
-    train_transform,
+    train_augmentation,
 )
 from medcore.errors import DataError
 from medcore.testing import write_png
@@ -47,10 +47,15 @@ def test_unreadable_image_is_a_named_skip(tiny_data: Path, tmp_path: Path, capsy
 
 def test_training_transform_output(tiny_data: Path) -> None:
     cfg = DataConfig(img_size=32)
-    item = ImageDataset(scan_labelled(tiny_data, cfg), train_transform(cfg))[0]
-    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    item = ImageDataset(scan_labelled(tiny_data, cfg))[0]
+    # The store's working size (img_size * resize_scale) in uint8; crops are cut on the device.
+    assert item["image"].shape == (3, 35, 35) and item["image"].dtype == torch.uint8
+    batch = torch.stack([item["image"], item["image"]]).float() / 255
+    image = train_augmentation(cfg)(batch)
+    assert image.shape == (2, 3, 32, 32) and image.dtype == torch.float32
     # [0, 1] pixels: each branch of the model normalises them with its own statistics.
-    assert item["label"] == 0 and 0 <= item["image"].min() < item["image"].max() <= 1
+    assert item["label"] == 0 and 0 <= image.min() < image.max() <= 1
+    assert not torch.equal(image[0], image[1])  # each image of the batch its own draw
 
 
 def test_balanced_sampler_batches() -> None:

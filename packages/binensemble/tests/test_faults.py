@@ -176,7 +176,8 @@ def _command(command: str, ckpt: Path, data: Path, run: Path) -> list[str]:
     if command == "resume latest":
         _run_config(run, data)
         return ["train", "--resume", "latest", "--output-dir", str(run)]
-    if command == "resume PATH":
+    if command == "resume PATH":  # a checkpoint inside the run: the run continues from it
+        _run_config(run, data)
         return ["train", "--resume", str(ckpt), *_train_argv(data, run)]
     return ["train", *_train_argv(data, run), "--pretrained-weights", str(ckpt)]
 
@@ -198,7 +199,7 @@ def test_unsafe_or_foreign_checkpoint_is_refused(
     marker = tmp_path / "code_ran"
     run = tmp_path / "run"
     ckpt = (
-        run / "checkpoints" / "latest.pt" if command == "resume latest" else tmp_path / "model.pt"
+        run / "checkpoints" / "latest.pt" if command.startswith("resume") else tmp_path / "model.pt"
     )
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if content == "pickle":
@@ -222,7 +223,7 @@ def test_unsafe_or_foreign_checkpoint_is_refused(
 @pytest.mark.parametrize(
     ("row", "expected"),
     [
-        ("not_a_run", "no binensemble run to continue in"),
+        ("not_a_run", "no config.yaml in"),
         ("other_model", "holds a --model metric run"),
         ("broken_config_yaml", "config.yaml"),
     ],
@@ -728,7 +729,9 @@ def _nan_on(calls: Callable[[int], bool], monkeypatch: pytest.MonkeyPatch) -> No
         def poisoned(model, batch):
             count[0] += 1
             if calls(count[0]):
-                batch = {**batch, "image": torch.full_like(batch["image"], torch.nan)}
+                # float NaN pixels in place of the store's uint8 ones (step_fn augments either)
+                nan = torch.full_like(batch["image"], torch.nan, dtype=torch.float32)
+                batch = {**batch, "image": nan}
             return step(model, batch)
 
         return poisoned

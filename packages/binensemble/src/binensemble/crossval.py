@@ -17,24 +17,23 @@ folds skipped on ``--resume latest``), ``cv/selection.json``, ``cv/oof/<model>_p
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from binensemble.config import BinEnsembleConfig
 from binensemble.data import ImageSet
 from binensemble.ensemble import analyse, check_rule, decide, rule_message, write_predictions
 from binensemble.evaluate import load_heldout
-from binensemble.predict import BUNDLE_NAME
 from binensemble.train import Splits, train_one
 from medcore.distributed import barrier, broadcast_object, get_rank
 from medcore.errors import DataError
 from medcore.io import atomic_write_json
+from medcore.run import RunContext
 from medcore.splits import stratified_group_kfold
+from medcore.stages import Stage, run_stage
 from medcore.trainer import seed_everything
 
 
@@ -96,40 +95,36 @@ def choose(targets: np.ndarray, folds: list[Splits], heldout_dirs: list[Path]) -
 
 
 def cross_validate(
-    cfg: BinEnsembleConfig,
-    labelled: ImageSet,
-    run_dir: Path,
-    device: torch.device,
-    names: list[str],
-    resume: bool,
+    ctx: RunContext, labelled: ImageSet, names: list[str]
 ) -> tuple[dict[str, tuple[int, int | None]], list[str]]:
-    """Train every fold of every model, choose per model; returns ``{name: (epochs, k)}`` (on
-    every rank) and the report lines (rank 0).
+    """Train every fold of every model (stage ``cv/fold<i>/<model>`` each), choose per model;
+    returns ``{name: (epochs, k)}`` (on every rank) and the report lines (rank 0).
     """
+    cfg: BinEnsembleConfig = ctx.cfg
     folds = make_folds(labelled, cfg)
-    cv_dir = run_dir / "cv"
+    cv_dir = ctx.run_dir / "cv"
     for i, fold in enumerate(folds):
         for name in names:
-            model_dir = cv_dir / f"fold{i}" / name
-            if resume and (model_dir / BUNDLE_NAME).is_file():
-                print(f"cv fold {i} {name}: finished earlier; not retrained", file=sys.stderr)
-                continue
-            latest = model_dir / "checkpoints" / "latest.pt"
             model_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=name))
             # The folds' own evaluation cadence is what selection reads: once per epoch.
             model_cfg = dataclasses.replace(
                 model_cfg, trainer=dataclasses.replace(cfg.trainer, eval_every_steps=0)
             )
-            seed_everything(cfg.seed + get_rank())
-            train_one(
-                model_cfg,
-                labelled,
-                model_dir,
-                device,
-                latest if resume and latest.is_file() else None,
-                splits=fold,
-                keep_heldout=True,
-            )
+
+            def train(stage: Stage, model_cfg=model_cfg, fold=fold) -> dict[str, str]:
+                seed_everything(cfg.seed + get_rank())
+                bundle = train_one(
+                    model_cfg,
+                    labelled,
+                    stage.dir,
+                    ctx.device,
+                    stage.resume,
+                    splits=fold,
+                    keep_heldout=True,
+                )
+                return {"bundle": str(bundle)}
+
+            run_stage(ctx, f"cv/fold{i}/{name}", train)
     lines: list[str] = []
     chosen: dict[str, tuple[int, int | None]] = {}
     if get_rank() == 0:

@@ -8,24 +8,24 @@ folder (``disease/img_0007``) so that equal names in both folders stay distinct.
 from __future__ import annotations
 
 import functools
-import math
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import kornia.augmentation as K
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
-from binensemble.config import BinEnsembleConfig, DataConfig
+from binensemble.config import DataConfig
 from binensemble.synthetic import generate_demo
+from medcore import metric_learning
 from medcore.demo import ensure_demo_data
-from medcore.device import device_defaults
 from medcore.errors import DataError
+from medcore.imagestore import ImageStore, StoreSpec, cached_store
 from medcore.io import load_image, read_csv
 
 DEMO_VERSION = "v2"
@@ -33,11 +33,14 @@ DEMO_VERSION = "v2"
 
 @dataclass
 class ImageSet:
-    """Image files with their ids and, for a labelled set, their labels."""
+    """Image files with their ids, for a labelled set their labels, and the decoded store that
+    holds them (image ``i`` is ``store[rows[i]]``; one store for every model, fold and split)."""
 
     paths: list[Path]
     ids: list[str]
     labels: np.ndarray | None = None
+    store: ImageStore | None = None
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -45,7 +48,35 @@ class ImageSet:
     def subset(self, index: Sequence[int] | np.ndarray) -> ImageSet:
         index = [int(i) for i in index]
         labels = None if self.labels is None else self.labels[index]
-        return ImageSet([self.paths[i] for i in index], [self.ids[i] for i in index], labels)
+        rows = None if self.rows is None else self.rows[index]
+        paths, ids = [self.paths[i] for i in index], [self.ids[i] for i in index]
+        return ImageSet(paths, ids, labels, self.store, rows)
+
+    def image(self, i: int) -> np.ndarray:
+        """Image ``i`` as ``[h, w, 3]`` uint8 at the store's size."""
+        if self.store is None or self.rows is None:
+            raise DataError(self.paths[i], "images are read from the decoded store (see decode)")
+        return self.store[int(self.rows[i])]
+
+
+def store_spec(cfg: DataConfig) -> StoreSpec:
+    """The working size: ``img_size * resize_scale`` square, what the crops are cut from."""
+    resize = round(cfg.img_size * cfg.resize_scale)
+    return StoreSpec((resize, resize), "RGB", "stretch")
+
+
+def _decoded(paths: list[Path], cfg: DataConfig) -> tuple[ImageStore, np.ndarray]:
+    """The store of ``paths`` (decoded once, cached) and which paths decoded; every other one
+    is named on stderr with its reason."""
+    store = cached_store(paths, store_spec(cfg), progress=False)
+    for path in np.asarray(paths, dtype=object)[~store.valid]:
+        try:  # only the broken ones are read again, for the reason the store does not keep
+            load_image(path)
+            why = "could not be decoded when the image store was built"
+        except DataError as exc:
+            why = exc.why
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    return store, store.valid
 
 
 def data_root(cfg: DataConfig) -> Path:
@@ -75,21 +106,6 @@ def _image_files(folder: Path, extensions: Sequence[str]) -> list[Path]:
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 
-def _readable(paths: list[Path], desc: str) -> tuple[list[Path], int]:
-    """The paths that decode; every other one is named on stderr and left out."""
-    good: list[Path] = []
-    skipped = 0
-    for path in tqdm(paths, desc=desc, leave=False, dynamic_ncols=True):
-        try:
-            load_image(path)
-        except DataError as exc:
-            tqdm.write(f"skipped {exc.what}: {exc.why}", file=sys.stderr)  # not on the bar's line
-            skipped += 1
-            continue
-        good.append(path)
-    return good, skipped
-
-
 def scan_labelled(root: Path, cfg: DataConfig) -> ImageSet:
     """All readable images of ``root/TrainSet/<class>/`` with labels; bad files are skipped."""
     train = root / cfg.train_dir
@@ -101,7 +117,6 @@ def scan_labelled(root: Path, cfg: DataConfig) -> ImageSet:
     paths: list[Path] = []
     labels: list[int] = []
     ids: list[str] = []
-    skipped = 0
     for label, cls in enumerate(cfg.classes):
         folder = train / cls
         if not folder.is_dir():
@@ -112,17 +127,21 @@ def scan_labelled(root: Path, cfg: DataConfig) -> ImageSet:
         files = _image_files(folder, cfg.extensions)
         if not files:
             raise DataError(folder, f"class folder has no images ({', '.join(cfg.extensions)})")
-        files, bad = _readable(files, f"checking {cls}")
-        skipped += bad
-        if not files:
-            raise DataError(folder, "no readable image in this class folder")
         paths += files
         labels += [label] * len(files)
         ids += [f"{cls}/{p.stem}" for p in files]
-    _check_unique(ids, train)
-    if skipped:
-        print(f"{cfg.train_dir}: skipped {skipped} unreadable image(s)", file=sys.stderr)
-    return ImageSet(paths, ids, np.asarray(labels, dtype=np.int64))
+    store, valid = _decoded(paths, cfg)
+    y = np.asarray(labels, dtype=np.int64)
+    for label, cls in enumerate(cfg.classes):
+        if not valid[y == label].any():
+            raise DataError(train / cls, "no readable image in this class folder")
+    if not valid.all():
+        print(
+            f"{cfg.train_dir}: skipped {int((~valid).sum())} unreadable image(s)", file=sys.stderr
+        )
+    keep = np.flatnonzero(valid)
+    _check_unique([ids[i] for i in keep], train)
+    return ImageSet(paths, ids, y, store, np.arange(len(paths))).subset(keep)
 
 
 def scan_unlabelled(root: Path, cfg: DataConfig) -> ImageSet:
@@ -133,14 +152,15 @@ def scan_unlabelled(root: Path, cfg: DataConfig) -> ImageSet:
     files = _image_files(folder, cfg.extensions)
     if not files:
         raise DataError(folder, f"no images ({', '.join(cfg.extensions)})")
-    files, skipped = _readable(files, "checking test images")
-    if skipped:
-        print(f"{cfg.test_dir}: skipped {skipped} unreadable image(s)", file=sys.stderr)
-    if not files:
+    store, valid = _decoded(files, cfg)
+    if not valid.all():
+        print(f"{cfg.test_dir}: skipped {int((~valid).sum())} unreadable image(s)", file=sys.stderr)
+    if not valid.any():
         raise DataError(folder, "no readable image")
-    ids = [p.stem for p in files]
+    keep = np.flatnonzero(valid)
+    ids = [files[i].stem for i in keep]
     _check_unique(ids, folder)
-    return ImageSet(files, ids)
+    return ImageSet(files, [p.stem for p in files], None, store, np.arange(len(files))).subset(keep)
 
 
 def _check_unique(ids: list[str], where: Path) -> None:
@@ -164,40 +184,34 @@ def read_labels(path: Path, num_classes: int = 2) -> dict[str, int]:
     return dict(zip(frame["image_id"].astype(str), labels.astype(int), strict=True))
 
 
-def train_transform(cfg: DataConfig) -> v2.Compose:
-    """Resize, random crop, flips, rotation, colour jitter; [0, 1] pixels (each of the model's
-    branches normalises them its own way)."""
-    resize = round(cfg.img_size * cfg.resize_scale)
+def train_augmentation(cfg: DataConfig) -> torch.nn.Module:
+    """The training augmentation, batched on the device (kornia, each image its own draw):
+    random crop of ``img_size`` from the working size, flips, rotation, colour jitter, on
+    ``[b, 3, h, w]`` float pixels in [0, 1] (each of the model's branches normalises them its
+    own way). The parameters are the per-sample torchvision pipeline's; rotation keeps its
+    nearest-neighbour sampling and zero fill. Random draws use the global torch RNG, which the
+    Trainer seeds and checkpoints (a resumed run draws the same augmentations)."""
     brightness, contrast, saturation, hue = cfg.color_jitter
-    return v2.Compose(
-        [
-            v2.Resize((resize, resize), antialias=True),
-            v2.RandomCrop(cfg.img_size),
-            v2.RandomHorizontalFlip(cfg.hflip),
-            v2.RandomVerticalFlip(cfg.vflip),
-            v2.RandomRotation(cfg.rotation),
-            v2.ColorJitter(brightness, contrast, saturation, hue),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
+    return torch.nn.Sequential(
+        K.RandomCrop((cfg.img_size, cfg.img_size)),
+        K.RandomHorizontalFlip(p=cfg.hflip),
+        K.RandomVerticalFlip(p=cfg.vflip),
+        K.RandomRotation(cfg.rotation, resample="nearest", p=1.0),
+        K.ColorJitter(brightness, contrast, saturation, hue, p=1.0),
     )
 
 
 def eval_transform(cfg: DataConfig) -> v2.Compose:
-    """Resize and centre crop at the training scale; [0, 1] pixels."""
-    resize = round(cfg.img_size * cfg.resize_scale)
-    return v2.Compose(
-        [
-            v2.Resize((resize, resize), antialias=True),
-            v2.CenterCrop(cfg.img_size),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
+    """Centre crop of the working size (the training scale); [0, 1] pixels."""
+    return v2.Compose([v2.CenterCrop(cfg.img_size), v2.ToDtype(torch.float32, scale=True)])
 
 
 class ImageDataset(Dataset):
-    """``{"image": [3, h, w] float, "label": int (-1 if unlabelled), "index": int}`` per item."""
+    """``{"image": [3, h, w], "label": int (-1 if unlabelled), "index": int}`` per item, read
+    from the decoded store: uint8 at the working size without ``transform`` (training: the
+    augmentation runs batched on the device), else ``transform``'s output."""
 
-    def __init__(self, images: ImageSet, transform: v2.Compose) -> None:
+    def __init__(self, images: ImageSet, transform: v2.Compose | None = None) -> None:
         self.images = images
         self.transform = transform
 
@@ -205,61 +219,31 @@ class ImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        array = load_image(self.images.paths[i])
-        image = torch.from_numpy(array).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(self.images.image(i))).permute(2, 0, 1)
         label = -1 if self.images.labels is None else int(self.images.labels[i])
-        return {"image": self.transform(image), "label": label, "index": i}
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "label": label, "index": i}
 
 
-class BalancedBatchSampler(Sampler[list[int]]):
-    """Batches holding ``batch_size // num_classes`` samples of every class.
+class BalancedBatchSampler(metric_learning.BalancedBatchSampler):
+    """Batches holding ``batch_size // num_classes`` samples of every class (medcore's sampler:
+    per-class reshuffled streams, one global sequence per ``(seed, epoch)`` strided by rank).
 
     Batch-hard triplet mining needs a positive and a negative for every anchor; plain random
-    batches of an imbalanced set often lack one. Each class is drawn from its own reshuffled
-    stream (the minority class is repeated within an epoch); the order depends only on
-    ``(seed, epoch)``. Under torchrun each rank takes every ``world_size``-th batch.
+    batches of an imbalanced set often lack one.
     """
 
     def __init__(
         self, labels: np.ndarray, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
     ) -> None:
-        self.classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-        if len(self.classes) < 2:
-            raise DataError("training split", "needs images of both classes for triplet mining")
-        self.per_class = batch_size // len(self.classes)
-        if self.per_class < 2:
+        n_classes = len(np.unique(labels))
+        if n_classes >= 2 and batch_size // n_classes < 2:
             raise DataError(
                 "trainer.batch_size",
-                f"must be at least {2 * len(self.classes)} for triplet mining (2 per class)",
+                f"must be at least {2 * n_classes} for triplet mining (2 per class)",
             )
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        total = math.ceil(len(labels) / (self.per_class * len(self.classes)))
-        self.per_rank = math.ceil(total / world_size)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        need = self.per_rank * self.world_size * self.per_class
-        streams = []
-        for members in self.classes:
-            rounds = math.ceil(need / len(members))
-            order = torch.cat([torch.randperm(len(members), generator=gen) for _ in range(rounds)])[
-                :need
-            ]
-            streams.append(members[order.numpy()].reshape(-1, self.per_class))
-        batches = np.concatenate(streams, axis=1)
-        for b in range(self.rank, len(batches), self.world_size):
-            yield batches[b].tolist()
-
-
-def loader_workers(cfg: BinEnsembleConfig, device: torch.device) -> int:
-    """DataLoader workers: the config's, else medcore's default for the device."""
-    if cfg.trainer.num_workers is None:
-        return device_defaults(device).num_workers
-    return cfg.trainer.num_workers
+        super().__init__(
+            labels, n_samples=batch_size // max(n_classes, 1), seed=seed, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip

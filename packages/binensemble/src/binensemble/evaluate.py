@@ -12,52 +12,50 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from binensemble.config import KnnConfig
-from binensemble.data import ImageDataset, ImageSet
+from binensemble.config import DataConfig, KnnConfig
+from binensemble.data import ImageDataset, ImageSet, eval_transform
 from binensemble.ensemble import decide
 from binensemble.model import MetricModel
 from binensemble.tta import tta_embed, tta_probs
-from medcore.device import AmpPolicy, autocast
+from medcore.device import AmpPolicy
+from medcore.inference import predict
 from medcore.io import atomic_path
 from medcore.metrics import binary_metrics, knn_auto_k, knn_predict_proba, roc_auc
-from medcore.trainer import EvalContext, move_to_device
+from medcore.trainer import EvalContext
 
 
-def images_loader(
-    images: ImageSet, transform: Callable, batch_size: int, num_workers: int
-) -> DataLoader:
-    """Images in their set order (no shuffling), transformed for evaluation."""
-    return DataLoader(
-        ImageDataset(images, transform),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-    )
-
-
-@torch.no_grad()
 def extract(
     model: nn.Module,
-    loader: DataLoader,
+    images: ImageSet,
+    data_cfg: DataConfig,
     device: torch.device,
-    amp: AmpPolicy,
+    precision: AmpPolicy | None,
+    num_workers: int | None,
     views: Sequence[str] = ("identity",),
     desc: str | None = None,
+    shard: bool = True,
 ) -> torch.Tensor:
-    """Per image, in loader order: TTA embeddings ``[n, e]`` (metric) or probabilities ``[n, c]``."""
-    was_training = model.training
-    model.eval()
+    """Per image, in set order: TTA embeddings ``[n, e]`` (metric) or probabilities ``[n, c]``.
+
+    medcore's inference loop over the decoded store (centre crops); ``shard``: under DDP each
+    rank predicts its part and every rank gets all (every rank must call it), else this
+    process alone predicts everything.
+    """
     fn = tta_embed if isinstance(model, MetricModel) else tta_probs
-    out = []
-    for batch in tqdm(loader, desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
-        images = move_to_device(batch["image"], device)
-        with autocast(device, amp):
-            out.append(fn(model, images, views).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    out = predict(
+        model,
+        ImageDataset(images, eval_transform(data_cfg)),
+        lambda m, batch: fn(m, batch["image"], views),
+        device=device,
+        precision=precision,
+        batch_size=data_cfg.eval_batch_size,
+        num_workers=num_workers,
+        shard=shard,
+        desc=desc,
+    )
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 @dataclass
@@ -127,21 +125,22 @@ def load_heldout(folder: Path) -> dict[int, dict[str, np.ndarray]]:
 
 
 def metric_evaluator(
-    train_loader: DataLoader,
-    train_y: np.ndarray,
-    val_loader: DataLoader,
-    val_y: np.ndarray,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    data_cfg: DataConfig,
     cfg: KnnConfig,
+    num_workers: int | None,
     heldout_dir: Path | None = None,
 ) -> Callable[[nn.Module, EvalContext], dict[str, float]]:
-    """Per-epoch validation of the metric model: embed train and val, KNN with auto-k.
-
-    With ``heldout_dir`` the validation probabilities of every k are kept per epoch.
+    """Per-epoch validation of the metric model: embed train and val (sharded under DDP), KNN
+    with auto-k. With ``heldout_dir`` the validation probabilities of every k are kept per epoch.
     """
+    assert train_set.labels is not None and val_set.labels is not None
+    train_y, val_y = train_set.labels, val_set.labels
 
     def evaluate(model: nn.Module, ctx: EvalContext) -> dict[str, float]:
-        train_emb = extract(model, train_loader, ctx.device, ctx.amp)
-        val_emb = extract(model, val_loader, ctx.device, ctx.amp)
+        train_emb = extract(model, train_set, data_cfg, ctx.device, ctx.amp, num_workers)
+        val_emb = extract(model, val_set, data_cfg, ctx.device, ctx.amp, num_workers)
         result = knn_select(train_emb, train_y, val_emb, val_y, cfg)
         if heldout_dir is not None and ctx.is_main:  # every rank evaluates, one writes
             probs = {
@@ -163,15 +162,19 @@ def metric_evaluator(
 
 
 def baseline_evaluator(
-    val_loader: DataLoader, val_y: np.ndarray, heldout_dir: Path | None = None
+    val_set: ImageSet,
+    data_cfg: DataConfig,
+    num_workers: int | None,
+    heldout_dir: Path | None = None,
 ) -> Callable[[nn.Module, EvalContext], dict[str, float]]:
-    """Per-epoch validation of the baseline: softmax probabilities and cross-entropy.
-
-    With ``heldout_dir`` the validation probabilities are kept per epoch.
+    """Per-epoch validation of the baseline (sharded under DDP): softmax probabilities and
+    cross-entropy. With ``heldout_dir`` the validation probabilities are kept per epoch.
     """
+    assert val_set.labels is not None
+    val_y = val_set.labels
 
     def evaluate(model: nn.Module, ctx: EvalContext) -> dict[str, float]:
-        probs = extract(model, val_loader, ctx.device, ctx.amp)
+        probs = extract(model, val_set, data_cfg, ctx.device, ctx.amp, num_workers)
         if heldout_dir is not None and ctx.is_main:
             save_heldout(heldout_dir, ctx.epoch, {"probs": probs.numpy()})
         nll = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), torch.as_tensor(val_y))

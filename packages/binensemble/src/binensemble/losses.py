@@ -3,8 +3,7 @@
 For every anchor in the batch the hardest positive (farthest sample of its class) and the
 hardest negative (closest sample of another class) are taken from the pairwise distance
 matrix; ``loss = mean(relu(d(a, p) - d(a, n) + margin))`` over anchors that have both.
-Written here because neither torch (``TripletMarginLoss`` takes pre-formed triplets) nor the
-project's libraries mine triplets inside a batch.
+The mining itself is medcore's (:mod:`medcore.metric_learning`).
 """
 
 from __future__ import annotations
@@ -13,35 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from medcore.distributed import gather_with_grad, get_world_size
-
-
-def pairwise_distances(emb: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances ``[b, b]``; the clamp keeps the gradient finite at zero distance."""
-    sq = emb.pow(2).sum(1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * emb @ emb.T
-    return d2.clamp_min(1e-12).sqrt()
-
-
-def batch_hard_mine(
-    emb: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hardest-positive and hardest-negative distances per anchor and the mask of valid anchors."""
-    dist = pairwise_distances(emb)
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
-    positive = same & ~eye
-    negative = ~same
-    hardest_pos = dist.masked_fill(~positive, float("-inf")).amax(1)
-    hardest_neg = dist.masked_fill(~negative, float("inf")).amin(1)
-    valid = positive.any(1) & negative.any(1)
-    return hardest_pos, hardest_neg, valid
+from medcore.metric_learning import batch_hard, pairwise_distances, triplet_masks
 
 
 def batch_hard_triplet_loss(
     emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.5
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss and statistics (fraction of active triplets, mean positive / negative distance)."""
-    d_ap, d_an, valid = batch_hard_mine(emb, labels)
+    positive, negative = triplet_masks(labels)
+    d_ap, d_an, valid = batch_hard(pairwise_distances(emb), positive, negative)
     if not valid.any():
         # No anchor has both a positive and a negative: a zero that still carries the graph.
         return emb.sum() * 0.0, {"active": 0.0, "d_pos": 0.0, "d_neg": 0.0}

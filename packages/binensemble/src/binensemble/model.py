@@ -205,30 +205,26 @@ class DualBackbone(nn.Module):
 
     def freeze(self, convnext_stages: int, vit_blocks: int) -> None:
         """Leave only the last stages / blocks and the final norms trainable (-1: everything)."""
-        if convnext_stages >= 0:
-            stages = getattr(self.convnext, "stages", None)
-            if stages is None:
-                raise ConfigError(
-                    "model.train_convnext_stages", "this CNN has no .stages to freeze by"
-                )
-            _set_trainable(self.convnext, False)
-            for stage in list(stages)[len(stages) - convnext_stages :] if convnext_stages else []:
-                _set_trainable(stage, True)
-            for name in ("norm_pre", "head"):  # the final norms (head.norm); no classifier here
-                if hasattr(self.convnext, name):
-                    _set_trainable(getattr(self.convnext, name), True)
-        if vit_blocks >= 0:
-            blocks = getattr(self.vit, "blocks", None)
-            if blocks is None:
-                raise ConfigError(
-                    "model.train_vit_blocks", "this transformer has no .blocks to freeze by"
-                )
-            _set_trainable(self.vit, False)
-            for block in list(blocks)[len(blocks) - vit_blocks :] if vit_blocks else []:
-                _set_trainable(block, True)
-            for name in ("norm", "fc_norm"):
-                if hasattr(self.vit, name):
-                    _set_trainable(getattr(self.vit, name), True)
+        # ConvNeXt's final norms: norm_pre and head (head.norm); there is no classifier here.
+        _train_last(self.convnext, "stages", convnext_stages, ("norm_pre", "head"), "convnext")
+        _train_last(self.vit, "blocks", vit_blocks, ("norm", "fc_norm"), "vit")
+
+
+def _train_last(net: nn.Module, parts: str, n: int, norms: tuple[str, ...], key: str) -> None:
+    """Freeze ``net`` but its last ``n`` of ``net.<parts>`` and its ``norms`` (-1: leave all)."""
+    if n < 0:
+        return
+    seq = getattr(net, parts, None)
+    if seq is None:
+        what = "CNN" if key == "convnext" else "transformer"
+        field = f"model.train_{key}_{'stages' if key == 'convnext' else 'blocks'}"
+        raise ConfigError(field, f"this {what} has no .{parts} to freeze by")
+    _set_trainable(net, False)
+    for part in list(seq)[len(seq) - n :] if n else []:
+        _set_trainable(part, True)
+    for name in norms:
+        if hasattr(net, name):
+            _set_trainable(getattr(net, name), True)
 
 
 def _set_trainable(module: nn.Module, flag: bool) -> None:

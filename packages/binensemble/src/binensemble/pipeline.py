@@ -20,7 +20,6 @@ Run directory (``--model both``; with one model the model directory is the run d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -33,18 +32,9 @@ from binensemble.model import MODEL_CLASSES, build_model, check_pretrained, weig
 from binensemble.predict import BUNDLE_NAME
 from binensemble.report import predict_vote_report
 from binensemble.train import train_one
-from medcore.cli import SMOKE_OVERRIDES as COMMON_SMOKE
-from medcore.cli import (
-    RunContext,
-    common_overrides,
-    continue_run,
-    find_run,
-    resolve_config_arg,
-    setup_run,
-)
-from medcore.config import load_config, packaged_config_path
 from medcore.errors import DataError, UserError
-from medcore.io import RunLock
+from medcore.run import RunContext, setup_run
+from medcore.stages import STAGE_FILE, Stage, run_stage
 from medcore.summary import build_on_meta, count_parameters, dry_run
 from medcore.trainer import seed_everything
 
@@ -53,30 +43,39 @@ SMOKE_OVERRIDES = ["data.demo=small", "trainer.batch_size=8"]
 
 
 def run_train(args: argparse.Namespace) -> int:
-    resume_mode, resume_path = _resume_plan(args)
-    args.resume = None  # resolved above; setup_run must not look for a run layout of its own
-    if not args.dry_run:
-        cfg = _resolve_config(args)
+    chosen: dict[str, str] = {}
+
+    def check(cfg: BinEnsembleConfig) -> None:
+        chosen["model"] = _model_choice(args, cfg)
+        if args.dry_run:
+            return
         check_pretrained(cfg.model)
         if args.from_scratch and any(weight_sources(cfg.model).values()):
             raise UserError("--from-scratch", "contradicts the pretrained weights also given")
-    ctx = setup_run(args, BinEnsembleConfig, PACKAGE, "default", smoke_overrides=SMOKE_OVERRIDES)
+
+    ctx = setup_run(
+        args, BinEnsembleConfig, PACKAGE, "default", SMOKE_OVERRIDES, staged=True, check=check
+    )
     try:
         if args.dry_run:
-            return _dry_run(ctx, args.model)
-        return _train_models(ctx, args.model, resume_mode, resume_path)
+            return _dry_run(ctx, chosen["model"])
+        return _train_models(ctx, chosen["model"])
     finally:
         ctx.release()
 
 
-def _resolve_config(args: argparse.Namespace) -> BinEnsembleConfig:
-    """The config exactly as ``setup_run`` will resolve it, to check it before any file exists."""
-    resolve_config_arg(args, PACKAGE)
-    source = args.config if args.config is not None else packaged_config_path(PACKAGE, "default")
-    overrides = list(args.overrides or [])
-    if args.smoke:
-        overrides = [*COMMON_SMOKE, *SMOKE_OVERRIDES, *overrides]
-    return load_config(BinEnsembleConfig, source, overrides=[*overrides, *common_overrides(args)])
+def _model_choice(args: argparse.Namespace, cfg: BinEnsembleConfig) -> str:
+    """``--model``; a resumed run keeps its own choice (one model lives in the run itself)."""
+    if not args.resume:
+        return args.model or "both"
+    run_dir = Path(cfg.output_dir)
+    single = ("splits.json", "checkpoints", BUNDLE_NAME, STAGE_FILE)
+    trained = cfg.model.kind if any((run_dir / n).exists() for n in single) else "both"
+    if args.model not in (None, trained):
+        raise UserError(
+            "--model", f"{run_dir} holds a --model {trained} run; resume it with that choice"
+        )
+    return trained
 
 
 def _dry_run(ctx: RunContext, model: str) -> int:
@@ -106,61 +105,6 @@ def _dry_run(ctx: RunContext, model: str) -> int:
     return 0
 
 
-def _newest_run(output_dir: Path | None) -> Path:
-    """``--resume latest``: the given output directory, or the newest run that has a latest.pt."""
-    if output_dir is not None:
-        if not (Path(output_dir) / "config.yaml").is_file():
-            raise UserError(
-                "--resume latest", f"no {PACKAGE} run to continue in {output_dir} (no config.yaml)"
-            )
-        return Path(output_dir)
-    # One model's run keeps checkpoints/ itself, a --model both run one folder per model.
-    patterns = ("checkpoints/latest.pt", "*/checkpoints/latest.pt", "cv/*/*/checkpoints/latest.pt")
-    return find_run(PACKAGE, None, patterns)[0]
-
-
-def _trained_models(run_dir: Path) -> str:
-    """Which ``--model`` a run directory was made by: a single model lives in the run itself."""
-    if not any((run_dir / n).exists() for n in ("splits.json", "checkpoints", BUNDLE_NAME)):
-        return "both"
-    saved = load_config(BinEnsembleConfig, run_dir / "config.yaml")
-    return saved.model.kind
-
-
-def _resume_plan(args: argparse.Namespace) -> tuple[str | None, Path | None]:
-    """(mode, checkpoint): ``latest`` resumes every unfinished model of the run; a path, one model.
-
-    The run's own ``config.yaml`` is the base config of the resumed run (unless ``--config`` is
-    given; ``--set`` still applies on top), so the flags of the first run need not be repeated.
-    """
-    if not args.resume:
-        args.model = args.model or "both"
-        return None, None
-    if args.resume == "latest":
-        run_dir = _newest_run(args.output_dir)
-        continue_run(args, run_dir)
-        trained = _trained_models(run_dir)
-        if args.model not in (None, trained):
-            raise UserError(
-                "--model", f"{run_dir} holds a --model {trained} run; resume it with that choice"
-            )
-        args.model = trained
-        return "latest", None
-    path = Path(args.resume)
-    if not path.is_file():
-        raise UserError(path, "checkpoint not found")
-    if args.model in (None, "both"):
-        raise UserError(
-            "--resume PATH",
-            "resumes one model: add --model metric|baseline (or use --resume latest)",
-        )
-    if args.output_dir is not None:
-        continue_run(args, Path(args.output_dir))
-    elif path.parent.name == "checkpoints":
-        continue_run(args, path.parent.parent)
-    return "path", path
-
-
 def _test_images(root: Path, cfg: BinEnsembleConfig) -> tuple[ImageSet | None, np.ndarray | None]:
     """``TestSet/`` and its optional labels, checked before any training.
 
@@ -186,54 +130,47 @@ def _test_images(root: Path, cfg: BinEnsembleConfig) -> tuple[ImageSet | None, n
     return test_set, np.asarray([test_labels[i] for i in test_set.ids])
 
 
-def _train_models(
-    ctx: RunContext, model: str, resume_mode: str | None, resume_path: Path | None
-) -> int:
+def _train_models(ctx: RunContext, model: str) -> int:
+    """Each model (and each cross-validation fold) is a stage of the run: a resumed run skips
+    the finished ones and continues the unfinished one from its ``checkpoints/latest.pt``."""
     cfg: BinEnsembleConfig = ctx.cfg
     names = list(MODEL_CLASSES) if model == "both" else [model]
     root = data_root(cfg.data)
     labelled = scan_labelled(root, cfg.data)
     test_set, test_y = _test_images(root, cfg) if ctx.dist.is_main else (None, None)
-    with RunLock(ctx.run_dir) if ctx.dist.is_main else contextlib.nullcontext():
-        cv_lines: list[str] = []
-        chosen: dict[str, tuple[int, int | None]] = {}
-        if cfg.selection.cv_folds:
-            from binensemble.crossval import cross_validate
+    cv_lines: list[str] = []
+    chosen: dict[str, tuple[int, int | None]] = {}
+    if cfg.selection.cv_folds:
+        from binensemble.crossval import cross_validate
 
-            chosen, cv_lines = cross_validate(
-                cfg, labelled, ctx.run_dir, ctx.device, names, resume_mode == "latest"
+        chosen, cv_lines = cross_validate(ctx, labelled, names)
+    bundles: dict[str, Path] = {}
+    for name in names:
+        model_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=name))
+        weights = "best"
+        if name in chosen:  # the cross-validated epoch count (and k) replace validation's
+            epochs, k = chosen[name]
+            model_cfg = dataclasses.replace(
+                model_cfg,
+                trainer=dataclasses.replace(cfg.trainer, epochs=epochs),
+                knn=dataclasses.replace(cfg.knn, ks=[k] if k is not None else cfg.knn.ks),
             )
-        bundles: dict[str, Path] = {}
-        for name in names:
-            model_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=name))
-            weights = "best"
-            if name in chosen:  # the cross-validated epoch count (and k) replace validation's
-                epochs, k = chosen[name]
-                model_cfg = dataclasses.replace(
-                    model_cfg,
-                    trainer=dataclasses.replace(cfg.trainer, epochs=epochs),
-                    knn=dataclasses.replace(cfg.knn, ks=[k] if k is not None else cfg.knn.ks),
-                )
-                weights = "final"
-            model_dir = ctx.run_dir / name if len(names) > 1 else ctx.run_dir
-            bundle = model_dir / BUNDLE_NAME
-            resume = resume_path
-            if resume_mode == "latest":
-                if bundle.is_file():
-                    print(f"{name}: finished earlier ({bundle}); not retrained", file=sys.stderr)
-                    bundles[name] = bundle
-                    continue
-                latest = model_dir / "checkpoints" / "latest.pt"
-                resume = latest if latest.is_file() else None
-            # Each model's result independent of the order.
-            seed_everything(cfg.seed + ctx.dist.rank)
-            bundles[name] = train_one(
-                model_cfg, labelled, model_dir, ctx.device, resume, weights=weights
+            weights = "final"
+
+        def train(stage: Stage, model_cfg=model_cfg, weights=weights) -> dict[str, str]:
+            seed_everything(cfg.seed + ctx.dist.rank)  # each model's result independent of order
+            bundle = train_one(
+                model_cfg, labelled, stage.dir, ctx.device, stage.resume, weights=weights
             )
-        if not ctx.dist.is_main:
-            return 0
-        report = predict_vote_report(
-            cfg, labelled, test_set, test_y, bundles, ctx.run_dir, ctx.device, cv_lines
-        )
+            return {"bundle": str(bundle)}
+
+        # One model lives in the run directory itself: its stage is the run directory.
+        result = run_stage(ctx, name if len(names) > 1 else ".", train)
+        bundles[name] = Path(result["bundle"])
+    if not ctx.dist.is_main:
+        return 0
+    report = predict_vote_report(
+        cfg, labelled, test_set, test_y, bundles, ctx.run_dir, ctx.device, cv_lines
+    )
     print(report)
     return 0

@@ -18,38 +18,33 @@ import numpy as np
 import torch
 
 from binensemble.config import BinEnsembleConfig, DataConfig, ModelConfig
-from binensemble.data import (
-    ImageSet,
-    data_root,
-    eval_transform,
-    loader_workers,
-    read_labels,
-    scan_labelled,
-    scan_unlabelled,
-)
+from binensemble.data import ImageSet, data_root, read_labels, scan_labelled, scan_unlabelled
 from binensemble.ensemble import write_predictions
-from binensemble.evaluate import extract, images_loader, summarise
+from binensemble.evaluate import extract, summarise
 from binensemble.model import MODEL_CLASSES, build_model, model_kind
-from medcore.checkpoint import load_checkpoint
-from medcore.cli import common_overrides, format_table
-from medcore.config import from_dict, load_config, packaged_config_path
-from medcore.device import amp_policy, resolve_device
+from medcore.config import from_dict
+from medcore.device import AmpPolicy, resolve_device
 from medcore.errors import CheckpointError, DataError, UserError
+from medcore.inference import checkpoint_precision, load_model
 from medcore.metrics import knn_predict_proba
+from medcore.run import load_run_config
 from medcore.splits import load_splits
+from medcore.tables import format_table
 
 BUNDLE_NAME = "model.pt"
 
 
 @dataclass
 class Bundle:
-    """A model ready to predict: network, configs and (metric model) the KNN settings and gallery."""
+    """A model ready to predict: network, configs, precision and (metric model) the KNN
+    settings and gallery."""
 
     path: Path
     name: str  # "metric" or "baseline"
     model: torch.nn.Module
     model_cfg: ModelConfig
     data_cfg: DataConfig
+    precision: AmpPolicy
     knn: dict[str, Any] | None
     gallery_emb: torch.Tensor | None
     gallery_y: torch.Tensor | None
@@ -60,32 +55,28 @@ def resolve_bundle_path(path: str | Path) -> Path:
     return path / BUNDLE_NAME if path.is_dir() else path
 
 
-def load_bundle(path: str | Path, device: torch.device) -> Bundle:
-    """Rebuild the model of a ``model.pt`` (or a training checkpoint of the baseline)."""
-    path = resolve_bundle_path(path)
-    state = load_checkpoint(path, map_location="cpu")
-    kinds = {model_kind(name): name for name in MODEL_CLASSES}
-    if state.get("kind") not in kinds:
-        raise CheckpointError(path, f"not a binensemble model (kind {state.get('kind')!r})")
-    name = kinds[state["kind"]]
-    if "model_config" not in state or "data_config" not in state:
-        raise CheckpointError(path, "carries no model_config/data_config; cannot rebuild the model")
+def _configs(state: dict[str, Any]) -> tuple[ModelConfig, DataConfig]:
     model_cfg, data_cfg = dict(state["model_config"]), dict(state["data_config"])
     # Bundles of version 0.1.0 normalised both branches with data.mean / data.std.
     old_mean, old_std = data_cfg.pop("mean", None), data_cfg.pop("std", None)
     for branch in ("convnext", "vit"):
         model_cfg.setdefault(f"{branch}_mean", old_mean)
         model_cfg.setdefault(f"{branch}_std", old_std)
-    model_cfg = from_dict(ModelConfig, model_cfg)
-    data_cfg = from_dict(DataConfig, data_cfg)
-    model = build_model(model_cfg, data_cfg.img_size, load_weights=False)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            path, f"weights do not fit the model ({str(exc).splitlines()[0][:160]})"
-        ) from None
-    model.to(device).eval()
+    return from_dict(ModelConfig, model_cfg), from_dict(DataConfig, data_cfg)
+
+
+def _build(state: dict[str, Any]) -> torch.nn.Module:
+    model_cfg, data_cfg = _configs(state)
+    return build_model(model_cfg, data_cfg.img_size, load_weights=False)
+
+
+def load_bundle(path: str | Path, device: torch.device) -> Bundle:
+    """Rebuild the model of a ``model.pt`` (or a training checkpoint of the baseline)."""
+    path = resolve_bundle_path(path)
+    kinds = {model_kind(name): name for name in MODEL_CLASSES}
+    model, state = load_model(path, list(kinds), _build, device=device)
+    name = kinds[state["kind"]]
+    model_cfg, data_cfg = _configs(state)
     knn = gallery_emb = gallery_y = None
     if name == "metric":
         if "gallery" not in state or "knn" not in state:
@@ -96,28 +87,31 @@ def load_bundle(path: str | Path, device: torch.device) -> Bundle:
         knn = dict(state["knn"])
         gallery_emb = state["gallery"]["embeddings"].float()
         gallery_y = state["gallery"]["labels"].long()
-    return Bundle(path, name, model, model_cfg, data_cfg, knn, gallery_emb, gallery_y)
+    precision = checkpoint_precision(state, device)
+    return Bundle(path, name, model, model_cfg, data_cfg, precision, knn, gallery_emb, gallery_y)
 
 
 def predict_probs(
     bundle: Bundle,
     images: ImageSet,
+    cfg: BinEnsembleConfig,
     device: torch.device,
     views: Sequence[str],
-    batch_size: int,
-    num_workers: int,
-    amp: bool = True,
     desc: str | None = None,
 ) -> np.ndarray:
-    """Class probabilities ``[n, c]`` of ``images``: KNN on TTA embeddings, or mean TTA softmax.
+    """Class probabilities ``[n, c]`` of ``images``: KNN on TTA embeddings, or mean TTA softmax
+    (``cfg``: the eval batch size and the loader workers; this process predicts everything).
 
     A metric model's queries must be embedded with the views its KNN gallery was embedded with
     (an embedding averaged over other views lies elsewhere on the sphere).
     """
     if bundle.knn is not None:
         check_views(bundle, views)
-    loader = images_loader(images, eval_transform(bundle.data_cfg), batch_size, num_workers)
-    out = extract(bundle.model, loader, device, amp_policy(device, amp), views, desc=desc)
+    data_cfg = dataclasses.replace(bundle.data_cfg, eval_batch_size=cfg.data.eval_batch_size)
+    workers = cfg.trainer.num_workers
+    out = extract(
+        bundle.model, images, data_cfg, device, bundle.precision, workers, views, desc, False
+    )
     if bundle.name == "baseline":
         return out.numpy()
     assert (
@@ -163,10 +157,7 @@ def validation_images(root: Path, data_cfg: DataConfig, splits_path: Path) -> Im
 # -- the binensemble-predict command ------------------------------------------------------------
 def run_predict(args: argparse.Namespace) -> int:
     # As in training, a --config stands alone; the demo preset applies only without one.
-    source = args.config or packaged_config_path("binensemble", "default")
-    cfg = load_config(
-        BinEnsembleConfig, source, overrides=[*args.overrides, *common_overrides(args)]
-    )
+    cfg = load_run_config(args, BinEnsembleConfig, "binensemble")
     device = resolve_device(cfg.device)
     bundle = load_bundle(args.model, device)
     data_cfg = bundle.data_cfg
@@ -195,17 +186,7 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     if bundle.knn is not None and not asked:
         views = list(bundle.knn["views"])  # nothing asked: the gallery's own views
-    workers = loader_workers(cfg, device)
-    probs = predict_probs(
-        bundle,
-        images,
-        device,
-        views,
-        cfg.data.eval_batch_size,
-        workers,
-        cfg.trainer.amp,
-        desc=f"{bundle.name}: {args.split}",
-    )
+    probs = predict_probs(bundle, images, cfg, device, views, f"{bundle.name}: {args.split}")
     out_dir = Path(args.output_dir) if args.output_dir else bundle.path.parent / "predictions"
     name = args.name or (bundle.name if args.split == "test" else f"{bundle.name}_val")
     pred_path, prob_path = write_predictions(

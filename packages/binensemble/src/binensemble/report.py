@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from binensemble.config import BinEnsembleConfig
-from binensemble.data import ImageSet, loader_workers
+from binensemble.data import ImageSet
 from binensemble.ensemble import (
     analyse,
     check_rule,
@@ -30,10 +30,10 @@ from binensemble.ensemble import (
 from binensemble.evaluate import summarise
 from binensemble.predict import load_bundle, predict_probs
 from binensemble.train import tta_views
-from medcore.cli import format_table
 from medcore.errors import UserError
 from medcore.io import atomic_write_csv, atomic_write_json
 from medcore.splits import load_splits
+from medcore.tables import format_table
 
 
 def _predict_all(
@@ -44,21 +44,11 @@ def _predict_all(
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{split: {model: probs}}`` for every model and every image set given."""
     views = tta_views(cfg)
-    workers = loader_workers(cfg, device)
     out: dict[str, dict[str, np.ndarray]] = {split: {} for split in sets}
     for name, path in bundle_paths.items():
         bundle = load_bundle(path, device)
         for split, images in sets.items():
-            out[split][name] = predict_probs(
-                bundle,
-                images,
-                device,
-                views,
-                cfg.data.eval_batch_size,
-                workers,
-                cfg.trainer.amp,
-                desc=f"{name}: {split}",
-            )
+            out[split][name] = predict_probs(bundle, images, cfg, device, views, f"{name}: {split}")
     return out
 
 

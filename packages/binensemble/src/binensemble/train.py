@@ -21,18 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from binensemble.config import BinEnsembleConfig
-from binensemble.data import (
-    BalancedBatchSampler,
-    ImageDataset,
-    ImageSet,
-    eval_transform,
-    loader_workers,
-    train_transform,
-)
+from binensemble.data import BalancedBatchSampler, ImageDataset, ImageSet, train_augmentation
 from binensemble.evaluate import (
     baseline_evaluator,
     extract,
-    images_loader,
     knn_select,
     metric_evaluator,
     summarise,
@@ -40,7 +32,7 @@ from binensemble.evaluate import (
 from binensemble.losses import BatchHardTripletLoss
 from binensemble.model import build_model, init_description, model_kind, with_normalisation
 from binensemble.predict import BUNDLE_NAME
-from medcore.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
+from medcore.checkpoint import export_best, save_checkpoint
 from medcore.config import save_config, to_dict
 from medcore.device import amp_policy, device_defaults
 from medcore.distributed import barrier, get_rank, get_world_size
@@ -82,17 +74,25 @@ def train_val_splits(labelled: ImageSet, cfg: BinEnsembleConfig, path: Path) -> 
 
 
 def _step_fn(cfg: BinEnsembleConfig):
+    augment = train_augmentation(cfg.data)
+
+    def images(batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's augmented crops: uint8 working-size images in, on their device, in fp32."""
+        pixels = batch["image"]
+        with torch.autocast(pixels.device.type, enabled=False):
+            return augment(pixels.float() / 255.0)
+
     if cfg.model.kind == "metric":
         loss_fn = BatchHardTripletLoss(cfg.loss.margin, cfg.loss.gather_across_ranks)
 
         def metric_step(model: torch.nn.Module, batch: dict[str, Any]):
-            emb = model(batch["image"])
+            emb = model(images(batch))
             return loss_fn(emb.float(), batch["label"])
 
         return metric_step
 
     def baseline_step(model: torch.nn.Module, batch: dict[str, Any]):
-        logits = model(batch["image"]).float()
+        logits = model(images(batch)).float()
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=cfg.loss.label_smoothing)
         return loss, {"accuracy": float((logits.argmax(1) == batch["label"]).float().mean())}
 
@@ -135,29 +135,23 @@ def train_one(
         print(f"{name}: {init}", file=sys.stderr)
     logger.log_jsonl({"event": "init", "model": name, "backbones": init})
     batch_size = cfg.trainer.batch_size or device_defaults(device).batch_size
-    workers = loader_workers(cfg, device)
+    workers = cfg.trainer.num_workers
     heldout = model_dir / "heldout" if keep_heldout else None
-    val_loader = images_loader(val_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers)
     if name == "metric":
-        train_eval_loader = images_loader(
-            train_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers
-        )
-        evaluate_fn = metric_evaluator(
-            train_eval_loader, train_set.labels, val_loader, val_set.labels, cfg.knn, heldout
-        )
+        evaluate_fn = metric_evaluator(train_set, val_set, cfg.data, cfg.knn, workers, heldout)
         # Every batch is full: batch_size // 2 images of each class.
         sampler = BalancedBatchSampler(
             train_set.labels, batch_size, cfg.seed, get_rank(), get_world_size()
         )
     else:
-        evaluate_fn = baseline_evaluator(val_loader, val_set.labels, heldout)
+        evaluate_fn = baseline_evaluator(val_set, cfg.data, workers, heldout)
         # Shuffled batches: a last batch too small for the heads' BatchNorm (the real TrainSet's
         # 1393 images at batch 24 leave 1) is dropped by the trainer (trainer.min_batch_size).
         sampler = None
     trainer = Trainer(
         model,
         cfg.trainer,
-        train_data=ImageDataset(train_set, train_transform(cfg.data)),
+        train_data=ImageDataset(train_set),  # uint8 from the store; step_fn augments the batch
         step_fn=_step_fn(cfg),
         run_dir=model_dir,
         device=device,
@@ -171,11 +165,13 @@ def train_one(
     )
     result = trainer.fit(resume=resume)
     if get_rank() == 0:
-        chosen = result.final_path
-        if weights == "best" and result.best_path and result.best_path.is_file():
-            chosen = result.best_path
-        assert chosen is not None
-        model.load_state_dict(load_checkpoint(chosen, kind=model_kind(name))["model"])
+        chosen = export_best(
+            result.best_path if weights == "best" else None,
+            result.final_path,
+            model,
+            model_dir / "model.safetensors",
+            metadata={"kind": model_kind(name)},
+        )
         metrics = _finalise(cfg, model, train_set, val_set, model_dir, device, trainer)
         metrics.update(
             best_epoch=_best_epoch(result.history, result.best_metric_name, result.best_metric),
@@ -210,23 +206,24 @@ def _finalise(
     """Choose k on the validation split (metric model), write the bundle, plots and metrics."""
     name = cfg.model.kind
     views = tta_views(cfg)
-    workers = loader_workers(cfg, device)
     amp = amp_policy(device, cfg.trainer.amp, cfg.trainer.amp_dtype)
-    val_loader = images_loader(val_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers)
     bundle: dict[str, Any] = {
         "model": model.state_dict(),
         "model_config": to_dict(cfg.model),
         "data_config": to_dict(cfg.data),
+        "trainer_config": to_dict(cfg.trainer),  # its precision, for predict
         "classes": list(cfg.data.classes),
     }
+
+    def predict(images: ImageSet, desc: str) -> torch.Tensor:  # this process alone (rank 0)
+        workers = cfg.trainer.num_workers
+        return extract(model, images, cfg.data, device, amp, workers, views, desc, shard=False)
+
     extra: dict[str, Any] = {}
     if name == "metric":
         # Gallery and queries both use the TTA embedding; prediction is held to these views.
-        train_loader = images_loader(
-            train_set, eval_transform(cfg.data), cfg.data.eval_batch_size, workers
-        )
-        train_emb = extract(model, train_loader, device, amp, views, desc="embedding gallery")
-        val_emb = extract(model, val_loader, device, amp, views, desc="embedding validation")
+        train_emb = predict(train_set, "embedding gallery")
+        val_emb = predict(val_set, "embedding validation")
         knn = knn_select(
             train_emb, train_set.labels, val_emb, val_set.labels, cfg.knn, cfg.model.num_classes
         )
@@ -253,13 +250,8 @@ def _finalise(
         val_probs = knn.val_probs.numpy()
         extra["k"] = knn.k
     else:
-        val_probs = extract(
-            model, val_loader, device, amp, views, desc="predicting validation"
-        ).numpy()
+        val_probs = predict(val_set, "predicting validation").numpy()
     save_checkpoint(bundle, model_dir / BUNDLE_NAME, kind=model_kind(name))
-    export_safetensors(
-        model.state_dict(), model_dir / "model.safetensors", metadata={"kind": model_kind(name)}
-    )
     y = val_set.labels
     plot_training_curves(
         trainer.history, ["val/accuracy", "val/roc_auc"], model_dir / "plots" / "curves.png"
