@@ -28,6 +28,7 @@ ORDER = (
     "ctclip_preprocess",
     "ctclip_hdf5",
     "ctclip_memory",
+    "memory_full",
     "retrieval",
     "augment3d",
     "inference",
