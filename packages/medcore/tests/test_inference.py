@@ -61,6 +61,11 @@ def test_predict_matches_the_model_in_order() -> None:
     torch.testing.assert_close(out["y"], model(x).detach())
     assert out["i"].tolist() == list(range(11)) and out["tag"][10] == "s10"
     assert model.training  # left as it was
+    torch.manual_seed(5)
+    predict(model, data, lambda m, b: m(b[0]), device=torch.device("cpu"), num_workers=2)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(1))  # the caller's random stream is untouched
 
 
 def test_export_best_exports_the_best_weights(tmp_path: Path) -> None:

@@ -127,25 +127,26 @@ def predict(
     if shard and world > 1:
         lo, hi = shard_bounds(len(data), rank, world)  # type: ignore[arg-type]
         part = Subset(data, range(lo, hi))
-    workers = loader_workers(num_workers, device)
+    policy = precision or AmpPolicy(False, torch.float32, False)
     loader = DataLoader(
         part,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=workers,
+        num_workers=loader_workers(num_workers, device),
         collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    policy = precision or AmpPolicy(False, torch.float32, False)
-    chunks: list[torch.Tensor | Mapping[str, Any]] = []
+    show = desc is not None and rank == 0 and len(loader) > 1
+    chunks: list[Any] = []
     was_training = model.training
     model.eval()
-    bar = tqdm(loader, desc=desc, leave=False, disable=desc is None or rank != 0 or len(loader) < 2)
-    with torch.inference_mode(), autocast(device, policy):
-        for batch in bar:
-            out = forward(model, move_to_device(batch, device, channels_last))
-            chunks.append(_to_cpu(out))
+    # Evaluation never moves the caller's random streams (the loader's base seed included): a
+    # training run draws the same augmentations and batches however often it validates.
+    forked = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), torch.inference_mode(), autocast(device, policy):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
+            chunks.append(_to_cpu(forward(model, move_to_device(batch, device, channels_last))))
     model.train(was_training)
     local = _concat(chunks)
     if shard and world > 1:
