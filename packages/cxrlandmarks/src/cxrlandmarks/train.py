@@ -230,7 +230,7 @@ def run_phase(
         copy_checkpoint(best, target)
     barrier()  # the next phase starts from this file on every rank
     paths = {"best": target, "phase_best": result.best_path, "phase_final": result.final_path}
-    return {k: str(v) if v is not None else None for k, v in paths.items()}
+    return {k: str(Path(v).resolve()) if v is not None else None for k, v in paths.items()}
 
 
 def phases_to_run(selection: str) -> list[str]:
