@@ -1,4 +1,4 @@
-"""Case 9 (``memory_full``): peak memory of one training step of binensemble's ``full`` research
+"""Case 10 (``memory_full``): peak memory of one training step of binensemble's ``full`` research
 model (ConvNeXt-Large + ViT-Large/16 at 448 px), with and without activation checkpointing.
 
 The model is the research config's (``binensemble.config.ModelConfig`` defaults: the last 2
@@ -74,7 +74,7 @@ def case_memory_full(device: torch.device, quick: bool) -> list[Row]:
     what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS"
     return [
         Row(
-            f"9 binensemble full step memory, ConvNeXt-L + ViT-L/16 at 448, batch {BATCH}",
+            f"10 binensemble full step memory, ConvNeXt-L + ViT-L/16 at 448, batch {BATCH}",
             f"{fmt_bytes(mem_c)} (activation checkpointing)",
             f"{fmt_bytes(mem_a)} (no checkpointing)",
             ratio,
