@@ -10,7 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import Row, fmt_bytes, fmt_s, peak_rss, peak_rss_in_child, reset_peak_rss, sync
+from common import (
+    Row,
+    ab_comparison,
+    fmt_bytes,
+    fmt_s,
+    peak_rss,
+    peak_rss_in_child,
+    reset_peak_rss,
+    sync,
+)
 
 SOURCE_SHAPE = (512, 512, 200)  # x, y, z voxels, as a chest CT of CT-RATE
 SPACING = (0.7, 0.7, 1.5)  # mm
@@ -294,11 +303,8 @@ def case_memory(device: torch.device, quick: bool) -> list[Row]:
             results[chunked] = peak_rss_in_child(
                 functools.partial(_one_step, slices, chunked, "cpu")
             )[1]
-    (loss_a, grad_a, mem_a), (loss_c, grad_c, mem_c) = results[False], results[True]
-    ratio = mem_c / mem_a
-    loss_diff = abs(loss_a - loss_c)
-    grad_rel = abs(grad_a - grad_c) / max(abs(grad_a), 1e-12)
-    what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS"
+    (_, _, mem_a), (_, _, mem_c) = results[False], results[True]
+    ratio, loss_diff, grad_rel, what = ab_comparison(results[False], results[True], device)
     return [
         Row(
             f"4 ctclip step memory, {slices} slices at 224, ViT-S/14, batch 1",

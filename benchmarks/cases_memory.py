@@ -15,7 +15,7 @@ import os
 import time
 
 import torch
-from common import Row, fmt_bytes, peak_rss, peak_rss_in_child, reset_peak_rss, sync
+from common import Row, ab_comparison, fmt_bytes, peak_rss, peak_rss_in_child, reset_peak_rss, sync
 
 BATCH = 3  # the smallest batch with a triplet (two of one class, one of the other)
 
@@ -67,11 +67,9 @@ def case_memory_full(device: torch.device, quick: bool) -> list[Row]:
             results[checkpointing] = peak_rss_in_child(
                 functools.partial(_one_step, checkpointing, "cpu")
             )[1]
-    (loss_a, grad_a, mem_a, s_a), (loss_c, grad_c, mem_c, s_c) = results[False], results[True]
-    ratio = mem_c / mem_a
-    loss_diff = abs(loss_a - loss_c)
-    grad_rel = abs(grad_a - grad_c) / max(abs(grad_a), 1e-12)
-    what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS"
+    (*plain, s_a), (*saving, s_c) = results[False], results[True]
+    mem_a, mem_c = plain[2], saving[2]
+    ratio, loss_diff, grad_rel, what = ab_comparison(tuple(plain), tuple(saving), device)
     return [
         Row(
             f"10 binensemble full step memory, ConvNeXt-L + ViT-L/16 at 448, batch {BATCH}",

@@ -148,3 +148,13 @@ def fmt_s(seconds: float) -> str:
 
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+def ab_comparison(
+    plain: tuple[float, float, int], saving: tuple[float, float, int], device: torch.device
+) -> tuple[float, float, float, str]:
+    """Two runs of one step, ``(loss, grad sum, peak bytes)`` each, without and with a memory
+    saving: (memory ratio, |loss difference|, relative grad-sum difference, what was measured)."""
+    (loss_a, grad_a, mem_a), (loss_c, grad_c, mem_c) = plain, saving
+    what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS"
+    return mem_c / mem_a, abs(loss_a - loss_c), abs(grad_a - grad_c) / max(abs(grad_a), 1e-12), what
