@@ -1,5 +1,6 @@
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from medcore.cli import (
+    Command,
     RunConfig,
     add_common_args,
     common_overrides,
@@ -54,6 +56,43 @@ def test_run_cli_turns_ctrl_c_into_130(capsys: pytest.CaptureFixture[str]) -> No
 
     assert run_cli(interrupted, prog="x-train") == 130
     assert "--resume latest" in capsys.readouterr().err
+
+
+def test_command_parses_its_flags_then_imports_and_runs_its_function(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "late_cmd.py").write_text(
+        "from medcore.errors import DataError\n"
+        "seen = []\n"
+        "def run(args):\n"
+        "    seen.append(args)\n"
+        "    if args.bad:\n"
+        "        raise DataError(str(args.inputs[0]), 'not an image')\n"
+        "    return 7\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flags = [
+        ("inputs", {"type": Path, "nargs": "+"}),
+        (("--bad", "-b"), {"action": "store_true"}),
+    ]
+    command = Command("x-predict", "predict", "late_cmd:run", flags, common=False)
+    assert "late_cmd" not in sys.modules  # declaring a command imports nothing
+    assert command(["a.png", "b.png", "--set", "trainer.lr=1"]) == 7
+    args = sys.modules["late_cmd"].seen[-1]
+    assert args.inputs == [Path("a.png"), Path("b.png")]
+    assert args.overrides == ["trainer.lr=1"] and not args.bad
+    assert command(["c.png", "-b"]) == 2
+    assert capsys.readouterr().err == "error: c.png: not an image\n"
+    # common=False leaves out the training flags, common=True has them, None has no common flags.
+    options = {a.dest for a in command.parser()._actions}
+    assert "overrides" in options and "epochs" not in options
+    train = Command("x-train", "train", "late_cmd:run", common=True)
+    assert "epochs" in {a.dest for a in train.parser()._actions}
+    bare = Command("x-vote", "vote", "late_cmd:run", flags)
+    assert "overrides" not in {a.dest for a in bare.parser()._actions}
+    with pytest.raises(SystemExit) as exc:
+        bare(["--no-such-flag"])
+    assert exc.value.code == 2
 
 
 def test_common_flags_map_onto_config(tmp_path: Path) -> None:

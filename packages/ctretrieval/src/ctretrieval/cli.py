@@ -1,21 +1,21 @@
-"""Console entry points ``ctretrieval-{preprocess,train,eval,index,search}``: commands and flags."""
+"""Console entry points ``ctretrieval-{preprocess,train,eval,index,search}``: commands and flags.
+
+Each command is ``ctretrieval.<module>:<function>(args)`` (:class:`medcore.cli.Command`).
+"""
 
 from __future__ import annotations
 
-import argparse
-from importlib import import_module
 from pathlib import Path
 
-from medcore.cli import add_common_args, run_cli
+from medcore.cli import Command
 from medcore.device import DEVICE_CHOICES
 
 P, F = {"type": Path}, {"type": float}
 CKPT = {**P, "help": "a .pt written by ctretrieval-train"}
 DEVICE = {"choices": DEVICE_CHOICES, "default": "auto"}
-# command: (description, common flags (train=True / False; None: none), module:function, flags)
 # fmt: off
-COMMANDS = {
-    "preprocess": ("DICOM series / NIfTI -> uint8 volumes in one HDF5", None, "preprocess:run", [
+preprocess = Command("ctretrieval-preprocess", "DICOM series / NIfTI -> uint8 volumes in one HDF5",
+    "ctretrieval.preprocess:run", [
         ("--input", {**P, "required": True, "help": "one DICOM folder or NIfTI file per study"}),
         ("--output", {**P, "required": True, "help": "HDF5 file to write (resumed if it exists)"}),
         ("--config", {**P, "help": "YAML whose preprocess: section sets the options"}),
@@ -24,21 +24,25 @@ COMMANDS = {
         ("--hu-window", {**F, "nargs": 2, "metavar": ("LOW", "HIGH"), "help": "default -1000 400"}),
         ("--target-spacing", {**F, "nargs": 3, "help": "mm (z y x), then centred in --shape"}),
         ("--workers", {"type": int, "help": "worker processes (default: one per core, at most 8)"}),
-        ("--min-slices", {"type": int, "help": "skip series with fewer slices"})]),
-    "train": ("Train the CT retrieval embedding", True, "train:run", [
-        ("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"})]),
-    "eval": ("Metric table of a checkpoint on a split", False, "evaluate:run", [
+        ("--min-slices", {"type": int, "help": "skip series with fewer slices"})])
+train = Command("ctretrieval-train", "Train the CT retrieval embedding", "ctretrieval.train:run", [
+        ("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"})],
+    common=True)
+evaluate = Command("ctretrieval-eval", "Metric table of a checkpoint on a split",
+    "ctretrieval.evaluate:run", [
         ("--checkpoint", {**CKPT, "required": True}),
         ("--split", {"default": "test", "choices": ["test", "train", "train_eval", "all"]}),
-        ("--splits", {**P, "help": "splits.json (default: the checkpoint's run's)"})]),
-    "index": ("Embed an archive of volumes into an index", None, "index:index_main", [
+        ("--splits", {**P, "help": "splits.json (default: the checkpoint's run's)"})], common=False)
+index = Command("ctretrieval-index", "Embed an archive of volumes into an index",
+    "ctretrieval.index:index_main", [
         ("--checkpoint", {**CKPT, "required": True}),
         ("--volumes", {**P, "help": "HDF5 (default: the checkpoint's data)"}),
         ("--labels", {**P, "help": "labels CSV, to show findings in results"}),
         ("--data-dir", {**P, "help": "directory with volumes.h5 and labels.csv"}),
         ("--output", {**P, "required": True, "help": "index file to write (.npz)"}),
-        ("--device", DEVICE), ("--batch-size", {"type": int, "default": 4})]),
-    "search": ("Most similar studies of an index", None, "index:search_main", [
+        ("--device", DEVICE), ("--batch-size", {"type": int, "default": 4})])
+search = Command("ctretrieval-search", "Most similar studies of an index",
+    "ctretrieval.index:search_main", [
         ("--index", {**P, "required": True, "help": "from ctretrieval-index"}),
         ("--query", {"required": True, "help": "an id of the index, a DICOM folder, a NIfTI"}),
         ("--top-k", {"type": int, "default": 10, "help": "results to list"}),
@@ -46,29 +50,5 @@ COMMANDS = {
         ("--threshold", {**F, "help": "for a finding (default: eval.threshold)"}),
         ("--checkpoint", {**CKPT, "help": "model for raw-study queries (default: the index's)"}),
         ("--output", {**P, "help": "results CSV, JSON beside it (default: by the index)"}),
-        ("--device", DEVICE)]),
-}
+        ("--device", DEVICE)])
 # fmt: on
-
-
-def parse(command: str, argv: list[str] | None) -> argparse.Namespace:
-    description, common, _, flags = COMMANDS[command]
-    parser = argparse.ArgumentParser(prog=f"ctretrieval-{command}", description=description)
-    for flag, kwargs in flags:
-        parser.add_argument(flag, **kwargs)
-    if common is not None:
-        add_common_args(parser, train=common)
-    return parser.parse_args(argv)
-
-
-def _main(command: str):
-    module, function = COMMANDS[command][2].split(":")
-
-    def main(argv: list[str] | None = None) -> int:  # the module is imported when it runs
-        work = getattr(import_module(f"ctretrieval.{module}"), function)
-        return run_cli(lambda: work(parse(command, argv)), f"ctretrieval-{command}")
-
-    return main
-
-
-preprocess, train, evaluate, index, search = map(_main, COMMANDS)

@@ -1,5 +1,7 @@
 """The command-line conventions every ``<pkg>-<verb>`` command shares.
 
+- ``Command``: one console script declared as data (its flags and the ``module:function`` that
+  runs the parsed arguments); every package's ``cli.py`` is a list of them.
 - ``run_cli(main_fn, argv)``: user errors become one line ``error: <what>: <why>`` on stderr and
   exit code 2; Ctrl-C becomes exit 130 with a hint to resume. No traceback reaches the user.
 - ``add_common_args``: the common flags, spelled the same everywhere, and ``common_overrides``,
@@ -15,6 +17,7 @@ import errno
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +44,41 @@ class RunConfig:
     # one thread than on several oversubscribed ones.
     num_threads: int | None = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+Flag = tuple[str | tuple[str, ...], dict[str, Any]]
+"""``(name or names, argparse keyword arguments)`` of one flag or positional argument."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A console script: ``prog`` parses ``flags`` and calls ``run`` (``"module:function"``).
+
+    ``common`` adds :func:`add_common_args` (``True``: with the training flags, ``False``:
+    without them, ``None``: none). The module is imported only when the command runs, so
+    ``--help`` stays fast; errors and exit codes follow :func:`run_cli`.
+    """
+
+    prog: str
+    description: str
+    run: str
+    flags: Sequence[Flag] = ()
+    common: bool | None = None
+
+    def parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=self.prog, description=self.description)
+        for names, options in self.flags:
+            parser.add_argument(*((names,) if isinstance(names, str) else names), **options)
+        if self.common is not None:
+            add_common_args(parser, train=self.common)
+        return parser
+
+    def __call__(self, argv: list[str] | None = None) -> int:
+        module, function = self.run.split(":")
+        parser = self.parser()
+        return run_cli(
+            lambda: getattr(import_module(module), function)(parser.parse_args(argv)), self.prog
+        )
 
 
 def add_common_args(parser: argparse.ArgumentParser, train: bool = True) -> argparse.ArgumentParser:
