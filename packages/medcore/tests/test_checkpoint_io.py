@@ -9,6 +9,7 @@ import torch
 
 from medcore.checkpoint import (
     export_safetensors,
+    finish_retiring,
     load_checkpoint,
     load_safetensors,
     save_checkpoint,
@@ -27,6 +28,19 @@ def test_save_load_round_trip_and_kind(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"this is a pkg\.Model checkpoint, not other\.Net"):
         load_checkpoint(path, kind="other.Net")
     assert not list(tmp_path.glob(".c.pt.*")), "no temporary file left behind"
+
+
+def test_overwriting_a_checkpoint_frees_the_old_file_off_the_thread(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint({"step": 1, "w": torch.zeros(1000)}, path)
+    first_inode = path.stat().st_ino
+    # A process killed while it freed the previous file left its second name behind.
+    (tmp_path / ".latest.pt.retired").write_bytes(b"stale")
+    save_checkpoint({"step": 2, "w": torch.ones(1000)}, path)
+    finish_retiring()
+    assert load_checkpoint(path)["step"] == 2
+    assert path.stat().st_ino != first_inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
 
 
 def test_missing_empty_truncated(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ from medcore.batching import (
     move_to_device,
     shard_bounds,
 )
+from medcore.checkpoint import finish_retiring
 from medcore.device import device_defaults, precision_policy
 from medcore.errors import TrainingDiverged
 from medcore.optim import build_optimizer, build_scheduler
@@ -278,6 +279,7 @@ class Trainer(TrainData, CheckpointState, Evaluation):
                 self.logger.log_jsonl(
                     {"event": "early_stop", "epoch": self.epoch, "step": self.global_step}
                 )
+        finish_retiring()  # from here on the checkpoints directory holds only finished files
         if self.dist.enabled:
             self.fabric.barrier()
         return TrainResult(
