@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from medcore.checkpoint import export_best, load_safetensors, save_checkpoint
 from medcore.errors import CheckpointError
-from medcore.inference import checkpoint_precision, load_model, predict
+from medcore.inference import PredictOptions, checkpoint_precision, load_model, predict
 
 
 def _build(state):
@@ -54,15 +54,13 @@ def test_predict_matches_the_model_in_order() -> None:
         model,
         data,
         lambda m, b: {"y": m(b[0]), "i": b[1], "tag": [f"s{int(i)}" for i in b[1]]},
-        device=torch.device("cpu"),
-        batch_size=4,
-        num_workers=0,
+        PredictOptions(torch.device("cpu"), batch_size=4, num_workers=0),
     )
     torch.testing.assert_close(out["y"], model(x).detach())
     assert out["i"].tolist() == list(range(11)) and out["tag"][10] == "s10"
     assert model.training  # left as it was
     torch.manual_seed(5)
-    predict(model, data, lambda m, b: m(b[0]), device=torch.device("cpu"), num_workers=2)
+    predict(model, data, lambda m, b: m(b[0]), PredictOptions(torch.device("cpu"), num_workers=2))
     after = torch.rand(1)
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(1))  # the caller's random stream is untouched
@@ -96,9 +94,7 @@ def _sharded_predict(rank: int, world_size: int, out: str) -> None:
         model,
         TensorDataset(x, torch.arange(11)),
         forward,
-        device=torch.device("cpu"),
-        batch_size=4,
-        num_workers=0,
+        PredictOptions(torch.device("cpu"), batch_size=4, num_workers=0),
     )
     torch.save({"y": y, "seen": seen}, Path(out) / f"rank{rank}.pt")
 

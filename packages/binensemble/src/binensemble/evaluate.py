@@ -19,7 +19,7 @@ from binensemble.ensemble import decide
 from binensemble.model import MetricModel
 from binensemble.tta import tta_embed, tta_probs
 from medcore.device import AmpPolicy
-from medcore.inference import predict
+from medcore.inference import PredictOptions, predict
 from medcore.io import atomic_path
 from medcore.metrics import binary_metrics, knn_auto_k, knn_predict_proba, roc_auc
 from medcore.trainer import EvalContext
@@ -47,12 +47,7 @@ def extract(
         model,
         ImageDataset(images, eval_transform(data_cfg)),
         lambda m, batch: fn(m, batch["image"], views),
-        device=device,
-        precision=precision,
-        batch_size=data_cfg.eval_batch_size,
-        num_workers=num_workers,
-        shard=shard,
-        desc=desc,
+        PredictOptions(device, precision, data_cfg.eval_batch_size, num_workers, shard, desc),
     )
     assert isinstance(out, torch.Tensor)
     return out

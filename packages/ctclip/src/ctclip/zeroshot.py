@@ -71,12 +71,7 @@ def predict(
         model,
         dataset,
         forward,
-        device=device,
-        precision=amp,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        shard=shard,
-        desc="zero-shot",
+        inference.PredictOptions(device, amp, batch_size, num_workers, shard, desc="zero-shot"),
     )
     probs = zero_shot_probs(out["features"], prompts, model.scale().detach().float().cpu())
     return probs, out["labels"]

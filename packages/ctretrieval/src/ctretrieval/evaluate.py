@@ -86,11 +86,12 @@ def run(args: argparse.Namespace) -> int:
             args.splits or "splits.json", f"has no split {args.split!r} ({', '.join(rows)})"
         )
 
+    options = inference.PredictOptions(
+        device, precision, cfg.eval.batch_size, cfg.trainer.num_workers
+    )
+
     def embed_split(split: str) -> Embedded:
-        data = table.dataset(rows[split])
-        return embed(
-            model, data, device, cfg.eval.batch_size, precision, cfg.trainer.num_workers, split
-        )
+        return embed(model, table.dataset(rows[split]), options.but(desc=split))
 
     query = embed_split(args.split)
     # Test queries are ranked against the train archive, the other splits against themselves.

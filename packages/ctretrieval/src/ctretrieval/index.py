@@ -35,7 +35,7 @@ from ctretrieval.readers import NIFTI_SUFFIXES, Study, read_study
 from medcore.config import from_dict
 from medcore.device import resolve_device
 from medcore.errors import DataError
-from medcore.inference import checkpoint_precision
+from medcore.inference import PredictOptions, checkpoint_precision
 from medcore.io import atomic_path, atomic_write_csv, atomic_write_json
 from medcore.tables import format_table
 from medcore.volume_store import read_settings
@@ -68,7 +68,7 @@ def build_index(
                 labels[k], has[k] = table.y[r], True
     data = CTVolumeDataset(h5, keys, labels, np.zeros(len(keys), dtype=np.int64))
     precision = checkpoint_precision(state, device)
-    emb = embed(model, data, device, batch_size, precision, desc="indexing").emb
+    emb = embed(model, data, PredictOptions(device, precision, batch_size, desc="indexing")).emb
     meta = {
         "format": INDEX_FORMAT,
         "checkpoint": str(checkpoint),

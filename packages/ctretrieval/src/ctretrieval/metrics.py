@@ -22,9 +22,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ctretrieval.config import CTRetrievalConfig, EvalConfig
-from medcore.device import AmpPolicy
 from medcore.errors import DataError
-from medcore.inference import predict
+from medcore.inference import PredictOptions, predict
 from medcore.metrics.classification import multilabel_f1
 from medcore.metrics.retrieval import random_baseline, retrieval_metrics
 
@@ -36,38 +35,18 @@ class Embedded:
     probs: torch.Tensor | None  # [n, c] head probabilities, None without a head
 
 
-def embed(
-    model: nn.Module,
-    data: Dataset,
-    device: torch.device,
-    batch_size: int = 4,
-    precision: AmpPolicy | None = None,
-    num_workers: int | None = None,
-    desc: str | None = "embedding",
-    shard: bool = True,
-) -> Embedded:
+def embed(model: nn.Module, data: Dataset, options: PredictOptions) -> Embedded:
     """Embeddings (and head probabilities) of every study of ``data``, in order, no augmentation.
 
     One :func:`medcore.inference.predict` loop: volumes read from the HDF5 in DataLoader
-    workers (``num_workers``; None: the device default), pinned memory on CUDA, the training
-    run's ``precision``; with ``shard`` under DDP each rank embeds its part and every rank gets
-    all of them.
+    workers, pinned memory on CUDA, the training run's precision; with ``options.shard`` under
+    DDP each rank embeds its part and every rank gets all of them.
     """
 
     def forward(m: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**m.get_embeddings(batch["volume"]), "labels": batch["labels"]}
 
-    out = predict(
-        model,
-        data,
-        forward,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        shard=shard,
-        desc=desc,
-    )
+    out = predict(model, data, forward, options)
     return Embedded(out["embedding"], out["labels"], out.get("probs"))
 
 

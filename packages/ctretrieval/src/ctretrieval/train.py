@@ -29,6 +29,7 @@ from medcore.config import to_dict
 from medcore.device import AmpPolicy
 from medcore.distributed import barrier
 from medcore.errors import ConfigError
+from medcore.inference import PredictOptions
 from medcore.io import atomic_write_csv
 from medcore.plots import plot_roc_curves, plot_training_curves
 from medcore.run import RunContext, setup_run
@@ -99,15 +100,8 @@ def _evaluate_fn(cfg: CTRetrievalConfig, table: StudyTable, rows: np.ndarray):
 
     def evaluate(model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         # Distributed evaluation: each rank embeds its shard, every rank gets all embeddings.
-        emb = embed(
-            model,
-            data,
-            ctx.device,
-            cfg.eval.batch_size,
-            ctx.amp,
-            cfg.trainer.num_workers,
-            desc="train_eval embeddings",
-        )
+        options = PredictOptions(ctx.device, ctx.amp, cfg.eval.batch_size, cfg.trainer.num_workers)
+        emb = embed(model, data, options.but(desc="train_eval embeddings"))
         metrics, _, scores = score(emb, emb, cfg, names, exclude_self=True)
         for c, name in enumerate(names):
             ctx.logger.log_pr_curve(
@@ -141,17 +135,11 @@ def _final_report(
         run.run_dir / "checkpoints" / "model.safetensors",
         metadata={"kind": f"ctretrieval.{cfg.model.name}"},
     )
+    options = PredictOptions(
+        run.device, amp, cfg.eval.batch_size, cfg.trainer.num_workers, shard=False
+    )
     query, db = (
-        embed(
-            model,
-            table.dataset(splits[split]),
-            run.device,
-            cfg.eval.batch_size,
-            amp,
-            cfg.trainer.num_workers,
-            desc=split,
-            shard=False,
-        )
+        embed(model, table.dataset(splits[split]), options.but(desc=split))
         for split in ("test", "train")
     )
     names = table.labels.class_names

@@ -24,7 +24,7 @@ from cxrlandmarks.data import PACKAGE, LandmarkDataset, LandmarkRecord, RunData,
 from cxrlandmarks.inference import REFERENCE_SIZE, predict_dataset
 from cxrlandmarks.model import load_model
 from medcore.errors import CheckpointError, UserError
-from medcore.inference import checkpoint_precision
+from medcore.inference import PredictOptions, checkpoint_precision
 from medcore.io import atomic_write_csv, atomic_write_json
 from medcore.metrics import landmark_errors
 from medcore.run import RunContext, load_run_config
@@ -198,12 +198,14 @@ def report_phases(ctx: RunContext, data: RunData) -> dict[str, Any]:
         pred = predict_dataset(
             [model],
             data.dataset("test", cfg.data.image_size, state.get("input_norm")),
-            ctx.device,
-            checkpoint_precision(state, ctx.device),
-            cfg.data.eval_batch_size,
-            num_workers=cfg.trainer.num_workers,
-            desc=f"test {name}",
-            shard=False,  # the main rank reports alone, after the other ranks are done
+            PredictOptions(
+                ctx.device,
+                checkpoint_precision(state, ctx.device),
+                cfg.data.eval_batch_size,
+                cfg.trainer.num_workers,
+                shard=False,  # the main rank reports alone, after the other ranks are done
+                desc=f"test {name}",
+            ),
         )
         reports[name] = error_report(pred, test_records)
         rows.append(summary_row(f"{name} ({path.name})", reports[name]))
@@ -311,10 +313,8 @@ def evaluate_command(args: Any) -> int:
             LandmarkDataset(
                 subset, size, norm=state.get("input_norm"), store=stores(size), rows=rows
             ),
-            device,
-            checkpoint_precision(state, device),
+            PredictOptions(device, checkpoint_precision(state, device), desc=path.name),
             tta_flip=args.tta_flip,
-            desc=path.name,
         )
         report = error_report(pred, subset)
         report["checkpoint"] = str(path)

@@ -15,8 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cxrlandmarks.anatomy import flip_coords
-from medcore.device import AmpPolicy
-from medcore.inference import predict
+from medcore.inference import PredictOptions, predict
 
 REFERENCE_SIZE = 224  # "px at 224": ||pred - target|| x 224 on normalised coordinates
 
@@ -40,13 +39,8 @@ def predict_batches(
 def predict_dataset(
     models: Sequence[nn.Module],
     dataset: Dataset,
-    device: torch.device,
-    precision: AmpPolicy | None,
-    batch_size: int = 32,
+    options: PredictOptions,
     tta_flip: bool = False,
-    num_workers: int | None = None,
-    desc: str | None = "predict",
-    shard: bool = True,
 ) -> np.ndarray:
     """Normalised predictions ``[n, 15, 2]`` in dataset order. Under DDP with ``shard`` (every
     rank calls it) each rank predicts its shard and gets all of them; ``shard=False``: this
@@ -60,11 +54,6 @@ def predict_dataset(
         ensemble,
         dataset,
         forward,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        desc=desc,
-        shard=shard,
+        options,
     )
     return out.numpy()

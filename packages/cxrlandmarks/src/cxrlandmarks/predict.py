@@ -22,7 +22,7 @@ from cxrlandmarks.inference import predict_batches
 from cxrlandmarks.model import input_normalisation, load_model
 from medcore.device import resolve_device
 from medcore.errors import DataError, UserError
-from medcore.inference import checkpoint_precision, predict
+from medcore.inference import PredictOptions, checkpoint_precision, predict
 from medcore.io import atomic_write_csv, atomic_write_json
 
 
@@ -89,8 +89,7 @@ def predict_command(args: Any) -> int:
         return {"pred": pred, "size": batch["size"], "why": batch["why"]}
 
     precision = checkpoint_precision(loaded[0][1], device)
-    result = predict(ensemble, data, forward, device=device, precision=precision,
-                   batch_size=args.batch_size, desc="predict")  # fmt: skip
+    result = predict(ensemble, data, forward, PredictOptions(device, precision, args.batch_size))
     for path, why in zip(images, result["why"], strict=True):
         if why:
             print(f"skipped {path}: {why}", file=sys.stderr)

@@ -52,7 +52,7 @@ from histommnet.synthetic import generate_breakhis
 from histommnet.train import train_fold
 from medcore.demo import ensure_demo_data
 from medcore.errors import ConfigError, DataError, UserError
-from medcore.inference import checkpoint_precision
+from medcore.inference import PredictOptions, checkpoint_precision
 from medcore.io import atomic_write_json
 from medcore.run import RunContext, setup_run
 from medcore.runlog import RunLogger
@@ -304,10 +304,12 @@ def _fold(
         fold,
         ds["val"],
         ds["test"],
-        device=ctx.device,
-        precision=checkpoint_precision(trained.state, ctx.device),
-        batch_size=trained.eval_batch_size,
-        num_workers=cfg.trainer.num_workers,
+        options=PredictOptions(
+            ctx.device,
+            checkpoint_precision(trained.state, ctx.device),
+            trained.eval_batch_size,
+            cfg.trainer.num_workers,
+        ),
         method=cfg.cv.threshold_method,
         fold_dir=stage.dir,
         plots_dir=ctx.run_dir / "plots",

@@ -23,7 +23,6 @@ from torch.utils.data import Subset
 from histommnet.breakhis import CLASSES, SUBTYPE_CODES
 from histommnet.data import MultiMagDataset
 from medcore import inference
-from medcore.device import AmpPolicy
 from medcore.io import atomic_write_csv, atomic_write_text
 from medcore.metrics import binary_metrics, select_threshold
 from medcore.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
@@ -36,18 +35,14 @@ LEVELS = ("image", "patient")
 def predict(
     model: nn.Module,
     dataset: MultiMagDataset,
-    device: torch.device,
-    precision: AmpPolicy | None = None,
-    batch_size: int = 16,
-    num_workers: int | None = None,
-    shard: bool = True,
+    options: inference.PredictOptions,
     indices: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """One row per draw (of ``indices`` only, when given): patient, label, subtype, malignant
     probability (and subtype guess).
 
-    ``medcore.inference.predict``: a DataLoader (``num_workers`` None: the device default),
-    sharded over the ranks under DDP (every rank gets all rows), in ``precision``'s autocast.
+    ``medcore.inference.predict`` with ``options`` (sharded over the ranks under DDP unless
+    ``options.shard`` is False: every rank gets all rows).
     """
 
     def forward(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,12 +56,7 @@ def predict(
         model,
         dataset if indices is None else Subset(dataset, list(indices)),
         forward,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        shard=shard,
-        desc=None,
+        options.but(desc=None),
     )
     logits = out["logits"].numpy()
     patients = [dataset.patients[int(i)] for i in out["patient"]]
@@ -227,10 +217,7 @@ def test_fold(
     val_ds: MultiMagDataset,
     test_ds: MultiMagDataset,
     *,
-    device: torch.device,
-    precision: AmpPolicy,
-    batch_size: int,
-    num_workers: int | None,
+    options: inference.PredictOptions,
     method: str,
     fold_dir: Path,
     plots_dir: Path,
@@ -240,9 +227,8 @@ def test_fold(
     passes): thresholds chosen on validation, both splits' metrics; predictions and plots
     written. Returns ``thresholds``, ``threshold_method``, ``val``, ``test`` (and
     ``test_subtype_accuracy`` with a subtype head)."""
-    run = {"device": device, "precision": precision, "batch_size": batch_size}
-    val_draws = predict(model, val_ds, **run, num_workers=num_workers, shard=False)
-    test_draws = predict(model, test_ds, **run, num_workers=num_workers, shard=False)
+    val_draws = predict(model, val_ds, options.but(shard=False))
+    test_draws = predict(model, test_ds, options.but(shard=False))
     frames = {
         "val": (val_draws, patient_table(val_draws)),
         "test": (test_draws, patient_table(test_draws)),

@@ -30,7 +30,7 @@ from histommnet.data import MultiMagDataset, WorkingImages, normalization
 from histommnet.evaluate import predict
 from histommnet.model import SingleMagNet, load_model, resolve_normalization
 from medcore.errors import UserError
-from medcore.inference import checkpoint_precision
+from medcore.inference import PredictOptions, checkpoint_precision
 from medcore.io import atomic_path, atomic_write_json
 from medcore.plots import save_figure
 from medcore.run import setup_run
@@ -191,15 +191,9 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.draw < len(ds):
             raise UserError("--draw", f"patient {patient.key} has draws 0..{len(ds) - 1}")
         index = args.draw
-        p_draw = predict(
-            model,
-            ds,
-            ctx.device,
-            precision,
-            num_workers=0,  # one draw: no worker processes for it
-            shard=False,
-            indices=[index],
-        )["prob_malignant"].iloc[0]
+        # One draw: no worker processes for it.
+        one = PredictOptions(ctx.device, precision, num_workers=0, shard=False)
+        p_draw = predict(model, ds, one, indices=[index])["prob_malignant"].iloc[0]
         rgb_batch = ds[index]["images"].unsqueeze(0)
         images = ds.model_input(rgb_batch).to(ctx.device)
         cams, prob, cls = patient_cams(model, images, target, threshold, prob=float(p_draw))

@@ -31,6 +31,7 @@ from histommnet.model import NUM_SUBTYPES, build_model, checkpoint_kind
 from medcore.checkpoint import export_best, load_checkpoint
 from medcore.config import to_dict
 from medcore.device import device_defaults
+from medcore.inference import PredictOptions
 from medcore.run import RunContext
 from medcore.runlog import RunLogger
 from medcore.stages import Stage
@@ -117,7 +118,7 @@ def _make_evaluate_fn(
     warned_perfect: list[int] = []
 
     def evaluate_fn(model: torch.nn.Module, ctx: EvalContext) -> dict[str, float]:
-        draws = predict(model, val_ds, ctx.device, ctx.amp, eval_bs, workers)
+        draws = predict(model, val_ds, PredictOptions(ctx.device, ctx.amp, eval_bs, workers))
         logits = torch.tensor(
             draws[["logit_benign", "logit_malignant"]].to_numpy(), device=ctx.device
         )

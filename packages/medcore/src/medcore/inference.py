@@ -4,6 +4,8 @@
   is checked, the package's ``build(state)`` makes the unweighted model from the configs the
   checkpoint carries, the weights load strictly, and every failure is one line.
 - :func:`checkpoint_precision`: the precision a checkpoint was trained in, as it runs on a device.
+- :class:`PredictOptions`: how :func:`predict` runs (device, autocast, batch size, workers,
+  sharding, progress label), made once by a command and handed down to its prediction code.
 - :func:`predict`: a model over a dataset through a DataLoader (the device's default workers,
   pinned memory on CUDA), under ``torch.inference_mode`` and the checkpoint's autocast, with a
   progress bar; under DDP each rank predicts its contiguous shard and the outputs are gathered
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -101,38 +104,56 @@ def loader_workers(num_workers: int | None, device: torch.device) -> int:
     return device_defaults(device).num_workers if num_workers is None else int(num_workers)
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """How :func:`predict` runs.
+
+    ``precision``: the autocast to run under (:func:`checkpoint_precision`); fp32 when None.
+    ``num_workers``: DataLoader workers; None: the device's default. ``shard``: under DDP each
+    rank predicts its block and every rank gets all outputs; False: this rank predicts all.
+    ``desc``: the progress bar's label; None: no bar.
+    """
+
+    device: torch.device
+    precision: AmpPolicy | None = None
+    batch_size: int = 32
+    num_workers: int | None = None
+    shard: bool = True
+    desc: str | None = "predict"
+
+    def but(self, **changes: Any) -> PredictOptions:
+        """A copy with ``changes`` (e.g. ``options.but(shard=False, desc=None)``)."""
+        return dataclasses.replace(self, **changes)
+
+
 def predict(
     model: nn.Module,
     data: Dataset,
     forward: Callable[[nn.Module, Any], torch.Tensor | Mapping[str, Any]],
+    options: PredictOptions,
     *,
-    device: torch.device,
-    precision: AmpPolicy | None = None,
-    batch_size: int = 32,
-    num_workers: int | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
-    shard: bool = True,
-    desc: str | None = "predict",
     channels_last: bool = False,
 ) -> torch.Tensor | Outputs:
     """``forward(model, batch)`` over ``data`` in order; tensors are concatenated on the CPU.
 
     ``forward`` returns a tensor or a mapping of tensors / lists (one entry per sample each).
-    With ``shard`` and more than one rank, rank ``r`` predicts block ``r`` of the dataset and
-    the blocks are gathered (rank order is dataset order): every rank returns all outputs.
-    ``precision``: the autocast to run under (:func:`checkpoint_precision`); fp32 when None.
+    With ``options.shard`` and more than one rank, rank ``r`` predicts block ``r`` of the
+    dataset and the blocks are gathered (rank order is dataset order): every rank returns all
+    outputs.
     """
+    device, shard, desc = options.device, options.shard, options.desc
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     part: Dataset = data
     if shard and world > 1:
         lo, hi = shard_bounds(len(data), rank, world)  # type: ignore[arg-type]
         part = Subset(data, range(lo, hi))
-    policy = precision or AmpPolicy(False, torch.float32, False)
+    policy = options.precision or AmpPolicy(False, torch.float32, False)
     loader = DataLoader(
         part,
-        batch_size=batch_size,
+        batch_size=options.batch_size,
         shuffle=False,
-        num_workers=loader_workers(num_workers, device),
+        num_workers=loader_workers(options.num_workers, device),
         collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
