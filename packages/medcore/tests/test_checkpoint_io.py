@@ -40,6 +40,8 @@ def test_overwriting_a_checkpoint_frees_the_old_file_off_the_thread(tmp_path: Pa
     finish_retiring()
     assert load_checkpoint(path)["step"] == 2
     assert path.stat().st_ino != first_inode
+    # Written without per-record CRCs; the caller's torch.save setting is left as it was.
+    assert torch.serialization.get_crc32_options()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
 
 

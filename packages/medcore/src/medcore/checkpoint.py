@@ -33,16 +33,27 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, kind: str | None = 
     if kind is not None:
         payload["kind"] = kind
     retired = _retire(path)
+    # No CRC-32 per record: torch.load never checks it (a flipped byte loads silently either
+    # way), and computing it is half the cost of serialising (0.08 of 0.14 s for the 140 MB
+    # of a ResNet-18 with its Adam state, measured). Truncation, the real failure, cannot
+    # happen to an atomic write and is refused on load by the zip directory check.
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
     try:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
+    except BaseException:
+        if retired is not None:  # the old file is still ``path``: dropping this name is cheap
+            retired.unlink(missing_ok=True)
+        raise
     finally:
-        if retired is not None:
-            # Freeing the replaced file's blocks is slow (0.1-0.3 s for 135 MB on ext4 with
-            # discard, measured): it happens off the training thread.
-            thread = threading.Thread(target=retired.unlink, kwargs={"missing_ok": True})
-            thread.start()
-            _RETIRING.append(thread)
+        torch.serialization.set_crc32_options(crc)
+    if retired is not None:
+        # Freeing the replaced file's blocks is slow (0.1-0.3 s for 135 MB on ext4 with
+        # discard, measured): it happens off the training thread.
+        thread = threading.Thread(target=retired.unlink, kwargs={"missing_ok": True})
+        thread.start()
+        _RETIRING.append(thread)
     return path
 
 
