@@ -75,12 +75,7 @@ def test_one_training_step_at_the_real_width(name):
     cfg = packaged(name)
     model = build_model(cfg.model).train()
     phase = cfg.phases.phase4
-    criterion = build_loss(
-        phase.loss,
-        symmetry_reference=cfg.loss.symmetry_reference,
-        symmetry_weight=cfg.loss.symmetry_weight,
-        distance_weight=cfg.loss.distance_weight,
-    )
+    criterion = build_loss(phase.loss, cfg.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=phase.head_lr)
     before = model.head[7].weight.detach().clone()
     loss = criterion(model(torch.randn(2, 3, 32, 32)), torch.rand(2, 30))

@@ -102,6 +102,19 @@ def test_gradients_finite_at_perfect_prediction():
 def test_unknown_loss_name():
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("huber")
+    with pytest.raises(ValueError, match=r"unknown loss terms \['dist'\]"):
+        CompleteLandmarkLoss({"dist": 0.2})
+
+
+def test_build_loss_takes_the_configs_loss_section():
+    from cxrlandmarks.config import LossConfig
+
+    cfg = LossConfig(wing_w=5.0, wing_epsilon=1.0, symmetry_weight=0.5, distance_weight=0.7)
+    loss = build_loss("complete", cfg)
+    assert loss.weights == {"wing": 1.0, "symmetry": 0.5, "distance": 0.7}
+    assert (loss.terms["wing"].w, loss.terms["wing"].epsilon) == (5.0, 1.0)
+    # Phase 3 switches the distance term off whatever the config weights it at.
+    assert build_loss("symmetry", cfg).weights == {"wing": 1.0, "symmetry": 0.5, "distance": 0.0}
 
 
 def rotated(points: torch.Tensor, degrees: float, about=(0.5, 0.5)) -> torch.Tensor:

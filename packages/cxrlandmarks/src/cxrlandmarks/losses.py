@@ -10,12 +10,13 @@ composite (0.3 symmetry, 0.2 distance) live only in :class:`CompleteLandmarkLoss
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from cxrlandmarks.anatomy import asymmetry, pair_distances
+from cxrlandmarks.config import LossConfig
 
 
 def as_points(coords: torch.Tensor) -> torch.Tensor:
@@ -79,28 +80,29 @@ class DistancePreservationLoss(nn.Module):
         return (d_pred - d_true).abs().mean()
 
 
+DEFAULT_WEIGHTS = {"wing": 1.0, "symmetry": 0.3, "distance": 0.2}
+
+
 class CompleteLandmarkLoss(nn.Module):
-    """``wing_weight * Wing + symmetry_weight * Symmetry + distance_weight * Distance``.
+    """``sum(weights[t] * t)`` over the terms Wing, Symmetry and Distance (a term weighted 0 is
+    not computed); the default weights are the original's 1, 0.3 and 0.2.
 
     Returns the total; the unweighted components of the last call are in ``self.last``.
     """
 
     def __init__(
         self,
-        wing_weight: float = 1.0,
-        symmetry_weight: float = 0.3,
-        distance_weight: float = 0.2,
+        weights: Mapping[str, float] | None = None,
         w: float = 10.0,
         epsilon: float = 2.0,
         pixel_scale: float = 224.0,
         symmetry_reference: str = "prior",
     ) -> None:
         super().__init__()
-        self.weights = {
-            "wing": wing_weight,
-            "symmetry": symmetry_weight,
-            "distance": distance_weight,
-        }
+        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        if set(self.weights) != set(DEFAULT_WEIGHTS):
+            unknown = sorted(set(self.weights) - set(DEFAULT_WEIGHTS))
+            raise ValueError(f"unknown loss terms {unknown} (terms: {', '.join(DEFAULT_WEIGHTS)})")
         self.terms = nn.ModuleDict(
             {
                 "wing": WingLoss(w, epsilon, pixel_scale),
@@ -137,22 +139,24 @@ LOSS_NAMES = ("wing", "symmetry", "complete", "mse")
 
 
 # Each phase's loss: the CompleteLandmarkLoss terms it switches off.
-_OFF = {"wing": ("symmetry_weight", "distance_weight"), "symmetry": ("distance_weight",)}
+_OFF = {"wing": ("symmetry", "distance"), "symmetry": ("distance",)}
 
 
-def build_loss(name: str, **params: Any) -> nn.Module:
+def build_loss(name: str, cfg: LossConfig | None = None) -> nn.Module:
     """The loss of a training phase by name: ``wing`` (phases 1-2), ``symmetry`` = Wing + 0.3 x
-    symmetry (phase 3), ``complete`` = Wing + 0.3 x symmetry + 0.2 x distance (phase 4), ``mse``.
-
-    ``params``: :class:`CompleteLandmarkLoss` keywords (``w``, ``epsilon``, ``pixel_scale``,
-    ``symmetry_weight``, ``distance_weight``, ``symmetry_reference``); ``mse`` takes
-    ``pixel_scale`` only.
+    symmetry (phase 3), ``complete`` = Wing + 0.3 x symmetry + 0.2 x distance (phase 4), ``mse``;
+    with the parameters of ``cfg`` (the config's ``loss:`` section; default: its defaults).
     """
+    cfg = cfg or LossConfig()
     if name == "mse":
-        return MSELoss(params.get("pixel_scale", 224.0))
+        return MSELoss(cfg.pixel_scale)
     if name not in ("wing", "symmetry", "complete"):
         raise ValueError(f"unknown loss {name!r} (choose from {', '.join(LOSS_NAMES)})")
-    return CompleteLandmarkLoss(**{**params, **dict.fromkeys(_OFF.get(name, ()), 0.0)})
+    weights = {"wing": 1.0, "symmetry": cfg.symmetry_weight, "distance": cfg.distance_weight}
+    weights.update(dict.fromkeys(_OFF.get(name, ()), 0.0))
+    return CompleteLandmarkLoss(
+        weights, cfg.wing_w, cfg.wing_epsilon, cfg.pixel_scale, cfg.symmetry_reference
+    )
 
 
 __all__ = [

@@ -45,6 +45,7 @@ from medcore.checkpoint import copy_checkpoint, export_best
 from medcore.config import to_dict
 from medcore.distributed import barrier
 from medcore.errors import UserError
+from medcore.inference import PredictOptions
 from medcore.metrics import landmark_errors
 from medcore.plots import plot_training_curves
 from medcore.run import RunContext, setup_run
@@ -137,15 +138,7 @@ def run_phase(
     cfg: CxrConfig = ctx.cfg
     phase: PhaseConfig = getattr(cfg.phases, name)
     model, init = build_phase_model(cfg, phase, init_path)
-    criterion = build_loss(
-        phase.loss,
-        w=cfg.loss.wing_w,
-        epsilon=cfg.loss.wing_epsilon,
-        pixel_scale=cfg.loss.pixel_scale,
-        symmetry_weight=cfg.loss.symmetry_weight,
-        distance_weight=cfg.loss.distance_weight,
-        symmetry_reference=cfg.loss.symmetry_reference,
-    )
+    criterion = build_loss(phase.loss, cfg.loss)
     size = cfg.data.image_size
     batched = cfg.augment.enabled and cfg.augment.batched
     train_set = data.dataset("train", size, norm, None if batched else cfg.augment)
@@ -169,10 +162,10 @@ def run_phase(
         return loss, dict(getattr(criterion, "last", {}))
 
     def evaluate_fn(net: torch.nn.Module, ectx: EvalContext) -> dict[str, float]:
-        pred = predict_dataset(
-            [net], val_set, ectx.device, ectx.amp, cfg.data.eval_batch_size,
-            num_workers=cfg.trainer.num_workers, desc=None,
-        )  # fmt: skip
+        options = PredictOptions(
+            ectx.device, ectx.amp, cfg.data.eval_batch_size, cfg.trainer.num_workers, desc=None
+        )
+        pred = predict_dataset([net], val_set, options)
         e = landmark_errors(pred, val_target, scale=REFERENCE_SIZE)
         return {
             "val/mean_px": e["mean"],
