@@ -59,3 +59,29 @@ def test_sentence_sampling_keeps_sentence_order(tiny_demo):
     plain = CTReportDataset(tiny_demo / "ct_volumes.h5", {name: report}, [name], Tokenizer(77))
     assert plain.text(name) == report
     assert plain[0]["volume"].shape == (8, 28, 28)
+
+
+def test_joined_sentence_ids_equal_tokenizing_the_joined_text():
+    """``Tokenizer.join`` (each sentence encoded once) against open_clip on the joined text:
+    CT-RATE-style reports with numbers, units, punctuation, HTML entities, non-ASCII and odd
+    white space, every in-order subset, and truncation at a short context length."""
+    import itertools
+
+    from ctclip.data import split_sentences
+
+    reports = [
+        "Trachea and both main bronchi are open. A 12x8 mm nodule is seen in segment 6 of the "
+        "right lower lobe. No pleural effusion!  Heart size is normal? Mediastinal structures "
+        "were evaluated as suboptimal since the examination was unenhanced.",
+        "Bilateral ground-glass opacities (peripheral, subpleural) &amp; septal thickening. "
+        "Emphysematous changes, up to 3,5 cm, are observed.\tL1 vertebra: compression fracture.",
+        "Findings: naïve scan —  degenerative changes in the thoracic spine. Aorta 41mm.",
+    ]
+    for context in (77, 16):
+        tok = Tokenizer(context)
+        for report in reports:
+            sentences = split_sentences(report)
+            for k in range(1, len(sentences) + 1):
+                for subset in itertools.combinations(sentences, k):
+                    expected = tok(" ".join(subset))[0]
+                    torch.testing.assert_close(tok.join(list(subset)), expected)

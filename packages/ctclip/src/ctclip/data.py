@@ -188,22 +188,26 @@ class CTReportDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def text(self, name: str) -> str:
-        """The report, or a random in-order subset of its sentences (global torch RNG: the
+    def sentences(self, name: str) -> list[str]:
+        """The report's sentences, or a random in-order subset of them (global torch RNG: the
         Trainer seeds it per worker and checkpoints it, so runs and resumes repeat exactly)."""
         report = self.reports[name]
         if not self.sentence_sampling:
-            return report
+            return [report]
         sentences = split_sentences(report)
         if len(sentences) < 2:
-            return report
+            return [report]
         k = int(torch.randint(1, len(sentences) + 1, ()))
         keep = torch.randperm(len(sentences))[:k].sort().values.tolist()
-        return " ".join(sentences[i] for i in keep)
+        return [sentences[i] for i in keep]
+
+    def text(self, name: str) -> str:
+        """The report text of one draw (see :meth:`sentences`)."""
+        return " ".join(self.sentences(name))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         name = self.names[index]
-        return {"volume": self.reader(name), "tokens": self.tokenizer(self.text(name))[0]}
+        return {"volume": self.reader(name), "tokens": self.tokenizer.join(self.sentences(name))}
 
 
 class CTVolumeDataset(Dataset):
