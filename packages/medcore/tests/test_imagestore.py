@@ -153,6 +153,9 @@ def test_batch_read_equals_item_reads_in_the_given_order(tmp_path: Path, pngs: l
     store = open_store(pngs, tmp_path / "store", StoreSpec(size=(23, 35)), progress=False)
     order = [3, 0, 4, 0]
     np.testing.assert_array_equal(store.batch(order), np.stack([store[i] for i in order]))
+    crop = store.batch(order, rows=slice(1, 5), cols=slice(2, None))
+    np.testing.assert_array_equal(crop, np.stack([store[i][1:5, 2:] for i in order]))
+    assert crop.flags.c_contiguous
 
 
 def _hold_lock(target: str, seconds: float) -> None:

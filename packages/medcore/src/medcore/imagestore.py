@@ -109,11 +109,19 @@ class ImageStore:
     def __getitem__(self, index: int) -> np.ndarray:
         return self.pixels[index]
 
-    def batch(self, indices: Sequence[int]) -> np.ndarray:
-        """Images ``indices`` as one ``[B, H, W, C]`` array (one sorted read of the map)."""
-        order = np.argsort(indices)
-        out = np.empty((len(indices), *self.shape[1:]), dtype=np.uint8)
-        out[order] = self.pixels[np.asarray(indices)[order]]
+    def batch(
+        self, indices: Sequence[int], rows: slice = slice(None), cols: slice = slice(None)
+    ) -> np.ndarray:
+        """Images ``indices`` (their ``rows`` x ``cols`` region) as one ``[B, h, w, C]`` array.
+
+        The map is read in file order and each region is copied once, straight into the
+        contiguous output (a crop is never read as a whole image first).
+        """
+        region = self.pixels[0, rows, cols].shape
+        out = np.empty((len(indices), *region), dtype=np.uint8)
+        pixels = self.pixels
+        for j in np.argsort(indices, kind="stable"):
+            out[j] = pixels[indices[j], rows, cols]
         return out
 
     def __getstate__(self) -> dict:
