@@ -13,12 +13,10 @@ import torch
 from common import (
     Row,
     ab_comparison,
+    added_peak_memory,
     fmt_bytes,
     fmt_s,
-    peak_rss,
     peak_rss_in_child,
-    reset_peak_rss,
-    sync,
 )
 
 SOURCE_SHAPE = (512, 512, 200)  # x, y, z voxels, as a chest CT of CT-RATE
@@ -268,24 +266,15 @@ def _one_step(slices: int, chunked: bool, device_type: str) -> tuple[float, floa
     ]
     tokens = Tokenizer(77)(texts).to(device)
     volume = volume.to(device)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = reset_peak_rss()
-    image, text, scale = model(volume, tokens)
-    # Batch 1: the volume is scored against its report and three others (the reports that the
-    # other ranks hold under DDP), image -> text cross-entropy.
-    logits = scale * image @ text.T
-    loss = F.cross_entropy(logits.float(), torch.zeros(1, dtype=torch.long, device=device))
-    loss.backward()
-    opt.step()
-    sync(device)
-    if device.type == "cuda":
-        step_bytes = torch.cuda.max_memory_allocated(device) - base
-    else:
-        step_bytes = peak_rss() - base
+    with added_peak_memory(device) as memory:
+        image, text, scale = model(volume, tokens)
+        # Batch 1: the volume is scored against its report and three others (the reports that
+        # the other ranks hold under DDP), image -> text cross-entropy.
+        logits = scale * image @ text.T
+        loss = F.cross_entropy(logits.float(), torch.zeros(1, dtype=torch.long, device=device))
+        loss.backward()
+        opt.step()
+    step_bytes = memory["bytes"]
     checksum = float(
         sum(p.grad.double().abs().sum() for p in model.parameters() if p.grad is not None)
     )

@@ -15,7 +15,7 @@ import os
 import time
 
 import torch
-from common import Row, ab_comparison, fmt_bytes, peak_rss, peak_rss_in_child, reset_peak_rss, sync
+from common import Row, ab_comparison, added_peak_memory, fmt_bytes, peak_rss_in_child, sync
 
 BATCH = 3  # the smallest batch with a triplet (two of one class, one of the other)
 
@@ -34,23 +34,15 @@ def _one_step(checkpointing: bool, device_type: str) -> tuple[float, float, int,
     opt = torch.optim.AdamW(model.param_groups(5e-6, 1e-3), weight_decay=1e-3)
     x = torch.rand(BATCH, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(device)
     labels = torch.tensor([0, 0, 1], device=device)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = reset_peak_rss()
-    torch.manual_seed(2)  # dropout and drop-path draw the same in both modes
-    start = time.perf_counter()
-    loss, _ = batch_hard_triplet_loss(model(x), labels, margin=0.5)
-    loss.backward()
-    opt.step()
-    sync(device)
-    seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        step_bytes = torch.cuda.max_memory_allocated(device) - base
-    else:
-        step_bytes = peak_rss() - base
+    with added_peak_memory(device) as memory:
+        torch.manual_seed(2)  # dropout and drop-path draw the same in both modes
+        start = time.perf_counter()
+        loss, _ = batch_hard_triplet_loss(model(x), labels, margin=0.5)
+        loss.backward()
+        opt.step()
+        sync(device)
+        seconds = time.perf_counter() - start
+    step_bytes = memory["bytes"]
     checksum = float(
         sum(p.grad.double().abs().sum() for p in model.parameters() if p.grad is not None)
     )

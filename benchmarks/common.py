@@ -6,6 +6,7 @@ result holds on a noisy machine: absolute numbers move with the machine, ratios 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -13,7 +14,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -97,6 +98,23 @@ def peak_rss() -> int:
     return (
         hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
+
+
+@contextlib.contextmanager
+def added_peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
+    """``out["bytes"]``: the peak memory the block adds (``max_memory_allocated`` on CUDA, the
+    peak RSS on CPU), set when the block ends; the device is synchronised on both sides."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = reset_peak_rss()
+    out: dict[str, int] = {}
+    yield out
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+    out["bytes"] = peak - base
 
 
 def _child(fn: Callable[[], Any], queue: Any) -> None:
