@@ -17,8 +17,6 @@ from medcore.volume_geometry import (
     Volume,
     check_affine,
     first_line,
-    to_canonical,
-    voxel_spacing,
 )
 
 MAX_SLICE_PIXELS = 8192 * 8192
@@ -339,15 +337,12 @@ def read_dicom_series(folder: str | Path) -> Volume:
     lps[:3, 3] = first
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     check_affine(folder, ras)
-    voxels, affine, codes = to_canonical(out, ras)
     header = chosen.header
     rescales = {(sl.slope, sl.intercept) for sl in slices}
-    return Volume(
-        voxels=voxels,
-        affine=affine,
-        spacing=voxel_spacing(affine),
-        source_axcodes=codes,
-        meta={
+    return Volume.canonical(
+        out,
+        ras,
+        {
             "source": "dicom",
             "path": str(folder),
             "patient_id": str(header.get("PatientID", "") or ""),

@@ -35,6 +35,13 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(v) for v in self.voxels.shape)
 
+    @classmethod
+    def canonical(cls, data: np.ndarray, affine: np.ndarray, meta: dict[str, Any]) -> Volume:
+        """The volume of ``data`` (indices mapped to RAS+ mm by ``affine``), reoriented into
+        the canonical orientation as one contiguous copy; what each reader tells is ``meta``."""
+        voxels, canon_affine, codes = to_canonical(data, affine)
+        return cls(voxels, canon_affine, voxel_spacing(canon_affine), codes, meta)
+
 
 def first_line(exc: BaseException, limit: int = 120) -> str:
     text = str(exc).strip()

@@ -45,7 +45,6 @@ from medcore.volume_geometry import (
     check_affine,
     first_line,
     to_canonical,
-    voxel_spacing,
 )
 
 __all__ = [
@@ -148,13 +147,10 @@ def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None) -> 
     ).all():
         raise DataError(path, "contains NaN or infinite values")
     # nibabel's array is in the file's (Fortran) order; the one contiguous copy is made here.
-    voxels, canon_affine, codes = to_canonical(data, affine)
-    return Volume(
-        voxels=voxels,
-        affine=canon_affine,
-        spacing=voxel_spacing(canon_affine),
-        source_axcodes=codes,
-        meta={
+    return Volume.canonical(
+        data,
+        affine,
+        {
             "source": "nifti",
             "path": str(path),
             "rescale": applied,
