@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from medcore.checkpoint import (
+    copy_checkpoint,
     export_safetensors,
-    finish_retiring,
+    finish_releasing,
     load_checkpoint,
     load_safetensors,
+    release_spares,
     save_checkpoint,
 )
 from medcore.errors import CheckpointError, DataError, UserError
@@ -30,18 +32,57 @@ def test_save_load_round_trip_and_kind(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".c.pt.*")), "no temporary file left behind"
 
 
-def test_overwriting_a_checkpoint_frees_the_old_file_off_the_thread(tmp_path: Path) -> None:
-    path = tmp_path / "latest.pt"
+def test_rewriting_a_checkpoint_reuses_the_replaced_file_in_place(tmp_path: Path) -> None:
+    path, spare = tmp_path / "latest.pt", tmp_path / ".latest.pt.spare"
     save_checkpoint({"step": 1, "w": torch.zeros(1000)}, path)
-    first_inode = path.stat().st_ino
-    # A process killed while it freed the previous file left its second name behind.
-    (tmp_path / ".latest.pt.retired").write_bytes(b"stale")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
+    first = path.stat().st_ino
+    # A process killed between the two renames left the old file's second name behind.
+    (tmp_path / ".latest.pt.old").write_bytes(b"stale")
     save_checkpoint({"step": 2, "w": torch.ones(1000)}, path)
-    finish_retiring()
     assert load_checkpoint(path)["step"] == 2
-    assert path.stat().st_ino != first_inode
+    assert spare.stat().st_ino == first and spare.stat().st_nlink == 1  # kept as the spare
+    save_checkpoint({"step": 3, "w": torch.full((10,), 3.0)}, path)  # shorter: truncated
+    assert path.stat().st_ino == first, "the spare was overwritten in place and renamed"
+    assert load_checkpoint(path)["step"] == 3
     # Written without per-record CRCs; the caller's torch.save setting is left as it was.
     assert torch.serialization.get_crc32_options()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".latest.pt.spare", "latest.pt"]
+    release_spares(tmp_path)
+    finish_releasing()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
+
+
+def test_a_checkpoint_another_name_links_to_is_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint({"step": 1}, path)
+    copy_checkpoint(path, tmp_path / "final.pt")  # a hard link to the same file
+    for step in (2, 3, 4):
+        save_checkpoint({"step": step}, path)
+    assert load_checkpoint(tmp_path / "final.pt")["step"] == 1
+    assert load_checkpoint(path)["step"] == 4
+    # A spare some other name links to (a user's `ln`) is replaced, not written through.
+    os.link(tmp_path / ".latest.pt.spare", tmp_path / "mine.pt")
+    mine = load_checkpoint(tmp_path / "mine.pt")["step"]
+    save_checkpoint({"step": 5}, path)
+    assert load_checkpoint(tmp_path / "mine.pt")["step"] == mine
+    assert load_checkpoint(path)["step"] == 5
+
+
+class _DiskFull:
+    """Fails while torch.save writes it, as a full disk would."""
+
+    def __reduce__(self):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_write_leaves_the_checkpoint_and_no_spare(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint({"step": 1}, path)
+    save_checkpoint({"step": 2}, path)  # the first file is now the spare
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"step": 3, "w": torch.ones(1000), "bad": _DiskFull()}, path)
+    assert load_checkpoint(path)["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
 
 

@@ -312,3 +312,73 @@ def test_a_wrong_precision_is_a_config_error_at_load_time(key: str, value: str) 
 
     with pytest.raises(ConfigError, match=rf"trainer\.{key}: expected .*{value!r}"):
         load_config(_RunLike, {"trainer": {key: value}})
+
+
+def _saves(trainer: Trainer) -> list[tuple[str, int]]:
+    """(name, epoch) of every latest.pt / final.pt ``trainer`` writes from now on."""
+    names: list[tuple[str, int]] = []
+    save = trainer._save
+
+    def recording(name: str):
+        if name in ("latest.pt", "final.pt"):
+            names.append((name, trainer.epoch))
+        return save(name)
+
+    trainer._save = recording
+    return names
+
+
+def test_save_interval_skips_epoch_end_writes_but_never_the_last(tmp_path: Path) -> None:
+    every = make(tmp_path / "every", epochs=3)
+    names = _saves(every)
+    every.fit()
+    assert names == [("latest.pt", 1), ("latest.pt", 2), ("latest.pt", 3), ("final.pt", 3)]
+    sparse = make(tmp_path / "sparse", epochs=3, save_interval_s=3600.0)
+    names = _saves(sparse)
+    sparse.fit()
+    assert names == [("latest.pt", 3), ("final.pt", 3)]
+    ckpts = tmp_path / "sparse/checkpoints"
+    assert (ckpts / "latest.pt").stat().st_ino == (ckpts / "final.pt").stat().st_ino
+    sparse_weights = weights(sparse)
+    assert all(torch.equal(v, sparse_weights[k]) for k, v in weights(every).items())
+    # An early stop is the run's last epoch too: latest.pt is written there.
+    stopping = make(
+        tmp_path / "stop",
+        epochs=50,
+        save_interval_s=3600.0,
+        monitor=["val/acc"],
+        monitor_mode="max",
+        early_stopping_patience=1,
+    )
+    names = _saves(stopping)
+    result = stopping.fit()
+    assert result.stopped_early and result.epochs_completed < 50
+    assert names == [("latest.pt", result.epochs_completed), ("final.pt", result.epochs_completed)]
+
+
+def test_sigterm_saves_the_last_finished_step_and_resumes_exactly(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    full = make(tmp_path / "full", grad_accum_steps=1)
+    full.fit()
+    victim = make(tmp_path / "victim", grad_accum_steps=1, save_interval_s=3600.0)
+    calls = {"n": 0}
+
+    def step_then_terminated(model: nn.Module, batch) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 9:  # inside epoch 2 (6 batches per epoch), after 8 finished steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(model, batch)
+
+    victim.step_fn = step_then_terminated
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        victim.fit()
+    assert signal.getsignal(signal.SIGTERM) == before  # the fit's handler is gone again
+    latest = tmp_path / "victim/checkpoints/latest.pt"
+    assert load_checkpoint(latest, kind="test.MLP")["global_step"] == 8
+    resumed = make(tmp_path / "victim", grad_accum_steps=1)
+    resumed.fit(resume=latest)
+    for key, value in weights(full).items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key

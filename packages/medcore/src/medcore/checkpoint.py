@@ -22,63 +22,93 @@ from medcore.errors import CheckpointError
 from medcore.io import atomic_path
 
 FORMAT = "medcore.checkpoint/1"
-_RETIRING: list[threading.Thread] = []
+_RELEASING: list[threading.Thread] = []
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path, kind: str | None = None) -> Path:
-    """Write ``state`` atomically; with ``kind`` the model identity is stamped in."""
+    """Write ``state`` atomically; with ``kind`` the model identity is stamped in.
+
+    The checkpoint is written under a hidden spare name beside ``path`` and renamed onto it, so
+    ``path`` names a complete file at every moment (an interrupted write leaves the old one).
+    The file it replaces is kept as the next write's spare, when no other name links to it
+    (``final.pt`` and best-model files are hard links), and the next write overwrites it in
+    place: rewriting pages the page cache already holds costs a third of allocating a new file
+    and freeing the old one (135 MB: 0.04 against 0.14 s, measured), and the trainer rewrites
+    ``latest.pt`` every epoch. :func:`release_spares` frees the spares at the end of a run.
+    """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    finish_releasing()  # a spare freed at the end of a previous run in this folder is gone
     payload = dict(state)
     payload.setdefault("format", FORMAT)
     if kind is not None:
         payload["kind"] = kind
-    retired = _retire(path)
+    spare = _spare_name(path)
     # No CRC-32 per record: torch.load never checks it (a flipped byte loads silently either
     # way), and computing it is half the cost of serialising (0.08 of 0.14 s for the 140 MB
     # of a ResNet-18 with its Adam state, measured). Truncation, the real failure, cannot
     # happen to an atomic write and is refused on load by the zip directory check.
     crc = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
+    old: Path | None = path.with_name(f".{path.name}.old")
     try:
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        _write_over(spare, payload)
+        old.unlink(missing_ok=True)  # left by a process killed between the two renames below
+        try:
+            os.link(path, old)
+        except OSError:  # no file there yet, or a file system without hard links
+            old = None
+        os.replace(spare, path)
     except BaseException:
-        if retired is not None:  # the old file is still ``path``: dropping this name is cheap
-            retired.unlink(missing_ok=True)
+        spare.unlink(missing_ok=True)
+        if old is not None:  # a second name of the file still at ``path``: cheap to drop
+            old.unlink(missing_ok=True)
         raise
     finally:
         torch.serialization.set_crc32_options(crc)
-    if retired is not None:
-        # Freeing the replaced file's blocks is slow (0.1-0.3 s for 135 MB on ext4 with
-        # discard, measured): it happens off the training thread.
-        thread = threading.Thread(target=retired.unlink, kwargs={"missing_ok": True})
-        thread.start()
-        _RETIRING.append(thread)
+    if old is not None:
+        if old.stat().st_nlink == 1:
+            os.replace(old, spare)
+        else:  # other names keep the old file: dropping this one frees nothing, so it is cheap
+            old.unlink()
     return path
 
 
-def finish_retiring() -> None:
-    """Wait until the files replaced by :func:`save_checkpoint` are freed (at the end of a fit)."""
-    while _RETIRING:
-        _RETIRING.pop().join()
+def _spare_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.spare")
 
 
-def _retire(path: Path) -> Path | None:
-    """A second name for the file that ``path`` is about to replace, or None.
-
-    ``os.replace`` onto ``path`` then only drops a link (fast) and the old file is freed when
-    its second name is removed; ``path`` itself names a complete file at every moment.
-    """
-    finish_retiring()  # the previous write's file is freed (it had a whole epoch)
-    if not path.is_file():
-        return None
-    retired = path.with_name(f".{path.name}.retired")
-    retired.unlink(missing_ok=True)  # left by a process killed before it removed it
+def _write_over(spare: Path, payload: dict[str, Any]) -> None:
+    """torch.save ``payload`` to ``spare``, in place when it is a file only this name links to."""
     try:
-        os.link(path, retired)
-    except OSError:  # a file system without hard links: replace as before
-        return None
-    return retired
+        reusable = spare.lstat().st_nlink == 1 and spare.is_file() and not spare.is_symlink()
+    except FileNotFoundError:
+        reusable = False
+    if not reusable:
+        spare.unlink(missing_ok=True)
+        torch.save(payload, spare)
+        return
+    with spare.open("r+b") as f:
+        torch.save(payload, f)
+        f.truncate()
+
+
+def release_spares(directory: str | Path) -> None:
+    """Free the spare files :func:`save_checkpoint` kept in ``directory`` (end of a run).
+
+    Freeing a large file's blocks is slow (0.1-0.3 s for 135 MB on ext4 with discard,
+    measured), so it happens on a background thread; :func:`finish_releasing` waits for it.
+    """
+    for spare in Path(directory).glob(".*.spare"):
+        thread = threading.Thread(target=spare.unlink, kwargs={"missing_ok": True})
+        thread.start()
+        _RELEASING.append(thread)
+
+
+def finish_releasing() -> None:
+    """Wait until the spares given to :func:`release_spares` are freed."""
+    while _RELEASING:
+        _RELEASING.pop().join()
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ class CheckpointState:
         if name == "latest.pt":
             self.last_good_checkpoint = path
             self._latest_position = self._position()
+            self._latest_time = time.monotonic()
         return path if self.is_main else None
 
     def load_state(self, path: str | Path) -> None:

@@ -32,10 +32,13 @@ a forward pass updates) are copied for the NaN guard, and only when the model ha
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +57,7 @@ from medcore.batching import (
     move_to_device,
     shard_bounds,
 )
-from medcore.checkpoint import finish_retiring
+from medcore.checkpoint import release_spares
 from medcore.device import device_defaults, precision_policy
 from medcore.errors import TrainingDiverged
 from medcore.optim import build_optimizer, build_scheduler
@@ -84,6 +87,25 @@ __all__ = [
     "set_rng_state",
     "shard_bounds",
 ]
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
+    """SIGTERM (SLURM's time limit and preemption, ``kill``, ``docker stop``) ends a
+    single-process fit as Ctrl-C does: latest.pt at the last finished step, then exit 130.
+    Under DDP the ranks cannot save alone, as with Ctrl-C (the launcher ends them)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class Trainer(TrainData, CheckpointState, Evaluation):
@@ -184,6 +206,7 @@ class Trainer(TrainData, CheckpointState, Evaluation):
         self.history: list[dict[str, float]] = []
         self.last_good_checkpoint: Path | None = None
         self._latest_position: tuple[int, int, int] | None = None  # of our last latest.pt
+        self._latest_time = time.monotonic()  # when latest.pt was last written (or fit began)
 
     # -- one optimizer step -----------------------------------------------------------------
     def _micro_batch(self, batch: Any, sync: bool, window: StepWindow) -> None:
@@ -259,8 +282,31 @@ class Trainer(TrainData, CheckpointState, Evaluation):
                 "strategy": type(self.fabric.strategy).__name__,
                 "batch_size": self.batch_size,
                 "world_size": self.dist.world_size,
+                "save_interval_s": self.cfg.save_interval_s,
             }
         )
+        self._latest_time = time.monotonic()
+        try:
+            with _sigterm_as_interrupt(enabled=not self.dist.enabled):
+                stopped_early, final_path = self._fit_epochs(stop_after_steps)
+        finally:
+            if self.is_main:  # the hidden spare files of the checkpoint writes
+                release_spares(self.ckpt_dir)
+        if self.dist.enabled:
+            self.fabric.barrier()
+        return TrainResult(
+            best_metric=self.best_value,
+            best_metric_name=self.best_name,
+            best_path=self.best_path,
+            final_path=final_path,
+            global_step=self.global_step,
+            epochs_completed=self.epoch,
+            stopped_early=stopped_early,
+            history=self.history,
+        )
+
+    def _fit_epochs(self, stop_after_steps: int | None) -> tuple[bool, Path | None]:
+        """The epochs left and final.pt; returns (stopped early, final.pt or None)."""
         stopped_early = interrupted = False
         try:
             while self.epoch < self.cfg.epochs and not (stopped_early or interrupted):
@@ -279,19 +325,7 @@ class Trainer(TrainData, CheckpointState, Evaluation):
                 self.logger.log_jsonl(
                     {"event": "early_stop", "epoch": self.epoch, "step": self.global_step}
                 )
-        finish_retiring()  # from here on the checkpoints directory holds only finished files
-        if self.dist.enabled:
-            self.fabric.barrier()
-        return TrainResult(
-            best_metric=self.best_value,
-            best_metric_name=self.best_name,
-            best_path=self.best_path,
-            final_path=final_path,
-            global_step=self.global_step,
-            epochs_completed=self.epoch,
-            stopped_early=stopped_early,
-            history=self.history,
-        )
+        return stopped_early, final_path
 
     def _run_epoch(self, stop_after_steps: int | None) -> tuple[bool, bool]:
         """Train the rest of the current epoch; returns (stopped early, interrupted)."""
@@ -393,5 +427,7 @@ class Trainer(TrainData, CheckpointState, Evaluation):
             stopped_early = self._after_eval(self.evaluate())
         self.epoch += 1
         self.batch_in_epoch = 0
-        self._save("latest.pt")
+        due = time.monotonic() - self._latest_time >= self.cfg.save_interval_s
+        if due or stopped_early or self.epoch >= self.cfg.epochs:
+            self._save("latest.pt")
         return stopped_early

@@ -54,6 +54,11 @@ class TrainerConfig:
     checkpoint_prefix: str = "model"
     best_name: str | None = None  # fixed file name for the best checkpoint, e.g. phase1_best.pt
     save_every_steps: int = 0  # extra latest.pt saves inside an epoch (0: epoch ends only)
+    # Epoch-end latest.pt at most every this many seconds of training (0: every epoch). For
+    # epochs of a few seconds (laptop demos, small datasets on a GPU), where writing the model
+    # and optimizer state every epoch costs a tenth of the run; the last epoch, an early stop,
+    # Ctrl-C and SIGTERM (SLURM's time limit and preemption) always write it.
+    save_interval_s: float = 0.0
     log_every_steps: int = 10
     max_nonfinite_steps: int = 5
     channels_last: bool = False
