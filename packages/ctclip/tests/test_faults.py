@@ -613,7 +613,8 @@ def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
 ) -> None:
     _nan_on(lambda n: n > 2, monkeypatch)  # the first epoch (2 steps) is fine, then NaN only
     run = tmp_path / "run"
-    items = ("trainer.max_nonfinite_steps=2",)
+    # every epoch end writes latest.pt (the demo config writes it at most every 30 s)
+    items = ("trainer.max_nonfinite_steps=2", "trainer.save_interval_s=0")
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         code, _, err = call_main(train, train_argv(tiny_demo, run, *items), capsys)
     assert code == 2

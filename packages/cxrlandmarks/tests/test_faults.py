@@ -773,6 +773,7 @@ def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
         "phases.phase1.epochs=3",
         "phases.phase1.max_steps_per_epoch=2",
         "trainer.max_nonfinite_steps=2",
+        "trainer.save_interval_s=0",  # every epoch end (the demo config: at most every 30 s)
         PER_SAMPLE,
     )
     with pytest.warns(RuntimeWarning, match="non-finite loss"):

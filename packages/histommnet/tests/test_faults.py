@@ -135,7 +135,8 @@ def test_failed_checkpoint_write_keeps_previous(
 ) -> None:
     run = tmp_path / "run"
     with disk_full_on("latest.pt", nth=2):  # the end of epoch 2: the disk is full
-        assert train(_train_argv(tiny_tree, run, "trainer.epochs=2")) == 2
+        # every epoch end writes latest.pt (the demo config writes it at most every 30 s)
+        assert train(_train_argv(tiny_tree, run, "trainer.epochs=2", "trainer.save_interval_s=0")) == 2
     assert "No space left on device" in error_line(capsys.readouterr().err)
     ckpts = run / "fold_0" / "checkpoints"
     state = load_checkpoint(ckpts / "latest.pt", kind=KIND)
@@ -481,7 +482,8 @@ def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
 ) -> None:
     _poison(monkeypatch, lambda ds, n: ds.epoch >= 1)  # epoch 1 is fine, then NaN throughout
     run = tmp_path / "run"
-    items = ("trainer.epochs=3", "trainer.max_nonfinite_steps=2")
+    # every epoch end writes latest.pt (the demo config writes it at most every 30 s)
+    items = ("trainer.epochs=3", "trainer.max_nonfinite_steps=2", "trainer.save_interval_s=0")
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         code, _, err = call_main(train, _train_argv(tiny_tree, run, *items), capsys)
     assert code == 2
