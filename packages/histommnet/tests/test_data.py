@@ -5,13 +5,16 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from histommnet.breakhis import draws_per_patient, scan_breakhis
 from histommnet.config import DataConfig
-from histommnet.data import MultiMagDataset, adjust_batch_size
+from histommnet.data import MultiMagDataset, WorkingImages, adjust_batch_size
 from medcore.errors import DataError
+from medcore.testing import write_png
 
 
 @pytest.fixture
@@ -112,3 +115,22 @@ def test_adjust_batch_size(requested: int, n: int, expected: tuple[int, bool]) -
 def test_adjust_batch_size_too_small() -> None:
     with pytest.raises(DataError):
         adjust_batch_size(8, 1)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_working_images_resize_with_the_backbones_interpolation(
+    tmp_path: Path, interpolation: str
+) -> None:
+    tile = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    path = write_png(tmp_path / "tile.png", tile)
+    cfg = DataConfig(
+        image_size=32,
+        aspect_ratio=1.0,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        interpolation=interpolation,
+    )
+    got = WorkingImages([str(path)], cfg, progress=False).get(str(path))
+    pil = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
+    reference = np.asarray(Image.fromarray(tile).resize((32, 32), pil))
+    assert torch.equal(got, torch.from_numpy(reference).permute(2, 0, 1).float() / 255.0)

@@ -136,7 +136,9 @@ def test_failed_checkpoint_write_keeps_previous(
     run = tmp_path / "run"
     with disk_full_on("latest.pt", nth=2):  # the end of epoch 2: the disk is full
         # every epoch end writes latest.pt (the demo config writes it at most every 30 s)
-        assert train(_train_argv(tiny_tree, run, "trainer.epochs=2", "trainer.save_interval_s=0")) == 2
+        assert (
+            train(_train_argv(tiny_tree, run, "trainer.epochs=2", "trainer.save_interval_s=0")) == 2
+        )
     assert "No space left on device" in error_line(capsys.readouterr().err)
     ckpts = run / "fold_0" / "checkpoints"
     state = load_checkpoint(ckpts / "latest.pt", kind=KIND)

@@ -43,6 +43,24 @@ def test_store_holds_each_image_resized_once(tmp_path: Path, pngs: list[Path]) -
     assert store.valid.all()
 
 
+@pytest.mark.parametrize("resample", ["bicubic", "nearest"])
+def test_store_resizes_with_the_named_filter_and_rebuilds_for_another(
+    tmp_path: Path, pngs: list[Path], resample: str
+) -> None:
+    spec = StoreSpec(size=(23, 35), resample=resample)
+    store = open_store(pngs, tmp_path / "store", spec, progress=False)
+    pil_filter = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[resample]
+    for i, path in enumerate(pngs):
+        reference = np.asarray(Image.open(path).convert("RGB").resize((35, 23), pil_filter))
+        np.testing.assert_array_equal(store[i], reference)
+    bilinear = np.asarray(Image.open(pngs[0]).convert("RGB").resize((35, 23), Image.BILINEAR))
+    assert not np.array_equal(store[0], bilinear)
+    # The same folder asked for another filter is another store's content: rebuilt.
+    rebuilt = open_store(pngs, tmp_path / "store", StoreSpec(size=(23, 35)), progress=False)
+    np.testing.assert_array_equal(rebuilt[0], bilinear)
+    assert imagestore.store_key(pngs, spec) != imagestore.store_key(pngs, StoreSpec((23, 35)))
+
+
 def test_pad_keeps_aspect_ratio_and_origin(tmp_path: Path) -> None:
     path = _png(tmp_path / "wide.png", 20, 40, seed=1, mode="L")
     store = open_store([path], tmp_path / "store", StoreSpec(size=(16, 16), mode="L", fit="pad"))

@@ -32,7 +32,7 @@ import timm
 
 from histommnet.breakhis import BreakHisIndex, Patient, scan_breakhis
 from histommnet.config import PACKAGE, HistoConfig
-from histommnet.data import STORE_FILTER, MultiMagDataset, WorkingImages, input_size, normalization
+from histommnet.data import MultiMagDataset, WorkingImages, input_size, normalization
 from histommnet.evaluate import (
     LEVELS,
     METRICS,
@@ -238,15 +238,9 @@ def cross_validate(ctx: RunContext) -> int:
         norm = normalization(cfg.data)
         print(
             f"input: {'x'.join(map(str, input_size(cfg.data)))} px, mean {norm['mean']}, "
-            f"std {norm['std']}, {STORE_FILTER} resize ({cfg.model.backbone})",
+            f"std {norm['std']}, {norm['interpolation']} resize ({cfg.model.backbone})",
             file=sys.stderr,
         )
-        if norm["interpolation"] != STORE_FILTER:
-            print(
-                f"note: data.interpolation={norm['interpolation']} is recorded, but images are "
-                f"decoded once with the image store's {STORE_FILTER} filter (antialiased)",
-                file=sys.stderr,
-            )
     index = load_index(cfg, verbose=ctx.dist.is_main)
     patients = index.patients
     folds = fold_splits(ctx.run_dir, patients, cfg, ctx.dist.is_main)

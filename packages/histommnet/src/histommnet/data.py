@@ -24,8 +24,6 @@ from medcore.errors import DataError
 from medcore.imagestore import ImageStore, StoreSpec, cached_store
 from medcore.io import load_image
 
-STORE_FILTER = "bilinear"  # medcore.imagestore resizes with Pillow's (antialiased) bilinear
-
 
 def normalization(cfg: DataConfig) -> dict[str, Any]:
     """``{mean, std, interpolation}`` of ``cfg``; each must be resolved (not None) by now."""
@@ -62,14 +60,17 @@ class WorkingImages:
     """Every image decoded once at the input size, in ``medcore.imagestore`` stores shared by all
     folds, splits and DataLoader workers (rebuilt by the store when a source changes).
 
-    A source is scaled to cover the input keeping its shape (``cover_size``), so sources of
-    different shapes go to different stores; reading one takes the centre crop. Images that do
+    A source is scaled to cover the input keeping its shape (``cover_size``), with the
+    backbone's interpolation (``data.interpolation``, e.g. bicubic for EfficientNet-B1's
+    pretrained weights), so sources of different shapes go to different stores; reading one
+    takes the centre crop. Images that do
     not decode are named here once and replaced at read time by another image of the same
     patient and magnification (``MultiMagDataset``).
     """
 
     def __init__(self, paths: Sequence[str], cfg: DataConfig, progress: bool = True) -> None:
         self.size = input_size(cfg)
+        resample = normalization(cfg)["interpolation"]
         groups: dict[tuple[int, int] | None, list[str]] = {}
         for path in dict.fromkeys(paths):
             groups.setdefault(_source_shape(path), []).append(path)
@@ -81,7 +82,7 @@ class WorkingImages:
         self.where: dict[str, tuple[int, int]] = {}
         self.bad: set[str] = set()
         for shape, group in groups.items():
-            spec = StoreSpec(cover_size(shape, self.size), "RGB", "stretch")
+            spec = StoreSpec(cover_size(shape, self.size), "RGB", "stretch", resample)
             store = cached_store(group, spec, progress=progress)
             for i, path in enumerate(group):
                 self.where[path] = (len(self.stores), i)

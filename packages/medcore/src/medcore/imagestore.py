@@ -31,6 +31,7 @@ from medcore.io import atomic_path, atomic_write_json, load_image, waiting_lock
 
 FORMAT_VERSION = 1
 Fit = Literal["stretch", "pad", "none"]
+Resample = Literal["bilinear", "bicubic", "nearest"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,15 @@ class StoreSpec:
 
     ``fit``: ``stretch`` resizes to exactly ``size``; ``pad`` keeps the aspect ratio and pads
     with zeros (bottom/right, so pixel coordinates keep their origin); ``none`` stores images
-    at their own size, which must then be the same for all of them.
+    at their own size, which must then be the same for all of them. ``resample``: Pillow's
+    filter for the resize (antialiased when shrinking), e.g. a pretrained model's own
+    ``interpolation``.
     """
 
     size: tuple[int, int] | None
     mode: Literal["RGB", "L"] = "RGB"
     fit: Fit = "stretch"
+    resample: Resample = "bilinear"
 
     @property
     def channels(self) -> int:
@@ -65,13 +69,14 @@ def _resize(image: np.ndarray, spec: StoreSpec) -> tuple[np.ndarray, tuple[float
         return image, (1.0, 1.0)
     height, width = spec.size
     pil = Image.fromarray(image)
+    resample = Image.Resampling[spec.resample.upper()]
     if spec.fit == "stretch":
         scale_yx = (height / image.shape[0], width / image.shape[1])
-        return np.asarray(pil.resize((width, height), Image.BILINEAR)), scale_yx
+        return np.asarray(pil.resize((width, height), resample)), scale_yx
     scale = min(height / image.shape[0], width / image.shape[1])
     new_w = max(1, round(image.shape[1] * scale))
     new_h = max(1, round(image.shape[0] * scale))
-    small = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))
+    small = np.asarray(pil.resize((new_w, new_h), resample))
     out = np.zeros((height, width, *image.shape[2:]), dtype=np.uint8)
     out[:new_h, :new_w] = small
     return out, (new_h / image.shape[0], new_w / image.shape[1])
@@ -140,6 +145,7 @@ def _expected_manifest(paths: Sequence[Path], spec: StoreSpec) -> dict:
         "size": list(spec.size) if spec.size else None,
         "mode": spec.mode,
         "fit": spec.fit,
+        "resample": spec.resample,
         "sources": [str(p) for p in paths],
         "fingerprints": [_fingerprint(p) if p.is_file() else None for p in paths],
     }
@@ -160,7 +166,7 @@ def _is_current(directory: Path, expected: dict) -> bool:
 def store_key(paths: Sequence[Path], spec: StoreSpec) -> str:
     """A short name for the store of these sources at this size (sources' changes not included)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([spec.size, spec.mode, spec.fit]).encode())
+    digest.update(json.dumps([spec.size, spec.mode, spec.fit, spec.resample]).encode())
     for p in paths:
         digest.update(str(Path(p).resolve()).encode() + b"\0")
     return digest.hexdigest()[:16]
