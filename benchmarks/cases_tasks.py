@@ -156,8 +156,9 @@ def _loader_rate(trainer) -> float:
 
 
 def overhead(package: str, device: torch.device, quick: bool) -> Row:
-    # Several short epochs: each one's loader start and end-of-epoch checkpoint are counted, as
-    # in a real run, and the timed window is long enough to be stable on a busy machine.
+    # Several short epochs: each one's loader start and every checkpoint the demo config writes
+    # (latest.pt at most every 30 s: the last epoch's) are counted, as in a real run, and the
+    # timed window is long enough to be stable on a busy machine.
     steps, epochs = (12, 3) if quick else (40, 5)
     measured = capture(package, device, steps, epochs=epochs)
     trainer = measured["trainer"]
