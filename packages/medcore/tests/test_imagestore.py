@@ -7,6 +7,7 @@ import os
 import pickle
 from collections import namedtuple
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -176,25 +177,25 @@ def test_batch_read_equals_item_reads_in_the_given_order(tmp_path: Path, pngs: l
     assert crop.flags.c_contiguous
 
 
-def _hold_lock(target: str, seconds: float) -> None:
-    import time
-
+def _hold_lock(target: str, release: Any) -> None:
     from medcore.io import RunLock
 
     with RunLock(target, directory=False):
-        time.sleep(seconds)
+        release.wait(60)
 
 
 def test_waiting_lock_waits_for_a_sibling_instead_of_refusing(tmp_path: Path) -> None:
     """A second rank generating the same demo data / store waits, then finds the work done."""
     import multiprocessing as mp
+    import threading
     import time
 
     from medcore.io import RunLock, waiting_lock
 
+    ctx = mp.get_context("fork")
+    release = ctx.Event()  # the holder keeps the lock until the test says so, however slow
     target = tmp_path / "demo-v1.gen"
-    holder = mp.get_context("fork").Process(target=_hold_lock, args=(str(target), 1.5))
-    started = time.monotonic()
+    holder = ctx.Process(target=_hold_lock, args=(str(target), release))
     holder.start()
     lock_file = tmp_path / "demo-v1.gen.lock"
     deadline = time.monotonic() + 30
@@ -202,8 +203,16 @@ def test_waiting_lock_waits_for_a_sibling_instead_of_refusing(tmp_path: Path) ->
         time.sleep(0.05)
     with pytest.raises(UserError, match="in use by another running job"):
         RunLock(target, directory=False).__enter__()
+    released = threading.Event()
+
+    def let_go() -> None:
+        time.sleep(0.5)
+        released.set()
+        release.set()
+
+    threading.Thread(target=let_go, daemon=True).start()
     with waiting_lock(target, wait_s=60):
-        assert time.monotonic() - started >= 1.5  # acquired only after the holder let go
+        assert released.is_set()  # acquired only after the holder let go
         assert lock_file.read_text() == str(os.getpid())
     holder.join()
     assert not lock_file.exists()
