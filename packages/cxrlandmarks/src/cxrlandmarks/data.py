@@ -52,6 +52,8 @@ MAX_MISSING_SHARE = 0.02
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 HEADED_COLUMNS = [f"L{i}_{a}" for i in range(1, NUM_LANDMARKS + 1) for a in ("x", "y")]
+KAGGLE_ROOT = "COVID-19_Radiography_Dataset"  # the folder the Kaggle release unzips to
+KAGGLE = "Kaggle COVID-19 Radiography"
 
 
 def resolve_data_dir(cfg: DataConfig) -> Path:
@@ -133,10 +135,6 @@ def spelling(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name).strip().casefold()
 
 
-KAGGLE_ROOT = "COVID-19_Radiography_Dataset"  # the folder the Kaggle release unzips to
-KAGGLE = "Kaggle COVID-19 Radiography"
-
-
 @dataclass(frozen=True)
 class ImageLayout:
     """Where a row's image is: ``root/<category folder>/sub/<name><ext>`` when ``per_category``
@@ -149,8 +147,12 @@ class ImageLayout:
     flat: bool = False
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
 
+    @property
+    def ext_text(self) -> str:
+        return self.extensions[0] if len(self.extensions) == 1 else ".png|.jpg"
+
     def describe(self) -> str:
-        ext = self.extensions[0] if len(self.extensions) == 1 else ".png|.jpg"
+        ext = self.ext_text
         where = [f"{self.root / '<category>' / self.sub}/<name>{ext}"] if self.per_category else []
         where += [f"{self.root}/<name>{ext}"] if self.flat else []
         return f"{self.kind} layout ({' or '.join(where)})"
@@ -190,8 +192,7 @@ def pattern_layout(images_dir: Path, pattern: str) -> ImageLayout:
         raise bad("must be a relative path under data.images_dir")
     *dirs, file = path.parts
     ext = file.removeprefix("{name}")
-    known = {e.lower(): e for e in IMAGE_EXTENSIONS}
-    if not file.startswith("{name}") or (ext and ext.lower() not in known):
+    if not file.startswith("{name}") or (ext and ext.lower() not in IMAGE_EXTENSIONS):
         raise bad("its file part must be {name} or {name}.png, .jpg or .jpeg")
     if dirs.count("{category}") > 1 or any(
         ("{" in d or "}" in d) for d in dirs if d != "{category}"
@@ -277,11 +278,11 @@ class ImageIndex:
                     out.append((real, f"{real}/{self.layout.sub}" if self.layout.sub else real))
         return [*out, *([("", "")] if self.layout.flat else [])]
 
-    def where(self, category: str | None) -> str:
-        """Where the image of a row of ``category`` was looked for (for messages)."""
-        return " or ".join(str(self.layout.root / rel) for _, rel in self._dirs(category)[:2]) + (
-            " ..." if len(self._dirs(category)) > 2 else ""
-        )
+    def not_found(self, name: str, category: str | None) -> str:
+        """Why the row ``name`` has no image: the file and the folders looked in."""
+        dirs = [str(self.layout.root / rel) for _, rel in self._dirs(category)]
+        file = name if Path(name).suffix in IMAGE_EXTENSIONS else name + self.layout.ext_text
+        return f"no image {file} in {' or '.join(dirs[:2])}{' ...' if len(dirs) > 2 else ''}"
 
     def _listing(self, rel: str) -> dict[str, Path]:
         if rel not in self._files:
@@ -359,7 +360,7 @@ def load_records(cfg: DataConfig, data_dir: str | Path) -> list[LandmarkRecord]:
             continue
         if found is None:
             missing[category or "unknown"] += 1
-            skip(name, f"no image file in {index.where(category)}")
+            skip(name, index.not_found(name, category))
             continue
         path, category = found
         try:
