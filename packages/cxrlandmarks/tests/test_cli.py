@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cxrlandmarks.cli import evaluate, predict, train
+from cxrlandmarks.data import HEADED_COLUMNS
 from medcore.checkpoint import load_checkpoint
 from medcore.testing import call_main
 
@@ -148,8 +149,9 @@ def test_predict_folder_with_ensemble_tta_and_a_corrupt_image(demo_run, tmp_path
     assert code == 0
     assert "skipped" in err and "broken.png" in err
     frame = pd.read_csv(tmp_path / "out" / "predictions.csv")
-    assert len(frame) == 3 and frame.shape[1] == 31
-    coords = frame.iloc[:, 1:].to_numpy()
+    assert len(frame) == 3 and list(frame.columns) == ["image_name", "image_path", *HEADED_COLUMNS]
+    assert sorted(frame["image_name"]) == sorted(p.stem for p in cache_images)
+    coords = frame[HEADED_COLUMNS].to_numpy()
     assert (coords >= 0).all() and (coords <= 299).all()  # pixels of the 299 x 299 originals
     assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 3
     assert json.loads((tmp_path / "out" / "predictions.json").read_text())["tta_flip"] is True

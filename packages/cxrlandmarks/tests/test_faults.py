@@ -685,11 +685,12 @@ def test_broken_image_for_predict_is_named_and_the_job_goes_on(row: str, predict
     assert "Traceback" not in err and "error:" not in err
     frame = pd.read_csv(predict_run["out"] / "predictions.csv")
     used = [n for n, _, o, _ in PREDICT_FILES.values() if o == "used"]
-    assert sorted(Path(p).name for p in frame["image_name"]) == sorted(["good.png", *used])
+    assert sorted(Path(p).name for p in frame["image_path"]) == sorted(["good.png", *used])
+    assert [Path(p).stem for p in frame["image_path"]] == list(frame["image_name"])
     coords = frame[HEADED_COLUMNS].to_numpy()
     assert np.isfinite(coords).all() and (coords >= 0).all() and (coords <= SIZE).all()
     if outcome == "used":
-        assert str(path) in set(frame["image_name"])
+        assert str(path) in set(frame["image_path"])
     else:
         lines = [x for x in err.splitlines() if x.startswith(f"skipped {path}: ")]
         assert len(lines) == 1 and reason in lines[0], err

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from cxrlandmarks.cli import predict, train
-from cxrlandmarks.data import image_tensor, resize_and_normalise
+from cxrlandmarks.data import HEADED_COLUMNS, image_tensor, resize_and_normalise
 from cxrlandmarks.model import input_normalisation, load_model
 from medcore.checkpoint import load_checkpoint
 from medcore.testing import call_main, hub_snapshot
@@ -81,7 +81,7 @@ def test_hub_weights_offline_normalisation_recorded_and_used_by_predict(
                   "--device", "cpu", "--no-overlays"], capsys,
     )  # fmt: skip
     assert code == 0, err
-    got = pd.read_csv(tmp_path / "p" / "predictions.csv").iloc[0, 1:].to_numpy(dtype=float)
+    got = pd.read_csv(tmp_path / "p" / "predictions.csv")[HEADED_COLUMNS].iloc[0].to_numpy(float)
     model, _ = load_model(ckpt, torch.device("cpu"))
     img = image_tensor(image)
 

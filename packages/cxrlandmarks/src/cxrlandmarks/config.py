@@ -21,12 +21,16 @@ class DataConfig:
     """Where the coordinates CSV and the images are (relative paths are under ``data_dir``).
 
     The defaults follow the original layout: ``<data_dir>/coordenadas/coordenadas_maestro.csv``
-    and ``<data_dir>/dataset/<category>/<image>.png``.
+    and ``<data_dir>/dataset/<category>/<image>.png``; the Kaggle COVID-19 Radiography
+    release's ``COVID-19_Radiography_Dataset/<category>/images/`` is found as well.
     """
 
     data_dir: str | None = None
     csv: str = "coordenadas/coordenadas_maestro.csv"
     images_dir: str = "dataset"
+    # Where each image is under images_dir, e.g. "{category}/images/{name}.png"; None: the
+    # layout is detected (the original dataset/<category>/ or the Kaggle release's tree).
+    image_pattern: str | None = None
     categories: list[str] = field(default_factory=lambda: list(CATEGORIES))
     image_size: int = 224  # model input; errors are reported at 224 px whatever this is
     split_ratios: dict[str, float] = field(

@@ -133,6 +133,7 @@ def write_report(
     per_image = pd.DataFrame(
         {
             "image_name": [r.name for r in records],
+            "image_path": [str(r.path) for r in records],
             "category": [r.category for r in records],
             "mean_px224": err224.mean(1),
             "mean_original_px": np.linalg.norm((pred - target) * sizes, axis=-1).mean(1),
@@ -156,7 +157,8 @@ def write_report(
         pd.DataFrame([{"category": c, **v} for c, v in report["per_category_px224"].items()]),
     )
     atomic_write_csv(
-        out_dir / "predictions.csv", coordinates_frame([r.name for r in records], pred * sizes)
+        out_dir / "predictions.csv",
+        coordinates_frame([r.name for r in records], [str(r.path) for r in records], pred * sizes),
     )
     plot_per_landmark(err224, out_dir / "per_landmark.png")
     order = np.argsort(err224.mean(1))
@@ -175,9 +177,12 @@ def write_report(
     )
 
 
-def coordinates_frame(names: Sequence[str], coords_px: np.ndarray) -> pd.DataFrame:
-    """Headed coordinates CSV layout: ``image_name, L1_x, L1_y, ..., L15_y`` (pixels)."""
-    frame = pd.DataFrame({"image_name": list(names)})
+def coordinates_frame(
+    names: Sequence[str], paths: Sequence[str], coords_px: np.ndarray
+) -> pd.DataFrame:
+    """The headed coordinates CSV layout, ``image_name, image_path, L1_x, L1_y, ..., L15_y``
+    (pixels): ``image_name`` is the annotation CSV's key, ``image_path`` the file read."""
+    frame = pd.DataFrame({"image_name": list(names), "image_path": list(paths)})
     for i in range(coords_px.shape[1]):
         frame[f"L{i + 1}_x"] = coords_px[:, i, 0]
         frame[f"L{i + 1}_y"] = coords_px[:, i, 1]

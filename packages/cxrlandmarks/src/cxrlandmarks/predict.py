@@ -1,5 +1,9 @@
 """``cxrlandmarks-predict``: images -> landmark coordinates (CSV + JSON) and overlay PNGs.
 
+Each row carries the image's key as the annotation CSV writes it (``image_name``, the file's
+stem: ``COVID-269``) beside the path given (``image_path``), so predictions join with the
+annotations on ``image_name``.
+
 Several checkpoints form an ensemble (their normalised predictions are averaged); ``--tta-flip``
 also averages each model's prediction of the mirrored image, flipped back with pairs swapped.
 """
@@ -26,21 +30,37 @@ from medcore.inference import PredictOptions, checkpoint_precision, predict
 from medcore.io import atomic_write_csv, atomic_write_json
 
 
+def _is_mask(path: Path) -> bool:
+    """A lung mask of the Kaggle release: a file in ``masks/`` beside an ``images/`` folder."""
+    return path.parent.name == "masks" and (path.parent.parent / "images").is_dir()
+
+
 def collect_images(inputs: list[Path]) -> list[Path]:
-    """Image files named directly or found (recursively) in the folders named."""
+    """Image files named directly or found (recursively) in the folders named; in folders, the
+    Kaggle release's ``masks/`` (beside ``images/``) are left out, with a line saying so."""
     images: list[Path] = []
+    masks = 0
     for item in inputs:
         if item.is_dir():
-            images += sorted(
+            found = sorted(
                 p for p in item.rglob("*") if p.suffix in IMAGE_EXTENSIONS and p.is_file()
             )
+            images += [p for p in found if not _is_mask(p)]
+            masks += sum(map(_is_mask, found))
         elif item.is_file():
             images.append(item)
         else:
             raise UserError(item, "no such image file or folder")
+    if masks:
+        print(f"left out {masks} lung mask(s) in masks/ folders beside images/ (not radiographs)")
     if not images:
         raise UserError(", ".join(map(str, inputs)), "no .png/.jpg images found")
     return images
+
+
+def image_key(path: Path) -> str:
+    """The annotation CSV's name of an image file: its stem (``COVID-269``)."""
+    return path.stem
 
 
 class ImageFiles(Dataset):
@@ -97,10 +117,18 @@ def predict_command(args: Any) -> int:
     skipped = int((~ok).sum())
     if not ok.any():
         raise UserError("inputs", f"none of the {len(images)} images could be read")
-    names = [str(p) for p, good in zip(images, ok, strict=True) if good]
+    kept = [p for p, good in zip(images, ok, strict=True) if good]
+    names, keys = [str(p) for p in kept], [image_key(p) for p in kept]
+    shared = len(keys) - len(set(keys))
+    if shared:
+        print(
+            f"warning: {shared} image(s) share their image_name (file stem) with another input: "
+            "joins on image_name will match several rows",
+            file=sys.stderr,
+        )
     coords_px = (result["pred"].double() * result["size"][:, None, :]).numpy()[ok]
     out = Path(args.output_dir)
-    atomic_write_csv(out / "predictions.csv", coordinates_frame(names, coords_px))
+    atomic_write_csv(out / "predictions.csv", coordinates_frame(keys, names, coords_px))
     atomic_write_json(
         out / "predictions.json",
         {
@@ -108,8 +136,8 @@ def predict_command(args: Any) -> int:
             "tta_flip": bool(args.tta_flip),
             "landmark_names": list(LANDMARK_NAMES),
             "images": [
-                {"image": n, "landmarks_px": c.round(2).tolist()}
-                for n, c in zip(names, coords_px, strict=True)
+                {"image_name": k, "image_path": n, "landmarks_px": c.round(2).tolist()}
+                for k, n, c in zip(keys, names, coords_px, strict=True)
             ],
         },
     )
