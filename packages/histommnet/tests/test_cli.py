@@ -213,6 +213,22 @@ def test_gradcam_overlays(tiny_args, tiny_tree: Path, tmp_path: Path, capsys) ->
         capsys,
     )
     assert code == 2 and "NOPE" in _error_line(err)
+    # the BreakHis spellings of a patient: slide id, file-name prefix (any case)
+    argv = ["--checkpoint", str(ckpt), "--data-dir", str(tiny_tree), "--output-dir"]
+    code, stdout, err = call_main(
+        gradcam,
+        [*argv, str(tmp_path / "named"), "--patients", "14-1001AB", "sob_b_a-14-1001cd"],
+        capsys,
+    )
+    assert code == 0, err
+    named = json.loads((tmp_path / "named" / "gradcam.json").read_text())["patients"]
+    assert [r["patient"] for r in named] == ["SOB_B_A_14-1001AB", "SOB_B_A_14-1001CD"]
+    code, _, err = call_main(
+        gradcam, [*argv, str(tmp_path / "unknown"), "--patients", "14-1001EF"], capsys
+    )
+    line = _error_line(err)
+    assert code == 2 and line.startswith("error: --patients 14-1001EF: no such patient")
+    assert "close: SOB_B_A_14-1001AB, SOB_B_A_14-1001CD" in line
 
 
 @pytest.mark.faults

@@ -23,7 +23,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from histommnet.breakhis import CLASSES, Patient
+from histommnet.breakhis import CLASSES, Patient, find_patients
 from histommnet.config import PACKAGE, HistoConfig
 from histommnet.crossval import load_index
 from histommnet.data import MultiMagDataset, WorkingImages, normalization
@@ -71,12 +71,13 @@ def _default_patients(checkpoint: Path, patients: list[Patient], count: int) -> 
 
 
 def _select(wanted: list[str], patients: list[Patient]) -> list[Patient]:
-    chosen = []
+    """The patient folders ``--patients`` names, in any BreakHis spelling (``find_patients``)."""
+    chosen: list[Patient] = []
     for name in wanted:
-        found = [p for p in patients if name in (p.key, p.patient_id)]
-        if not found:
-            shown = ", ".join(p.key for p in patients[:5])
-            raise UserError(f"--patients {name}", f"no such patient in the data (e.g. {shown})")
+        try:
+            found = find_patients(name, patients)
+        except LookupError as exc:
+            raise UserError(f"--patients {name}", str(exc)) from None
         chosen.extend(p for p in found if p not in chosen)
     return chosen
 
