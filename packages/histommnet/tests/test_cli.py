@@ -103,7 +103,9 @@ def test_folds_never_share_a_patient(tiny_tree: Path) -> None:
         HistoConfig, packaged_config_path("histommnet", "default"), overrides=["cv.folds=4"]
     )
     patients = scan_breakhis(tiny_tree, verbose=False).patients
-    folds = make_folds(patients, cfg)
+    plan = make_folds(patients, cfg)
+    assert plan.stratify == "class" and plan.fallback is None  # the demo preset asks for class
+    folds = plan.folds
     groups = np.array([p.patient_id for p in patients])
     tested = []
     for fold in folds:

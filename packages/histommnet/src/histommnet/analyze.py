@@ -3,12 +3,14 @@
 Counts per class, subtype, magnification and patient, images per patient (and the adaptive
 sampling's draws per epoch), then the patient-wise folds with their class balance: with
 ``--run`` the folds a training run saved (and its config), else the folds ``histommnet-train``
-would make with the same config and seed. Written as JSON and CSV + Markdown tables.
+would make with the same config and seed, and what they are stratified by. Written as JSON
+and CSV + Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -152,11 +154,16 @@ def run(args: argparse.Namespace) -> int:
     ctx = setup_run(args, HistoConfig, PACKAGE, "default")
     cfg: HistoConfig = ctx.cfg
     index = load_index(cfg)
+    meta = {"seed": cfg.seed, "folds": cfg.cv.folds, "val_fraction": cfg.cv.val_fraction}
     if run_dir is not None:
         folds = read_folds(run_dir / "splits.json", index.patients)
+        saved = json.loads((run_dir / "splits.json").read_text(encoding="utf-8"))
+        meta = saved.get("meta") or meta
         print(f"folds: the {len(folds)} saved by {run_dir}")
     else:
-        folds = make_folds(index.patients, cfg)
+        plan = make_folds(index.patients, cfg)
+        folds = plan.folds
+        meta.update(plan.meta())
     tables = report(index, cfg, folds)
     for name, table in tables.items():
         write_table(table, ctx.run_dir / "tables" / name)
@@ -164,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         ctx.run_dir / "splits.json",
         folds,
         ids=[p.key for p in index.patients],
-        meta={"seed": cfg.seed, "folds": cfg.cv.folds, "val_fraction": cfg.cv.val_fraction},
+        meta=meta,
     )
     summary: dict[str, Any] = {
         "patients": len(index.patients),
@@ -172,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         "images": len(index.images),
         "skipped": index.skipped,
         "filled_magnifications": {p.key: p.filled_from for p in index.patients if p.filled_from},
+        "splits": meta,
         **{name: t.to_dict("records") for name, t in tables.items() if name != "patients"},
     }
     atomic_write_json(ctx.run_dir / "analysis.json", summary)
@@ -183,5 +191,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("class_counts", "subtype_counts", "images_per_patient", "folds"):
         print(f"\n{name.replace('_', ' ')}")
         print(format_table(tables[name].to_dict("records"), floatfmt=".1f"))
+    if meta.get("stratified_by"):
+        why = meta.get("stratify_fallback")
+        print(f"folds stratified by {meta['stratified_by']}" + (f" ({why})" if why else ""))
     print(f"\nreport written to {ctx.run_dir}")
     return 0
