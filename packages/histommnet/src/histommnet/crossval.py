@@ -44,6 +44,7 @@ from histommnet.data import MultiMagDataset, WorkingImages, input_size, normaliz
 from histommnet.evaluate import (
     LEVELS,
     METRICS,
+    RATES_NOTE,
     summarize_folds,
     summary_display,
     test_fold,
@@ -460,6 +461,7 @@ def _summarize(ctx: RunContext, results: list[dict[str, Any]]) -> None:
             per_fold.to_dict("records"), ["fold", "level", "threshold", *METRICS], floatfmt=".3f"
         )
     )
+    print(RATES_NOTE)
     print(f"\nmean ± std over {len(results)} fold(s)")
     print(format_table(summary_display(summary), ["level", "folds", *METRICS]))
     print(f"\nrun directory: {ctx.run_dir}")
