@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from histommnet.breakhis import scan_breakhis
@@ -329,7 +330,7 @@ def test_resume_interrupted_fold(tiny_args, tiny_tree: Path, tmp_path: Path, cap
     code, _, err = call_main(train, argv, capsys)
     assert code == 0, err
     ckpts = out / "fold_0" / "checkpoints"
-    best_before = (ckpts / "fold_0_best.pth").read_bytes()
+    best_before = load_checkpoint(ckpts / "fold_0_best.pth")
     # As if killed after the last epoch's latest.pt: no final checkpoint, no fold result.
     (ckpts / "final.pt").unlink()
     (out / "fold_0" / "result.json").unlink()
@@ -339,7 +340,13 @@ def test_resume_interrupted_fold(tiny_args, tiny_tree: Path, tmp_path: Path, cap
     assert "mean ± std" in stdout
     assert code == 0, err
     assert (out / "fold_0" / "result.json").is_file() and (ckpts / "final.pt").is_file()
-    assert (ckpts / "fold_0_best.pth").read_bytes() == best_before  # no epoch was trained again
+    best_after = load_checkpoint(ckpts / "fold_0_best.pth")  # no epoch was trained again:
+    assert (
+        best_after["epoch"] == best_before["epoch"]
+        and best_after["model"].keys() == best_before["model"].keys()
+    )
+    assert all(torch.equal(best_after["model"][k], v) for k, v in best_before["model"].items())
+    assert best_after["thresholds"] == best_before["thresholds"]
     events = [
         json.loads(line) for line in (out / "fold_0" / "metrics.jsonl").read_text().splitlines()
     ]

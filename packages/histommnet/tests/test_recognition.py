@@ -1,4 +1,4 @@
-"""The BreakHis recognition rates (Spanhol et al. 2016)."""
+"""The BreakHis recognition rates (Spanhol et al. 2016) and the size of the fold checkpoints."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from histommnet.cli import analyze, train
 from histommnet.evaluate import METRICS, patient_table, recognition_rates, summarize_folds
+from medcore.checkpoint import finish_releasing, load_checkpoint, load_safetensors
 from medcore.testing import call_main
 
 
@@ -64,7 +66,7 @@ def _rates_from_csv(fold_dir: Path, threshold: float) -> tuple[float, float]:
     return sum(every) / len(every), sum(sum(rs) / len(rs) for rs in right.values()) / len(right)
 
 
-def test_training_and_analyze_report_the_rates(
+def test_training_reports_the_rates_and_keeps_a_weights_only_best(
     tiny_args, tiny_tree: Path, tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "run"
@@ -86,6 +88,26 @@ def test_training_and_analyze_report_the_rates(
     assert metrics["summary"]["patient"]["recognition_rate_mean"] == pytest.approx(overall)
     table = pd.read_csv(out / "tables" / "cv_folds.csv")
     assert table["recognition_rate"].notna().all()
+
+    # the best checkpoint holds the weights and what evaluation needs, no optimizer state
+    finish_releasing()
+    for fold in metrics["folds"]:
+        ckpts = out / f"fold_{fold['fold']}" / "checkpoints"
+        best = load_checkpoint(ckpts / f"fold_{fold['fold']}_best.pth", kind="histommnet.MMNet")
+        for gone in ("optimizer", "scheduler", "scaler", "rng", "rng_ranks", "history"):
+            assert gone not in best
+        assert best["thresholds"] == fold["thresholds"]
+        assert best["threshold_method"] == "youden" and best["normalization"]["mean"]
+        assert best["model_config"]["name"] == "mmnet" and best["epoch"] == fold["best_epoch"]
+        latest = load_checkpoint(ckpts / "latest.pt")
+        assert latest["optimizer"]["state"]  # resuming still has it
+        exported = load_safetensors(ckpts / f"fold_{fold['fold']}_best.safetensors")
+        assert best["model"].keys() == exported.keys()
+        assert all(torch.equal(best["model"][k], v) for k, v in exported.items())
+        weights = sum(t.numel() * t.element_size() for t in exported.values())
+        size = (ckpts / f"fold_{fold['fold']}_best.pth").stat().st_size
+        assert weights <= size < weights * 1.15 + 200_000  # the full one is about 3x
+        assert not list(ckpts.glob(".*"))  # no spare copy of the replaced checkpoint left
 
     # the analyze command reports the run's rates beside its other metrics
     code, stdout, err = call_main(analyze, ["--run", str(out)], capsys)

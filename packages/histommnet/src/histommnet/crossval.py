@@ -58,7 +58,7 @@ from histommnet.model import (
     weights_hint,
 )
 from histommnet.synthetic import generate_breakhis
-from histommnet.train import train_fold
+from histommnet.train import save_fold_model, train_fold
 from medcore.demo import ensure_demo_data
 from medcore.errors import ConfigError, DataError, UserError
 from medcore.inference import PredictOptions, checkpoint_precision
@@ -399,12 +399,16 @@ def _fold(
         plots_dir=ctx.run_dir / "plots",
         history=trained.history,
     )
+    thresholds = tested.pop("thresholds")
+    method = tested.pop("threshold_method")
+    model_path = save_fold_model(trained, {"thresholds": thresholds, "threshold_method": method})
     result: dict[str, Any] = {
         "fold": fold,
-        "thresholds": tested.pop("thresholds"),
-        "threshold_method": tested.pop("threshold_method"),
+        "thresholds": thresholds,
+        "threshold_method": method,
         "focal_class_weights": {"benign": 1.0 - trained.alpha, "malignant": trained.alpha},
-        "checkpoint": str(trained.weights_path),
+        "checkpoint": str(model_path),
+        "selected_from": trained.weights_path.name,
         "best_epoch": int(trained.state.get("epoch", 0)),
         "patients": {name: len(part) for name, part in subsets.items()},
         "draws": {
