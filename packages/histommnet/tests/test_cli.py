@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from histommnet.breakhis import scan_breakhis
@@ -103,7 +104,9 @@ def test_folds_never_share_a_patient(tiny_tree: Path) -> None:
         HistoConfig, packaged_config_path("histommnet", "default"), overrides=["cv.folds=4"]
     )
     patients = scan_breakhis(tiny_tree, verbose=False).patients
-    folds = make_folds(patients, cfg)
+    plan = make_folds(patients, cfg)
+    assert plan.stratify == "class" and plan.fallback is None  # the demo preset asks for class
+    folds = plan.folds
     groups = np.array([p.patient_id for p in patients])
     tested = []
     for fold in folds:
@@ -213,6 +216,22 @@ def test_gradcam_overlays(tiny_args, tiny_tree: Path, tmp_path: Path, capsys) ->
         capsys,
     )
     assert code == 2 and "NOPE" in _error_line(err)
+    # the BreakHis spellings of a patient: slide id, file-name prefix (any case)
+    argv = ["--checkpoint", str(ckpt), "--data-dir", str(tiny_tree), "--output-dir"]
+    code, stdout, err = call_main(
+        gradcam,
+        [*argv, str(tmp_path / "named"), "--patients", "14-1001AB", "sob_b_a-14-1001cd"],
+        capsys,
+    )
+    assert code == 0, err
+    named = json.loads((tmp_path / "named" / "gradcam.json").read_text())["patients"]
+    assert [r["patient"] for r in named] == ["SOB_B_A_14-1001AB", "SOB_B_A_14-1001CD"]
+    code, _, err = call_main(
+        gradcam, [*argv, str(tmp_path / "unknown"), "--patients", "14-1001EF"], capsys
+    )
+    line = _error_line(err)
+    assert code == 2 and line.startswith("error: --patients 14-1001EF: no such patient")
+    assert "close: SOB_B_A_14-1001AB, SOB_B_A_14-1001CD" in line
 
 
 @pytest.mark.faults
@@ -311,7 +330,7 @@ def test_resume_interrupted_fold(tiny_args, tiny_tree: Path, tmp_path: Path, cap
     code, _, err = call_main(train, argv, capsys)
     assert code == 0, err
     ckpts = out / "fold_0" / "checkpoints"
-    best_before = (ckpts / "fold_0_best.pth").read_bytes()
+    best_before = load_checkpoint(ckpts / "fold_0_best.pth")
     # As if killed after the last epoch's latest.pt: no final checkpoint, no fold result.
     (ckpts / "final.pt").unlink()
     (out / "fold_0" / "result.json").unlink()
@@ -321,7 +340,13 @@ def test_resume_interrupted_fold(tiny_args, tiny_tree: Path, tmp_path: Path, cap
     assert "mean ± std" in stdout
     assert code == 0, err
     assert (out / "fold_0" / "result.json").is_file() and (ckpts / "final.pt").is_file()
-    assert (ckpts / "fold_0_best.pth").read_bytes() == best_before  # no epoch was trained again
+    best_after = load_checkpoint(ckpts / "fold_0_best.pth")  # no epoch was trained again:
+    assert (
+        best_after["epoch"] == best_before["epoch"]
+        and best_after["model"].keys() == best_before["model"].keys()
+    )
+    assert all(torch.equal(best_after["model"][k], v) for k, v in best_before["model"].items())
+    assert best_after["thresholds"] == best_before["thresholds"]
     events = [
         json.loads(line) for line in (out / "fold_0" / "metrics.jsonl").read_text().splitlines()
     ]

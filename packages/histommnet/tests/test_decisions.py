@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,11 @@ def test_gradcam_explains_the_class_at_the_folds_threshold(
     for rec in records:
         assert rec["threshold"] == pytest.approx(threshold)
         assert rec["cam_class"] == ("malignant" if rec["prob_malignant"] >= threshold else "benign")
+    # the threshold travels with the checkpoint: a copy away from its fold uses it too
+    moved = tmp_path / "elsewhere" / "model.pth"
+    moved.parent.mkdir()
+    shutil.copyfile(ckpt, moved)
+    argv = ["--checkpoint", str(moved), "--data-dir", str(tiny_tree), "--output-dir"]
+    assert gradcam([*argv, str(tmp_path / "moved"), "--num-patients", "1"]) == 0
+    moved_records = json.loads((tmp_path / "moved" / "gradcam.json").read_text())["patients"]
+    assert moved_records[0]["threshold"] == pytest.approx(threshold)

@@ -3,12 +3,15 @@
 Counts per class, subtype, magnification and patient, images per patient (and the adaptive
 sampling's draws per epoch), then the patient-wise folds with their class balance: with
 ``--run`` the folds a training run saved (and its config), else the folds ``histommnet-train``
-would make with the same config and seed. Written as JSON and CSV + Markdown tables.
+would make with the same config and seed, and what they are stratified by. With ``--run``, also
+the test metrics of the run's finished folds, the BreakHis recognition rates among them.
+Written as JSON and CSV + Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,8 @@ import pandas as pd
 from histommnet.breakhis import CLASSES, SUBTYPE_NAMES, BreakHisIndex, Patient, draws_per_patient
 from histommnet.config import PACKAGE, HistoConfig
 from histommnet.crossval import load_index, make_folds, read_folds
-from histommnet.evaluate import write_table
-from medcore.errors import UserError
+from histommnet.evaluate import METRICS, RATES_NOTE, summarize_folds, summary_display, write_table
+from medcore.errors import DataError, UserError
 from medcore.io import atomic_write_json
 from medcore.run import setup_run
 from medcore.splits import save_splits
@@ -144,6 +147,17 @@ def _training_run(args: argparse.Namespace) -> Path | None:
     return run_dir
 
 
+def _fold_results(run_dir: Path) -> list[dict[str, Any]]:
+    """The ``result.json`` of every finished fold of a training run, in fold order."""
+    found = []
+    for path in run_dir.glob("fold_*/result.json"):
+        try:
+            found.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise DataError(path, f"not a readable fold result ({exc})") from None
+    return sorted(found, key=lambda r: r["fold"])
+
+
 def run(args: argparse.Namespace) -> int:
     """``histommnet-analyze`` after parsing."""
     run_dir = _training_run(args)
@@ -152,19 +166,27 @@ def run(args: argparse.Namespace) -> int:
     ctx = setup_run(args, HistoConfig, PACKAGE, "default")
     cfg: HistoConfig = ctx.cfg
     index = load_index(cfg)
+    meta = {"seed": cfg.seed, "folds": cfg.cv.folds, "val_fraction": cfg.cv.val_fraction}
     if run_dir is not None:
         folds = read_folds(run_dir / "splits.json", index.patients)
+        saved = json.loads((run_dir / "splits.json").read_text(encoding="utf-8"))
+        meta = saved.get("meta") or meta
         print(f"folds: the {len(folds)} saved by {run_dir}")
     else:
-        folds = make_folds(index.patients, cfg)
+        plan = make_folds(index.patients, cfg)
+        folds = plan.folds
+        meta.update(plan.meta())
     tables = report(index, cfg, folds)
+    results = _fold_results(run_dir) if run_dir is not None else []
+    if results:
+        tables["test_folds"], tables["test_summary"] = summarize_folds(results)
     for name, table in tables.items():
         write_table(table, ctx.run_dir / "tables" / name)
     save_splits(
         ctx.run_dir / "splits.json",
         folds,
         ids=[p.key for p in index.patients],
-        meta={"seed": cfg.seed, "folds": cfg.cv.folds, "val_fraction": cfg.cv.val_fraction},
+        meta=meta,
     )
     summary: dict[str, Any] = {
         "patients": len(index.patients),
@@ -172,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         "images": len(index.images),
         "skipped": index.skipped,
         "filled_magnifications": {p.key: p.filled_from for p in index.patients if p.filled_from},
+        "splits": meta,
         **{name: t.to_dict("records") for name, t in tables.items() if name != "patients"},
     }
     atomic_write_json(ctx.run_dir / "analysis.json", summary)
@@ -183,5 +206,14 @@ def run(args: argparse.Namespace) -> int:
     for name in ("class_counts", "subtype_counts", "images_per_patient", "folds"):
         print(f"\n{name.replace('_', ' ')}")
         print(format_table(tables[name].to_dict("records"), floatfmt=".1f"))
+    if meta.get("stratified_by"):
+        why = meta.get("stratify_fallback")
+        print(f"folds stratified by {meta['stratified_by']}" + (f" ({why})" if why else ""))
+    if results:
+        print(f"\ntest metrics of the run's {len(results)} finished fold(s)")
+        columns = ["fold", "level", "threshold", *METRICS]
+        print(format_table(tables["test_folds"].to_dict("records"), columns, floatfmt=".3f"))
+        print(RATES_NOTE)
+        print(format_table(summary_display(tables["test_summary"]), ["level", "folds", *METRICS]))
     print(f"\nreport written to {ctx.run_dir}")
     return 0

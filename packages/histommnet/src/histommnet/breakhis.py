@@ -12,10 +12,16 @@ whose name disagrees with its folders is skipped and named (its label would be a
 Items are patient folders. For splitting, folders are grouped by patient id ``<year>-<digits>``:
 BreakHis has folders whose slide ids differ only by a letter suffix (``14-22549AB``,
 ``14-22549G``) or that appear under two tumour types, and these must never straddle folds.
+
+A patient is spelled several ways in BreakHis and the papers using it: the folder
+``SOB_B_A_14-22549AB``, the file-name prefix ``SOB_B_A-14-22549AB``, ``14-22549AB`` and
+``22549AB``. :func:`parse_patient` reads all of them (and a whole file name) into one
+:class:`PatientName`; folder checks and ``--patients`` look-ups go through it.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -51,6 +57,78 @@ _NAME = re.compile(
     re.IGNORECASE,
 )
 _NAME_FORMAT = "SOB_<B|M>_<type>-<year>-<slide>-<mag>-<seq>.png"
+# A patient: the folder (``SOB_B_A_14-22549AB``), the file-name prefix (``SOB_B_A-14-22549AB``),
+# or the slide with or without its year (``14-22549AB``, ``22549AB``).
+_PATIENT = re.compile(
+    r"^(?:SOB[_-](?P<cls>[BM])[_-](?P<type>[A-Z]+)[_-])?(?:(?P<year>\d+)-)?(?P<slide>[0-9A-Z]+)$",
+    re.IGNORECASE,
+)
+_PATIENT_FORMAT = (
+    "SOB_<B|M>_<type>_<year>-<slide>, SOB_<B|M>_<type>-<year>-<slide>, <year>-<slide> or <slide>"
+)
+
+
+def _subtype_of(code: str, label: int, where: str) -> int:
+    """The subtype index of tumour ``code`` (a file-name code such as ``DC``) of class ``label``."""
+    code = code.upper()
+    if code not in _CODE_TO_INDEX:
+        raise DataError(where, f"unknown tumour type {code!r} (known: {', '.join(SUBTYPE_CODES)})")
+    subtype = _CODE_TO_INDEX[code]
+    if SUBTYPES[subtype][2] != label:
+        raise DataError(where, f"tumour type {code} is not {CLASSES[label]}")
+    return subtype
+
+
+@dataclass(frozen=True)
+class PatientName:
+    """A BreakHis patient as spelled somewhere; parts the spelling leaves out are None.
+
+    ``slide`` is upper case (``22549AB``): its leading digits number the patient, a letter
+    suffix names one of that patient's slides (folders).
+    """
+
+    label: int | None
+    subtype: int | None
+    year: str | None
+    slide: str
+
+    @property
+    def digits(self) -> str:
+        return re.match(r"\d*", self.slide).group(0) or self.slide
+
+    @property
+    def folder(self) -> str:
+        """The patient folder name (every part must be known)."""
+        return f"SOB_{'BM'[self.label]}_{SUBTYPE_CODES[self.subtype]}_{self.year}-{self.slide}"
+
+    @property
+    def patient_id(self) -> str:
+        """The unit of leak-free splits: ``<year>-<digits>`` (all slides of one patient)."""
+        return f"{self.year}-{self.digits}"
+
+    def matches(self, other: PatientName) -> bool:
+        """Whether ``other`` (a folder's full name) is one this spelling names: every part
+        given here agrees, and a slide without letters names all the patient's slides."""
+        given = [(self.label, other.label), (self.subtype, other.subtype), (self.year, other.year)]
+        if any(mine is not None and mine != theirs for mine, theirs in given):
+            return False
+        return self.slide in (other.slide, other.digits)
+
+
+def parse_patient(spelling: str) -> PatientName:
+    """Read any BreakHis spelling of a patient (see :data:`_PATIENT`, or a whole image file
+    name), case-insensitively; DataError if it is none of them."""
+    text = spelling.strip()
+    if text.lower().endswith(".png"):
+        return parse_name(Path(text).name).patient
+    m = _PATIENT.match(text)
+    if m is None:
+        raise DataError(spelling, f"not a BreakHis patient ({_PATIENT_FORMAT})")
+    label = subtype = None
+    if m["cls"]:
+        label = 0 if m["cls"].upper() == "B" else 1
+        subtype = _subtype_of(m["type"], label, spelling)
+    return PatientName(label, subtype, m["year"], m["slide"].upper())
 
 
 @dataclass(frozen=True)
@@ -63,13 +141,16 @@ class ParsedName:
     seq: int
 
     @property
+    def patient(self) -> PatientName:
+        return PatientName(self.label, self.subtype, self.year, self.slide.upper())
+
+    @property
     def patient_folder(self) -> str:
-        return f"SOB_{'BM'[self.label]}_{SUBTYPE_CODES[self.subtype]}_{self.year}-{self.slide}"
+        return self.patient.folder
 
     @property
     def patient_id(self) -> str:
-        digits = re.match(r"\d*", self.slide).group(0) or self.slide
-        return f"{self.year}-{digits}"
+        return self.patient.patient_id
 
 
 def parse_name(name: str) -> ParsedName:
@@ -77,13 +158,8 @@ def parse_name(name: str) -> ParsedName:
     m = _NAME.match(name)
     if m is None:
         raise DataError(name, f"file name does not match {_NAME_FORMAT}")
-    code = m["type"].upper()
-    if code not in _CODE_TO_INDEX:
-        raise DataError(name, f"unknown tumour type {code!r} (known: {', '.join(SUBTYPE_CODES)})")
     label = 0 if m["cls"].upper() == "B" else 1
-    subtype = _CODE_TO_INDEX[code]
-    if SUBTYPES[subtype][2] != label:
-        raise DataError(name, f"tumour type {code} is not {CLASSES[label]}")
+    subtype = _subtype_of(m["type"], label, name)
     return ParsedName(label, subtype, m["year"], m["slide"], f"{int(m['mag'])}X", int(m["seq"]))
 
 
@@ -122,7 +198,7 @@ def parse_path(path: str | Path) -> ImageRecord:
         problems.append(f"name says {SUBTYPE_NAMES[parsed.subtype]}, folder says {type_dir}")
     if mag_dir.upper() != parsed.magnification:
         problems.append(f"name says {parsed.magnification}, folder says {mag_dir}")
-    if patient_dir.upper() != parsed.patient_folder.upper():
+    if _folder_name(patient_dir) != parsed.patient:
         problems.append(f"name says patient {parsed.patient_folder}, folder says {patient_dir}")
     if problems:
         raise DataError(path, "; ".join(problems))
@@ -134,6 +210,13 @@ def parse_path(path: str | Path) -> ImageRecord:
         parsed.patient_id,
         parsed.magnification,
     )
+
+
+def _folder_name(folder: str) -> PatientName | None:
+    try:
+        return parse_patient(folder)
+    except DataError:
+        return None
 
 
 def _readable(path: Path) -> str | None:
@@ -183,6 +266,51 @@ class BreakHisIndex:
     patients: list[Patient]
     skipped: list[tuple[str, str]]  # (path or patient, why)
     images: list[ImageRecord]
+
+
+def find_patients(spelling: str, patients: Sequence[Patient]) -> list[Patient]:
+    """The patient folders a BreakHis spelling names (:func:`parse_patient`), case-insensitive.
+
+    ``14-22549AB``, ``22549AB``, ``SOB_B_A_14-22549AB`` and ``SOB_B_A-14-22549AB`` name that
+    folder; ``14-22549`` names every folder of the patient. LookupError (its message naming
+    the close candidates) when the spelling names no folder, or folders of two patients.
+    """
+    names = {p.key: parse_patient(p.key) for p in patients}
+    try:
+        wanted = parse_patient(spelling)
+    except DataError as exc:
+        raise LookupError(f"{exc.why}{_candidates(spelling, patients)}") from None
+    found = [p for p in patients if wanted.matches(names[p.key])]
+    if not found:
+        raise LookupError(f"no such patient in the data{_candidates(spelling, patients)}")
+    ids = sorted({p.patient_id for p in found})
+    if len(ids) > 1:
+        shown = ", ".join(p.key for p in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise LookupError(
+            f"ambiguous: names {len(ids)} patients ({shown}); give the year or the folder name"
+        )
+    return found
+
+
+def _candidates(spelling: str, patients: Sequence[Patient]) -> str:
+    """``"; close: A, B"``: folders of the spelled patient number, else folders whose spellings
+    resemble ``spelling``; else some examples."""
+    try:
+        digits = parse_patient(spelling).digits
+    except DataError:
+        digits = None
+    keys = [p.key for p in patients if parse_patient(p.key).digits == digits]
+    if not keys:
+        spellings: dict[str, str] = {}
+        for p in patients:
+            name = parse_patient(p.key)
+            for form in (p.key, f"{name.year}-{name.slide}", name.slide):
+                spellings.setdefault(form.upper(), p.key)
+        close = difflib.get_close_matches(spelling.strip().upper(), list(spellings), n=8)
+        keys = list(dict.fromkeys(spellings[c] for c in close))
+    if keys:
+        return f"; close: {', '.join(keys[:5])}"
+    return f"; e.g. {', '.join(p.key for p in patients[:5])}"
 
 
 def _report(what: str, why: str) -> None:

@@ -25,7 +25,9 @@ analyze = Command("histommnet-analyze", "BreakHis dataset report and the cross-v
 gradcam = Command("histommnet-gradcam", "Grad-CAM heatmaps per magnification",
                   "histommnet.gradcam:run", [
     ("--checkpoint", {"type": Path, "required": True, "help": "a fold_<i>_best.pth"}),
-    ("--patients", {"nargs": "+", "metavar": "ID", "help": "patient folders or ids"}),
+    ("--patients", {"nargs": "+", "metavar": "ID",
+                    "help": "patients in any BreakHis spelling: SOB_B_A_14-22549AB, "
+                            "SOB_B_A-14-22549AB, 14-22549AB, 22549AB (14-22549: all its slides)"}),
     ("--num-patients", {"type": int, "default": 4, "help": "without --patients: how many"}),
     ("--draw", {"type": int, "default": 0, "help": "which evaluation draw of each patient"}),
     ("--target", {"choices": ("predicted", "benign", "malignant"), "default": "predicted"}),

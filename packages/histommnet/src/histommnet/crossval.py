@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,20 @@ import numpy as np
 import pandas as pd
 import timm
 
-from histommnet.breakhis import BreakHisIndex, Patient, scan_breakhis
+from histommnet.breakhis import (
+    CLASSES,
+    SUBTYPE_NAMES,
+    SUBTYPES,
+    BreakHisIndex,
+    Patient,
+    scan_breakhis,
+)
 from histommnet.config import PACKAGE, HistoConfig
 from histommnet.data import MultiMagDataset, WorkingImages, input_size, normalization
 from histommnet.evaluate import (
     LEVELS,
     METRICS,
+    RATES_NOTE,
     summarize_folds,
     summary_display,
     test_fold,
@@ -49,7 +58,7 @@ from histommnet.model import (
     weights_hint,
 )
 from histommnet.synthetic import generate_breakhis
-from histommnet.train import train_fold
+from histommnet.train import save_fold_model, train_fold
 from medcore.demo import ensure_demo_data
 from medcore.errors import ConfigError, DataError, UserError
 from medcore.inference import PredictOptions, checkpoint_precision
@@ -97,10 +106,63 @@ def load_index(cfg: HistoConfig, verbose: bool = True) -> BreakHisIndex:
     )
 
 
-def make_folds(patients: list[Patient], cfg: HistoConfig) -> list[dict[str, np.ndarray]]:
-    """Patient-wise stratified folds with a nested validation split; indices into ``patients``."""
+@dataclass
+class FoldPlan:
+    """Patient-wise folds (indices into the patients) and what they are stratified by."""
+
+    folds: list[dict[str, np.ndarray]]
+    stratify: str  # "subtype" or "class"
+    fallback: str | None = None  # why subtype stratification was given up
+
+    def meta(self) -> dict[str, Any]:
+        """What ``splits.json`` records about the stratification."""
+        return {"stratified_by": self.stratify, "stratify_fallback": self.fallback}
+
+
+def _patient_counts(values: np.ndarray, groups: np.ndarray) -> dict[int, int]:
+    """Patients (splitting groups) per value of ``values``."""
+    return {int(v): len(set(groups[values == v].tolist())) for v in sorted(set(values.tolist()))}
+
+
+def _split_folds(
+    strata: np.ndarray, labels: np.ndarray, groups: np.ndarray, cfg: HistoConfig
+) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """Outer folds stratified on ``strata``, each with a class-stratified nested validation
+    split, and the splitters' warnings; ValueError when the strata cannot fill the folds."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outer = stratified_group_kfold(strata, groups, n_splits=cfg.cv.folds, seed=cfg.seed)
+        folds = []
+        for i, fold in enumerate(outer):
+            train, val = nested_validation(
+                fold["train"], labels, groups, cfg.cv.val_fraction, seed=cfg.seed + i
+            )
+            folds.append({"train": train, "val": val, "test": fold["test"]})
+    return folds, list(dict.fromkeys(str(w.message) for w in caught))
+
+
+def _missing_class(
+    folds: list[dict[str, np.ndarray]], labels: np.ndarray
+) -> tuple[int, str, int] | None:
+    """The first (fold, split, absent class) of a split without both classes, else None."""
+    for i, split in enumerate(folds):
+        for name, idx in split.items():
+            present = set(labels[idx].tolist())
+            for label in range(len(CLASSES)):
+                if label not in present:
+                    return i, name, label
+    return None
+
+
+def make_folds(patients: list[Patient], cfg: HistoConfig) -> FoldPlan:
+    """Patient-wise stratified folds with a nested validation split; indices into ``patients``.
+
+    Stratified by subtype when ``cv.stratify_subtype``, unless that cannot give every split
+    both classes (subtypes with fewer patients than folds): then by class, said in one line.
+    A DataError only when class-stratified folds cannot give every split both classes either.
+    """
     labels = np.array([p.label for p in patients])
-    strata = np.array([p.subtype for p in patients]) if cfg.cv.stratify_subtype else labels
+    subtypes = np.array([p.subtype for p in patients])
     groups = np.array([p.patient_id for p in patients])
     n_groups = len(set(groups.tolist()))
     if cfg.cv.folds < 2 or n_groups < cfg.cv.folds:
@@ -108,39 +170,64 @@ def make_folds(patients: list[Patient], cfg: HistoConfig) -> list[dict[str, np.n
             "cv.folds",
             f"{cfg.cv.folds} folds need at least 2 and at most {n_groups} (the patients)",
         )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    k = cfg.cv.folds
+    per_class = _patient_counts(labels, groups)
+    fallback = None
+    if cfg.cv.stratify_subtype:
+        per_subtype = _patient_counts(subtypes, groups)
         try:
-            outer = stratified_group_kfold(strata, groups, n_splits=cfg.cv.folds, seed=cfg.seed)
-        except ValueError as exc:  # every subtype has fewer patients than folds
-            if not cfg.cv.stratify_subtype:
-                raise DataError("cv.folds", str(exc)) from None
-            print(
-                f"note: cannot stratify by subtype ({exc}); stratifying by class only",
-                file=sys.stderr,
+            folds, notes = _split_folds(subtypes, labels, groups, cfg)
+            gap = _missing_class(folds, labels)
+        except ValueError:  # every subtype has fewer patients than folds
+            gap = None
+            why = f"every subtype has fewer than {k} patients, at most {max(per_subtype.values())}"
+        else:
+            if gap is None:
+                _check_folds(folds, groups)
+                for note in notes:
+                    print(f"note: splitting: {note}", file=sys.stderr)
+                return FoldPlan(folds, "subtype")
+            fold, split, label = gap
+            scarce = ", ".join(
+                f"{SUBTYPE_NAMES[s]} {n}"
+                for s, n in per_subtype.items()
+                if SUBTYPES[s][2] == label and n < k
             )
-            outer = stratified_group_kfold(labels, groups, n_splits=cfg.cv.folds, seed=cfg.seed)
-        folds = []
-        for i, fold in enumerate(outer):
-            train, val = nested_validation(
-                fold["train"], labels, groups, cfg.cv.val_fraction, seed=cfg.seed + i
+            why = f"fold {fold}'s {split} split would get no {CLASSES[label]} patient; " + (
+                f"{CLASSES[label]} subtypes with fewer than {k} patients: {scarce}"
+                if scarce
+                else f"{per_class.get(label, 0)} {CLASSES[label]} patients"
             )
-            folds.append({"train": train, "val": val, "test": fold["test"]})
-    for w in {str(w.message) for w in caught}:
-        print(f"note: splitting: {w}", file=sys.stderr)
+        fallback = f"cannot stratify {k} folds by subtype ({why})"
+        print(
+            f"note: cv.stratify_subtype: {fallback}; stratifying by class instead "
+            "(the folds stay patient-wise)",
+            file=sys.stderr,
+        )
+    counts = ", ".join(f"{per_class.get(c, 0)} {name}" for c, name in enumerate(CLASSES))
+    need = f"too few patients ({counts}) for {k} folds and a {cfg.cv.val_fraction:.0%} validation split"
+    try:
+        folds, notes = _split_folds(labels, labels, groups, cfg)
+    except ValueError as exc:
+        raise DataError("cv.folds", f"{exc} ({need})") from None
+    gap = _missing_class(folds, labels)
+    if gap is not None:
+        fold, split, label = gap
+        raise DataError(
+            f"fold {fold}", f"the {split} split lacks {CLASSES[label]} patients: {need}"
+        )
+    _check_folds(folds, groups)
+    for note in notes:
+        print(f"note: splitting: {note}", file=sys.stderr)
+    return FoldPlan(folds, "class", fallback)
+
+
+def _check_folds(folds: list[dict[str, np.ndarray]], groups: np.ndarray) -> None:
     for i, split in enumerate(folds):
         try:
             check_no_leak(split, groups)
         except SplitLeakError as exc:
             raise DataError(f"fold {i}", f"patient leak between splits ({exc})") from None
-        for name, idx in split.items():
-            if len(idx) == 0 or len(set(labels[idx].tolist())) < 2:
-                raise DataError(
-                    f"fold {i}",
-                    f"the {name} split lacks a class (too few patients for "
-                    f"{cfg.cv.folds} folds and a {cfg.cv.val_fraction:.0%} validation split)",
-                )
-    return folds
 
 
 def read_folds(path: Path, patients: list[Patient]) -> list[dict[str, np.ndarray]]:
@@ -155,18 +242,21 @@ def fold_splits(
     run_dir: Path, patients: list[Patient], cfg: HistoConfig, is_main: bool = True
 ) -> list[dict[str, np.ndarray]]:
     """The folds, saved to ``splits.json``; a resumed run reuses (and checks) the saved ones."""
+    meta = {
+        "seed": cfg.seed,
+        "folds": cfg.cv.folds,
+        "val_fraction": cfg.cv.val_fraction,
+        "stratify_subtype": cfg.cv.stratify_subtype,
+        "unit": "patient folder",
+    }
+
+    def make() -> list[dict[str, np.ndarray]]:
+        plan = make_folds(patients, cfg)
+        meta.update(plan.meta())  # saved with the folds, after make() returns
+        return plan.folds
+
     return load_or_make_splits(
-        run_dir / "splits.json",
-        lambda: make_folds(patients, cfg),
-        ids=[p.key for p in patients],
-        meta={
-            "seed": cfg.seed,
-            "folds": cfg.cv.folds,
-            "val_fraction": cfg.cv.val_fraction,
-            "stratify_subtype": cfg.cv.stratify_subtype,
-            "unit": "patient folder",
-        },
-        is_main=is_main,
+        run_dir / "splits.json", make, ids=[p.key for p in patients], meta=meta, is_main=is_main
     )
 
 
@@ -309,12 +399,16 @@ def _fold(
         plots_dir=ctx.run_dir / "plots",
         history=trained.history,
     )
+    thresholds = tested.pop("thresholds")
+    method = tested.pop("threshold_method")
+    model_path = save_fold_model(trained, {"thresholds": thresholds, "threshold_method": method})
     result: dict[str, Any] = {
         "fold": fold,
-        "thresholds": tested.pop("thresholds"),
-        "threshold_method": tested.pop("threshold_method"),
+        "thresholds": thresholds,
+        "threshold_method": method,
         "focal_class_weights": {"benign": 1.0 - trained.alpha, "malignant": trained.alpha},
-        "checkpoint": str(trained.weights_path),
+        "checkpoint": str(model_path),
+        "selected_from": trained.weights_path.name,
         "best_epoch": int(trained.state.get("epoch", 0)),
         "patients": {name: len(part) for name, part in subsets.items()},
         "draws": {
@@ -371,6 +465,7 @@ def _summarize(ctx: RunContext, results: list[dict[str, Any]]) -> None:
             per_fold.to_dict("records"), ["fold", "level", "threshold", *METRICS], floatfmt=".3f"
         )
     )
+    print(RATES_NOTE)
     print(f"\nmean ± std over {len(results)} fold(s)")
     print(format_table(summary_display(summary), ["level", "folds", *METRICS]))
     print(f"\nrun directory: {ctx.run_dir}")

@@ -1,7 +1,10 @@
 """Prediction, image- and patient-level metrics, cross-validation summaries, tables and plots.
 
 "Image level" means one draw (one image per magnification); "patient level" averages the
-malignant probability over all draws of a patient.
+malignant probability over all draws of a patient. Beside them, the recognition rates the
+BreakHis literature reports (Spanhol et al. 2016), from the draws classified one by one at the
+image-level threshold: image level N_rec / N_all (the image accuracy), patient level the mean
+over patients of N_rec / N_P (each patient's fraction of correctly classified draws).
 """
 
 from __future__ import annotations
@@ -28,8 +31,20 @@ from medcore.metrics import binary_metrics, select_threshold
 from medcore.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
 from medcore.tables import markdown_table
 
-METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1", "sensitivity", "specificity")
+METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "roc_auc",
+    "f1",
+    "sensitivity",
+    "specificity",
+    "recognition_rate",
+)
 LEVELS = ("image", "patient")
+RATES_NOTE = (
+    "recognition_rate: image level N_rec / N_all, patient level the mean over patients of "
+    "N_rec / N_P, draws classified at the image-level threshold (Spanhol et al. 2016)"
+)
 
 
 def predict(
@@ -97,6 +112,21 @@ def level_metrics(frame: pd.DataFrame, threshold: float) -> dict[str, float]:
     return binary_metrics(frame["label"].to_numpy(), frame["prob_malignant"].to_numpy(), threshold)
 
 
+def recognition_rates(draws: pd.DataFrame, threshold: float) -> dict[str, float]:
+    """The BreakHis recognition rates of ``draws`` classified one by one at ``threshold``.
+
+    ``image``: correctly classified draws over all draws (N_rec / N_all); ``patient``: the
+    mean over patients of each patient's N_rec / N_P (Spanhol et al. 2016, the patient
+    recognition rate), so every patient weighs the same whatever its number of images.
+    """
+    pred = (draws["prob_malignant"].to_numpy(dtype=float) >= threshold).astype(int)
+    correct = pd.Series(pred == draws["label"].to_numpy(), index=draws.index, dtype=float)
+    return {
+        "image": float(correct.mean()),
+        "patient": float(correct.groupby(draws["patient"]).mean().mean()),
+    }
+
+
 def choose_threshold(frame: pd.DataFrame, method: str, what: str = "validation") -> float:
     """The decision threshold maximising ``method`` (Youden's J or F1) on ``frame``, centred
     in its gap.
@@ -158,7 +188,8 @@ def summarize_folds(fold_results: Sequence[dict[str, Any]]) -> tuple[pd.DataFram
                     "fold": res["fold"],
                     "level": level,
                     "threshold": res["thresholds"][level],
-                    **{m: res["test"][level][m] for m in METRICS},
+                    # NaN for a metric a fold's result lacks (written by an older release)
+                    **{m: res["test"][level].get(m, math.nan) for m in METRICS},
                 }
             )
     per_fold = pd.DataFrame(rows)
@@ -248,6 +279,9 @@ def test_fold(
             }
             for split_name, pair in frames.items()
         }
+    for split_name, (draws, _) in frames.items():
+        for level, rate in recognition_rates(draws, thresholds["image"]).items():
+            scores[split_name][level]["recognition_rate"] = rate
     out: dict[str, Any] = {"thresholds": thresholds, "threshold_method": method, **scores}
     if "subtype_pred" in test_draws:
         out["test_subtype_accuracy"] = float(

@@ -23,7 +23,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from histommnet.breakhis import CLASSES, Patient
+from histommnet.breakhis import CLASSES, Patient, find_patients
 from histommnet.config import PACKAGE, HistoConfig
 from histommnet.crossval import load_index
 from histommnet.data import MultiMagDataset, WorkingImages, normalization
@@ -71,18 +71,23 @@ def _default_patients(checkpoint: Path, patients: list[Patient], count: int) -> 
 
 
 def _select(wanted: list[str], patients: list[Patient]) -> list[Patient]:
-    chosen = []
+    """The patient folders ``--patients`` names, in any BreakHis spelling (``find_patients``)."""
+    chosen: list[Patient] = []
     for name in wanted:
-        found = [p for p in patients if name in (p.key, p.patient_id)]
-        if not found:
-            shown = ", ".join(p.key for p in patients[:5])
-            raise UserError(f"--patients {name}", f"no such patient in the data (e.g. {shown})")
+        try:
+            found = find_patients(name, patients)
+        except LookupError as exc:
+            raise UserError(f"--patients {name}", str(exc)) from None
         chosen.extend(p for p in found if p not in chosen)
     return chosen
 
 
-def fold_threshold(checkpoint: Path) -> float | None:
-    """The image-level decision threshold of the checkpoint's fold (its ``result.json``)."""
+def fold_threshold(checkpoint: Path, state: dict) -> float | None:
+    """The image-level decision threshold of the checkpoint's fold: stored in the fold's
+    ``fold_<i>_best.pth``, else in the fold's ``result.json`` (for its other checkpoints)."""
+    stored = state.get("thresholds")
+    if isinstance(stored, dict) and "image" in stored:
+        return float(stored["image"])
     result = checkpoint.resolve().parent.parent / "result.json"  # fold_<i>/checkpoints/<file>
     if checkpoint.parent.name != "checkpoints" or not result.is_file():
         return None
@@ -106,14 +111,15 @@ def _stored_normalization(state: dict) -> dict:
     }
 
 
-def _threshold(args: argparse.Namespace) -> float:
+def _threshold(args: argparse.Namespace, state: dict) -> float:
     if args.threshold is not None:
         return args.threshold
-    found = fold_threshold(args.checkpoint)
+    found = fold_threshold(args.checkpoint, state)
     if found is None:
         print(
-            f"note: no fold result.json beside {args.checkpoint}: the predicted class uses "
-            "P(malignant) >= 0.5 (pass --threshold to set the fold's)",
+            f"note: {args.checkpoint} records no threshold and has no fold result.json beside "
+            "it: the predicted class uses P(malignant) >= 0.5 (pass --threshold to set the "
+            "fold's)",
             file=sys.stderr,
         )
         return 0.5
@@ -162,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     """``histommnet-gradcam`` after parsing."""
     ctx = setup_run(args, HistoConfig, PACKAGE, "default")
     model, state = load_model(args.checkpoint)
-    threshold = _threshold(args)
+    threshold = _threshold(args, state)
     model.to(ctx.device).eval()
     cfg: HistoConfig = ctx.cfg
     data_cfg = dataclasses.replace(

@@ -28,7 +28,13 @@ from histommnet.data import (
 from histommnet.evaluate import predict, validation_scores
 from histommnet.losses import FocalLoss, malignant_alpha, mixup, soft_targets
 from histommnet.model import NUM_SUBTYPES, build_model, checkpoint_kind
-from medcore.checkpoint import export_best, load_checkpoint
+from medcore.checkpoint import (
+    export_best,
+    load_checkpoint,
+    release_spares,
+    save_checkpoint,
+    unwrap_model,
+)
 from medcore.config import to_dict
 from medcore.device import device_defaults
 from medcore.inference import PredictOptions
@@ -165,9 +171,33 @@ class TrainedFold:
     model: torch.nn.Module
     state: dict[str, Any]  # the selected checkpoint
     weights_path: Path
+    best_path: Path  # fold_<i>_best.pth, rewritten by ``save_fold_model`` once tested
+    meta: dict[str, Any]  # what rebuilds and feeds the model (config, input size, normalisation)
     history: list[dict[str, Any]]
     alpha: float  # focal weight of the malignant class
     eval_batch_size: int
+
+
+def save_fold_model(trained: TrainedFold, extra: dict[str, Any]) -> Path:
+    """Rewrite ``fold_<i>_best.pth`` to hold what evaluation and export need, nothing more.
+
+    The selected weights, the model config, magnifications, input size, normalisation,
+    precision, the selection (epoch, metric) and ``extra`` (the fold's thresholds). A
+    trainer's checkpoint also carries the optimizer's moments and the RNG states, which only
+    resuming needs (``latest.pt`` keeps them): with AdamW three times the weights' size.
+    """
+    state = trained.state
+    slim = {
+        "model": {k: v.detach().cpu() for k, v in unwrap_model(trained.model).state_dict().items()},
+        **trained.meta,
+        **{key: state[key] for key in ("precision", "epoch", "global_step") if key in state},
+        # which validation metric selected these weights, and its value (no file path)
+        "best": {k: v for k, v in (state.get("best") or {}).items() if k in ("name", "value")},
+        **extra,
+    }
+    path = save_checkpoint(slim, trained.best_path, kind=checkpoint_kind(trained.model))
+    release_spares(path.parent)  # the replaced full checkpoint is kept as a spare otherwise
+    return path
 
 
 def train_fold(
@@ -215,6 +245,14 @@ def train_fold(
         tracker.reset()
 
     kind = checkpoint_kind(model)
+    meta = {
+        "model_config": to_dict(cfg.model),
+        "magnifications": list(cfg.data.magnifications),
+        "image_size": cfg.data.image_size,
+        "aspect_ratio": cfg.data.aspect_ratio,
+        "normalization": normalization(cfg.data),
+        "fold": fold,
+    }
     trainer = Trainer(
         model,
         tcfg,
@@ -227,14 +265,7 @@ def train_fold(
             cfg, fold, val_ds, criterion, tracker, eval_bs, cfg.trainer.num_workers
         ),
         seed=cfg.seed + fold,
-        extra_state={
-            "model_config": to_dict(cfg.model),
-            "magnifications": list(cfg.data.magnifications),
-            "image_size": cfg.data.image_size,
-            "aspect_ratio": cfg.data.aspect_ratio,
-            "normalization": normalization(cfg.data),
-            "fold": fold,
-        },
+        extra_state=meta,
         on_epoch_start=on_epoch_start,
         logger=logger,
     )
@@ -251,4 +282,6 @@ def train_fold(
         best_path, final_path, model, best_path.with_suffix(".safetensors"), {"kind": kind}
     )
     state = load_checkpoint(weights_path, kind=kind)
-    return TrainedFold(model.to(ctx.device), state, weights_path, history, alpha, eval_bs)
+    return TrainedFold(
+        model.to(ctx.device), state, weights_path, best_path, meta, history, alpha, eval_bs
+    )
