@@ -68,6 +68,11 @@ class ModelConfig:
     # The text tower's start: an open_clip CLIP checkpoint (FILE, DIR or hf-hub:NAME) whose text
     # transformer has these widths (the defaults are CLIP ViT-B's); None: random init.
     text_weights: str | None = None
+    # The text transformer's MLP activation: QuickGELU (OpenAI CLIP and open_clip's -quickgelu
+    # models) or GELU. None: what the text weights say (their open_clip_config.json, else
+    # open_clip's pretrained registry), GELU without text weights; a value the weights
+    # contradict is an error. Resolved when training starts and recorded in the checkpoint.
+    text_quick_gelu: bool | None = None
     # Per-channel input normalisation the backbone's weights expect (after the per-slice min-max
     # to [0, 1]); None: from the weights' own config or the architecture's timm pretrained_cfg,
     # resolved when training starts and recorded in the checkpoint, which eval uses unchanged.
@@ -141,6 +146,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "completed_impressions": ("data.completed_impressions", str),
     "dinov2_model_name": ("model.dinov2_model_name", str),
     "text_weights": ("model.text_weights", str),
+    "text_quick_gelu": ("model.text_quick_gelu", bool),
     "context_length": ("model.context_length", int),
     "batch_size": ("trainer.batch_size", int),
     "lr": ("trainer.lr", float),
