@@ -255,6 +255,13 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
 
     val_ds = None
     if cfg.validation.do_validate:
+        if paths.unsplit_validation:
+            print(
+                f"note: validating on {paths.val_label_path}, all of CT-RATE's validation "
+                "volumes; for a patient-wise validation/test split run ctclip-split and pass "
+                "--val-label-path <its output>/valid_predicted_labels.csv",
+                file=sys.stderr,
+            )
         labels = read_labels(paths.val_label_path)
         val_names = match_names(
             list(labels.index), paths.val_ct_filepath, paths.val_label_path, cfg.data.allow_missing
