@@ -353,6 +353,8 @@ def test_broken_nifti_is_skipped_by_name(case: str, reason: str, tmp_path: Path,
     names = ["good.nii.gz"] + ([] if case == "not in the metadata" else ["bad.nii.gz"])
     rows = [{"VolumeName": n, "RescaleSlope": 1.0, "RescaleIntercept": 0.0} for n in names]
     if case == "zero voxel size in the metadata":
+        # A table with spacing columns needs them in every row (a blank cell is skipped too).
+        rows[0].update(XYSpacing="[2.0, 2.0]", ZSpacing=3.0)
         rows[1].update(XYSpacing="[0.0, 0.0]", ZSpacing=0.0)
     pd.DataFrame(rows).to_csv(tmp_path / "meta.csv", index=False)
     out = tmp_path / "v.h5"

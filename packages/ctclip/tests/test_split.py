@@ -70,3 +70,26 @@ def test_bad_names_are_one_line_errors(tmp_path, capsys):
     assert cli.split(["--data-dir", str(tmp_path), "--target-val-size", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "scan_without_patient" in err[0]
+
+
+def test_flat_folder_split_into_an_output_dir_leaves_it_untouched(tmp_path, capsys):
+    data = tmp_path / "ct_rate"
+    data.mkdir()
+    names = _write_validation(data)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    out = tmp_path / "split"
+    argv = ["--data-dir", str(data), "--output-dir", str(out), "--target-val-size", "20"]
+    assert cli.split(argv) == 0
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before  # no backups, no outputs
+    val = pd.read_csv(out / "valid_predicted_labels.csv")["VolumeName"]
+    test = pd.read_csv(out / "test_metadata.csv")["VolumeName"]
+    assert sorted([*val, *test]) == sorted(names)
+    assert list(pd.read_csv(out / "validation_reports.csv")["VolumeName"]) == list(val)
+    summary = json.loads((out / "split_summary.json").read_text())
+    assert summary["outputs"]["test_reports.csv"] == str(out / "test_reports.csv")
+    # A folder of something else is not replaced.
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "ct_volumes.h5").write_bytes(b"x")
+    argv[3] = str(tmp_path / "busy")
+    assert cli.split(argv) == 2
+    assert "holds other files (ct_volumes.h5)" in capsys.readouterr().err

@@ -8,16 +8,19 @@ from __future__ import annotations
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
-from ctclip.config import TRAIN_FLAGS
+from ctclip.config import HU_SOURCES, TRAIN_FLAGS
 from medcore.cli import Command
 from medcore.device import DEVICE_CHOICES
 
 P, NEED, INT, F = {"type": Path}, {"type": Path, "required": True}, {"type": int}, {"type": float}
 # fmt: off
 PREPROCESS = [
-    ("--ct-data-path", {**NEED, "help": "NIfTI directory (recursive)"}),
+    ("--ct-data-path", {**P, "help": "NIfTI directory (recursive)"}),
+    ("--data-dir", {**P, "help": "instead of the two above: a CT-RATE download or flat folder"}),
     ("--ct-out-path", {**NEED, "help": "output HDF5 file"}),
     ("--metadata-path", {**P, "nargs": "+", "default": [], "help": "metadata CSVs"}),
+    ("--hu-source", {"choices": HU_SOURCES, "default": "auto",
+                     "help": "HU from the NIfTI header, the metadata's rescale, or auto"}),
     ("--target-shape", {**INT, "nargs": 3, "default": [160, 224, 224], "help": "D H W"}),
     ("--slide-b2u", {"action": BooleanOptionalAction, "default": True,
                      "help": "reverse the slice order (bottom to top)"}),
@@ -25,8 +28,9 @@ PREPROCESS = [
     ("--compression", {"choices": ["lzf", "gzip", "none"], "default": "lzf"})]
 EVALUATE = [
     ("--model-path", {**NEED, "help": "a ctclip checkpoint (.pt) or final.safetensors"}),
-    ("--test-data", {**NEED, "help": "HDF5 from ctclip-preprocess"}),
-    ("--test-labels", {**NEED, "help": "VolumeName + 18 findings"}),
+    ("--test-data", {**P, "help": "HDF5 from ctclip-preprocess"}),
+    ("--test-labels", {**P, "help": "VolumeName + 18 findings"}),
+    ("--data-dir", {**P, "help": "a CT-RATE copy: the defaults of the two above"}),
     ("--val-labels", {**P, "help": "choose each finding's threshold on these"}),
     ("--val-data", {**P, "help": "HDF5 of the --val-labels volumes (default: --test-data)"}),
     ("--threshold", {**F, "default": 0.5, "help": "without --val-labels"}),
@@ -37,7 +41,9 @@ EVALUATE = [
     ("--seed", {**INT, "default": 0, "help": "bootstrap seed"}),
     ("--allow-missing", {"action": "store_true", "help": "skip volumes not in the HDF5"})]
 SPLIT = [
-    ("--data-dir", {**NEED, "help": "the validation CSVs' folder"}),
+    ("--data-dir", {**NEED, "help": "a CT-RATE download, or a folder of validation CSVs"}),
+    ("--output-dir", {**P, "help": "where the split goes (required with the download; "
+                                   "default for a flat folder: in place)"}),
     ("--target-val-size", {**INT, "default": 500, "help": "validation volumes"}),
     ("--seed", {**INT, "default": 42})]
 IMPRESSIONS = [

@@ -15,24 +15,27 @@ from medcore.cli import RunConfig
 from medcore.trainer import TrainerConfig
 
 TextColumn = Literal["findings", "impressions", "both"]
+# ctclip-preprocess --hu-source: how stored voxel values become HU (see ctclip.preprocess).
+HU_SOURCES = ("auto", "header", "metadata")
 
 
 @dataclass
 class DataConfig:
     """Where the volumes and texts are.
 
-    With ``data_dir`` set (or the demo) the paths default to the CT-RATE layout:
-    ``<data_dir>/ct_volumes.h5`` and ``<data_dir>/ct_rate/{train_reports,valid_predicted_labels}.csv``.
+    ``data_dir`` is a CT-RATE copy (:mod:`ctclip.ctrate`): the Hugging Face download (its root or
+    ``dataset/``) or a flat folder (``ct_rate/`` CSVs, ``ct_volumes.h5``). The reports and labels
+    default to its tables: ``train_reports.csv`` and ``valid_predicted_labels.csv``.
     Relative paths are taken relative to ``data_dir``.
     """
 
     data_dir: str | None = None
-    ct_filepath: str = "ct_volumes.h5"
-    txt_filepath: str = "ct_rate/train_reports.csv"
+    ct_filepath: str = "ct_volumes.h5"  # written by ctclip-preprocess
+    txt_filepath: str | None = None  # None: the CT-RATE copy's train reports
     val_ct_filepath: str | None = (
         None  # None: the training HDF5 (CT-RATE keeps all volumes in one file)
     )
-    val_label_path: str = "ct_rate/valid_predicted_labels.csv"
+    val_label_path: str | None = None  # None: the CT-RATE copy's validation labels
     text_column: TextColumn = "findings"
     # The JSON written by ctclip-impressions: its generated impressions fill the reports' missing
     # Impressions_EN before the texts are built (needs text_column impressions or both).
@@ -68,6 +71,11 @@ class ModelConfig:
     # The text tower's start: an open_clip CLIP checkpoint (FILE, DIR or hf-hub:NAME) whose text
     # transformer has these widths (the defaults are CLIP ViT-B's); None: random init.
     text_weights: str | None = None
+    # The text transformer's MLP activation: QuickGELU (OpenAI CLIP and open_clip's -quickgelu
+    # models) or GELU. None: what the text weights say (their open_clip_config.json, else
+    # open_clip's pretrained registry), GELU without text weights; a value the weights
+    # contradict is an error. Resolved when training starts and recorded in the checkpoint.
+    text_quick_gelu: bool | None = None
     # Per-channel input normalisation the backbone's weights expect (after the per-slice min-max
     # to [0, 1]); None: from the weights' own config or the architecture's timm pretrained_cfg,
     # resolved when training starts and recorded in the checkpoint, which eval uses unchanged.
@@ -141,6 +149,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "completed_impressions": ("data.completed_impressions", str),
     "dinov2_model_name": ("model.dinov2_model_name", str),
     "text_weights": ("model.text_weights", str),
+    "text_quick_gelu": ("model.text_quick_gelu", bool),
     "context_length": ("model.context_length", int),
     "batch_size": ("trainer.batch_size", int),
     "lr": ("trainer.lr", float),

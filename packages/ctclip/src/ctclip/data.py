@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctclip.config import DataConfig, TextColumn
+from ctclip.ctrate import CTRate, find_ctrate
 from ctclip.findings import FINDINGS
 from ctclip.notes import name_left_out
 from ctclip.preprocess import HU_RANGE, read_volume_names, volume_shape
@@ -40,22 +41,36 @@ class DataPaths:
     txt_filepath: Path
     val_ct_filepath: Path
     val_label_path: Path
+    # The labels are the download's whole validation table, not a patient-wise split of it.
+    unsplit_validation: bool = False
 
 
 def resolve_paths(cfg: DataConfig) -> DataPaths:
-    """The data files of ``cfg``: relative paths are taken relative to ``data_dir``."""
-    root = Path(cfg.data_dir) if cfg.data_dir else Path()
+    """The data files of ``cfg``: relative paths are taken relative to ``data_dir``; the reports
+    and labels not set are the CT-RATE copy's tables (:func:`ctclip.ctrate.find_ctrate`)."""
+    root = Path(cfg.data_dir).expanduser() if cfg.data_dir else Path()
+    ctrate = find_ctrate(root) if cfg.data_dir else CTRate(root, root / "ct_rate", download=False)
 
     def at(p: str) -> Path:
         path = Path(p).expanduser()
         return path if path.is_absolute() else root / path
 
     ct = at(cfg.ct_filepath)
+    if ctrate.download and not ct.is_file():
+        raise DataError(
+            ct,
+            f"HDF5 file not found: training reads volumes preprocessed from {ctrate.describe()} "
+            f"(ctclip-preprocess --data-dir {ctrate.root} --ct-out-path FILE.h5, then "
+            "--ct-filepath FILE.h5)",
+        )
     return DataPaths(
         ct_filepath=ct,
-        txt_filepath=at(cfg.txt_filepath),
+        txt_filepath=at(cfg.txt_filepath) if cfg.txt_filepath else ctrate.table("reports", "train"),
         val_ct_filepath=at(cfg.val_ct_filepath) if cfg.val_ct_filepath else ct,
-        val_label_path=at(cfg.val_label_path),
+        val_label_path=(
+            at(cfg.val_label_path) if cfg.val_label_path else ctrate.table("labels", "valid")
+        ),
+        unsplit_validation=ctrate.download and not cfg.val_label_path,
     )
 
 

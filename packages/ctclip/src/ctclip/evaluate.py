@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from ctclip.config import ModelConfig
+from ctclip.ctrate import find_ctrate
 from ctclip.data import CTVolumeDataset, check_store, match_names, read_labels
 from ctclip.findings import FINDINGS
 from ctclip.model import CTCLIP
@@ -26,7 +27,7 @@ from medcore import inference
 from medcore.checkpoint import load_checkpoint
 from medcore.config import from_dict
 from medcore.device import AmpPolicy, resolve_device
-from medcore.errors import CheckpointError, DataError
+from medcore.errors import CheckpointError, DataError, UserError
 from medcore.io import atomic_write_csv, atomic_write_json
 from medcore.metrics import (
     bootstrap_ci,
@@ -314,6 +315,32 @@ def validation_thresholds(
     return thresholds
 
 
+def test_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(``--test-data``, ``--test-labels``), defaulting to what ``--data-dir`` holds: a flat
+    folder's ``ct_volumes.h5`` and ``test_predicted_labels.csv`` (ctclip-split's), the CT-RATE
+    download's validation labels (the set CT-CLIP's zero-shot results are reported on; its HDF5
+    is wherever ctclip-preprocess wrote it, so ``--test-data`` is needed)."""
+    test_data, test_labels = args.test_data, args.test_labels
+    if args.data_dir is not None:
+        ctrate = find_ctrate(args.data_dir)
+        if test_labels is None:
+            if ctrate.download:
+                test_labels = ctrate.table("labels", "valid")
+            else:
+                test_labels = ctrate.tables / "test_predicted_labels.csv"
+        if test_data is None and not ctrate.download:
+            test_data = ctrate.root / "ct_volumes.h5"
+    for flag, value in (("--test-data", test_data), ("--test-labels", test_labels)):
+        if value is None:
+            why = (
+                "required: the HDF5 file ctclip-preprocess wrote"
+                if flag == "--test-data"
+                else "required (or --data-dir with a CT-RATE copy)"
+            )
+            raise UserError(flag, why)
+    return Path(test_data), Path(test_labels)
+
+
 def main(args: argparse.Namespace) -> int:
     """ctclip-eval: zero-shot metrics of ``--model-path`` on the volumes of ``--test-labels``,
     the table printed, the report written to ``--output-dir``.
@@ -323,15 +350,16 @@ def main(args: argparse.Namespace) -> int:
     finding uses ``--threshold``. Inference runs in the checkpoint's training precision, with
     the device's default DataLoader workers.
     """
+    test_data, test_labels = test_inputs(args)
     device = resolve_device(args.device)
     model, state = load_model(args.model_path, device)
     tokenizer = Tokenizer(model.context_length)
     options = {"device": device, "batch_size": args.batch_size}
     options["amp"] = inference.checkpoint_precision(state, device)
-    dataset = labelled_volumes(model, args.test_data, args.test_labels, args.allow_missing)
+    dataset = labelled_volumes(model, test_data, test_labels, args.allow_missing)
     thresholds: float | np.ndarray = args.threshold
     if args.val_labels is not None:
-        val_data = args.val_data or args.test_data
+        val_data = args.val_data or test_data
         val_ds = labelled_volumes(model, val_data, args.val_labels, args.allow_missing)
         overlap = set(val_ds.names) & set(dataset.names)
         if overlap:
@@ -356,8 +384,8 @@ def main(args: argparse.Namespace) -> int:
     summary.update(
         {
             "checkpoint": str(args.model_path),
-            "test_data": str(args.test_data),
-            "test_labels": str(args.test_labels),
+            "test_data": str(test_data),
+            "test_labels": str(test_labels),
             "thresholds_from": str(args.val_labels) if args.val_labels is not None else "fixed",
         }
     )

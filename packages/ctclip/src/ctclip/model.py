@@ -6,6 +6,9 @@ Shape notation: ``b`` batch, ``d`` slices (depth), ``h w`` slice pixels, ``c`` f
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from medcore.errors import ConfigError, UserError
 from medcore.weights import (
     OPEN_CLIP_FILES,
     WEIGHT_FILES,
+    ResolvedWeights,
     data_config,
     load_pretrained,
     require_pretrained,
@@ -42,6 +46,28 @@ BACKBONES: dict[str, str] = {
     "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
 }
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature
+# Where an open_clip checkpoint's weights are looked for: the open_clip files of a hub repository
+# before its HF-transformers copy.
+TEXT_WEIGHT_FILES = (*OPEN_CLIP_FILES, *WEIGHT_FILES)
+# open_clip_config.json text_cfg keys that ModelConfig sets, and the field that sets each.
+TEXT_CFG_FIELDS = {
+    "context_length": "context_length",
+    "vocab_size": "vocab_size",
+    "width": "text_width",
+    "heads": "text_heads",
+    "layers": "text_layers",
+}
+# text_cfg keys that do not change this tower's features: the tokenizer's, the outputs', and
+# the settings of a Hugging Face text tower (hf_model_name itself is checked: ctclip has none).
+TEXT_CFG_IGNORED = (
+    "hf_tokenizer_name",
+    "tokenizer_mode",
+    "tokenizer_kwargs",
+    "output_tokens",
+    "hf_model_pretrained",
+    "hf_proj_type",
+    "hf_pooler_type",
+)
 
 
 def exists(value: object) -> bool:
@@ -158,17 +184,22 @@ class CTCLIP(nn.Module):
         text: nn.Module,
         context_length: int,
         init_logit_scale: float = math.log(1 / 0.07),
+        text_activation: TextActivation | None = None,
     ) -> None:
         super().__init__()
         self.visual = visual
         self.text = text
         self.context_length = context_length
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # What the text tower's MLPs compute and what decided it (recorded in checkpoints).
+        self.text_activation = text_activation or TextActivation(False, "open_clip's default")
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> CTCLIP:
         """Build the model; with ``load_weights`` the backbone takes ``cfg.pretrained_weights``
-        (and a config that needs them but names none is refused, see :func:`check_weights`)."""
+        and the text tower ``cfg.text_weights`` with the activation they were trained with (a
+        config that needs weights but names none is refused, see :func:`check_weights`).
+        Without it the text tower's activation is ``cfg.text_quick_gelu`` (a checkpoint's)."""
         backbone = create_backbone(cfg)
         if cfg.grad_checkpointing:
             backbone.set_grad_checkpointing(True)  # timm checkpoints each block
@@ -196,10 +227,14 @@ class CTCLIP(nn.Module):
             heads=cfg.text_heads,
             layers=cfg.text_layers,
         )
-        text = _build_text_tower(cfg.embed_dim, text_cfg)
+        if load_weights:
+            activation = text_activation(cfg)
+        else:
+            activation = TextActivation(bool(cfg.text_quick_gelu), "the model config")
+        text = _build_text_tower(cfg.embed_dim, text_cfg, quick_gelu=activation.quick_gelu)
         if load_weights and exists(cfg.text_weights):
             load_text_weights(text, cfg.text_weights)
-        return cls(visual, text, cfg.context_length, cfg.init_logit_scale)
+        return cls(visual, text, cfg.context_length, cfg.init_logit_scale, activation)
 
     def encode_volume(self, volume: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         feats = self.visual(volume)
@@ -262,11 +297,12 @@ def normalization(
     return {"mean": data["mean"], "std": data["std"]}
 
 
-def check_weights(cfg: ModelConfig) -> None:
+def check_weights(cfg: ModelConfig) -> TextActivation:
     """Refuse a model config that cannot start as configured, before anything is written.
 
     ``pretrained`` without ``pretrained_weights`` says how to supply them; a frozen backbone
-    needs weights in any case (a frozen random backbone learns nothing).
+    needs weights in any case (a frozen random backbone learns nothing). Returns the text
+    tower's activation (:func:`text_activation`).
     """
     timm_name = timm_backbone_name(cfg.dinov2_model_name)
     hint = (
@@ -283,12 +319,12 @@ def check_weights(cfg: ModelConfig) -> None:
     # Named weights that cannot be found are refused now, not after the run has started.
     if exists(cfg.pretrained_weights):
         resolve_weights(cfg.pretrained_weights)
-    if exists(cfg.text_weights):
-        resolve_weights(cfg.text_weights, files=(*OPEN_CLIP_FILES, *WEIGHT_FILES))
+    return text_activation(cfg)  # text weights that cannot be found or contradict the config
 
 
-def init_line(cfg: ModelConfig) -> str:
-    """What the backbone and the text tower start from, for the training log."""
+def init_line(cfg: ModelConfig, activation: TextActivation | None = None) -> str:
+    """What the backbone and the text tower start from (and the tower's activation, when
+    known), for the training log."""
     source = (
         f"pretrained from {cfg.pretrained_weights}"
         if exists(cfg.pretrained_weights)
@@ -296,6 +332,8 @@ def init_line(cfg: ModelConfig) -> str:
     )
     frozen = ", frozen" if cfg.freeze_dinov2 else ""
     text = f"from {cfg.text_weights}" if exists(cfg.text_weights) else "scratch (random init)"
+    if activation is not None:
+        text += f", {activation.describe()}"
     name = timm_backbone_name(cfg.dinov2_model_name)
     return f"init: backbone {name} {source}{frozen}; text tower {text}"
 
@@ -333,5 +371,148 @@ def load_text_weights(text: nn.Module, spec: str | Path) -> None:
     ``text``; the image tower's tensors are reported as unexpected, a missing text tensor (another
     width, depth or context length) is an error. In a hub repository the open_clip files are
     preferred over the HF-transformers copy beside them."""
-    resolved = resolve_weights(spec, files=(*OPEN_CLIP_FILES, *WEIGHT_FILES))
+    resolved = resolve_weights(spec, files=TEXT_WEIGHT_FILES)
     load_pretrained(text, resolved, what="CLIP text tower")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextActivation:
+    """The text transformer's MLP activation and what decided it (for the log)."""
+
+    quick_gelu: bool
+    source: str
+
+    def describe(self) -> str:
+        return f"{'QuickGELU' if self.quick_gelu else 'GELU'} ({self.source})"
+
+
+def text_activation(cfg: ModelConfig) -> TextActivation:
+    """The activation the text tower must use to compute the features its weights were trained
+    for: QuickGELU (OpenAI CLIP, open_clip's ``-quickgelu`` models) or GELU.
+
+    The weights decide (:func:`weights_activation`); ``model.text_quick_gelu`` may repeat what
+    they say, and must say it for weights that neither their config nor open_clip's registry
+    describes. A contradiction, or weights of unknown activation with the setting unset, is a
+    one-line ConfigError: the tower would otherwise load every tensor and silently compute
+    other features. Without text weights: the setting, GELU when unset (open_clip's default).
+    """
+    setting = cfg.text_quick_gelu
+    if not exists(cfg.text_weights):
+        if exists(setting):
+            return TextActivation(bool(setting), "model.text_quick_gelu")
+        return TextActivation(False, "open_clip's default")
+    resolved = resolve_weights(cfg.text_weights, files=TEXT_WEIGHT_FILES)
+    said = weights_activation(resolved, cfg)
+    if said is None:
+        if not exists(setting):
+            raise ConfigError(
+                "model.text_quick_gelu",
+                f"cannot tell whether the text weights {cfg.text_weights} were trained with "
+                "QuickGELU (OpenAI CLIP, open_clip's -quickgelu models) or GELU: no "
+                "open_clip_config.json beside them and open_clip's pretrained registry does not "
+                "know them; set it to true or false (--text-quick-gelu / --no-text-quick-gelu)",
+            )
+        return TextActivation(bool(setting), "model.text_quick_gelu")
+    if exists(setting) and bool(setting) != said.quick_gelu:
+        raise ConfigError(
+            "model.text_quick_gelu",
+            f"is {str(bool(setting)).lower()}, but the text weights {cfg.text_weights} use "
+            f"{said.describe()}: the tower would compute other features than the ones they "
+            "were trained for (leave it unset)",
+        )
+    return said
+
+
+def weights_activation(resolved: ResolvedWeights, cfg: ModelConfig) -> TextActivation | None:
+    """What an open_clip checkpoint says about its text activation; None when nothing does.
+
+    First its ``open_clip_config.json`` (``model_cfg.quick_gelu``; its ``text_cfg`` is checked
+    against ``cfg`` on the way), then open_clip's pretrained registry (by hub repository or
+    release file name; QuickGELU for the ``openai`` tags and the ``-quickgelu`` models), then a
+    config that does not set the key (open_clip builds GELU from it).
+    """
+    model_cfg = resolved.config.get("model_cfg")
+    if isinstance(model_cfg, dict):
+        check_text_cfg(model_cfg, cfg, resolved.source)
+        if "quick_gelu" in model_cfg:
+            value = json.dumps(model_cfg["quick_gelu"])
+            return TextActivation(
+                bool(model_cfg["quick_gelu"]), f"quick_gelu: {value} in its open_clip_config.json"
+            )
+    for key in _registry_keys(resolved):
+        known = _open_clip_registry().get(key)
+        if known is not None:
+            quick, entry = known
+            return TextActivation(quick, f"open_clip's pretrained registry: {entry}")
+    if isinstance(model_cfg, dict):
+        return TextActivation(False, "its open_clip_config.json sets no quick_gelu")
+    return None
+
+
+def check_text_cfg(model_cfg: dict, cfg: ModelConfig, source: str) -> None:
+    """The ``text_cfg`` of an open_clip config must describe the tower ``cfg`` builds."""
+    ours = {key: getattr(cfg, name) for key, name in TEXT_CFG_FIELDS.items()}
+    default = CLIPTextCfg()
+    for key, value in (model_cfg.get("text_cfg") or {}).items():
+        if key in TEXT_CFG_IGNORED:
+            continue
+        if key in ours:
+            if value != ours[key]:
+                raise ConfigError(
+                    f"model.{TEXT_CFG_FIELDS[key]}",
+                    f"is {ours[key]}, but the text weights {source} have text_cfg.{key}={value} "
+                    "in their open_clip_config.json",
+                )
+        elif not hasattr(default, key):
+            raise ConfigError(
+                source, f"text_cfg.{key} in its open_clip_config.json is not an open_clip setting"
+            )
+        elif value != getattr(default, key):
+            raise ConfigError(
+                source,
+                f"text_cfg.{key}={value!r} in its open_clip_config.json: ctclip builds open_clip's "
+                f"standard CLIP text transformer ({key}={getattr(default, key)!r})",
+            )
+    embed_dim = model_cfg.get("embed_dim")
+    if exists(embed_dim) and embed_dim != cfg.embed_dim:
+        raise ConfigError(
+            "model.embed_dim",
+            f"is {cfg.embed_dim}, but the text weights {source} have embed_dim={embed_dim} in "
+            "their open_clip_config.json",
+        )
+
+
+def _registry_keys(resolved: ResolvedWeights) -> list[str]:
+    """How open_clip's registry may name these weights: the hub repository (from an hf-hub:
+    name or a Hugging Face cache path) and the file name (open_clip's release files)."""
+    keys = []
+    if resolved.source.startswith("hf-hub:"):
+        keys.append(resolved.source[len("hf-hub:") :].partition("@")[0])
+    for part in resolved.path.parts:
+        if part.startswith("models--"):
+            keys.append(part[len("models--") :].replace("--", "/", 1))
+    keys.append(resolved.path.name)
+    return keys
+
+
+@functools.cache
+def _open_clip_registry() -> dict[str, tuple[bool, str]]:
+    """open_clip's pretrained registry: hub repository and release file name -> (QuickGELU,
+    "MODEL:TAG"). QuickGELU where the tag says so (``openai`` ...) or the model config does
+    (``-quickgelu`` models); a key whose entries disagree is left out."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    found: dict[str, set[tuple[bool, str]]] = {}
+    for model, tag in open_clip.list_pretrained():
+        pcfg = get_pretrained_cfg(model, tag)
+        model_cfg = open_clip.get_model_config(model) or {}
+        quick = bool(pcfg.get("quick_gelu") or model_cfg.get("quick_gelu"))
+        for key in (pcfg.get("hf_hub", "").strip("/"), Path(pcfg.get("url", "")).name):
+            if key:
+                found.setdefault(key, set()).add((quick, f"{model}:{tag}"))
+    return {
+        key: (next(iter(entries))[0], min(e for _, e in entries))
+        for key, entries in found.items()
+        if len({quick for quick, _ in entries}) == 1
+    }

@@ -2,19 +2,41 @@
 
 Per volume: read with medcore's reader (:func:`medcore.volumes.read_nifti`: reoriented to the
 canonical orientation, slices inferior -> superior, rows anterior -> posterior, columns
-patient's right -> left, the radiological view), Hounsfield units from the header's
-scl_slope/scl_inter or, when the header does not scale, from the metadata's RescaleSlope /
-RescaleIntercept, clip to [-1000, 1000], resize preserving the physical aspect ratio so that
-the whole volume fits the target (the same mm per voxel on every axis), centre it and pad the
-rest with air. Nothing is cropped: a long scan keeps its first and last slice. With
+patient's right -> left, the radiological view), Hounsfield units from one reading of the stored
+values (``--hu-source``, below), clip to [-1000, 1000], resize preserving the physical aspect
+ratio so that the whole volume fits the target (the same mm per voxel on every axis), centre it
+and pad the rest with air. Nothing is cropped: a long scan keeps its first and last slice. With
 ``--no-slide-b2u`` slices are stored superior -> inferior.
+
+HU, never rescaled twice. A volume can be read two ways: as the NIfTI gives it (the header's
+scl_slope/scl_inter applied when it scales; else the values as stored), or with the metadata
+CSV's RescaleSlope/RescaleIntercept applied to the stored values. CT-RATE's first release stores
+raw scanner values with an unscaled header (the metadata's rescale is needed); later releases
+store HU (applying the metadata's rescale again turns 40 HU into -984). ``--hu-source``:
+
+- ``header``: as the NIfTI gives it; the metadata's rescale is never applied.
+- ``metadata``: the metadata's rescale on the stored values, for every volume (a blank or
+  unreadable rescale cell stops the job before anything is written).
+- ``auto`` (default): where the two readings differ, the one that looks like a body CT in HU:
+  the larger of min(share of voxels in [-1100, -900] HU, share in [-150, 150] HU)
+  (:func:`medcore.volumes.hu_evidence`; a reading off by a rescale moves both air and soft
+  tissue by about 1000 HU). A volume where neither reading reaches 1 %, or both come within
+  80 % of each other, is skipped and named (choose with ``header`` or ``metadata``).
+
+Each volume records its reading (``hu_source``, ``hu_rescale`` = slope and intercept from the
+stored values, ``hu_evidence`` = the two shares, ``hu_note``); the job ends with the counts.
+
+Metadata cells: RescaleSlope/RescaleIntercept and, when the table has them, XYSpacing
+(``"[0.75, 0.75]"``) and ZSpacing must be numbers. A volume with a blank or unreadable cell is
+named and skipped (a rescale cell only where its reading may be used: ``auto``), never read as
+0 or 1 mm. A table without spacing columns leaves the spacing to the NIfTI header.
 
 The file is medcore's volume store (:mod:`medcore.volume_store`, kind ``ctclip.volumes``):
 ``/volumes/<VolumeName>`` one dataset per volume, chunked as a whole volume, with attributes
 ``name``, ``source``, ``spacing`` (input mm, z y x), ``out_spacing``, ``source_shape``, ``pad``
-(``[3, 2]`` voxels of padding before/after along D, H, W) and ``complete``. File attributes:
-``format``, ``format_version``, ``kind``, ``settings`` and the settings ``target_shape``,
-``slide_b2u``, ``hu_range``, ``orientation``.
+(``[3, 2]`` voxels of padding before/after along D, H, W), the ``hu_*`` record and
+``complete``. File attributes: ``format``, ``format_version``, ``kind``, ``settings`` and the
+settings ``target_shape``, ``slide_b2u``, ``hu_range``, ``orientation``.
 
 Crash safety and appending: finished volumes are staged in ``<out>.partial`` (flushed, each
 marked ``complete`` last; unmarked ones are dropped on reopening). A finished job renames the
@@ -28,8 +50,9 @@ import ast
 import concurrent.futures as cf
 import multiprocessing
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +62,98 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ctclip.config import HU_SOURCES
+from ctclip.ctrate import find_ctrate
 from ctclip.notes import name_left_out
-from medcore.errors import DataError
+from medcore.errors import DataError, UserError
 from medcore.io import read_csv
 from medcore.volume_store import FORMAT as STORE_FORMAT
 from medcore.volume_store import VolumeStoreWriter, complete_names
-from medcore.volumes import CANONICAL_AXCODES, NIFTI_SUFFIXES, center_in_box, read_nifti
+from medcore.volumes import (
+    CANONICAL_AXCODES,
+    NIFTI_SUFFIXES,
+    HUEvidence,
+    Volume,
+    center_in_box,
+    hu_evidence,
+    read_nifti,
+)
 
 KIND = "ctclip.volumes"
 HU_RANGE = (-1000.0, 1000.0)
+HU_MIN_SCORE = 0.01  # a reading with less air or soft tissue than this is not HU
+HU_TIE = 0.8  # the other reading scores at least this fraction of the best: cannot tell
+RESCALE_COLUMNS = ("RescaleSlope", "RescaleIntercept")
+SPACING_COLUMNS = ("XYSpacing", "ZSpacing")
+# How each reading is named in records and messages.
+SOURCE_NAMES = {
+    "header": "the NIfTI header's scl_slope/scl_inter",
+    "stored": "the stored values as they are",
+    "metadata": "the metadata's RescaleSlope/RescaleIntercept",
+}
 
 
 @dataclass
 class VolumeMeta:
-    """What the metadata CSV says about one volume (None where it says nothing)."""
+    """What a metadata CSV row says about one volume (None where it says nothing).
+
+    ``problems`` maps a column to what is wrong with its cell (blank, not a number): such a
+    value is never replaced by a default. ``source`` is the CSV the row came from.
+    """
 
     slope: float | None = None
     intercept: float | None = None
     spacing_zyx: tuple[float, float, float] | None = None
+    problems: dict[str, str] = field(default_factory=dict)
+    source: Path | None = None
+
+    @property
+    def rescale(self) -> tuple[float, float] | None:
+        """(RescaleSlope, RescaleIntercept), None unless both are usable numbers."""
+        if self.slope is None or self.intercept is None:
+            return None
+        return self.slope, self.intercept
+
+    def why(self, columns: Sequence[str]) -> str | None:
+        """What is wrong with the cells of ``columns`` (one phrase), None when nothing is."""
+        found = [f"{c} {self.problems[c]}" for c in columns if c in self.problems]
+        return "; ".join(found) or None
+
+
+def _affine(slope: float, intercept: float) -> str:
+    """``stored x 0.5 - 1024``: a rescale as people write it."""
+    return f"stored x {slope:g} {'-' if intercept < 0 else '+'} {abs(intercept):g}"
+
+
+@dataclass(frozen=True)
+class HUReading:
+    """How a volume's stored values became HU: ``source`` (``header``, ``stored`` or
+    ``metadata``, see :data:`SOURCE_NAMES`), the slope and intercept applied to the stored
+    values, the reading's :class:`~medcore.volumes.HUEvidence`, and a note on the reading
+    that was not used."""
+
+    source: str
+    slope: float
+    intercept: float
+    evidence: HUEvidence
+    note: str = ""
+
+    def describe(self) -> str:
+        rescale = (
+            "" if self.source == "stored" else f" (HU = {_affine(self.slope, self.intercept)})"
+        )
+        note = f"; {self.note}" if self.note else ""
+        return f"{SOURCE_NAMES[self.source]}{rescale}: {self.evidence}{note}"
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            "hu_source": self.source,
+            "hu_rescale": np.asarray([self.slope, self.intercept], dtype=np.float64),
+            "hu_evidence": np.asarray(
+                [self.evidence.air, self.evidence.soft_tissue], dtype=np.float64
+            ),
+            "hu_note": self.note,
+        }
 
 
 @dataclass
@@ -65,6 +162,8 @@ class PreprocessResult:
     skipped_existing: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     output: Path | None = None
+    hu_sources: Counter = field(default_factory=Counter)
+    weak: list[str] = field(default_factory=list)  # written, but not looking like HU
 
     def counts(self) -> str:
         """The one line ctclip-preprocess ends with."""
@@ -73,58 +172,89 @@ class PreprocessResult:
             f"present, {len(self.failed)} skipped"
         )
 
+    def hu_counts(self) -> str:
+        """Which reading the written volumes' HU came from, counted."""
+        parts = [f"{n} from {SOURCE_NAMES[src]}" for src, n in sorted(self.hu_sources.items())]
+        weak = f"; {len(self.weak)} without air and soft tissue in place" if self.weak else ""
+        return f"HU of the {len(self.written)} written volumes: {', '.join(parts) or 'none'}{weak}"
+
 
 def volume_name(path: Path) -> str:
     """The CT-RATE VolumeName of a file: its file name (``train_1_a_1.nii.gz``)."""
     return path.name
 
 
-def find_volumes(root: Path) -> list[Path]:
-    """NIfTI files under ``root`` (recursive), sorted by name."""
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise DataError(root, "volume directory not found")
-    found = [p for p in root.rglob("*") if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)]
+def find_volumes(roots: Path | Sequence[Path]) -> list[Path]:
+    """NIfTI files under ``roots`` (folders searched recursively, or files), sorted by name."""
+    found = []
+    for root in [roots] if isinstance(roots, (str, Path)) else roots:
+        root = Path(root)
+        if root.is_file():
+            found.append(root)
+        elif root.is_dir():
+            found += [p for p in root.rglob("*") if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)]
+        else:
+            raise DataError(root, "volume directory not found")
     return sorted(found, key=lambda p: p.name)
 
 
-def _parse_spacing(value: Any) -> list[float] | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, (int, float)):
-        return [float(value)]
+def _number(value: Any) -> tuple[float | None, str | None]:
+    """A numeric cell: (value, None) or (None, what is wrong with it)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or not str(value).strip():
+        return None, "is blank"
     try:
-        parsed = ast.literal_eval(str(value))
-    except (ValueError, SyntaxError):
-        return None
-    parsed = parsed if isinstance(parsed, (list, tuple)) else [parsed]
-    try:
-        return [float(v) for v in parsed]
+        number = float(value)
     except (TypeError, ValueError):
-        return None
+        return None, f"{str(value)!r} is not a number"
+    return (number, None) if np.isfinite(number) else (None, f"{value} is not a finite number")
+
+
+def _numbers(value: Any) -> tuple[list[float] | None, str | None]:
+    """A spacing cell (``"[0.75, 0.75]"`` or one number): (values, None) or (None, why)."""
+    single, why = _number(value)
+    if single is not None or why == "is blank":
+        return ([single] if single is not None else None), why
+    try:
+        parsed = ast.literal_eval(str(value).strip())
+        numbers = [float(v) for v in (parsed if isinstance(parsed, (list, tuple)) else [parsed])]
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None, f"{str(value)!r} is not a list of numbers"
+    if not 1 <= len(numbers) <= 2 or not np.isfinite(numbers).all():
+        return None, f"{str(value)!r} is not one or two finite numbers"
+    return numbers, None
 
 
 def read_metadata(paths: list[Path]) -> dict[str, VolumeMeta]:
-    """VolumeName -> VolumeMeta from CT-RATE metadata CSVs (other columns are kept but unused)."""
+    """VolumeName -> VolumeMeta from CT-RATE metadata CSVs (other columns are kept but unused).
+
+    Cells that are blank or not numbers are recorded as problems of that row (see
+    :class:`VolumeMeta`); a table with one spacing column but not the other is an error.
+    """
     out: dict[str, VolumeMeta] = {}
     for path in paths:
-        frame = read_csv(
-            path, required=["VolumeName", "RescaleSlope", "RescaleIntercept"], unique="VolumeName"
-        )
+        frame = read_csv(path, required=["VolumeName", *RESCALE_COLUMNS], unique="VolumeName")
+        has_spacing = [c in frame.columns for c in SPACING_COLUMNS]
+        if any(has_spacing) and not all(has_spacing):
+            missing = SPACING_COLUMNS[has_spacing.index(False)]
+            raise DataError(path, f"missing column {missing} (XYSpacing and ZSpacing go together)")
         for row in frame.to_dict("records"):
-            xy = _parse_spacing(row.get("XYSpacing"))
-            z = _parse_spacing(row.get("ZSpacing"))
-            spacing = None
-            if xy and z:
-                spacing = (z[0], xy[0], xy[1] if len(xy) > 1 else xy[0])
-            slope, inter = row.get("RescaleSlope"), row.get("RescaleIntercept")
-            out[str(row["VolumeName"])] = VolumeMeta(
-                slope=None if slope is None or np.isnan(float(slope)) else float(slope),
-                intercept=None if inter is None or np.isnan(float(inter)) else float(inter),
-                spacing_zyx=spacing,
-            )
+            meta = VolumeMeta(source=Path(path))
+            meta.slope, slope_why = _number(row["RescaleSlope"])
+            meta.intercept, inter_why = _number(row["RescaleIntercept"])
+            if meta.slope == 0:
+                meta.slope, slope_why = None, "is 0"
+            for column, why in (("RescaleSlope", slope_why), ("RescaleIntercept", inter_why)):
+                if why:
+                    meta.problems[column] = why
+            if all(has_spacing):
+                xy, xy_why = _numbers(row["XYSpacing"])
+                z, z_why = _number(row["ZSpacing"])
+                for column, why in (("XYSpacing", xy_why), ("ZSpacing", z_why)):
+                    if why:
+                        meta.problems[column] = why
+                if xy is not None and z is not None:
+                    meta.spacing_zyx = (z, xy[0], xy[-1])
+            out[str(row["VolumeName"])] = meta
     return out
 
 
@@ -168,14 +298,71 @@ def hu_to_uint8(hu: np.ndarray) -> np.ndarray:
     return np.round((np.clip(hu, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.uint8)
 
 
+def hu_reading(
+    volume: Volume, rescale: tuple[float, float] | None, hu_source: str = "auto"
+) -> HUReading:
+    """Choose how ``volume`` (as :func:`~medcore.volumes.read_nifti` read it) becomes HU, and
+    make it so: its voxels are rescaled in place when the metadata's reading is chosen.
+
+    ``rescale`` is the metadata's (RescaleSlope, RescaleIntercept), None when it has none; the
+    rules are the module docstring's. A volume ``auto`` cannot decide is a DataError.
+    """
+    path = volume.meta.get("path", "volume")
+    header_slope, header_inter = volume.meta["rescale"]  # what nibabel applied; (1, 0): nothing
+    as_read = HUReading(
+        "header" if volume.meta["rescale_source"] == "nifti header" else "stored",
+        header_slope,
+        header_inter,
+        hu_evidence(volume.voxels),
+    )
+    if hu_source == "header" or rescale is None:
+        return as_read
+    slope, inter = rescale
+    # The metadata's rescale applies to the stored values, i.e. to the read ones unscaled.
+    a, b = slope / header_slope, inter - header_inter * slope / header_slope
+    metadata = HUReading("metadata", slope, inter, hu_evidence(volume.voxels, a, b))
+    if hu_source == "metadata":
+        if as_read.source == "header":
+            unused = _affine(header_slope, header_inter)
+            metadata = replace(metadata, note=f"not the NIfTI header's {unused}")
+        chosen = metadata
+    elif np.allclose((slope, inter), (header_slope, header_inter), rtol=1e-5, atol=1e-3):
+        return as_read  # one reading: the metadata repeats the header (or says "no rescale")
+    else:
+        best, other = sorted((as_read, metadata), key=lambda r: r.evidence.score, reverse=True)
+        readings = (
+            f"{SOURCE_NAMES[as_read.source]}: {as_read.evidence}; "
+            f"{SOURCE_NAMES['metadata']} ({_affine(slope, inter)}): {metadata.evidence}"
+        )
+        if best.evidence.score < HU_MIN_SCORE:
+            raise DataError(
+                path,
+                f"no reading looks like a CT in HU ({readings}); choose one with --hu-source "
+                "header or metadata",
+            )
+        if other.evidence.score >= HU_TIE * best.evidence.score:
+            raise DataError(
+                path,
+                f"cannot tell which reading is HU ({readings}); choose one with --hu-source "
+                "header or metadata",
+            )
+        chosen = replace(best, note=f"not {SOURCE_NAMES[other.source]}: {other.evidence}")
+    if chosen.source == "metadata":
+        volume.voxels *= a  # in place: a CT volume is ~200 MB of float32
+        volume.voxels += b
+    return chosen
+
+
 def preprocess_volume(
-    path: Path, meta: VolumeMeta | None, target: tuple[int, int, int], slide_b2u: bool = True
+    path: Path,
+    meta: VolumeMeta | None,
+    target: tuple[int, int, int],
+    slide_b2u: bool = True,
+    hu_source: str = "auto",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """One NIfTI file -> (uint8 [D, H, W], attributes to store with it)."""
-    rescale = None
-    if meta is not None:
-        rescale = (meta.slope if meta.slope is not None else 1.0, meta.intercept or 0.0)
-    volume = read_nifti(path, rescale)
+    """One NIfTI file -> (uint8 [D, H, W], attributes to store with it, the HU record included)."""
+    volume = read_nifti(path)
+    reading = hu_reading(volume, meta.rescale if meta is not None else None, hu_source)
     view = volume.voxels
     np.clip(view, *HU_RANGE, out=view)  # the array is ours: clip in place
     if not slide_b2u:
@@ -194,8 +381,23 @@ def preprocess_volume(
         "out_spacing": np.full(3, out_mm, dtype=np.float64),
         "source_shape": np.asarray(view.shape, dtype=np.int64),
         "pad": pad,
+        **reading.attrs(),
     }
     return hu_to_uint8(boxed), attrs
+
+
+def hu_record(attrs: dict[str, Any]) -> HUReading:
+    """The :class:`HUReading` stored with a volume (its ``hu_*`` attributes)."""
+    air, tissue = (float(v) for v in attrs["hu_evidence"])
+    slope, inter = (float(v) for v in attrs["hu_rescale"])
+    note = attrs.get("hu_note", "")
+    return HUReading(
+        str(attrs["hu_source"]),
+        slope,
+        inter,
+        HUEvidence(air, tissue),
+        note.decode() if isinstance(note, bytes) else str(note),
+    )
 
 
 def store_settings(target: tuple[int, int, int], slide_b2u: bool) -> dict[str, Any]:
@@ -208,7 +410,10 @@ def store_settings(target: tuple[int, int, int], slide_b2u: bool) -> dict[str, A
     }
 
 
-def _work(args: tuple[Path, VolumeMeta | None, tuple[int, int, int], bool]) -> tuple[str, Any, Any]:
+Job = tuple[Path, VolumeMeta | None, tuple[int, int, int], bool, str]
+
+
+def _work(args: Job) -> tuple[str, Any, Any]:
     path = args[0]
     try:
         volume, attrs = preprocess_volume(*args)
@@ -228,9 +433,7 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one volume per process; the processes share the cores
 
 
-def _results(
-    jobs: list[tuple[Path, VolumeMeta | None, tuple[int, int, int], bool]], num_workers: int
-) -> Iterator[tuple[str, Any, Any]]:
+def _results(jobs: list[Job], num_workers: int) -> Iterator[tuple[str, Any, Any]]:
     """Results of ``_work`` in completion order, at most 2 x workers volumes in flight (memory)."""
     if num_workers <= 1:
         yield from map(_work, jobs)
@@ -251,8 +454,17 @@ def _results(
             yield fut.result()
 
 
+def unusable_meta(meta: VolumeMeta | None, hu_source: str) -> str | None:
+    """Why a volume's metadata row cannot be used (its cells that are blank or not numbers,
+    where this ``hu_source`` would use them), None when it can."""
+    if meta is None:
+        return None
+    columns = SPACING_COLUMNS + (RESCALE_COLUMNS if hu_source != "header" else ())
+    return meta.why(columns)
+
+
 def run_preprocess(
-    ct_data_path: Path,
+    ct_data_path: Path | Sequence[Path],
     out: Path,
     metadata_paths: list[Path],
     target_shape: tuple[int, int, int] = (160, 224, 224),
@@ -260,35 +472,61 @@ def run_preprocess(
     num_workers: int = 4,
     compression: str | None = "lzf",
     show_progress: bool = True,
+    hu_source: str = "auto",
+    log_volumes: bool = False,
 ) -> PreprocessResult:
-    """Preprocess every NIfTI file under ``ct_data_path`` into ``out`` (resumable)."""
+    """Preprocess every NIfTI file under ``ct_data_path`` (one folder or several) into ``out``
+    (resumable). ``log_volumes`` prints each written volume's HU reading on stderr; the result
+    counts them (:meth:`PreprocessResult.hu_counts`)."""
     out = Path(out)
     target = tuple(int(v) for v in target_shape)
     if len(target) != 3 or min(target) < 1:
         raise DataError(
             "--target-shape", f"expected three positive sizes D H W, got {target_shape}"
         )
+    if hu_source not in HU_SOURCES:
+        raise UserError("--hu-source", f"{hu_source!r} is not one of {', '.join(HU_SOURCES)}")
+    if hu_source == "metadata" and not metadata_paths:
+        raise UserError("--hu-source", "metadata needs the metadata CSV (--metadata-path)")
     files = find_volumes(ct_data_path)
+    if isinstance(ct_data_path, (str, Path)):
+        where = str(ct_data_path)
+    else:
+        where = ", ".join(map(str, ct_data_path))
     if not files:
-        raise DataError(ct_data_path, "no NIfTI files (*.nii.gz, *.nii) found")
+        raise DataError(where, "no NIfTI files (*.nii.gz, *.nii) found")
     metadata = read_metadata(metadata_paths) if metadata_paths else {}
     names = [volume_name(p) for p in files]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise DataError(ct_data_path, f"volume names occur more than once: {', '.join(dupes[:5])}")
+        raise DataError(where, f"volume names occur more than once: {', '.join(dupes[:5])}")
     result = PreprocessResult(output=out)
     if metadata_paths and not any(n in metadata for n in names):
         raise DataError(
             metadata_paths[0], f"none of the {len(files)} volumes is listed in the metadata CSV(s)"
         )
-    unlisted = [n for n in names if metadata_paths and n not in metadata]
-    for name in unlisted:
-        result.failed[name] = "not in the metadata CSV (slope/intercept and spacing unknown)"
-        print(f"skipped {name}: not in the metadata CSV", file=sys.stderr)
+    if hu_source == "metadata":
+        # Every volume is rescaled from its row: a row that cannot say how stops the job now.
+        for name in names:
+            meta = metadata.get(name)
+            why = meta.why(RESCALE_COLUMNS) if meta is not None else None
+            if why:
+                raise DataError(
+                    meta.source,
+                    f"{name}: {why} (--hu-source metadata rescales every volume with its row's "
+                    "RescaleSlope and RescaleIntercept)",
+                )
+    for name in names:
+        if metadata_paths and name not in metadata:
+            result.failed[name] = "not in the metadata CSV (slope/intercept and spacing unknown)"
+            print(f"skipped {name}: not in the metadata CSV", file=sys.stderr)
+        elif why := unusable_meta(metadata.get(name), hu_source):
+            result.failed[name] = f"{why} in {metadata[name].source}"
+            print(f"skipped {name}: {result.failed[name]}", file=sys.stderr)
     # Metadata names are only matched against the names of files found under ct_data_path,
     # never used as paths: a name like ../x.nii.gz matches nothing and is named here.
     without_file = sorted(set(metadata) - set(names))
-    name_left_out("note: ", without_file, f"metadata rows have no volume under {ct_data_path}")
+    name_left_out("note: ", without_file, f"metadata rows have no volume under {where}")
 
     settings = store_settings(target, slide_b2u)
     with VolumeStoreWriter(out, KIND, settings, compression=compression) as store:
@@ -299,7 +537,7 @@ def run_preprocess(
         ]
         if not todo and not store.staged:
             return result  # nothing new: the output stays as it is
-        jobs = [(p, metadata.get(volume_name(p)), target, slide_b2u) for p in todo]
+        jobs = [(p, metadata.get(volume_name(p)), target, slide_b2u, hu_source) for p in todo]
         bar = tqdm(
             total=len(jobs),
             desc="preprocess",
@@ -315,6 +553,17 @@ def run_preprocess(
                 continue
             store.write(name, volume, info)
             result.written.append(name)
+            reading = hu_record(info)
+            result.hu_sources[reading.source] += 1
+            if log_volumes:
+                tqdm.write(f"hu {name}: {reading.describe()}", file=sys.stderr)
+            if reading.evidence.score < HU_MIN_SCORE:
+                result.weak.append(name)
+                tqdm.write(
+                    f"warning: {name}: read as HU from {SOURCE_NAMES[reading.source]}, but "
+                    f"{reading.evidence} (not a body CT in HU?)",
+                    file=sys.stderr,
+                )
         bar.close()
         if store.done:
             store.finish()
@@ -349,11 +598,53 @@ def volume_shape(path: Path) -> tuple[int, int, int]:
         return tuple(int(v) for v in shape)
 
 
+def inputs(args: Any) -> tuple[list[Path], list[Path]]:
+    """(volume folders, metadata CSVs) of ctclip-preprocess: ``--ct-data-path`` and
+    ``--metadata-path``, or what ``--data-dir`` holds (the CT-RATE download: the train and
+    valid volume folders present, each with its metadata table, which must exist)."""
+    if args.data_dir is None:
+        if args.ct_data_path is None:
+            raise UserError("--ct-data-path", "required (or --data-dir with a CT-RATE copy)")
+        return [args.ct_data_path], list(args.metadata_path)
+    for flag, value in (
+        ("--ct-data-path", args.ct_data_path),
+        ("--metadata-path", args.metadata_path),
+    ):
+        if value:
+            raise UserError(flag, "given together with --data-dir: choose one")
+    ctrate = find_ctrate(args.data_dir)
+    folders = ctrate.volume_folders()
+    if not folders:
+        where = "train/ or valid/ under it" if ctrate.download else "a ct_volumes/ folder in it"
+        raise DataError(ctrate.tables, f"no CT volumes: expected {where}")
+    if not ctrate.download:
+        tables = [ctrate.table("metadata", s) for s in ("train", "valid")]
+        tables = [t for t in tables if t.is_file()]
+        if not tables:
+            print(
+                f"note: {ctrate.tables}: no metadata CSV; spacing and HU from the NIfTI files",
+                file=sys.stderr,
+            )
+        return list(folders.values()), tables
+    tables = []
+    for split in folders:
+        table = ctrate.table("metadata", split)
+        if not table.is_file():
+            raise DataError(
+                table, f"file not found (the spacing and rescale of the {split} volumes)"
+            )
+        tables.append(table)
+    return list(folders.values()), tables
+
+
 def main(args: Any) -> int:
-    """ctclip-preprocess: preprocess, then one line of counts."""
+    """ctclip-preprocess: preprocess, then a line of counts and one of the HU readings used."""
+    folders, tables = inputs(args)
     res = run_preprocess(
-        args.ct_data_path, args.ct_out_path, args.metadata_path, tuple(args.target_shape),
-        args.slide_b2u, args.num_workers, args.compression,
+        folders, args.ct_out_path, tables, tuple(args.target_shape), args.slide_b2u,
+        args.num_workers, args.compression, hu_source=args.hu_source, log_volumes=True,
     )  # fmt: skip
     print(res.counts())
+    if res.written:
+        print(res.hu_counts())
     return 0

@@ -31,7 +31,13 @@ from ctclip.findings import FINDINGS
 from ctclip.gradcache import cached_embeddings
 from ctclip.impressions import fill_impressions
 from ctclip.losses import ClipLoss
-from ctclip.model import CTCLIP, check_weights, component_counts, init_line, timm_backbone_name
+from ctclip.model import (
+    CTCLIP,
+    check_weights,
+    component_counts,
+    init_line,
+    timm_backbone_name,
+)
 from ctclip.preprocess import run_preprocess, volume_shape
 from ctclip.synthetic import generate_demo
 from ctclip.text import Tokenizer
@@ -106,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
     def check(cfg: CTClipConfig) -> None:
         check_config(cfg)
         if not args.dry_run and not args.resume:  # a resumed run has its checkpoint's weights
-            check_weights(cfg.model)
+            # The text activation is written to config.yaml: a resumed run rebuilds the same tower.
+            cfg.model.text_quick_gelu = check_weights(cfg.model).quick_gelu
 
     ctx = setup_run(args, CTClipConfig, "ctclip", "default", smoke_overrides=SMOKE, check=check)
     if not args.dry_run:
@@ -248,6 +255,13 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
 
     val_ds = None
     if cfg.validation.do_validate:
+        if paths.unsplit_validation:
+            print(
+                f"note: validating on {paths.val_label_path}, all of CT-RATE's validation "
+                "volumes; for a patient-wise validation/test split run ctclip-split and pass "
+                "--val-label-path <its output>/valid_predicted_labels.csv",
+                file=sys.stderr,
+            )
         labels = read_labels(paths.val_label_path)
         val_names = match_names(
             list(labels.index), paths.val_ct_filepath, paths.val_label_path, cfg.data.allow_missing
@@ -270,10 +284,14 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
 
     model = CTCLIP.from_config(cfg.model, load_weights=ctx.resume is None)
     print(
-        f"init: resumed from {ctx.resume}" if ctx.resume else init_line(cfg.model), file=sys.stderr
+        f"init: resumed from {ctx.resume}"
+        if ctx.resume
+        else init_line(cfg.model, model.text_activation),
+        file=sys.stderr,
     )
-    # The normalisation the backbone was built with travels in the checkpoint, for eval.
-    model_config = to_dict(dataclasses.replace(cfg.model, **model.visual.normalization()))
+    # The normalisation and text activation the model was built with travel in the checkpoint.
+    built = {**model.visual.normalization(), "text_quick_gelu": model.text_activation.quick_gelu}
+    model_config = to_dict(dataclasses.replace(cfg.model, **built))
     trainer = Trainer(
         model,
         cfg.trainer,

@@ -32,6 +32,7 @@ the file or folder, so batch jobs can skip it and count it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,16 @@ from medcore.volume_geometry import (
 
 __all__ = [
     "CANONICAL_AXCODES",
+    "HU_AIR",
+    "HU_SOFT_TISSUE",
     "MAX_VOXELS",
     "NIFTI_SUFFIXES",
+    "HUEvidence",
     "Volume",
     "center_in_box",
     "check_affine",
     "choose_series",
+    "hu_evidence",
     "read_dicom_series",
     "read_nifti",
     "read_volume",
@@ -62,6 +67,46 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Where a body CT in Hounsfield units has most of its voxels: air and aerated lung, and water,
+# soft tissue and blood. A reading off by a CT rescale (raw stored values read as HU, or HU
+# rescaled a second time) moves both by about 1000 HU, out of these windows.
+HU_AIR = (-1100.0, -900.0)
+HU_SOFT_TISSUE = (-150.0, 150.0)
+
+
+@dataclass(frozen=True)
+class HUEvidence:
+    """Fractions of a volume's voxels near air and near soft tissue under one reading."""
+
+    air: float
+    soft_tissue: float
+
+    @property
+    def score(self) -> float:
+        """How well the reading looks like HU: a body CT has plenty of both, a reading off by a
+        rescale has at most one of them in place."""
+        return min(self.air, self.soft_tissue)
+
+    def __str__(self) -> str:
+        return f"{self.air:.1%} near air, {self.soft_tissue:.1%} near soft tissue"
+
+
+def hu_evidence(values: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> HUEvidence:
+    """How ``values * slope + intercept`` reads as Hounsfield units (see :class:`HUEvidence`).
+
+    The windows are mapped back through the rescale, so no rescaled copy is made; a volume of
+    more than 2**23 voxels is counted on every second voxel along each axis.
+    """
+    if slope == 0 or not np.isfinite([slope, intercept]).all():
+        raise ValueError(f"not a usable rescale: slope {slope}, intercept {intercept}")
+    stride = 2 if values.size > 2**23 else 1
+    sample = values[tuple(slice(None, None, stride) for _ in range(values.ndim))]
+
+    def fraction(window: tuple[float, float]) -> float:
+        lo, hi = sorted(((window[0] - intercept) / slope, (window[1] - intercept) / slope))
+        return float(np.count_nonzero((sample >= lo) & (sample <= hi))) / max(sample.size, 1)
+
+    return HUEvidence(fraction(HU_AIR), fraction(HU_SOFT_TISSUE))
 
 
 def center_in_box(
