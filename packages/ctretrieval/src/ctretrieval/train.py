@@ -41,9 +41,12 @@ from medcore.trainer import EvalContext, Trainer, TrainResult
 from medcore.weights import require_pretrained
 
 # --smoke on the demo: a smaller demo at a smaller size, so a cold cache still finishes in seconds.
+# Proximity300x300 is Proximity100x100 held at 300 slices of 300 x 300 (triplet.yaml): the smoke
+# runs the same network at the demo's size.
 SMOKE_DEMO_OVERRIDES = [
     "data.demo_studies=24",
     "preprocess.target_shape=[6,32,32]",
+    "model.name=Proximity100x100",
     "model.num_slices=6",
     "model.image_size=[32,32]",
 ]

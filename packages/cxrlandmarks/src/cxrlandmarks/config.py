@@ -7,7 +7,7 @@ The dataclass defaults are the spec's (paper) values: ``--config paper`` is exac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from cxrlandmarks.anatomy import CATEGORIES
 from medcore.cli import RunConfig
@@ -138,6 +138,10 @@ class EvalConfig:
 
 @dataclass
 class CxrConfig(RunConfig):
+    # Each phase trains for its own epochs: --epochs N sets all four (trainer.epochs is unused,
+    # and a config or --set that changes it is refused).
+    epochs_keys: ClassVar[tuple[str, ...]] = tuple(f"phases.{p}.epochs" for p in PHASES)
+
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

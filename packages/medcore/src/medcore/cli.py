@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from medcore import launch
 from medcore.device import DEVICE_CHOICES
@@ -35,7 +35,13 @@ class RunConfig:
 
     A subclass must define ``data`` (with ``data_dir``), ``model`` (with ``pretrained_weights``)
     and may rely on ``trainer`` as defined here.
+
+    ``epochs_keys``: what ``--epochs N`` (and ``--smoke``'s one epoch) sets. A package that
+    trains in phases with epochs of their own names them all; its ``trainer.epochs`` is then
+    unused, and a config or ``--set`` that changes it is refused (:mod:`medcore.run`).
     """
+
+    epochs_keys: ClassVar[tuple[str, ...]] = ("trainer.epochs",)
 
     seed: int = 42
     device: str = "auto"
@@ -56,7 +62,8 @@ class Command:
 
     ``common`` adds :func:`add_common_args` (``True``: with the training flags, ``False``:
     without them, ``None``: none). The module is imported only when the command runs, so
-    ``--help`` stays fast; errors and exit codes follow :func:`run_cli`.
+    ``--help`` stays fast; errors and exit codes follow :func:`run_cli`, and a user error
+    leaves no new run directory behind (:func:`medcore.run.undoing_refused_runs`).
     """
 
     prog: str
@@ -76,9 +83,15 @@ class Command:
     def __call__(self, argv: list[str] | None = None) -> int:
         module, function = self.run.split(":")
         parser = self.parser()
-        return run_cli(
-            lambda: getattr(import_module(module), function)(parser.parse_args(argv)), self.prog
-        )
+
+        def main() -> int | None:
+            args = parser.parse_args(argv)  # first: --help imports nothing
+            from medcore.run import undoing_refused_runs  # medcore.run imports this module
+
+            with undoing_refused_runs():  # a refused run leaves no run directory behind
+                return getattr(import_module(module), function)(args)
+
+        return run_cli(main, self.prog)
 
 
 def add_common_args(parser: argparse.ArgumentParser, train: bool = True) -> argparse.ArgumentParser:
@@ -116,7 +129,13 @@ def add_common_args(parser: argparse.ArgumentParser, train: bool = True) -> argp
         parser.add_argument(
             "--num-nodes", type=int, metavar="N", help="machines of a torchrun or SLURM job"
         )
-        parser.add_argument("--epochs", type=int, help="number of epochs")
+        parser.add_argument(
+            "--epochs",
+            type=int,
+            metavar="N",
+            help="epochs of training (trainer.epochs); in a package that trains in phases, "
+            "every phase's epochs (its README names the keys)",
+        )
         parser.add_argument(
             "--smoke", action="store_true", help="run a few steps only (checks the setup)"
         )
@@ -159,8 +178,10 @@ def _remember_argv(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
-def common_overrides(args: argparse.Namespace) -> list[str]:
-    """The ``--set`` items that the common flags stand for."""
+def common_overrides(
+    args: argparse.Namespace, epochs_keys: Sequence[str] = RunConfig.epochs_keys
+) -> list[str]:
+    """The ``--set`` items that the common flags stand for (``--epochs``: ``epochs_keys``)."""
     items: list[str] = []
     if getattr(args, "data_dir", None) is not None:
         items.append(f"data.data_dir={args.data_dir}")
@@ -169,7 +190,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
     if getattr(args, "seed", None) is not None:
         items.append(f"seed={args.seed}")
     if getattr(args, "epochs", None) is not None:
-        items.append(f"trainer.epochs={args.epochs}")
+        items += [f"{key}={args.epochs}" for key in epochs_keys]
     if getattr(args, "devices", None) is not None:
         items.append(f"trainer.devices={args.devices}")
     if getattr(args, "num_nodes", None) is not None:

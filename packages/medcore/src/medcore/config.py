@@ -3,6 +3,12 @@
 Each package declares its config as nested dataclasses and ships YAML files under
 ``<pkg>/configs/``. Loading checks every key and value type, so a typo in a YAML file or on
 the command line is a one-line error naming the key, not a silent default.
+
+A YAML layer or an override changes exactly the keys it names. A section (a dataclass field)
+given as a mapping is merged into the section it replaces: the value its parent declares (a
+``default_factory`` such as ``trainer: TrainerConfig = field(default_factory=research_trainer)``,
+at any depth), not the section class's own defaults. A ``dict`` field is a value: a mapping
+given whole replaces it, while ``--set a.field.key=v`` changes that one entry.
 """
 
 from __future__ import annotations
@@ -26,8 +32,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``, converting where it is lossless."""
+class _Entries(dict):
+    """The mapping a dotted ``--set`` path made on its way to a key: the entries it names are
+    merged into the value already there (a ``dict`` field's), where a mapping given whole
+    replaces it."""
+
+
+def _coerce(value: Any, tp: Any, key: str, current: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp``, converting where it is lossless.
+
+    ``current``: the value ``value`` replaces (the parent's declared default, or what an
+    earlier layer set); a section given as a mapping is merged into it.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -40,7 +56,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, current)
             except ConfigError as exc:
                 errors.append(exc.why)
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
@@ -64,13 +80,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping, got {value!r}")
         kt, vt = args or (Any, Any)
-        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        known = current if isinstance(current, dict) else {}
+        out = dict(known) if isinstance(value, _Entries) else {}
+        for k, v in value.items():
+            name = _coerce(k, kt, key)
+            # An entry that is a section merges into the entry of the same name.
+            out[name] = _coerce(v, vt, f"{key}.{k}", known.get(name))
+        return out
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a section (mapping), got {value!r}")
-        return _build(tp, value, prefix=f"{key}.")
+        base = current if isinstance(current, tp) else None
+        return _build(tp, value, prefix=f"{key}.", base=base)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -105,7 +128,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+def _declared(f: dataclasses.Field) -> Any:
+    """The value a dataclass field takes when it is not given (None when it has no default)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | None = None) -> T:
+    """``cls`` from ``data``: the keys it names set, every other field as in ``base`` (an
+    instance to change), or else as ``cls`` declares it."""
+    if base is not None:
+        cls = type(base)  # a default_factory may return a subclass of the annotation
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -114,9 +148,17 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"{prefix}{unknown[0]}",
             f"unknown config key (valid keys here: {', '.join(sorted(fields))})",
         )
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    kwargs = {
+        name: _coerce(
+            value,
+            hints[name],
+            f"{prefix}{name}",
+            getattr(base, name) if base is not None else _declared(fields[name]),
+        )
+        for name, value in data.items()
+    }
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(prefix.rstrip(".") or cls.__name__, str(exc)) from None
 
@@ -139,7 +181,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build ``cls`` from a (possibly partial) mapping, defaults filling the rest."""
+    """Build ``cls`` from a (possibly partial) mapping; every key it does not name keeps its
+    declared default (a section's: the value its parent's field declares)."""
     return _build(cls, data)
 
 
@@ -195,7 +238,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def overrides_to_dict(items: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply ``--set`` items to (a copy of) ``base``.
 
-    The dotted path merges into sections; the value replaces what is there, so
+    The dotted path merges into sections and into ``dict`` fields (``--set
+    data.split_ratios.train=0.8`` keeps the other ratios); the value replaces what is there, so
     ``--set model.extra={}`` empties a mapping and ``--set model.weights=null`` clears a value.
     """
     out = _deep_merge({}, base or {})
@@ -205,9 +249,10 @@ def overrides_to_dict(items: list[str], base: dict[str, Any] | None = None) -> d
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
-                child = node[part] = {}
+                child = node[part] = _Entries()
             elif isinstance(child, dict):
-                child = node[part] = dict(child)  # copy on write: base layers stay untouched
+                # Copy on write (base layers stay untouched), keeping what made the mapping.
+                child = node[part] = type(child)(child)
             else:
                 raise ConfigError(f"--set {item}", f"{part} is a value here, not a section")
             node = child

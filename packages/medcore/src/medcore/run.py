@@ -7,6 +7,15 @@
   written, ``--devices N`` / torchrun / SLURM processes through Fabric, the run directory (held
   under one lock until the process ends) with the resolved ``config.yaml`` in it.
 
+``--epochs N`` sets the config class's ``epochs_keys`` (``trainer.epochs``, or every phase's
+epochs in a package that trains in phases), ``--smoke`` one epoch of each and
+:data:`SMOKE_OVERRIDES`; everything else keeps the value the config declares.
+
+A refused run leaves nothing behind. A user error (:class:`~medcore.errors.UserError`) that ends
+the command before its first checkpoint removes what :func:`setup_run` and the run wrote into a
+new run directory (the directory itself, or only the new entries of one the user made; never a
+run being continued): see :func:`undoing_refused_runs`.
+
 The one ``--resume`` rule. ``--resume latest`` continues the newest run of the package (or the
 run in ``--output-dir``); ``--resume PATH`` continues the run that holds the checkpoint
 ``PATH`` (a checkpoint from elsewhere starts a new run from its weights). A resumed run takes
@@ -24,8 +33,9 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,18 +43,18 @@ from typing import Any, TypeVar
 import torch
 
 from medcore import launch
-from medcore.cli import _PROG, common_overrides
+from medcore.cli import _PROG, RunConfig, common_overrides
 from medcore.config import load_config, packaged_config_path, read_yaml, save_config
 from medcore.device import resolve_device
 from medcore.distributed import DistInfo, fabric_precision, launched_world, make_fabric
-from medcore.errors import ConfigError, UserError
+from medcore.errors import ConfigError, TrainingDiverged, UserError
 from medcore.io import RunLock
 from medcore.trainer import seed_everything
 
 C = TypeVar("C")
 
+# --smoke: besides one epoch of every ``epochs_keys`` entry of the config.
 SMOKE_OVERRIDES = [
-    "trainer.epochs=1",
     "trainer.max_steps_per_epoch=2",
     "trainer.eval_every_steps=0",
 ]
@@ -168,15 +178,20 @@ def load_run_config(
     """
     resolve_config_arg(args, package)
     config = getattr(args, "config", None)
+    epochs_keys = getattr(cfg_cls, "epochs_keys", RunConfig.epochs_keys)
     overrides = list(getattr(args, "overrides", []) or [])
     if getattr(args, "smoke", False):
-        overrides = [*SMOKE_OVERRIDES, *smoke_overrides, *overrides]
+        smoke = [*(f"{key}=1" for key in epochs_keys), *SMOKE_OVERRIDES, *smoke_overrides]
+        overrides = [*smoke, *overrides]
+    flags = common_overrides(args, epochs_keys)
     if sections is None:
         source: Any = (
             config if config is not None else packaged_config_path(package, default_config)
         )
         layers = [base, source] if base is not None and config is not None else [base or source]
-        return load_config(cfg_cls, *layers, overrides=[*overrides, *common_overrides(args)])
+        cfg = load_config(cfg_cls, *layers, overrides=[*overrides, *flags])
+        _refuse_unused_epochs(cfg, cfg_cls, epochs_keys)
+        return cfg
     layer: dict[str, Any] = {}
     if config is not None:
         layer = read_yaml(config)
@@ -192,7 +207,20 @@ def load_run_config(
         if item.split("=", 1)[0].strip().split(".")[0] not in sections:
             raise ConfigError(f"--set {item}", f"this command takes only {', '.join(sections)}")
     start = base if base is not None else packaged_config_path(package, default_config)
-    return load_config(cfg_cls, start, layer, overrides=[*overrides, *common_overrides(args)])
+    return load_config(cfg_cls, start, layer, overrides=[*overrides, *flags])
+
+
+def _refuse_unused_epochs(cfg: Any, cfg_cls: type, epochs_keys: Sequence[str]) -> None:
+    """A package whose epochs are its phases' leaves ``trainer.epochs`` unused: a value other
+    than the declared one (a ``--set`` or a config file) would be silently ignored."""
+    if "trainer.epochs" in epochs_keys:
+        return
+    if cfg.trainer.epochs != cfg_cls().trainer.epochs:
+        raise ConfigError(
+            "trainer.epochs",
+            f"not used here: the epochs are {', '.join(epochs_keys)}; --epochs N sets them "
+            f"all, --set {epochs_keys[0]}=N one",
+        )
 
 
 def _resume_target(
@@ -263,10 +291,13 @@ def setup_run(
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
     lock: RunLock | None = None
     if dist.is_main:
+        new_run = _NewRun.before(run_dir) if run_to_continue is None else None
         # Taken before anything is written, held until the process ends: a second job aimed at
         # the same run directory is refused instead of overwriting this one's files.
         lock = RunLock(run_dir, directory=True).__enter__()
         atexit.register(lock.__exit__, None, None, None)
+        if new_run is not None and _WATCHERS:
+            _WATCHERS[-1].append(new_run)
         save_config(cfg, run_dir / "config.yaml")
     fabric.barrier()
     return RunContext(
@@ -278,6 +309,75 @@ def setup_run(
         lock=lock,
         resuming=run_to_continue is not None or resume is not None,
     )
+
+
+@dataclass(frozen=True)
+class _NewRun:
+    """A run directory as it was before :func:`setup_run` wrote into it."""
+
+    run_dir: Path
+    created: tuple[Path, ...]  # the directories setup_run creates, run_dir first (may be none)
+    entries: frozenset[str]  # what an existing run_dir held
+
+    @classmethod
+    def before(cls, run_dir: Path) -> _NewRun:
+        run_dir = Path(run_dir).absolute()
+        created = tuple(p for p in (run_dir, *run_dir.parents) if not p.exists())
+        entries = frozenset(os.listdir(run_dir)) if run_dir.is_dir() else frozenset()
+        return cls(run_dir, created, entries)
+
+    def added(self) -> list[Path]:
+        """What the run added to its directory (all of it, when the run made the directory)."""
+        if not self.run_dir.is_dir():
+            return []
+        if self.created:
+            return [self.run_dir]
+        return [e for e in self.run_dir.iterdir() if e.name not in self.entries]
+
+    def wrote_checkpoint(self) -> bool:
+        def checkpoint(path: Path) -> bool:
+            return path.suffix in (".pt", ".safetensors")
+
+        return any(checkpoint(p) or any(map(checkpoint, p.rglob("*"))) for p in self.added())
+
+    def undo(self) -> None:
+        """Remove what the run added: its new directories (those still empty once the run
+        directory is gone, so that a sibling run made meanwhile stays), or its new entries."""
+        if self.created and self.run_dir.is_dir():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            for parent in self.created[1:]:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+            return
+        for entry in self.added():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+# The new run directories of the commands that run under undoing_refused_runs (innermost last).
+_WATCHERS: list[list[_NewRun]] = []
+
+
+@contextlib.contextmanager
+def undoing_refused_runs() -> Iterator[None]:
+    """Run a command so that a user error that ends it before its first checkpoint leaves no
+    trace: each run directory :func:`setup_run` made inside is removed again (or, if the user
+    made it, emptied of what the run added). A run being continued is never touched, nor one
+    that wrote a checkpoint or whose training diverged (its logs are the diagnosis).
+    ``medcore.cli.Command`` runs every command under it."""
+    _WATCHERS.append([])
+    try:
+        yield
+    except UserError as exc:
+        if not isinstance(exc, TrainingDiverged):
+            for new_run in reversed(_WATCHERS[-1]):
+                if not new_run.wrote_checkpoint():
+                    new_run.undo()
+        raise
+    finally:
+        _WATCHERS.pop()
 
 
 def _start_processes(cfg: Any, args: argparse.Namespace) -> Any:

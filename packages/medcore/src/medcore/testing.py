@@ -1,4 +1,5 @@
-"""Helpers the packages' tests share: skip markers, tiny files, CLI capture, gloo DDP runs.
+"""Helpers the packages' tests share: skip markers, tiny files, CLI capture, gloo DDP runs,
+fault injection, and the checks that an override changes exactly the keys it names.
 
 Needs pytest: install ``medcore[testing]`` (each package's ``test`` group does).
 """
@@ -6,14 +7,18 @@ Needs pytest: install ``medcore[testing]`` (each package's ``test`` group does).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gc
 import importlib.util
 import inspect
 import os
+import re
 import socket
 import sys
-from collections.abc import Callable, Iterator
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
 skip_if_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -263,3 +269,249 @@ def hub_snapshot(home: str | Path, repo: str, files: dict[str, bytes], rev: str 
         (snap / name).symlink_to(Path("..") / ".." / "blobs" / sha)
     (folder / "refs" / "main").write_text(rev)
     return snap
+
+
+# -- config overrides (issue 24): shared by every package's tests/test_overrides.py ------------
+
+Resolve = Callable[[list[str]], Any]
+"""``resolve(argv)``: the config a command resolves from these flags (``["--set", "a.b=1"]``)."""
+
+_ABSENT = object()
+# What README examples write instead of a value: replaced by a value of the key's own type.
+_PLACEHOLDERS = re.compile(r"^([A-Z]|\.\.\.|value)$")
+_SET_EXAMPLE = re.compile(r"--set\s+([A-Za-z_][\w.]*)=([^\s`]+)")
+
+
+def packaged_configs(package: str) -> list[str]:
+    """The names of the configs ``<package>/configs/*.yaml`` ships (the demo's included)."""
+    from importlib import resources
+
+    folder = resources.files(package).joinpath("configs")
+    return sorted(
+        f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml")
+    )
+
+
+def config_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
+    """The leaves in which two configs (or their ``to_dict`` trees) differ: dotted key ->
+    (value in ``a``, value in ``b``); a key only one side has pairs with ``None``."""
+    from medcore.config import to_dict
+
+    out: dict[str, tuple[Any, Any]] = {}
+
+    def walk(x: Any, y: Any, key: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(x.keys() | y.keys(), key=str):
+                walk(x.get(k, _ABSENT), y.get(k, _ABSENT), f"{key}{k}.")
+        elif x != y:
+            out[key.rstrip(".")] = (None if x is _ABSENT else x, None if y is _ABSENT else y)
+
+    walk(to_dict(a), to_dict(b), "")
+    return out
+
+
+def _sample(tp: Any) -> list[Any]:
+    """Values of type ``tp`` for a key that holds None (or an empty list) now."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return [v for arg in args if arg is not type(None) for v in _sample(arg)]
+    if origin is typing.Literal:
+        return list(args)
+    if origin is tuple:
+        items = args[:-1] if args and args[-1] is Ellipsis else args
+        return [[_sample(a)[0] for a in items]] if items and _sample(items[0]) else []
+    if origin is list:
+        item = _sample(args[0]) if args else [1]
+        return [[item[0]] * 3] if item else []
+    simple = {bool: [True], int: [3, 1], float: [0.5], str: ["probe"], Path: ["probe"]}
+    return simple.get(tp, [1] if tp is Any else [])
+
+
+def _changed(value: Any, tp: Any) -> list[Any]:
+    """Values of type ``tp`` other than ``value``, the likeliest to be valid first."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return _sample(tp)
+    if origin in (typing.Union, types.UnionType):
+        return [v for arg in args if arg is not type(None) for v in _changed(value, arg)][:4]
+    if origin is typing.Literal:
+        return [a for a in args if a != value]
+    if isinstance(value, (list, tuple)):
+        first = _changed(value[0], args[0] if args else Any)
+        out = [[first[0], *value[1:]]] if first else []
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        return out if fixed or len(value) < 2 else [*out, list(value[:-1])]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, value - 1, value * 2]
+    if isinstance(value, float):
+        return [value + 0.125, value / 2, value * 2 + 1]
+    if isinstance(value, (str, Path)):
+        return [f"{value}_probe"]
+    return []
+
+
+def _set_item(key: str, value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20)
+    return f"{key}={text.removesuffix(chr(10)).removesuffix(chr(10) + '...').strip()}"
+
+
+def override_probes(cfg: Any) -> dict[str, list[str]]:
+    """For every key of every section of ``cfg`` (at any depth; for a ``dict`` field, one
+    entry, or every key of each entry that is a section), ``--set`` items that change that key
+    alone, the likeliest to be valid first. A section that holds None has no values to keep
+    and is left out."""
+    probes: dict[str, list[str]] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            key, value, tp = f"{prefix}{f.name}", getattr(node, f.name), hints[f.name]
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{key}.")
+            elif value is None and any(map(dataclasses.is_dataclass, typing.get_args(tp))):
+                continue
+            elif isinstance(value, dict) and any(map(dataclasses.is_dataclass, value.values())):
+                for entry, section in value.items():
+                    walk(section, f"{key}.{entry}.")
+            elif isinstance(value, dict):
+                vt = (typing.get_args(tp) or (Any, Any))[1]
+                entry = next(iter(value), "probe")
+                current = value.get(entry)
+                values = _changed(current, vt) if entry in value else _sample(vt)
+                probes[f"{key}.{entry}"] = [_set_item(f"{key}.{entry}", v) for v in values]
+            else:
+                probes[key] = [_set_item(key, v) for v in _changed(value, tp)]
+
+    walk(cfg, "")
+    return probes
+
+
+def _plain(value: Any) -> Any:
+    from medcore.config import to_dict
+
+    return to_dict({"v": value})["v"]
+
+
+def _at(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part, _ABSENT) if isinstance(tree, dict) else _ABSENT
+    return tree
+
+
+def assert_set_changes_only(resolve: Resolve, item: str, base: Any = None) -> None:
+    """``--set item`` resolves to ``base`` (the config without it) with that one key changed
+    to that value, and nothing else changed."""
+    from medcore.config import parse_override, to_dict
+
+    base = resolve([]) if base is None else base
+    parts, value = parse_override(item)
+    key = ".".join(parts)
+    cfg = resolve(["--set", item])
+    stray = [k for k in config_diff(base, cfg) if k != key and not k.startswith(f"{key}.")]
+    assert not stray, f"--set {item} also changed {stray}"
+    got = _at(to_dict(cfg), key)
+    assert got == _plain(value) or (isinstance(got, float) and got == float(value)), (
+        f"--set {item} resolved {key} to {got!r}"
+    )
+
+
+def assert_overrides_change_only_their_key(
+    resolve: Resolve, alone_invalid: Sequence[str] = ()
+) -> list[str]:
+    """Override every key of every section of the resolved config, one at a time: each
+    resolves to a config that differs in that key only. Returns the keys checked.
+
+    ``alone_invalid``: the keys no value of which is valid without changing another key too
+    (the config refuses each probe with a ConfigError); any other refused key fails.
+    """
+    from medcore.errors import ConfigError
+
+    base = resolve([])
+    checked, refused = [], {}
+    for key, items in override_probes(base).items():
+        errors = []
+        for item in items:
+            try:
+                assert_set_changes_only(resolve, item, base)
+            except ConfigError as exc:
+                errors.append(f"{item}: {exc}")
+                continue
+            checked.append(key)
+            break
+        else:
+            refused[key] = errors or ["no probe value for this type"]
+    assert set(refused) == set(alone_invalid), refused
+    return checked
+
+
+def assert_epochs_set_only(resolve: Resolve, epochs_keys: Sequence[str], n: int = 3) -> list[str]:
+    """``--epochs n`` sets every key of ``epochs_keys`` to n and changes nothing else;
+    returns the keys whose value changed."""
+    from medcore.config import to_dict
+
+    base, cfg = resolve([]), resolve(["--epochs", str(n)])
+    changed = sorted(config_diff(base, cfg))
+    assert set(changed) <= set(epochs_keys), f"--epochs {n} changed {changed}"
+    assert all(_at(to_dict(cfg), key) == n for key in epochs_keys)
+    return changed
+
+
+def assert_smoke_changes_only(resolve: Resolve, items: Sequence[str]) -> dict[str, Any]:
+    """``--smoke`` changes the keys of its override ``items`` and nothing else (every section
+    keeps its research structure); returns the changed keys and their new values."""
+    from medcore.config import parse_override
+
+    allowed = {".".join(parse_override(item)[0]) for item in items}
+    diff = config_diff(resolve([]), resolve(["--smoke"]))
+    assert set(diff) <= allowed, f"--smoke changed {sorted(set(diff) - allowed)}"
+    return {key: new for key, (_, new) in diff.items()}
+
+
+def readme_set_examples(*texts: str) -> list[str]:
+    """The ``--set key=value`` items of README texts; a placeholder value (``N``, ``K``,
+    ``...``) becomes ``?`` (:func:`assert_readme_set_examples` fills in one of the key's type),
+    and the generic ``key=value`` / ``key.sub=value`` is left out."""
+    items = []
+    for text in texts:
+        for key, value in _SET_EXAMPLE.findall(text):
+            if key in ("key", "key.sub", "a.b"):
+                continue
+            items.append(f"{key}={'?' if _PLACEHOLDERS.match(value) else value}")
+    return list(dict.fromkeys(items))
+
+
+def package_readme_set_examples(package_dir: str | Path, package: str) -> list[str]:
+    """The ``--set`` examples of a package's README and of the workspace README's lines that
+    name one of the package's commands (``<package>-``)."""
+    package_dir = Path(package_dir)
+    texts = [(package_dir / "README.md").read_text(encoding="utf-8")]
+    root = package_dir.parent.parent / "README.md"
+    if root.is_file():
+        lines = root.read_text(encoding="utf-8").splitlines()
+        texts.append("\n".join(line for line in lines if f"{package}-" in line))
+    return readme_set_examples(*texts)
+
+
+def dry_run_config(command: Callable[[list[str]], int], argv: list[str], run_dir: Path) -> dict:
+    """The ``config.yaml`` that ``command(argv + --dry-run)`` writes into ``run_dir``, without
+    its ``output_dir`` (which differs between runs)."""
+    code = command([*argv, "--dry-run", "--output-dir", str(run_dir)])
+    assert code == 0, f"{argv} --dry-run exited {code}"
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    cfg.pop("output_dir")
+    return cfg
+
+
+def assert_readme_set_examples(resolve: Resolve, items: Sequence[str]) -> None:
+    """Each README example resolves to the documented change only (a ``?`` value: a value
+    of the key's type other than the config's)."""
+    base = resolve([])
+    probes = override_probes(base)
+    for item in items:
+        key, value = item.split("=", 1)
+        if value == "?":
+            assert key in probes, f"README: --set {key}: no such key"
+            item = probes[key][0]
+        assert_set_changes_only(resolve, item, base)
