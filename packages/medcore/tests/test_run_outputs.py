@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,6 +21,7 @@ from medcore.config import save_config
 from medcore.errors import ConfigError, DataError, TrainingDiverged
 from medcore.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from medcore.plots import plot_training_curves
+from medcore.splits import save_splits
 from medcore.trainer import TrainerConfig
 
 
@@ -101,6 +103,8 @@ def test_written_files_honour_the_umask(tmp_path: Path, umask: int) -> None:
         export_safetensors(model.state_dict(), tmp_path / "model.safetensors"),
         plot_training_curves([{"epoch": 1, "val/loss": 1.0}], ["val/loss"], tmp_path / "c.png"),
     ]
+    save_splits(tmp_path / "splits.json", {"train": np.arange(3), "val": np.arange(3, 5)})
+    written.append(tmp_path / "splits.json")
     atomic_write_text(tmp_path / "notes.txt", "rewritten")  # replacing keeps the mode too
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
     assert modes == {p.name: oct(expected) for p in written}

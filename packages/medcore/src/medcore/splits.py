@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
@@ -23,7 +22,7 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from medcore.errors import DataError
-from medcore.io import json_default
+from medcore.io import atomic_write_text, json_default
 
 __all__ = [
     "SplitLeakError",
@@ -274,20 +273,7 @@ def save_splits(
     doc["meta"] = dict(meta or {})
     text = json.dumps(doc, default=json_default)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file private (0600); a splits file is meant to be shared.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def _check_ids(path: Path, parts: list[Splits], stored: Any, ids: np.ndarray) -> None:
