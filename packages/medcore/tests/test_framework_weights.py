@@ -1,17 +1,17 @@
 """Weights saved by training frameworks load through the one prefix resolution of medcore.weights.
 
-Every file here is written the way the framework writes it: ``state_dict()`` of a real
-DataParallel / DistributedDataParallel / ``torch.compile`` wrapper, Lightning Fabric's own
-``fabric.save``, and the dict of Lightning's ``_CheckpointConnector.dump_checkpoint`` (Lightning
-itself is not a dependency: the layout is rebuilt from its source, with real optimizer and
-scheduler states), saved with ``torch.save`` as Lightning's ``_atomic_save`` does.
+Every file here is written the way the framework writes it (:data:`medcore.testing.SAVE_AS`):
+``state_dict()`` of a real DataParallel / DistributedDataParallel / ``torch.compile`` wrapper,
+Lightning Fabric's own ``fabric.save``, and the dict of Lightning's
+``_CheckpointConnector.dump_checkpoint`` (Lightning itself is not a dependency: the layout is
+rebuilt from its source, with real optimizer and scheduler states), saved with ``torch.save``
+as Lightning's ``_atomic_save`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import enum
-import gc
 import os
 import pathlib
 from collections.abc import Callable
@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.distributed as dist
 import torchvision
 from torch import nn
 
@@ -28,13 +27,14 @@ from medcore.checkpoint import save_checkpoint
 from medcore.cli import run_cli
 from medcore.errors import CheckpointError
 from medcore.layouts import best_prefix, describe, extra_blocks
-from medcore.weights import load_pretrained, read_state_dict
-
-LIGHTNING_VERSION = "2.5.1"
-CHECKPOINT_CALLBACK = (
-    "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
-    "'every_n_epochs': 1, 'train_time_interval': None}"
+from medcore.testing import (
+    LIGHTNING_VERSION,
+    SAVE_AS,
+    LightningLike,
+    lightning_checkpoint,
+    save_weights_as,
 )
+from medcore.weights import load_pretrained, read_state_dict
 
 
 def _torchvision_resnet18() -> nn.Module:
@@ -62,169 +62,37 @@ def _trunk() -> nn.Module:
     return timm.create_model("resnet18", pretrained=False, num_classes=0)
 
 
-class _LitModel(nn.Module):
-    """A LightningModule's parameters: the network under an attribute, plus a loss with a buffer."""
-
-    def __init__(self, net: nn.Module, attr: str) -> None:
-        super().__init__()
-        setattr(self, attr, net)
-        self.criterion = nn.CrossEntropyLoss(weight=torch.ones(1000))
+def _medcore_checkpoint(net: nn.Module, path: Path) -> None:
+    """A medcore training checkpoint of a task model whose trunk is its ``backbone``."""
+    model = nn.ModuleDict({"backbone": net, "head": nn.Linear(2, 2)})
+    save_checkpoint({"model": model.state_dict()}, path, kind="demo.Model")
 
 
-def _progress(n: int) -> dict:
-    return {"ready": n, "started": n, "processed": n, "completed": n}
-
-
-def _lightning_checkpoint(lit: nn.Module, hyper_parameters: dict | None = None) -> dict:
-    """What ``Trainer.save_checkpoint`` writes for a LightningModule ``lit`` trained 3 epochs.
-
-    One AdamW step on ``lit``'s first parameter makes the optimizer state real (and changes
-    that parameter, as training does, before the weights are taken).
-
-    Keys and order of ``dump_checkpoint`` (lightning/pytorch/trainer/connectors/
-    checkpoint_connector.py); the loops' state is ``_Loop.state_dict`` of the fit loop's
-    progress trackers; the callbacks' that of ModelCheckpoint, under its ``state_key``.
-    """
-    optimizer = torch.optim.AdamW(lit.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
-    first = next(lit.parameters())
-    first.grad = torch.ones_like(first)
-    optimizer.step()
-    scheduler.step()
-    first.grad = None
-    score = torch.tensor(0.4123)
-    batches = {"total": _progress(120), "current": _progress(40), "is_last_batch": True}
-    checkpoint = {
-        "epoch": 2,
-        "global_step": 120,
-        "pytorch-lightning_version": LIGHTNING_VERSION,
-        "state_dict": lit.state_dict(),
-        "loops": {
-            "fit_loop": {
-                "state_dict": {},
-                "epoch_loop.state_dict": {"_batches_that_stepped": 120},
-                "epoch_loop.batch_progress": batches,
-                "epoch_loop.scheduler_progress": {
-                    "total": {"ready": 3, "completed": 3},
-                    "current": {"ready": 1, "completed": 1},
-                },
-                "epoch_loop.automatic_optimization.state_dict": {},
-                "epoch_loop.automatic_optimization.optim_progress": {
-                    "optimizer": {
-                        "step": {"total": {"ready": 120, "completed": 120}, "current": {}},
-                        "zero_grad": {"total": _progress(120), "current": _progress(40)},
-                    }
-                },
-                "epoch_loop.val_loop.state_dict": {},
-                "epoch_loop.val_loop.batch_progress": batches,
-                "epoch_progress": {"total": _progress(3), "current": _progress(3)},
-            },
-            "validate_loop": {"state_dict": {}, "batch_progress": batches},
-            "test_loop": {"state_dict": {}, "batch_progress": batches},
-            "predict_loop": {"state_dict": {}, "batch_progress": batches},
-        },
-        "callbacks": {
-            CHECKPOINT_CALLBACK: {
-                "monitor": "val_loss",
-                "best_model_score": score,
-                "best_model_path": "/runs/lightning_logs/version_0/checkpoints/epoch=2.ckpt",
-                "current_score": score,
-                "dirpath": "/runs/lightning_logs/version_0/checkpoints",
-                "best_k_models": {"/runs/epoch=2.ckpt": score},
-                "kth_best_model_path": "/runs/epoch=2.ckpt",
-                "kth_value": score,
-                "last_model_path": "",
-            }
-        },
-        "optimizer_states": [optimizer.state_dict()],
-        "lr_schedulers": [scheduler.state_dict()],
-        "hparams_name": "kwargs",
-        "hyper_parameters": hyper_parameters or {"lr": 1e-3, "arch": "resnet18", "classes": 1000},
-    }
-    return checkpoint
-
-
-def _ddp_state(net: nn.Module) -> dict:
-    """``DistributedDataParallel(net).state_dict()`` in a one-rank gloo group of this process."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        ddp = nn.parallel.DistributedDataParallel(net)
-        state = ddp.state_dict()
-        del ddp
-        gc.collect()
-    finally:
-        dist.destroy_process_group()
-    return state
-
-
-def _fabric_save(net: nn.Module, path: Path) -> None:
-    from lightning_fabric import Fabric
-
-    fabric = Fabric(accelerator="cpu", devices=1)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    model, optimizer = fabric.setup(net, optimizer)
-    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 3})
-
-
-# name -> (writer(net, path), expected container, expected prefix)
-Writer = Callable[[nn.Module, Path], None]
-WRITERS: dict[str, tuple[Writer, tuple[str, ...], str]] = {
-    "plain": (lambda n, p: torch.save(n.state_dict(), p), (), ""),
-    "data_parallel": (lambda n, p: torch.save(nn.DataParallel(n).state_dict(), p), (), "module."),
-    "ddp": (lambda n, p: torch.save(_ddp_state(n), p), (), "module."),
-    "compile": (lambda n, p: torch.save(torch.compile(n).state_dict(), p), (), "_orig_mod."),
-    "data_parallel_of_compiled": (
-        lambda n, p: torch.save(nn.DataParallel(torch.compile(n)).state_dict(), p),
-        (),
-        "module._orig_mod.",
-    ),
-    "compiled_data_parallel": (
-        lambda n, p: torch.save(torch.compile(nn.DataParallel(n)).state_dict(), p),
-        (),
-        "_orig_mod.module.",
-    ),
-    "lightning_model": (
-        lambda n, p: torch.save(_lightning_checkpoint(_LitModel(n, "model")), p),
-        ("state_dict",),
-        "model.",
-    ),
-    "lightning_net": (
-        lambda n, p: torch.save(_lightning_checkpoint(_LitModel(n, "net")), p),
-        ("state_dict",),
-        "net.",
-    ),
-    "lightning_attribute_compiled": (  # self.encoder = torch.compile(resnet)
-        lambda n, p: torch.save(_lightning_checkpoint(_LitModel(torch.compile(n), "encoder")), p),
-        ("state_dict",),
-        "encoder._orig_mod.",
-    ),
-    "fabric_save": (_fabric_save, ("model",), ""),
-    "model_wrapper_of_ddp": (
-        lambda n, p: torch.save({"model": nn.DataParallel(n).state_dict(), "epoch": 9}, p),
-        ("model",),
-        "module.",
-    ),
-    "state_dict_wrapper": (
-        lambda n, p: torch.save({"state_dict": n.state_dict()}, p),
-        ("state_dict",),
-        "",
-    ),
-    "model_state_dict_wrapper": (
-        lambda n, p: torch.save({"model_state_dict": n.state_dict(), "epoch": 4}, p),
-        ("model_state_dict",),
-        "",
-    ),
-    "net_wrapper": (lambda n, p: torch.save({"net": n.state_dict(), "acc": 0.9}, p), ("net",), ""),
-    "medcore_checkpoint": (
-        lambda n, p: save_checkpoint(
-            {"model": nn.ModuleDict({"backbone": n, "head": nn.Linear(2, 2)}).state_dict()},
-            p,
-            kind="demo.Model",
-        ),
-        ("model",),
-        "backbone.",
-    ),
+# how the file is written -> (the container entries and the key prefix the load must report)
+EXPECTED: dict[str, tuple[tuple[str, ...], str]] = {
+    "plain": ((), ""),
+    "data_parallel": ((), "module."),
+    "ddp": ((), "module."),
+    "compile": ((), "_orig_mod."),
+    "data_parallel_of_compiled": ((), "module._orig_mod."),
+    "compiled_data_parallel": ((), "_orig_mod.module."),
+    "lightning_model": (("state_dict",), "model."),
+    "lightning_net": (("state_dict",), "net."),
+    "lightning_compiled_attribute": (("state_dict",), "encoder._orig_mod."),
+    "fabric": (("model",), ""),
+    "model_of_data_parallel": (("model",), "module."),
+    "state_dict": (("state_dict",), ""),
+    "model_state_dict": (("model_state_dict",), ""),
+    "net": (("net",), ""),
+    "medcore_checkpoint": (("model",), "backbone."),
 }
+
+
+def _save(how: str, net: nn.Module, path: Path) -> Path:
+    if how == "medcore_checkpoint":
+        _medcore_checkpoint(net, path)
+        return path
+    return save_weights_as(how, net, path)
 
 
 def _assert_loaded(target: nn.Module, source: nn.Module) -> None:
@@ -234,13 +102,12 @@ def _assert_loaded(target: nn.Module, source: nn.Module) -> None:
         assert torch.equal(value, reference[key]), key
 
 
-@pytest.mark.parametrize("writer", list(WRITERS))
+@pytest.mark.parametrize("writer", [*SAVE_AS, "medcore_checkpoint"])
 def test_torchvision_resnet18_as_every_framework_saves_it(writer, tmp_path, capsys) -> None:
-    write, container, prefix = WRITERS[writer]
+    container, prefix = EXPECTED[writer]
     source = _torchvision_resnet18()
     suffix = ".ckpt" if writer.startswith(("lightning", "fabric")) else ".pth"
-    path = tmp_path / f"resnet18{suffix}"
-    write(source, path)
+    path = _save(writer, source, tmp_path / f"resnet18{suffix}")
     trunk = _trunk()
     report = load_pretrained(trunk, path, what="ResNet-18 trunk")
     assert report.matched == report.total == len(trunk.state_dict())
@@ -257,9 +124,9 @@ def test_torchvision_resnet18_as_every_framework_saves_it(writer, tmp_path, caps
 
 @pytest.mark.parametrize("writer", ["plain", "data_parallel", "compile", "lightning_model"])
 def test_timm_resnet18_into_a_torchvision_resnet18(writer, tmp_path) -> None:
-    write, _, prefix = WRITERS[writer]
     source = _timm_resnet18()
-    write(source, tmp_path / "w.pth")
+    save_weights_as(writer, source, tmp_path / "w.pth")
+    prefix = EXPECTED[writer][1]
     target = torchvision.models.resnet18(weights=None)
     report = load_pretrained(target, tmp_path / "w.pth", what="model")
     assert report.matched == report.total == len(target.state_dict()) and not report.unexpected
@@ -273,7 +140,7 @@ def test_lightning_directory_and_weights_only(tmp_path) -> None:
     folder.mkdir(parents=True)
     source = _torchvision_resnet18()
     path = folder / "epoch=2-step=120.ckpt"
-    torch.save(_lightning_checkpoint(_LitModel(source, "model")), path)
+    save_weights_as("lightning_model", source, path)
     raw = torch.load(path, map_location="cpu", weights_only=True)  # torch's safe loader accepts it
     assert raw["pytorch-lightning_version"] == LIGHTNING_VERSION
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
@@ -307,7 +174,7 @@ def test_hyper_parameters_torch_will_not_rebuild_are_placeholders(tmp_path, caps
         "stage": _Stage.FIT,
     }
     path = tmp_path / "last.ckpt"
-    torch.save(_lightning_checkpoint(_LitModel(source, "model"), hparams), path)
+    torch.save(lightning_checkpoint(LightningLike(source), hparams), path)
     with pytest.raises(Exception, match="Unsupported global"):
         torch.load(path, weights_only=True)  # what the plain safe loader does with it
     trunk = _trunk()
@@ -321,8 +188,11 @@ def test_hyper_parameters_torch_will_not_rebuild_are_placeholders(tmp_path, caps
         capsys.readouterr().out
     )
     # A dict subclass with items cannot be stood in for: refused, with the classes named.
-    torch.save(_lightning_checkpoint(_LitModel(source, "model"), {"cfg": _Config(lr=0.1)}), path)
-    with pytest.raises(CheckpointError, match=f"refused: it pickles {_qualified(_Config)}"):
+    torch.save(lightning_checkpoint(LightningLike(source), {"cfg": _Config(lr=0.1)}), path)
+    refused = (
+        rf"refused: contains pickled objects that could run code on load \({_qualified(_Config)};"
+    )
+    with pytest.raises(CheckpointError, match=refused):
         load_pretrained(_trunk(), path)
 
 
@@ -345,7 +215,8 @@ def test_code_in_a_checkpoint_never_runs(tmp_path) -> None:
     # ... and os.system is refused outright by torch's loader (its module is blocked).
     state["hyper_parameters"] = {"x": _RunsCode(os.system, f"touch {marker}")}
     torch.save(state, tmp_path / "system.ckpt")
-    with pytest.raises(CheckpointError, match=f"refused: it pickles {os.system.__module__}.system"):
+    refused = rf"could run code on load \({os.system.__module__}\.system; .* is blocked"
+    with pytest.raises(CheckpointError, match=refused):
         load_pretrained(_trunk(), tmp_path / "system.ckpt")
     assert not marker.exists()
     # A whole pickled model is not a state dict.
@@ -438,12 +309,12 @@ def test_prefix_is_found_through_a_package_conversion(tmp_path) -> None:
     source = _torchvision_resnet18()
     for writer in ("data_parallel", "compiled_data_parallel", "lightning_model"):
         path = tmp_path / f"{writer}.pth"
-        WRITERS[writer][0](source, path)
+        save_weights_as(writer, source, path)
         state = read_state_dict(path).tensors
         net = torchvision.models.resnet18(weights=None)
         trunk = nn.Sequential(*(getattr(net, name) for name in CHILDREN))
         target = trunk.state_dict()
-        assert best_prefix(state, target, _trunk_indices) == WRITERS[writer][2]
+        assert best_prefix(state, target, _trunk_indices) == EXPECTED[writer][1]
         with pytest.raises(CheckpointError, match="wrong architecture"):
             load_pretrained(trunk, path)  # without the conversion nothing matches
         report = load_pretrained(trunk, path, _trunk_indices)

@@ -331,11 +331,10 @@ def _load_with_placeholders(path: Path, unread: tuple[str, ...], source: str) ->
         with torch.serialization.safe_globals([(_Unread, name) for name in unread]):
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "unsafe content"
         raise CheckpointError(
             source,
-            f"refused: it pickles {names}, which cannot be read without running their code "
-            f"({first})",
+            f"refused: contains pickled objects that could run code on load ({names}; "
+            f"{_reason(exc)})",
         ) from None
     if not isinstance(raw, dict):
         raise CheckpointError(
@@ -343,6 +342,19 @@ def _load_with_placeholders(path: Path, unread: tuple[str, ...], source: str) ->
             f"a pickled object ({names}), not a dict of weights: save model.state_dict() instead",
         )
     return raw
+
+
+def _reason(exc: Exception) -> str:
+    """The line of torch's safe-load error that says what was refused (not its general advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    specific = [
+        line
+        for line in lines
+        if not line.startswith(
+            ("Weights only load failed", "Please file", "Check the documentation")
+        )
+    ]
+    return (specific or lines or ["unsafe content"])[0][:160]
 
 
 def read_state_dict(spec: str | Path | ResolvedWeights) -> WeightsFile:
