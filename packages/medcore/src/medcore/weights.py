@@ -300,7 +300,7 @@ class _Unread:
     """Stands in for an object that torch does not rebuild under ``weights_only``.
 
     Lightning and research checkpoints carry hyper-parameters next to the weights (an
-    ``argparse.Namespace``, a ``pathlib`` path, an enum, an OmegaConf config). Torch's safe loader
+    ``argparse.Namespace``, a ``pathlib`` path, an enum value). Torch's safe loader
     refuses the whole file for them; mapped to this class (``torch.serialization.safe_globals``),
     each such object becomes an instance that keeps nothing and runs nothing: the named class is
     never imported or called, and tensors are still rebuilt only by torch's allow-listed functions.
@@ -368,7 +368,7 @@ def read_state_dict(spec: str | Path | ResolvedWeights) -> WeightsFile:
     resolved = spec if isinstance(spec, ResolvedWeights) else resolve_weights(spec)
     path = resolved.path
     container: tuple[str, ...] = ()
-    unread: tuple[str, ...] = ()
+    unread: tuple[str, ...] = ()  # safetensors files hold nothing but tensors
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -376,7 +376,7 @@ def read_state_dict(spec: str | Path | ResolvedWeights) -> WeightsFile:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
     else:
-        unread = _unsafe_globals(path) if path.is_file() else ()
+        unread = _unsafe_globals(path)
         raw = (
             _load_with_placeholders(path, unread, resolved.source)
             if unread
