@@ -66,15 +66,14 @@ def _vit_convert(vit: nn.Module):
     """Resample a checkpoint's absolute position embeddings to this ViT's token grid."""
 
     def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for prefix in ("", "module.", "model."):
-            key = f"{prefix}pos_embed"
-            if key in state and state[key].shape != vit.pos_embed.shape:
-                prefix_tokens = (
-                    0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
-                )
-                state[key] = resample_abs_pos_embed(
-                    state[key], new_size=vit.patch_embed.grid_size, num_prefix_tokens=prefix_tokens
-                )
+        # medcore.weights has already taken off any prefix (module., model., backbone. ...).
+        if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
+            prefix_tokens = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+            state["pos_embed"] = resample_abs_pos_embed(
+                state["pos_embed"],
+                new_size=vit.patch_embed.grid_size,
+                num_prefix_tokens=prefix_tokens,
+            )
         return state
 
     return convert
@@ -197,10 +196,9 @@ class DualBackbone(nn.Module):
         self.set_normalisation(norms)
 
     def _combined_convert(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for prefix in ("", "backbone."):
-            key = f"{prefix}vit.pos_embed"
-            if key in state:
-                state[key] = _vit_convert(self.vit)({"pos_embed": state[key]})["pos_embed"]
+        if "vit.pos_embed" in state:  # any prefix (backbone., module. ...) is already taken off
+            resampled = _vit_convert(self.vit)({"pos_embed": state["vit.pos_embed"]})
+            state["vit.pos_embed"] = resampled["pos_embed"]
         return state
 
     def freeze(self, convnext_stages: int, vit_blocks: int) -> None:

@@ -103,13 +103,10 @@ def convert_dinov2_state(
     """Hub-layout DINOv2 weights (``mask_token``, ``register_tokens``, SwiGLU ``w12``/``w3``, a
     518-pixel position grid) or timm-layout weights -> the keys and grid of ``backbone``.
 
-    timm's own filter does the conversion and the position-embedding interpolation; wrapper
-    prefixes (DDP ``module.``, a DINO ``teacher`` checkpoint's ``backbone.``) are removed first so
-    that it recognises the hub layout.
+    timm's own filter does the conversion and the position-embedding interpolation. Wrapper
+    prefixes (DDP ``module.``, a DINO ``teacher`` checkpoint's ``backbone.``, a LightningModule's
+    attribute) are already taken off by ``medcore.weights.load_pretrained``.
     """
-    for prefix in ("module.", "backbone.", "model."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
     state = {
         k: v for k, v in state.items() if not k.startswith(("head.", "dino_head.", "ibot_head."))
     }

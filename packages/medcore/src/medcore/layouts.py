@@ -2,9 +2,13 @@
 
 Layouts handled here (``load_pretrained`` detects them from the keys):
 
-- wrappers: ``{"state_dict": ...}``, ``{"model": ...}``, DINO's ``{"teacher": ..., "student": ...}``,
-  and key prefixes (``module.``, ``_orig_mod.``, ``backbone.``, ``teacher.backbone.`` ...): the
-  prefix under which most of the module's keys are found is taken, whatever it is;
+- containers: Lightning's ``{"state_dict": ..., "epoch": ..., "optimizer_states": ...}``, Fabric's
+  and research code's ``{"model": ...}``, ``{"net": ...}``, ``{"model_state_dict": ...}``, DINO's
+  ``{"teacher": ..., "student": ...}`` (:func:`unwrap`);
+- key prefixes: DDP/DataParallel ``module.``, torch.compile ``_orig_mod.``, both nested, a
+  LightningModule's attribute (``model.``, ``net.``), ``backbone.``, ``teacher.backbone.`` ...:
+  the prefix under which most of the module's tensors are found is taken, whatever it is, after
+  the package's own conversion (:func:`best_prefix`);
 - torch.hub DINOv2 (facebookresearch/dinov2): timm's ViT keys plus ``mask_token``,
   ``register_tokens`` and the SwiGLU ``w12``/``w3`` names;
 - HF-transformers DINOv2 (``facebook/dinov2-*``): ``embeddings.*``,
@@ -18,26 +22,31 @@ torchvision and timm ResNets share every key name (``conv1``, ``bn1``, ``layerN.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 
 import torch
 
 Tensors = dict[str, torch.Tensor]
+Layout = Callable[[Tensors], Tensors]
 
 # Checked in this order; DINO checkpoints carry both teacher and student: the teacher is the
 # model DINO evaluates and releases.
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "teacher", "student", "module")
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "teacher", "student", "module")
 
 _HF_PATCH = "embeddings.patch_embeddings.projection.weight"
 
 
-def unwrap(state: dict) -> dict:
-    """The innermost dict of tensors inside checkpoint containers (up to three levels)."""
+def unwrap(state: dict) -> tuple[dict, tuple[str, ...]]:
+    """The innermost dict of tensors inside checkpoint containers (up to three levels), and the
+    container keys taken to reach it (``("state_dict",)`` for a Lightning checkpoint)."""
+    path: list[str] = []
     for _ in range(3):
-        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
-        if inner is None:
+        key = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+        if key is None:
             break
-        state = inner
-    return state
+        path.append(key)
+        state = state[key]
+    return state, tuple(path)
 
 
 def _suffixes(key: str) -> list[tuple[str, str]]:
@@ -48,22 +57,39 @@ def _suffixes(key: str) -> list[tuple[str, str]]:
     ]
 
 
-def best_prefix(state: Tensors, target: Tensors) -> str:
+def matching(state: Tensors, target: Tensors) -> int:
+    """How many of ``state``'s tensors ``target`` has under the same name and shape."""
+    return sum(1 for k, v in state.items() if k in target and target[k].shape == v.shape)
+
+
+def best_prefix(state: Tensors, target: Tensors, layout: Layout | None = None) -> str:
     """The key prefix under which the most of ``target``'s tensors are found, shapes included.
 
-    Finds ``module.``, ``backbone.``, ``teacher.backbone.``, ``visual.trunk.`` or a whole model's
-    ``visual.backbone.`` without a list of known wrappers. "" unless a prefix matches more; on a
-    tie the shortest prefix wins (deterministic; two equal heads are then told apart by name).
+    Every prefix the keys have (split at dots) is a candidate: the tensors under it, with the
+    prefix removed, go through ``layout`` (the conversion to the module's names, e.g. torchvision
+    names -> a Sequential's indices) and are matched against ``target``. So ``module.``,
+    ``_orig_mod.``, ``module._orig_mod.``, a Lightning module's ``model.``, ``backbone.`` or a
+    whole model's ``visual.trunk.`` are found without a list of known wrappers, and whatever the
+    package converts. "" unless a prefix matches more; on a tie the shortest prefix wins
+    (deterministic; two equal heads are then told apart by name). ``layout`` must not add
+    tensors: candidates are tried from the largest down, and the search stops where a candidate
+    holds fewer tensors than the best match so far.
     """
-    counts: dict[str, int] = {}
+    groups: dict[str, Tensors] = {}
     for key, value in state.items():
         for prefix, rest in _suffixes(key):
-            if rest in target and target[rest].shape == value.shape:
-                counts[prefix] = counts.get(prefix, 0) + 1
-    if not counts:
-        return ""
-    best = min(counts, key=lambda p: (-counts[p], len(p), p))
-    return best if counts[best] > counts.get("", 0) else ""
+            groups.setdefault(prefix, {})[rest] = value
+    best, best_count = "", 0
+    for prefix in sorted(groups, key=lambda p: (-len(groups[p]), len(p), p)):
+        if len(groups[prefix]) < best_count:
+            break
+        group = groups[prefix]
+        count = matching(layout(group) if layout is not None else group, target)
+        if count > best_count or (
+            count == best_count and (len(prefix), prefix) < (len(best), best)
+        ):
+            best, best_count = prefix, count
+    return best
 
 
 def strip_prefix(state: Tensors, prefix: str) -> Tensors:
@@ -71,6 +97,68 @@ def strip_prefix(state: Tensors, prefix: str) -> Tensors:
     if not prefix:
         return state
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _numbered(key: str) -> str:
+    """``key`` with its numeric parts (block and Sequential indices) replaced by ``#``."""
+    return ".".join("#" if part.isdigit() else part for part in key.split("."))
+
+
+def extra_blocks(keys: Iterable[str], target: Tensors) -> list[str]:
+    """Of ``keys`` (file tensors the module lacks), those of numbered blocks of a kind the module
+    has: ``layer1.2.conv1.weight`` of a ResNet-34 against a ResNet-18's blocks 0 and 1, or a
+    ViT's ``blocks.11.*`` against a shallower one. Such a file is a deeper model, not a fit."""
+    kinds = {_numbered(k) for k in target}
+    return [k for k in keys if _numbered(k) in kinds]
+
+
+_RESNETS = {
+    ("basic", (2, 2, 2, 2)): "ResNet-18",
+    ("basic", (3, 4, 6, 3)): "ResNet-34",
+    ("bottleneck", (3, 4, 6, 3)): "ResNet-50",
+    ("bottleneck", (3, 4, 23, 3)): "ResNet-101",
+    ("bottleneck", (3, 8, 36, 3)): "ResNet-152",
+}
+
+
+def _counts(state: Tensors, pattern: str) -> dict[str, set[int]]:
+    """Block indices per stage of the keys that match ``pattern`` (groups: stage, block)."""
+    found: dict[str, set[int]] = {}
+    regex = re.compile(pattern)
+    for key in state:
+        match = regex.search(key)
+        if match is not None:
+            found.setdefault(match.group(1), set()).add(int(match.group(2)))
+    return found
+
+
+def describe(state: Tensors) -> str:
+    """What a state dict looks like, in a few words, for messages about a file that does not fit.
+
+    Recognises ResNets (torchvision/timm names; depth from the blocks per stage), ViTs (timm and
+    torch.hub, HF-transformers) and ConvNeXts (timm); otherwise the tensor count and first keys.
+    """
+    stages = _counts(state, r"(?:^|\.)layer([1-4])\.(\d+)\.conv[12]\.weight$")
+    if stages:
+        kind = "bottleneck" if any(k.endswith(".conv3.weight") for k in state) else "basic"
+        blocks = tuple(len(stages.get(str(i), ())) for i in range(1, 5))
+        name = _RESNETS.get((kind, blocks))
+        plan = "-".join(map(str, blocks))
+        return f"a {name} ({kind} blocks {plan})" if name else f"a ResNet ({kind} blocks {plan})"
+    for pattern, what in (
+        (r"(?:^|\.)(blocks)\.(\d+)\.attn\.qkv\.weight$", "a ViT"),
+        (r"(?:^|\.)(encoder\.layer)\.(\d+)\.attention\.attention\.query\.weight$", "an HF ViT"),
+    ):
+        depth = _counts(state, pattern)
+        if depth:
+            width = next(v.shape[-1] for k, v in state.items() if re.search(pattern, k) is not None)
+            return f"{what} (depth {len(next(iter(depth.values())))}, width {width})"
+    stages = _counts(state, r"(?:^|\.)stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.weight$")
+    if stages:
+        plan = "-".join(str(len(stages[s])) for s in sorted(stages, key=int))
+        return f"a ConvNeXt (blocks {plan})"
+    first = ", ".join(list(state)[:3])
+    return f"{len(state)} tensors ({first}{', ...' if len(state) > 3 else ''})"
 
 
 def is_hf_dinov2(state: Tensors) -> str | None:
@@ -199,6 +287,8 @@ def hub_dinov2_to_timm(state: Tensors) -> Tensors:
     """
     if "mask_token" not in state and "register_tokens" not in state:
         return state
+    if "register_tokens" in state and not {"cls_token", "pos_embed"} <= set(state):
+        return state  # a part of a file, not a whole hub model: left to be reported as it is
     out = {k: v for k, v in state.items() if k != "mask_token"}
     if "register_tokens" in out:
         pos = out.pop("pos_embed")

@@ -515,3 +515,157 @@ def assert_readme_set_examples(resolve: Resolve, items: Sequence[str]) -> None:
             assert key in probes, f"README: --set {key}: no such key"
             item = probes[key][0]
         assert_set_changes_only(resolve, item, base)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights files as training frameworks write them
+
+LIGHTNING_VERSION = "2.5.1"
+_CHECKPOINT_CALLBACK = (
+    "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
+    "'every_n_epochs': 1, 'train_time_interval': None}"
+)
+
+
+class LightningLike(torch.nn.Module):
+    """A LightningModule's parameters: ``net`` under the attribute ``attr`` (``self.model =
+    net``), and a loss whose class weights are a buffer, so the state dict holds more than
+    the network."""
+
+    def __init__(self, net: torch.nn.Module, attr: str = "model", classes: int = 1000) -> None:
+        super().__init__()
+        setattr(self, attr, net)
+        self.criterion = torch.nn.CrossEntropyLoss(weight=torch.ones(classes))
+
+
+def _progress(n: int) -> dict[str, int]:
+    return {"ready": n, "started": n, "processed": n, "completed": n}
+
+
+def lightning_checkpoint(
+    lit: torch.nn.Module, hyper_parameters: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What Lightning's ``Trainer.save_checkpoint`` writes for ``lit`` after 3 epochs.
+
+    The keys of ``_CheckpointConnector.dump_checkpoint`` (lightning/pytorch/trainer/connectors/
+    checkpoint_connector.py), the loops' ``_Loop.state_dict`` progress trackers, ModelCheckpoint's
+    state under its ``state_key``, and real AdamW and cosine-schedule states: one AdamW step on
+    ``lit``'s first parameter (which changes it, as training does, before the weights are taken).
+    Save it with ``torch.save`` (Lightning's ``_atomic_save`` writes the same archive).
+    """
+    optimizer = torch.optim.AdamW(lit.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    first = next(lit.parameters())
+    first.grad = torch.ones_like(first)
+    optimizer.step()
+    scheduler.step()
+    first.grad = None
+    score = torch.tensor(0.4123)
+    batches = {"total": _progress(120), "current": _progress(40), "is_last_batch": True}
+    fit_loop = {
+        "state_dict": {},
+        "epoch_loop.state_dict": {"_batches_that_stepped": 120},
+        "epoch_loop.batch_progress": batches,
+        "epoch_loop.scheduler_progress": {
+            "total": {"ready": 3, "completed": 3},
+            "current": {"ready": 1, "completed": 1},
+        },
+        "epoch_loop.automatic_optimization.state_dict": {},
+        "epoch_loop.automatic_optimization.optim_progress": {
+            "optimizer": {
+                "step": {"total": {"ready": 120, "completed": 120}, "current": {}},
+                "zero_grad": {"total": _progress(120), "current": _progress(40)},
+            }
+        },
+        "epoch_loop.val_loop.state_dict": {},
+        "epoch_loop.val_loop.batch_progress": batches,
+        "epoch_progress": {"total": _progress(3), "current": _progress(3)},
+    }
+    evaluation = {"state_dict": {}, "batch_progress": batches}
+    return {
+        "epoch": 2,
+        "global_step": 120,
+        "pytorch-lightning_version": LIGHTNING_VERSION,
+        "state_dict": lit.state_dict(),
+        "loops": {
+            "fit_loop": fit_loop,
+            "validate_loop": evaluation,
+            "test_loop": evaluation,
+            "predict_loop": evaluation,
+        },
+        "callbacks": {
+            _CHECKPOINT_CALLBACK: {
+                "monitor": "val_loss",
+                "best_model_score": score,
+                "best_model_path": "/runs/lightning_logs/version_0/checkpoints/epoch=2.ckpt",
+                "current_score": score,
+                "dirpath": "/runs/lightning_logs/version_0/checkpoints",
+                "best_k_models": {"/runs/epoch=2.ckpt": score},
+                "kth_best_model_path": "/runs/epoch=2.ckpt",
+                "kth_value": score,
+                "last_model_path": "",
+            }
+        },
+        "optimizer_states": [optimizer.state_dict()],
+        "lr_schedulers": [scheduler.state_dict()],
+        "hparams_name": "kwargs",
+        "hyper_parameters": hyper_parameters or {"lr": 1e-3, "arch": "resnet18"},
+    }
+
+
+def ddp_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``DistributedDataParallel(net).state_dict()``, in a one-rank gloo group of this process."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        state = ddp.state_dict()
+        del ddp  # the reducer holds the group
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+    return state
+
+
+def fabric_save(net: torch.nn.Module, path: str | Path) -> None:
+    """``fabric.save(path, {"model": ..., "optimizer": ..., "step": 3})`` of a set-up CPU Fabric."""
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 3})
+
+
+# how -> a writer of ``net``'s weights to a path, the way that framework or habit saves them
+SAVE_AS: dict[str, Callable[[torch.nn.Module, Path], Any]] = {
+    "plain": lambda n, p: torch.save(n.state_dict(), p),
+    "data_parallel": lambda n, p: torch.save(torch.nn.DataParallel(n).state_dict(), p),
+    "ddp": lambda n, p: torch.save(ddp_state_dict(n), p),
+    "compile": lambda n, p: torch.save(torch.compile(n).state_dict(), p),
+    "data_parallel_of_compiled": lambda n, p: torch.save(
+        torch.nn.DataParallel(torch.compile(n)).state_dict(), p
+    ),
+    "compiled_data_parallel": lambda n, p: torch.save(
+        torch.compile(torch.nn.DataParallel(n)).state_dict(), p
+    ),
+    "lightning_model": lambda n, p: torch.save(lightning_checkpoint(LightningLike(n, "model")), p),
+    "lightning_net": lambda n, p: torch.save(lightning_checkpoint(LightningLike(n, "net")), p),
+    # self.encoder = torch.compile(net) in a LightningModule
+    "lightning_compiled_attribute": lambda n, p: torch.save(
+        lightning_checkpoint(LightningLike(torch.compile(n), "encoder")), p
+    ),
+    "fabric": fabric_save,
+    "model_of_data_parallel": lambda n, p: torch.save(
+        {"model": torch.nn.DataParallel(n).state_dict(), "epoch": 9}, p
+    ),
+    "state_dict": lambda n, p: torch.save({"state_dict": n.state_dict()}, p),
+    "model_state_dict": lambda n, p: torch.save(
+        {"model_state_dict": n.state_dict(), "epoch": 4}, p
+    ),
+    "net": lambda n, p: torch.save({"net": n.state_dict(), "acc": 0.9}, p),
+}
+
+
+def save_weights_as(how: str, net: torch.nn.Module, path: str | Path) -> Path:
+    """Write ``net``'s weights to ``path`` as ``how`` (a key of :data:`SAVE_AS`) saves them."""
+    SAVE_AS[how](net, Path(path))
+    return Path(path)

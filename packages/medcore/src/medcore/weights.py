@@ -1,9 +1,11 @@
 """Pretrained weights the way users have them: a file, a snapshot directory or an ``hf-hub:`` name.
 
 ``resolve_weights`` finds the weights file (and the config beside it), ``load_pretrained`` reads
-it safely, converts the layout (see :mod:`medcore.layouts`) and loads it into a module, printing
-one line with the counts; a missing tensor that is not a new head is an error, never a silent
-random initialisation. ``data_config`` gives the input normalisation the weights expect.
+it safely, takes it out of the container and key prefix its training framework wrote (Lightning,
+Fabric, DDP, torch.compile ...), converts the layout (see :mod:`medcore.layouts`) and loads it
+into a module, printing one line with the counts; a missing tensor that is not a new head, or a
+file of another architecture, is an error, never a silent random initialisation or partial
+load. ``data_config`` gives the input normalisation the weights expect.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +71,11 @@ class LoadReport:
     ``matched`` of the module's ``total`` tensors came from the file; ``new`` are the module's
     keys left at their initialisation on purpose (the ``new`` patterns), ``missing`` the others
     (a load with any is refused); ``unexpected`` are file keys the module does not have;
-    ``prefix`` is the part of the file that was taken (e.g. ``"backbone."``); ``metadata`` the
-    file's safetensors metadata or a medcore checkpoint's ``format``/``kind``.
+    ``container`` the checkpoint entries the weights were taken from (e.g. ``("state_dict",)``
+    of a Lightning checkpoint); ``prefix`` the key prefix stripped (e.g. ``"module."``), with
+    ``outside`` file tensors not under it left out; ``unread`` the classes of non-tensor entries
+    read as inert placeholders (see :func:`read_state_dict`); ``metadata`` the file's
+    safetensors metadata or a medcore checkpoint's ``format``/``kind``.
     """
 
     matched: int
@@ -80,19 +86,38 @@ class LoadReport:
     source: str
     what: str = "backbone"
     prefix: str = ""
+    container: tuple[str, ...] = ()
+    outside: int = 0
+    unread: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
-        """``loaded <what> weights from <source>: M/N tensors matched, k new (...), ...``."""
+        """``loaded <what> weights from <source> (<where>): M/N tensors matched, k new (...), ...``."""
         new = f"{len(self.new)} new" + (f" ({_first(self.new)})" if self.new else "")
         unexpected = f"{len(self.unexpected)} unexpected" + (
             f" ({_first(self.unexpected)})" if self.unexpected else ""
         )
-        under = f" (keys under {self.prefix!r})" if self.prefix else ""
-        return (
-            f"loaded {self.what} weights from {self.source}{under}: {self.matched}/{self.total} "
-            f"tensors matched, {new}, {len(self.missing)} missing, {unexpected}"
+        where = [f"from entry {'/'.join(self.container)!r}"] if self.container else []
+        if self.prefix:
+            where.append(f"stripped prefix {self.prefix!r}")
+        if self.outside:
+            where.append(f"{_tensors(self.outside)} outside it left out")
+        where_text = f" ({', '.join(where)})" if where else ""
+        unread = (
+            f"; not read: {_first(list(self.unread))} (objects torch cannot load safely, "
+            "replaced by placeholders; no weights among them)"
+            if self.unread
+            else ""
         )
+        return (
+            f"loaded {self.what} weights from {self.source}{where_text}: {self.matched}/"
+            f"{self.total} tensors matched, {new}, {len(self.missing)} missing, {unexpected}"
+            f"{unread}"
+        )
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" + ("" if n == 1 else "s")
 
 
 def _first(names: list[str], n: int = 3) -> str:
@@ -255,17 +280,95 @@ def _resolve_hub(name: str, source: str, files: tuple[str, ...]) -> ResolvedWeig
 # reading and loading
 
 
-def read_state_dict(
-    spec: str | Path | ResolvedWeights,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors of a weights file (unwrapped from checkpoint containers) and its metadata.
+@dataclass(frozen=True)
+class WeightsFile:
+    """The tensors of a weights file and where they were found in it.
 
-    The metadata is a safetensors file's header metadata (e.g. ``{"kind": ...}`` of a medcore
-    export) or a medcore checkpoint's string entries (``format``, ``kind``); {} otherwise.
+    ``tensors`` come from inside the checkpoint's ``container`` entries (e.g. ``("state_dict",)``);
+    ``metadata`` is a safetensors file's header metadata (e.g. ``{"kind": ...}`` of a medcore
+    export) or a checkpoint's string entries (``format``, ``kind``, Lightning's version); ``unread``
+    the classes of non-tensor entries that were read as inert placeholders.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    container: tuple[str, ...] = ()
+    unread: tuple[str, ...] = ()
+
+
+class _Unread:
+    """Stands in for an object that torch does not rebuild under ``weights_only``.
+
+    Lightning and research checkpoints carry hyper-parameters next to the weights (an
+    ``argparse.Namespace``, a ``pathlib`` path, an enum value). Torch's safe loader
+    refuses the whole file for them; mapped to this class (``torch.serialization.safe_globals``),
+    each such object becomes an instance that keeps nothing and runs nothing: the named class is
+    never imported or called, and tensors are still rebuilt only by torch's allow-listed functions.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Unread:
+        return super().__new__(cls)
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _unsafe_globals(path: Path) -> tuple[str, ...]:
+    """The classes and functions a ``torch.save`` archive names that ``weights_only`` refuses.
+
+    Read from the pickle's opcodes without running them; () for a file that is not a zip archive
+    (then :func:`medcore.checkpoint.load_checkpoint` says what it is).
+    """
+    try:
+        return tuple(sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))))
+    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+        return ()
+
+
+def _load_with_placeholders(path: Path, unread: tuple[str, ...], source: str) -> dict[str, Any]:
+    names = _first(list(unread))
+    try:
+        with torch.serialization.safe_globals([(_Unread, name) for name in unread]):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(
+            source,
+            f"refused: contains pickled objects that could run code on load ({names}; "
+            f"{_reason(exc)})",
+        ) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            source,
+            f"a pickled object ({names}), not a dict of weights: save model.state_dict() instead",
+        )
+    return raw
+
+
+def _reason(exc: Exception) -> str:
+    """The line of torch's safe-load error that says what was refused (not its general advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    specific = [
+        line
+        for line in lines
+        if not line.startswith(
+            ("Weights only load failed", "Please file", "Check the documentation")
+        )
+    ]
+    return (specific or lines or ["unsafe content"])[0][:160]
+
+
+def read_state_dict(spec: str | Path | ResolvedWeights) -> WeightsFile:
+    """The tensors of a weights file, unwrapped from checkpoint containers (see :class:`WeightsFile`).
+
+    Every file is read with ``torch.load(weights_only=True)``. A checkpoint whose non-tensor
+    entries name classes the safe loader refuses (hyper-parameters of a Lightning checkpoint) is
+    read with those objects replaced by inert placeholders, listed in ``unread``; a file whose
+    objects still cannot be read that way (or that names ``os``/``sys``) is refused.
     """
     resolved = spec if isinstance(spec, ResolvedWeights) else resolve_weights(spec)
     path = resolved.path
-    metadata: dict[str, str] = {}
+    container: tuple[str, ...] = ()
+    unread: tuple[str, ...] = ()  # safetensors files hold nothing but tensors
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -273,13 +376,37 @@ def read_state_dict(
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
     else:
-        raw = load_checkpoint(path)
+        unread = _unsafe_globals(path)
+        raw = (
+            _load_with_placeholders(path, unread, resolved.source)
+            if unread
+            else load_checkpoint(path)
+        )
         metadata = {k: v for k, v in raw.items() if isinstance(v, str)}
-        state = layouts.unwrap(raw)
+        state, container = layouts.unwrap(raw)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(resolved.source, "contains no weight tensors")
-    return tensors, metadata
+    return WeightsFile(tensors, metadata, container, unread)
+
+
+def _module_layout(target: dict[str, torch.Tensor], convert: Converter | None) -> layouts.Layout:
+    """The conversion of a file's tensors (their prefix stripped) to ``target``'s names.
+
+    HF-transformers and torch.hub DINOv2 become timm's layout unless the module has that layout
+    itself; ``convert`` (the package's own layout) runs in between.
+    """
+    hf_module = layouts.is_hf_dinov2(target) is not None
+    hub_module = bool({"mask_token", "register_tokens"} & set(target))
+
+    def layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not hf_module and layouts.is_hf_dinov2(state) == "":
+            state = layouts.hf_dinov2_to_timm(state)
+        if convert is not None:
+            state = convert(dict(state))  # a copy: converters may edit what they are given
+        return state if hub_module else layouts.hub_dinov2_to_timm(state)
+
+    return layout
 
 
 def load_pretrained(
@@ -293,13 +420,19 @@ def load_pretrained(
     """Load pretrained weights into ``module``, print one line with the counts, return the report.
 
     ``spec`` is a file, a directory or ``hf-hub:ORG/NAME[@REV]`` (see :func:`resolve_weights`).
-    Layouts are converted automatically (HF-transformers and torch.hub DINOv2 -> timm; wrapper
-    containers and key prefixes removed); ``convert`` then maps a package's own layout (e.g.
-    torchvision names -> a Sequential's indices, position-embedding resampling). ``new`` are glob
-    patterns of the module's keys that are meant to start fresh (a new head): they are listed,
-    not an error. A tensor of another shape counts as missing. Any other missing tensor is a
-    CheckpointError naming the first few; a file that matches under half of the module is named
-    as another architecture.
+    One resolution serves every package: the weights are taken out of their checkpoint container
+    (Lightning, Fabric, research code, medcore), then the key prefix the training framework added
+    (DDP ``module.``, torch.compile ``_orig_mod.``, a LightningModule's attribute, a whole model's
+    ``backbone.`` ...) is found by matching against the module's own keys and shapes, through the
+    layout conversion (HF-transformers and torch.hub DINOv2 -> timm, then ``convert``, a package's
+    own layout, e.g. torchvision names -> a Sequential's indices or position-embedding
+    resampling), so ``convert`` never sees a prefix. ``new`` are glob patterns of the module's
+    keys that are meant to start fresh (a new head): they are listed, not an error.
+
+    Refused with a one-line CheckpointError, before anything is loaded: a missing tensor (a
+    partial file); a tensor of another shape, a file that matches under half of the module, or
+    one with more numbered blocks than the module (another architecture, named by what the file
+    looks like, with the counts).
     """
     if any(t.is_meta for t in module.state_dict().values()):
         # A dry run builds on the meta device, where loading would silently do nothing.
@@ -307,61 +440,69 @@ def load_pretrained(
             "cannot load weights into a module on the meta device (a dry run loads none)"
         )
     resolved = spec if isinstance(spec, ResolvedWeights) else resolve_weights(spec)
-    state, metadata = read_state_dict(resolved)
+    weights = read_state_dict(resolved)
     target = module.state_dict()
-    # Conversions only when the module is not itself in the file's layout.
-    if layouts.is_hf_dinov2(state) is not None and layouts.is_hf_dinov2(target) is None:
-        state = layouts.hf_dinov2_to_timm(state)
-    if convert is not None:
-        state = convert(state)
-    prefix = layouts.best_prefix(state, target)
-    state = layouts.strip_prefix(state, prefix)
-    if not {"mask_token", "register_tokens"} & set(target):
-        state = layouts.hub_dinov2_to_timm(state)
+    layout = _module_layout(target, convert)
+    prefix = layouts.best_prefix(weights.tensors, target, layout)
+    under = layouts.strip_prefix(weights.tensors, prefix)
+    state = layout(under)
     usable = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
     # BatchNorm's step counter is not a weight; old torchvision files lack it.
     absent = [k for k in target if k not in usable and not k.endswith("num_batches_tracked")]
     patterns = list(new)
     fresh = [k for k in absent if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
-    missing = [k for k in absent if k not in fresh]
     report = LoadReport(
         matched=len(usable),
         total=len(usable) + len(absent),
-        missing=missing,
+        missing=[k for k in absent if k not in fresh],
         unexpected=sorted(set(state) - set(target)),  # a shape mismatch is missing, not this
         new=fresh,
         source=resolved.source,
         what=what,
         prefix=prefix,
-        metadata=metadata,
+        container=weights.container,
+        outside=len(weights.tensors) - len(under),
+        unread=weights.unread,
+        metadata=weights.metadata,
     )
-    if missing:  # checked before loading: a refused file leaves the module untouched
-        raise CheckpointError(resolved.source, _missing_why(report, state, target))
+    why = _refusal(report, state, target, weights.tensors)
+    if why:  # checked before loading: a refused file leaves the module untouched
+        raise CheckpointError(resolved.source, why)
     module.load_state_dict(usable, strict=False)
     if is_main_process() and os.environ.get("RANK", "0") == "0":  # once, not per DDP rank
         print(report.line(), flush=True)
     return report
 
 
-def _missing_why(
-    report: LoadReport, state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
-) -> str:
-    shape = [k for k in report.missing if k in state]
-    detail = f"missing {_first(report.missing)}" + (
-        f"; shape differs for {_first(shape)} (file {tuple(state[shape[0]].shape)}, "
-        f"model {tuple(target[shape[0]].shape)})"
-        if shape
-        else ""
-    )
-    if report.matched < 0.5 * report.total:
+def _refusal(
+    report: LoadReport,
+    state: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    raw: dict[str, torch.Tensor],
+) -> str | None:
+    """Why the file does not fit the module (None when it does), in one line with the counts."""
+    extra = layouts.extra_blocks(report.unexpected, target)
+    if not report.missing and not extra:
+        return None
+    reshaped = [k for k in report.missing if k in state]
+    absent = [k for k in report.missing if k not in state]
+    if not reshaped and not extra and report.matched >= 0.5 * report.total:
         return (
-            f"only {report.matched} of the {report.what}'s {report.total} tensors match this file: "
-            f"wrong architecture or layout ({detail})"
+            f"partial weights for the {report.what}: {report.matched}/{report.total} tensors "
+            f"matched, {len(absent)} missing ({_first(absent)})"
         )
-    return (
-        f"partial weights for the {report.what}: {report.matched}/{report.total} tensors matched, "
-        f"{len(report.missing)} {detail}"
-    )
+    parts = [f"{report.matched} of the {report.what}'s {report.total} tensors match"]
+    if reshaped:
+        k = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} have another shape ({_first(reshaped)}; {k}: file "
+            f"{tuple(state[k].shape)}, {report.what} {tuple(target[k].shape)})"
+        )
+    if absent:
+        parts.append(f"{len(absent)} are missing ({_first(absent)})")
+    if extra:
+        parts.append(f"the file has {_tensors(len(extra))} of blocks it lacks ({_first(extra)})")
+    return f"wrong architecture: the file looks like {layouts.describe(raw)}; {', '.join(parts)}"
 
 
 # ---------------------------------------------------------------------------------------------
