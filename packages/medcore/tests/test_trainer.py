@@ -354,31 +354,3 @@ def test_save_interval_skips_epoch_end_writes_but_never_the_last(tmp_path: Path)
     result = stopping.fit()
     assert result.stopped_early and result.epochs_completed < 50
     assert names == [("latest.pt", result.epochs_completed), ("final.pt", result.epochs_completed)]
-
-
-def test_sigterm_saves_the_last_finished_step_and_resumes_exactly(tmp_path: Path) -> None:
-    import os
-    import signal
-
-    full = make(tmp_path / "full", grad_accum_steps=1)
-    full.fit()
-    victim = make(tmp_path / "victim", grad_accum_steps=1, save_interval_s=3600.0)
-    calls = {"n": 0}
-
-    def step_then_terminated(model: nn.Module, batch) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 9:  # inside epoch 2 (6 batches per epoch), after 8 finished steps
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(model, batch)
-
-    victim.step_fn = step_then_terminated
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        victim.fit()
-    assert signal.getsignal(signal.SIGTERM) == before  # the fit's handler is gone again
-    latest = tmp_path / "victim/checkpoints/latest.pt"
-    assert load_checkpoint(latest, kind="test.MLP")["global_step"] == 8
-    resumed = make(tmp_path / "victim", grad_accum_steps=1)
-    resumed.fit(resume=latest)
-    for key, value in weights(full).items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key

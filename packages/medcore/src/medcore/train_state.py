@@ -63,6 +63,7 @@ class CheckpointState:
                 "path": str(self.best_path) if self.best_path else None,
             },
             "bad_evals": self.bad_evals,
+            "nonfinite_streak": self.nonfinite_streak,
             "history": self.history,
             "saved_at": _dt.datetime.now().isoformat(timespec="seconds"),
             **self.extra_state,
@@ -123,6 +124,7 @@ class CheckpointState:
         self.best_name = best.get("name")
         self.best_path = Path(best["path"]) if best.get("path") else None
         self.bad_evals = int(state.get("bad_evals", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         self.history = list(state.get("history", []))
         self._restore_rng(state, path)
         self.last_good_checkpoint = Path(path)
