@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 
 from medcore.checkpoint import load_checkpoint
 from medcore.interrupts import Interrupted
+from medcore.testing import checkpoint_differences
 from medcore.trainer import Trainer, TrainerConfig
 
 pytestmark = pytest.mark.faults
@@ -77,25 +78,6 @@ def make(run_dir: Path, *, step=_step, evaluate=_evaluate, **overrides: Any) -> 
     )
 
 
-def _same(a: Any, b: Any, where: str = "") -> list[str]:
-    """The places where two nested checkpoint values differ (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        return [] if isinstance(b, torch.Tensor) and torch.equal(a, b) else [where]
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or a.keys() != b.keys():
-            return [where]
-        return [d for k in a for d in _same(a[k], b[k], f"{where}/{k}")]
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
-            return [where]
-        return [
-            d
-            for i, (x, y) in enumerate(zip(a, b, strict=True))
-            for d in _same(x, y, f"{where}/{i}")
-        ]
-    return [] if a == b else [where]
-
-
 def _differences(full: Path, resumed: Path) -> list[str]:
     """Weights, buffers, optimizer, scheduler, metrics of two finished runs' latest.pt."""
     a = load_checkpoint(full / "checkpoints/latest.pt")
@@ -103,7 +85,7 @@ def _differences(full: Path, resumed: Path) -> list[str]:
     for state in (a, b):  # the best file's path names the run directory
         state["best"].pop("path")
     keys = ("model", "optimizer", "scheduler", "history", "best", "global_step", "epoch")
-    return [d for k in keys for d in _same(a[k], b[k], k)]
+    return [d for k in keys for d in checkpoint_differences(a[k], b[k], k)]
 
 
 def _signal_at(kind: str, n: int, signum: int, also_workers: bool = False):
@@ -283,6 +265,41 @@ def test_two_ranks_stop_together_and_resume_bit_identically(
     a = torch.load(full_run / "weights.pt", weights_only=True)
     b = torch.load(run / "weights.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_signals_every_rank_and_they_stop_together(
+    tmp_path: Path, config: Path, full_run: Path
+) -> None:
+    """torchrun passes a SIGTERM on to every rank, as SLURM does at its time limit."""
+    from medcore.testing import free_port
+
+    def torchrun(run: Path, *extra: str, slow: bool = False) -> subprocess.Popen:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()), "-m", "medcore.launch", "devices_cmd:main",
+            "--config", str(config), "--output-dir", str(run), *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "DEVICES_CMD_SLOW": "1" if slow else "0"}
+        return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+
+    run = tmp_path / "victim"
+    agent = torchrun(run, slow=True)
+    deadline = time.monotonic() + 240
+    log = run / "metrics.jsonl"
+    while time.monotonic() < deadline and not (log.is_file() and "train/loss" in log.read_text()):
+        assert agent.poll() is None, agent.stderr.read() if agent.stderr else ""
+        time.sleep(0.1)
+    agent.send_signal(signal.SIGTERM)
+    _, err = agent.communicate(timeout=120)
+    assert err.count(INTERRUPTED_LINE) == 1, err
+    # torchrun reports the signal it got with a traceback of its own; the ranks print none
+    assert "medcore" not in err.replace(f"devices_cmd:main: {INTERRUPTED_LINE}", ""), err
+    saved = load_checkpoint(run / "checkpoints/latest.pt", kind="devicescmd.MLP")
+    assert 0 < saved["global_step"] < 16 and len(saved["rng_ranks"]) == 2
+    resumed = torchrun(run, "--resume", "latest")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert _differences(full_run, run) == []
 
 
 def _alive(pid: int) -> bool:

@@ -11,7 +11,9 @@ Where the pieces live: settings, ``EvalContext`` and ``TrainResult`` in
 :mod:`medcore.trainer_config`; batch order and seeded loading in :mod:`medcore.batching` and
 :mod:`medcore.train_data`; RNG states in :mod:`medcore.rng`; checkpoints and resume in
 :mod:`medcore.train_state`; optimizer and schedule in :mod:`medcore.optim`; the per-step loss
-window and NaN guard in :mod:`medcore.step_window`. This module is the loop.
+window and NaN guard in :mod:`medcore.step_window`; SIGINT/SIGTERM/SIGUSR1 in
+:mod:`medcore.interrupts` (the loop stops at a step boundary, see :meth:`Trainer.fit`). This
+module is the loop.
 
 Exact resume: the batch order of an epoch depends only on ``(seed, epoch)``; every rank's
 global RNG states are saved with every checkpoint; the DataLoader never draws from the global
