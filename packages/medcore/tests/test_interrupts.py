@@ -106,26 +106,35 @@ def _signal_at(kind: str, n: int, signum: int, also_workers: bool = False):
     return fn
 
 
-# (signal, where, nth call, position of latest.pt: (global_step, epoch, batch_in_epoch))
-# 6 batches an epoch, 2 per optimizer step: 3 steps an epoch, 9 in all.
+# (signal, where, nth call, position of latest.pt: (global_step, epoch, batch_in_epoch),
+# evaluations the victim ran, trainer settings); 6 batches an epoch, 2 per optimizer step:
+# 3 steps an epoch, 9 in all.
 CASES = [
-    ("SIGTERM", "step", 8, (4, 1, 2)),  # mid-epoch, in a step's last micro-batch
-    ("SIGINT", "step", 7, (4, 1, 2)),  # mid-epoch, in a step's first micro-batch
-    ("SIGUSR1", "step", 3, (2, 0, 4)),  # SLURM's --signal, ahead of the time limit
-    ("SIGTERM", "eval", 2, (6, 2, 0)),  # during the evaluation that ends epoch 2
-    ("SIGTERM", "eval", 3, (9, 3, 0)),  # during the last evaluation: no final.pt yet
+    ("SIGTERM", "step", 8, (4, 1, 2), 1, {}),  # mid-epoch, in a step's last micro-batch
+    ("SIGINT", "step", 7, (4, 1, 2), 1, {}),  # mid-epoch, in a step's first micro-batch
+    ("SIGUSR1", "step", 3, (2, 0, 4), 0, {}),  # SLURM's --signal, ahead of the time limit
+    # in an epoch's last step, saved there already: no evaluation, no second save
+    ("SIGTERM", "step", 6, (3, 0, 6), 0, {"save_every_steps": 1}),
+    ("SIGTERM", "eval", 2, (6, 2, 0), 2, {}),  # during the evaluation that ends epoch 2
+    ("SIGTERM", "eval", 3, (9, 3, 0), 3, {}),  # during the last evaluation: no final.pt yet
 ]
 
 
-@pytest.mark.parametrize(("name", "where", "n", "position"), CASES)
+@pytest.mark.parametrize(("name", "where", "n", "position", "evaluations", "settings"), CASES)
 def test_signal_stops_at_a_step_boundary_and_resume_is_bit_identical(
-    tmp_path: Path, name: str, where: str, n: int, position: tuple[int, int, int]
+    tmp_path: Path,
+    name: str,
+    where: str,
+    n: int,
+    position: tuple[int, int, int],
+    evaluations: int,
+    settings: dict[str, Any],
 ) -> None:
     signum = getattr(signal, name)
     full = make(tmp_path / "full")
     full.fit()
     hook = {"step" if where == "step" else "evaluate": _signal_at(where, n, signum)}
-    victim = make(tmp_path / "victim", **hook)
+    victim = make(tmp_path / "victim", **hook, **settings)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     with pytest.raises(Interrupted, match=name):
         victim.fit()
@@ -134,6 +143,7 @@ def test_signal_stops_at_a_step_boundary_and_resume_is_bit_identical(
     ckpts = tmp_path / "victim/checkpoints"
     saved = load_checkpoint(ckpts / "latest.pt", kind="test.MLP")
     assert (saved["global_step"], saved["epoch"], saved["batch_in_epoch"]) == position
+    assert len(victim.history) == evaluations
     assert not (ckpts / "final.pt").exists()
     make(tmp_path / "victim").fit(resume=ckpts / "latest.pt")
     assert _differences(tmp_path / "full", tmp_path / "victim") == []

@@ -378,9 +378,10 @@ class Trainer(TrainData, CheckpointState, Evaluation):
         finally:
             # An error message printed next must start on its own line, not after the bar.
             bar.close()
-        if (interrupted or self.stop_requested) and self._latest_position != self._position():
-            # The state of the boundary just passed: nothing of a next step has run.
-            self._save("latest.pt")
+        if interrupted or self.stop_requested:
+            if self._latest_position != self._position():  # not saved at this step already
+                # The state of the boundary just passed: nothing of a next step has run.
+                self._save("latest.pt")
         elif self.batch_in_epoch >= self.batches_per_epoch:
             stopped_early = self._end_epoch() or stopped_early
         return stopped_early, interrupted
