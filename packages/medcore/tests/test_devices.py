@@ -99,7 +99,6 @@ def test_kill_9_of_two_ranks_then_resume_equals_uninterrupted(tmp_path: Path, co
         _cmd(*argv, "--output-dir", str(victim)),
         env={**os.environ, "DEVICES_CMD_SLOW": "1"},
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
     latest = victim / "checkpoints/latest.pt"
     deadline = time.time() + 240
@@ -107,7 +106,9 @@ def test_kill_9_of_two_ranks_then_resume_equals_uninterrupted(tmp_path: Path, co
         if latest.exists() and load_checkpoint(latest)["global_step"] >= 3:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank of the job, at once
+    # The launching command only: rank 1 runs in a session of its own and ends with it
+    # (test_interrupts.py times that).
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
     step = load_checkpoint(latest)["global_step"]

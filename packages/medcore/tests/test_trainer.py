@@ -241,32 +241,30 @@ def test_skipped_nonfinite_step_leaves_batchnorm_stats_clean(tmp_path: Path) -> 
     assert int(bn.num_batches_tracked) == 5  # 6 batches, the poisoned one undone
 
 
-def test_final_checkpoint_reuses_the_last_latest(tmp_path: Path) -> None:
-    from medcore.checkpoint import save_checkpoint
+def test_best_and_final_hold_the_weights_and_latest_what_a_resume_needs(tmp_path: Path) -> None:
+    from medcore.errors import CheckpointError
 
-    trainer = make(tmp_path, epochs=2)
-    trainer.fit()
+    trainer = make(tmp_path, epochs=2, best_name="best.pt")
+    trainer.extra_state = {"model_config": {"width": 16}, "input_norm": {"mean": [0.5]}}
+    result = trainer.fit()
     ckpts = tmp_path / "checkpoints"
-    latest, final = ckpts / "latest.pt", ckpts / "final.pt"
-    a, b = load_checkpoint(latest, kind="test.MLP"), load_checkpoint(final, kind="test.MLP")
-    assert b["epoch"] == 2 and b["global_step"] == a["global_step"]
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert latest.stat().st_ino == final.stat().st_ino  # linked, not written twice
-    # A later write of latest.pt replaces that file: final.pt keeps its content.
-    save_checkpoint({**a, "global_step": -1}, latest, kind="test.MLP")
-    assert load_checkpoint(final, kind="test.MLP")["global_step"] == a["global_step"]
-    assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]
-
-
-def test_final_checkpoint_is_written_when_latest_is_not_ours(tmp_path: Path) -> None:
-    # Resuming a finished run trains nothing: latest.pt was not written by this trainer, so
-    # final.pt is serialised from the state, not linked.
-    make(tmp_path, epochs=1).fit()
-    ckpts = tmp_path / "checkpoints"
-    (ckpts / "final.pt").unlink()
-    make(tmp_path, epochs=1).fit(resume=ckpts / "latest.pt")
-    assert (ckpts / "final.pt").stat().st_ino != (ckpts / "latest.pt").stat().st_ino
-    assert load_checkpoint(ckpts / "final.pt", kind="test.MLP")["epoch"] == 1
+    latest = load_checkpoint(ckpts / "latest.pt", kind="test.MLP")
+    resume_only = {"optimizer", "scheduler", "scaler", "rng", "rng_ranks", "nonfinite_streak"}
+    assert resume_only <= latest.keys()
+    for name in ("final.pt", "best.pt"):
+        state = load_checkpoint(ckpts / name, kind="test.MLP")
+        assert not resume_only & state.keys(), name
+        # what evaluation and the packages read stays
+        assert state["model_config"] == {"width": 16} and state["input_norm"] == {"mean": [0.5]}
+        assert {"precision", "epoch", "global_step", "history", "best"} <= state.keys()
+    final = load_checkpoint(ckpts / "final.pt", kind="test.MLP")
+    assert final["epoch"] == 2 and final["global_step"] == latest["global_step"]
+    assert final["history"] == result.history == latest["history"]
+    assert all(torch.equal(final["model"][k], v) for k, v in latest["model"].items())
+    # AdamW keeps two moments per weight: latest.pt is about three times the weights
+    assert (ckpts / "latest.pt").stat().st_size > 2 * (ckpts / "final.pt").stat().st_size
+    with pytest.raises(CheckpointError, match=r"model weights only.*latest\.pt"):
+        make(tmp_path / "again", epochs=3).fit(resume=ckpts / "final.pt")
 
 
 @pytest.mark.parametrize(("n", "batches"), [(17, 2), (18, 3)])
@@ -338,7 +336,8 @@ def test_save_interval_skips_epoch_end_writes_but_never_the_last(tmp_path: Path)
     sparse.fit()
     assert names == [("latest.pt", 3), ("final.pt", 3)]
     ckpts = tmp_path / "sparse/checkpoints"
-    assert (ckpts / "latest.pt").stat().st_ino == (ckpts / "final.pt").stat().st_ino
+    final, latest = load_checkpoint(ckpts / "final.pt"), load_checkpoint(ckpts / "latest.pt")
+    assert all(torch.equal(v, latest["model"][k]) for k, v in final["model"].items())
     sparse_weights = weights(sparse)
     assert all(torch.equal(v, sparse_weights[k]) for k, v in weights(every).items())
     # An early stop is the run's last epoch too: latest.pt is written there.
@@ -354,31 +353,3 @@ def test_save_interval_skips_epoch_end_writes_but_never_the_last(tmp_path: Path)
     result = stopping.fit()
     assert result.stopped_early and result.epochs_completed < 50
     assert names == [("latest.pt", result.epochs_completed), ("final.pt", result.epochs_completed)]
-
-
-def test_sigterm_saves_the_last_finished_step_and_resumes_exactly(tmp_path: Path) -> None:
-    import os
-    import signal
-
-    full = make(tmp_path / "full", grad_accum_steps=1)
-    full.fit()
-    victim = make(tmp_path / "victim", grad_accum_steps=1, save_interval_s=3600.0)
-    calls = {"n": 0}
-
-    def step_then_terminated(model: nn.Module, batch) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 9:  # inside epoch 2 (6 batches per epoch), after 8 finished steps
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(model, batch)
-
-    victim.step_fn = step_then_terminated
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        victim.fit()
-    assert signal.getsignal(signal.SIGTERM) == before  # the fit's handler is gone again
-    latest = tmp_path / "victim/checkpoints/latest.pt"
-    assert load_checkpoint(latest, kind="test.MLP")["global_step"] == 8
-    resumed = make(tmp_path / "victim", grad_accum_steps=1)
-    resumed.fit(resume=latest)
-    for key, value in weights(full).items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key

@@ -3,7 +3,9 @@
 - ``Command``: one console script declared as data (its flags and the ``module:function`` that
   runs the parsed arguments); every package's ``cli.py`` is a list of them.
 - ``run_cli(main_fn, argv)``: user errors become one line ``error: <what>: <why>`` on stderr and
-  exit code 2; Ctrl-C becomes exit 130 with a hint to resume. No traceback reaches the user.
+  exit code 2; Ctrl-C, SIGTERM and SIGUSR1 become exit 130 with a hint to resume (training
+  stops at a step boundary and saves first, see :mod:`medcore.interrupts`). No traceback
+  reaches the user.
 - ``add_common_args``: the common flags, spelled the same everywhere, and ``common_overrides``,
   the ``--set`` items they stand for.
 - Run setup (config, processes, run directory, resume) is :mod:`medcore.run`; tables are
@@ -21,7 +23,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from medcore import launch
+from medcore import interrupts, launch
 from medcore.device import DEVICE_CHOICES
 from medcore.errors import UserError
 from medcore.trainer import TrainerConfig
@@ -211,7 +213,7 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
 
 
 def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
-    """Call ``main_fn``; turn user errors and Ctrl-C into one line and an exit code.
+    """Call ``main_fn``; turn user errors and interrupts into one line and an exit code.
 
     When the command started ranks of its own (``--devices N``), rank 0 waits for them, and a
     rank that died makes the whole command fail with that rank's exit code.
@@ -220,21 +222,43 @@ def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
 
     _PROG.append(prog or "")
     try:
-        code = _run_main(main_fn, prog)
+        with interrupts.handled():
+            code = _run_main(main_fn, prog)
+            if launch.launched_here():
+                code = _wait_for_ranks(code, prog)
     except BaseException:
         if launch.launched_here():
-            launch.finish(ok=False)
+            launch.finish(1)
         cleanup_distributed()
         raise
     finally:
         _PROG.pop()
-    if launch.launched_here():
-        children = launch.finish(ok=code == 0)
-        if code == 0 and children:
-            print(f"error: a rank exited with code {children}; job failed", file=sys.stderr)
-            code = children if 0 < children < 128 else 1
     cleanup_distributed()
     return code
+
+
+def _wait_for_ranks(code: int, prog: str | None) -> int:
+    """Rank 0 of ``--devices N``: the command's exit code once the other ranks have ended."""
+    try:
+        children = launch.finish(code)
+    except KeyboardInterrupt:  # a signal while the others finish: they are stopped at once
+        launch.finish(1)
+        _say_interrupted(prog)
+        return 130
+    if code == 0 and children:
+        print(f"error: a rank exited with code {children}; job failed", file=sys.stderr)
+        code = children if 0 < children < 128 else 1
+    return code
+
+
+def _say_interrupted(prog: str | None) -> None:
+    from medcore.distributed import process_rank
+
+    if process_rank() == 0:  # one line per job, whichever ranks the signal reached
+        print(
+            f"{prog or 'interrupted'}: interrupted; finished work is saved (resume with --resume latest)",
+            file=sys.stderr,
+        )
 
 
 def _run_main(main_fn: Callable[[], int | None], prog: str | None) -> int:
@@ -250,11 +274,8 @@ def _run_main(main_fn: Callable[[], int | None], prog: str | None) -> int:
         # Disk full, read-only or forbidden output: the user's environment, not a bug.
         print(f"error: {exc.filename or 'output'}: {exc.strerror}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"{prog or 'interrupted'}: interrupted; finished work is saved (resume with --resume latest)",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt:  # interrupts.Interrupted: a signal, after training saved
+        _say_interrupted(prog)
         return 130
     except Exception as exc:
         return _consequence_of_dead_rank(exc)

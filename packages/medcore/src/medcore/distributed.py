@@ -54,6 +54,14 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def process_rank() -> int:
+    """This process's rank, also before the process group is joined (the launcher's
+    environment: ``RANK``, SLURM's ``SLURM_PROCID``); cheap enough for a signal handler."""
+    if is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def init_distributed(device_type: str = "cpu", timeout_s: float = 600.0) -> DistInfo:
     """Join the process group that torchrun describes in the environment; no-op without it.
 

@@ -6,7 +6,9 @@ returns, records it finished in ``<name>/stage.json`` together with its result (
 dict: metrics, the paths of what it wrote). The run holds one lock (``setup_run``'s) for all
 its stages, and one ``--resume`` rule (see :mod:`medcore.run`) applies: a resumed run skips
 every finished stage, returning the result it recorded, and resumes the unfinished one from its
-``checkpoints/latest.pt``.
+``checkpoints/latest.pt``. A signal (:mod:`medcore.interrupts`) ends the run with
+:class:`~medcore.interrupts.Interrupted` from inside the running stage, after its trainer saved:
+that stage stays unfinished and no later stage starts.
 
     ctx = setup_run(args, Config, "pkg", staged=True)
     for fold in range(5):

@@ -210,6 +210,69 @@ class PauseAt:
             time.sleep(600)
 
 
+def checkpoint_differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """The places (``"optimizer/state/3/exp_avg"``) where two checkpoint values differ: tensors
+    bit for bit, dicts and sequences item by item, anything else by ``==``."""
+    if isinstance(a, torch.Tensor):
+        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if same else [where]
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return [where]
+        return [d for k in a for d in checkpoint_differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return [where]
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in checkpoint_differences(x, y, f"{where}/{i}")]
+    return [] if a == b else [where]
+
+
+def signal_trainers_at(signal_name: str, where: str, n: int) -> None:
+    """Make this process send itself ``signal_name`` (``"SIGTERM"``, ``"SIGINT"``, ...) in the
+    ``n``-th call of a Trainer's step function (``where="step"``) or evaluation (``"eval"``),
+    counted over every Trainer of the process (all the stages of a run): as a cluster's signal
+    or a Ctrl-C arrives in the middle of that call. For a preemption test's victim process."""
+    import signal
+
+    from medcore.trainer import Trainer
+
+    signum = getattr(signal, signal_name)
+    attr = "step_fn" if where == "step" else "evaluate_fn"
+    calls = {"n": 0}
+    init = Trainer.__init__
+
+    def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signum)
+            return fn(*args, **kwargs)
+
+        return call
+
+    def counting_init(self: Trainer, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if getattr(self, attr) is not None:
+            setattr(self, attr, counted(getattr(self, attr)))
+
+    Trainer.__init__ = counting_init  # type: ignore[method-assign]
+
+
+def signalled_command(
+    entry: str, signal_name: str, where: str, n: int, argv: list[str]
+) -> list[str]:
+    """The command line that runs ``entry`` (a console script's ``"module:function"``) with
+    ``argv`` under :func:`signal_trainers_at` (``--devices N``: rank 0 signals itself)."""
+    module, function = entry.split(":")
+    code = (
+        "import sys; from medcore.testing import signal_trainers_at; "
+        f"signal_trainers_at({signal_name!r}, {where!r}, {int(n)}); "
+        f"from {module} import {function}; sys.exit({function}(sys.argv[1:]))"
+    )
+    return [sys.executable, "-c", code, *argv]
+
+
 @contextlib.contextmanager
 def disk_full_on(name: str = "latest.pt", nth: int = 2) -> Iterator[None]:
     """While active, the ``nth`` ``os.replace`` onto a file called ``name`` fails with ENOSPC:

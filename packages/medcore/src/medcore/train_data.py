@@ -6,6 +6,7 @@ A mixin of :class:`medcore.trainer.Trainer`, split out so the loop reads on its 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 
 import torch
@@ -13,6 +14,17 @@ from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
 from medcore.batching import EpochRandomSampler, SeededFetch, collated, seed_worker
 from medcore.errors import UserError
+from medcore.interrupts import SIGNALS
+
+
+def init_training_worker(worker_id: int) -> None:
+    """A training loader's worker: seeded (:func:`medcore.batching.seed_worker`) and deaf to
+    the stop signals. SLURM signals every process of a job step, a Ctrl-C the terminal's
+    whole process group: the training process stops at a step boundary and ends its workers
+    itself (:mod:`medcore.interrupts`); a worker that died first would fail the step."""
+    seed_worker(worker_id)
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class TrainData:
@@ -75,7 +87,7 @@ class TrainData:
                 num_workers=self.num_workers,
                 collate_fn=collated,
                 pin_memory=self.device.type == "cuda",
-                worker_init_fn=seed_worker,
+                worker_init_fn=init_training_worker,
                 generator=torch.Generator(),
                 persistent_workers=persistent,
             )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from medcore import distributed as dist_utils
-from medcore.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint, unwrap_model
+from medcore.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from medcore.errors import CheckpointError
 from medcore.rng import rng_state, seed_everything, set_rng_state
 
@@ -28,30 +28,48 @@ class CheckpointState:
         """Fabric's GradScaler under 16-mixed precision, else None."""
         return getattr(self.fabric.strategy.precision, "scaler", None)
 
-    def _model_and_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _model_and_optimizer_state(
+        self, with_optimizer: bool
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         if self.fsdp:
             # Every rank takes part; rank 0 receives the full (unsharded) tensors on the CPU.
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            return get_state_dict(
-                self.train_model._forward_module,
-                self.optimizer,
-                options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_state_dict,
             )
-        return unwrap_model(self.model).state_dict(), self.optimizer.state_dict()
 
-    def state_dict(self) -> dict[str, Any]:
-        """The checkpoint payload; every rank must call it (it gathers each rank's RNG state)."""
-        model_state, optimizer_state = self._model_and_optimizer_state()
-        rngs = dist_utils.all_gather_object(rng_state())
-        scaler = self.scaler
-        return {
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": rngs[0],
-            "rng_ranks": rngs,
+            module = self.train_model._forward_module
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            if with_optimizer:
+                return get_state_dict(module, self.optimizer, options=options)
+            return get_model_state_dict(module, options=options), None
+        optimizer = self.optimizer.state_dict() if with_optimizer else None
+        return unwrap_model(self.model).state_dict(), optimizer
+
+    def state_dict(self, resumable: bool = True) -> dict[str, Any]:
+        """The checkpoint payload; every rank must call it (it gathers sharded tensors and
+        every rank's RNG state).
+
+        ``resumable``: with what continuing the run needs (optimizer, scheduler, scaler, every
+        rank's RNG states); without it, the weights and what evaluation reads (the model's
+        config and normalisation from ``extra_state``, epoch, step, metrics): best and final
+        files, a third of ``latest.pt`` under Adam (its two moments per weight stay out).
+        """
+        model_state, optimizer_state = self._model_and_optimizer_state(resumable)
+        state: dict[str, Any] = {"model": model_state}
+        if resumable:
+            rngs = dist_utils.all_gather_object(rng_state())
+            scaler = self.scaler
+            state |= {
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "rng": rngs[0],
+                "rng_ranks": rngs,
+                "nonfinite_streak": self.nonfinite_streak,
+            }
+        return state | {
             "world_size": self.dist.world_size,
             "precision": self.precision,
             "epoch": self.epoch,
@@ -72,24 +90,17 @@ class CheckpointState:
         return (self.global_step, self.epoch, self.batch_in_epoch)
 
     def _save(self, name: str) -> Path | None:
-        """Write ``checkpoints/name`` on rank 0; every rank calls it (state gathering)."""
-        if (
-            name == "final.pt"
-            and self.last_good_checkpoint is not None
-            and self._latest_position == self._position()
-        ):
-            # Nothing changed since latest.pt (the end of the last epoch): reuse it, do not
-            # serialise the same state again (a full model + optimizer write).
-            return (
-                copy_checkpoint(self.last_good_checkpoint, self.ckpt_dir / name)
-                if self.is_main
-                else None
-            )
-        state = self.state_dict()
+        """Write ``checkpoints/name`` on rank 0; every rank calls it (state gathering).
+
+        ``latest.pt`` holds everything a resume needs; any other file (best, final) the
+        weights and what evaluation reads (:meth:`state_dict`).
+        """
+        latest = name == "latest.pt"
+        state = self.state_dict(resumable=latest)
         path = self.ckpt_dir / name
         if self.is_main:
             save_checkpoint(state, path, kind=self.kind)
-        if name == "latest.pt":
+        if latest:
             self.last_good_checkpoint = path
             self._latest_position = self._position()
             self._latest_time = time.monotonic()
@@ -98,6 +109,13 @@ class CheckpointState:
     def load_state(self, path: str | Path) -> None:
         """Restore everything needed to continue a run exactly where ``path`` left it."""
         state = load_checkpoint(path, map_location="cpu", kind=self.kind)
+        if "model" in state and "optimizer" not in state and "rng" not in state:
+            raise CheckpointError(
+                path,
+                "holds the model weights only (a best or final checkpoint); to continue its "
+                "run, resume from the run's checkpoints/latest.pt (--resume latest --output-dir "
+                "RUN)",
+            )
         missing = [
             k for k in ("model", "optimizer", "epoch", "global_step", "rng") if k not in state
         ]
@@ -123,6 +141,7 @@ class CheckpointState:
         self.best_name = best.get("name")
         self.best_path = Path(best["path"]) if best.get("path") else None
         self.bad_evals = int(state.get("bad_evals", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         self.history = list(state.get("history", []))
         self._restore_rng(state, path)
         self.last_good_checkpoint = Path(path)

@@ -11,7 +11,9 @@ Where the pieces live: settings, ``EvalContext`` and ``TrainResult`` in
 :mod:`medcore.trainer_config`; batch order and seeded loading in :mod:`medcore.batching` and
 :mod:`medcore.train_data`; RNG states in :mod:`medcore.rng`; checkpoints and resume in
 :mod:`medcore.train_state`; optimizer and schedule in :mod:`medcore.optim`; the per-step loss
-window and NaN guard in :mod:`medcore.step_window`. This module is the loop.
+window and NaN guard in :mod:`medcore.step_window`; SIGINT/SIGTERM/SIGUSR1 in
+:mod:`medcore.interrupts` (the loop stops at a step boundary, see :meth:`Trainer.fit`). This
+module is the loop.
 
 Exact resume: the batch order of an epoch depends only on ``(seed, epoch)``; every rank's
 global RNG states are saved with every checkpoint; the DataLoader never draws from the global
@@ -32,13 +34,10 @@ a forward pass updates) are copied for the NaN guard, and only when the model ha
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from medcore import distributed as dist_utils
+from medcore import interrupts
 from medcore.batching import (
     EpochBatches,
     EpochRandomSampler,
@@ -87,25 +87,6 @@ __all__ = [
     "set_rng_state",
     "shard_bounds",
 ]
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
-    """SIGTERM (SLURM's time limit and preemption, ``kill``, ``docker stop``) ends a
-    single-process fit as Ctrl-C does: latest.pt at the last finished step, then exit 130.
-    Under DDP the ranks cannot save alone, as with Ctrl-C (the launcher ends them)."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class Trainer(TrainData, CheckpointState, Evaluation):
@@ -203,6 +184,7 @@ class Trainer(TrainData, CheckpointState, Evaluation):
         self.best_path: Path | None = None
         self.bad_evals = 0
         self.nonfinite_streak = 0
+        self.stop_requested = False  # a signal asked every rank to stop (the ranks agreed)
         self.history: list[dict[str, float]] = []
         self.last_good_checkpoint: Path | None = None
         self._latest_position: tuple[int, int, int] | None = None  # of our last latest.pt
@@ -225,11 +207,24 @@ class Trainer(TrainData, CheckpointState, Evaluation):
         window.add(loss.detach(), extras, batch_size_of(batch))
 
     def _window_was_finite(self, window: StepWindow) -> bool:
-        """Whether every rank's losses of this optimizer step were finite (one host sync)."""
-        bad = window.nonfinite.clone()
+        """Whether every rank's losses of this optimizer step were finite; also whether a
+        signal reached any rank (``stop_requested``). One all-reduce, one host sync."""
+        if not self.dist.enabled:
+            self.stop_requested = self.stop_requested or interrupts.requested()
+            return not bool(window.nonfinite.item() > 0)
+        asked = window.nonfinite.new_full((), float(interrupts.requested()))
+        flags = self.fabric.all_reduce(torch.stack([window.nonfinite, asked]), reduce_op="sum")
+        bad, stop = flags.tolist()
+        self.stop_requested = self.stop_requested or stop > 0
+        return not bad > 0
+
+    def _agree_to_stop(self) -> None:
+        """After an evaluation: whether a signal reached any rank while it ran."""
+        asked = interrupts.requested()
         if self.dist.enabled:
-            bad = self.fabric.all_reduce(bad, reduce_op="sum")
-        return not bool(bad.item() > 0)
+            flag = torch.tensor(float(asked), device=self.device)
+            asked = bool(self.fabric.all_reduce(flag, reduce_op="sum").item() > 0)
+        self.stop_requested = self.stop_requested or asked
 
     def _handle_nonfinite(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,7 +263,14 @@ class Trainer(TrainData, CheckpointState, Evaluation):
 
         ``stop_after_steps`` ends the run after that many optimizer steps as if interrupted
         (latest.pt written, no final checkpoint): used to test exact resume.
+
+        SIGINT, SIGTERM and SIGUSR1 (see :mod:`medcore.interrupts`) stop it at the next
+        optimizer-step boundary, or after the evaluation that is running: every rank stops
+        there, ``latest.pt`` is written with the state of that boundary, and
+        :class:`medcore.interrupts.Interrupted` is raised. ``--resume latest`` then continues
+        exactly as if nothing had happened.
         """
+        self.stop_requested = False
         if resume is not None:
             self.load_state(resume)
         self.logger.log_jsonl(
@@ -287,13 +289,16 @@ class Trainer(TrainData, CheckpointState, Evaluation):
         )
         self._latest_time = time.monotonic()
         try:
-            with _sigterm_as_interrupt(enabled=not self.dist.enabled):
+            with interrupts.deferred():
                 stopped_early, final_path = self._fit_epochs(stop_after_steps)
+                if not self.stop_requested:  # a signal during the last save (and a barrier)
+                    self._agree_to_stop()
+                signal_name = interrupts.signal_name()
         finally:
             if self.is_main:  # the hidden spare files of the checkpoint writes
                 release_spares(self.ckpt_dir)
-        if self.dist.enabled:
-            self.fabric.barrier()
+        if self.stop_requested:
+            raise interrupts.Interrupted(signal_name)
         return TrainResult(
             best_metric=self.best_value,
             best_metric_name=self.best_name,
@@ -307,19 +312,19 @@ class Trainer(TrainData, CheckpointState, Evaluation):
 
     def _fit_epochs(self, stop_after_steps: int | None) -> tuple[bool, Path | None]:
         """The epochs left and final.pt; returns (stopped early, final.pt or None)."""
-        stopped_early = interrupted = False
+        patience = self.cfg.early_stopping_patience
+        # Resumed from the checkpoint of an early stop: the decision stands.
+        stopped_early = bool(patience) and self.bad_evals >= patience
+        interrupted = False
         try:
-            while self.epoch < self.cfg.epochs and not (stopped_early or interrupted):
+            while self.epoch < self.cfg.epochs and not (
+                stopped_early or interrupted or self.stop_requested
+            ):
                 stopped_early, interrupted = self._run_epoch(stop_after_steps)
-        except KeyboardInterrupt:
-            # Keep what finished: the state at the last completed optimizer step.
-            if self.batch_in_epoch % self.cfg.grad_accum_steps == 0 and not self.dist.enabled:
-                self._save("latest.pt")
-            raise
         finally:
             self._close_loader()
         final_path = None
-        if not interrupted:
+        if not (interrupted or self.stop_requested):
             final_path = self._save("final.pt")
             if stopped_early:
                 self.logger.log_jsonl(
@@ -368,13 +373,15 @@ class Trainer(TrainData, CheckpointState, Evaluation):
                     self._handle_nonfinite()
                 window.reset_step()
                 saved = self._guard.save()
-                if stopped_early or interrupted:
+                if stopped_early or interrupted or self.stop_requested:
                     break
         finally:
             # An error message printed next must start on its own line, not after the bar.
             bar.close()
-        if interrupted:
-            self._save("latest.pt")
+        if interrupted or self.stop_requested:
+            if self._latest_position != self._position():  # not saved at this step already
+                # The state of the boundary just passed: nothing of a next step has run.
+                self._save("latest.pt")
         elif self.batch_in_epoch >= self.batches_per_epoch:
             stopped_early = self._end_epoch() or stopped_early
         return stopped_early, interrupted
@@ -391,7 +398,7 @@ class Trainer(TrainData, CheckpointState, Evaluation):
             self._log_window(window, bar)
         stopped_early = False
         if cfg.eval_every_steps and self.global_step % cfg.eval_every_steps == 0:
-            stopped_early = self._after_eval(self.evaluate())
+            stopped_early = self._evaluate_and_select()
             self.train_model.train()
         if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
             self._save("latest.pt")
@@ -424,10 +431,17 @@ class Trainer(TrainData, CheckpointState, Evaluation):
             self.scheduler.step()
         stopped_early = False
         if not self.cfg.eval_every_steps and self.evaluate_fn is not None:
-            stopped_early = self._after_eval(self.evaluate())
+            stopped_early = self._evaluate_and_select()
         self.epoch += 1
         self.batch_in_epoch = 0
         due = time.monotonic() - self._latest_time >= self.cfg.save_interval_s
-        if due or stopped_early or self.epoch >= self.cfg.epochs:
+        if due or stopped_early or self.stop_requested or self.epoch >= self.cfg.epochs:
             self._save("latest.pt")
+        return stopped_early
+
+    def _evaluate_and_select(self) -> bool:
+        """Evaluate, keep the best, and hear of a signal that came meanwhile: an evaluation
+        runs to its end (its collectives cannot be left half-way by some ranks)."""
+        stopped_early = self._after_eval(self.evaluate())
+        self._agree_to_stop()
         return stopped_early
