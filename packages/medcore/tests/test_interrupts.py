@@ -3,6 +3,7 @@ process and in two (``--devices 2``), and ``--resume latest`` continues bit-iden
 
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -302,8 +303,9 @@ def test_torchrun_signals_every_rank_and_they_stop_together(
     agent.send_signal(signal.SIGTERM)
     _, err = agent.communicate(timeout=120)
     assert err.count(INTERRUPTED_LINE) == 1, err
-    # torchrun reports the signal it got with a traceback of its own; the ranks print none
-    assert "medcore" not in err.replace(f"devices_cmd:main: {INTERRUPTED_LINE}", ""), err
+    # torchrun reports the signal it got with a traceback of its own; the ranks print none (no
+    # frame of medcore's or the command's files: the venv's own path may hold the word medcore)
+    assert not re.search(r'File "[^"]*(/medcore/|devices_cmd\.py)', err), err
     saved = load_checkpoint(run / "checkpoints/latest.pt", kind="devicescmd.MLP")
     assert 0 < saved["global_step"] < 16 and len(saved["rng_ranks"]) == 2
     resumed = torchrun(run, "--resume", "latest")
