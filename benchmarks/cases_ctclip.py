@@ -78,7 +78,7 @@ def _naive(path: Path, order: int = 3) -> np.ndarray:
     from scipy import ndimage
 
     from ctclip.preprocess import hu_to_uint8
-    from medcore.volumes import center_in_box
+    from medcore.volumes.geometry import center_in_box
 
     img = nib.load(str(path))
     hu = np.clip(img.get_fdata(dtype=np.float32), -1000, 1000)

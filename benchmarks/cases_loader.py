@@ -20,9 +20,9 @@ import torch
 from common import Row, best_time, fmt_bytes, peak_rss_in_child
 from PIL import Image
 
-from medcore.device import device_defaults
-from medcore.imagestore import StoreSpec, open_store
+from medcore.data.image_store import StoreSpec, open_store
 from medcore.io import load_image
+from medcore.runtime.device import device_defaults
 
 SOURCE_HW = (460, 700)
 STORE_HW = (224, 341)  # 224 px short side, the slides' aspect ratio kept

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from common import Row, best_time, fmt_s, sync
 
-from medcore import trainer as trainer_mod
-from medcore.checkpoint import unwrap_model
-from medcore.device import autocast
-from medcore.trainer import move_to_device
+from medcore.engine import trainer as trainer_mod
+from medcore.engine.batching import move_to_device
+from medcore.runtime.device import autocast
+from medcore.weights.checkpoint import unwrap_model
 
 TASKS = ("ctclip", "ctretrieval", "cxrlandmarks", "histommnet", "binensemble")
 
@@ -287,7 +287,7 @@ def _step_flops(trainer, batch) -> int:
 
 
 def case_amp(device: torch.device, quick: bool) -> list[Row]:
-    from medcore.device import amp_policy
+    from medcore.runtime.device import amp_policy
 
     # BENCH_AMP_ON_CPU=1 runs it on CPU too (bf16 autocast): a check of the case's code path.
     if device.type != "cuda" and os.environ.get("BENCH_AMP_ON_CPU") != "1":

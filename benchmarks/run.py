@@ -19,9 +19,9 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from common import Row, machine  # noqa: E402
 
-from medcore.cli import format_table, markdown_table  # noqa: E402
-from medcore.device import resolve_device  # noqa: E402
 from medcore.io import atomic_write_json, atomic_write_text  # noqa: E402
+from medcore.report.tables import format_table, markdown_table  # noqa: E402
+from medcore.runtime.device import resolve_device  # noqa: E402
 
 ORDER = (
     "overhead",

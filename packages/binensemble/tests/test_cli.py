@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from binensemble.cli import analyze, predict, train, vote
-from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.testing import call_main, skip_if_no_cuda
+from medcore.weights.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_train_both_models_votes_and_scores(

@@ -15,8 +15,8 @@ from binensemble.cli import train
 from binensemble.config import BinEnsembleConfig
 from binensemble.model import build_model
 from binensemble.train import _step_fn
+from medcore.cli.dry_run import build_on_meta, count_parameters
 from medcore.config import load_config, packaged_config_path
-from medcore.summary import build_on_meta, count_parameters
 from medcore.testing import call_main
 
 CONFIGS = sorted(p.stem for p in files("binensemble").joinpath("configs").iterdir())

@@ -16,9 +16,9 @@ from binensemble.crossval import choose
 from binensemble.ensemble import analyse, check_rule, wilson_interval, write_predictions
 from binensemble.evaluate import save_heldout, summarise
 from binensemble.synthetic import write_dataset
-from medcore.splits import stratified_split
+from medcore.config import TrainerConfig
+from medcore.data.splits import stratified_split
 from medcore.testing import call_main
-from medcore.trainer import TrainerConfig
 
 
 def _error_line(err: str) -> str:

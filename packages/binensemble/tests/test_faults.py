@@ -31,7 +31,6 @@ from PIL import Image
 import binensemble.train as train_mod
 from binensemble.cli import analyze, predict, train, vote
 from binensemble.config import BinEnsembleConfig
-from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.config import load_config, packaged_config_path, save_config
 from medcore.testing import (
     RunsCode,
@@ -44,6 +43,7 @@ from medcore.testing import (
     random_image,
     wait_until,
 )
+from medcore.weights.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.faults
 

@@ -10,8 +10,8 @@ from timm.layers import resample_abs_pos_embed
 
 from binensemble.config import ModelConfig
 from binensemble.model import DualBackbone, MetricModel
-from medcore.checkpoint import export_safetensors
 from medcore.testing import save_weights_as
+from medcore.weights.checkpoint import export_safetensors
 
 TINY = dict(
     convnext_name="test_convnext",

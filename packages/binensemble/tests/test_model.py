@@ -6,8 +6,8 @@ from timm.layers import resample_abs_pos_embed
 
 from binensemble.config import ModelConfig
 from binensemble.model import BaselineModel, DualBackbone, MetricModel, build_model
-from medcore.checkpoint import export_safetensors
 from medcore.errors import UserError
+from medcore.weights.checkpoint import export_safetensors
 
 # timm's test_* models from scratch, all of them trained, no checkpointing (like the demo).
 TINY = ModelConfig(

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from binensemble.cli import train
 from binensemble.model import DualBackbone
 from binensemble.predict import load_bundle
-from medcore.checkpoint import load_checkpoint
 from medcore.testing import call_main, error_line, hub_snapshot
+from medcore.weights.checkpoint import load_checkpoint
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 VIT_NORM = {"mean": [0.1, 0.2, 0.3], "std": [0.6, 0.5, 0.4]}

@@ -17,8 +17,8 @@ from ctclip import cli
 from ctclip.config import CTClipConfig, ModelConfig
 from ctclip.losses import ClipLoss
 from ctclip.model import CTCLIP
+from medcore.cli.dry_run import build_on_meta, count_parameters
 from medcore.config import load_config, packaged_config_path
-from medcore.summary import build_on_meta, count_parameters
 
 # Packaged config -> the timm architecture its backbone must be (DINOv2 ViT-B/14, ViT-L/14).
 RESEARCH = {

@@ -26,7 +26,7 @@ from ctclip.split import OUTPUTS, patient_id
 from ctclip.synthetic import Case
 from medcore.errors import DataError, UserError
 from medcore.testing import call_main
-from medcore.volumes import read_nifti
+from medcore.volumes.nifti import read_nifti
 
 SHAPE = ["--target-shape", "8", "28", "28", "--num-workers", "0"]
 
@@ -153,7 +153,7 @@ def test_hu_sources_voxel_by_voxel_on_a_file_already_in_hu(ctrate_files, tmp_pat
 
 
 def test_neither_or_both_readings_like_hu_is_skipped_by_name(tmp_path):
-    from medcore.volumes import Volume
+    from medcore.volumes.geometry import Volume
 
     def volume(values) -> Volume:
         v = np.asarray(values, dtype=np.float32).reshape(1, 1, -1)

@@ -33,7 +33,6 @@ import torch
 import ctclip.preprocess as prep_mod
 import ctclip.train as train_mod
 from ctclip.cli import evaluate, preprocess, train
-from medcore.checkpoint import load_checkpoint
 from medcore.testing import (
     RunsCode,
     all_finite,
@@ -43,6 +42,7 @@ from medcore.testing import (
     error_line,
     wait_until,
 )
+from medcore.weights.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.faults
 

@@ -244,7 +244,7 @@ def test_hf_transformers_dinov2_directory_loads_with_its_normalisation(tmp_path,
 
     from safetensors.torch import save_file
 
-    from medcore.layouts import timm_to_hf_dinov2
+    from medcore.weights.keys import timm_to_hf_dinov2
 
     overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2}
     source = create_backbone(tiny_cfg(backbone_overrides=overrides, image_size=28))

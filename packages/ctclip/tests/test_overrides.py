@@ -8,7 +8,7 @@ import pytest
 from ctclip.cli import train
 from ctclip.config import CTClipConfig
 from ctclip.train import SMOKE
-from medcore.run import SMOKE_OVERRIDES, load_run_config
+from medcore.cli.run_setup import SMOKE_OVERRIDES, load_run_config
 from medcore.testing import (
     assert_epochs_set_only,
     assert_overrides_change_only_their_key,

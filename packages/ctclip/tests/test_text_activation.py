@@ -19,9 +19,9 @@ from open_clip.push_to_hf_hub import save_config_for_hf
 
 from ctclip import cli
 from ctclip.model import CTCLIP
-from medcore.checkpoint import load_checkpoint
 from medcore.errors import ConfigError
 from medcore.testing import hub_snapshot
+from medcore.weights.checkpoint import load_checkpoint
 
 # The tiny config's text tower (tests/conftest.py): 32 wide, 2 heads, 1 layer, 32 tokens.
 MODEL_CFG = {

@@ -12,8 +12,8 @@ import torch
 
 from ctclip import cli
 from ctclip.findings import FINDINGS
-from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.testing import skip_if_no_cuda
+from medcore.weights.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_eval_accepts_final_safetensors_and_chooses_thresholds_on_validation(tra
 
 
 def test_eval_refuses_safetensors_without_ctclip_metadata(tmp_path, capsys):
-    from medcore.checkpoint import export_safetensors
+    from medcore.weights.checkpoint import export_safetensors
 
     export_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
     code = cli.evaluate(_eval_argv(tmp_path / "w.safetensors", tmp_path, tmp_path, tmp_path / "e"))

@@ -15,9 +15,9 @@ from ctretrieval.cli import train
 from ctretrieval.config import CTRetrievalConfig, ModelConfig
 from ctretrieval.model import Proximity100x100, build_model
 from ctretrieval.train import _step_fn, model_config
+from medcore.cli.dry_run import build_on_meta, count_parameters
 from medcore.config import load_config, packaged_config_path
 from medcore.errors import ConfigError
-from medcore.summary import build_on_meta, count_parameters
 from medcore.testing import call_main
 
 CONFIGS = ["default", "microf1", "triplet"]

@@ -8,7 +8,7 @@ from sklearn.metrics import f1_score
 from ctretrieval.augment import RandomGaussianNoise3D, VolumeAugmentation
 from ctretrieval.config import AugmentConfig, EvalConfig
 from ctretrieval.metrics import Embedded, compute_metrics, knn_label_scores, valid_ks
-from medcore.device import AmpPolicy
+from medcore.runtime.device import AmpPolicy
 
 
 def test_knn_label_scores_brute_force() -> None:
@@ -121,7 +121,7 @@ def test_train_eval_embeddings_run_in_the_trainers_precision(policy, dtype, tmp_
     from ctretrieval.config import CTRetrievalConfig
     from ctretrieval.model import Proximity100x100
     from ctretrieval.train import _evaluate_fn
-    from medcore.trainer import EvalContext
+    from medcore.engine.task import EvalContext
 
     model = Proximity100x100(6, (16, 16), 8, 4, (4, 4, 4), 8)
     seen = []

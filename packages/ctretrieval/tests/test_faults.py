@@ -30,7 +30,6 @@ import torch
 import ctretrieval.preprocess as prep_mod
 import ctretrieval.train as train_mod
 from ctretrieval.cli import evaluate, index, preprocess, search, train
-from medcore.checkpoint import load_checkpoint
 from medcore.testing import (
     RunsCode,
     all_finite,
@@ -40,7 +39,8 @@ from medcore.testing import (
     error_line,
     wait_until,
 )
-from medcore.volume_store import complete_names
+from medcore.volumes.store import complete_names
+from medcore.weights.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.faults
 

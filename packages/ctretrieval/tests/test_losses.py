@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import f1_score
 
 from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss, graded_targets
-from medcore.metric_learning import pairwise_distances, triplet_masks
+from medcore.losses.triplet_mining import pairwise_distances, triplet_masks
 
 
 def pairwise_sq_dist(emb: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 from ctretrieval.cli import train
 from ctretrieval.config import CTRetrievalConfig
 from ctretrieval.train import SMOKE_DEMO_OVERRIDES
-from medcore.run import SMOKE_OVERRIDES, load_run_config
+from medcore.cli.run_setup import SMOKE_OVERRIDES, load_run_config
 from medcore.testing import (
     assert_epochs_set_only,
     assert_overrides_change_only_their_key,

@@ -12,7 +12,7 @@ from ctretrieval.cli import preprocess as preprocess_cli
 from ctretrieval.config import PreprocessConfig
 from ctretrieval.preprocess import preprocess, to_uint8_volume
 from medcore.errors import ConfigError
-from medcore.volume_store import complete_names
+from medcore.volumes.store import complete_names
 
 CFG = PreprocessConfig(target_shape=(4, 8, 8), hu_window=(-1000.0, 400.0), min_slices=3, workers=1)
 

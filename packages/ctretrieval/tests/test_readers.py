@@ -8,7 +8,8 @@ import pytest
 
 from ctretrieval.readers import Study, find_studies, read_study
 from medcore.errors import DataError
-from medcore.volumes import read_dicom_series, read_nifti
+from medcore.volumes.dicom import read_dicom_series
+from medcore.volumes.nifti import read_nifti
 
 
 def test_series_read_back_in_position_order_with_rescale(tmp_path: Path, helpers) -> None:

@@ -18,7 +18,7 @@ from ctretrieval.data import load_studies
 from ctretrieval.preprocess import preprocess
 from medcore.errors import ConfigError
 from medcore.testing import call_main
-from medcore.volume_store import read_settings
+from medcore.volumes.store import read_settings
 
 CFG = PreprocessConfig(target_shape=(4, 8, 8), min_slices=3, workers=1)
 

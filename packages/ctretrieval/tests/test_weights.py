@@ -1,4 +1,4 @@
-"""Pretrained trunk weights the way users have them (medcore.weights), the normalisation they
+"""Pretrained trunk weights the way users have them (medcore.weights.pretrained), the normalisation they
 bring, and a two-rank CPU run."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from ctretrieval.cli import train
 from ctretrieval.config import ModelConfig
 from ctretrieval.evaluate import load_model
 from ctretrieval.model import build_model, with_weights_normalisation
-from medcore.constants import IMAGENET_MEAN
 from medcore.testing import call_main, hub_snapshot
+from medcore.weights.normalization import IMAGENET_MEAN
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 TINY = dict(

@@ -84,8 +84,8 @@ def test_training_with_batched_augmentation(tmp_path, monkeypatch):
     """`augment.batched: true` trains through the batched path (the loader then leaves the
     images unaugmented); the run's phase checkpoint records the setting."""
     from cxrlandmarks.cli import train
-    from medcore.checkpoint import load_checkpoint
     from medcore.config import from_dict
+    from medcore.weights.checkpoint import load_checkpoint
 
     monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path / "cache"))
     argv = ["--smoke", "--device", "cpu", "--config", "default", "--phase", "1"]

@@ -9,8 +9,8 @@ import torch
 
 from cxrlandmarks.cli import evaluate, predict, train
 from cxrlandmarks.data import HEADED_COLUMNS
-from medcore.checkpoint import load_checkpoint
 from medcore.testing import call_main
+from medcore.weights.checkpoint import load_checkpoint
 
 TINY = ["--smoke", "--set", "data.image_size=32", "--device", "cpu"]
 CHECKPOINTS = ("phase1_best.pt", "phase2_best.pt", "geometric_symmetry.pt", "geometric_complete.pt")

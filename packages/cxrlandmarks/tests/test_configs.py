@@ -14,9 +14,9 @@ from cxrlandmarks.config import CxrConfig
 from cxrlandmarks.losses import build_loss
 from cxrlandmarks.model import build_model
 from cxrlandmarks.train import build_phase_model, check_pretrained
+from medcore.cli.dry_run import build_on_meta, count_parameters
 from medcore.config import load_config, packaged_config_path, to_dict
 from medcore.errors import UserError
-from medcore.summary import build_on_meta, count_parameters
 from medcore.testing import call_main
 
 CONFIGS = ["default", "paper"]

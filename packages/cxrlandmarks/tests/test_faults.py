@@ -34,7 +34,6 @@ from cxrlandmarks.anatomy import CATEGORIES
 from cxrlandmarks.cli import evaluate, predict, train
 from cxrlandmarks.data import HEADED_COLUMNS, LandmarkDataset
 from cxrlandmarks.synthetic import render_case
-from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.testing import (
     all_finite,
     assert_refused_while_running,
@@ -45,6 +44,7 @@ from medcore.testing import (
     wait_until,
     write_unsafe_checkpoint,
 )
+from medcore.weights.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = [pytest.mark.faults, pytest.mark.filterwarnings("ignore:cannot stratify:UserWarning")]
 

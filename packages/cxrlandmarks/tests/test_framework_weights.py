@@ -12,8 +12,8 @@ from torchvision.models import resnet18, resnet34
 
 from cxrlandmarks.cli import train
 from cxrlandmarks.model import ResNetLandmarkRegressor
-from medcore.checkpoint import load_checkpoint
 from medcore.testing import call_main, error_line, save_weights_as
+from medcore.weights.checkpoint import load_checkpoint
 
 TINY = ["--smoke", "--set", "data.image_size=32", "--device", "cpu", "--config", "default"]
 

@@ -15,7 +15,7 @@ from cxrlandmarks.cli import train
 from cxrlandmarks.config import DataConfig
 from cxrlandmarks.data import load_records
 from cxrlandmarks.synthetic import render_case
-from medcore.splits import load_splits
+from medcore.data.splits import load_splits
 
 PER_CATEGORY = 40
 SHIFT = 40

@@ -96,7 +96,7 @@ def test_flip_tta_is_exactly_flip_equivariant():
 @skip_if_no_cuda
 def test_cuda_training_step_with_amp():
     from cxrlandmarks.losses import build_loss
-    from medcore.device import amp_policy, autocast
+    from medcore.runtime.device import amp_policy, autocast
 
     device = torch.device("cuda")
     model = ResNetLandmarkRegressor().to(device)

@@ -10,8 +10,7 @@ import pytest
 from cxrlandmarks.cli import train
 from cxrlandmarks.config import PHASES, CxrConfig
 from cxrlandmarks.train import SMOKE
-from medcore.checkpoint import load_checkpoint
-from medcore.run import SMOKE_OVERRIDES, load_run_config
+from medcore.cli.run_setup import SMOKE_OVERRIDES, load_run_config
 from medcore.testing import (
     assert_epochs_set_only,
     assert_overrides_change_only_their_key,
@@ -24,6 +23,7 @@ from medcore.testing import (
     package_readme_set_examples,
     packaged_configs,
 )
+from medcore.weights.checkpoint import load_checkpoint
 
 PACKAGE = "cxrlandmarks"
 CONFIGS = packaged_configs(PACKAGE)

@@ -18,8 +18,8 @@ from PIL import Image
 
 from cxrlandmarks.anatomy import CATEGORIES
 from cxrlandmarks.synthetic import render_case
-from medcore.checkpoint import load_checkpoint
 from medcore.testing import checkpoint_differences, signalled_command
+from medcore.weights.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.faults
 ENTRY = "cxrlandmarks.cli:train"

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from cxrlandmarks.cli import predict, train
 from cxrlandmarks.data import HEADED_COLUMNS, image_tensor, resize_and_normalise
 from cxrlandmarks.model import input_normalisation, load_model
-from medcore.checkpoint import load_checkpoint
 from medcore.testing import call_main, hub_snapshot
+from medcore.weights.checkpoint import load_checkpoint
 
 REPO = "timm/resnet18.a1_in1k"
 REV = "0123456789abcdef0123456789abcdef01234567"

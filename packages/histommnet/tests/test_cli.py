@@ -14,10 +14,10 @@ from histommnet.breakhis import scan_breakhis
 from histommnet.cli import analyze, gradcam, train
 from histommnet.config import HistoConfig
 from histommnet.crossval import make_folds
-from medcore.checkpoint import load_checkpoint
 from medcore.config import load_config, packaged_config_path
-from medcore.splits import load_splits
+from medcore.data.splits import load_splits
 from medcore.testing import call_main, skip_if_no_cuda
+from medcore.weights.checkpoint import load_checkpoint
 
 
 def _error_line(err: str) -> str:

@@ -14,8 +14,8 @@ from histommnet.cli import train
 from histommnet.config import HistoConfig
 from histommnet.data import input_size
 from histommnet.model import build_model, dry_run_model_config, resolve_normalization
+from medcore.cli.dry_run import build_on_meta, count_parameters
 from medcore.config import load_config, packaged_config_path
-from medcore.summary import build_on_meta, count_parameters
 from medcore.testing import call_main, error_line
 
 CONFIGS = {"default": "test_efficientnet", "breakhis": "efficientnet_b1"}

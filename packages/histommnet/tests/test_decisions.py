@@ -24,10 +24,10 @@ from histommnet.gradcam import patient_cams
 from histommnet.losses import FocalLoss, malignant_alpha
 from histommnet.model import build_model
 from histommnet.train import selection_score
-from medcore.checkpoint import load_checkpoint
 from medcore.config import load_config, packaged_config_path
-from medcore.splits import load_splits
+from medcore.data.splits import load_splits
 from medcore.testing import call_main, write_png
+from medcore.weights.checkpoint import load_checkpoint
 
 # -- focal alpha weighs the minority class -------------------------------------------------------
 

@@ -30,9 +30,8 @@ from histommnet.breakhis import scan_breakhis
 from histommnet.cli import gradcam, train
 from histommnet.config import DataConfig
 from histommnet.data import MultiMagDataset, Normalize, WorkingImages
-from medcore.checkpoint import load_checkpoint, save_checkpoint
+from medcore.data.splits import save_splits
 from medcore.io import load_image
-from medcore.splits import save_splits
 from medcore.testing import (
     RunsCode,
     all_finite,
@@ -44,6 +43,7 @@ from medcore.testing import (
     random_image,
     wait_until,
 )
+from medcore.weights.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.faults
 NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}

@@ -22,9 +22,9 @@ from histommnet.model import (
     checkpoint_kind,
     load_model,
 )
-from medcore.checkpoint import save_checkpoint
 from medcore.config import to_dict
 from medcore.errors import CheckpointError, ConfigError, UserError
+from medcore.weights.checkpoint import save_checkpoint
 
 MAGS = ["40X", "100X", "200X", "400X"]
 

@@ -8,7 +8,7 @@ import pytest
 from histommnet.cli import train
 from histommnet.config import HistoConfig
 from histommnet.crossval import SMOKE_OVERRIDES as SMOKE
-from medcore.run import SMOKE_OVERRIDES, load_run_config
+from medcore.cli.run_setup import SMOKE_OVERRIDES, load_run_config
 from medcore.testing import (
     assert_epochs_set_only,
     assert_overrides_change_only_their_key,

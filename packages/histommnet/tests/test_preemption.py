@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from medcore.checkpoint import load_checkpoint
 from medcore.testing import checkpoint_differences, signalled_command
+from medcore.weights.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.faults
 ENTRY = "histommnet.cli:train"
@@ -153,14 +153,14 @@ def test_signal_then_resume_latest_equals_uninterrupted(
 
 
 def _pids_of(run: Path) -> list[int]:
-    """The started ranks (``python -m medcore.launch``) of the run in ``run``."""
+    """The started ranks (``python -m medcore.cli.launch``) of the run in ``run``."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"medcore.launch" in cmdline and str(run).encode() in cmdline:
+        if b"medcore.cli.launch" in cmdline and str(run).encode() in cmdline:
             pids.append(int(proc.name))
     return pids
 

@@ -12,8 +12,8 @@ import torch
 
 from histommnet.cli import analyze, train
 from histommnet.evaluate import METRICS, patient_table, recognition_rates, summarize_folds
-from medcore.checkpoint import finish_releasing, load_checkpoint, load_safetensors
 from medcore.testing import call_main
+from medcore.weights.checkpoint import finish_releasing, load_checkpoint, load_safetensors
 
 
 def test_recognition_rates_by_hand() -> None:

@@ -14,8 +14,8 @@ from histommnet.breakhis import SUBTYPES, Patient, scan_breakhis
 from histommnet.cli import analyze
 from histommnet.config import CVConfig, HistoConfig
 from histommnet.crossval import fold_splits, make_folds
+from medcore.data.splits import load_splits
 from medcore.errors import DataError
-from medcore.splits import load_splits
 from medcore.testing import call_main, random_image, write_png
 
 # Patients per subtype: many ductal carcinomas, two of everything else (8 benign, 26 in all).

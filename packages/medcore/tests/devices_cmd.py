@@ -1,6 +1,6 @@
 """A minimal training command on medcore's CLI conventions, for the ``--devices N`` tests.
 
-Run as ``python -m medcore.launch devices_cmd:main ARGS`` (this directory on PYTHONPATH) or
+Run as ``python -m medcore.cli.launch devices_cmd:main ARGS`` (this directory on PYTHONPATH) or
 called as ``main([...])``; ``DEVICES_CMD_SLOW=1`` makes every step slow (kill -9 tests);
 ``DEVICES_CMD_PIDS=DIR`` has each rank write its pid to ``DIR/rank<r>.pid``;
 ``DEVICES_CMD_SIGNAL=RANK:N:SIGNAL[:eval]`` has rank RANK send itself SIGNAL in its N-th
@@ -19,8 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from medcore.cli import RunConfig, add_common_args, run_cli, setup_run
-from medcore.trainer import Trainer, seed_everything
+from medcore.cli.command import run_cli
+from medcore.cli.flags import add_common_args
+from medcore.cli.run_setup import setup_run
+from medcore.config import RunConfig
+from medcore.engine.rng import seed_everything
+from medcore.engine.trainer import Trainer
 
 
 @dataclass

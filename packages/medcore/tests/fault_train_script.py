@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from medcore.distributed import init_distributed
-from medcore.trainer import Trainer, TrainerConfig
+from medcore.config import TrainerConfig
+from medcore.engine.trainer import Trainer
+from medcore.runtime.distributed import init_distributed
 
 
 def main() -> None:

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from medcore.checkpoint import (
+from medcore.errors import CheckpointError, DataError, UserError
+from medcore.io import RunLock, atomic_path, atomic_write_json, load_image, read_csv, safe_join
+from medcore.testing import png_header_only, write_png
+from medcore.weights.checkpoint import (
     copy_checkpoint,
     export_safetensors,
     finish_releasing,
@@ -16,10 +19,7 @@ from medcore.checkpoint import (
     release_spares,
     save_checkpoint,
 )
-from medcore.errors import CheckpointError, DataError, UserError
-from medcore.io import RunLock, atomic_path, atomic_write_json, load_image, read_csv, safe_join
-from medcore.testing import png_header_only, write_png
-from medcore.weights import load_pretrained
+from medcore.weights.pretrained import load_pretrained
 
 
 def test_save_load_round_trip_and_kind(tmp_path: Path) -> None:

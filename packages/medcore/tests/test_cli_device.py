@@ -8,19 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from medcore.cli import (
-    Command,
-    RunConfig,
-    add_common_args,
-    common_overrides,
-    find_run,
-    format_table,
-    run_cli,
-)
-from medcore.config import load_config
-from medcore.demo import ensure_demo_data
-from medcore.device import amp_policy, device_defaults, resolve_device
+from medcore.cli.command import Command, run_cli
+from medcore.cli.flags import add_common_args, common_overrides
+from medcore.cli.run_setup import find_run
+from medcore.config import RunConfig, load_config
+from medcore.data.demo_cache import ensure_demo_data
 from medcore.errors import DataError, UserError
+from medcore.report.tables import format_table
+from medcore.runtime.device import amp_policy, device_defaults, resolve_device
 
 
 @dataclass
@@ -194,8 +189,8 @@ def test_environment_oserrors_are_one_line(capsys: pytest.CaptureFixture[str]) -
 
 @pytest.fixture
 def cli_mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """``medcore.run`` with a packaged default config of ``seed: 3`` for any package."""
-    from medcore import run
+    """``medcore.cli.run_setup`` with a packaged default config of ``seed: 3`` for any package."""
+    from medcore.cli import run_setup as run
 
     packaged = tmp_path / "default.yaml"
     packaged.write_text("seed: 3\n")

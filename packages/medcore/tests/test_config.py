@@ -5,9 +5,8 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from medcore.config import load_config, overrides_to_dict, save_config, to_dict
+from medcore.config import TrainerConfig, load_config, overrides_to_dict, save_config, to_dict
 from medcore.errors import ConfigError
-from medcore.trainer import TrainerConfig
 
 
 @dataclass

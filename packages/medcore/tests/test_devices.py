@@ -1,4 +1,4 @@
-"""``--devices N``: the command starts its own ranks (gloo on CPU) through medcore.launch."""
+"""``--devices N``: the command starts its own ranks (gloo on CPU) through medcore.cli.launch."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medcore.checkpoint import load_checkpoint
+from medcore.weights.checkpoint import load_checkpoint
 
 TESTS = Path(__file__).parent
 CONFIG = """seed: 4
@@ -40,7 +40,7 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _cmd(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "medcore.launch", "devices_cmd:main", *argv]
+    return [sys.executable, "-m", "medcore.cli.launch", "devices_cmd:main", *argv]
 
 
 def test_devices_2_from_main_runs_two_ranks_and_leaves_the_process_clean(

@@ -9,10 +9,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from medcore.distributed import gather_with_grad
+from medcore.config import TrainerConfig
+from medcore.engine.task import EvalContext
+from medcore.engine.trainer import Trainer
 from medcore.metrics.accumulate import MetricAccumulator
+from medcore.runtime.distributed import gather_with_grad
 from medcore.testing import run_gloo
-from medcore.trainer import EvalContext, Trainer, TrainerConfig
 
 N = 16
 

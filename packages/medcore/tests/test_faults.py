@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medcore.checkpoint import load_checkpoint, save_checkpoint
 from medcore.testing import free_port
+from medcore.weights.checkpoint import load_checkpoint, save_checkpoint
 
 SCRIPT = str(Path(__file__).with_name("fault_train_script.py"))
 pytestmark = pytest.mark.faults

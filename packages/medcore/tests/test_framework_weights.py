@@ -1,4 +1,4 @@
-"""Weights saved by training frameworks load through the one prefix resolution of medcore.weights.
+"""Weights saved by training frameworks load through the one prefix resolution of medcore.weights.pretrained.
 
 Every file here is written the way the framework writes it (:data:`medcore.testing.SAVE_AS`):
 ``state_dict()`` of a real DataParallel / DistributedDataParallel / ``torch.compile`` wrapper,
@@ -23,10 +23,8 @@ import torch
 import torchvision
 from torch import nn
 
-from medcore.checkpoint import save_checkpoint
-from medcore.cli import run_cli
+from medcore.cli.command import run_cli
 from medcore.errors import CheckpointError
-from medcore.layouts import best_prefix, describe, extra_blocks
 from medcore.testing import (
     LIGHTNING_VERSION,
     SAVE_AS,
@@ -34,7 +32,9 @@ from medcore.testing import (
     lightning_checkpoint,
     save_weights_as,
 )
-from medcore.weights import load_pretrained, read_state_dict
+from medcore.weights.checkpoint import save_checkpoint
+from medcore.weights.keys import best_prefix, describe, extra_blocks
+from medcore.weights.pretrained import load_pretrained, read_state_dict
 
 
 def _torchvision_resnet18() -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medcore.volumes import HU_AIR, HU_SOFT_TISSUE, hu_evidence
+from medcore.volumes.reader import HU_AIR, HU_SOFT_TISSUE, hu_evidence
 
 
 def test_shares_near_air_and_soft_tissue_under_a_rescale():

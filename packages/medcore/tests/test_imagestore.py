@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from medcore import imagestore
+from medcore.data import image_store as imagestore
+from medcore.data.image_store import StoreSpec, open_store
 from medcore.errors import UserError
-from medcore.imagestore import StoreSpec, open_store
 
 
 def _png(path: Path, height: int, width: int, seed: int, mode: str = "RGB") -> Path:

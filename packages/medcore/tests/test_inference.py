@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from medcore.checkpoint import export_best, load_safetensors, save_checkpoint
+from medcore.engine.inference import PredictOptions, checkpoint_precision, load_model, predict
 from medcore.errors import CheckpointError
-from medcore.inference import PredictOptions, checkpoint_precision, load_model, predict
+from medcore.weights.checkpoint import export_best, load_safetensors, save_checkpoint
 
 
 def _build(state):

@@ -1,4 +1,4 @@
-"""SIGTERM, SIGINT and SIGUSR1 stop training at a step boundary (medcore.interrupts), in one
+"""SIGTERM, SIGINT and SIGUSR1 stop training at a step boundary (medcore.runtime.interrupts), in one
 process and in two (``--devices 2``), and ``--resume latest`` continues bit-identically."""
 
 import multiprocessing
@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from medcore.checkpoint import load_checkpoint
-from medcore.interrupts import Interrupted
+from medcore.config import TrainerConfig
+from medcore.engine.trainer import Trainer
+from medcore.runtime.interrupts import Interrupted
 from medcore.testing import checkpoint_differences
-from medcore.trainer import Trainer, TrainerConfig
+from medcore.weights.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.faults
 TESTS = Path(__file__).parent
@@ -172,7 +173,7 @@ SECOND_SIGNAL = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from test_interrupts import make, _step
-    from medcore.cli import run_cli
+    from medcore.cli.command import run_cli
 
     calls = {{"n": 0}}
 
@@ -201,7 +202,7 @@ def test_a_second_signal_ends_the_process_at_once(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "checkpoints/latest.pt")["global_step"] == 2
 
 
-# -- two processes: --devices 2 (medcore.launch), gloo on CPU ---------------------------------
+# -- two processes: --devices 2 (medcore.cli.launch), gloo on CPU ---------------------------------
 
 CONFIG = """seed: 4
 device: cpu
@@ -231,7 +232,7 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _devices(config: Path, run: Path, *extra: str, env: dict[str, str] | None = None):
     argv = ["--config", str(config), "--devices", "2", "--output-dir", str(run), *extra]
     return subprocess.run(
-        [sys.executable, "-m", "medcore.launch", "devices_cmd:main", *argv],
+        [sys.executable, "-m", "medcore.cli.launch", "devices_cmd:main", *argv],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -287,7 +288,7 @@ def test_torchrun_signals_every_rank_and_they_stop_together(
     def torchrun(run: Path, *extra: str, slow: bool = False) -> subprocess.Popen:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(free_port()), "-m", "medcore.launch", "devices_cmd:main",
+            "--master_port", str(free_port()), "-m", "medcore.cli.launch", "devices_cmd:main",
             "--config", str(config), "--output-dir", str(run), *extra,
         ]  # fmt: skip
         env = {**os.environ, "DEVICES_CMD_SLOW": "1" if slow else "0"}
@@ -327,7 +328,7 @@ def test_kill_9_of_the_command_ends_every_rank(tmp_path: Path, config: Path) -> 
     pids.mkdir()
     argv = ["--config", str(config), "--devices", "2", "--output-dir", str(tmp_path / "run")]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medcore.launch", "devices_cmd:main", *argv],
+        [sys.executable, "-m", "medcore.cli.launch", "devices_cmd:main", *argv],
         env={**os.environ, "DEVICES_CMD_SLOW": "1", "DEVICES_CMD_PIDS": str(pids)},
         stderr=subprocess.PIPE,
         text=True,

@@ -3,8 +3,8 @@ import timm
 import torch
 from torch import nn
 
+from medcore.engine.grad_checkpointing import set_grad_checkpointing
 from medcore.errors import UserError
-from medcore.memory import set_grad_checkpointing
 
 
 class TwoBackbones(nn.Module):

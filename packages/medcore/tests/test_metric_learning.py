@@ -7,15 +7,15 @@ import pytest
 import timm.data
 import torch
 
-from medcore.constants import IMAGENET_MEAN, IMAGENET_STD
+from medcore.data.samplers import BalancedBatchSampler
 from medcore.errors import DataError
-from medcore.metric_learning import (
-    BalancedBatchSampler,
+from medcore.losses.triplet_mining import (
     batch_hard,
     mine_triplets,
     pairwise_distances,
     triplet_masks,
 )
+from medcore.weights.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_imagenet_constants_agree_with_timm() -> None:

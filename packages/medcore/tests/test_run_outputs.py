@@ -15,14 +15,13 @@ import pytest
 import torch
 import yaml
 
-from medcore.checkpoint import copy_checkpoint, export_safetensors, save_checkpoint
-from medcore.cli import RunConfig, add_common_args
-from medcore.config import save_config
+from medcore.cli.flags import add_common_args
+from medcore.config import RunConfig, TrainerConfig, save_config
+from medcore.data.splits import save_splits
 from medcore.errors import ConfigError, DataError, TrainingDiverged
 from medcore.io import atomic_write_csv, atomic_write_json, atomic_write_text
-from medcore.plots import plot_training_curves
-from medcore.splits import save_splits
-from medcore.trainer import TrainerConfig
+from medcore.report.plots import plot_training_curves
+from medcore.weights.checkpoint import copy_checkpoint, export_safetensors, save_checkpoint
 
 
 @dataclass
@@ -64,8 +63,8 @@ class PhasedCfg(Cfg):
 
 @pytest.fixture
 def run_mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """``medcore.run`` with an empty packaged default config, working in ``tmp_path``."""
-    from medcore import run
+    """``medcore.cli.run_setup`` with an empty packaged default config, working in ``tmp_path``."""
+    from medcore.cli import run_setup as run
 
     packaged = tmp_path / "default.yaml"
     packaged.write_text("{}\n")
@@ -145,7 +144,7 @@ def test_epochs_sets_every_phase_and_a_changed_trainer_epochs_is_refused(run_mod
 
 def refused_run(run_mod, argv: list[str], error: Exception, write=None) -> None:
     """Set up a run with ``argv``, write what ``write(run_dir)`` writes, then fail with
-    ``error``, the way a command runs under medcore.cli.Command."""
+    ``error``, the way a command runs under medcore.cli.command.Command."""
     with pytest.raises(type(error)), run_mod.undoing_refused_runs():
         ctx = run_mod.setup_run(parse(*argv), Cfg, "pkg")
         (ctx.run_dir / "splits.json").write_text("{}")

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from medcore.batching import EpochBatches, SeededFetch, collated
-from medcore.rng import batch_seed
-from medcore.trainer import Trainer, TrainerConfig
+from medcore.config import TrainerConfig
+from medcore.engine.batching import EpochBatches, SeededFetch, collated
+from medcore.engine.rng import batch_seed
+from medcore.engine.trainer import Trainer
 
 X = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] - X[:, 2] > 0).float()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
 
-from medcore.splits import (
+from medcore.data.splits import (
     SplitLeakError,
     check_no_leak,
     group_split,
@@ -200,11 +200,11 @@ def test_stored_ids_detect_a_reordered_dataset(tmp_path):
     [
         "{not json",
         json.dumps({"splits": {"train": [0]}}),
-        json.dumps({"format": "medcore.splits", "version": 99, "splits": {"train": [0]}}),
-        json.dumps({"format": "medcore.splits", "version": 1, "splits": {"train": [0.5]}}),
-        json.dumps({"format": "medcore.splits", "version": 1, "splits": {"train": [-1]}}),
-        json.dumps({"format": "medcore.splits", "version": 1, "splits": []}),
-        json.dumps({"format": "medcore.splits", "version": 1, "splits": {"train": "0,1"}}),
+        json.dumps({"format": "medcore.data.splits", "version": 99, "splits": {"train": [0]}}),
+        json.dumps({"format": "medcore.data.splits", "version": 1, "splits": {"train": [0.5]}}),
+        json.dumps({"format": "medcore.data.splits", "version": 1, "splits": {"train": [-1]}}),
+        json.dumps({"format": "medcore.data.splits", "version": 1, "splits": []}),
+        json.dumps({"format": "medcore.data.splits", "version": 1, "splits": {"train": "0,1"}}),
     ],
 )
 def test_malformed_files_raise_value_error(tmp_path, content):
@@ -225,8 +225,8 @@ def test_failed_save_keeps_the_old_file(tmp_path):
 
 
 def test_load_or_make_splits_makes_once_then_reloads_and_refuses_changed_data(tmp_path):
+    from medcore.data.splits import load_or_make_splits
     from medcore.errors import DataError
-    from medcore.splits import load_or_make_splits
 
     ids = [f"s{i}" for i in range(10)]
     calls = []

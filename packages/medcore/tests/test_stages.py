@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from medcore.cli import RunConfig, add_common_args
+from medcore.cli.flags import add_common_args
+from medcore.cli.stages import STAGE_FILE, finished_result, run_stage
+from medcore.config import RunConfig
 from medcore.errors import UserError
-from medcore.stages import STAGE_FILE, finished_result, run_stage
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Cfg(RunConfig):
 
 @pytest.fixture
 def run_mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from medcore import run
+    from medcore.cli import run_setup as run
 
     packaged = tmp_path / "default.yaml"
     packaged.write_text("seed: 3\n")

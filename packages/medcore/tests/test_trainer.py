@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from medcore.checkpoint import load_checkpoint
+from medcore.config import TrainerConfig
+from medcore.engine.trainer import Trainer
 from medcore.errors import TrainingDiverged
-from medcore.trainer import Trainer, TrainerConfig
+from medcore.weights.checkpoint import load_checkpoint
 
 X = torch.randn(48, 6, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] + 0.5 * X[:, 1] > 0).float()

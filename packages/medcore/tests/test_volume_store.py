@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medcore.errors import ConfigError, DataError
-from medcore.volume_store import (
+from medcore.volumes.store import (
     FORMAT,
     FORMAT_VERSION,
     VolumeStoreWriter,

@@ -1,4 +1,4 @@
-"""medcore.volumes on files third parties wrote: pydicom's and nibabel's test data.
+"""medcore.volumes.reader on files third parties wrote: pydicom's and nibabel's test data.
 
 Series are built from pydicom's CT_small.dcm / MR_small*.dcm (copies with new positions,
 orientations and UIDs). The geometry tests evaluate one world-space phantom on every
@@ -27,7 +27,9 @@ from pydicom.uid import (
 )
 
 from medcore.errors import DataError
-from medcore.volumes import read_dicom_series, read_nifti, read_volume
+from medcore.volumes.dicom import read_dicom_series
+from medcore.volumes.nifti import read_nifti
+from medcore.volumes.reader import read_volume
 
 DICOM_DATA = Path(pydicom.data.__file__).parent / "test_files"  # never downloads, unlike get_*
 NIB = Path(NIB_DATA)

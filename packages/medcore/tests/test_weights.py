@@ -9,14 +9,14 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from medcore.checkpoint import export_safetensors
-from medcore.cli import run_cli
+from medcore.cli.command import run_cli
 from medcore.errors import CheckpointError, UserError
-from medcore.layouts import hf_dinov2_to_timm, timm_to_hf_dinov2
 from medcore.testing import hub_snapshot
-from medcore.weights import (
+from medcore.weights.checkpoint import export_safetensors
+from medcore.weights.keys import hf_dinov2_to_timm, timm_to_hf_dinov2
+from medcore.weights.normalization import data_config
+from medcore.weights.pretrained import (
     OPEN_CLIP_FILES,
-    data_config,
     load_pretrained,
     require_pretrained,
     resolve_weights,

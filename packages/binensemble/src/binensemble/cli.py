@@ -1,13 +1,13 @@
 """Console entry points ``binensemble-{train,predict,vote,analyze}``: commands and flags only.
 
-Each command is ``binensemble.<module>:<function>(args)`` (:class:`medcore.cli.Command`).
+Each command is ``binensemble.<module>:<function>(args)`` (:class:`medcore.cli.command.Command`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from medcore.cli import Command
+from medcore.cli.command import Command
 
 P = {"type": Path}
 PROBS = ("probs", {**P, "nargs": "+", "help": "two or more probability files"})

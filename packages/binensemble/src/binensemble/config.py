@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from medcore.cli import RunConfig
-from medcore.trainer import TrainerConfig
+from medcore.config import RunConfig, TrainerConfig
 
 TTA_VIEWS = ("identity", "hflip", "vflip", "rot90")
 

@@ -28,13 +28,13 @@ from binensemble.data import ImageSet
 from binensemble.ensemble import analyse, check_rule, decide, rule_message, write_predictions
 from binensemble.evaluate import load_heldout
 from binensemble.train import Splits, train_one
-from medcore.distributed import barrier, broadcast_object, get_rank
+from medcore.cli.run_setup import RunContext
+from medcore.cli.stages import Stage, run_stage
+from medcore.data.splits import stratified_group_kfold
+from medcore.engine.rng import seed_everything
 from medcore.errors import DataError
 from medcore.io import atomic_write_json
-from medcore.run import RunContext
-from medcore.splits import stratified_group_kfold
-from medcore.stages import Stage, run_stage
-from medcore.trainer import seed_everything
+from medcore.runtime.distributed import barrier, broadcast_object, get_rank
 
 
 @dataclass

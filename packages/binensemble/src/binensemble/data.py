@@ -22,10 +22,10 @@ from torchvision.transforms import v2
 
 from binensemble.config import DataConfig
 from binensemble.synthetic import generate_demo
-from medcore import metric_learning
-from medcore.demo import ensure_demo_data
+from medcore.data import samplers
+from medcore.data.demo_cache import ensure_demo_data
+from medcore.data.image_store import ImageStore, StoreSpec, cached_store
 from medcore.errors import DataError
-from medcore.imagestore import ImageStore, StoreSpec, cached_store
 from medcore.io import load_image, read_csv
 
 DEMO_VERSION = "v2"
@@ -226,7 +226,7 @@ class ImageDataset(Dataset):
         return {"image": image, "label": label, "index": i}
 
 
-class BalancedBatchSampler(metric_learning.BalancedBatchSampler):
+class BalancedBatchSampler(samplers.BalancedBatchSampler):
     """Batches holding ``batch_size // num_classes`` samples of every class (medcore's sampler:
     per-class reshuffled streams, one global sequence per ``(seed, epoch)`` strided by rank).
 

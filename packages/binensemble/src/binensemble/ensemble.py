@@ -25,11 +25,11 @@ import pandas as pd
 from sklearn.metrics import cohen_kappa_score
 
 from binensemble.data import read_labels
-from medcore.cli import format_table
 from medcore.errors import DataError, UserError
 from medcore.io import atomic_write_csv, atomic_write_json, read_csv
 from medcore.metrics import bootstrap_ci
-from medcore.plots import save_figure
+from medcore.report.plots import save_figure
+from medcore.report.tables import format_table
 
 PROB_PREFIX = "prob_"
 
@@ -354,7 +354,7 @@ def plot_analysis(
     path: str | Path,
 ) -> Path:
     """Accuracy bars (or positive rates), the agreement matrix and P(positive) of the first two models."""
-    import matplotlib.pyplot as plt  # headless backend already chosen by medcore.plots
+    import matplotlib.pyplot as plt  # headless backend already chosen by medcore.report.plots
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     key = "accuracy" if targets is not None else "predicted_positive"

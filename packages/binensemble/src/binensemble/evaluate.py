@@ -18,11 +18,11 @@ from binensemble.data import ImageDataset, ImageSet, eval_transform
 from binensemble.ensemble import decide
 from binensemble.model import MetricModel
 from binensemble.tta import tta_embed, tta_probs
-from medcore.device import AmpPolicy
-from medcore.inference import PredictOptions, predict
+from medcore.engine.inference import PredictOptions, predict
+from medcore.engine.task import EvalContext
 from medcore.io import atomic_path
 from medcore.metrics import binary_metrics, knn_auto_k, knn_predict_proba, roc_auc
-from medcore.trainer import EvalContext
+from medcore.runtime.device import AmpPolicy
 
 
 def extract(

@@ -3,7 +3,7 @@
 For every anchor in the batch the hardest positive (farthest sample of its class) and the
 hardest negative (closest sample of another class) are taken from the pairwise distance
 matrix; ``loss = mean(relu(d(a, p) - d(a, n) + margin))`` over anchors that have both.
-The mining itself is medcore's (:mod:`medcore.metric_learning`).
+The mining itself is medcore's (:mod:`medcore.losses.triplet_mining`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medcore.distributed import gather_with_grad, get_world_size
-from medcore.metric_learning import batch_hard, pairwise_distances, triplet_masks
+from medcore.losses.triplet_mining import batch_hard, pairwise_distances, triplet_masks
+from medcore.runtime.distributed import gather_with_grad, get_world_size
 
 
 def batch_hard_triplet_loss(

@@ -16,9 +16,10 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from binensemble.config import ModelConfig
+from medcore.engine.grad_checkpointing import set_grad_checkpointing
 from medcore.errors import ConfigError
-from medcore.memory import set_grad_checkpointing
-from medcore.weights import data_config, load_pretrained, require_pretrained, resolve_weights
+from medcore.weights.normalization import data_config
+from medcore.weights.pretrained import load_pretrained, require_pretrained, resolve_weights
 
 WEIGHTS_HINT = (
     "--pretrained-weights names one source holding both backbones (convnext.*, vit.*); "
@@ -66,7 +67,7 @@ def _vit_convert(vit: nn.Module):
     """Resample a checkpoint's absolute position embeddings to this ViT's token grid."""
 
     def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # medcore.weights has already taken off any prefix (module., model., backbone. ...).
+        # medcore.weights.pretrained has already taken off any prefix (module., model., backbone. ...).
         if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
             prefix_tokens = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
             state["pos_embed"] = resample_abs_pos_embed(
@@ -166,7 +167,7 @@ class DualBackbone(nn.Module):
     def load_weights(self, cfg: ModelConfig) -> None:
         """Pretrained weights: one source holding both backbones and/or one per backbone.
 
-        Each load prints its counts (medcore.weights); a missing backbone tensor is an error. A
+        Each load prints its counts (medcore.weights.pretrained); a missing backbone tensor is an error. A
         branch whose normalisation the config leaves open takes the one its weights' config
         names (a hub snapshot's ``config.json``), else timm's for the model.
         """

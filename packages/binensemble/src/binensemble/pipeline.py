@@ -32,11 +32,11 @@ from binensemble.model import MODEL_CLASSES, build_model, check_pretrained, weig
 from binensemble.predict import BUNDLE_NAME
 from binensemble.report import predict_vote_report
 from binensemble.train import train_one
+from medcore.cli.dry_run import build_on_meta, count_parameters, dry_run
+from medcore.cli.run_setup import RunContext, setup_run
+from medcore.cli.stages import STAGE_FILE, Stage, run_stage
+from medcore.engine.rng import seed_everything
 from medcore.errors import DataError, UserError
-from medcore.run import RunContext, setup_run
-from medcore.stages import STAGE_FILE, Stage, run_stage
-from medcore.summary import build_on_meta, count_parameters, dry_run
-from medcore.trainer import seed_everything
 
 PACKAGE = "binensemble"
 SMOKE_OVERRIDES = ["data.demo=small", "trainer.batch_size=8"]

@@ -22,14 +22,14 @@ from binensemble.data import ImageSet, data_root, read_labels, scan_labelled, sc
 from binensemble.ensemble import write_predictions
 from binensemble.evaluate import extract, summarise
 from binensemble.model import MODEL_CLASSES, build_model, model_kind
+from medcore.cli.run_setup import load_run_config
 from medcore.config import from_dict
-from medcore.device import AmpPolicy, resolve_device
+from medcore.data.splits import load_splits
+from medcore.engine.inference import checkpoint_precision, load_model
 from medcore.errors import CheckpointError, DataError, UserError
-from medcore.inference import checkpoint_precision, load_model
 from medcore.metrics import knn_predict_proba
-from medcore.run import load_run_config
-from medcore.splits import load_splits
-from medcore.tables import format_table
+from medcore.report.tables import format_table
+from medcore.runtime.device import AmpPolicy, resolve_device
 
 BUNDLE_NAME = "model.pt"
 

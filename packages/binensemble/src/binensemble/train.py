@@ -32,17 +32,17 @@ from binensemble.evaluate import (
 from binensemble.losses import BatchHardTripletLoss
 from binensemble.model import build_model, init_description, model_kind, with_normalisation
 from binensemble.predict import BUNDLE_NAME
-from medcore.checkpoint import export_best, save_checkpoint
 from medcore.config import save_config, to_dict
-from medcore.device import amp_policy, device_defaults
-from medcore.distributed import barrier, get_rank, get_world_size
+from medcore.data.splits import load_or_make_splits, save_splits, stratified_split
+from medcore.engine.run_log import RunLogger
+from medcore.engine.trainer import Trainer
 from medcore.errors import DataError
 from medcore.io import atomic_write_json
 from medcore.metrics import multiclass_metrics
-from medcore.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
-from medcore.runlog import RunLogger
-from medcore.splits import load_or_make_splits, save_splits, stratified_split
-from medcore.trainer import Trainer
+from medcore.report.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
+from medcore.runtime.device import amp_policy, device_defaults
+from medcore.runtime.distributed import barrier, get_rank, get_world_size
+from medcore.weights.checkpoint import export_best, save_checkpoint
 
 Splits = dict[str, np.ndarray]
 

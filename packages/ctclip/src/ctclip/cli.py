@@ -1,6 +1,6 @@
 """Console scripts ``ctclip-{preprocess,split,train,eval,impressions}``: commands and flags only.
 
-Each command is ``ctclip.<module>:main(args)`` (:class:`medcore.cli.Command`).
+Each command is ``ctclip.<module>:main(args)`` (:class:`medcore.cli.command.Command`).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from argparse import BooleanOptionalAction
 from pathlib import Path
 
 from ctclip.config import HU_SOURCES, TRAIN_FLAGS
-from medcore.cli import Command
-from medcore.device import DEVICE_CHOICES
+from medcore.cli.command import Command
+from medcore.runtime.device import DEVICE_CHOICES
 
 P, NEED, INT, F = {"type": Path}, {"type": Path, "required": True}, {"type": int}, {"type": float}
 # fmt: off

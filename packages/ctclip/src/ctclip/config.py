@@ -11,8 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from medcore.cli import RunConfig
-from medcore.trainer import TrainerConfig
+from medcore.config import RunConfig, TrainerConfig
 
 TextColumn = Literal["findings", "impressions", "both"]
 # ctclip-preprocess --hu-source: how stored voxel values become HU (see ctclip.preprocess).

@@ -23,8 +23,8 @@ from ctclip.preprocess import HU_RANGE, read_volume_names, volume_shape
 from ctclip.text import TEXT_COLUMNS, Tokenizer, report_text
 from medcore.errors import DataError
 from medcore.io import read_csv
-from medcore.volume_store import check_settings
-from medcore.volumes import CANONICAL_AXCODES
+from medcore.volumes.geometry import CANONICAL_AXCODES
+from medcore.volumes.store import check_settings
 
 REPORT_COLUMNS = (
     "VolumeName",

@@ -23,10 +23,8 @@ from ctclip.model import CTCLIP
 from ctclip.preprocess import volume_shape
 from ctclip.text import Tokenizer
 from ctclip.zeroshot import predict
-from medcore import inference
-from medcore.checkpoint import load_checkpoint
 from medcore.config import from_dict
-from medcore.device import AmpPolicy, resolve_device
+from medcore.engine import inference
 from medcore.errors import CheckpointError, DataError, UserError
 from medcore.io import atomic_write_csv, atomic_write_json
 from medcore.metrics import (
@@ -36,11 +34,13 @@ from medcore.metrics import (
     roc_auc_per_class,
     select_threshold,
 )
-from medcore.plots import plot_roc_curves
-from medcore.tables import format_table
+from medcore.report.plots import plot_roc_curves
+from medcore.report.tables import format_table
+from medcore.runtime.device import AmpPolicy, resolve_device
+from medcore.weights.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
-    from medcore.run import RunContext
+    from medcore.cli.run_setup import RunContext
 
 KIND = "ctclip.CTCLIP"
 METRICS = ("auc", "f1", "precision", "recall", "accuracy")
@@ -242,7 +242,7 @@ def json_safe(obj: Any) -> Any:
 def read_model_file(path: Path) -> dict[str, Any] | None:
     """The checkpoint dict of exported weights (``final.safetensors``, whose metadata carries
     the model identity, config and training precision); None for a ``.pt`` checkpoint, which
-    :func:`medcore.inference.load_model` reads itself."""
+    :func:`medcore.engine.inference.load_model` reads itself."""
     path = Path(path)
     if path.suffix != ".safetensors":
         return None

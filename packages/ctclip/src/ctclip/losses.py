@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medcore.distributed import gather_with_grad, get_rank
+from medcore.runtime.distributed import gather_with_grad, get_rank
 
 
 class ClipLoss(nn.Module):

@@ -22,13 +22,12 @@ from torch import nn
 from x_transformers import Encoder
 
 from ctclip.config import ModelConfig
-from medcore.constants import IMAGENET_MEAN, IMAGENET_STD
 from medcore.errors import ConfigError, UserError
-from medcore.weights import (
+from medcore.weights.normalization import IMAGENET_MEAN, IMAGENET_STD, data_config
+from medcore.weights.pretrained import (
     OPEN_CLIP_FILES,
     WEIGHT_FILES,
     ResolvedWeights,
-    data_config,
     load_pretrained,
     require_pretrained,
     resolve_weights,
@@ -105,7 +104,7 @@ def convert_dinov2_state(
 
     timm's own filter does the conversion and the position-embedding interpolation. Wrapper
     prefixes (DDP ``module.``, a DINO ``teacher`` checkpoint's ``backbone.``, a LightningModule's
-    attribute) are already taken off by ``medcore.weights.load_pretrained``.
+    attribute) are already taken off by ``medcore.weights.pretrained.load_pretrained``.
     """
     state = {
         k: v for k, v in state.items() if not k.startswith(("head.", "dino_head.", "ibot_head."))
@@ -283,7 +282,7 @@ def normalization(
     cfg: ModelConfig, backbone: nn.Module, weights_config: dict | None = None
 ) -> dict[str, tuple[float, ...]]:
     """``{"mean", "std"}`` of ``cfg`` where set, else what the weights' own config says, else
-    the backbone's timm pretrained_cfg (medcore.weights.data_config)."""
+    the backbone's timm pretrained_cfg (medcore.weights.normalization.data_config)."""
     if exists(cfg.mean) and exists(cfg.std):
         if len(cfg.mean) != 3 or len(cfg.std) != 3:
             raise ConfigError("model.mean", "model.mean and model.std need 3 values (RGB)")

@@ -1,6 +1,6 @@
 """NIfTI CT volumes + metadata CSV -> one HDF5 volume store of uint8 volumes ``[D, H, W]``.
 
-Per volume: read with medcore's reader (:func:`medcore.volumes.read_nifti`: reoriented to the
+Per volume: read with medcore's reader (:func:`medcore.volumes.nifti.read_nifti`: reoriented to the
 canonical orientation, slices inferior -> superior, rows anterior -> posterior, columns
 patient's right -> left, the radiological view), Hounsfield units from one reading of the stored
 values (``--hu-source``, below), clip to [-1000, 1000], resize preserving the physical aspect
@@ -19,7 +19,7 @@ store HU (applying the metadata's rescale again turns 40 HU into -984). ``--hu-s
   unreadable rescale cell stops the job before anything is written).
 - ``auto`` (default): where the two readings differ, the one that looks like a body CT in HU:
   the larger of min(share of voxels in [-1100, -900] HU, share in [-150, 150] HU)
-  (:func:`medcore.volumes.hu_evidence`; a reading off by a rescale moves both air and soft
+  (:func:`medcore.volumes.reader.hu_evidence`; a reading off by a rescale moves both air and soft
   tissue by about 1000 HU). A volume where neither reading reaches 1 %, or both come within
   80 % of each other, is skipped and named (choose with ``header`` or ``metadata``).
 
@@ -31,7 +31,7 @@ Metadata cells: RescaleSlope/RescaleIntercept and, when the table has them, XYSp
 named and skipped (a rescale cell only where its reading may be used: ``auto``), never read as
 0 or 1 mm. A table without spacing columns leaves the spacing to the NIfTI header.
 
-The file is medcore's volume store (:mod:`medcore.volume_store`, kind ``ctclip.volumes``):
+The file is medcore's volume store (:mod:`medcore.volumes.store`, kind ``ctclip.volumes``):
 ``/volumes/<VolumeName>`` one dataset per volume, chunked as a whole volume, with attributes
 ``name``, ``source``, ``spacing`` (input mm, z y x), ``out_spacing``, ``source_shape``, ``pad``
 (``[3, 2]`` voxels of padding before/after along D, H, W), the ``hu_*`` record and
@@ -67,17 +67,11 @@ from ctclip.ctrate import find_ctrate
 from ctclip.notes import name_left_out
 from medcore.errors import DataError, UserError
 from medcore.io import read_csv
-from medcore.volume_store import FORMAT as STORE_FORMAT
-from medcore.volume_store import VolumeStoreWriter, complete_names
-from medcore.volumes import (
-    CANONICAL_AXCODES,
-    NIFTI_SUFFIXES,
-    HUEvidence,
-    Volume,
-    center_in_box,
-    hu_evidence,
-    read_nifti,
-)
+from medcore.volumes.geometry import CANONICAL_AXCODES, Volume, center_in_box
+from medcore.volumes.nifti import NIFTI_SUFFIXES, read_nifti
+from medcore.volumes.reader import HUEvidence, hu_evidence
+from medcore.volumes.store import FORMAT as STORE_FORMAT
+from medcore.volumes.store import VolumeStoreWriter, complete_names
 
 KIND = "ctclip.volumes"
 HU_RANGE = (-1000.0, 1000.0)
@@ -129,7 +123,7 @@ def _affine(slope: float, intercept: float) -> str:
 class HUReading:
     """How a volume's stored values became HU: ``source`` (``header``, ``stored`` or
     ``metadata``, see :data:`SOURCE_NAMES`), the slope and intercept applied to the stored
-    values, the reading's :class:`~medcore.volumes.HUEvidence`, and a note on the reading
+    values, the reading's :class:`~medcore.volumes.reader.HUEvidence`, and a note on the reading
     that was not used."""
 
     source: str
@@ -301,7 +295,7 @@ def hu_to_uint8(hu: np.ndarray) -> np.ndarray:
 def hu_reading(
     volume: Volume, rescale: tuple[float, float] | None, hu_source: str = "auto"
 ) -> HUReading:
-    """Choose how ``volume`` (as :func:`~medcore.volumes.read_nifti` read it) becomes HU, and
+    """Choose how ``volume`` (as :func:`~medcore.volumes.nifti.read_nifti` read it) becomes HU, and
     make it so: its voxels are rescaled in place when the metadata's reading is chosen.
 
     ``rescale`` is the metadata's (RescaleSlope, RescaleIntercept), None when it has none; the

@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 
 from ctclip.ctrate import CTRate, find_ctrate
+from medcore.data.splits import check_no_leak, group_split
 from medcore.errors import DataError, UserError
 from medcore.io import RunLock, atomic_path, atomic_write_csv, atomic_write_json, read_csv
-from medcore.splits import check_no_leak, group_split
 
 NAME_RE = re.compile(
     r"^(?P<split>[a-z]+)_(?P<patient>\d+)_(?P<scan>[a-z]+)_(?P<recon>\d+)(\.nii(\.gz)?)?$"

@@ -42,15 +42,16 @@ from ctclip.preprocess import run_preprocess, volume_shape
 from ctclip.synthetic import generate_demo
 from ctclip.text import Tokenizer
 from ctclip.zeroshot import predict
-from medcore.checkpoint import export_best
+from medcore.cli.dry_run import build_on_meta, dry_run
+from medcore.cli.run_setup import RunContext, setup_run
 from medcore.config import to_dict
-from medcore.demo import ensure_demo_data
-from medcore.distributed import barrier, launched_world
+from medcore.data.demo_cache import ensure_demo_data
+from medcore.data.splits import save_splits
+from medcore.engine.task import EvalContext
+from medcore.engine.trainer import Trainer
 from medcore.errors import ConfigError, DataError, UserError
-from medcore.run import RunContext, setup_run
-from medcore.splits import save_splits
-from medcore.summary import build_on_meta, dry_run
-from medcore.trainer import EvalContext, Trainer
+from medcore.runtime.distributed import barrier, launched_world
+from medcore.weights.checkpoint import export_best
 
 DEMO_SEED = 0  # the demo data does not depend on --seed, so every run shares one cache
 SMOKE = [  # a smaller demo, so that --smoke is quick even with a cold cache
@@ -174,7 +175,7 @@ def make_validation_fn(
     val_ds: CTVolumeDataset, tokenizer: Tokenizer, batch_size: int, num_workers: int | None
 ):
     """Zero-shot AUC per finding, logged as ``val/auc/<finding>`` and ``val/mean_auc``; under
-    DDP each rank embeds its shard of the validation volumes (medcore.inference.predict)."""
+    DDP each rank embeds its shard of the validation volumes (medcore.engine.inference.predict)."""
 
     def evaluate_fn(model: CTCLIP, ctx: EvalContext) -> dict[str, float]:
         probs, labels = predict(

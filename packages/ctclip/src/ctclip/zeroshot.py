@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from ctclip.findings import FINDINGS, prompt_pairs
 from ctclip.model import CTCLIP
 from ctclip.text import Tokenizer
-from medcore import inference
-from medcore.device import AmpPolicy, autocast
+from medcore.engine import inference
+from medcore.runtime.device import AmpPolicy, autocast
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities ``[n, f]``, labels ``[n, f]``) of the volumes of ``dataset`` (in order).
 
-    The volumes go through :func:`medcore.inference.predict` (DataLoader workers: ``num_workers``,
+    The volumes go through :func:`medcore.engine.inference.predict` (DataLoader workers: ``num_workers``,
     None for the device's default; pinned memory on CUDA; under DDP with ``shard`` each rank
     embeds its shard and every rank gets all of them; ``shard=False`` for one rank alone).
     """

@@ -1,14 +1,14 @@
 """Console entry points ``ctretrieval-{preprocess,train,eval,index,search}``: commands and flags.
 
-Each command is ``ctretrieval.<module>:<function>(args)`` (:class:`medcore.cli.Command`).
+Each command is ``ctretrieval.<module>:<function>(args)`` (:class:`medcore.cli.command.Command`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from medcore.cli import Command
-from medcore.device import DEVICE_CHOICES
+from medcore.cli.command import Command
+from medcore.runtime.device import DEVICE_CHOICES
 
 P, F = {"type": Path}, {"type": float}
 CKPT = {**P, "help": "a .pt written by ctretrieval-train"}

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from medcore.cli import RunConfig
-from medcore.constants import IMAGENET_MEAN, IMAGENET_STD
-from medcore.trainer import TrainerConfig
+from medcore.config import RunConfig, TrainerConfig
+from medcore.weights.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 Mode = Literal["microf1", "triplet"]
 

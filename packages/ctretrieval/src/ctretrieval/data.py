@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ctretrieval.config import DataConfig, PreprocessConfig, SamplerConfig
+from medcore.data.samplers import BalancedBatchSampler
+from medcore.data.splits import multilabel_stratified_split
 from medcore.errors import DataError
 from medcore.io import read_csv
-from medcore.metric_learning import BalancedBatchSampler
-from medcore.splits import multilabel_stratified_split
-from medcore.volume_store import FORMAT as STORE_FORMAT
-from medcore.volume_store import check_settings, complete_names
+from medcore.volumes.store import FORMAT as STORE_FORMAT
+from medcore.volumes.store import check_settings, complete_names
 
 
 def normalise_id(value: object, suffixes: list[str]) -> str:
@@ -242,7 +242,7 @@ def demo_volumes(
     """The built-in demo: DICOM series generated once (cached), preprocessed with ``prep`` (cached too)."""
     from ctretrieval.preprocess import preprocess
     from ctretrieval.synthetic import generate_demo
-    from medcore.demo import ensure_demo_data
+    from medcore.data.demo_cache import ensure_demo_data
 
     n, s = cfg.demo_studies, cfg.demo_slices
     root = ensure_demo_data(

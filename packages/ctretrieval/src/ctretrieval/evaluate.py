@@ -17,14 +17,14 @@ from ctretrieval.config import CTRetrievalConfig, ModelConfig
 from ctretrieval.data import StudyTable, load_studies
 from ctretrieval.metrics import Embedded, embed, metric_rows, score
 from ctretrieval.model import Proximity100x100, build_model
-from medcore import inference
+from medcore.cli.run_setup import load_run_config
 from medcore.config import from_dict, to_dict
-from medcore.device import resolve_device
+from medcore.data.splits import load_splits
+from medcore.engine import inference
 from medcore.errors import DataError
 from medcore.io import atomic_write_csv, atomic_write_json
-from medcore.run import load_run_config
-from medcore.splits import load_splits
-from medcore.tables import format_table
+from medcore.report.tables import format_table
+from medcore.runtime.device import resolve_device
 
 # What ctretrieval-eval takes from --config / --set: the model is the checkpoint's.
 EVAL_SECTIONS = ("eval", "data", "seed")

@@ -33,12 +33,12 @@ from ctretrieval.metrics import embed, knn_label_scores
 from ctretrieval.preprocess import fit_volume
 from ctretrieval.readers import NIFTI_SUFFIXES, Study, read_study
 from medcore.config import from_dict
-from medcore.device import resolve_device
+from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.errors import DataError
-from medcore.inference import PredictOptions, checkpoint_precision
 from medcore.io import atomic_path, atomic_write_csv, atomic_write_json
-from medcore.tables import format_table
-from medcore.volume_store import read_settings
+from medcore.report.tables import format_table
+from medcore.runtime.device import resolve_device
+from medcore.volumes.store import read_settings
 
 INDEX_FORMAT = "ctretrieval.index/1"
 

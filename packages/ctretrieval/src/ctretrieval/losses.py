@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medcore.metric_learning import Mining, mine_triplets, pairwise_distances, triplet_masks
+from medcore.losses.triplet_mining import Mining, mine_triplets, pairwise_distances, triplet_masks
 
 Average = Literal["micro", "sample"]
 Targets = Literal["binary", "jaccard"]
@@ -73,9 +73,9 @@ class OnlineTripletLoss(nn.Module):
     """Triplet loss on the hardest, a semi-hard or a random hard negative of each (anchor, positive).
 
     Every (anchor, positive) pair of the batch gets one negative among the compatible ones
-    (:func:`medcore.metric_learning.triplet_masks` with the multi-hot labels: no shared
+    (:func:`medcore.losses.triplet_mining.triplet_masks` with the multi-hot labels: no shared
     positive finding), chosen on squared Euclidean distances ``d``
-    (:func:`medcore.metric_learning.mine_triplets`):
+    (:func:`medcore.losses.triplet_mining.mine_triplets`):
 
     * ``hardest``: the negative closest to the anchor.
     * ``semihard``: a random negative with ``d_ap < d_an < d_ap + margin``.

@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ctretrieval.config import CTRetrievalConfig, EvalConfig
+from medcore.engine.inference import PredictOptions, predict
 from medcore.errors import DataError
-from medcore.inference import PredictOptions, predict
 from medcore.metrics.classification import multilabel_f1
 from medcore.metrics.retrieval import random_baseline, retrieval_metrics
 
@@ -38,7 +38,7 @@ class Embedded:
 def embed(model: nn.Module, data: Dataset, options: PredictOptions) -> Embedded:
     """Embeddings (and head probabilities) of every study of ``data``, in order, no augmentation.
 
-    One :func:`medcore.inference.predict` loop: volumes read from the HDF5 in DataLoader
+    One :func:`medcore.engine.inference.predict` loop: volumes read from the HDF5 in DataLoader
     workers, pinned memory on CUDA, the training run's precision; with ``options.shard`` under
     DDP each rank embeds its part and every rank gets all of them.
     """
@@ -144,5 +144,5 @@ def score(
 
 
 def metric_rows(metrics: dict[str, float], baseline: dict[str, float]) -> list[dict[str, Any]]:
-    """Rows ``metric | model | random`` for :func:`medcore.cli.format_table`."""
+    """Rows ``metric | model | random`` for :func:`medcore.report.tables.format_table`."""
     return [{"metric": k, "model": v, "random": baseline.get(k, "")} for k, v in metrics.items()]

@@ -23,11 +23,10 @@ import torchvision
 from torch import nn
 
 from ctretrieval.config import ModelConfig
-from medcore.constants import IMAGENET_MEAN, IMAGENET_STD
-from medcore.device import AmpPolicy, autocast
-from medcore.weights import (
+from medcore.runtime.device import AmpPolicy, autocast
+from medcore.weights.normalization import IMAGENET_MEAN, IMAGENET_STD, data_config
+from medcore.weights.pretrained import (
     LoadReport,
-    data_config,
     load_pretrained,
     missing_weights_error,
     resolve_weights,
@@ -190,7 +189,7 @@ class Proximity100x100(nn.Module):
         """Embeddings (and finding probabilities) without gradients, in float32.
 
         ``amp`` is the precision to run in, the training run's (``Trainer.amp``, or
-        :func:`medcore.device.amp_policy` of a checkpoint's trainer settings) so that
+        :func:`medcore.runtime.device.amp_policy` of a checkpoint's trainer settings) so that
         embeddings are computed as they were trained; None runs in float32.
         """
         with autocast(volume.device, amp) if amp is not None else contextlib.nullcontext():

@@ -6,7 +6,7 @@ resize to ``target_shape`` (trilinear), or, with ``target_spacing``, resample to
 and centre it in ``target_shape`` (padded with the window's low end; cropped symmetrically only
 where the anatomy is larger than the box, recorded per volume), then window to uint8.
 
-The file is medcore's volume store (:mod:`medcore.volume_store`, kind ``ctretrieval.volumes``):
+The file is medcore's volume store (:mod:`medcore.volumes.store`, kind ``ctretrieval.volumes``):
 ``/volumes/<study id>`` uint8 ``[d, h, w]`` with attributes ``source``, ``spacing`` (input mm,
 z y x), ``source_shape``, ``pad`` / ``crop`` (voxels before and after, per axis) and
 ``complete``; file attributes ``format``, ``format_version``, ``kind``, ``settings`` and the
@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from ctretrieval.config import PreprocessConfig
 from ctretrieval.readers import Study, find_studies, read_study
+from medcore.cli.run_setup import load_run_config
 from medcore.errors import ConfigError, DataError
-from medcore.run import load_run_config
-from medcore.volume_store import VolumeStoreWriter
-from medcore.volumes import CANONICAL_AXCODES, Volume, center_in_box
+from medcore.volumes.geometry import CANONICAL_AXCODES, Volume, center_in_box
+from medcore.volumes.store import VolumeStoreWriter
 
 KIND = "ctretrieval.volumes"
 

@@ -1,6 +1,6 @@
 """Raw CT studies: a DICOM series (one folder per study) or a NIfTI file, in HU.
 
-Reading is medcore's (:mod:`medcore.volumes`): volumes come back as float32 ``[d, h, w]`` in
+Reading is medcore's (:mod:`medcore.volumes.reader`): volumes come back as float32 ``[d, h, w]`` in
 Hounsfield units in one canonical orientation for both sources (slices inferior -> superior,
 rows anterior -> posterior, columns patient right -> left), with their voxel spacing. Every
 reason a study cannot be read is a DataError naming it.
@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from medcore.errors import DataError
-from medcore.volumes import NIFTI_SUFFIXES, Volume, read_dicom_series, read_nifti
+from medcore.volumes.dicom import read_dicom_series
+from medcore.volumes.geometry import Volume
+from medcore.volumes.nifti import NIFTI_SUFFIXES, read_nifti
 
 
 @dataclass(frozen=True)

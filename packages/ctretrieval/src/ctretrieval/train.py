@@ -24,21 +24,22 @@ from ctretrieval.data import StudyTable, balanced_sampler, load_studies, make_sp
 from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss, graded_targets
 from ctretrieval.metrics import embed, metric_rows, score
 from ctretrieval.model import RESNET18_HINT, build_model, with_weights_normalisation
-from medcore.checkpoint import export_best
+from medcore.cli.dry_run import dry_run
+from medcore.cli.run_setup import RunContext, setup_run
 from medcore.config import to_dict
-from medcore.device import AmpPolicy
-from medcore.distributed import barrier
+from medcore.data.splits import load_or_make_splits
+from medcore.engine.inference import PredictOptions
+from medcore.engine.run_log import RunLogger
+from medcore.engine.task import EvalContext, TrainResult
+from medcore.engine.trainer import Trainer
 from medcore.errors import ConfigError
-from medcore.inference import PredictOptions
 from medcore.io import atomic_write_csv
-from medcore.plots import plot_roc_curves, plot_training_curves
-from medcore.run import RunContext, setup_run
-from medcore.runlog import RunLogger
-from medcore.splits import load_or_make_splits
-from medcore.summary import dry_run
-from medcore.tables import format_table
-from medcore.trainer import EvalContext, Trainer, TrainResult
-from medcore.weights import require_pretrained
+from medcore.report.plots import plot_roc_curves, plot_training_curves
+from medcore.report.tables import format_table
+from medcore.runtime.device import AmpPolicy
+from medcore.runtime.distributed import barrier
+from medcore.weights.checkpoint import export_best
+from medcore.weights.pretrained import require_pretrained
 
 # --smoke on the demo: a smaller demo at a smaller size, so a cold cache still finishes in seconds.
 # Proximity300x300 is Proximity100x100 held at 300 slices of 300 x 300 (triplet.yaml): the smoke

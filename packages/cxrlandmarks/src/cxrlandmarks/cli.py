@@ -1,14 +1,14 @@
 """Console entry points ``cxrlandmarks-{train,eval,predict}``: the commands and their flags only.
 
-Each command is ``cxrlandmarks.<module>:<verb>_command(args)`` (:class:`medcore.cli.Command`).
+Each command is ``cxrlandmarks.<module>:<verb>_command(args)`` (:class:`medcore.cli.command.Command`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from medcore.cli import Command
-from medcore.device import DEVICE_CHOICES
+from medcore.cli.command import Command
+from medcore.runtime.device import DEVICE_CHOICES
 
 P, DEVICE = {"type": Path}, ("--device", {"choices": DEVICE_CHOICES, "default": "auto"})
 CHECKPOINTS = {**P, "action": "append", "default": [], "help": "repeatable"}

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from cxrlandmarks.anatomy import CATEGORIES
-from medcore.cli import RunConfig
-from medcore.trainer import TrainerConfig
+from medcore.config import RunConfig, TrainerConfig
 
 PHASES = ("phase1", "phase2", "phase3", "phase4")
 

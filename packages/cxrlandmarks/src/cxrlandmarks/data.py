@@ -41,8 +41,8 @@ from torchvision.transforms.v2 import functional as F
 from cxrlandmarks.anatomy import NUM_LANDMARKS
 from cxrlandmarks.augment import apply_geometry, sample_augment
 from cxrlandmarks.config import AugmentConfig, DataConfig
+from medcore.data.image_store import ImageStore, StoreSpec, cached_store
 from medcore.errors import ConfigError, DataError, UserError
-from medcore.imagestore import ImageStore, StoreSpec, cached_store
 from medcore.io import load_image, read_csv, safe_join
 
 PACKAGE = "cxrlandmarks"
@@ -59,7 +59,7 @@ KAGGLE = "Kaggle COVID-19 Radiography"
 def resolve_data_dir(cfg: DataConfig) -> Path:
     """The user's data directory, or the cached synthetic demo (generated on first use)."""
     from cxrlandmarks.synthetic import write_dataset
-    from medcore.demo import ensure_demo_data
+    from medcore.data.demo_cache import ensure_demo_data
 
     if cfg.data_dir is not None:
         path = Path(cfg.data_dir)
@@ -551,7 +551,7 @@ def split_records(
     records: list[LandmarkRecord], ratios: dict[str, float], seed: int
 ) -> dict[str, np.ndarray]:
     """70/15/15 (by default) split stratified by category."""
-    from medcore.splits import stratified_split
+    from medcore.data.splits import stratified_split
 
     try:
         return stratified_split([r.category for r in records], ratios, seed)

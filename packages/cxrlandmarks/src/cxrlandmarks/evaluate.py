@@ -23,13 +23,13 @@ from cxrlandmarks.config import PHASES, CxrConfig
 from cxrlandmarks.data import PACKAGE, LandmarkDataset, LandmarkRecord, RunData, image_store
 from cxrlandmarks.inference import REFERENCE_SIZE, predict_dataset
 from cxrlandmarks.model import load_model
+from medcore.cli.run_setup import RunContext, load_run_config
+from medcore.engine.inference import PredictOptions, checkpoint_precision
+from medcore.engine.run_log import RunLogger
 from medcore.errors import CheckpointError, UserError
-from medcore.inference import PredictOptions, checkpoint_precision
 from medcore.io import atomic_write_csv, atomic_write_json
 from medcore.metrics import landmark_errors
-from medcore.run import RunContext, load_run_config
-from medcore.runlog import RunLogger
-from medcore.tables import format_table
+from medcore.report.tables import format_table
 
 THRESHOLDS = (5.0, 8.5, 10.0, 15.0)
 
@@ -270,8 +270,8 @@ def data_config_of(args: Any, state: dict[str, Any]) -> Any:
 def evaluate_command(args: Any) -> int:
     """``cxrlandmarks-eval``: reports per checkpoint and a comparison table."""
     from cxrlandmarks.data import load_records, resolve_data_dir, split_records
-    from medcore.device import resolve_device
-    from medcore.splits import load_splits
+    from medcore.data.splits import load_splits
+    from medcore.runtime.device import resolve_device
 
     paths = _checkpoints_of(args)
     device = resolve_device(args.device)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cxrlandmarks.anatomy import flip_coords
-from medcore.inference import PredictOptions, predict
+from medcore.engine.inference import PredictOptions, predict
 
 REFERENCE_SIZE = 224  # "px at 224": ||pred - target|| x 224 on normalised coordinates
 
@@ -44,7 +44,7 @@ def predict_dataset(
 ) -> np.ndarray:
     """Normalised predictions ``[n, 15, 2]`` in dataset order. Under DDP with ``shard`` (every
     rank calls it) each rank predicts its shard and gets all of them; ``shard=False``: this
-    rank predicts everything alone (see :func:`medcore.inference.predict`)."""
+    rank predicts everything alone (see :func:`medcore.engine.inference.predict`)."""
     ensemble = nn.ModuleList(models)  # one module: predict() switches all of them to eval
 
     def forward(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

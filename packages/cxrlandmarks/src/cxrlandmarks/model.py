@@ -17,11 +17,12 @@ from torch import nn
 from torchvision.models import resnet18
 
 from cxrlandmarks.config import ModelConfig
-from medcore.checkpoint import load_checkpoint
 from medcore.config import from_dict, to_dict
+from medcore.engine.inference import load_model as load_checkpoint_model
 from medcore.errors import CheckpointError
-from medcore.inference import load_model as load_checkpoint_model
-from medcore.weights import LoadReport, data_config, load_pretrained, missing_weights_error
+from medcore.weights.checkpoint import load_checkpoint
+from medcore.weights.normalization import data_config
+from medcore.weights.pretrained import LoadReport, load_pretrained, missing_weights_error
 
 KIND = "cxrlandmarks.ResNetLandmarkRegressor"
 FEATURES = 512
@@ -237,7 +238,7 @@ def load_model(
     """Rebuild a model from a checkpoint alone (ours or the original code's), in eval mode.
 
     The original code's checkpoint is read into our layout first (converted weights, its model
-    config), then both go through :func:`medcore.inference.load_model`.
+    config), then both go through :func:`medcore.engine.inference.load_model`.
     """
     weights, cfg, state = read_model_checkpoint(path)
     state = {**state, "kind": KIND, "model": weights, "model_config": to_dict(cfg)}

@@ -14,7 +14,7 @@ import numpy as np
 
 from cxrlandmarks.anatomy import LANDMARK_NAMES
 from medcore.io import load_image
-from medcore.plots import save_figure
+from medcore.report.plots import save_figure
 
 
 def draw_landmarks(

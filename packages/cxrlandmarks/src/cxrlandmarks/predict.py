@@ -24,10 +24,10 @@ from cxrlandmarks.data import IMAGE_EXTENSIONS, image_tensor, resize_and_normali
 from cxrlandmarks.evaluate import coordinates_frame, data_config_of
 from cxrlandmarks.inference import predict_batches
 from cxrlandmarks.model import input_normalisation, load_model
-from medcore.device import resolve_device
+from medcore.engine.inference import PredictOptions, checkpoint_precision, predict
 from medcore.errors import DataError, UserError
-from medcore.inference import PredictOptions, checkpoint_precision, predict
 from medcore.io import atomic_write_csv, atomic_write_json
+from medcore.runtime.device import resolve_device
 
 
 def _is_mask(path: Path) -> bool:
@@ -145,7 +145,7 @@ def predict_command(args: Any) -> int:
         import matplotlib.pyplot as plt
 
         from medcore.io import load_image
-        from medcore.plots import save_figure
+        from medcore.report.plots import save_figure
 
         for i, (name, c) in enumerate(zip(names, coords_px, strict=True)):
             fig, ax = plt.subplots(figsize=(4, 4))

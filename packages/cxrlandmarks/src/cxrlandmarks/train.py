@@ -1,6 +1,6 @@
 """The 4-phase training: frozen trunk -> full fine-tune -> + symmetry -> + distance.
 
-Each phase is one medcore stage (:mod:`medcore.stages`) and one Trainer run in
+Each phase is one medcore stage (:mod:`medcore.cli.stages`) and one Trainer run in
 ``<run_dir>/<phase>/`` (its own latest/final checkpoints, metrics.jsonl and TensorBoard events):
 a resumed chain skips its finished phases and resumes inside the one it stopped in. The images
 are decoded once into medcore's image store, shared by every phase, validation and test. The best checkpoint of a phase (lowest validation mean pixel error) is
@@ -41,19 +41,20 @@ from cxrlandmarks.model import (
     load_weights,
     read_model_checkpoint,
 )
-from medcore.checkpoint import copy_checkpoint, export_best
+from medcore.cli.dry_run import dry_run
+from medcore.cli.run_setup import RunContext, setup_run
+from medcore.cli.stages import Stage, run_stage
 from medcore.config import to_dict
-from medcore.distributed import barrier
+from medcore.data.splits import load_or_make_splits
+from medcore.engine.inference import PredictOptions
+from medcore.engine.task import EvalContext
+from medcore.engine.trainer import Trainer
 from medcore.errors import UserError
-from medcore.inference import PredictOptions
 from medcore.metrics import landmark_errors
-from medcore.plots import plot_training_curves
-from medcore.run import RunContext, setup_run
-from medcore.splits import load_or_make_splits
-from medcore.stages import Stage, run_stage
-from medcore.summary import dry_run
-from medcore.trainer import EvalContext, Trainer
-from medcore.weights import require_pretrained, resolve_weights
+from medcore.report.plots import plot_training_curves
+from medcore.runtime.distributed import barrier
+from medcore.weights.checkpoint import copy_checkpoint, export_best
+from medcore.weights.pretrained import require_pretrained, resolve_weights
 
 
 def prepare_splits(

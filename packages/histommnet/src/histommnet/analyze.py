@@ -22,11 +22,11 @@ from histommnet.breakhis import CLASSES, SUBTYPE_NAMES, BreakHisIndex, Patient, 
 from histommnet.config import PACKAGE, HistoConfig
 from histommnet.crossval import load_index, make_folds, read_folds
 from histommnet.evaluate import METRICS, RATES_NOTE, summarize_folds, summary_display, write_table
+from medcore.cli.run_setup import setup_run
+from medcore.data.splits import save_splits
 from medcore.errors import DataError, UserError
 from medcore.io import atomic_write_json
-from medcore.run import setup_run
-from medcore.splits import save_splits
-from medcore.tables import format_table
+from medcore.report.tables import format_table
 
 
 def patient_frame(patients: list[Patient], cfg: HistoConfig) -> pd.DataFrame:

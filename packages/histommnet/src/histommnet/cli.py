@@ -1,13 +1,13 @@
 """Console entry points ``histommnet-{train,analyze,gradcam}``: the commands and their flags only.
 
-Each command is ``histommnet.<module>:run(args)`` (:class:`medcore.cli.Command`).
+Each command is ``histommnet.<module>:run(args)`` (:class:`medcore.cli.command.Command`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from medcore.cli import Command
+from medcore.cli.command import Command
 
 MODELS = ("mmnet", "single", "concat")
 FOLDS = ("--folds", {"type": int, "help": "number of cross-validation folds (default 5)"})

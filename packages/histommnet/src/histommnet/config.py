@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from medcore.cli import RunConfig
-from medcore.trainer import TrainerConfig
+from medcore.config import RunConfig, TrainerConfig
 
 PACKAGE = "histommnet"
 MAGNIFICATIONS = ["40X", "100X", "200X", "400X"]

@@ -1,7 +1,7 @@
 """``histommnet-train``'s orchestration: data, patient-wise folds, one training per fold, summary.
 
 Every image is decoded once at the input size (``histommnet.data.WorkingImages``) for all
-folds. Each fold is a ``medcore.stages`` stage ``fold_<i>`` (a resumed run skips finished folds
+folds. Each fold is a ``medcore.cli.stages`` stage ``fold_<i>`` (a resumed run skips finished folds
 and resumes the interrupted one): nested patient-wise validation split, training
 (``histommnet.train.train_fold``), thresholds chosen on validation and applied to the test
 patients (``histommnet.evaluate.test_fold``). Then mean +- std over folds, tables (CSV +
@@ -59,13 +59,11 @@ from histommnet.model import (
 )
 from histommnet.synthetic import generate_breakhis
 from histommnet.train import save_fold_model, train_fold
-from medcore.demo import ensure_demo_data
-from medcore.errors import ConfigError, DataError, UserError
-from medcore.inference import PredictOptions, checkpoint_precision
-from medcore.io import atomic_write_json
-from medcore.run import RunContext, setup_run
-from medcore.runlog import RunLogger
-from medcore.splits import (
+from medcore.cli.dry_run import dry_run
+from medcore.cli.run_setup import RunContext, setup_run
+from medcore.cli.stages import Stage, run_stage
+from medcore.data.demo_cache import ensure_demo_data
+from medcore.data.splits import (
     SplitLeakError,
     check_no_leak,
     load_or_make_splits,
@@ -73,10 +71,12 @@ from medcore.splits import (
     nested_validation,
     stratified_group_kfold,
 )
-from medcore.stages import Stage, run_stage
-from medcore.summary import dry_run
-from medcore.tables import format_table
-from medcore.weights import require_pretrained
+from medcore.engine.inference import PredictOptions, checkpoint_precision
+from medcore.engine.run_log import RunLogger
+from medcore.errors import ConfigError, DataError, UserError
+from medcore.io import atomic_write_json
+from medcore.report.tables import format_table
+from medcore.weights.pretrained import require_pretrained
 
 DEMO_VERSION = "v2"
 SMOKE_OVERRIDES = ["cv.fold=0", "data.eval_max_draws=2", "data.max_draws_per_patient=3"]

@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from histommnet.breakhis import Patient, draws_per_patient
 from histommnet.config import AugmentConfig, DataConfig
+from medcore.data.image_store import ImageStore, StoreSpec, cached_store
 from medcore.errors import DataError
-from medcore.imagestore import ImageStore, StoreSpec, cached_store
 from medcore.io import load_image
 
 
@@ -57,7 +57,7 @@ def _source_shape(path: str) -> tuple[int, int] | None:
 
 
 class WorkingImages:
-    """Every image decoded once at the input size, in ``medcore.imagestore`` stores shared by all
+    """Every image decoded once at the input size, in ``medcore.data.image_store`` stores shared by all
     folds, splits and DataLoader workers (rebuilt by the store when a source changes).
 
     A source is scaled to cover the input keeping its shape (``cover_size``), with the

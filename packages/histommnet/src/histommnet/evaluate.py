@@ -25,11 +25,11 @@ from torch.utils.data import Subset
 
 from histommnet.breakhis import CLASSES, SUBTYPE_CODES
 from histommnet.data import MultiMagDataset
-from medcore import inference
+from medcore.engine import inference
 from medcore.io import atomic_write_csv, atomic_write_text
 from medcore.metrics import binary_metrics, select_threshold
-from medcore.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
-from medcore.tables import markdown_table
+from medcore.report.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
+from medcore.report.tables import markdown_table
 
 METRICS = (
     "accuracy",
@@ -56,7 +56,7 @@ def predict(
     """One row per draw (of ``indices`` only, when given): patient, label, subtype, malignant
     probability (and subtype guess).
 
-    ``medcore.inference.predict`` with ``options`` (sharded over the ranks under DDP unless
+    ``medcore.engine.inference.predict`` with ``options`` (sharded over the ranks under DDP unless
     ``options.shard`` is False: every rank gets all rows).
     """
 

@@ -29,11 +29,11 @@ from histommnet.crossval import load_index
 from histommnet.data import MultiMagDataset, WorkingImages, normalization
 from histommnet.evaluate import predict
 from histommnet.model import SingleMagNet, load_model, resolve_normalization
+from medcore.cli.run_setup import setup_run
+from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.errors import UserError
-from medcore.inference import PredictOptions, checkpoint_precision
 from medcore.io import atomic_path, atomic_write_json
-from medcore.plots import save_figure
-from medcore.run import setup_run
+from medcore.report.plots import save_figure
 
 
 class _LogitsOnly(nn.Module):

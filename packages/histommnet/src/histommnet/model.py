@@ -25,15 +25,11 @@ from histommnet.attention import (
 )
 from histommnet.breakhis import SUBTYPE_CODES
 from histommnet.config import DataConfig, ModelConfig
-from medcore import inference
 from medcore.config import from_dict
+from medcore.engine import inference
 from medcore.errors import ConfigError
-from medcore.weights import (
-    data_config,
-    load_pretrained,
-    require_pretrained,
-    resolve_weights,
-)
+from medcore.weights.normalization import data_config
+from medcore.weights.pretrained import load_pretrained, require_pretrained, resolve_weights
 
 NUM_SUBTYPES = len(SUBTYPE_CODES)
 # The hub names of the weights the configs expect (timm's current default tags).

@@ -28,20 +28,21 @@ from histommnet.data import (
 from histommnet.evaluate import predict, validation_scores
 from histommnet.losses import FocalLoss, malignant_alpha, mixup, soft_targets
 from histommnet.model import NUM_SUBTYPES, build_model, checkpoint_kind
-from medcore.checkpoint import (
+from medcore.cli.run_setup import RunContext
+from medcore.cli.stages import Stage
+from medcore.config import to_dict
+from medcore.engine.inference import PredictOptions
+from medcore.engine.run_log import RunLogger
+from medcore.engine.task import EvalContext
+from medcore.engine.trainer import Trainer
+from medcore.runtime.device import device_defaults
+from medcore.weights.checkpoint import (
     export_best,
     load_checkpoint,
     release_spares,
     save_checkpoint,
     unwrap_model,
 )
-from medcore.config import to_dict
-from medcore.device import device_defaults
-from medcore.inference import PredictOptions
-from medcore.run import RunContext
-from medcore.runlog import RunLogger
-from medcore.stages import Stage
-from medcore.trainer import EvalContext, Trainer
 
 
 class _EpochLoss:

@@ -9,6 +9,10 @@ given as a mapping is merged into the section it replaces: the value its parent 
 ``default_factory`` such as ``trainer: TrainerConfig = field(default_factory=research_trainer)``,
 at any depth), not the section class's own defaults. A ``dict`` field is a value: a mapping
 given whole replaces it, while ``--set a.field.key=v`` changes that one entry.
+
+The sections every package's config has are here too: :class:`RunConfig` (the top level a
+package's config subclasses) and :class:`TrainerConfig` (its ``trainer:`` section). This module
+imports neither torch nor the trainer, so a package's ``config`` stays light to import.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -280,3 +285,93 @@ def load_config(
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomic)."""
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@dataclass
+class TrainerConfig:
+    """Training-loop settings shared by every package (the ``trainer:`` section of a config)."""
+
+    epochs: int = 10
+    batch_size: int | None = None  # None: the device default (CUDA 16, MPS 8, CPU 4)
+    num_workers: int | None = None  # None: the device default (CUDA 8, MPS 0, CPU 2)
+    max_steps_per_epoch: int | None = None  # cap batches per epoch (CPU-sized demos, --smoke)
+    drop_last: bool = False
+    # A last training batch with fewer samples than this (per rank) is dropped, with a note:
+    # BatchNorm cannot normalise one sample (e.g. 1393 images at batch 24 leave 1).
+    min_batch_size: int = 2
+    grad_accum_steps: int = 1
+    grad_clip: float | None = None
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "plateau", "step", "none"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    step_size: int = 10  # epochs, for the step scheduler
+    gamma: float = 0.1
+    plateau_patience: int = 3
+    plateau_factor: float = 0.5
+    amp: bool = True
+    amp_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    eval_every_steps: int = 0  # 0: evaluate at the end of every epoch
+    monitor: list[str] = field(default_factory=lambda: ["val/loss"])  # first present one is used
+    monitor_mode: Literal["max", "min"] = "min"
+    early_stopping_patience: int = 0  # evaluations without improvement; 0 disables
+    checkpoint_prefix: str = "model"
+    best_name: str | None = None  # fixed file name for the best checkpoint, e.g. phase1_best.pt
+    save_every_steps: int = 0  # extra latest.pt saves inside an epoch (0: epoch ends only)
+    # Epoch-end latest.pt at most every this many seconds of training (0: every epoch). For
+    # epochs of a few seconds (laptop demos, small datasets on a GPU), where writing the model
+    # and optimizer state every epoch costs a tenth of the run; the last epoch, an early stop,
+    # Ctrl-C and SIGTERM (SLURM's time limit and preemption) always write it.
+    save_interval_s: float = 0.0
+    log_every_steps: int = 10
+    max_nonfinite_steps: int = 5
+    channels_last: bool = False
+    compile: bool = False
+    find_unused_parameters: bool = False
+    # Fabric: "auto" is one device, or DDP over the launched ranks; "fsdp" shards parameters,
+    # gradients and optimizer state across GPUs (ctclip's DINOv2 ViT-L/G, binensemble full).
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    devices: int | None = None  # processes on this machine (--devices); None: 1 or the launcher's
+    num_nodes: int = 1  # machines of a torchrun / SLURM job (--num-nodes)
+    # Fabric precision ("bf16-mixed", "16-mixed", "32-true", ...); None: from amp / amp_dtype.
+    precision: (
+        Literal["bf16-mixed", "16-mixed", "32-true", "bf16-true", "16-true", "64-true"] | None
+    ) = None
+    persistent_workers: bool = True  # keep loader workers across epochs (False: fresh per epoch)
+
+    def __post_init__(self) -> None:
+        if self.grad_accum_steps < 1:
+            raise ValueError("grad_accum_steps must be >= 1")
+        if self.devices is not None and self.devices < 1:
+            raise ValueError("devices must be >= 1")
+        if self.num_nodes < 1:
+            raise ValueError("num_nodes must be >= 1")
+        if self.epochs < 0:
+            raise ValueError("epochs must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Fields every package's top-level config has; packages subclass it and add sections.
+
+    A subclass must define ``data`` (with ``data_dir``), ``model`` (with ``pretrained_weights``)
+    and may rely on ``trainer`` as defined here.
+
+    ``epochs_keys``: what ``--epochs N`` (and ``--smoke``'s one epoch) sets. A package that
+    trains in phases with epochs of their own names them all; its ``trainer.epochs`` is then
+    unused, and a config or ``--set`` that changes it is refused (:mod:`medcore.cli.run_setup`).
+    """
+
+    epochs_keys: ClassVar[tuple[str, ...]] = ("trainer.epochs",)
+
+    seed: int = 42
+    device: str = "auto"
+    output_dir: str | None = None
+    # CPU threads for torch; None keeps torch's default. Tiny demo tensors often run faster on
+    # one thread than on several oversubscribed ones.
+    num_threads: int | None = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

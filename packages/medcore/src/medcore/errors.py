@@ -8,7 +8,7 @@ from pathlib import Path
 class UserError(Exception):
     """A problem with the user's input or environment, never a bug.
 
-    Rendered by :func:`medcore.cli.run_cli` as ``error: <what>: <why>`` on stderr, exit code 2.
+    Rendered by :func:`medcore.cli.command.run_cli` as ``error: <what>: <why>`` on stderr, exit code 2.
     """
 
     def __init__(self, what: str | Path, why: str) -> None:

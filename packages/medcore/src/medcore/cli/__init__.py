@@ -1,0 +1,1 @@
+"""Command-line plumbing every ``<pkg>-<verb>`` shares: commands, flags, run setup, stages, launch, dry run."""

@@ -1,0 +1,1 @@
+"""Data plumbing shared by the packages: splits, samplers, the image store, the demo cache."""

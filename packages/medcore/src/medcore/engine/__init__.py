@@ -1,0 +1,1 @@
+"""The training engine: the Trainer, its loop state, loading, evaluation, checkpoints, optimisation, inference."""

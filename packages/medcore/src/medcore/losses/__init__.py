@@ -1,0 +1,1 @@
+"""Loss building blocks more than one package needs."""

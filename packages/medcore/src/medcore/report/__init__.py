@@ -1,0 +1,1 @@
+"""Reports: metric tables and figures."""

@@ -1,0 +1,1 @@
+"""Where a run executes: devices and the process group."""

@@ -1,0 +1,1 @@
+"""CT volumes: DICOM and NIfTI readers, the canonical geometry, the HDF5 volume store."""

@@ -1,0 +1,1 @@
+"""Model weights: checkpoints, pretrained resolution, state-dict key conversion, input normalisation."""
