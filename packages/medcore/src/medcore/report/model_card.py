@@ -219,9 +219,9 @@ def _load_section(card: ModelCard, package: str, repo_id: str | None) -> str:
         lines += card.usage.strip("\n").splitlines()
     text = "```python\n" + "\n".join(lines) + "\n```\n\n"
     text += (
-        f'A local copy of this folder loads the same way: `{package}.load("path/to/folder")`. '
-        f"Install the package with `pip install {package}`; the weights are read offline from "
-        "the Hugging Face cache once downloaded (`HF_HUB_OFFLINE=1` keeps it so)."
+        f"With `{package}` installed, a local copy of this folder loads the same way: "
+        f'`{package}.load("path/to/folder")`. A hub model is read from the Hugging Face cache '
+        "once downloaded; with `HF_HUB_OFFLINE=1` nothing is fetched."
     )
     if card.command:
         text += "\n\n```bash\n" + card.command.format(source=source) + "\n```"
