@@ -732,3 +732,10 @@ def save_weights_as(how: str, net: torch.nn.Module, path: str | Path) -> Path:
     """Write ``net``'s weights to ``path`` as ``how`` (a key of :data:`SAVE_AS`) saves them."""
     SAVE_AS[how](net, Path(path))
     return Path(path)
+
+
+def hub_snapshot_of(home: str | Path, repo: str, folder: str | Path, rev: str = "0" * 40) -> Path:
+    """:func:`hub_snapshot` of the files of ``folder`` (e.g. an exported model), as a download
+    of the hub repository ``repo`` leaves them in the cache under ``home``."""
+    files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    return hub_snapshot(home, repo, files, rev)

@@ -1,1 +1,2 @@
-"""Model weights: checkpoints, pretrained resolution, state-dict key conversion, input normalisation."""
+"""Model weights: checkpoints, pretrained resolution, state-dict key conversion, input
+normalisation, exported models and the sources a trained model is read from."""

@@ -179,13 +179,14 @@ def _read_configs(folder: Path) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for name in CONFIG_FILES:
         if (folder / name).is_file():
-            config.update(_read_json(folder / name))
+            config.update(read_json_object(folder / name))
     if (folder / PREPROCESSOR_FILE).is_file():
-        config["preprocessor"] = _read_json(folder / PREPROCESSOR_FILE)
+        config["preprocessor"] = read_json_object(folder / PREPROCESSOR_FILE)
     return config
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (a weights config); anything else is a CheckpointError."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
