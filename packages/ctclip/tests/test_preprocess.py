@@ -13,6 +13,7 @@ import pytest
 from ctclip import cli
 from ctclip import preprocess as pp
 from ctclip.preprocess import VolumeMeta, preprocess_volume, run_preprocess
+from medcore.volumes.store import complete_names
 
 RNG = np.random.default_rng(0)
 
@@ -182,7 +183,7 @@ def test_interrupted_run_resumes_without_redoing_work(tmp_path, monkeypatch):
     partial = tmp_path / "out.h5.partial"
     assert not out.exists() and partial.exists()  # the finished name never holds a partial file
     with h5py.File(partial, "a") as h5:
-        assert len(pp.complete_names(h5)) == 2
+        assert len(complete_names(h5)) == 2
         h5["volumes"].create_dataset(
             calls[2], data=np.zeros((4, 8, 8), np.uint8)
         )  # half-written, unmarked
@@ -195,7 +196,7 @@ def test_interrupted_run_resumes_without_redoing_work(tmp_path, monkeypatch):
     assert len(calls) == 2 and result.skipped_existing == 2
     assert out.exists() and not partial.exists()
     with h5py.File(out) as h5:
-        assert len(pp.complete_names(h5)) == 4
+        assert len(complete_names(h5)) == 4
         fresh, _ = real(vols / calls[0], pp.read_metadata([meta])[calls[0]], (4, 8, 8))
         np.testing.assert_array_equal(h5["volumes"][calls[0]][()], fresh)
     calls.clear()
