@@ -558,13 +558,12 @@ def run_preprocess(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DataError(where, f"volume names occur more than once: {', '.join(dupes[:5])}")
-    if shard is not None:
-        files = [p for p in files if shard.owns(volume_name(p))]
-        print(f"shard {shard}: {len(files)} of the {len(names)} volumes", file=sys.stderr)
-        names = [volume_name(p) for p in files]
     settings = store_settings(target, slide_b2u)
     if shard is not None:
         out = shard_output(out, shard, KIND, settings)
+        files = [p for p in files if shard.owns(volume_name(p))]
+        print(f"shard {shard}: {len(files)} of the {len(names)} volumes", file=sys.stderr)
+        names = [volume_name(p) for p in files]
     result = PreprocessResult(output=out)
     if metadata_paths and names and not any(n in metadata for n in names):
         raise DataError(

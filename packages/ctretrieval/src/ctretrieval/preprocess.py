@@ -176,10 +176,10 @@ def preprocess(
             input_dir, "no studies found (expected one DICOM folder or NIfTI file per study)"
         )
     if shard is not None:
+        output = shard_output(output, shard, KIND, store_settings(cfg))
         total_studies = len(studies)
         studies = [s for s in studies if shard.owns(s.id)]
         print(f"shard {shard}: {len(studies)} of the {total_studies} studies", file=sys.stderr)
-        output = shard_output(output, shard, KIND, store_settings(cfg))
     with VolumeStoreWriter(output, KIND, store_settings(cfg), chunks="slice") as store:
         done = store.done
         todo = [s for s in studies if s.id not in done]
