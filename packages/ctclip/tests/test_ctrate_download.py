@@ -21,12 +21,12 @@ import pytest
 from ctclip import cli
 from ctclip.ctrate import find_ctrate
 from ctclip.findings import FINDINGS
-from ctclip.preprocess import hu_reading
+from ctclip.preprocess import hu_reading, reading_rescale
 from ctclip.split import OUTPUTS, patient_id
 from ctclip.synthetic import Case
 from medcore.errors import DataError, UserError
 from medcore.testing import call_main
-from medcore.volumes.nifti import read_nifti
+from medcore.volumes.nifti import read_nifti, read_nifti_stored
 
 SHAPE = ["--target-shape", "8", "28", "28", "--num-workers", "0"]
 
@@ -136,29 +136,29 @@ def test_hu_sources_voxel_by_voxel_on_a_file_already_in_hu(ctrate_files, tmp_pat
     soft = np.abs(truth - 40) <= 20  # the phantom's soft tissue (40 HU with noise)
     assert soft.mean() > 0.05
     for source, expected in (("auto", truth), ("header", truth), ("metadata", truth - 1024)):
-        volume = read_nifti(path)
-        reading = hu_reading(volume, (1.0, -1024.0), source)
-        np.testing.assert_array_equal(volume.voxels, expected, err_msg=source)
+        stored = read_nifti_stored(path)
+        reading = hu_reading(stored, (1.0, -1024.0), source)
+        hu = stored.hu(rescale=reading_rescale(reading, stored))
+        np.testing.assert_array_equal(hu, expected, err_msg=source)
         assert reading.source == ("metadata" if source == "metadata" else "stored")
     assert np.median((truth - 1024)[soft]) == pytest.approx(np.median(truth[soft]) - 1024)
     # The raw storage of the same HU: auto takes the metadata's rescale, header leaves it raw.
     raw = tmp_path / "valid_1_a_2.nii.gz"
     ctrate_files.volume(raw, "raw", Case({f: 0 for f in FINDINGS}, seed=2), 1, 5.0, 3.0)
-    volume = read_nifti(raw)
-    assert hu_reading(volume, (1.0, -1024.0), "auto").source == "metadata"
-    np.testing.assert_array_equal(volume.voxels, truth)
-    volume = read_nifti(raw)
-    hu_reading(volume, (1.0, -1024.0), "header")
-    np.testing.assert_array_equal(volume.voxels, truth + 1024)
+    stored = read_nifti_stored(raw)
+    reading = hu_reading(stored, (1.0, -1024.0), "auto")
+    assert reading.source == "metadata"
+    np.testing.assert_array_equal(stored.hu(rescale=reading_rescale(reading, stored)), truth)
+    reading = hu_reading(stored, (1.0, -1024.0), "header")
+    np.testing.assert_array_equal(stored.hu(rescale=reading_rescale(reading, stored)), truth + 1024)
 
 
 def test_neither_or_both_readings_like_hu_is_skipped_by_name(tmp_path):
-    from medcore.volumes.geometry import Volume
+    from medcore.volumes.geometry import StoredVolume
 
-    def volume(values) -> Volume:
+    def volume(values) -> StoredVolume:
         v = np.asarray(values, dtype=np.float32).reshape(1, 1, -1)
-        meta = {"path": "x.nii.gz", "rescale": (1.0, 0.0), "rescale_source": "none"}
-        return Volume.canonical(v, np.eye(4), meta)
+        return StoredVolume.canonical(v, np.eye(4), 1.0, 0.0, {"path": "x.nii.gz"})
 
     with pytest.raises(DataError, match="no reading looks like a CT in HU"):
         hu_reading(volume(np.full(100, 5000.0)), (1.0, -1024.0))

@@ -13,6 +13,7 @@ import pytest
 from ctclip import cli
 from ctclip import preprocess as pp
 from ctclip.preprocess import VolumeMeta, preprocess_volume, run_preprocess
+from medcore.volumes.store import complete_names, shard_of
 
 RNG = np.random.default_rng(0)
 
@@ -182,7 +183,7 @@ def test_interrupted_run_resumes_without_redoing_work(tmp_path, monkeypatch):
     partial = tmp_path / "out.h5.partial"
     assert not out.exists() and partial.exists()  # the finished name never holds a partial file
     with h5py.File(partial, "a") as h5:
-        assert len(pp.complete_names(h5)) == 2
+        assert len(complete_names(h5)) == 2
         h5["volumes"].create_dataset(
             calls[2], data=np.zeros((4, 8, 8), np.uint8)
         )  # half-written, unmarked
@@ -195,7 +196,7 @@ def test_interrupted_run_resumes_without_redoing_work(tmp_path, monkeypatch):
     assert len(calls) == 2 and result.skipped_existing == 2
     assert out.exists() and not partial.exists()
     with h5py.File(out) as h5:
-        assert len(pp.complete_names(h5)) == 4
+        assert len(complete_names(h5)) == 4
         fresh, _ = real(vols / calls[0], pp.read_metadata([meta])[calls[0]], (4, 8, 8))
         np.testing.assert_array_equal(h5["volumes"][calls[0]][()], fresh)
     calls.clear()
@@ -282,3 +283,135 @@ def test_demo_orientations_agree_after_preprocessing(tmp_path):
         assert np.abs(vol - volumes[0]).mean() < 2.5  # noise (15 HU) is ~2 grey levels
     # A reading with rows flipped (anterior/posterior swapped) would differ far more.
     assert np.abs(volumes[0] - volumes[0][:, ::-1, :]).mean() > 6.0
+
+
+# -- the slab pipeline against the whole-volume float path -------------------------------------
+
+
+def _whole_volume_reference(path, rescale, target, slide_b2u=True):
+    """What the whole-volume float path stores: nibabel's float32 reading, reoriented, the
+    metadata's rescale, clipped, one antialiased resize of the whole volume, padded, uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    img = nib.as_closest_canonical(nib.load(path))
+    hu = np.ascontiguousarray(img.get_fdata(dtype=np.float32).transpose(2, 1, 0)[:, ::-1, ::-1])
+    if rescale is not None:
+        hu *= rescale[0]
+        hu += rescale[1]
+    np.clip(hu, -1000, 1000, out=hu)
+    hu = np.ascontiguousarray(hu if slide_b2u else hu[::-1])
+    zooms = img.header.get_zooms()[:3][::-1]
+    size, _ = pp.output_grid(hu.shape, zooms, target)
+    x = torch.from_numpy(hu)
+    x = F.interpolate(x[:, None], size=size[1:], mode="bilinear", antialias=True)[:, 0]
+    flat = x.reshape(1, 1, hu.shape[0], -1)
+    x = F.interpolate(flat, size=(size[0], flat.shape[-1]), mode="bilinear", antialias=True)
+    out = np.full(target, -1000.0, np.float32)
+    start = [(t - n) // 2 for t, n in zip(target, size, strict=True)]
+    out[tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))] = x.reshape(size).numpy()
+    return _expected_uint8(out.astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    "dtype, scaling, rescale",
+    [
+        (np.int16, None, (1.0, -1024.0)),
+        (np.int16, (0.5, -1024.0), None),
+        (np.uint8, (8.0, -1024.0), None),
+        (np.float32, None, None),
+        (np.int16, None, (0.7, -1010.5)),
+    ],
+)
+def test_slab_pipeline_stores_the_whole_volume_result(tmp_path, dtype, scaling, rescale):
+    data = np.random.default_rng(1).uniform(0, 2000 if dtype != np.uint8 else 255, (90, 70, 45))
+    if scaling is None and rescale is None:
+        data -= 1000
+    path = _save(
+        tmp_path / "v.nii.gz",
+        data.astype(dtype),
+        np.diag([-0.8, 0.8, 2.0, 1]),
+        *(scaling or (None, None)),
+    )
+    meta = None if rescale is None else VolumeMeta(*rescale)
+    source = "metadata" if rescale else "header"
+    for target, b2u in (((40, 48, 48), True), ((24, 40, 56), False)):
+        vol, attrs = preprocess_volume(path, meta, target, slide_b2u=b2u, hu_source=source)
+        np.testing.assert_array_equal(vol, _whole_volume_reference(path, rescale, target, b2u))
+        assert attrs["hu_source"] == ("metadata" if rescale else "header" if scaling else "stored")
+
+
+# -- shards ------------------------------------------------------------------------------------
+
+
+def _argv(vols, out, meta, *more):
+    return [
+        "--ct-data-path", str(vols), "--ct-out-path", str(out), "--metadata-path", str(meta),
+        "--target-shape", "4", "8", "8", "--num-workers", "0", *more,
+    ]  # fmt: skip
+
+
+def test_shards_read_back_as_one_store_equal_one_run(tmp_path, capsys, monkeypatch):
+    from ctclip.data import VolumeReader, check_store, check_volumes, match_names
+
+    vols, meta = _write_dataset(tmp_path, n=9)
+    single = tmp_path / "one.h5"
+    assert cli.preprocess(_argv(vols, single, meta)) == 0
+    parts = tmp_path / "parts"
+    assert cli.preprocess(_argv(vols, parts, meta, "--shard", "1/3")) == 0
+    assert cli.preprocess(_argv(vols, parts, meta, "--shard", "2/3")) == 0
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "3"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    assert cli.preprocess(_argv(vols, parts, meta)) == 0  # the third task of a job array
+    err = capsys.readouterr().err
+    assert "shard 3/3 from the SLURM job array" in err and "shard 3/3:" in err
+    names = pp.read_volume_names(single)
+    assert len(names) == 9 and pp.read_volume_names(parts) == names
+    assert sorted(p.name for p in parts.iterdir()) == [
+        f"part-0000{i}-of-00003.h5" for i in (1, 2, 3)
+    ]  # no partial, no lock
+    one, many = VolumeReader(single), VolumeReader(parts)
+    with h5py.File(single) as h5:
+        for name in names:
+            np.testing.assert_array_equal(many(name).numpy(), one(name).numpy())
+            part = pp.open_store(parts).dataset(name)
+            for key, value in h5["volumes"][name].attrs.items():
+                np.testing.assert_array_equal(part.attrs[key], value)
+    assert check_store(parts) == check_store(single)
+    listed = sorted(names)
+    assert match_names(listed, parts, meta, allow_missing=False) == listed
+    check_volumes(parts, listed)
+    assert pp.volume_shape(parts) == (4, 8, 8)
+    # a rerun of a finished shard does nothing; the shards split by name alone
+    assert cli.preprocess(_argv(vols, parts, meta, "--shard", "1/3")) == 0
+    assert "0 written" in capsys.readouterr().out
+    owner = {n: shard_of(n, 3) for n in names}
+    for i in (1, 2, 3):
+        assert pp.read_volume_names(parts / f"part-0000{i}-of-00003.h5") == {
+            n for n in names if owner[n] == i
+        }
+
+
+def test_shard_bad_input_is_one_line_error(tmp_path, capsys):
+    vols, meta = _write_dataset(tmp_path, n=3)
+    parts = tmp_path / "parts"
+
+    def fails(argv, *expected):
+        code = cli.preprocess(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+        for text in expected:
+            assert text in err[0]
+
+    fails(_argv(vols, parts, meta, "--shard", "3/2"), "--shard: 3/2: the shard must be one of")
+    fails(_argv(vols, parts, meta, "--shard", "two"), "is not I/N")
+    assert cli.preprocess(_argv(vols, parts, meta, "--shard", "1/2")) == 0
+    capsys.readouterr()
+    other = _argv(vols, parts, meta, "--shard", "2/2")
+    other[other.index("--target-shape") + 1] = "6"
+    fails(other, "part-00001-of-00002.h5: written with other settings than this job", "[4, 8, 8]")
+    fails(_argv(vols, parts, meta, "--shard", "1/4"), "a part of 2 shards; this job is shard 1/4")
+    fails(_argv(vols, parts, meta), f"{parts}: is a folder (of shard parts?)")
+    assert sorted(p.name for p in parts.iterdir()) == ["part-00001-of-00002.h5"]

@@ -10,6 +10,8 @@ right -> left), not computed with the code under test.
 from __future__ import annotations
 
 import copy
+import gzip
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -27,8 +29,8 @@ from pydicom.uid import (
 )
 
 from medcore.errors import DataError
-from medcore.volumes.dicom import read_dicom_series
-from medcore.volumes.nifti import read_nifti
+from medcore.volumes.dicom import read_dicom_series, read_dicom_stored
+from medcore.volumes.nifti import read_nifti, read_nifti_stored
 from medcore.volumes.reader import read_volume
 
 DICOM_DATA = Path(pydicom.data.__file__).parent / "test_files"  # never downloads, unlike get_*
@@ -429,3 +431,118 @@ def test_bad_nifti_is_a_one_line_error(tmp_path: Path) -> None:
         read_nifti(tmp_path / "cut.nii")
     with pytest.raises(DataError, match="neither a DICOM folder nor a NIfTI file"):
         read_volume(tmp_path / "x.png")
+
+
+# -- the stored-type reader against nibabel and pydicom ----------------------------------------
+
+
+def _nibabel_canonical(path: Path) -> np.ndarray:
+    """nibabel's float32 reading of ``path`` in the canonical orientation (an independent path:
+    nibabel's own inflate, scaling and reorientation)."""
+    img = nib.as_closest_canonical(nib.load(path))
+    return np.asarray(img.get_fdata(dtype=np.float32)).transpose(2, 1, 0)[:, ::-1, ::-1]
+
+
+STORED_TYPES = [
+    (np.int16, None),
+    (np.int16, (1.0, -1024.0)),
+    (np.int16, (0.37, -1023.5)),  # non-integer scaling: float64 then one rounding, as nibabel
+    (np.uint8, None),
+    (np.uint8, (8.0, -1024.0)),
+    (np.float32, None),
+    (np.float32, (2.5, 0.25)),
+    (np.int32, (1.0, -1024.0)),
+]
+
+
+@pytest.mark.parametrize("dtype, scaling", STORED_TYPES)
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_stored_reader_equals_nibabel_get_fdata(tmp_path: Path, dtype, scaling, suffix) -> None:
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    lo, hi = (info.min, info.max) if info else (-2000.0, 3000.0)
+    data = rng.uniform(lo, hi, (23, 17, 9)).astype(dtype)
+    affine = np.array([[0, 0, 2.5, -4], [-0.7, 0, 0, 8], [0, 0.8, 0, 3], [0, 0, 0, 1.0]])
+    img = nib.Nifti1Image(data, affine)
+    if scaling:
+        img.header.set_slope_inter(*scaling)
+    path = tmp_path / f"v{suffix}"
+    nib.save(img, path)
+    expected = _nibabel_canonical(path)
+    vol = read_nifti(path)
+    assert vol.voxels.dtype == np.float32 and vol.voxels.flags.c_contiguous
+    np.testing.assert_array_equal(vol.voxels, expected)
+    stored = read_nifti_stored(path)
+    assert stored.stored.dtype == np.dtype(dtype)  # no float copy until the HU step
+    proxy = nib.load(path).dataobj
+    assert (stored.slope, stored.inter) == (proxy.slope, proxy.inter)  # float32 in the header
+    assert (stored.slope, stored.inter) == pytest.approx(scaling or (1.0, 0.0))
+    slabs = np.concatenate([stored.hu(slice(z, z + 4)) for z in range(0, stored.shape[0], 4)])
+    np.testing.assert_array_equal(slabs, expected)
+
+
+def test_gzip_multi_member_and_the_zlib_fallback_read_the_same(tmp_path: Path, monkeypatch) -> None:
+    img = nib.load(NIB / "anatomical.nii")
+    path = tmp_path / "a.nii.gz"
+    nib.save(img, path)
+    expected = read_nifti(path).voxels
+    np.testing.assert_array_equal(expected, _nibabel_canonical(path))
+    # pigz/bgzip-style: the same bytes as several gzip members, one after the other
+    raw = (NIB / "anatomical.nii").read_bytes()
+    cut = len(raw) // 3
+    members = tmp_path / "m.nii.gz"
+    members.write_bytes(b"".join(gzip.compress(raw[i : i + cut]) for i in range(0, len(raw), cut)))
+    np.testing.assert_array_equal(read_nifti(members).voxels, expected)
+    monkeypatch.setitem(sys.modules, "isal", None)  # medcore without isal: zlib
+    np.testing.assert_array_equal(read_nifti(path).voxels, expected)
+    np.testing.assert_array_equal(read_nifti(members).voxels, expected)
+
+
+@pytest.mark.parametrize("inflate", ["isal", "zlib"])
+def test_truncated_or_corrupt_gzip_is_one_line_error(tmp_path: Path, monkeypatch, inflate) -> None:
+    if inflate == "zlib":
+        monkeypatch.setitem(sys.modules, "isal", None)
+    rng = np.random.default_rng(0)
+    data = rng.normal(0, 300, (64, 64, 40)).astype(np.int16)
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), good)
+    raw = good.read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError) as err:
+        read_nifti(cut)
+    assert err.value.what == str(cut) and "\n" not in err.value.why
+    assert err.value.why.startswith("truncated or corrupt gzip data")
+    mangled = bytearray(raw)
+    mangled[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    (tmp_path / "bad.nii.gz").write_bytes(bytes(mangled))
+    with pytest.raises(DataError, match="truncated or corrupt gzip data") as err:
+        read_nifti(tmp_path / "bad.nii.gz")
+    assert "\n" not in err.value.why
+    (tmp_path / "head.nii.gz").write_bytes(gzip.compress(b"\x5c\x01\x00\x00" + bytes(100)))
+    with pytest.raises(DataError, match="not a NIfTI-1/NIfTI-2 file"):
+        read_nifti(tmp_path / "head.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "rescales", [[(1, -1024)] * 4, [(0.5, -1000.25), (0.75, -1024), (1, 0), (2, -7)]]
+)
+def test_dicom_series_equals_pydicom_rescaled_once(tmp_path: Path, rescales) -> None:
+    """Every slice: pydicom's pixel_array * RescaleSlope + RescaleIntercept in float64, rounded
+    once to float32; uniform rescale keeps the stored pixel type until the HU step."""
+    files = write_series(tmp_path / "s")
+    by_z = sorted(files, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    for path, (slope, inter) in zip(by_z, rescales, strict=True):
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, inter
+        ds.save_as(path)
+    expected = np.stack(
+        [
+            (pydicom.dcmread(p).pixel_array * float(s) + float(i)).astype(np.float32)
+            for p, (s, i) in zip(by_z, rescales, strict=True)
+        ]
+    )
+    stored = read_dicom_stored(tmp_path / "s")
+    uniform = len(set(rescales)) == 1
+    assert stored.stored.dtype == (np.int16 if uniform else np.float32)
+    np.testing.assert_array_equal(read_dicom_series(tmp_path / "s").voxels, expected)

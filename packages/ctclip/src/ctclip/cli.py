@@ -25,7 +25,9 @@ PREPROCESS = [
     ("--slide-b2u", {"action": BooleanOptionalAction, "default": True,
                      "help": "reverse the slice order (bottom to top)"}),
     ("--num-workers", {**INT, "default": 4, "help": "worker processes"}),
-    ("--compression", {"choices": ["lzf", "gzip", "none"], "default": "lzf"})]
+    ("--compression", {"choices": ["lzf", "gzip", "none"], "default": "lzf"}),
+    ("--shard", {"metavar": "I/N", "help": "only shard I of N, into a part file of the folder "
+                 "--ct-out-path (default in a SLURM job array: its task)"})]
 EVALUATE = [
     ("--model-path", {**NEED, "help": "a ctclip checkpoint (.pt) or final.safetensors"}),
     ("--test-data", {**P, "help": "HDF5 from ctclip-preprocess"}),

@@ -9,7 +9,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -19,7 +18,7 @@ from ctclip.config import DataConfig, TextColumn
 from ctclip.ctrate import CTRate, find_ctrate
 from ctclip.findings import FINDINGS
 from ctclip.notes import name_left_out
-from ctclip.preprocess import HU_RANGE, read_volume_names, volume_shape
+from ctclip.preprocess import HU_RANGE, open_store, read_volume_names, volume_shape
 from ctclip.text import TEXT_COLUMNS, Tokenizer, report_text
 from medcore.errors import DataError
 from medcore.io import read_csv
@@ -56,7 +55,7 @@ def resolve_paths(cfg: DataConfig) -> DataPaths:
         return path if path.is_absolute() else root / path
 
     ct = at(cfg.ct_filepath)
-    if ctrate.download and not ct.is_file():
+    if ctrate.download and not ct.exists():
         raise DataError(
             ct,
             f"HDF5 file not found: training reads volumes preprocessed from {ctrate.describe()} "
@@ -143,39 +142,33 @@ def check_store(h5_path: Path, cfg: DataConfig | None = None) -> dict | None:
 
 
 def check_volumes(h5_path: Path, names: list[str]) -> None:
-    """Every named volume is uint8 of the file's target shape (read from metadata only)."""
+    """Every named volume is uint8 of the store's target shape (read from metadata only)."""
     shape = volume_shape(h5_path)
-    with h5py.File(h5_path, "r") as h5:
-        group = h5["volumes"]
+    store = open_store(h5_path)
+    try:
         for name in names:
-            ds = group[name]
+            ds = store.dataset(name)
             if tuple(ds.shape) != shape or ds.dtype != np.uint8:
                 raise DataError(
-                    h5_path,
+                    store.names[name],
                     f"volume {name} is {ds.dtype} of shape {tuple(ds.shape)}, not uint8 {shape} "
                     "(write the file with ctclip-preprocess)",
                 )
+    finally:
+        store.close()
 
 
 class VolumeReader:
-    """Reads volumes by name from a ctclip HDF5 file, opening it lazily in each process."""
+    """Reads volumes by name from a ctclip store (a file or a folder of parts), opening its
+    files lazily in each process."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.shape = volume_shape(self.path)
-        self._h5: h5py.File | None = None
+        self.store = open_store(self.path)
 
     def __call__(self, name: str) -> torch.Tensor:
-        if self._h5 is None:
-            self._h5 = h5py.File(self.path, "r")
-        return torch.from_numpy(self._h5["volumes"][name][()])
-
-    def __getstate__(self) -> dict:
-        return {
-            "path": self.path,
-            "shape": self.shape,
-            "_h5": None,
-        }  # h5py handles do not cross processes
+        return torch.from_numpy(self.store.read(name))
 
 
 def split_sentences(text: str) -> list[str]:

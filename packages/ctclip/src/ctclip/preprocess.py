@@ -56,7 +56,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,11 +66,21 @@ from ctclip.ctrate import find_ctrate
 from ctclip.notes import name_left_out
 from medcore.errors import DataError, UserError
 from medcore.io import read_csv
-from medcore.volumes.geometry import CANONICAL_AXCODES, Volume, center_in_box
-from medcore.volumes.nifti import NIFTI_SUFFIXES, read_nifti
-from medcore.volumes.reader import HUEvidence, hu_evidence
-from medcore.volumes.store import FORMAT as STORE_FORMAT
-from medcore.volumes.store import VolumeStoreWriter, complete_names
+from medcore.volumes.geometry import (
+    CANONICAL_AXCODES,
+    StoredVolume,
+    center_in_box,
+    to_float32_hu,
+)
+from medcore.volumes.nifti import NIFTI_SUFFIXES, read_nifti_stored
+from medcore.volumes.reader import HUEvidence, evidence_sample, hu_evidence
+from medcore.volumes.store import (  # noqa: F401 (complete_names: the fault tests use it from here)
+    Shard,
+    VolumeStore,
+    VolumeStoreWriter,
+    complete_names,
+    shard_output,
+)
 
 KIND = "ctclip.volumes"
 HU_RANGE = (-1000.0, 1000.0)
@@ -79,6 +88,9 @@ HU_MIN_SCORE = 0.01  # a reading with less air or soft tissue than this is not H
 HU_TIE = 0.8  # the other reading scores at least this fraction of the best: cannot tell
 RESCALE_COLUMNS = ("RescaleSlope", "RescaleIntercept")
 SPACING_COLUMNS = ("XYSpacing", "ZSpacing")
+# Voxels made float32 at a time: a slab of a few 512 x 512 slices stays in the CPU cache while
+# it is clipped and resized.
+_SLAB_VOXELS = 2**20
 # How each reading is named in records and messages.
 SOURCE_NAMES = {
     "header": "the NIfTI header's scl_slope/scl_inter",
@@ -252,17 +264,15 @@ def read_metadata(paths: list[Path]) -> dict[str, VolumeMeta]:
     return out
 
 
-def resize_preserving_aspect(
-    vol: np.ndarray, spacing_zyx: tuple[float, float, float], target: tuple[int, int, int]
-) -> tuple[np.ndarray, float]:
-    """Resample to isotropic voxels of the size at which the whole volume fits ``target``.
-
-    Returns (resampled volume, output voxel size in mm); the larger of the physical extents
-    (relative to the target) sets the voxel size, so no axis exceeds its target and nothing
-    needs cropping. Antialiased bilinear resampling, done in-plane then along z, because
-    torch's antialiasing covers 2D resizes only.
-    """
-    d, h, w = vol.shape
+def output_grid(
+    shape: tuple[int, int, int],
+    spacing_zyx: tuple[float, float, float],
+    target: tuple[int, int, int],
+) -> tuple[tuple[int, int, int], float]:
+    """(resampled size, output voxel size in mm): isotropic voxels of the size at which the
+    whole volume fits ``target``. The larger of the physical extents (relative to the target)
+    sets the voxel size, so no axis exceeds its target and nothing needs cropping."""
+    d, h, w = shape
     sz, sy, sx = spacing_zyx
     out_mm = max(d * sz / target[0], h * sy / target[1], w * sx / target[2])
     size = (
@@ -270,81 +280,129 @@ def resize_preserving_aspect(
         min(target[1], max(1, round(h * sy / out_mm))),
         min(target[2], max(1, round(w * sx / out_mm))),
     )
-    x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
-    if (size[1], size[2]) != (h, w):
-        x = F.interpolate(
-            x[:, None], size=size[1:], mode="bilinear", antialias=True, align_corners=False
-        )[:, 0]
+    return size, out_mm
+
+
+def _antialiased(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` ``[n, h, w]`` resized to ``[n, *size]`` (bilinear, antialiased)."""
+    return F.interpolate(
+        x[:, None], size=size, mode="bilinear", antialias=True, align_corners=False
+    )[:, 0]
+
+
+def resample_hu(
+    stored: StoredVolume,
+    rescale: tuple[float, float] | None,
+    spacing_zyx: tuple[float, float, float],
+    target: tuple[int, int, int],
+    slide_b2u: bool = True,
+) -> tuple[np.ndarray, float]:
+    """HU of ``stored`` clipped to :data:`HU_RANGE` and resampled to :func:`output_grid`:
+    (float32 ``[d', h', w']``, output voxel size in mm).
+
+    The stored values become float32 HU a slab of slices at a time (``rescale`` on top of the
+    header's, see :meth:`StoredVolume.hu`), clipped and resized in-plane while the slab is in
+    the CPU cache; then the slices are resized along z (torch antialiases 2D resizes only, so
+    the z pass runs on ``[d, h' * w']``). With ``slide_b2u`` False slices run superior ->
+    inferior.
+    """
+    d, h, w = stored.shape
+    size, out_mm = output_grid(stored.shape, spacing_zyx, target)
+    in_plane = torch.empty((d, size[1], size[2]), dtype=torch.float32)
+    step = max(1, _SLAB_VOXELS // (h * w))
+    slab = np.empty((min(step, d), h, w), dtype=np.float32)
+    for z0 in range(0, d, step):
+        hu = stored.hu(slice(z0, z0 + step), rescale, out=slab[: min(step, d - z0)])
+        np.clip(hu, *HU_RANGE, out=hu)
+        hu_t = torch.from_numpy(hu)
+        in_plane[z0 : z0 + len(hu)] = hu_t if size[1:] == (h, w) else _antialiased(hu_t, size[1:])
+    x = in_plane if slide_b2u else in_plane.flip(0)
     if size[0] != d:
-        flat = x.reshape(1, 1, d, -1)
-        x = F.interpolate(
-            flat,
-            size=(size[0], flat.shape[-1]),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        ).reshape(size[0], size[1], size[2])
-    return x.numpy(), out_mm
+        x = _antialiased(x.reshape(1, d, -1), (size[0], size[1] * size[2]))[0]
+    return x.reshape(size).numpy(), out_mm
 
 
 def hu_to_uint8(hu: np.ndarray) -> np.ndarray:
+    """HU -> uint8 over :data:`HU_RANGE` (clipped, scaled to 0..255, rounded half to even)."""
     lo, hi = HU_RANGE
-    return np.round((np.clip(hu, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    x = np.clip(hu, lo, hi)
+    x -= lo
+    x /= hi - lo
+    x *= 255.0
+    np.round(x, out=x)
+    return x.astype(np.uint8)
 
 
 def hu_reading(
-    volume: Volume, rescale: tuple[float, float] | None, hu_source: str = "auto"
+    stored: StoredVolume, rescale: tuple[float, float] | None, hu_source: str = "auto"
 ) -> HUReading:
-    """Choose how ``volume`` (as :func:`~medcore.volumes.nifti.read_nifti` read it) becomes HU, and
-    make it so: its voxels are rescaled in place when the metadata's reading is chosen.
+    """Choose how ``stored`` (as :func:`~medcore.volumes.nifti.read_nifti_stored` read it)
+    becomes HU. ``rescale`` is the metadata's (RescaleSlope, RescaleIntercept), None when it has
+    none; the rules are the module docstring's. A volume ``auto`` cannot decide is a DataError.
 
-    ``rescale`` is the metadata's (RescaleSlope, RescaleIntercept), None when it has none; the
-    rules are the module docstring's. A volume ``auto`` cannot decide is a DataError.
+    The evidence is counted on HU of :func:`~medcore.volumes.reader.evidence_sample` of the
+    stored values (an eighth of a CT volume), made the way the whole volume's HU are made.
     """
-    path = volume.meta.get("path", "volume")
-    header_slope, header_inter = volume.meta["rescale"]  # what nibabel applied; (1, 0): nothing
-    as_read = HUReading(
-        "header" if volume.meta["rescale_source"] == "nifti header" else "stored",
+    path = stored.meta.get("path", "volume")
+    header_slope, header_inter = stored.slope, stored.inter  # (1, 0): the header does not scale
+    sample_stored = evidence_sample(stored.stored)
+    sample = to_float32_hu(
+        sample_stored,
         header_slope,
         header_inter,
-        hu_evidence(volume.voxels),
+        np.empty(sample_stored.shape, dtype=np.float32),
+    )
+    as_read = HUReading(
+        "header" if stored.scaled else "stored",
+        header_slope,
+        header_inter,
+        hu_evidence(sample, sampled=True),
     )
     if hu_source == "header" or rescale is None:
         return as_read
     slope, inter = rescale
-    # The metadata's rescale applies to the stored values, i.e. to the read ones unscaled.
-    a, b = slope / header_slope, inter - header_inter * slope / header_slope
-    metadata = HUReading("metadata", slope, inter, hu_evidence(volume.voxels, a, b))
+    a, b = on_read(slope, inter, stored)
+    metadata = HUReading("metadata", slope, inter, hu_evidence(sample, a, b, sampled=True))
     if hu_source == "metadata":
         if as_read.source == "header":
             unused = _affine(header_slope, header_inter)
             metadata = replace(metadata, note=f"not the NIfTI header's {unused}")
-        chosen = metadata
-    elif np.allclose((slope, inter), (header_slope, header_inter), rtol=1e-5, atol=1e-3):
+        return metadata
+    if np.allclose((slope, inter), (header_slope, header_inter), rtol=1e-5, atol=1e-3):
         return as_read  # one reading: the metadata repeats the header (or says "no rescale")
-    else:
-        best, other = sorted((as_read, metadata), key=lambda r: r.evidence.score, reverse=True)
-        readings = (
-            f"{SOURCE_NAMES[as_read.source]}: {as_read.evidence}; "
-            f"{SOURCE_NAMES['metadata']} ({_affine(slope, inter)}): {metadata.evidence}"
+    best, other = sorted((as_read, metadata), key=lambda r: r.evidence.score, reverse=True)
+    readings = (
+        f"{SOURCE_NAMES[as_read.source]}: {as_read.evidence}; "
+        f"{SOURCE_NAMES['metadata']} ({_affine(slope, inter)}): {metadata.evidence}"
+    )
+    if best.evidence.score < HU_MIN_SCORE:
+        raise DataError(
+            path,
+            f"no reading looks like a CT in HU ({readings}); choose one with --hu-source "
+            "header or metadata",
         )
-        if best.evidence.score < HU_MIN_SCORE:
-            raise DataError(
-                path,
-                f"no reading looks like a CT in HU ({readings}); choose one with --hu-source "
-                "header or metadata",
-            )
-        if other.evidence.score >= HU_TIE * best.evidence.score:
-            raise DataError(
-                path,
-                f"cannot tell which reading is HU ({readings}); choose one with --hu-source "
-                "header or metadata",
-            )
-        chosen = replace(best, note=f"not {SOURCE_NAMES[other.source]}: {other.evidence}")
-    if chosen.source == "metadata":
-        volume.voxels *= a  # in place: a CT volume is ~200 MB of float32
-        volume.voxels += b
-    return chosen
+    if other.evidence.score >= HU_TIE * best.evidence.score:
+        raise DataError(
+            path,
+            f"cannot tell which reading is HU ({readings}); choose one with --hu-source "
+            "header or metadata",
+        )
+    return replace(best, note=f"not {SOURCE_NAMES[other.source]}: {other.evidence}")
+
+
+def on_read(slope: float, inter: float, stored: StoredVolume) -> tuple[float, float]:
+    """The rescale (a, b) that turns the header's HU of ``stored`` into ``stored * slope +
+    inter``: the metadata's rescale applies to the stored values, i.e. to the read ones unscaled."""
+    a = slope / stored.slope
+    return a, inter - stored.inter * a
+
+
+def reading_rescale(reading: HUReading, stored: StoredVolume) -> tuple[float, float] | None:
+    """The rescale :meth:`StoredVolume.hu` applies on top of the header's for ``reading``
+    (None unless the metadata's reading was chosen)."""
+    if reading.source != "metadata":
+        return None
+    return on_read(reading.slope, reading.intercept, stored)
 
 
 def preprocess_volume(
@@ -355,29 +413,29 @@ def preprocess_volume(
     hu_source: str = "auto",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """One NIfTI file -> (uint8 [D, H, W], attributes to store with it, the HU record included)."""
-    volume = read_nifti(path)
-    reading = hu_reading(volume, meta.rescale if meta is not None else None, hu_source)
-    view = volume.voxels
-    np.clip(view, *HU_RANGE, out=view)  # the array is ours: clip in place
-    if not slide_b2u:
-        view = view[::-1]
-    spacing = meta.spacing_zyx if meta is not None and meta.spacing_zyx else volume.spacing
+    stored = read_nifti_stored(path)
+    if stored.stored.dtype.kind == "f" and not np.isfinite(stored.stored).all():
+        raise DataError(path, "contains NaN or infinite values")
+    reading = hu_reading(stored, meta.rescale if meta is not None else None, hu_source)
+    extra = reading_rescale(reading, stored)
+    spacing = meta.spacing_zyx if meta is not None and meta.spacing_zyx else stored.spacing
     if not all(np.isfinite(v) and v > 0 for v in spacing):
         raise DataError(
             path, f"voxel size {tuple(float(v) for v in spacing)} mm (z y x) is not positive"
         )
-    resized, out_mm = resize_preserving_aspect(view, spacing, target)
-    boxed, pad, _ = center_in_box(resized, target, HU_RANGE[0])  # never cropped (see above)
+    resized, out_mm = resample_hu(stored, extra, spacing, target, slide_b2u)
+    # uint8 of the air the box is padded with: 0; nothing is cropped (see the module docstring)
+    boxed, pad, _ = center_in_box(hu_to_uint8(resized), target, 0)
     attrs = {
         "name": volume_name(path),
         "source": str(path),
         "spacing": np.asarray(spacing, dtype=np.float64),
         "out_spacing": np.full(3, out_mm, dtype=np.float64),
-        "source_shape": np.asarray(view.shape, dtype=np.int64),
+        "source_shape": np.asarray(stored.shape, dtype=np.int64),
         "pad": pad,
         **reading.attrs(),
     }
-    return hu_to_uint8(boxed), attrs
+    return boxed, attrs
 
 
 def hu_record(attrs: dict[str, Any]) -> HUReading:
@@ -468,11 +526,17 @@ def run_preprocess(
     show_progress: bool = True,
     hu_source: str = "auto",
     log_volumes: bool = False,
+    shard: Shard | None = None,
 ) -> PreprocessResult:
     """Preprocess every NIfTI file under ``ct_data_path`` (one folder or several) into ``out``
     (resumable). ``log_volumes`` prints each written volume's HU reading on stderr; the result
-    counts them (:meth:`PreprocessResult.hu_counts`)."""
+    counts them (:meth:`PreprocessResult.hu_counts`). With ``shard``, only the volumes of that
+    shard, into its part file in the folder ``out`` (:mod:`medcore.volumes.store`)."""
     out = Path(out)
+    if shard is None and out.is_dir():
+        raise UserError(
+            out, "is a folder (of shard parts?): name an HDF5 file, or give --shard I/N"
+        )
     target = tuple(int(v) for v in target_shape)
     if len(target) != 3 or min(target) < 1:
         raise DataError(
@@ -494,8 +558,14 @@ def run_preprocess(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DataError(where, f"volume names occur more than once: {', '.join(dupes[:5])}")
+    settings = store_settings(target, slide_b2u)
+    if shard is not None:
+        out = shard_output(out, shard, KIND, settings)
+        files = [p for p in files if shard.owns(volume_name(p))]
+        print(f"shard {shard}: {len(files)} of the {len(names)} volumes", file=sys.stderr)
+        names = [volume_name(p) for p in files]
     result = PreprocessResult(output=out)
-    if metadata_paths and not any(n in metadata for n in names):
+    if metadata_paths and names and not any(n in metadata for n in names):
         raise DataError(
             metadata_paths[0], f"none of the {len(files)} volumes is listed in the metadata CSV(s)"
         )
@@ -522,7 +592,6 @@ def run_preprocess(
     without_file = sorted(set(metadata) - set(names))
     name_left_out("note: ", without_file, f"metadata rows have no volume under {where}")
 
-    settings = store_settings(target, slide_b2u)
     with VolumeStoreWriter(out, KIND, settings, compression=compression) as store:
         done = store.done
         result.skipped_existing = len(done & set(names))
@@ -530,6 +599,8 @@ def run_preprocess(
             p for p in files if volume_name(p) not in done and volume_name(p) not in result.failed
         ]
         if not todo and not store.staged:
+            if shard is not None and not out.exists():
+                store.finish()  # a shard without volumes: an empty part, so none is missing
             return result  # nothing new: the output stays as it is
         jobs = [(p, metadata.get(volume_name(p)), target, slide_b2u, hu_source) for p in todo]
         bar = tqdm(
@@ -564,10 +635,11 @@ def run_preprocess(
     return result
 
 
-def read_volume_names(path: Path) -> set[str]:
-    """Names of the complete volumes in a ctclip HDF5 file."""
+def open_store(path: Path) -> VolumeStore:
+    """ctclip's volume store at ``path``: an HDF5 file of ctclip-preprocess, or a folder of the
+    part files its shards wrote (read as one, see :mod:`medcore.volumes.store`)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         partial = path.with_name(path.name + ".partial")
         hint = (
             f" (an unfinished {partial.name} exists: rerun ctclip-preprocess)"
@@ -575,21 +647,22 @@ def read_volume_names(path: Path) -> set[str]:
             else ""
         )
         raise DataError(path, "HDF5 file not found" + hint)
-    try:
-        with h5py.File(path, "r") as h5:
-            if h5.attrs.get("format") != STORE_FORMAT or h5.attrs.get("kind") != KIND:
-                raise DataError(path, "not a ctclip volume file (write it with ctclip-preprocess)")
-            return complete_names(h5)
-    except OSError as exc:
-        raise DataError(path, f"not a readable HDF5 file ({str(exc)[:120]})") from None
+    store = VolumeStore(path)
+    if not store.is_store or store.attrs.get("kind") != KIND:
+        raise DataError(path, "not a ctclip volume file (write it with ctclip-preprocess)")
+    return store
+
+
+def read_volume_names(path: Path) -> set[str]:
+    """Names of the complete volumes in a ctclip store (a file or a folder of parts)."""
+    return set(open_store(path).names)
 
 
 def volume_shape(path: Path) -> tuple[int, int, int]:
-    with h5py.File(path, "r") as h5:
-        shape = h5.attrs.get("target_shape")
-        if shape is None or len(shape) != 3:
-            raise DataError(path, "has no target_shape attribute (write it with ctclip-preprocess)")
-        return tuple(int(v) for v in shape)
+    shape = open_store(path).attrs.get("target_shape")
+    if shape is None or len(shape) != 3:
+        raise DataError(path, "has no target_shape attribute (write it with ctclip-preprocess)")
+    return tuple(int(v) for v in shape)
 
 
 def inputs(args: Any) -> tuple[list[Path], list[Path]]:
@@ -631,12 +704,23 @@ def inputs(args: Any) -> tuple[list[Path], list[Path]]:
     return list(folders.values()), tables
 
 
+def shard_of_args(args: Any) -> Shard | None:
+    """``--shard I/N``, else the SLURM job array task's shard (named on stderr), else None."""
+    if args.shard is not None:
+        return Shard.parse(args.shard)
+    shard = Shard.from_slurm()
+    if shard is not None:
+        print(f"note: shard {shard} from the SLURM job array (--shard to choose)", file=sys.stderr)
+    return shard
+
+
 def main(args: Any) -> int:
     """ctclip-preprocess: preprocess, then a line of counts and one of the HU readings used."""
     folders, tables = inputs(args)
     res = run_preprocess(
         folders, args.ct_out_path, tables, tuple(args.target_shape), args.slide_b2u,
         args.num_workers, args.compression, hu_source=args.hu_source, log_volumes=True,
+        shard=shard_of_args(args),
     )  # fmt: skip
     print(res.counts())
     if res.written:

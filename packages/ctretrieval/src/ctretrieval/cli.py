@@ -17,14 +17,17 @@ DEVICE = {"choices": DEVICE_CHOICES, "default": "auto"}
 preprocess = Command("ctretrieval-preprocess", "DICOM series / NIfTI -> uint8 volumes in one HDF5",
     "ctretrieval.preprocess:run", [
         ("--input", {**P, "required": True, "help": "one DICOM folder or NIfTI file per study"}),
-        ("--output", {**P, "required": True, "help": "HDF5 file to write (resumed if it exists)"}),
+        ("--output", {**P, "required": True, "help": "HDF5 file to write (resumed if it exists); "
+                      "with --shard a folder of part files"}),
         ("--config", {**P, "help": "YAML whose preprocess: section sets the options"}),
         ("--set", {"dest": "overrides", "action": "append", "default": [], "metavar": "K=V"}),
         ("--shape", {"type": int, "nargs": 3, "metavar": ("SLICES", "H", "W"), "help": "size"}),
         ("--hu-window", {**F, "nargs": 2, "metavar": ("LOW", "HIGH"), "help": "default -1000 400"}),
         ("--target-spacing", {**F, "nargs": 3, "help": "mm (z y x), then centred in --shape"}),
         ("--workers", {"type": int, "help": "worker processes (default: one per core, at most 8)"}),
-        ("--min-slices", {"type": int, "help": "skip series with fewer slices"})])
+        ("--min-slices", {"type": int, "help": "skip series with fewer slices"}),
+        ("--shard", {"metavar": "I/N", "help": "only shard I of N, into a part file of the "
+                     "folder --output (default in a SLURM job array: its task)"})])
 train = Command("ctretrieval-train", "Train the CT retrieval embedding", "ctretrieval.train:run", [
         ("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"})],
     common=True)
@@ -36,7 +39,7 @@ evaluate = Command("ctretrieval-eval", "Metric table of a checkpoint on a split"
 index = Command("ctretrieval-index", "Embed an archive of volumes into an index",
     "ctretrieval.index:index_main", [
         ("--checkpoint", {**CKPT, "required": True}),
-        ("--volumes", {**P, "help": "HDF5 (default: the checkpoint's data)"}),
+        ("--volumes", {**P, "help": "HDF5 or folder of shard parts (default: the checkpoint's data)"}),
         ("--labels", {**P, "help": "labels CSV, to show findings in results"}),
         ("--data-dir", {**P, "help": "directory with volumes.h5 and labels.csv"}),
         ("--output", {**P, "required": True, "help": "index file to write (.npz)"}),

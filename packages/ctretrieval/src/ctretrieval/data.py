@@ -25,8 +25,7 @@ from medcore.data.samplers import BalancedBatchSampler
 from medcore.data.splits import multilabel_stratified_split
 from medcore.errors import DataError
 from medcore.io import read_csv
-from medcore.volumes.store import FORMAT as STORE_FORMAT
-from medcore.volumes.store import check_settings, complete_names
+from medcore.volumes.store import VolumeStore, check_settings
 
 
 def normalise_id(value: object, suffixes: list[str]) -> str:
@@ -132,52 +131,65 @@ def match_ids(
     return labels.subset(common), {i: keys[i] for i in common}
 
 
-def volume_ids(h5_path: str | Path) -> list[str]:
-    """The study ids of a volumes file, after checking (from the metadata) that every volume is
-    a uint8 ``[d, h, w]`` array of one common shape, so no batch fails halfway through a run."""
-    import h5py
+def open_volumes(h5_path: str | Path) -> VolumeStore:
+    """The volumes store at ``h5_path``: an HDF5 file, or a folder of the part files that
+    ctretrieval-preprocess shards wrote, read as one (:mod:`medcore.volumes.store`)."""
+    from ctretrieval.preprocess import KIND
 
     path = Path(h5_path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(path, "volumes file not found (run ctretrieval-preprocess first)")
+    store = VolumeStore(path)
+    if store.is_store and store.attrs.get("kind") not in (None, KIND):
+        raise DataError(path, f"not a ctretrieval volumes file (kind {store.attrs.get('kind')})")
+    if not store.names and not store.is_store:
+        raise DataError(path, "not a ctretrieval volumes file (no /volumes group)")
+    return store
+
+
+def volume_ids(h5_path: str | Path) -> list[str]:
+    """The study ids of a volumes store, after checking (from the metadata) that every volume
+    is a uint8 ``[d, h, w]`` array of one common shape, so no batch fails halfway through a run.
+
+    A store marks finished volumes complete; a hand-written file has no marks (all its
+    ``/volumes`` datasets are taken)."""
+    import h5py
+
+    store = open_volumes(h5_path)
+    ids = sorted(store.names)
+    first: tuple[str, tuple[int, ...]] | None = None
     try:
-        with h5py.File(path, "r") as f:
-            if "volumes" not in f:
-                raise DataError(path, "not a ctretrieval volumes file (no /volumes group)")
-            group = f["volumes"]
-            # A store marks finished volumes complete; a hand-written file has no marks.
-            stored = complete_names(f) if f.attrs.get("format") == STORE_FORMAT else set(group)
-            ids = sorted(stored)
-            first: tuple[str, tuple[int, ...]] | None = None
-            for key in ids:
-                item = group[key]
-                if not isinstance(item, h5py.Dataset) or item.ndim != 3:
-                    shape = getattr(item, "shape", "a group")
-                    raise DataError(
-                        f"{path}:{key}", f"expected a [slices, h, w] volume, got {shape}"
-                    )
-                if item.dtype != np.uint8:
-                    raise DataError(
-                        f"{path}:{key}",
-                        f"expected uint8 volumes (as ctretrieval-preprocess writes), got {item.dtype}",
-                    )
-                if first is None:
-                    first = (key, item.shape)
-                elif item.shape != first[1]:
-                    raise DataError(
-                        path,
-                        f"volumes of different shapes: {first[0]} {first[1]}, {key} {item.shape}",
-                    )
-            return ids
+        for key in ids:
+            item = store.dataset(key)
+            where = f"{store.names[key]}:{key}"
+            if not isinstance(item, h5py.Dataset) or item.ndim != 3:
+                shape = getattr(item, "shape", "a group")
+                raise DataError(where, f"expected a [slices, h, w] volume, got {shape}")
+            if item.dtype != np.uint8:
+                raise DataError(
+                    where,
+                    f"expected uint8 volumes (as ctretrieval-preprocess writes), got {item.dtype}",
+                )
+            if first is None:
+                first = (key, item.shape)
+            elif item.shape != first[1]:
+                raise DataError(
+                    store.path,
+                    f"volumes of different shapes: {first[0]} {first[1]}, {key} {item.shape}",
+                )
     except OSError as exc:
-        raise DataError(path, f"not a readable HDF5 file ({str(exc)[:100]})") from None
+        raise DataError(store.path, f"not a readable HDF5 file ({str(exc)[:100]})") from None
+    finally:
+        store.close()
+    return ids
 
 
 class CTVolumeDataset(Dataset):
-    """Studies of an HDF5 volumes file: ``{"volume": uint8 [d, h, w], "labels": [c], "label_id", "index"}``.
+    """Studies of a volumes store: ``{"volume": uint8 [d, h, w], "labels": [c], "label_id", "index"}``.
 
-    Volumes stay uint8 until they reach the device (a quarter of the float32 transfer). The file
-    is opened lazily in each DataLoader worker (an h5py handle must not cross a fork).
+    Volumes stay uint8 until they reach the device (a quarter of the float32 transfer). The
+    store's files are opened lazily in each DataLoader worker (an h5py handle must not cross a
+    fork).
     """
 
     def __init__(
@@ -187,26 +199,13 @@ class CTVolumeDataset(Dataset):
         self.keys = list(keys)
         self.y = torch.as_tensor(np.asarray(y), dtype=torch.float32)
         self.label_ids = torch.as_tensor(np.asarray(label_ids), dtype=torch.int64)
-        self._file = None
+        self.store = open_volumes(h5_path)
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None}
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        import h5py
-
-        if self._file is None:
-            self._file = h5py.File(self.h5_path, "r")
-        key = self.keys[index]
-        try:
-            volume = self._file["volumes"][key][()]
-        except (KeyError, OSError) as exc:
-            raise DataError(
-                f"{self.h5_path}:{key}", f"cannot read volume ({str(exc)[:100]})"
-            ) from None
+        volume = self.store.read(self.keys[index])
         return {
             "volume": torch.from_numpy(np.ascontiguousarray(volume, dtype=np.uint8)),
             "labels": self.y[index],
@@ -302,7 +301,7 @@ def check_store(h5: str | Path, prep: PreprocessConfig) -> None:
 
 def load_studies(cfg: DataConfig, prep: PreprocessConfig, show_progress: bool = True) -> StudyTable:
     h5, csv = locate_data(cfg, prep, show_progress)
-    if Path(h5).is_file():
+    if Path(h5).exists():
         check_store(h5, prep)
     labels = read_labels(csv, cfg)
     matched, keys = match_ids(labels, volume_ids(h5), cfg.id_suffixes)

@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 from ctretrieval.config import PreprocessConfig
 from ctretrieval.readers import Study, find_studies, read_study
 from medcore.cli.run_setup import load_run_config
-from medcore.errors import ConfigError, DataError
+from medcore.errors import ConfigError, DataError, UserError
 from medcore.volumes.geometry import CANONICAL_AXCODES, Volume, center_in_box
-from medcore.volumes.store import VolumeStoreWriter
+from medcore.volumes.store import Shard, VolumeStoreWriter, shard_output
 
 KIND = "ctretrieval.volumes"
 
@@ -149,13 +149,23 @@ class PreprocessReport:
     skipped: dict[str, str]
     already_done: int
     total_in_file: int
+    output: Path | None = None
 
 
 def preprocess(
-    input_dir: str | Path, output: str | Path, cfg: PreprocessConfig, show_progress: bool = True
+    input_dir: str | Path,
+    output: str | Path,
+    cfg: PreprocessConfig,
+    show_progress: bool = True,
+    shard: Shard | None = None,
 ) -> PreprocessReport:
-    """Preprocess every study of ``input_dir`` into ``output`` (see the module docstring)."""
+    """Preprocess every study of ``input_dir`` into ``output`` (see the module docstring); with
+    ``shard``, only that shard's studies, into its part file of the folder ``output``."""
     output = Path(output)
+    if shard is None and output.is_dir():
+        raise UserError(
+            output, "is a folder (of shard parts?): name an HDF5 file, or give --shard I/N"
+        )
     if len(cfg.target_shape) != 3 or min(cfg.target_shape) < 1:
         raise ConfigError(
             "preprocess.target_shape", f"expected three positive sizes, got {cfg.target_shape}"
@@ -165,6 +175,11 @@ def preprocess(
         raise DataError(
             input_dir, "no studies found (expected one DICOM folder or NIfTI file per study)"
         )
+    if shard is not None:
+        output = shard_output(output, shard, KIND, store_settings(cfg))
+        total_studies = len(studies)
+        studies = [s for s in studies if shard.owns(s.id)]
+        print(f"shard {shard}: {len(studies)} of the {total_studies} studies", file=sys.stderr)
     with VolumeStoreWriter(output, KIND, store_settings(cfg), chunks="slice") as store:
         done = store.done
         todo = [s for s in studies if s.id not in done]
@@ -183,13 +198,13 @@ def preprocess(
                 written += 1
             bar.update(1)
         bar.close()
-        if not store.done:
+        if not store.done and studies:
             raise DataError(
                 input_dir,
                 f"none of the {len(studies)} studies could be read ({len(skipped)} skipped)",
             )
         total = store.finish()
-    return PreprocessReport(written, skipped, len(done & {s.id for s in studies}), total)
+    return PreprocessReport(written, skipped, len(done & {s.id for s in studies}), total, output)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,9 +218,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(
         args, CTRetrievalConfig, "ctretrieval", sections=("preprocess",), base={}
     ).preprocess
-    report = preprocess(args.input, args.output, cfg)
+    shard = None
+    if args.shard is not None:
+        shard = Shard.parse(args.shard)
+    elif (shard := Shard.from_slurm()) is not None:
+        print(f"note: shard {shard} from the SLURM job array (--shard to choose)", file=sys.stderr)
+    report = preprocess(args.input, args.output, cfg, shard=shard)
     print(
-        f"{args.output}: {report.written} studies written, {len(report.skipped)} skipped, "
+        f"{report.output}: {report.written} studies written, {len(report.skipped)} skipped, "
         f"{report.already_done} already done; {report.total_in_file} volumes in the file"
     )
     return 0

@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 
 from medcore.errors import DataError
-from medcore.volumes.geometry import MAX_VOXELS, Volume, check_affine, first_line
+from medcore.volumes.geometry import (
+    MAX_VOXELS,
+    StoredVolume,
+    Volume,
+    check_affine,
+    first_line,
+    to_float32_hu,
+)
 
 MAX_SLICE_PIXELS = 8192 * 8192
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -279,10 +286,45 @@ def _decode(path: Path) -> np.ndarray:
         raise DataError(path, f"cannot decode pixel data ({first_line(exc)})") from None
 
 
-def read_dicom_series(folder: str | Path) -> Volume:
-    """The axial CT series of a DICOM folder as a canonical :class:`Volume` in HU.
+def _decode_slices(slices: list[_Slice], rows: int, cols: int) -> tuple[np.ndarray, float, float]:
+    """The slices' pixel data, each file decoded once, in one array: the stored values with
+    the series' one rescale, or float32 HU when the rescale changes from slice to slice:
+    (array, slope, intercept)."""
+    rescales = {(sl.slope, sl.intercept) for sl in slices}
+    uniform = len(rescales) == 1
+    out: np.ndarray | None = None
+    decoded: dict[Path, np.ndarray] = {}
+    for i, sl in enumerate(slices):
+        if sl.frame is None:
+            pixels = _decode(sl.path)
+        else:  # enhanced CT: decode the file once, take its frames
+            if sl.path not in decoded:
+                decoded[sl.path] = _decode(sl.path)
+            pixels = decoded[sl.path]
+            pixels = pixels[sl.frame] if pixels.ndim == 3 else pixels
+        if pixels.shape != (rows, cols):
+            raise DataError(
+                sl.path, f"pixel data of shape {pixels.shape}, header says {rows} x {cols}"
+            )
+        if out is None:
+            dtype = pixels.dtype if uniform else np.float32
+            out = np.empty((len(slices), rows, cols), dtype=dtype)
+        elif uniform and not np.can_cast(pixels.dtype, out.dtype, "safe"):
+            out = out.astype(np.result_type(out.dtype, pixels.dtype))  # e.g. int16 and uint16
+        if uniform:
+            out[i] = pixels
+        else:
+            to_float32_hu(pixels, sl.slope, sl.intercept, out[i])
+    slope, inter = rescales.pop() if uniform else (1.0, 0.0)
+    return out, float(slope), float(inter)
 
-    ``meta["rejected_series"]`` names every other series of the folder with its reason.
+
+def read_dicom_stored(folder: str | Path) -> StoredVolume:
+    """The axial CT series of a DICOM folder as a canonical :class:`StoredVolume`.
+
+    The stored values keep the pixel type when every slice has the same RescaleSlope and
+    RescaleIntercept (the usual CT series); otherwise each slice is made float32 HU as it is
+    decoded. ``meta["rejected_series"]`` names every other series of the folder with its reason.
     """
     folder = Path(folder)
     chosen, rejected = choose_series(folder)
@@ -297,25 +339,7 @@ def read_dicom_series(folder: str | Path) -> Volume:
     normal = _normal(iop)
     order = np.argsort([float(np.dot(normal, sl.position)) for sl in slices], kind="stable")
     slices = [slices[i] for i in order]
-
-    out = np.empty((len(slices), rows, cols), dtype=np.float32)
-    decoded: dict[Path, np.ndarray] = {}
-    for i, sl in enumerate(slices):
-        if sl.frame is None:
-            pixels = _decode(sl.path)
-        else:  # enhanced CT: decode the file once, take its frames
-            if sl.path not in decoded:
-                decoded[sl.path] = _decode(sl.path)
-            pixels = decoded[sl.path]
-            pixels = pixels[sl.frame] if pixels.ndim == 3 else pixels
-        if pixels.shape != (rows, cols):
-            raise DataError(
-                sl.path, f"pixel data of shape {pixels.shape}, header says {rows} x {cols}"
-            )
-        np.multiply(pixels, sl.slope, out=out[i], casting="unsafe")
-        out[i] += sl.intercept
-    if not np.isfinite(out).all():
-        raise DataError(folder, "rescaled voxels contain NaN or infinite values")
+    stored, slope, inter = _decode_slices(slices, rows, cols)
 
     # Affine of the stored array (slice k, row j, column i) in LPS: columns step along the row
     # direction cosines (IOP[:3]) by PixelSpacing[1], rows along IOP[3:] by PixelSpacing[0].
@@ -334,9 +358,11 @@ def read_dicom_series(folder: str | Path) -> Volume:
     check_affine(folder, ras)
     header = chosen.header
     rescales = {(sl.slope, sl.intercept) for sl in slices}
-    return Volume.canonical(
-        out,
+    return StoredVolume.canonical(
+        stored,
         ras,
+        slope,
+        inter,
         {
             "source": "dicom",
             "path": str(folder),
@@ -352,3 +378,15 @@ def read_dicom_series(folder: str | Path) -> Volume:
             "source_shape": (len(slices), rows, cols),
         },
     )
+
+
+def read_dicom_series(folder: str | Path) -> Volume:
+    """The axial CT series of a DICOM folder as a canonical float32 :class:`Volume` in HU.
+
+    HU are ``stored * RescaleSlope + RescaleIntercept`` of each slice, rounded once to float32.
+    ``meta["rejected_series"]`` names every other series of the folder with its reason.
+    """
+    volume = read_dicom_stored(folder).to_volume()
+    if not np.isfinite(volume.voxels).all():
+        raise DataError(folder, "rescaled voxels contain NaN or infinite values")
+    return volume

@@ -70,16 +70,24 @@ class HUEvidence:
         return f"{self.air:.1%} near air, {self.soft_tissue:.1%} near soft tissue"
 
 
-def hu_evidence(values: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> HUEvidence:
+def evidence_sample(values: np.ndarray) -> np.ndarray:
+    """The voxels :func:`hu_evidence` counts (a view): all of them, or every second voxel along
+    each axis of a volume of more than 2**23 voxels."""
+    stride = 2 if values.size > 2**23 else 1
+    return values[tuple(slice(None, None, stride) for _ in range(values.ndim))]
+
+
+def hu_evidence(
+    values: np.ndarray, slope: float = 1.0, intercept: float = 0.0, sampled: bool = False
+) -> HUEvidence:
     """How ``values * slope + intercept`` reads as Hounsfield units (see :class:`HUEvidence`).
 
-    The windows are mapped back through the rescale, so no rescaled copy is made; a volume of
-    more than 2**23 voxels is counted on every second voxel along each axis.
+    The windows are mapped back through the rescale, so no rescaled copy is made. ``values`` is
+    a whole volume, counted on its :func:`evidence_sample`, or (``sampled``) that sample already.
     """
     if slope == 0 or not np.isfinite([slope, intercept]).all():
         raise ValueError(f"not a usable rescale: slope {slope}, intercept {intercept}")
-    stride = 2 if values.size > 2**23 else 1
-    sample = values[tuple(slice(None, None, stride) for _ in range(values.ndim))]
+    sample = values if sampled else evidence_sample(values)
 
     def fraction(window: tuple[float, float]) -> float:
         lo, hi = sorted(((window[0] - intercept) / slope, (window[1] - intercept) / slope))

@@ -17,27 +17,40 @@ volumes are appended to the existing output in place (each one marked complete a
 a kill here is resumed by the next run) and the staging file is deleted. Nothing is ever
 copied whole: disk use stays the archive plus the volumes of the current run.
 
-Readers (:func:`complete_names`, :func:`read_settings`, :func:`check_settings`) see complete
-volumes only; training, evaluation and indexing call :func:`check_settings` to refuse a store
-whose recorded settings differ from their configuration.
+Readers (:class:`VolumeStore`, :func:`complete_names`, :func:`read_settings`,
+:func:`check_settings`) see complete volumes only; training, evaluation and indexing call
+:func:`check_settings` to refuse a store whose recorded settings differ from their configuration.
+
+Sharding: a job run as shard ``I/N`` (:class:`Shard`, from ``--shard I/N`` or a SLURM job
+array) takes the volumes whose name hashes to ``I`` (SHA-256, so the split depends on the names
+only, not on the file system's order or on which other volumes exist) and writes them into the
+part file ``part-<I>-of-<N>.h5`` of an output folder, a store of its own with the same format,
+lock, staging and resume. A folder of parts is read as one store (:class:`VolumeStore`): every
+part must have the same kind and settings (a part written otherwise is an error naming it), a
+volume in two parts is an error naming both, and missing or unfinished parts are named on stderr.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medcore.errors import ConfigError, DataError
+from medcore.errors import ConfigError, DataError, UserError
 from medcore.io import RunLock
 
 FORMAT = "medcore.volumes"
 FORMAT_VERSION = 1
+_PART = re.compile(r"^part-(\d+)-of-(\d+)\.h5$")
+_SLURM_ID, _SLURM_COUNT = "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"
 
 
 def partial_path(path: str | Path) -> Path:
@@ -83,17 +96,9 @@ def _settings_of(h5: Any) -> dict[str, Any] | None:
 
 
 def read_settings(path: str | Path) -> dict[str, Any] | None:
-    """The preprocessing settings a store recorded, or None for a file that records none."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "volume store not found")
-    try:
-        with h5py.File(path, "r") as h5:
-            return _settings_of(h5)
-    except OSError as exc:
-        raise DataError(path, f"not a readable HDF5 file ({str(exc)[:100]})") from None
+    """The preprocessing settings a store (a file or a folder of parts) recorded, or None for a
+    file that records none."""
+    return VolumeStore(path).settings
 
 
 def _mismatches(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
@@ -131,6 +136,227 @@ def check_settings(
             path, "written with other settings: " + "; ".join(bad) + (f" ({hint})" if hint else "")
         )
     return recorded
+
+
+# -- shards ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (1-based): the volumes whose name hashes to it."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str, what: str = "--shard") -> Shard:
+        """``"I/N"`` with 1 <= I <= N; anything else is a one-line UserError naming ``what``."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not match:
+            raise UserError(what, f"{text!r} is not I/N (shard I of N, e.g. 3/10)")
+        index, count = int(match[1]), int(match[2])
+        if count < 1 or not 1 <= index <= count:
+            raise UserError(what, f"{text}: the shard must be one of 1/{count} .. {count}/{count}")
+        return cls(index, count)
+
+    @classmethod
+    def from_slurm(cls, env: Mapping[str, str] | None = None) -> Shard | None:
+        """The shard of a SLURM job array task (``sbatch --array=0-9`` or ``1-10``: the task's
+        place among ``SLURM_ARRAY_TASK_COUNT`` tasks from ``SLURM_ARRAY_TASK_MIN`` in steps of
+        ``SLURM_ARRAY_TASK_STEP``), None outside a job array."""
+        env = os.environ if env is None else env
+        if _SLURM_ID not in env or _SLURM_COUNT not in env:
+            return None
+        try:
+            task, count = int(env[_SLURM_ID]), int(env[_SLURM_COUNT])
+            low, step = (
+                int(env.get("SLURM_ARRAY_TASK_MIN", 0)),
+                int(env.get("SLURM_ARRAY_TASK_STEP", 1)),
+            )
+        except ValueError:
+            raise UserError(_SLURM_ID, "SLURM array variables are not integers") from None
+        if step < 1 or (task - low) % step:
+            raise UserError(_SLURM_ID, f"task {task} is not on the array's grid; give --shard I/N")
+        return cls.parse(f"{(task - low) // step + 1}/{count}", f"{_SLURM_ID}={task}")
+
+    def owns(self, name: str) -> bool:
+        return shard_of(name, self.count) == self.index
+
+    @property
+    def part_name(self) -> str:
+        return f"part-{self.index:05d}-of-{self.count:05d}.h5"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_of(name: str, count: int) -> int:
+    """The shard (1-based, of ``count``) that volume ``name`` belongs to."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
+
+
+def _part_files(folder: Path) -> list[tuple[Path, int, int]]:
+    """(path, index, count) of the part files of ``folder``, sorted by index."""
+    found = []
+    for path in folder.iterdir():
+        match = _PART.match(path.name)
+        if match and path.is_file():
+            found.append((path, int(match[1]), int(match[2])))
+    return sorted(found, key=lambda p: p[1])
+
+
+def shard_output(folder: str | Path, shard: Shard, kind: str, settings: Mapping[str, Any]) -> Path:
+    """The part file of ``shard`` in ``folder``, after checking the parts already there: of the
+    same shard count, the same kind and the same settings (else a one-line error naming one)."""
+    folder = Path(folder)
+    if folder.is_file():
+        raise UserError(folder, "is a file; with a shard the output names a folder of part files")
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {k: _plain(v) for k, v in settings.items()}
+    for path, _, count in _part_files(folder):
+        if count != shard.count:
+            raise UserError(
+                path, f"a part of {count} shards; this job is shard {shard} (use one N per folder)"
+            )
+        _check_part(path, kind, expected, "this job")
+    return folder / shard.part_name
+
+
+def _check_part(
+    path: Path, kind: str | None, settings: Mapping[str, Any] | None, other: str
+) -> None:
+    """A one-line error unless the part ``path`` has ``kind`` and exactly ``settings``."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != FORMAT or (kind and h5.attrs.get("kind") != kind):
+                raise DataError(path, f"not a part of a {kind or FORMAT} store")
+            recorded = _settings_of(h5) or {}
+    except OSError as exc:
+        raise DataError(path, f"not a readable HDF5 file ({str(exc)[:100]})") from None
+    if settings is None:
+        return
+    keys = sorted(set(recorded) | set(settings))
+    bad = [
+        f"{k}={recorded.get(k)}, not {settings.get(k)}"
+        for k in keys
+        if not _same(recorded.get(k), settings.get(k))
+    ]
+    if bad:
+        raise ConfigError(path, f"written with other settings than {other}: " + "; ".join(bad))
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+class VolumeStore:
+    """A volume store read as one: an HDF5 file, or a folder of part files written by shards.
+
+    ``names`` maps each complete volume to the file that holds it. A file that is not a medcore
+    store (written by hand) is read with all its ``/volumes`` datasets. Files are opened lazily
+    in each process (an h5py handle must not cross a fork); the object pickles without them.
+    """
+
+    def __init__(self, path: str | Path, kind: str | None = None) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self.kind = kind
+        self._open: dict[Path, Any] = {}
+        if self.path.is_dir():
+            parts = self._parts()
+        elif self.path.is_file():
+            parts = [self.path]
+        else:
+            partial = partial_path(self.path)
+            hint = f" (an unfinished {partial.name} exists: run the preprocessing again)"
+            raise DataError(
+                self.path, "volume store not found" + (hint if partial.exists() else "")
+            )
+        self.parts = parts
+        self.names: dict[str, Path] = {}
+        self.settings: dict[str, Any] | None = None
+        self.attrs: dict[str, Any] = {}
+        for k, part in enumerate(parts):
+            try:
+                with h5py.File(part, "r") as h5:
+                    is_store = h5.attrs.get("format") == FORMAT
+                    if kind and is_store and h5.attrs.get("kind") != kind:
+                        raise DataError(part, f"not a {kind} store (kind {h5.attrs.get('kind')})")
+                    if "volumes" not in h5:
+                        names: set[str] = set()
+                    else:
+                        names = complete_names(h5) if is_store else set(h5["volumes"])
+                    if k == 0:
+                        self.settings = _settings_of(h5)
+                        self.attrs = dict(h5.attrs)
+                        self.is_store = is_store
+            except OSError as exc:
+                raise DataError(part, f"not a readable HDF5 file ({str(exc)[:100]})") from None
+            if k > 0:
+                _check_part(part, self.attrs.get("kind"), self.settings or {}, parts[0].name)
+            for name in names:
+                if name in self.names:
+                    raise DataError(
+                        name,
+                        f"in two parts of {self.path}: {self.names[name].name} and {part.name}",
+                    )
+                self.names[name] = part
+
+    def _parts(self) -> list[Path]:
+        found = _part_files(self.path)
+        if not found:
+            raise DataError(self.path, "no part files (part-I-of-N.h5) in the folder")
+        counts = sorted({count for _, _, count in found})
+        if len(counts) > 1:
+            raise DataError(self.path, f"parts of different shard counts {counts} in one folder")
+        missing = sorted(set(range(1, counts[0] + 1)) - {index for _, index, _ in found})
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            print(
+                f"warning: {self.path}: {len(missing)} of {counts[0]} parts missing (shards {shown}); "
+                "their volumes are not in the store",
+                file=sys.stderr,
+            )
+        unfinished = sorted(p.name for p in self.path.glob("part-*-of-*.h5.partial"))
+        if unfinished:
+            print(
+                f"warning: {self.path}: {len(unfinished)} unfinished part(s) not read "
+                f"({', '.join(unfinished[:3])}): a shard is running or was stopped; run it again",
+                file=sys.stderr,
+            )
+        return [path for path, _, _ in found]
+
+    def dataset(self, name: str) -> Any:
+        """The h5py dataset of volume ``name`` (its file opened once per process)."""
+        import h5py
+
+        part = self.names.get(name)
+        if part is None:
+            raise DataError(self.path, f"no volume {name}")
+        h5 = self._open.get(part)
+        if h5 is None:
+            h5 = self._open[part] = h5py.File(part, "r")
+        return h5["volumes"][name]
+
+    def read(self, name: str) -> np.ndarray:
+        try:
+            return self.dataset(name)[()]
+        except (KeyError, OSError) as exc:
+            raise DataError(
+                f"{self.names.get(name, self.path)}:{name}",
+                f"cannot read volume ({str(exc)[:100]})",
+            ) from None
+
+    def close(self) -> None:
+        for h5 in self._open.values():
+            h5.close()
+        self._open = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": {}}  # h5py handles do not cross processes
 
 
 class VolumeStoreWriter:
