@@ -56,7 +56,7 @@ def _gpu_count() -> int:
 @nox.session
 @nox.parametrize("package", PACKAGES)
 def tests(session: nox.Session, package: str) -> None:
-    """CPU tests of one package in its own venv."""
+    """CPU tests of one package in its own venv; fault injection is ``nox -s faults``."""
     _sync(session, package)
     session.chdir(ROOT / "packages" / package)
     session.run(
@@ -64,7 +64,7 @@ def tests(session: nox.Session, package: str) -> None:
         "-m",
         "pytest",
         "-m",
-        "not gpu",
+        "not gpu and not faults",
         "-q",
         *session.posargs,
         env={"MEDCORE_CACHE_DIR": str(Path(session.create_tmp()) / "cache")},
