@@ -283,7 +283,7 @@ def test_refused_config_leaves_no_run_dir(
     argv = [*tiny_args(), "--data-dir", str(tiny_tree), "--output-dir", str(out), *items]
     code, _, err = call_main(train, argv, capsys)
     assert code == 2 and expected in _error_line(err)
-    assert not out.exists()  # refused by setup_run's check, before the run directory
+    assert not out.exists()  # refused by its checks, before the run directory
 
 
 @pytest.mark.gpu

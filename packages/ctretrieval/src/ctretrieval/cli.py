@@ -26,7 +26,7 @@ preprocess = Command("ctretrieval-preprocess", "DICOM series / NIfTI -> uint8 vo
         ("--workers", {"type": int, "help": "worker processes (default: one per core, at most 8)"}),
         ("--min-slices", {"type": int, "help": "skip series with fewer slices"})])
 train = Command("ctretrieval-train", "Train the CT retrieval embedding", "ctretrieval.train:run", [
-        ("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"})],
+        ("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"}, "mode")],
     common=True)
 evaluate = Command("ctretrieval-eval", "Metric table of a checkpoint on a split",
     "ctretrieval.evaluate:run", [
