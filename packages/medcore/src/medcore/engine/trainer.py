@@ -94,8 +94,12 @@ class Trainer:
     evaluate_fn: EvaluateFn | None
     on_epoch_start: Callable[[int], None] | None
     run_dir: Path
+    show_progress: bool  # a tqdm bar on rank 0
     steps_per_epoch: int
     total_steps: int
+    _guard: BufferGuard  # the normalisation buffers a skipped non-finite step restores
+    _step_optimizer: torch.optim.Optimizer  # Fabric's wrapper of ``optimizer``, which steps
+    _stop_requested: bool  # a signal asked every rank to stop (the ranks agreed)
 
     def __init__(
         self,
@@ -174,7 +178,7 @@ class Trainer:
             extra_state=extra_state or {},
         )
         self.state = LoopState()
-        self._stop_requested = False  # a signal asked every rank to stop (the ranks agreed)
+        self._stop_requested = False
 
     @property
     def batch_size(self) -> int:
