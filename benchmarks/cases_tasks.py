@@ -47,7 +47,7 @@ def capture(
     measured: dict = {}
     original = trainer_mod.Trainer.fit
 
-    def timed_fit(self, resume=None, stop_after_steps=None):
+    def timed_fit(self, resume=None):
         measured["trainer"] = self
         if not run_fit:
             raise _Captured
@@ -59,32 +59,32 @@ def capture(
             return step_fn(model, batch)
 
         self.step_fn = first_step_timed
-        save = self._save
+        save = self.checkpoints.save
         measured["save_s"] = 0.0
 
-        def timed_save(name):
+        def timed_save(name, state):
             t0 = time.perf_counter()
             try:
-                return save(name)
+                return save(name, state)
             finally:
                 measured["save_s"] += time.perf_counter() - t0
 
-        self._save = timed_save
+        self.checkpoints.save = timed_save
         # The loader alone, first: a dataset that caches decoded images (cxrlandmarks) is then
         # warm for the timed loop, as in every epoch after the first of a real run.
         measured["loader"] = _loader_rate(self)
         sync(self.device)
         start = time.perf_counter()
         try:
-            original(self, resume=resume, stop_after_steps=stop_after_steps)
+            original(self, resume=resume)
             sync(self.device)
         finally:
             self.step_fn = step_fn
-            self._save = save
+            self.checkpoints.save = save
         end = time.perf_counter()
         measured["startup_s"] = measured["first_step"] - start
         measured["real_s"] = end - measured["first_step"]
-        measured["batches"] = self.batches_per_epoch * self.cfg.epochs
+        measured["batches"] = self.data.batches_per_epoch * self.cfg.epochs
         raise _Captured
 
     argv = [
@@ -117,7 +117,7 @@ def capture(
 
 def one_batch(trainer) -> object:
     return move_to_device(
-        next(iter(trainer._loader(0, 0))), trainer.device, trainer.cfg.channels_last
+        next(iter(trainer.data.epoch(0, 0))), trainer.device, trainer.cfg.channels_last
     )
 
 
@@ -150,7 +150,7 @@ def _bare_rate(trainer, batches: int) -> tuple[float, int]:
 def _loader_rate(trainer) -> float:
     """Samples/s of the training DataLoader alone (reading, decoding, augmenting, collating)."""
     start, n = time.perf_counter(), 0
-    for batch in trainer._loader(0, 0):
+    for batch in trainer.data.epoch(0, 0):
         n += trainer_mod.batch_size_of(batch)
     return n / (time.perf_counter() - start)
 
@@ -178,7 +178,7 @@ def overhead(package: str, device: torch.device, quick: bool) -> Row:
         ratio,
         ">= 0.90",
         ratio >= 0.90,
-        f"loader alone {loader:.0f} samples/s (workers {trainer.num_workers}), load+step "
+        f"loader alone {loader:.0f} samples/s (workers {trainer.data.num_workers}), load+step "
         f"in series {serial / bare:.2f}; checkpoint writes {measured['save_s']:.2f} s of "
         f"{measured['real_s']:.2f} s; start-up {measured['startup_s']:.2f} s not counted",
     )

@@ -160,7 +160,7 @@ def test_research_config_refuses_to_start_without_pretrained_weights(
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert "--pretrained-weights" in lines[0] and "--from-scratch" in lines[0]
     assert not (tmp_path / "r" / "checkpoints").exists()
-    assert not (tmp_path / "r").exists()  # refused by setup_run's check: no run directory
+    assert not (tmp_path / "r").exists()  # refused by its checks: no run directory
     # --from-scratch passes the check; the next error is the missing data directory.
     argv[-1] = str(tmp_path / "r2")
     code, _, err = call_main(train, [*argv, "--from-scratch"], capsys)

@@ -35,7 +35,7 @@ def resolver(name: str):
     """What ``ctretrieval-train --config NAME ARGV`` resolves (the train command's own smoke list)."""
 
     def resolve(argv: list[str]) -> CTRetrievalConfig:
-        args = train.parser().parse_args(["--config", name, *argv])
+        args = train.parse_args(["--config", name, *argv])
         return load_run_config(args, CTRetrievalConfig, PACKAGE, "default", SMOKE_DEMO_OVERRIDES)
 
     return resolve

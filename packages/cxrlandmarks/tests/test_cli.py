@@ -46,9 +46,11 @@ def test_train_all_chains_the_four_phases(demo_run):
         "eval/test_grid.png",
         "eval/phase_comparison.csv",
         "plots/phase2_val_px.png",
-        "phase4/checkpoints/latest.pt",
+        "phase4/checkpoints/final.pt",
     ):
         assert (demo_run / name).exists(), name
+    # A finished phase keeps no resume checkpoint: a resumed run skips it.
+    assert not list(demo_run.glob("phase*/checkpoints/latest.pt"))
     assert any((demo_run / "tb").iterdir())
     states = [
         load_checkpoint(demo_run / "checkpoints" / n, kind="cxrlandmarks.ResNetLandmarkRegressor")

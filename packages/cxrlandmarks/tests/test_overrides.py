@@ -40,7 +40,7 @@ def resolver(name: str):
     """What ``cxrlandmarks-train --config NAME ARGV`` resolves (the train command's smoke list)."""
 
     def resolve(argv: list[str]) -> CxrConfig:
-        args = train.parser().parse_args(["--config", name, *argv])
+        args = train.parse_args(["--config", name, *argv])
         return load_run_config(args, CxrConfig, PACKAGE, "default", SMOKE)
 
     return resolve

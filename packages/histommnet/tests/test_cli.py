@@ -14,8 +14,10 @@ from histommnet.breakhis import scan_breakhis
 from histommnet.cli import analyze, gradcam, train
 from histommnet.config import HistoConfig
 from histommnet.crossval import make_folds
+from medcore.cli import stages
 from medcore.config import load_config, packaged_config_path
 from medcore.data.splits import load_splits
+from medcore.runtime.interrupts import Interrupted
 from medcore.testing import call_main, skip_if_no_cuda
 from medcore.weights.checkpoint import load_checkpoint
 
@@ -283,7 +285,7 @@ def test_refused_config_leaves_no_run_dir(
     argv = [*tiny_args(), "--data-dir", str(tiny_tree), "--output-dir", str(out), *items]
     code, _, err = call_main(train, argv, capsys)
     assert code == 2 and expected in _error_line(err)
-    assert not out.exists()  # refused by setup_run's check, before the run directory
+    assert not out.exists()  # refused by its checks, before the run directory
 
 
 @pytest.mark.gpu
@@ -316,7 +318,9 @@ def test_cuda_amp_training_step(tiny_args, tiny_tree: Path, tmp_path: Path, caps
     )
 
 
-def test_resume_interrupted_fold(tiny_args, tiny_tree: Path, tmp_path: Path, capsys) -> None:
+def test_resume_interrupted_fold(
+    tiny_args, tiny_tree: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     out = tmp_path / "run"
     argv = [
         "--data-dir",
@@ -327,14 +331,21 @@ def test_resume_interrupted_fold(tiny_args, tiny_tree: Path, tmp_path: Path, cap
         "0",
         *tiny_args("trainer.epochs=2"),
     ]
-    code, _, err = call_main(train, argv, capsys)
-    assert code == 0, err
+    with monkeypatch.context() as patch:
+        # Killed as the fold's stage record is written (a finished fold's latest.pt is
+        # deleted after it): the fold stays unfinished, its latest.pt is there.
+        def killed(*args, **kwargs):
+            raise Interrupted("SIGKILL")
+
+        patch.setattr(stages, "atomic_write_json", killed)
+        code, _, err = call_main(train, argv, capsys)
+    assert code == 130, err
     ckpts = out / "fold_0" / "checkpoints"
     best_before = load_checkpoint(ckpts / "fold_0_best.pth")
     # As if killed after the last epoch's latest.pt: no final checkpoint, no fold result.
     (ckpts / "final.pt").unlink()
     (out / "fold_0" / "result.json").unlink()
-    (out / "fold_0" / "stage.json").unlink()  # the fold's stage record, written last
+    assert not (out / "fold_0" / "stage.json").exists()
     assert load_checkpoint(ckpts / "latest.pt")["epoch"] == 2
     code, stdout, err = call_main(train, ["--resume", str(out)], capsys)
     assert "mean ± std" in stdout

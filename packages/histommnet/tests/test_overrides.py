@@ -28,7 +28,7 @@ def resolver(name: str):
     """What ``histommnet-train --config NAME ARGV`` resolves (the train command's own smoke list)."""
 
     def resolve(argv: list[str]) -> HistoConfig:
-        args = train.parser().parse_args(["--config", name, *argv])
+        args = train.parse_args(["--config", name, *argv])
         return load_run_config(args, HistoConfig, PACKAGE, "default", SMOKE)
 
     return resolve

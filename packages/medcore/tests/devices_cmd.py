@@ -7,7 +7,6 @@ called as ``main([...])``; ``DEVICES_CMD_SLOW=1`` makes every step slow (kill -9
 training step (its N-th evaluation with ``:eval``), as a cluster's signal would arrive.
 """
 
-import argparse
 import json
 import os
 import signal
@@ -19,9 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from medcore.cli.command import run_cli
-from medcore.cli.flags import add_common_args
-from medcore.cli.run_setup import setup_run
+from medcore.cli.command import Command
+from medcore.cli.run_setup import resolve_run, start_run
 from medcore.config import RunConfig
 from medcore.engine.rng import seed_everything
 from medcore.engine.trainer import Trainer
@@ -32,9 +30,12 @@ class Cfg(RunConfig):
     pass
 
 
-def _train(argv: list[str] | None) -> int:
-    args = add_common_args(argparse.ArgumentParser(prog="devices-cmd")).parse_args(argv)
-    ctx = setup_run(args, Cfg, "devicescmd")
+def train(args) -> int:
+    with start_run(resolve_run(args, Cfg, "devicescmd")) as ctx:
+        return _train(ctx)
+
+
+def _train(ctx) -> int:
     if os.environ.get("DEVICES_CMD_PIDS"):
         pids = Path(os.environ["DEVICES_CMD_PIDS"])
         (pids / f"rank{ctx.dist.rank}.pid").write_text(str(os.getpid()))
@@ -71,10 +72,10 @@ def _train(argv: list[str] | None) -> int:
     trainer = Trainer(
         model,
         ctx.cfg.trainer,
+        fabric=ctx.fabric,
         train_data=data,
         step_fn=step,
         run_dir=ctx.run_dir,
-        device=ctx.device,
         kind="devicescmd.MLP",
         evaluate_fn=evaluate,
         seed=ctx.cfg.seed,
@@ -89,5 +90,5 @@ def _train(argv: list[str] | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _train(argv), "devices_cmd:main")
+# Its own entry point as prog: the ranks it starts run ``medcore.cli.launch devices_cmd:main``.
+main = Command("devices_cmd:main", "a tiny training command", "devices_cmd:train", common=True)

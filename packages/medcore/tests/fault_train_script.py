@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from medcore.config import TrainerConfig
 from medcore.engine.trainer import Trainer
-from medcore.runtime.distributed import init_distributed
+from medcore.runtime.distributed import make_fabric
 
 
 def main() -> None:
@@ -25,7 +25,11 @@ def main() -> None:
         if "--raise-on-rank" in sys.argv
         else -1
     )
-    info = init_distributed("cpu", timeout_s=60)
+    cfg = TrainerConfig(
+        epochs=3, batch_size=4, num_workers=0, lr=1e-2, save_every_steps=1, amp=False
+    )
+    fabric = make_fabric(torch.device("cpu"), cfg)  # joins torchrun's process group, if any
+    rank = fabric.global_rank
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 6, generator=gen)
     data = TensorDataset(x, x.sum(1, keepdim=True))
@@ -33,30 +37,27 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.1), nn.Linear(8, 1))
 
     def step(m, batch):
-        if info.rank == raise_rank:
-            raise RuntimeError(f"rank {info.rank} failed")
+        if rank == raise_rank:
+            raise RuntimeError(f"rank {rank} failed")
         if slow:
             time.sleep(0.15)
         xb, yb = batch
         return ((m(xb) - yb) ** 2).mean()
 
-    cfg = TrainerConfig(
-        epochs=3, batch_size=4, num_workers=0, lr=1e-2, save_every_steps=1, amp=False
-    )
     trainer = Trainer(
         model,
         cfg,
+        fabric=fabric,
         train_data=data,
         step_fn=step,
         run_dir=run_dir,
-        device=torch.device("cpu"),
         kind="faults.MLP",
         seed=2,
         show_progress=False,
     )
     latest = run_dir / "checkpoints" / "latest.pt"
     trainer.fit(resume=latest if resume and latest.exists() else None)
-    if info.is_main:
+    if rank == 0:
         torch.save(trainer.model.state_dict(), run_dir / "weights.pt")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medcore.cli.command import Command, run_cli
-from medcore.cli.flags import add_common_args, common_overrides
+from medcore.cli.flags import Flag, add_common_args, flag_overrides
 from medcore.cli.run_setup import find_run
 from medcore.config import RunConfig, load_config
 from medcore.data.demo_cache import ensure_demo_data
@@ -108,9 +108,35 @@ def test_common_flags_map_onto_config(tmp_path: Path) -> None:
             "trainer.lr=0.5",
         ]
     )
-    cfg = load_config(Cfg, overrides=[*args.overrides, *common_overrides(args)])
+    cfg = load_config(Cfg, overrides=[*args.overrides, *flag_overrides(args)])
     assert (cfg.trainer.epochs, cfg.seed, cfg.device, cfg.trainer.lr) == (3, 9, "cpu", 0.5)
     assert cfg.data.data_dir == str(tmp_path) and cfg.model.pretrained_weights == "w.pt"
+
+
+def test_a_commands_flags_set_the_keys_they_declare() -> None:
+    flags = [
+        Flag("--width", {"type": int}, "model.width"),
+        Flag("--frozen", {"action": "store_true"}, "model.frozen"),
+        Flag("--no-weights", {"action": "store_true"}, "model.pretrained", False),
+        Flag("--note", {"help": "sets nothing"}),
+    ]
+    command = Command("x-train", "train", "late_cmd:run", flags, common=True)
+    args = command.parse_args(["--width", "5", "--no-weights", "--epochs", "2", "--set", "a=1"])
+    assert args.invocation.prog == "x-train"
+    assert args.invocation.argv == ("--width", "5", "--no-weights", "--epochs", "2", "--set", "a=1")
+    # in declaration order; only the flags given; --epochs sets every epochs key
+    assert flag_overrides(args, ("phases.a.epochs", "phases.b.epochs")) == [
+        ("model.width", 5),
+        ("model.pretrained", False),
+        ("phases.a.epochs", 2),
+        ("phases.b.epochs", 2),
+    ]
+    assert flag_overrides(command.parse_args(["--frozen", "--data-dir", "d"])) == [
+        ("model.frozen", True),
+        ("data.data_dir", "d"),
+    ]
+    with pytest.raises(ValueError, match="has no default of its own"):
+        Command("y", "", "m:f", [Flag("--k", {"type": int, "default": 3}, "a.k")]).parser()
 
 
 def test_resume_latest_finds_newest_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,28 +224,36 @@ def cli_mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return run
 
 
-def test_setup_run_locks_the_run_dir_before_writing(tmp_path: Path, cli_mod) -> None:
+def _started(cli_mod, args: argparse.Namespace, **kwargs):
+    """The context of a run started and ended again (its lock released)."""
+    with cli_mod.start_run(cli_mod.resolve_run(args, Cfg, "pkg", **kwargs)) as ctx:
+        return ctx
+
+
+def test_start_run_locks_the_run_dir_before_writing(tmp_path: Path, cli_mod) -> None:
     import subprocess
     import sys
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    args = add_common_args(argparse.ArgumentParser()).parse_args(["--output-dir", str(run_dir)])
+    request = cli_mod.resolve_run(args, Cfg, "pkg")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (run_dir / ".lock").write_text(str(other.pid))
-        args = add_common_args(argparse.ArgumentParser()).parse_args(["--output-dir", str(run_dir)])
         with pytest.raises(UserError, match="in use by another running job"):
-            cli_mod.setup_run(args, Cfg, "pkg")
+            cli_mod.start_run(request).__enter__()
         assert not (run_dir / "config.yaml").exists()
+        assert (run_dir / ".lock").read_text() == str(other.pid)  # the other job's, kept
     finally:
         other.kill()
         other.wait()
-    ctx = cli_mod.setup_run(args, Cfg, "pkg")  # the owner died: stale lock taken over
-    assert ctx.cfg.seed == 3 and (run_dir / "config.yaml").is_file()
-    assert (run_dir / ".lock").read_text() == str(os.getpid())
-    again = cli_mod.setup_run(args, Cfg, "pkg")  # same process: re-entrant, not refused
-    again.release()
-    ctx.release()
+    with cli_mod.start_run(request) as ctx:  # the owner died: stale lock taken over
+        assert ctx.cfg.seed == 3 and (run_dir / "config.yaml").is_file()
+        assert (run_dir / ".lock").read_text() == str(os.getpid())
+        with cli_mod.start_run(request):  # same process: re-entrant, not refused
+            pass
+        assert (run_dir / ".lock").is_file()
     assert not (run_dir / ".lock").exists()
 
 
@@ -246,29 +280,27 @@ def test_resume_continues_with_the_runs_own_settings(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     parser = add_common_args(argparse.ArgumentParser())
-    first = cli_mod.setup_run(
-        parser.parse_args(["--seed", "7", "--set", "trainer.lr=0.25"]), Cfg, "pkg"
-    )
-    first.release()
+    first = _started(cli_mod, parser.parse_args(["--seed", "7", "--set", "trainer.lr=0.25"]))
     (first.run_dir / "checkpoints").mkdir()
     (first.run_dir / "checkpoints/latest.pt").write_bytes(b"x")
 
     # --resume latest alone: the interrupted run's seed and lr, not the packaged defaults.
-    ctx = cli_mod.setup_run(parser.parse_args(["--resume", "latest"]), Cfg, "pkg")
-    ctx.release()
+    args = parser.parse_args(["--resume", "latest"])
+    request = cli_mod.resolve_run(args, Cfg, "pkg")
+    assert args == parser.parse_args(["--resume", "latest"])  # read, not changed
+    assert request.continues == first.run_dir and request.resuming
+    ctx = _started(cli_mod, args)
     assert ctx.run_dir == first.run_dir and ctx.resume == first.run_dir / "checkpoints/latest.pt"
     assert (ctx.cfg.seed, ctx.cfg.trainer.lr) == (7, 0.25)
 
     # A checkpoint path: its run, its settings; --set on top still wins.
     argv = ["--resume", str(ctx.resume), "--set", "trainer.lr=0.5"]
-    ctx = cli_mod.setup_run(parser.parse_args(argv), Cfg, "pkg")
-    ctx.release()
+    ctx = _started(cli_mod, parser.parse_args(argv))
     assert ctx.run_dir == first.run_dir and (ctx.cfg.seed, ctx.cfg.trainer.lr) == (7, 0.5)
 
     # A checkpoint from outside any run starts a new run from the defaults.
     outside = tmp_path / "weights.pt"
     outside.write_bytes(b"x")
-    ctx = cli_mod.setup_run(parser.parse_args(["--resume", str(outside)]), Cfg, "pkg")
-    ctx.release()
+    ctx = _started(cli_mod, parser.parse_args(["--resume", str(outside)]))
     assert ctx.run_dir != first.run_dir and ctx.cfg.seed == 3  # a new run, even in the same second
     assert ctx.run_dir.parent == first.run_dir.parent

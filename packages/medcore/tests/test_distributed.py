@@ -13,7 +13,7 @@ from medcore.config import TrainerConfig
 from medcore.engine.task import EvalContext
 from medcore.engine.trainer import Trainer
 from medcore.metrics.accumulate import MetricAccumulator
-from medcore.runtime.distributed import gather_with_grad
+from medcore.runtime.distributed import gather_with_grad, make_fabric
 from medcore.testing import run_gloo
 
 N = 16
@@ -81,10 +81,10 @@ def _ddp_train(rank: int, world_size: int, out: str, watch: bool = False) -> Non
     trainer = Trainer(
         _model(),
         cfg,
+        fabric=make_fabric(torch.device("cpu"), cfg),
         train_data=_data(),
         step_fn=_step,
         run_dir=out,
-        device=torch.device("cpu"),
         kind="test.Lin",
         evaluate_fn=lambda m, ctx: {"val/loss": 1.0 + rank, **_eval_fn(m, ctx)},
         show_progress=False,

@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 
 from medcore.config import TrainerConfig
 from medcore.engine.trainer import Trainer
+from medcore.runtime.distributed import make_fabric
 from medcore.runtime.interrupts import Interrupted
 from medcore.testing import checkpoint_differences
 from medcore.weights.checkpoint import load_checkpoint
@@ -69,10 +70,10 @@ def make(run_dir: Path, *, step=_step, evaluate=_evaluate, **overrides: Any) -> 
     return Trainer(
         model,
         cfg,
+        fabric=make_fabric(torch.device("cpu"), cfg),
         train_data=Noisy(X, Y),
         step_fn=step,
         run_dir=run_dir,
-        device=torch.device("cpu"),
         kind="test.MLP",
         evaluate_fn=evaluate,
         seed=5,
@@ -145,7 +146,7 @@ def test_signal_stops_at_a_step_boundary_and_resume_is_bit_identical(
     ckpts = tmp_path / "victim/checkpoints"
     saved = load_checkpoint(ckpts / "latest.pt", kind="test.MLP")
     assert (saved["global_step"], saved["epoch"], saved["batch_in_epoch"]) == position
-    assert len(victim.history) == evaluations
+    assert len(victim.state.history) == evaluations
     assert not (ckpts / "final.pt").exists()
     make(tmp_path / "victim").fit(resume=ckpts / "latest.pt")
     assert _differences(tmp_path / "full", tmp_path / "victim") == []

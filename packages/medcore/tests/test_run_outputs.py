@@ -143,10 +143,10 @@ def test_epochs_sets_every_phase_and_a_changed_trainer_epochs_is_refused(run_mod
 
 
 def refused_run(run_mod, argv: list[str], error: Exception, write=None) -> None:
-    """Set up a run with ``argv``, write what ``write(run_dir)`` writes, then fail with
-    ``error``, the way a command runs under medcore.cli.command.Command."""
-    with pytest.raises(type(error)), run_mod.undoing_refused_runs():
-        ctx = run_mod.setup_run(parse(*argv), Cfg, "pkg")
+    """Start a run with ``argv``, write what ``write(run_dir)`` writes, then fail with
+    ``error``."""
+    request = run_mod.resolve_run(parse(*argv), Cfg, "pkg")
+    with pytest.raises(type(error)), run_mod.start_run(request) as ctx:
         (ctx.run_dir / "splits.json").write_text("{}")
         if write is not None:
             write(ctx.run_dir)
@@ -195,7 +195,9 @@ def test_runs_with_results_and_resumed_runs_are_kept(run_mod) -> None:
     # --resume latest continues "a": a refusal there never removes it, nor what it holds
     refused_run(run_mod, ["--resume", "latest", "--output-dir", "a"], DataError("d", "broken"))
     assert (Path("a") / "config.yaml").is_file() and (Path("a") / "splits.json").is_file()
-    # outside the watch (a test calling setup_run directly) nothing is removed
-    ctx = run_mod.setup_run(parse("--output-dir", "c"), Cfg, "pkg")
-    ctx.release()
+    # an error after the run ended (its block) removes nothing
+    with pytest.raises(DataError):
+        with run_mod.start_run(run_mod.resolve_run(parse("--output-dir", "c"), Cfg, "pkg")):
+            pass
+        raise DataError("report", "broken")
     assert yaml.safe_load((Path("c") / "config.yaml").read_text())["output_dir"] == "c"

@@ -15,6 +15,9 @@ from medcore.config import TrainerConfig
 from medcore.engine.batching import EpochBatches, SeededFetch, collated
 from medcore.engine.rng import batch_seed
 from medcore.engine.trainer import Trainer
+from medcore.runtime.distributed import make_fabric
+from medcore.runtime.interrupts import Interrupted
+from medcore.testing import stopping_in_call
 
 X = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] - X[:, 2] > 0).float()
@@ -36,7 +39,7 @@ def step(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
 
 
-def make(run_dir: Path, workers: int, persistent: bool = True) -> Trainer:
+def make(run_dir: Path, workers: int, persistent: bool = True, step_fn=step) -> Trainer:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1))
     cfg = TrainerConfig(
@@ -50,10 +53,10 @@ def make(run_dir: Path, workers: int, persistent: bool = True) -> Trainer:
     return Trainer(
         model,
         cfg,
+        fabric=make_fabric(torch.device("cpu"), cfg),
         train_data=NoisyData(),
-        step_fn=step,
+        step_fn=step_fn,
         run_dir=run_dir,
-        device=torch.device("cpu"),
         kind="test.MLP",
         seed=11,
         show_progress=False,
@@ -105,13 +108,14 @@ def test_batch_seeds_differ_by_run_epoch_rank_and_batch() -> None:
 def test_resume_with_persistent_workers_is_bit_identical(tmp_path: Path, stop_at: int) -> None:
     full = make(tmp_path / "full", workers=2)
     full.fit()
-    part = make(tmp_path / "part", workers=2)
-    part.fit(stop_after_steps=stop_at)
+    part = make(tmp_path / "part", workers=2, step_fn=stopping_in_call(step, stop_at))
+    with pytest.raises(Interrupted):
+        part.fit()
     torch.manual_seed(999)
     np.random.seed(999)
     resumed = make(tmp_path / "part", workers=2)
     result = resumed.fit(resume=tmp_path / "part/checkpoints/latest.pt")
-    assert result.global_step == full.global_step == 10
+    assert result.global_step == full.state.global_step == 10
     for key, value in weights(full).items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 

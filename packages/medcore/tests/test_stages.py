@@ -11,6 +11,7 @@ from medcore.cli.flags import add_common_args
 from medcore.cli.stages import STAGE_FILE, finished_result, run_stage
 from medcore.config import RunConfig
 from medcore.errors import UserError
+from medcore.weights.checkpoint import finish_releasing
 
 
 @dataclass
@@ -42,9 +43,9 @@ def run_mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def _setup(run_mod, *argv: str):
     parser = add_common_args(argparse.ArgumentParser())
-    ctx = run_mod.setup_run(parser.parse_args(list(argv)), Cfg, "pkg", staged=True)
-    ctx.release()
-    return ctx
+    request = run_mod.resolve_run(parser.parse_args(list(argv)), Cfg, "pkg", staged=True)
+    with run_mod.start_run(request) as ctx:
+        return ctx
 
 
 def test_resumed_run_skips_finished_stages_and_resumes_the_unfinished(run_mod) -> None:
@@ -104,13 +105,28 @@ def test_a_rerun_stage_is_unfinished_until_it_returns(run_mod) -> None:
     assert finished_result(ctx.run_dir, "phase1") is None
 
 
-def test_check_runs_before_anything_is_written(run_mod, tmp_path: Path) -> None:
-    def check(cfg):
-        raise UserError("trainer.lr", f"refused ({cfg.trainer.lr})")
-
+def test_resolving_a_run_writes_nothing(run_mod, tmp_path: Path) -> None:
     parser = add_common_args(argparse.ArgumentParser())
     out = tmp_path / "never"
-    args = parser.parse_args(["--output-dir", str(out)])
-    with pytest.raises(UserError, match="refused"):
-        run_mod.setup_run(args, Cfg, "pkg", check=check)
+    request = run_mod.resolve_run(parser.parse_args(["--output-dir", str(out)]), Cfg, "pkg")
+    assert request.cfg.output_dir == str(out) and not request.resuming
     assert not out.exists()
+
+
+def test_a_finished_stage_keeps_no_resume_checkpoint(run_mod) -> None:
+    """latest.pt (optimizer and RNG states) only resumes a stage; a finished one is skipped."""
+
+    def stage_fn(stage):
+        ckpts = stage.dir / "checkpoints"
+        ckpts.mkdir(parents=True)
+        for name in ("latest.pt", ".latest.pt.spare", "final.pt", "best.pt"):
+            (ckpts / name).write_bytes(b"x")
+        return {}
+
+    ctx = _setup(run_mod)
+    run_stage(ctx, "fold0", stage_fn)
+    finish_releasing()
+    assert sorted(p.name for p in (ctx.run_dir / "fold0/checkpoints").iterdir()) == [
+        "best.pt",
+        "final.pt",
+    ]

@@ -9,9 +9,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from medcore.config import TrainerConfig
+from medcore.engine.task import Stop
 from medcore.engine.trainer import Trainer
 from medcore.errors import TrainingDiverged
+from medcore.runtime.distributed import make_fabric
+from medcore.runtime.interrupts import Interrupted
+from medcore.testing import stopping_in_call
 from medcore.weights.checkpoint import load_checkpoint
+
+CPU = torch.device("cpu")
 
 X = torch.randn(48, 6, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] + 0.5 * X[:, 1] > 0).float()
@@ -31,7 +37,9 @@ def evaluate(model: nn.Module, ctx) -> dict[str, float]:
     }
 
 
-def make(run_dir: Path, model_seed: int = 1, **overrides) -> Trainer:
+def make(
+    run_dir: Path, model_seed: int = 1, step_fn=step, extra_state=None, **overrides
+) -> Trainer:
     torch.manual_seed(model_seed)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
     cfg = TrainerConfig(
@@ -49,13 +57,14 @@ def make(run_dir: Path, model_seed: int = 1, **overrides) -> Trainer:
     return Trainer(
         model,
         cfg,
+        fabric=make_fabric(CPU, cfg),
         train_data=DATA,
-        step_fn=step,
+        step_fn=step_fn,
         run_dir=run_dir,
-        device=torch.device("cpu"),
         kind="test.MLP",
         evaluate_fn=evaluate,
         seed=5,
+        extra_state=extra_state,
         show_progress=False,
     )
 
@@ -68,13 +77,16 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_resume_is_bit_identical(tmp_path: Path, stop_at: int) -> None:
     full = make(tmp_path / "full")
     full.fit()
-    part = make(tmp_path / "part")
-    part.fit(stop_after_steps=stop_at)
+    # stopped in the last of the two micro-batches of step ``stop_at``, as a signal would
+    part = make(tmp_path / "part", step_fn=stopping_in_call(step, 2 * stop_at))
+    with pytest.raises(Interrupted):
+        part.fit()
+    assert load_checkpoint(tmp_path / "part/checkpoints/latest.pt")["global_step"] == stop_at
     assert not (tmp_path / "part/checkpoints/final.pt").exists()
     torch.manual_seed(12345)  # a different global RNG at restart must not matter
     resumed = make(tmp_path / "part", model_seed=99)
     result = resumed.fit(resume=tmp_path / "part/checkpoints/latest.pt")
-    assert result.global_step == full.global_step
+    assert result.global_step == full.state.global_step and result.stop is Stop.COMPLETED
     for key, value in weights(full).items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
@@ -125,7 +137,7 @@ def test_fixed_best_name_and_early_stopping(tmp_path: Path) -> None:
         scheduler="none",
     )
     result = trainer.fit()
-    assert result.stopped_early and result.epochs_completed == 3
+    assert result.stop is Stop.EARLY_STOP and result.epochs_completed == 3
     assert (tmp_path / "checkpoints/phase1_best.pt").is_file()
     assert (tmp_path / "checkpoints/final.pt").is_file()
 
@@ -148,8 +160,12 @@ def test_nan_step_is_skipped_then_persistent_nan_stops(tmp_path: Path) -> None:
     def always_nan(model, batch):
         return step(model, batch) * float("nan")
 
-    doomed = make(tmp_path / "b", epochs=3, grad_accum_steps=1, max_nonfinite_steps=3)
-    doomed.fit(stop_after_steps=2)
+    stopping = stopping_in_call(step, 2)
+    doomed = make(
+        tmp_path / "b", step_fn=stopping, epochs=3, grad_accum_steps=1, max_nonfinite_steps=3
+    )
+    with pytest.raises(Interrupted):
+        doomed.fit()
     good = (tmp_path / "b/checkpoints/latest.pt").read_bytes()
     doomed2 = make(tmp_path / "b", epochs=3, grad_accum_steps=1, max_nonfinite_steps=3)
     doomed2.step_fn = always_nan
@@ -172,10 +188,10 @@ def test_param_groups_and_cosine_warmup(tmp_path: Path) -> None:
     trainer = Trainer(
         model,
         cfg,
+        fabric=make_fabric(CPU, cfg),
         train_data=DATA,
         step_fn=step,
         run_dir=tmp_path,
-        device=torch.device("cpu"),
         kind="test.MLP",
         param_groups=groups,
         show_progress=False,
@@ -200,8 +216,12 @@ def test_plateau_and_step_schedulers_resume(tmp_path: Path) -> None:
     for sched in ("plateau", "step"):
         full = make(tmp_path / f"{sched}-full", scheduler=sched, step_size=1, plateau_patience=0)
         full.fit()
-        part = make(tmp_path / sched, scheduler=sched, step_size=1, plateau_patience=0)
-        part.fit(stop_after_steps=5)
+        stopping = stopping_in_call(step, 10)  # in step 5
+        part = make(
+            tmp_path / sched, step_fn=stopping, scheduler=sched, step_size=1, plateau_patience=0
+        )
+        with pytest.raises(Interrupted):
+            part.fit()
         resumed = make(tmp_path / sched, scheduler=sched, step_size=1, plateau_patience=0)
         resumed.fit(resume=tmp_path / sched / "checkpoints/latest.pt")
         assert [g["lr"] for g in full.optimizer.param_groups] == [
@@ -228,10 +248,10 @@ def test_skipped_nonfinite_step_leaves_batchnorm_stats_clean(tmp_path: Path) -> 
     trainer = Trainer(
         model,
         cfg,
+        fabric=make_fabric(CPU, cfg),
         train_data=DATA,
         step_fn=poisoned,
         run_dir=tmp_path,
-        device=torch.device("cpu"),
         kind="test.BN",
         show_progress=False,
     )
@@ -245,12 +265,12 @@ def test_skipped_nonfinite_step_leaves_batchnorm_stats_clean(tmp_path: Path) -> 
 def test_best_and_final_hold_the_weights_and_latest_what_a_resume_needs(tmp_path: Path) -> None:
     from medcore.errors import CheckpointError
 
-    trainer = make(tmp_path, epochs=2, best_name="best.pt")
-    trainer.extra_state = {"model_config": {"width": 16}, "input_norm": {"mean": [0.5]}}
+    extra = {"model_config": {"width": 16}, "input_norm": {"mean": [0.5]}}
+    trainer = make(tmp_path, epochs=2, best_name="best.pt", extra_state=extra)
     result = trainer.fit()
     ckpts = tmp_path / "checkpoints"
     latest = load_checkpoint(ckpts / "latest.pt", kind="test.MLP")
-    resume_only = {"optimizer", "scheduler", "scaler", "rng", "rng_ranks", "nonfinite_streak"}
+    resume_only = {"optimizer", "scheduler", "scaler", "rng", "rng_ranks"}
     assert resume_only <= latest.keys()
     for name in ("final.pt", "best.pt"):
         state = load_checkpoint(ckpts / name, kind="test.MLP")
@@ -284,16 +304,16 @@ def test_a_last_batch_too_small_to_normalise_is_dropped_with_a_note(
     trainer = Trainer(
         model,
         TrainerConfig(epochs=2, batch_size=8, num_workers=0, log_every_steps=1),
+        fabric=make_fabric(CPU),
         train_data=TensorDataset(X[:n], Y[:n]),
         step_fn=counting_step,
         run_dir=tmp_path,
-        device=torch.device("cpu"),
         kind="test.MLP",
         seed=5,
         show_progress=False,
     )
     trainer.fit()
-    assert trainer.batches_per_epoch == batches
+    assert trainer.data.batches_per_epoch == batches
     assert min(sizes) >= 2 and len(sizes) == 2 * batches
     note = "the last training batch of each epoch would hold 1 sample"
     assert (note in capsys.readouterr().out) == (n == 17)
@@ -316,14 +336,14 @@ def test_a_wrong_precision_is_a_config_error_at_load_time(key: str, value: str) 
 def _saves(trainer: Trainer) -> list[tuple[str, int]]:
     """(name, epoch) of every latest.pt / final.pt ``trainer`` writes from now on."""
     names: list[tuple[str, int]] = []
-    save = trainer._save
+    save = trainer.checkpoints.save
 
-    def recording(name: str):
+    def recording(name: str, state):
         if name in ("latest.pt", "final.pt"):
-            names.append((name, trainer.epoch))
-        return save(name)
+            names.append((name, state.epoch))
+        return save(name, state)
 
-    trainer._save = recording
+    trainer.checkpoints.save = recording
     return names
 
 
@@ -352,5 +372,37 @@ def test_save_interval_skips_epoch_end_writes_but_never_the_last(tmp_path: Path)
     )
     names = _saves(stopping)
     result = stopping.fit()
-    assert result.stopped_early and result.epochs_completed < 50
+    assert result.stop is Stop.EARLY_STOP and result.epochs_completed < 50
     assert names == [("latest.pt", result.epochs_completed), ("final.pt", result.epochs_completed)]
+
+
+def test_step_extras_are_averaged_over_each_logging_window(tmp_path: Path) -> None:
+    """Extras stay tensors on the device; each logged value is their mean over the window's
+    micro-batches (here: the batch's first label, a number known from the batch order)."""
+    seen: list[float] = []
+
+    def with_extras(model, batch):
+        seen.append(float(batch[1][0]))
+        return step(model, batch), {"first_label": batch[1][0], "twice": 2 * batch[1][0]}
+
+    trainer = make(tmp_path, step_fn=with_extras, epochs=1, log_every_steps=2)
+    trainer.fit()
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"train/first_label"' in line
+    ]
+    # 6 batches, 2 micro-batches a step: 3 steps, logged at steps 2 and 3 (the epoch's end)
+    assert [r["step"] for r in records] == [2, 3]
+    assert records[0]["train/first_label"] == pytest.approx(sum(seen[:4]) / 4)
+    assert records[1]["train/first_label"] == pytest.approx(sum(seen[4:]) / 2)
+    assert records[1]["train/twice"] == pytest.approx(2 * sum(seen[4:]) / 2)
+
+
+def test_a_float_extra_is_refused_with_its_name(tmp_path: Path) -> None:
+    def float_extra(model, batch):
+        loss = step(model, batch)
+        return loss, {"acc": float(loss.detach())}
+
+    with pytest.raises(TypeError, match="'acc' is a float, not a tensor"):
+        make(tmp_path, step_fn=float_extra, epochs=1).fit()

@@ -117,7 +117,7 @@ def cross_validate(
                     model_cfg,
                     labelled,
                     stage.dir,
-                    ctx.device,
+                    ctx.fabric,
                     stage.resume,
                     splits=fold,
                     keep_heldout=True,

@@ -33,7 +33,7 @@ from binensemble.predict import BUNDLE_NAME
 from binensemble.report import predict_vote_report
 from binensemble.train import train_one
 from medcore.cli.dry_run import build_on_meta, count_parameters, dry_run
-from medcore.cli.run_setup import RunContext, setup_run
+from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.cli.stages import STAGE_FILE, Stage, run_stage
 from medcore.engine.rng import seed_everything
 from medcore.errors import DataError, UserError
@@ -43,25 +43,15 @@ SMOKE_OVERRIDES = ["data.demo=small", "trainer.batch_size=8"]
 
 
 def run_train(args: argparse.Namespace) -> int:
-    chosen: dict[str, str] = {}
-
-    def check(cfg: BinEnsembleConfig) -> None:
-        chosen["model"] = _model_choice(args, cfg)
-        if args.dry_run:
-            return
+    request = resolve_run(args, BinEnsembleConfig, PACKAGE, "default", SMOKE_OVERRIDES, staged=True)
+    cfg: BinEnsembleConfig = request.cfg
+    model = _model_choice(args, cfg)
+    if not args.dry_run:
         check_pretrained(cfg.model)
         if args.from_scratch and any(weight_sources(cfg.model).values()):
             raise UserError("--from-scratch", "contradicts the pretrained weights also given")
-
-    ctx = setup_run(
-        args, BinEnsembleConfig, PACKAGE, "default", SMOKE_OVERRIDES, staged=True, check=check
-    )
-    try:
-        if args.dry_run:
-            return _dry_run(ctx, chosen["model"])
-        return _train_models(ctx, chosen["model"])
-    finally:
-        ctx.release()
+    with start_run(request) as ctx:
+        return _dry_run(ctx, model) if args.dry_run else _train_models(ctx, model)
 
 
 def _model_choice(args: argparse.Namespace, cfg: BinEnsembleConfig) -> str:
@@ -160,7 +150,7 @@ def _train_models(ctx: RunContext, model: str) -> int:
         def train(stage: Stage, model_cfg=model_cfg, weights=weights) -> dict[str, str]:
             seed_everything(cfg.seed + ctx.dist.rank)  # each model's result independent of order
             bundle = train_one(
-                model_cfg, labelled, stage.dir, ctx.device, stage.resume, weights=weights
+                model_cfg, labelled, stage.dir, ctx.fabric, stage.resume, weights=weights
             )
             return {"bundle": str(bundle)}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from medcore.report.plots import plot_confusion_matrix, plot_roc_curves, plot_tr
 from medcore.runtime.device import amp_policy, device_defaults
 from medcore.runtime.distributed import barrier, get_rank, get_world_size
 from medcore.weights.checkpoint import export_best, save_checkpoint
+
+if TYPE_CHECKING:
+    from lightning_fabric import Fabric
 
 Splits = dict[str, np.ndarray]
 
@@ -94,7 +97,7 @@ def _step_fn(cfg: BinEnsembleConfig):
     def baseline_step(model: torch.nn.Module, batch: dict[str, Any]):
         logits = model(images(batch)).float()
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=cfg.loss.label_smoothing)
-        return loss, {"accuracy": float((logits.argmax(1) == batch["label"]).float().mean())}
+        return loss, {"accuracy": (logits.argmax(1) == batch["label"]).float().mean()}
 
     return baseline_step
 
@@ -103,13 +106,14 @@ def train_one(
     cfg: BinEnsembleConfig,
     labelled: ImageSet,
     model_dir: Path,
-    device: torch.device,
+    fabric: Fabric,
     resume: Path | None,
     splits: Splits | None = None,
     weights: Literal["best", "final"] = "best",
     keep_heldout: bool = False,
 ) -> Path:
-    """Train ``cfg.model.kind`` in ``model_dir`` and write its ``model.pt`` bundle; returns its path.
+    """Train ``cfg.model.kind`` in ``model_dir`` on the run's ``fabric`` and write its
+    ``model.pt`` bundle; returns its path.
 
     ``splits`` (``train``/``val`` indices into ``labelled``) default to the saved or a new
     stratified split; ``weights`` picks the bundle's weights (best validation epoch, or the
@@ -117,6 +121,7 @@ def train_one(
     validation probabilities of every epoch under ``heldout/`` (cross-validation folds).
     """
     name = cfg.model.kind
+    device = fabric.device
     model_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg.model, cfg.data.img_size)
     # The branches' input normalisation as resolved from the backbones, recorded for predict.
@@ -151,10 +156,10 @@ def train_one(
     trainer = Trainer(
         model,
         cfg.trainer,
+        fabric=fabric,
         train_data=ImageDataset(train_set),  # uint8 from the store; step_fn augments the batch
         step_fn=_step_fn(cfg),
         run_dir=model_dir,
-        device=device,
         kind=model_kind(name),
         evaluate_fn=evaluate_fn,
         param_groups=model.param_groups(cfg.optim.backbone_lr, cfg.optim.head_lr),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ctclip.config import HU_SOURCES, TRAIN_FLAGS
 from medcore.cli.command import Command
+from medcore.cli.flags import Flag
 from medcore.runtime.device import DEVICE_CHOICES
 
 P, NEED, INT, F = {"type": Path}, {"type": Path, "required": True}, {"type": int}, {"type": float}
@@ -59,8 +60,8 @@ IMPRESSIONS = [
     ("--max-tokens", {**INT, "default": 256, "help": "tokens per impression"}),
     ("--timeout", {**F, "default": 120.0, "help": "seconds per request"}),
     ("--seed", {**INT, "default": 42, "help": "random seed (choice of examples)"})]
-TRAIN = [(f"--{name.replace('_', '-')}", {"help": f"sets {key}", **(
-    {"action": BooleanOptionalAction} if kind is bool else {"type": kind})})
+TRAIN = [Flag(f"--{name.replace('_', '-')}", {"help": f"sets {key}", **(
+    {"action": BooleanOptionalAction} if kind is bool else {"type": kind})}, key)
     for name, (key, kind) in TRAIN_FLAGS.items()]
 
 train = Command("ctclip-train", "contrastive training of the 3D CT CLIP", "ctclip.train:main",

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctclip.config import TRAIN_FLAGS, CTClipConfig
+from ctclip.config import CTClipConfig
 from ctclip.data import (
     CTReportDataset,
     CTVolumeDataset,
@@ -43,7 +43,7 @@ from ctclip.synthetic import generate_demo
 from ctclip.text import Tokenizer
 from ctclip.zeroshot import predict
 from medcore.cli.dry_run import build_on_meta, dry_run
-from medcore.cli.run_setup import RunContext, setup_run
+from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.config import to_dict
 from medcore.data.demo_cache import ensure_demo_data
 from medcore.data.splits import save_splits
@@ -60,13 +60,6 @@ SMOKE = [  # a smaller demo, so that --smoke is quick even with a cold cache
     "trainer.batch_size=8",
     "validation.n_boot=50",
 ]
-
-
-def flag_overrides(args: argparse.Namespace) -> None:
-    """The original work's flags that were given become ``--set`` items."""
-    for flag, (key, _) in TRAIN_FLAGS.items():
-        if getattr(args, flag, None) is not None:
-            args.overrides.append(f"{key}={getattr(args, flag)}")
 
 
 def processes(cfg: CTClipConfig) -> int:
@@ -108,18 +101,20 @@ def main(args: argparse.Namespace) -> int:
     builds the model on the meta device, otherwise it trains."""
     if args.from_scratch and args.pretrained_weights:
         raise UserError("--from-scratch", "given together with --pretrained-weights: choose one")
-    flag_overrides(args)
+    request = resolve_run(args, CTClipConfig, "ctclip", "default", smoke_overrides=SMOKE)
+    cfg = request.cfg
+    check_config(cfg)
+    if not args.dry_run and not args.resume:  # a resumed run has its checkpoint's weights
+        # The text activation is written to config.yaml: a resumed run rebuilds the same tower.
+        cfg.model.text_quick_gelu = check_weights(cfg.model).quick_gelu
+    with start_run(request) as ctx:
+        if not args.dry_run:
+            run_train(ctx)
+            return 0
+        return _dry_run(ctx)
 
-    def check(cfg: CTClipConfig) -> None:
-        check_config(cfg)
-        if not args.dry_run and not args.resume:  # a resumed run has its checkpoint's weights
-            # The text activation is written to config.yaml: a resumed run rebuilds the same tower.
-            cfg.model.text_quick_gelu = check_weights(cfg.model).quick_gelu
 
-    ctx = setup_run(args, CTClipConfig, "ctclip", "default", smoke_overrides=SMOKE, check=check)
-    if not args.dry_run:
-        run_train(ctx)
-        return 0
+def _dry_run(ctx: RunContext) -> int:
     model_cfg = ctx.cfg.model
 
     def build() -> CTCLIP:
@@ -297,9 +292,9 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
         model,
         cfg.trainer,
         train_data=train_ds,
+        fabric=ctx.fabric,
         step_fn=make_step_fn(model, cfg.grad_cache_chunk_size),
         run_dir=ctx.run_dir,
-        device=ctx.device,
         kind=KIND,
         seed=cfg.seed,
         evaluate_fn=make_validation_fn(

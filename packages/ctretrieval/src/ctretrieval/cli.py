@@ -29,7 +29,7 @@ preprocess = Command("ctretrieval-preprocess", "DICOM series / NIfTI -> uint8 vo
         ("--shard", {"metavar": "I/N", "help": "only shard I of N, into a part file of the "
                      "folder --output (default in a SLURM job array: its task)"})])
 train = Command("ctretrieval-train", "Train the CT retrieval embedding", "ctretrieval.train:run", [
-        ("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"})],
+        ("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"}, "mode")],
     common=True)
 evaluate = Command("ctretrieval-eval", "Metric table of a checkpoint on a split",
     "ctretrieval.evaluate:run", [

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss, graded_targ
 from ctretrieval.metrics import embed, metric_rows, score
 from ctretrieval.model import RESNET18_HINT, build_model, with_weights_normalisation
 from medcore.cli.dry_run import dry_run
-from medcore.cli.run_setup import RunContext, setup_run
+from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.config import to_dict
 from medcore.data.splits import load_or_make_splits
 from medcore.engine.inference import PredictOptions
@@ -84,7 +83,7 @@ def _step_fn(cfg: CTRetrievalConfig, augment: nn.Module | None):
 
     def step(
         model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["volume"].float() / 255.0  # normalised on the device; uint8 on the way there
         if augment is not None:
             x = augment(x)
@@ -93,7 +92,7 @@ def _step_fn(cfg: CTRetrievalConfig, augment: nn.Module | None):
             targets = graded_targets(batch["labels"]) if graded else batch["labels"]
             return f1_loss(out["logits"], targets), {}
         loss, n_triplets = triplet_loss(out["embedding"], batch["labels"], batch["label_id"])
-        return loss, {"triplets": float(n_triplets)}
+        return loss, {"triplets": loss.new_tensor(float(n_triplets))}
 
     return step
 
@@ -179,42 +178,34 @@ def _final_report(
     return summary
 
 
-def _check(args: argparse.Namespace) -> Callable[[CTRetrievalConfig], None]:
-    """The config checks that can refuse a run, before any process or run directory exists."""
-
-    def check(cfg: CTRetrievalConfig) -> None:
-        if cfg.mode == "triplet" and (cfg.sampler.n_classes < 2 or cfg.sampler.n_samples < 1):
-            raise ConfigError(
-                "sampler",
-                "a triplet batch needs n_classes >= 2 (for negatives) and n_samples >= 1 "
-                f"(got {cfg.sampler.n_classes} x {cfg.sampler.n_samples})",
-            )
-        if args.dry_run:  # the architecture only: no weights are read
-            return
-        require_pretrained(
-            cfg.model.pretrained, cfg.model.pretrained_weights, "model.pretrained", RESNET18_HINT
-        )
-        with_weights_normalisation(cfg.model, report=False)  # weights that cannot be found
-
-    return check
-
-
 def run(args: argparse.Namespace) -> int:
     """``ctretrieval-train`` with parsed arguments (see :mod:`ctretrieval.cli`)."""
-    if args.mode:
-        args.overrides = [f"mode={args.mode}", *args.overrides]
-    run = setup_run(
+    request = resolve_run(
         args,
         CTRetrievalConfig,
         "ctretrieval",
         "default",
         smoke_overrides=SMOKE_DEMO_OVERRIDES if args.data_dir is None else (),
-        check=_check(args),
     )
-    cfg: CTRetrievalConfig = run.cfg
-    if args.dry_run:
+    cfg: CTRetrievalConfig = request.cfg
+    if cfg.mode == "triplet" and (cfg.sampler.n_classes < 2 or cfg.sampler.n_samples < 1):
+        raise ConfigError(
+            "sampler",
+            "a triplet batch needs n_classes >= 2 (for negatives) and n_samples >= 1 "
+            f"(got {cfg.sampler.n_classes} x {cfg.sampler.n_samples})",
+        )
+    if not args.dry_run:  # a dry run builds the architecture only: no weights are read
+        require_pretrained(
+            cfg.model.pretrained, cfg.model.pretrained_weights, "model.pretrained", RESNET18_HINT
+        )
+        with_weights_normalisation(cfg.model, report=False)  # weights that cannot be found
+    with start_run(request) as run:
+        if not args.dry_run:
+            return _train(run.cfg, run)
         # The architecture only: random initialisation on the meta device, no weights read.
-        scratch = dataclasses.replace(model_config(cfg), pretrained=False, pretrained_weights=None)
+        scratch = dataclasses.replace(
+            model_config(run.cfg), pretrained=False, pretrained_weights=None
+        )
         dry_run(
             lambda: build_model(scratch),
             run.run_dir,
@@ -227,7 +218,6 @@ def run(args: argparse.Namespace) -> int:
             },
         )
         return 0
-    return _train(cfg, run)
 
 
 def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
@@ -268,9 +258,9 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
         model,
         tcfg,
         train_data=table.dataset(train_rows),
+        fabric=run.fabric,
         step_fn=_step_fn(cfg, augment),
         run_dir=run.run_dir,
-        device=run.device,
         kind=f"ctretrieval.{model_cfg.name}",
         seed=cfg.seed,
         batch_sampler=sampler,

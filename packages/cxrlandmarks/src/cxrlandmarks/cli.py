@@ -18,7 +18,8 @@ train = Command("cxrlandmarks-train", "4-phase landmark training",
                 "cxrlandmarks.train:train_command", [
     ("--phase", {"choices": ["1", "2", "3", "4", "all"], "default": "all"}),
     ("--init-from", {**P, "help": "checkpoint the first phase starts from"}),
-    ("--allow-missing", {"action": "store_true", "help": "accept >2%% rows w/o image"})],
+    ("--allow-missing", {"action": "store_true", "help": "accept >2%% rows w/o image"},
+     "data.allow_missing")],
     common=True)
 evaluate = Command("cxrlandmarks-eval", "Evaluate checkpoints on a split",
                    "cxrlandmarks.evaluate:evaluate_command", [
@@ -26,7 +27,7 @@ evaluate = Command("cxrlandmarks-eval", "Evaluate checkpoints on a split",
     ("--run-dir", {**P, "help": "evaluate every phase checkpoint of a run"}),
     ("--split", {"choices": ["train", "val", "test", "all"], "default": "test"}),
     ("--splits", {**P, "help": "splits.json (default: the checkpoint's run's)"}),
-    ("--data-dir", {**P, "help": "data directory (default: the training's)"}),
+    ("--data-dir", {**P, "help": "data directory (default: the training's)"}, "data.data_dir"),
     ("--output-dir", {**P, "help": "reports (default: <run>/eval_<split>)"}), DEVICE])
 predict = Command("cxrlandmarks-predict", "Landmarks for new images",
                   "cxrlandmarks.predict:predict_command", [

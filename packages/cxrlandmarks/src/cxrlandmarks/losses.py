@@ -110,7 +110,7 @@ class CompleteLandmarkLoss(nn.Module):
                 "distance": DistancePreservationLoss(pixel_scale),
             }
         )
-        self.last: dict[str, float] = {}
+        self.last: dict[str, torch.Tensor] = {}
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         total = pred.new_zeros((), dtype=torch.float32)
@@ -119,7 +119,7 @@ class CompleteLandmarkLoss(nn.Module):
             if self.weights[name] == 0:
                 continue
             value = term(pred, target)
-            self.last[name] = float(value.detach())
+            self.last[name] = value.detach()  # on the device: read at logging steps only
             total = total + self.weights[name] * value
         return total
 

@@ -1,7 +1,8 @@
 """The 4-phase training: frozen trunk -> full fine-tune -> + symmetry -> + distance.
 
 Each phase is one medcore stage (:mod:`medcore.cli.stages`) and one Trainer run in
-``<run_dir>/<phase>/`` (its own latest/final checkpoints, metrics.jsonl and TensorBoard events):
+``<run_dir>/<phase>/`` (its own final checkpoint, its latest.pt until it finishes, metrics.jsonl
+and TensorBoard events):
 a resumed chain skips its finished phases and resumes inside the one it stopped in. The images
 are decoded once into medcore's image store, shared by every phase, validation and test. The best checkpoint of a phase (lowest validation mean pixel error) is
 copied to ``<run_dir>/checkpoints/`` under the spec's name (phase1_best.pt, phase2_best.pt,
@@ -42,7 +43,7 @@ from cxrlandmarks.model import (
     read_model_checkpoint,
 )
 from medcore.cli.dry_run import dry_run
-from medcore.cli.run_setup import RunContext, setup_run
+from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.cli.stages import Stage, run_stage
 from medcore.config import to_dict
 from medcore.data.splits import load_or_make_splits
@@ -150,7 +151,7 @@ def run_phase(
 
     def step_fn(
         net: torch.nn.Module, batch: dict[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, target = batch["image"], batch["target"]
         if batched:  # on the device: back to [0, 1], augment, normalise again
             m, s = mean.to(images.device), std.to(images.device)
@@ -182,9 +183,9 @@ def run_phase(
         model,
         phase_trainer_config(cfg, phase),
         train_data=train_set,
+        fabric=ctx.fabric,
         step_fn=step_fn,
         run_dir=stage.dir,
-        device=ctx.device,
         kind=KIND,
         evaluate_fn=evaluate_fn,
         param_groups=groups,
@@ -323,33 +324,26 @@ SMOKE = [  # besides one epoch of every phase: every phase runs, each a few step
 def train_command(args: argparse.Namespace) -> int:
     """``cxrlandmarks-train``: the demo with no arguments, real data with ``--data-dir``."""
     config = "paper" if args.data_dir is not None else "default"  # without --config
-    if args.allow_missing:
-        args.overrides = [*args.overrides, "data.allow_missing=true"]
-
-    def check(cfg: CxrConfig) -> None:  # before the run directory exists: nothing left behind
-        if cfg.data.data_dir is not None and not Path(cfg.data.data_dir).is_dir():
-            raise UserError(cfg.data.data_dir, "data directory not found")
-        if not args.dry_run and not args.resume:
-            first = phases_to_run(args.phase)[0]
-            needs_trunk = args.init_from is None and first == "phase1"
-            check_pretrained(cfg, args.from_scratch, needs_trunk)
-
-    ctx = setup_run(args, CxrConfig, PACKAGE, config, SMOKE, staged=True, check=check)
-    if args.dry_run:
-        cfg: CxrConfig = ctx.cfg
-        dry_run(
-            lambda: build_model(cfg.model),
-            ctx.run_dir,
-            extra={"input_size": cfg.data.image_size, "phases": list(PHASES)},
-        )
-        ctx.release()
-        return 0
-    name = args.config if args.config is not None else config
-    print(f"cxrlandmarks-train: config={name} device={ctx.device} run_dir={ctx.run_dir}")
-    try:  # setup_run holds the run directory's lock
+    request = resolve_run(args, CxrConfig, PACKAGE, config, SMOKE, staged=True)
+    cfg: CxrConfig = request.cfg
+    # Checked before the run directory exists: a refusal leaves nothing behind.
+    if cfg.data.data_dir is not None and not Path(cfg.data.data_dir).is_dir():
+        raise UserError(cfg.data.data_dir, "data directory not found")
+    if not args.dry_run and not args.resume:
+        first = phases_to_run(args.phase)[0]
+        needs_trunk = args.init_from is None and first == "phase1"
+        check_pretrained(cfg, args.from_scratch, needs_trunk)
+    with start_run(request) as ctx:  # the run directory is locked until the block ends
+        if args.dry_run:
+            dry_run(
+                lambda: build_model(cfg.model),
+                ctx.run_dir,
+                extra={"input_size": cfg.data.image_size, "phases": list(PHASES)},
+            )
+            return 0
+        name = args.config if args.config is not None else config
+        print(f"cxrlandmarks-train: config={name} device={ctx.device} run_dir={ctx.run_dir}")
         metrics = run_training(ctx, args.phase, args.init_from)
-    finally:
-        ctx.release()  # the run directory is free again once this job ends, even in-process
     if ctx.dist.is_main:
         print(
             f"\nfinal ({metrics['final_phase']}): mean {metrics['mean_px']:.2f} px at 224, "

@@ -22,7 +22,7 @@ from histommnet.breakhis import CLASSES, SUBTYPE_NAMES, BreakHisIndex, Patient, 
 from histommnet.config import PACKAGE, HistoConfig
 from histommnet.crossval import load_index, make_folds, read_folds
 from histommnet.evaluate import METRICS, RATES_NOTE, summarize_folds, summary_display, write_table
-from medcore.cli.run_setup import setup_run
+from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.data.splits import save_splits
 from medcore.errors import DataError, UserError
 from medcore.io import atomic_write_json
@@ -131,7 +131,7 @@ def report(
 
 
 def _training_run(args: argparse.Namespace) -> Path | None:
-    """``--run DIR``: the run whose config (unless ``--config``) and folds are reported."""
+    """``--run DIR``: the run whose config and folds are reported."""
     if args.run is None:
         return None
     run_dir = Path(args.run)
@@ -140,10 +140,6 @@ def _training_run(args: argparse.Namespace) -> Path | None:
             raise UserError(f"--run {run_dir}", f"no {name}: not a histommnet training run")
     if args.folds is not None:
         raise UserError("--folds", "a training run's folds are fixed; leave out --folds with --run")
-    if args.config is None:
-        args.config = run_dir / "config.yaml"
-    if args.output_dir is None:
-        args.output_dir = run_dir / "analysis"
     return run_dir
 
 
@@ -161,9 +157,19 @@ def _fold_results(run_dir: Path) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     """``histommnet-analyze`` after parsing."""
     run_dir = _training_run(args)
-    if args.folds is not None:
-        args.overrides = [*args.overrides, f"cv.folds={args.folds}"]
-    ctx = setup_run(args, HistoConfig, PACKAGE, "default")
+    if run_dir is not None:  # the run's config (unless --config), its analysis/ (unless -o)
+        args = argparse.Namespace(
+            **{
+                **vars(args),
+                "config": args.config or run_dir / "config.yaml",
+                "output_dir": args.output_dir or run_dir / "analysis",
+            }
+        )
+    with start_run(resolve_run(args, HistoConfig, PACKAGE, "default")) as ctx:
+        return _analyze(ctx, run_dir)
+
+
+def _analyze(ctx: RunContext, run_dir: Path | None) -> int:
     cfg: HistoConfig = ctx.cfg
     index = load_index(cfg)
     meta = {"seed": cfg.seed, "folds": cfg.cv.folds, "val_fraction": cfg.cv.val_fraction}

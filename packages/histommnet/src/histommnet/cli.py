@@ -10,13 +10,14 @@ from pathlib import Path
 from medcore.cli.command import Command
 
 MODELS = ("mmnet", "single", "concat")
-FOLDS = ("--folds", {"type": int, "help": "number of cross-validation folds (default 5)"})
 # fmt: off
+FOLDS = ("--folds", {"type": int, "help": "number of cross-validation folds (default 5)"},
+         "cv.folds")
 train = Command("histommnet-train", "patient-wise k-fold cross-validation of MMNet",
                 "histommnet.crossval:run", [
-    ("--model", {"choices": MODELS, "help": "model kind (default: mmnet)"}),
+    ("--model", {"choices": MODELS, "help": "model kind (default: mmnet)"}, "model.name"),
     FOLDS,
-    ("--fold", {"type": int, "help": "run only this fold (0-based)"})], common=True)
+    ("--fold", {"type": int, "help": "run only this fold (0-based)"}, "cv.fold")], common=True)
 analyze = Command("histommnet-analyze", "BreakHis dataset report and the cross-validation folds",
                   "histommnet.analyze:run", [
     FOLDS,

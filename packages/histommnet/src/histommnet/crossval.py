@@ -10,7 +10,8 @@ Markdown) and plots.
 Run directory::
 
     config.yaml  dataset.json  splits.json  metrics.json  metrics.jsonl
-    fold_<i>/checkpoints/{fold_<i>_best.pth, fold_<i>_best.safetensors, latest.pt, final.pt}
+    fold_<i>/checkpoints/{fold_<i>_best.pth, fold_<i>_best.safetensors, final.pt}
+                        (and latest.pt until the fold finishes)
     fold_<i>/{stage.json, metrics.jsonl, tb/, result.json, predictions_{image,patient}.csv (test),
               predictions_val_{image,patient}.csv (validation, where thresholds were chosen)}
     plots/{roc_image.png, roc_patient.png, confusion_fold<i>_<level>.png, curves_fold<i>_*.png}
@@ -60,7 +61,7 @@ from histommnet.model import (
 from histommnet.synthetic import generate_breakhis
 from histommnet.train import save_fold_model, train_fold
 from medcore.cli.dry_run import dry_run
-from medcore.cli.run_setup import RunContext, setup_run
+from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.cli.stages import Stage, run_stage
 from medcore.data.demo_cache import ensure_demo_data
 from medcore.data.splits import (
@@ -261,7 +262,7 @@ def fold_splits(
 
 
 def check_config(cfg: HistoConfig, dry: bool = False) -> None:
-    """What refuses a config before the run directory exists (``setup_run``'s ``check``)."""
+    """What refuses a config before the run directory exists."""
     if not dry:
         require_pretrained(
             cfg.model.pretrained,
@@ -283,23 +284,12 @@ def check_config(cfg: HistoConfig, dry: bool = False) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``histommnet-train`` after parsing: resolve the run, then dry-run or cross-validate."""
-    extra = [f"model.name={args.model}"] if args.model else []
-    extra += [f"cv.folds={args.folds}"] if args.folds is not None else []
-    extra += [f"cv.fold={args.fold}"] if args.fold is not None else []
-    args.overrides = [*args.overrides, *extra]
-    ctx = setup_run(
-        args,
-        HistoConfig,
-        PACKAGE,
-        "default",
-        smoke_overrides=SMOKE_OVERRIDES,
-        staged=True,
-        check=lambda cfg: check_config(cfg, dry=args.dry_run),
+    request = resolve_run(
+        args, HistoConfig, PACKAGE, "default", smoke_overrides=SMOKE_OVERRIDES, staged=True
     )
-    try:
+    check_config(request.cfg, dry=args.dry_run)
+    with start_run(request) as ctx:
         return _dry_run(ctx) if args.dry_run else cross_validate(ctx)
-    finally:
-        ctx.release()
 
 
 def _dry_run(ctx: RunContext) -> int:

@@ -29,7 +29,7 @@ from histommnet.crossval import load_index
 from histommnet.data import MultiMagDataset, WorkingImages, normalization
 from histommnet.evaluate import predict
 from histommnet.model import SingleMagNet, load_model, resolve_normalization
-from medcore.cli.run_setup import setup_run
+from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.errors import UserError
 from medcore.io import atomic_path, atomic_write_json
@@ -166,7 +166,11 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``histommnet-gradcam`` after parsing."""
-    ctx = setup_run(args, HistoConfig, PACKAGE, "default")
+    with start_run(resolve_run(args, HistoConfig, PACKAGE, "default")) as ctx:
+        return _gradcam(args, ctx)
+
+
+def _gradcam(args: argparse.Namespace, ctx: RunContext) -> int:
     model, state = load_model(args.checkpoint)
     threshold = _threshold(args, state)
     model.to(ctx.device).eval()

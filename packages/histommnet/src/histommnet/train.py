@@ -46,21 +46,24 @@ from medcore.weights.checkpoint import (
 
 
 class _EpochLoss:
-    """Mean training loss of the current epoch (for the train/validation gap warning)."""
+    """Mean training loss of the current epoch (for the train/validation gap warning), summed
+    on the device: read once, at the epoch's evaluation."""
 
     def __init__(self) -> None:
-        self.total, self.n = 0.0, 0
+        self.reset()
 
     def reset(self) -> None:
-        self.total, self.n = 0.0, 0
+        self.total: torch.Tensor | None = None
+        self.n = 0
 
-    def add(self, value: float) -> None:
-        self.total += value
+    def add(self, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.total = value if self.total is None else self.total + value
         self.n += 1
 
     @property
     def mean(self) -> float:
-        return self.total / self.n if self.n else float("nan")
+        return float(self.total) / self.n if self.total is not None else float("nan")
 
 
 def _make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
@@ -84,12 +87,12 @@ def _make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
         out = model(images)
         focal = criterion(out["logits"], target)
         loss = focal
-        extras = {"focal": float(focal.detach())}
+        extras = {"focal": focal.detach()}
         if "subtype_logits" in out and loss_cfg.subtype_weight > 0:
             sub = torch.nn.functional.cross_entropy(out["subtype_logits"].float(), sub_target)
             loss = loss + loss_cfg.subtype_weight * sub
-            extras["subtype_ce"] = float(sub.detach())
-        tracker.add(float(focal.detach()))  # compared with the validation focal loss
+            extras["subtype_ce"] = sub.detach()
+        tracker.add(focal)  # compared with the validation focal loss
         return loss, extras
 
     return step_fn
@@ -258,9 +261,9 @@ def train_fold(
         model,
         tcfg,
         train_data=train_ds,
+        fabric=ctx.fabric,
         step_fn=_make_step_fn(cfg, criterion, tracker),
         run_dir=fold_dir,
-        device=ctx.device,
         kind=kind,
         evaluate_fn=_make_evaluate_fn(
             cfg, fold, val_ds, criterion, tracker, eval_bs, cfg.trainer.num_workers

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -240,8 +241,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def overrides_to_dict(items: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Apply ``--set`` items to (a copy of) ``base``.
+Override = str | tuple[str, Any]
+"""A ``--set`` item ``"a.b=value"`` (the value parsed as YAML), or ``("a.b", value)``: a key
+and a value already typed (a command-line flag's, see :mod:`medcore.cli.flags`)."""
+
+
+def overrides_to_dict(
+    items: Sequence[Override], base: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Apply overrides to (a copy of) ``base``.
 
     The dotted path merges into sections and into ``dict`` fields (``--set
     data.split_ratios.train=0.8`` keeps the other ratios); the value replaces what is there, so
@@ -249,7 +257,12 @@ def overrides_to_dict(items: list[str], base: dict[str, Any] | None = None) -> d
     """
     out = _deep_merge({}, base or {})
     for item in items:
-        parts, value = parse_override(item)
+        if isinstance(item, str):
+            parts, value = parse_override(item)
+            where = f"--set {item}"
+        else:
+            key, value = item
+            parts, where = key.split("."), key
         node = out
         for part in parts[:-1]:
             child = node.get(part)
@@ -259,7 +272,7 @@ def overrides_to_dict(items: list[str], base: dict[str, Any] | None = None) -> d
                 # Copy on write (base layers stay untouched), keeping what made the mapping.
                 child = node[part] = type(child)(child)
             else:
-                raise ConfigError(f"--set {item}", f"{part} is a value here, not a section")
+                raise ConfigError(where, f"{part} is a value here, not a section")
             node = child
         node[parts[-1]] = value
     return out
@@ -268,9 +281,9 @@ def overrides_to_dict(items: list[str], base: dict[str, Any] | None = None) -> d
 def load_config(
     cls: type[T],
     *sources: str | Path | dict[str, Any] | None,
-    overrides: list[str] | None = None,
+    overrides: Sequence[Override] = (),
 ) -> T:
-    """Build ``cls`` from YAML files / dicts applied in order, then ``--set`` overrides."""
+    """Build ``cls`` from YAML files / dicts applied in order, then the overrides."""
     data: dict[str, Any] = {}
     for src in sources:
         if src is None:

@@ -111,7 +111,7 @@ class RunLock:
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._owner() == os.getpid():
-            # Already held by this process (e.g. setup_run's lock on the run dir): re-entrant.
+            # Already held by this process (e.g. start_run's lock on the run dir): re-entrant.
             self._nested = True
             return self
         for _ in range(2):

@@ -2,11 +2,11 @@
 
 - ``Command``: one console script declared as data (its flags and the ``module:function`` that
   runs the parsed arguments); every package's ``cli.py`` is a list of them.
-- ``run_cli(main_fn, argv)``: user errors become one line ``error: <what>: <why>`` on stderr and
-  exit code 2; Ctrl-C, SIGTERM and SIGUSR1 become exit 130 with a hint to resume (training
-  stops at a step boundary and saves first, see :mod:`medcore.runtime.interrupts`). No traceback
-  reaches the user.
-- The common flags and the ``--set`` items they stand for: :mod:`medcore.cli.flags`.
+- ``run_cli(main_fn, prog)``: user errors become one line ``error: <what>: <why>`` on stderr
+  and exit code 2; Ctrl-C, SIGTERM and SIGUSR1 become exit 130 with a hint to resume (training
+  stops at a step boundary and saves first, see :mod:`medcore.runtime.interrupts`). No
+  traceback reaches the user.
+- The common flags and the config keys they stand for: :mod:`medcore.cli.flags`.
 - Run setup (config, processes, run directory, resume) is :mod:`medcore.cli.run_setup`; tables are
   :mod:`medcore.report.tables`.
 """
@@ -19,60 +19,54 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any
 
 from medcore.cli import launch
-from medcore.cli.flags import add_common_args
+from medcore.cli.flags import Flag, Invocation, add_flags, common_flags
 from medcore.errors import UserError
 from medcore.runtime import interrupts
-
-Flag = tuple[str | tuple[str, ...], dict[str, Any]]
-
-
-"""``(name or names, argparse keyword arguments)`` of one flag or positional argument."""
 
 
 @dataclass(frozen=True)
 class Command:
     """A console script: ``prog`` parses ``flags`` and calls ``run`` (``"module:function"``).
 
-    ``common`` adds :func:`add_common_args` (``True``: with the training flags, ``False``:
-    without them, ``None``: none). The module is imported only when the command runs, so
-    ``--help`` stays fast; errors and exit codes follow :func:`run_cli`, and a user error
-    leaves no new run directory behind (:func:`medcore.cli.run_setup.undoing_refused_runs`).
+    A flag is a :class:`~medcore.cli.flags.Flag` (or a plain ``(names, options)`` tuple).
+    ``common`` adds :func:`~medcore.cli.flags.common_flags` (``True``: with the training
+    flags, ``False``: without them, ``None``: none). The module is imported only when the
+    command runs, so ``--help`` stays fast; errors and exit codes follow :func:`run_cli`.
     """
 
     prog: str
     description: str
     run: str
-    flags: Sequence[Flag] = ()
+    flags: Sequence[Flag | tuple] = ()
     common: bool | None = None
 
+    def all_flags(self) -> tuple[Flag, ...]:
+        own = tuple(Flag(*flag) for flag in self.flags)
+        return own if self.common is None else (*own, *common_flags(train=self.common))
+
     def parser(self) -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(prog=self.prog, description=self.description)
-        for names, options in self.flags:
-            parser.add_argument(*((names,) if isinstance(names, str) else names), **options)
-        if self.common is not None:
-            add_common_args(parser, train=self.common)
-        return parser
+        return add_flags(
+            argparse.ArgumentParser(prog=self.prog, description=self.description), self.all_flags()
+        )
+
+    def parse_args(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """The parsed arguments, with the :class:`~medcore.cli.flags.Invocation` that
+        ``--devices N`` relaunches and that maps the flags onto config keys."""
+        parser = self.parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        parser.set_defaults(invocation=Invocation(self.prog, tuple(argv), self.all_flags()))
+        return parser.parse_args(argv)
 
     def __call__(self, argv: list[str] | None = None) -> int:
         module, function = self.run.split(":")
-        parser = self.parser()
 
         def main() -> int | None:
-            args = parser.parse_args(argv)  # first: --help imports nothing
-            from medcore.cli.run_setup import (
-                undoing_refused_runs,  # medcore.cli.run_setup imports this module
-            )
-
-            with undoing_refused_runs():  # a refused run leaves no run directory behind
-                return getattr(import_module(module), function)(args)
+            args = self.parse_args(argv)  # first: --help imports nothing
+            return getattr(import_module(module), function)(args)
 
         return run_cli(main, self.prog)
-
-
-_PROG: list[str] = []  # the running command's name (run_cli), to start its other ranks
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -86,7 +80,6 @@ def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
     """
     from medcore.runtime.distributed import cleanup_distributed
 
-    _PROG.append(prog or "")
     try:
         with interrupts.handled():
             code = _run_main(main_fn, prog)
@@ -97,8 +90,6 @@ def run_cli(main_fn: Callable[[], int | None], prog: str | None = None) -> int:
             launch.finish(1)
         cleanup_distributed()
         raise
-    finally:
-        _PROG.pop()
     cleanup_distributed()
     return code
 

@@ -61,12 +61,9 @@ def entry_point(prog: str) -> str:
     return next(iter(found)).value
 
 
-def spawn_local(devices: int, prog: str | None, argv: Sequence[str] | None) -> None:
-    """Start ranks 1..devices-1 of this command and make this process rank 0."""
-    if prog is None or argv is None:
-        raise UserError(
-            "--devices", "this command cannot start its own ranks; run it under torchrun instead"
-        )
+def spawn_local(devices: int, prog: str, argv: Sequence[str]) -> None:
+    """Start ranks 1..devices-1 of command ``prog`` (a console script, or ``module:function``)
+    with arguments ``argv``, and make this process rank 0."""
     entry_point(prog)  # fail here, in one process, if the command cannot be found
     env = {
         "MASTER_ADDR": "127.0.0.1",

@@ -1,20 +1,27 @@
 """Run setup for every ``<pkg>-train``: config, processes, device, seeding, run directory, resume.
 
+A command reads top to bottom::
+
+    request = resolve_run(args, Config, "pkg")      # config and resume target; nothing written
+    check(request.cfg)                              # the package's own checks, inline
+    with start_run(request) as run:                 # processes, Fabric, seeds, run directory
+        Trainer(model, run.cfg.trainer, fabric=run.fabric, ...).fit(resume=run.resume)
+
 - :func:`load_run_config`: the one way a command reads its config: the packaged demo preset
   only without ``--config``, a ``--config`` (packaged NAME or a file) standing alone on the
-  dataclass defaults, then ``--set`` and the common flags.
-- :func:`setup_run`: the above, a ``check`` of the config before anything is started or
-  written, ``--devices N`` / torchrun / SLURM processes through Fabric, the run directory (held
-  under one lock until the process ends) with the resolved ``config.yaml`` in it.
+  dataclass defaults, then ``--smoke``, ``--set`` and the flags (each flag sets the config key
+  it declares, :mod:`medcore.cli.flags`; a flag wins over ``--set``).
+- :func:`resolve_run`: the above and the ``--resume`` rule, as a :class:`RunRequest`.
+- :func:`start_run`: ``--devices N`` / torchrun / SLURM processes and the process's one Fabric,
+  the run directory (locked while the run lasts) with the resolved ``config.yaml`` in it.
 
 ``--epochs N`` sets the config class's ``epochs_keys`` (``trainer.epochs``, or every phase's
 epochs in a package that trains in phases), ``--smoke`` one epoch of each and
 :data:`SMOKE_OVERRIDES`; everything else keeps the value the config declares.
 
-A refused run leaves nothing behind. A user error (:class:`~medcore.errors.UserError`) that ends
-the command before its first checkpoint removes what :func:`setup_run` and the run wrote into a
-new run directory (the directory itself, or only the new entries of one the user made; never a
-run being continued): see :func:`undoing_refused_runs`.
+A refused run leaves nothing behind: a check that fails comes before :func:`start_run`, and a
+user error (:class:`~medcore.errors.UserError`) that ends its block before the first
+checkpoint removes what the run wrote into a new run directory.
 
 The one ``--resume`` rule. ``--resume latest`` continues the newest run of the package (or the
 run in ``--output-dir``); ``--resume PATH`` continues the run that holds the checkpoint
@@ -28,29 +35,37 @@ the run directory itself.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import datetime as _dt
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from medcore.cli import launch
-from medcore.cli.command import _PROG
-from medcore.cli.flags import common_overrides
-from medcore.config import RunConfig, load_config, packaged_config_path, read_yaml, save_config
+from medcore.cli.flags import Invocation, flag_overrides
+from medcore.config import (
+    Override,
+    RunConfig,
+    load_config,
+    packaged_config_path,
+    read_yaml,
+    save_config,
+)
 from medcore.engine.rng import seed_everything
 from medcore.errors import ConfigError, TrainingDiverged, UserError
 from medcore.io import RunLock
 from medcore.runtime.device import resolve_device
-from medcore.runtime.distributed import DistInfo, fabric_precision, launched_world, make_fabric
+from medcore.runtime.distributed import DistInfo, launched_world, make_fabric
+
+if TYPE_CHECKING:
+    from lightning_fabric import Fabric
 
 C = TypeVar("C")
 
@@ -63,29 +78,6 @@ SMOKE_OVERRIDES = [
 # Where a run keeps what ``--resume latest`` continues from: one training, or stages.
 SINGLE_LAYOUT = ("checkpoints/latest.pt",)
 STAGED_LAYOUT = ("config.yaml",)
-
-
-@dataclass
-class RunContext:
-    """What ``setup_run`` resolved: config, device, process group and run directory.
-
-    ``resume``: the checkpoint a single training continues from. ``resuming``: the run
-    continues an interrupted one (for staged runs: finished stages are skipped).
-    """
-
-    cfg: Any
-    device: torch.device
-    dist: DistInfo
-    run_dir: Path
-    resume: Path | None
-    lock: RunLock | None = None
-    resuming: bool = False
-
-    def release(self) -> None:
-        """Give up the run directory's lock (the process's exit does it otherwise)."""
-        if self.lock is not None:
-            self.lock.__exit__(None, None, None)
-            self.lock = None
 
 
 def default_run_dir(package: str) -> Path:
@@ -142,23 +134,38 @@ def _run_holding(path: Path, package: str) -> Path:
     )
 
 
-def continue_run(args: argparse.Namespace, run_dir: Path) -> None:
-    """Point ``args`` at ``run_dir`` for a resumed run, with the run's own ``config.yaml`` as its
-    base config unless ``--config`` is given (``--set`` still applies on top): the flags of the
-    interrupted run need not be repeated, and defaults changed since do not leak in.
-    """
-    args.output_dir = Path(run_dir)
-    saved = Path(run_dir) / "config.yaml"
-    if getattr(args, "config", None) is None and saved.is_file():
-        args.config = saved
-
-
-def resolve_config_arg(args: argparse.Namespace, package: str) -> None:
-    """Let ``--config NAME.yaml`` name a config shipped in ``package`` when no such file exists."""
-    config = getattr(args, "config", None)
+def _config_file(config: Path | None, package: str) -> Path | None:
+    """``--config``: a file, or else the name of a config shipped in ``package``."""
     if config is not None and not Path(config).is_file():
         with contextlib.suppress(ConfigError):  # not packaged either: loading reports the path
-            args.config = packaged_config_path(package, str(config))
+            return packaged_config_path(package, str(config))
+    return config
+
+
+def _overrides(
+    args: argparse.Namespace, cfg_cls: type, smoke_overrides: Sequence[str]
+) -> tuple[list[str], list[Override]]:
+    """(``--smoke``'s and ``--set``'s items, the flags' overrides): flags win over ``--set``."""
+    epochs_keys = getattr(cfg_cls, "epochs_keys", RunConfig.epochs_keys)
+    items = list(getattr(args, "overrides", []) or [])
+    if getattr(args, "smoke", False):
+        items = [*(f"{key}=1" for key in epochs_keys), *SMOKE_OVERRIDES, *smoke_overrides, *items]
+    return items, [*flag_overrides(args, epochs_keys)]
+
+
+def _training_config(
+    cfg_cls: type[C],
+    package: str,
+    default_config: str,
+    config: Path | None,
+    overrides: Sequence[Override],
+    base: Any = None,
+) -> C:
+    source: Any = config if config is not None else packaged_config_path(package, default_config)
+    layers = [base, source] if base is not None and config is not None else [base or source]
+    cfg = load_config(cfg_cls, *layers, overrides=overrides)
+    _refuse_unused_epochs(cfg, cfg_cls)
+    return cfg
 
 
 def load_run_config(
@@ -171,28 +178,16 @@ def load_run_config(
     base: Any = None,
 ) -> C:
     """The command's config: ``base`` (or the packaged demo preset when no ``--config`` is
-    given), ``--config`` standing alone, ``--smoke``, ``--set`` and the common flags.
+    given), ``--config`` standing alone, ``--smoke``, ``--set`` and the flags.
 
     ``sections``: the top-level keys this command takes from ``--config`` / ``--set`` (an
     evaluation command whose model is the checkpoint's): other keys of a ``--config`` are
     named in one note line and ignored, a ``--set`` of another key is a ConfigError.
     """
-    resolve_config_arg(args, package)
-    config = getattr(args, "config", None)
-    epochs_keys = getattr(cfg_cls, "epochs_keys", RunConfig.epochs_keys)
-    overrides = list(getattr(args, "overrides", []) or [])
-    if getattr(args, "smoke", False):
-        smoke = [*(f"{key}=1" for key in epochs_keys), *SMOKE_OVERRIDES, *smoke_overrides]
-        overrides = [*smoke, *overrides]
-    flags = common_overrides(args, epochs_keys)
+    config = _config_file(getattr(args, "config", None), package)
+    items, flags = _overrides(args, cfg_cls, smoke_overrides)
     if sections is None:
-        source: Any = (
-            config if config is not None else packaged_config_path(package, default_config)
-        )
-        layers = [base, source] if base is not None and config is not None else [base or source]
-        cfg = load_config(cfg_cls, *layers, overrides=[*overrides, *flags])
-        _refuse_unused_epochs(cfg, cfg_cls, epochs_keys)
-        return cfg
+        return _training_config(cfg_cls, package, default_config, config, [*items, *flags], base)
     layer: dict[str, Any] = {}
     if config is not None:
         layer = read_yaml(config)
@@ -204,16 +199,17 @@ def load_run_config(
                 file=sys.stderr,
             )
         layer = {k: v for k, v in layer.items() if k in sections}
-    for item in overrides:
+    for item in items:
         if item.split("=", 1)[0].strip().split(".")[0] not in sections:
             raise ConfigError(f"--set {item}", f"this command takes only {', '.join(sections)}")
     start = base if base is not None else packaged_config_path(package, default_config)
-    return load_config(cfg_cls, start, layer, overrides=[*overrides, *flags])
+    return load_config(cfg_cls, start, layer, overrides=[*items, *flags])
 
 
-def _refuse_unused_epochs(cfg: Any, cfg_cls: type, epochs_keys: Sequence[str]) -> None:
+def _refuse_unused_epochs(cfg: Any, cfg_cls: type) -> None:
     """A package whose epochs are its phases' leaves ``trainer.epochs`` unused: a value other
     than the declared one (a ``--set`` or a config file) would be silently ignored."""
+    epochs_keys = getattr(cfg_cls, "epochs_keys", RunConfig.epochs_keys)
     if "trainer.epochs" in epochs_keys:
         return
     if cfg.trainer.epochs != cfg_cls().trainer.epochs:
@@ -225,10 +221,9 @@ def _refuse_unused_epochs(cfg: Any, cfg_cls: type, epochs_keys: Sequence[str]) -
 
 
 def _resume_target(
-    args: argparse.Namespace, cfg: Any, package: str, staged: bool
+    resume_arg: str | None, cfg: Any, package: str, staged: bool
 ) -> tuple[Path | None, Path | None]:
     """(run directory to continue, checkpoint to resume a single training from)."""
-    resume_arg = getattr(args, "resume", None)
     if not resume_arg:
         return None, None
     output_dir = Path(cfg.output_dir) if cfg.output_dir else None
@@ -251,35 +246,99 @@ def _resume_target(
     return None, path
 
 
-def setup_run(
+@dataclass(frozen=True)
+class RunRequest:
+    """A run as the command line asks for it, before anything is started or written.
+
+    ``resume``: the checkpoint a single training continues from. ``continues``: the run
+    directory of an interrupted run this one continues (None: a new run directory).
+    ``invocation``: the command line, which ``--devices N`` starts its other ranks with.
+    """
+
+    cfg: Any
+    package: str
+    resume: Path | None = None
+    continues: Path | None = None
+    invocation: Invocation | None = None
+
+    @property
+    def resuming(self) -> bool:
+        """The run continues an interrupted one (a staged run skips its finished stages)."""
+        return self.continues is not None or self.resume is not None
+
+
+def resolve_run(
     args: argparse.Namespace,
-    cfg_cls: type[C],
+    cfg_cls: type,
     package: str,
     default_config: str = "default",
     smoke_overrides: Sequence[str] = (),
     *,
     staged: bool = False,
-    check: Callable[[Any], None] | None = None,
-) -> RunContext:
-    """Resolve config, processes, device, seeding and the run directory of a training command.
+) -> RunRequest:
+    """The config and resume target of a run (the ``--resume`` rule of the module docstring):
+    a function of the parsed arguments and the files they name, which reads ``args`` only.
 
-    ``check(cfg)`` runs on the final config before any process is started or anything is
-    written: a UserError it raises leaves no run directory behind. ``staged``: the run is made
-    of :mod:`medcore.cli.stages` (the ``--resume`` rule of the module docstring).
+    ``staged``: the run is made of :mod:`medcore.cli.stages`. A package checks the config it
+    returns (and may replace it, ``dataclasses.replace(request, cfg=...)``) before
+    :func:`start_run`.
+    """
+    cfg = load_run_config(args, cfg_cls, package, default_config, smoke_overrides)
+    continues, resume = _resume_target(getattr(args, "resume", None), cfg, package, staged)
+    if continues is not None:
+        # The interrupted run's own config.yaml is the base unless --config is given (--set
+        # and the flags still apply on top): its flags need not be repeated, and defaults
+        # changed since do not leak in.
+        config = getattr(args, "config", None)
+        saved = continues / "config.yaml"
+        if config is None and saved.is_file():
+            config = saved
+        items, flags = _overrides(args, cfg_cls, smoke_overrides)
+        cfg = _training_config(
+            cfg_cls,
+            package,
+            default_config,
+            _config_file(config, package),
+            [*items, *flags, ("output_dir", str(continues))],
+        )
+    return RunRequest(cfg, package, resume, continues, invocation=getattr(args, "invocation", None))
+
+
+@dataclass
+class RunContext:
+    """A started run (:func:`start_run`): its config (``output_dir`` is ``run_dir``), the
+    process's one Fabric (device, precision, strategy and process group of every Trainer of the
+    run), and where the run lives.
+
+    ``resume``: the checkpoint a single training continues from. ``resuming``: the run
+    continues an interrupted one (for staged runs: finished stages are skipped).
     """
 
-    def load() -> Any:
-        return load_run_config(args, cfg_cls, package, default_config, smoke_overrides)
+    cfg: Any
+    fabric: Fabric
+    dist: DistInfo
+    run_dir: Path
+    resume: Path | None = None
+    resuming: bool = False
 
-    cfg = load()
-    run_to_continue, resume = _resume_target(args, cfg, package, staged)
-    if run_to_continue is not None:
-        continue_run(args, run_to_continue)
-        cfg = load()
-    if check is not None:
-        check(cfg)
+    @property
+    def device(self) -> torch.device:
+        return self.fabric.device
 
-    fabric = _start_processes(cfg, args)
+
+@contextlib.contextmanager
+def start_run(request: RunRequest) -> Iterator[RunContext]:
+    """Start the run of ``request`` for the block: processes (``--devices N``, torchrun, SLURM)
+    and this process's Fabric, threads and seeds, the run directory (locked for the block, so a
+    second job aimed at it is refused) with the resolved ``config.yaml`` in it.
+
+    A user error that ends the block before the run's first checkpoint removes what the run
+    wrote into a new run directory (the directory itself, or only the new entries of one the
+    user made; never a run being continued, nor one whose training diverged: its logs are the
+    diagnosis).
+    """
+    cfg = request.cfg
+    fabric = _start_processes(cfg, request.invocation)
     dist = DistInfo(
         rank=fabric.global_rank, local_rank=fabric.local_rank, world_size=fabric.world_size
     )
@@ -287,37 +346,34 @@ def setup_run(
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed + dist.rank)
 
-    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(package)
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(request.package)
     run_dir = Path(fabric.broadcast(str(run_dir)))
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
-    lock: RunLock | None = None
-    if dist.is_main:
-        new_run = _NewRun.before(run_dir) if run_to_continue is None else None
-        # Taken before anything is written, held until the process ends: a second job aimed at
-        # the same run directory is refused instead of overwriting this one's files.
-        lock = RunLock(run_dir, directory=True).__enter__()
-        atexit.register(lock.__exit__, None, None, None)
-        if new_run is not None and _WATCHERS:
-            _WATCHERS[-1].append(new_run)
-        save_config(cfg, run_dir / "config.yaml")
-    fabric.barrier()
-    return RunContext(
-        cfg=cfg,
-        device=fabric.device,
-        dist=dist,
-        run_dir=run_dir,
-        resume=resume,
-        lock=lock,
-        resuming=run_to_continue is not None or resume is not None,
-    )
+    new_run: _NewRun | None = None
+    with contextlib.ExitStack() as held:
+        if dist.is_main:
+            before = _NewRun.before(run_dir)
+            # Taken before anything is written: a job aimed at a run directory in use is
+            # refused instead of overwriting that job's files.
+            held.enter_context(RunLock(run_dir, directory=True))
+            new_run = before if request.continues is None else None
+            save_config(cfg, run_dir / "config.yaml")
+        fabric.barrier()
+        try:
+            yield RunContext(cfg, fabric, dist, run_dir, request.resume, request.resuming)
+        except UserError as exc:
+            diverged = isinstance(exc, TrainingDiverged)
+            if new_run is not None and not diverged and not new_run.wrote_checkpoint():
+                new_run.undo()
+            raise
 
 
 @dataclass(frozen=True)
 class _NewRun:
-    """A run directory as it was before :func:`setup_run` wrote into it."""
+    """A run directory as it was before :func:`start_run` wrote into it."""
 
     run_dir: Path
-    created: tuple[Path, ...]  # the directories setup_run creates, run_dir first (may be none)
+    created: tuple[Path, ...]  # the directories start_run creates, run_dir first (may be none)
     entries: frozenset[str]  # what an existing run_dir held
 
     @classmethod
@@ -357,31 +413,7 @@ class _NewRun:
                 entry.unlink(missing_ok=True)
 
 
-# The new run directories of the commands that run under undoing_refused_runs (innermost last).
-_WATCHERS: list[list[_NewRun]] = []
-
-
-@contextlib.contextmanager
-def undoing_refused_runs() -> Iterator[None]:
-    """Run a command so that a user error that ends it before its first checkpoint leaves no
-    trace: each run directory :func:`setup_run` made inside is removed again (or, if the user
-    made it, emptied of what the run added). A run being continued is never touched, nor one
-    that wrote a checkpoint or whose training diverged (its logs are the diagnosis).
-    ``medcore.cli.command.Command`` runs every command under it."""
-    _WATCHERS.append([])
-    try:
-        yield
-    except UserError as exc:
-        if not isinstance(exc, TrainingDiverged):
-            for new_run in reversed(_WATCHERS[-1]):
-                if not new_run.wrote_checkpoint():
-                    new_run.undo()
-        raise
-    finally:
-        _WATCHERS.pop()
-
-
-def _start_processes(cfg: Any, args: argparse.Namespace) -> Any:
+def _start_processes(cfg: Any, invocation: Invocation | None) -> Fabric:
     """This process's Fabric: joins the ranks torchrun/SLURM started, or starts ``--devices N``
     ranks on this machine first (see medcore.cli.launch)."""
     tcfg = cfg.trainer
@@ -405,16 +437,15 @@ def _start_processes(cfg: Any, args: argparse.Namespace) -> Any:
             raise UserError(
                 "--devices", f"{tcfg.devices} asked, {torch.cuda.device_count()} GPUs visible"
             )
-        launch.spawn_local(tcfg.devices, _PROG[-1] if _PROG else None, getattr(args, "_argv", None))
+        if invocation is None:
+            raise UserError(
+                "--devices",
+                "this command cannot start its own ranks; run it under torchrun instead",
+            )
+        launch.spawn_local(tcfg.devices, invocation.prog, invocation.argv)
     elif tcfg.num_nodes > 1:
         raise UserError(
             "--num-nodes", "a multi-node job is started by torchrun or SLURM on every node"
         )
     local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
-    device = resolve_device(cfg.device, local_rank=local_rank)
-    return make_fabric(
-        device,
-        strategy=tcfg.strategy,
-        precision=fabric_precision(device, tcfg.amp, tcfg.amp_dtype, tcfg.precision),
-        find_unused_parameters=tcfg.find_unused_parameters,
-    )
+    return make_fabric(resolve_device(cfg.device, local_rank=local_rank), tcfg)

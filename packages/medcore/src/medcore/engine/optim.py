@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -40,9 +41,37 @@ def build_optimizer(
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(cfg: TrainerConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+@dataclass(frozen=True)
+class Schedule:
+    """A learning-rate scheduler and when it steps: after every optimizer step (``"step"``), at
+    every epoch's end (``"epoch"``), or on every evaluation's monitored value (``"metric"``).
+    ``scheduler`` None: a constant learning rate."""
+
+    scheduler: Any = None
+    interval: Literal["step", "epoch", "metric"] | None = None
+
+    def step(self, at: Literal["step", "epoch", "metric"], value: float | None = None) -> None:
+        """Step the scheduler if it steps ``at`` this point (``value``: the monitored metric)."""
+        if self.scheduler is None or at != self.interval:
+            return
+        if at == "metric":
+            self.scheduler.step(value)
+        else:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.scheduler.state_dict() if self.scheduler is not None else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.scheduler is not None and state is not None:
+            self.scheduler.load_state_dict(state)
+
+
+def build_scheduler(
+    cfg: TrainerConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> Schedule:
     """``cfg.scheduler``: cosine (per optimizer step, with warmup), step (per epoch), plateau
-    (per evaluation) or None."""
+    (per evaluation) or none."""
     if cfg.scheduler == "cosine":
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
         floor = cfg.min_lr_ratio
@@ -53,17 +82,21 @@ def build_scheduler(cfg: TrainerConfig, optimizer: torch.optim.Optimizer, total_
             progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return Schedule(torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step")
     if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=cfg.step_size, gamma=cfg.gamma
+        )
+        return Schedule(scheduler, "epoch")
     if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer,
             mode=cfg.monitor_mode,
             factor=cfg.plateau_factor,
             patience=cfg.plateau_patience,
         )
-    return None
+        return Schedule(plateau, "metric")
+    return Schedule()
 
 
 def regroup(

@@ -5,7 +5,6 @@ forward pass updates (:class:`BufferGuard`)."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from torch import nn
@@ -43,14 +42,14 @@ class StepWindow:
         self.loss_sum = torch.zeros((), device=self.device)
         self.count = torch.zeros((), device=self.device)
         self.samples = 0
-        self.extras: dict[str, Any] = {}
+        self.extras: dict[str, torch.Tensor] = {}
         self.extras_n: dict[str, int] = {}
         self.t0 = time.perf_counter()
 
     def reset_step(self) -> None:
         self.nonfinite = torch.zeros((), device=self.device)
 
-    def add(self, loss: torch.Tensor, extras: dict[str, Any], samples: int) -> None:
+    def add(self, loss: torch.Tensor, extras: dict[str, torch.Tensor], samples: int) -> None:
         loss = loss.float()
         finite = torch.isfinite(loss).all()
         self.nonfinite = self.nonfinite + (~finite).float()
@@ -58,16 +57,20 @@ class StepWindow:
         self.count = self.count + finite.float()
         self.samples += samples
         for key, value in extras.items():
-            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
-            self.extras[key] = self.extras.get(key, 0.0) + value
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"step_fn extra {key!r} is a {type(value).__name__}, not a tensor: "
+                    "return it as a tensor (a float() costs a host sync per micro-batch)"
+                )
+            total = self.extras.get(key)
+            value = value.detach().float().reshape(())  # one number per micro-batch
+            self.extras[key] = value if total is None else total + value
             self.extras_n[key] = self.extras_n.get(key, 0) + 1
 
     def extras_means(self) -> dict[str, float]:
-        """This rank's mean of each extra over the window (one transfer for all of them)."""
+        """This rank's mean of each extra over the window (one host transfer for all)."""
         if not self.extras:
             return {}
         keys = list(self.extras)
-        values = torch.stack(
-            [torch.as_tensor(self.extras[k], device=self.device).float() for k in keys]
-        ).tolist()
+        values = torch.stack([self.extras[k].to(self.device) for k in keys]).tolist()
         return {k: v / self.extras_n[k] for k, v in zip(keys, values, strict=True)}

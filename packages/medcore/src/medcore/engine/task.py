@@ -1,8 +1,10 @@
-"""The task's side of the Trainer: the step function's type, the context an ``evaluate_fn``
-receives, and what ``fit`` returns (the settings, ``TrainerConfig``, are in :mod:`medcore.config`)."""
+"""The task's side of the Trainer: the step and evaluation functions' types, the context an
+``evaluate_fn`` receives, and what ``fit`` returns (the settings, ``TrainerConfig``, are in
+:mod:`medcore.config`)."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,10 @@ from medcore.engine.batching import shard_bounds
 from medcore.engine.run_log import RunLogger
 from medcore.runtime.device import AmpPolicy
 
-StepOutput = torch.Tensor | tuple[torch.Tensor, dict[str, float]]
-
+StepOutput = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+"""The loss of a micro-batch, or the loss and extras to log (``train/<name>``): tensors left on
+the device, summed there and read once per logging step (a ``float()`` here would cost a host
+sync per micro-batch)."""
 
 StepFn = Callable[[nn.Module, Any], StepOutput]
 
@@ -52,13 +56,26 @@ class EvalContext:
         return Subset(dataset, range(lo, hi))
 
 
+EvaluateFn = Callable[[nn.Module, EvalContext], dict[str, float]]
+
+
+class Stop(enum.Enum):
+    """Why a training ended."""
+
+    COMPLETED = "completed"  # every epoch ran
+    EARLY_STOP = "early_stop"  # the monitored metric stopped improving
+    INTERRUPTED = "interrupted"  # a signal or a stop request: ``fit`` raises Interrupted
+
+
 @dataclass
 class TrainResult:
+    """What ``fit`` returns once training ended (an interrupted ``fit`` raises instead)."""
+
+    stop: Stop
     best_metric: float | None
     best_metric_name: str | None
     best_path: Path | None
     final_path: Path | None
     global_step: int
     epochs_completed: int
-    stopped_early: bool
     history: list[dict[str, float]]

@@ -2,18 +2,22 @@
 
 The task supplies a model, a dataset, a ``step_fn(model, batch) -> loss`` and optionally an
 ``evaluate_fn(model, ctx) -> metrics``; the Trainer owns everything that is the same in every
-task: precision, gradient accumulation and clipping, optimiser and scheduler, DDP/FSDP,
-evaluation cadence, best/latest/final checkpoints, exact resume, the NaN guard, progress and
-logging. Devices, precision, strategies and collectives are Lightning Fabric's
-(``fabric.setup``, ``fabric.backward``, ``no_backward_sync``, ``clip_gradients``).
+task: gradient accumulation and clipping, optimiser and scheduler, evaluation cadence,
+best/latest/final checkpoints, exact resume, the NaN guard, progress and logging. Devices,
+precision, strategies (DDP, FSDP) and collectives are those of the Lightning Fabric it is given
+(the run's one, :func:`medcore.cli.run_setup.start_run`; ``fabric.setup``, ``fabric.backward``,
+``no_backward_sync``, ``clip_gradients``).
 
-Where the pieces live: settings, ``EvalContext`` and ``TrainResult`` in
+Where the pieces live: ``EvalContext``, ``TrainResult`` and ``Stop`` in
 :mod:`medcore.engine.task`; batch order and seeded loading in :mod:`medcore.engine.batching` and
-:mod:`medcore.engine.loader`; RNG states in :mod:`medcore.engine.rng`; checkpoints and resume in
-:mod:`medcore.engine.checkpointing`; optimizer and schedule in :mod:`medcore.engine.optim`; the per-step loss
-window and NaN guard in :mod:`medcore.engine.step_window`; SIGINT/SIGTERM/SIGUSR1 in
-:mod:`medcore.runtime.interrupts` (the loop stops at a step boundary, see :meth:`Trainer.fit`). This
-module is the loop.
+:mod:`medcore.engine.loader` (the :class:`~medcore.engine.loader.TrainLoader`); RNG states in
+:mod:`medcore.engine.rng`; the loop state, checkpoints and resume in
+:mod:`medcore.engine.checkpointing` (:class:`~medcore.engine.checkpointing.LoopState`, the
+:class:`~medcore.engine.checkpointing.Checkpointer`); evaluation and the monitored metric in
+:mod:`medcore.engine.evaluation`; optimizer and schedule in :mod:`medcore.engine.optim`; the
+per-step loss window and NaN guard in :mod:`medcore.engine.step_window`; SIGINT/SIGTERM/SIGUSR1
+in :mod:`medcore.runtime.interrupts` (the loop stops at a step boundary, see
+:meth:`Trainer.fit`). This module is the loop.
 
 Exact resume: the batch order of an epoch depends only on ``(seed, epoch)``; every rank's
 global RNG states are saved with every checkpoint; the DataLoader never draws from the global
@@ -27,8 +31,8 @@ dataset; and the main process's own streams (dropout) are the same with ``num_wo
 more. On CPU a run resumed from step k ends with the same weights as an uninterrupted run.
 Randomness a dataset keeps in its own generator objects is its own to seed.
 
-Loop cost: loss and sample counts stay on the device and are synchronised only at logging
-steps; the NaN check is one host sync per optimizer step; only normalisation buffers (the ones
+Loop cost: loss, sample counts and the step function's extras stay on the device and are
+synchronised only at logging steps; the NaN check is one host sync per optimizer step; only normalisation buffers (the ones
 a forward pass updates) are copied for the NaN guard, and only when the model has any.
 """
 
@@ -39,7 +43,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -47,39 +51,67 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from medcore.config import TrainerConfig
-from medcore.engine.batching import (
-    EpochBatches,
-    batch_size_of,
-    move_to_device,
-)
-from medcore.engine.checkpointing import CheckpointState
-from medcore.engine.evaluation import Evaluation
-from medcore.engine.loader import TrainData
-from medcore.engine.optim import build_optimizer, build_scheduler
+from medcore.engine.batching import batch_size_of, move_to_device
+from medcore.engine.checkpointing import Best, Checkpointer, LoopState
+from medcore.engine.evaluation import evaluate, improves, monitor_value
+from medcore.engine.loader import TrainLoader
+from medcore.engine.optim import Schedule, build_optimizer, build_scheduler
 from medcore.engine.run_log import RunLogger
 from medcore.engine.step_window import BufferGuard, StepWindow
-from medcore.engine.task import EvalContext, StepFn, TrainResult
+from medcore.engine.task import EvalContext, EvaluateFn, StepFn, Stop, TrainResult
 from medcore.errors import TrainingDiverged
-from medcore.runtime import distributed as dist_utils
 from medcore.runtime import interrupts
-from medcore.runtime.device import device_defaults, precision_policy
-from medcore.weights.checkpoint import release_spares
+from medcore.runtime.device import AmpPolicy, device_defaults, precision_policy
+from medcore.runtime.distributed import DistInfo, is_fsdp
+from medcore.weights.checkpoint import release_spares, unwrap_model
+
+if TYPE_CHECKING:
+    from lightning_fabric import Fabric
 
 
-class Trainer(TrainData, CheckpointState, Evaluation):
-    """Fits ``model`` on ``train_data`` with ``step_fn``; see the module docstring."""
+class Trainer:
+    """Fits ``model`` on ``train_data`` with ``step_fn`` on ``fabric``; see the module docstring.
+
+    ``cfg``'s precision, strategy and device settings are the Fabric's to apply (the run built
+    it from the same ``trainer:`` section); the Trainer reads the loop's settings.
+    """
+
+    cfg: TrainerConfig
+    fabric: Fabric
+    dist: DistInfo
+    device: torch.device
+    precision: str  # Fabric's precision, e.g. "bf16-mixed"
+    amp: AmpPolicy  # the autocast an evaluate_fn runs under (ctx.amp)
+    model: nn.Module  # the task's module, on the device
+    train_model: nn.Module  # Fabric's wrapper of it (DDP, FSDP), which the loop trains
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    data: TrainLoader
+    checkpoints: Checkpointer
+    logger: RunLogger
+    state: LoopState  # where the loop is: all a checkpoint restores
+    step_fn: StepFn
+    evaluate_fn: EvaluateFn | None
+    on_epoch_start: Callable[[int], None] | None
+    run_dir: Path
+    show_progress: bool  # a tqdm bar on rank 0
+    steps_per_epoch: int
+    total_steps: int
+    _guard: BufferGuard  # the normalisation buffers a skipped non-finite step restores
+    _step_optimizer: torch.optim.Optimizer  # Fabric's wrapper of ``optimizer``, which steps
+    _stop_requested: bool  # a signal asked every rank to stop (the ranks agreed)
 
     def __init__(
         self,
         model: nn.Module,
         cfg: TrainerConfig,
         *,
+        fabric: Fabric,
         train_data: Dataset,
         step_fn: StepFn,
         run_dir: str | Path,
-        device: torch.device,
         kind: str,
-        evaluate_fn: Callable[[nn.Module, EvalContext], dict[str, float]] | None = None,
+        evaluate_fn: EvaluateFn | None = None,
         param_groups: list[dict[str, Any]] | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         batch_sampler: Sampler[list[int]] | None = None,
@@ -90,82 +122,67 @@ class Trainer(TrainData, CheckpointState, Evaluation):
         show_progress: bool = True,
     ) -> None:
         self.cfg = cfg
-        self.device = device
-        self.kind = kind
-        self.seed = seed
+        self.fabric = fabric
+        self.dist = DistInfo(fabric.global_rank, fabric.local_rank, fabric.world_size)
+        self.device = fabric.device
+        self.precision = fabric.strategy.precision.precision
+        self.amp = precision_policy(self.precision)
         self.step_fn = step_fn
         self.evaluate_fn = evaluate_fn
-        self.train_data = train_data
-        self.collate_fn = collate_fn
-        self.custom_batch_sampler = batch_sampler
-        self.extra_state = extra_state or {}
         self.on_epoch_start = on_epoch_start
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.precision = dist_utils.fabric_precision(device, cfg.amp, cfg.amp_dtype, cfg.precision)
-        # The trainer's own Fabric (its precision and strategy), in the process group that
-        # setup_run / torchrun / SLURM / a test harness started.
-        self.fabric = dist_utils.make_fabric(
-            device,
-            strategy=cfg.strategy,
-            precision=self.precision,
-            find_unused_parameters=cfg.find_unused_parameters,
-            register=False,
-        )
-        self.device = self.fabric.device
-        self.dist = dist_utils.DistInfo(
-            rank=self.fabric.global_rank,
-            local_rank=self.fabric.local_rank,
-            world_size=self.fabric.world_size,
-        )
-        self.is_main = self.dist.is_main
-        self.fsdp = cfg.strategy == "fsdp" and self.dist.enabled
-        self.show_progress = show_progress and self.is_main
-        self.logger = logger or RunLogger(self.run_dir, enabled=self.is_main)
-        self.amp = precision_policy(self.precision)
+        self.show_progress = show_progress and self.dist.is_main
+        self.logger = logger or RunLogger(self.run_dir, enabled=self.dist.is_main)
         defaults = device_defaults(self.device)
-        self.batch_size = cfg.batch_size or defaults.batch_size
-        self.num_workers = defaults.num_workers if cfg.num_workers is None else cfg.num_workers
+        self.data = TrainLoader(
+            train_data,
+            cfg,
+            batch_size=cfg.batch_size or defaults.batch_size,
+            num_workers=defaults.num_workers if cfg.num_workers is None else cfg.num_workers,
+            seed=seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            device=self.device,
+            collate_fn=collate_fn,
+            batch_sampler=batch_sampler,
+        )
 
         model = model.to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._guard = BufferGuard(model)
-        if self.fsdp:
+        if is_fsdp(fabric):
             # FSDP flattens the parameters: the optimizer is built on the sharded module.
-            self.train_model = self.fabric.setup_module(model)
+            self.train_model = fabric.setup_module(model)
             self.optimizer = build_optimizer(cfg, model, param_groups, self.train_model)
-            self._step_optimizer = self.fabric.setup_optimizers(self.optimizer)
+            self._step_optimizer = fabric.setup_optimizers(self.optimizer)
         else:
             self.optimizer = build_optimizer(cfg, model, param_groups)
-            self.train_model, self._step_optimizer = self.fabric.setup(model, self.optimizer)
+            self.train_model, self._step_optimizer = fabric.setup(model, self.optimizer)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        self.batches_per_epoch = self._batches_per_epoch()
-        self._note_small_last_batch()
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
+        self.steps_per_epoch = math.ceil(self.data.batches_per_epoch / cfg.grad_accum_steps)
         self.total_steps = max(1, self.steps_per_epoch * cfg.epochs)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
-        self._epoch_batches = EpochBatches(
-            self._base_batch_sampler, self.batches_per_epoch, seed, self.dist.rank
+        self.schedule = build_scheduler(cfg, self.optimizer, self.total_steps)
+        self.checkpoints = Checkpointer(
+            fabric,
+            model,
+            self.train_model,
+            self.optimizer,
+            self.schedule,
+            cfg,
+            directory=self.run_dir / "checkpoints",
+            kind=kind,
+            seed=seed,
+            extra_state=extra_state or {},
         )
-        self._train_loader: torch.utils.data.DataLoader | None = None
+        self.state = LoopState()
+        self._stop_requested = False
 
-        # Loop state (all of it goes into checkpoints).
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.global_step = 0
-        self.best_value: float | None = None
-        self.best_name: str | None = None
-        self.best_path: Path | None = None
-        self.bad_evals = 0
-        self.nonfinite_streak = 0
-        self.stop_requested = False  # a signal asked every rank to stop (the ranks agreed)
-        self.history: list[dict[str, float]] = []
-        self.last_good_checkpoint: Path | None = None
-        self._latest_position: tuple[int, int, int] | None = None  # of our last latest.pt
-        self._latest_time = time.monotonic()  # when latest.pt was last written (or fit began)
+    @property
+    def batch_size(self) -> int:
+        return self.data.batch_size
 
     # -- one optimizer step -----------------------------------------------------------------
     def _micro_batch(self, batch: Any, sync: bool, window: StepWindow) -> None:
@@ -185,14 +202,14 @@ class Trainer(TrainData, CheckpointState, Evaluation):
 
     def _window_was_finite(self, window: StepWindow) -> bool:
         """Whether every rank's losses of this optimizer step were finite; also whether a
-        signal reached any rank (``stop_requested``). One all-reduce, one host sync."""
+        signal reached any rank. One all-reduce, one host sync."""
         if not self.dist.enabled:
-            self.stop_requested = self.stop_requested or interrupts.requested()
+            self._stop_requested = self._stop_requested or interrupts.requested()
             return not bool(window.nonfinite.item() > 0)
         asked = window.nonfinite.new_full((), float(interrupts.requested()))
         flags = self.fabric.all_reduce(torch.stack([window.nonfinite, asked]), reduce_op="sum")
         bad, stop = flags.tolist()
-        self.stop_requested = self.stop_requested or stop > 0
+        self._stop_requested = self._stop_requested or stop > 0
         return not bad > 0
 
     def _agree_to_stop(self) -> None:
@@ -201,22 +218,26 @@ class Trainer(TrainData, CheckpointState, Evaluation):
         if self.dist.enabled:
             flag = torch.tensor(float(asked), device=self.device)
             asked = bool(self.fabric.all_reduce(flag, reduce_op="sum").item() > 0)
-        self.stop_requested = self.stop_requested or asked
+        self._stop_requested = self._stop_requested or asked
 
     def _handle_nonfinite(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_streak += 1
-        msg = f"non-finite loss at step {self.global_step}; step skipped ({self.nonfinite_streak} in a row)"
+        state = self.state
+        state.nonfinite_streak += 1
+        msg = (
+            f"non-finite loss at step {state.global_step}; step skipped "
+            f"({state.nonfinite_streak} in a row)"
+        )
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         self.logger.log_jsonl(
-            {"event": "nonfinite_loss", "step": self.global_step, "streak": self.nonfinite_streak}
+            {"event": "nonfinite_loss", "step": state.global_step, "streak": state.nonfinite_streak}
         )
-        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
-            last = self.last_good_checkpoint
+        if state.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            last = self.checkpoints.last_good
             where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
             raise TrainingDiverged(
                 "training",
-                f"loss was NaN/inf for {self.nonfinite_streak} consecutive steps; stopped ({where})",
+                f"loss was NaN/inf for {state.nonfinite_streak} consecutive steps; stopped ({where})",
             )
 
     def _optimizer_step(self) -> None:
@@ -229,32 +250,26 @@ class Trainer(TrainData, CheckpointState, Evaluation):
             )
         self._step_optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
-            self.scheduler.step()
+        self.schedule.step("step")
 
     # -- the loop -------------------------------------------------------------------------
-    def fit(
-        self, resume: str | Path | None = None, stop_after_steps: int | None = None
-    ) -> TrainResult:
-        """Train for ``cfg.epochs``; ``resume`` continues from a checkpoint.
+    def fit(self, resume: str | Path | None = None) -> TrainResult:
+        """Train for ``cfg.epochs``; ``resume`` continues from a ``latest.pt``.
 
-        ``stop_after_steps`` ends the run after that many optimizer steps as if interrupted
-        (latest.pt written, no final checkpoint): used to test exact resume.
-
-        SIGINT, SIGTERM and SIGUSR1 (see :mod:`medcore.runtime.interrupts`) stop it at the next
-        optimizer-step boundary, or after the evaluation that is running: every rank stops
-        there, ``latest.pt`` is written with the state of that boundary, and
-        :class:`medcore.runtime.interrupts.Interrupted` is raised. ``--resume latest`` then continues
-        exactly as if nothing had happened.
+        SIGINT, SIGTERM and SIGUSR1 (and :func:`medcore.runtime.interrupts.request_stop`) stop
+        it at the next optimizer-step boundary, or after the evaluation that is running: every
+        rank stops there, ``latest.pt`` is written with the state of that boundary, and
+        :class:`medcore.runtime.interrupts.Interrupted` is raised. ``--resume latest`` then
+        continues exactly as if nothing had happened.
         """
-        self.stop_requested = False
+        self._stop_requested = False
         if resume is not None:
-            self.load_state(resume)
+            self.state = self.checkpoints.load(resume)
         self.logger.log_jsonl(
             {
                 "event": "start",
                 "epochs": self.cfg.epochs,
-                "batches_per_epoch": self.batches_per_epoch,
+                "batches_per_epoch": self.data.batches_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch,
                 "amp": self.amp.name,
                 "precision": self.precision,
@@ -264,123 +279,120 @@ class Trainer(TrainData, CheckpointState, Evaluation):
                 "save_interval_s": self.cfg.save_interval_s,
             }
         )
-        self._latest_time = time.monotonic()
+        self.checkpoints.latest_time = time.monotonic()
         try:
             with interrupts.deferred():
-                stopped_early, final_path = self._fit_epochs(stop_after_steps)
-                if not self.stop_requested:  # a signal during the last save (and a barrier)
+                stop = self._fit_epochs()
+                if stop is not Stop.INTERRUPTED:  # a signal during the last save or barrier
                     self._agree_to_stop()
-                signal_name = interrupts.signal_name()
+                reason = interrupts.signal_name()
         finally:
-            if self.is_main:  # the hidden spare files of the checkpoint writes
-                release_spares(self.ckpt_dir)
-        if self.stop_requested:
-            raise interrupts.Interrupted(signal_name)
+            if self.dist.is_main:  # the hidden spare files of the checkpoint writes
+                release_spares(self.checkpoints.directory)
+        if stop is Stop.INTERRUPTED or self._stop_requested:
+            raise interrupts.Interrupted(reason)
+        state = self.state
         return TrainResult(
-            best_metric=self.best_value,
-            best_metric_name=self.best_name,
-            best_path=self.best_path,
-            final_path=final_path,
-            global_step=self.global_step,
-            epochs_completed=self.epoch,
-            stopped_early=stopped_early,
-            history=self.history,
+            stop=stop,
+            best_metric=state.best.value,
+            best_metric_name=state.best.name,
+            best_path=Path(state.best.path) if state.best.path else None,
+            final_path=self.checkpoints.directory / "final.pt" if self.dist.is_main else None,
+            global_step=state.global_step,
+            epochs_completed=state.epoch,
+            history=state.history,
         )
 
-    def _fit_epochs(self, stop_after_steps: int | None) -> tuple[bool, Path | None]:
-        """The epochs left and final.pt; returns (stopped early, final.pt or None)."""
+    def _fit_epochs(self) -> Stop:
+        """The epochs left, then final.pt unless interrupted."""
         patience = self.cfg.early_stopping_patience
         # Resumed from the checkpoint of an early stop: the decision stands.
-        stopped_early = bool(patience) and self.bad_evals >= patience
-        interrupted = False
+        stop = Stop.EARLY_STOP if patience and self.state.bad_evals >= patience else None
         try:
-            while self.epoch < self.cfg.epochs and not (
-                stopped_early or interrupted or self.stop_requested
-            ):
-                stopped_early, interrupted = self._run_epoch(stop_after_steps)
+            while stop is None and self.state.epoch < self.cfg.epochs:
+                stop = self._run_epoch()
         finally:
-            self._close_loader()
-        final_path = None
-        if not (interrupted or self.stop_requested):
-            final_path = self._save("final.pt")
-            if stopped_early:
-                self.logger.log_jsonl(
-                    {"event": "early_stop", "epoch": self.epoch, "step": self.global_step}
-                )
-        return stopped_early, final_path
+            self.data.close()
+        if stop is Stop.INTERRUPTED:
+            return stop
+        self.checkpoints.save("final.pt", self.state)
+        if stop is Stop.EARLY_STOP:
+            self.logger.log_jsonl(
+                {"event": "early_stop", "epoch": self.state.epoch, "step": self.state.global_step}
+            )
+        return stop or Stop.COMPLETED
 
-    def _run_epoch(self, stop_after_steps: int | None) -> tuple[bool, bool]:
-        """Train the rest of the current epoch; returns (stopped early, interrupted)."""
+    def _run_epoch(self) -> Stop | None:
+        """Train the rest of the current epoch; why training stops, or None to go on."""
+        state = self.state
         if self.on_epoch_start is not None:
-            self.on_epoch_start(self.epoch)
+            self.on_epoch_start(state.epoch)
         self.train_model.train()
         bar = tqdm(
-            total=self.batches_per_epoch,
-            initial=self.batch_in_epoch,
+            total=self.data.batches_per_epoch,
+            initial=state.batch_in_epoch,
             disable=not self.show_progress,
-            desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+            desc=f"epoch {state.epoch + 1}/{self.cfg.epochs}",
             dynamic_ncols=True,
             leave=False,
         )
-        stopped_early = interrupted = False
+        stop = None
         try:
             window = StepWindow(self.device)
             saved = self._guard.save()
             micro = 0
-            for batch in self._loader(self.epoch, self.batch_in_epoch):
+            for batch in self.data.epoch(state.epoch, state.batch_in_epoch):
                 batch = move_to_device(batch, self.device, self.cfg.channels_last)
                 last_micro = (
                     micro + 1 == self.cfg.grad_accum_steps
-                    or self.batch_in_epoch + 1 == self.batches_per_epoch
+                    or state.batch_in_epoch + 1 == self.data.batches_per_epoch
                 )
                 self._micro_batch(batch, sync=last_micro, window=window)
                 micro += 1
-                self.batch_in_epoch += 1
+                state.batch_in_epoch += 1
                 bar.update(1)
                 if not last_micro:
                     continue
                 micro = 0
                 if self._window_was_finite(window):
                     self._optimizer_step()
-                    self.nonfinite_streak = 0
-                    self.global_step += 1
-                    stopped_early, interrupted = self._after_step(window, bar, stop_after_steps)
+                    state.nonfinite_streak = 0
+                    state.global_step += 1
+                    stop = self._after_step(window, bar)
                 else:
                     self._guard.restore(saved)
                     self._handle_nonfinite()
                 window.reset_step()
                 saved = self._guard.save()
-                if stopped_early or interrupted or self.stop_requested:
+                if stop is not None or self._stop_requested:
                     break
         finally:
             # An error message printed next must start on its own line, not after the bar.
             bar.close()
-        if interrupted or self.stop_requested:
-            if self._latest_position != self._position():  # not saved at this step already
+        if state.batch_in_epoch >= self.data.batches_per_epoch and not self._stop_requested:
+            stop = self._end_epoch() or stop
+        if self._stop_requested:  # during the epoch, or during its closing evaluation
+            if self.checkpoints.latest_at != state.position():  # not saved at this step already
                 # The state of the boundary just passed: nothing of a next step has run.
-                self._save("latest.pt")
-        elif self.batch_in_epoch >= self.batches_per_epoch:
-            stopped_early = self._end_epoch() or stopped_early
-        return stopped_early, interrupted
+                self.checkpoints.save("latest.pt", state)
+            return Stop.INTERRUPTED
+        return stop
 
-    def _after_step(
-        self, window: StepWindow, bar: Any, stop_after_steps: int | None
-    ) -> tuple[bool, bool]:
-        """Logging, step-cadence evaluation and saves; returns (stopped early, interrupted)."""
-        cfg = self.cfg
+    def _after_step(self, window: StepWindow, bar: Any) -> Stop | None:
+        """Logging, step-cadence evaluation and saves."""
+        cfg, state = self.cfg, self.state
         if (
-            self.global_step % max(1, cfg.log_every_steps) == 0
-            or self.batch_in_epoch == self.batches_per_epoch
+            state.global_step % max(1, cfg.log_every_steps) == 0
+            or state.batch_in_epoch == self.data.batches_per_epoch
         ):
             self._log_window(window, bar)
-        stopped_early = False
-        if cfg.eval_every_steps and self.global_step % cfg.eval_every_steps == 0:
-            stopped_early = self._evaluate_and_select()
+        stop = None
+        if cfg.eval_every_steps and state.global_step % cfg.eval_every_steps == 0:
+            stop = self._evaluate_and_select()
             self.train_model.train()
-        if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
-            self._save("latest.pt")
-        interrupted = stop_after_steps is not None and self.global_step >= stop_after_steps
-        return stopped_early, interrupted
+        if cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0:
+            self.checkpoints.save("latest.pt", state)
+        return stop
 
     def _log_window(self, window: StepWindow, bar: Any) -> None:
         """The only host sync of the loss: mean over every rank's micro-batches of the window."""
@@ -398,27 +410,73 @@ class Trainer(TrainData, CheckpointState, Evaluation):
         }
         for i, group in enumerate(self.optimizer.param_groups):
             scalars[f"lr/{group.get('name', i)}"] = group["lr"]
-        self.logger.log_scalars(scalars, self.global_step)
+        self.logger.log_scalars(scalars, self.state.global_step)
         bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.1f}")
         window.reset_log()
 
-    def _end_epoch(self) -> bool:
-        """Epoch-end scheduler step, evaluation and latest.pt; True means stop early."""
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.StepLR):
-            self.scheduler.step()
-        stopped_early = False
+    def _end_epoch(self) -> Stop | None:
+        """Epoch-end scheduler step, evaluation and latest.pt."""
+        state = self.state
+        self.schedule.step("epoch")
+        stop = None
         if not self.cfg.eval_every_steps and self.evaluate_fn is not None:
-            stopped_early = self._evaluate_and_select()
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        due = time.monotonic() - self._latest_time >= self.cfg.save_interval_s
-        if due or stopped_early or self.stop_requested or self.epoch >= self.cfg.epochs:
-            self._save("latest.pt")
-        return stopped_early
+            stop = self._evaluate_and_select()
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        due = time.monotonic() - self.checkpoints.latest_time >= self.cfg.save_interval_s
+        if due or stop or self._stop_requested or state.epoch >= self.cfg.epochs:
+            self.checkpoints.save("latest.pt", state)
+        return stop
 
-    def _evaluate_and_select(self) -> bool:
-        """Evaluate, keep the best, and hear of a signal that came meanwhile: an evaluation
-        runs to its end (its collectives cannot be left half-way by some ranks)."""
-        stopped_early = self._after_eval(self.evaluate())
+    def evaluate(self) -> dict[str, float]:
+        """``evaluate_fn`` on every rank (:func:`medcore.engine.evaluation.evaluate`); rank 0's
+        metrics for all."""
+        if self.evaluate_fn is None:
+            return {}
+        # FSDP's forward needs every rank's shards: evaluate the wrapped module there.
+        model = self.train_model if is_fsdp(self.fabric) else unwrap_model(self.model)
+        state = self.state
+        ctx = EvalContext(
+            state.epoch,
+            state.global_step,
+            self.device,
+            self.amp,
+            self.logger,
+            self.run_dir,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        return evaluate(self.evaluate_fn, model, ctx, self.fabric)
+
+    def _evaluate_and_select(self) -> Stop | None:
+        """Evaluate, log, keep the best checkpoint, step the plateau scheduler, and hear of a
+        signal that came meanwhile: an evaluation runs to its end (its collectives cannot be
+        left half-way by some ranks)."""
+        metrics = self.evaluate()
+        stop = self._select(metrics)
         self._agree_to_stop()
-        return stopped_early
+        return stop
+
+    def _select(self, metrics: dict[str, float]) -> Stop | None:
+        state, cfg = self.state, self.cfg
+        record = {"epoch": state.epoch, "step": state.global_step, **metrics}
+        state.history.append(record)
+        self.logger.log_scalars(metrics, state.global_step)
+        self.logger.log_jsonl({"event": "eval", **record})
+        chosen = monitor_value(metrics, cfg.monitor)
+        if chosen is None:
+            return None
+        name, value = chosen
+        self.schedule.step("metric", value)
+        if improves(state.best, name, value, cfg.monitor_mode):
+            previous = Path(state.best.path) if state.best.path else None
+            path = self.checkpoints.directory / self.checkpoints.best_filename(state.epoch, value)
+            state.best = Best(value, name, str(path))
+            state.bad_evals = 0
+            self.checkpoints.save(path.name, state)
+            if self.dist.is_main and previous not in (None, path) and previous.exists():
+                previous.unlink()
+            return None
+        state.bad_evals += 1
+        patience = cfg.early_stopping_patience
+        return Stop.EARLY_STOP if patience and state.bad_evals >= patience else None

@@ -1,9 +1,10 @@
 """The process group, through Lightning Fabric, and thin collectives for DDP and single runs alike.
 
-``make_fabric`` builds the one :class:`lightning_fabric.Fabric` of a process (accelerator,
-devices, nodes, strategy, precision) and joins the process group that ``--devices N``,
-``torchrun`` or SLURM started; ``current_fabric`` returns it. Every collective here puts its
-tensor on the device the process group needs (CUDA for NCCL), never a host tensor.
+``make_fabric`` builds a process's :class:`lightning_fabric.Fabric` (accelerator, devices,
+nodes, strategy, precision) and joins the process group that ``--devices N``, ``torchrun`` or
+SLURM started; a run builds one (:func:`medcore.cli.run_setup.start_run`) and hands it to its
+Trainers. Every collective here puts its tensor on the device the process group needs (CUDA
+for NCCL), never a host tensor.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from medcore.config import TrainerConfig
+
 if TYPE_CHECKING:
     from lightning_fabric import Fabric
-
-_FABRIC: Fabric | None = None
 
 
 @dataclass(frozen=True)
@@ -62,33 +63,13 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def init_distributed(device_type: str = "cpu", timeout_s: float = 600.0) -> DistInfo:
-    """Join the process group that torchrun describes in the environment; no-op without it.
-
-    NCCL on CUDA, gloo otherwise. The timeout bounds how long a rank waits for a dead peer.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if not is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
-
-
 def cleanup_distributed() -> None:
-    global _FABRIC
-    _FABRIC = None
     if is_initialized():
         dist.destroy_process_group()
 
 
 def collective_device() -> torch.device:
     """The device a tensor must be on for this process group's collectives (CUDA for NCCL)."""
-    if _FABRIC is not None:
-        return _FABRIC.device
     if is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -111,81 +92,73 @@ def launched_world() -> tuple[int, int, int]:
     return world, local, max(1, world // local)
 
 
-def fabric_precision(device: torch.device, amp: bool, amp_dtype: str, precision: str | None) -> str:
-    """Fabric's precision string for a device: ``precision`` when set, else from the AMP fields.
+def fabric_precision(device: torch.device, trainer: TrainerConfig) -> str:
+    """Fabric's precision string for a device: ``trainer.precision`` when set, else from the
+    AMP fields.
 
     bf16-mixed where the device supports it, 16-mixed (with a GradScaler) otherwise, 32-true
     when AMP is off; CPU autocast is opt-in (``amp_dtype: bf16``).
     """
     from medcore.runtime.device import amp_policy
 
-    if precision is not None:
-        return precision
-    policy = amp_policy(device, amp, amp_dtype)
+    if trainer.precision is not None:
+        return trainer.precision
+    policy = amp_policy(device, trainer.amp, trainer.amp_dtype)
     if not policy.enabled:
         return "32-true"
     return "bf16-mixed" if policy.dtype == torch.bfloat16 else "16-mixed"
 
 
-def make_fabric(
-    device: torch.device,
-    *,
-    strategy: str = "auto",
-    precision: str = "32-true",
-    find_unused_parameters: bool = False,
-    register: bool = True,
-) -> Fabric:
-    """Build this process's Fabric on ``device`` and join the launched process group, if any.
+def make_fabric(device: torch.device, trainer: TrainerConfig | None = None) -> Fabric:
+    """A Fabric on ``device`` with the strategy and precision of ``trainer`` (a config's
+    ``trainer:`` section; the defaults when None), joined to the launched process group, if any.
 
     The world comes from the environment (``launched_world``); an already initialised process
-    group (a test harness, a script that called ``init_distributed``) is joined as it is.
+    group (a test harness) is joined as it is.
     """
-    global _FABRIC
     from lightning_fabric import Fabric
     from lightning_fabric.strategies import DDPStrategy, FSDPStrategy
 
+    trainer = trainer or TrainerConfig()
+    strategy: Any = trainer.strategy
     world, local, nodes = launched_world()
     if is_initialized() and world <= 1:
         world, local, nodes = dist.get_world_size(), dist.get_world_size(), 1
     if world > 1:
-        if strategy in ("auto", "ddp"):
-            chosen: Any = DDPStrategy(
-                find_unused_parameters=find_unused_parameters,
+        if strategy == "fsdp":
+            strategy = FSDPStrategy(state_dict_type="full")
+        else:
+            strategy = DDPStrategy(
+                find_unused_parameters=trainer.find_unused_parameters,
                 timeout=datetime.timedelta(seconds=600),
             )
-        elif strategy == "fsdp":
-            chosen = FSDPStrategy(state_dict_type="full")
-        else:
-            chosen = strategy
         devices: Any = local
     else:
         if strategy == "fsdp":
             # FSDP over one device shards nothing: a plain single-device job, said out loud.
-            if register:
-                print(
-                    "note: trainer.strategy=fsdp with one process: nothing to shard, "
-                    "training on one device (use --devices N)",
-                    file=sys.stderr,
-                )
-            strategy = "auto"
-        chosen = strategy if strategy != "ddp" else "auto"
+            print(
+                "note: trainer.strategy=fsdp with one process: nothing to shard, "
+                "training on one device (use --devices N)",
+                file=sys.stderr,
+            )
+        strategy = "auto"
         devices = [device.index or 0] if device.type == "cuda" else 1
     fabric = Fabric(
         accelerator=device.type,
         devices=devices,
         num_nodes=nodes,
-        strategy=chosen,
-        precision=precision,  # type: ignore[arg-type]
+        strategy=strategy,
+        precision=fabric_precision(device, trainer),  # type: ignore[arg-type]
     )
     fabric.launch()
-    if register:
-        _FABRIC = fabric
     return fabric
 
 
-def current_fabric() -> Fabric | None:
-    """The Fabric that ``make_fabric`` built in this process, if any."""
-    return _FABRIC
+def is_fsdp(fabric: Fabric) -> bool:
+    """Whether ``fabric`` shards the model (FSDP over more than one process)."""
+    from lightning_fabric.strategies import FSDPStrategy
+
+    return isinstance(fabric.strategy, FSDPStrategy)
 
 
 def barrier() -> None:

@@ -58,6 +58,16 @@ def signal_name() -> str:
     return _State.pending or "a signal to another rank"
 
 
+def request_stop(reason: str) -> None:
+    """Ask this process to stop as a signal would, from code (a notebook's step function, a
+    time budget, a test): during training the loop stops at the next step boundary, saves
+    ``latest.pt`` and raises :class:`Interrupted` naming ``reason``; elsewhere it raises now."""
+    if _State.pending is None:
+        _State.pending = reason
+    if not _State.deferring:
+        raise Interrupted(reason)
+
+
 def _default(signum: int) -> None:
     """What ``signum`` does without these handlers: KeyboardInterrupt for SIGINT, else the
     system's default action (the process ends)."""

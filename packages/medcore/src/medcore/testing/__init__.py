@@ -228,6 +228,24 @@ def checkpoint_differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [where]
 
 
+def stopping_in_call(fn: Callable[..., Any], n: int) -> Callable[..., Any]:
+    """``fn`` that asks the run to stop (:func:`medcore.runtime.interrupts.request_stop`) in its
+    ``n``-th call, as a signal arriving during that call would: given a Trainer's step function,
+    ``fit`` stops at the end of the optimizer step that call belongs to, writes ``latest.pt``
+    and raises Interrupted."""
+    from medcore.runtime import interrupts
+
+    calls = {"n": 0}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == n:
+            interrupts.request_stop(f"stop requested in call {n}")
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def signal_trainers_at(signal_name: str, where: str, n: int) -> None:
     """Make this process send itself ``signal_name`` (``"SIGTERM"``, ``"SIGINT"``, ...) in the
     ``n``-th call of a Trainer's step function (``where="step"``) or evaluation (``"eval"``),
@@ -739,3 +757,59 @@ def hub_snapshot_of(home: str | Path, repo: str, folder: str | Path, rev: str = 
     of the hub repository ``repo`` leaves them in the cache under ``home``."""
     files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
     return hub_snapshot(home, repo, files, rev)
+
+
+# -- layering (issue 26): a package's config and model import neither the trainer nor Lightning --
+
+HEAVY_MODULES = ("lightning_fabric", "lightning", "medcore.engine.trainer", "medcore.cli")
+
+_IMPORT_PROBE = """
+import importlib, json, sys, traceback
+heavy, modules = json.loads(sys.argv[1]), sys.argv[2:]
+found = {}
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name in heavy and name not in found:
+            frames = [
+                f for f in traceback.extract_stack()[:-1]
+                if not f.filename.startswith("<") and "importlib" not in f.filename
+            ]
+            found[name] = [f"{f.filename}:{f.lineno}" for f in frames[-4:]]
+        return None
+
+sys.meta_path.insert(0, Watch())
+report = {}
+for module in modules:
+    importlib.import_module(module)
+    report[module] = dict(found)
+    found.clear()
+print(json.dumps(report))
+"""
+
+
+def assert_imports_stay_light(*modules: str, heavy: Sequence[str] = HEAVY_MODULES) -> None:
+    """Import ``modules`` in order in a fresh interpreter; fail naming each ``heavy`` module one
+    of them imported (the trainer, the CLI, Lightning), with the import chain that reached it.
+
+    A package's ``config`` and ``model`` are what a user imports to build or load a model:
+    they must not pull in the training machinery.
+    """
+    import json
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, json.dumps(list(heavy)), *modules],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    pulled = {
+        module: {name: " <- ".join(reversed(chain)) or "itself" for name, chain in found.items()}
+        for module, found in report.items()
+        if found
+    }
+    assert not pulled, f"imports that pull in {', '.join(heavy)}: {pulled}"
