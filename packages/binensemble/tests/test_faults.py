@@ -1,24 +1,20 @@
-"""Fault injection and broken inputs through binensemble's own commands (issue 9).
+"""Fault injection and broken inputs through binensemble's own commands, beyond the run contract
+every package keeps (test_run_contract.py: kill -9 of ``--model metric`` and resume, a second
+job, a full disk, unsafe and foreign checkpoints also given to predict, broken data directories,
+nothing to resume, NaN batches).
 
-Covered: kill -9 mid-epoch of ``binensemble-train --model metric`` then ``--resume latest`` (same
-weights and the same saved KNN as an uninterrupted run); a second job into a running job's
-directory (refused by the lock); a failing checkpoint write; checkpoints that would run code or
-belong to another package, given to predict / train --resume / --pretrained-weights; a table of
-broken images, data directories, label files and probability files for train, predict, vote and
-analyze; NaN batches. Not here: preprocessing (binensemble has no preprocess command) and DDP
-rank failure (medcore's own fault tests cover it at Trainer level; a package-level torchrun case
-would cost two extra interpreters importing torch and timm, far over the CPU budget).
+Covered here: ``--resume latest`` of a run of the other model; broken images named while training
+goes on; too few images to split; an empty test folder; broken inputs of predict, vote and
+analyze. Not here: preprocessing (binensemble has no preprocess command) and DDP rank failure
+(medcore's own fault tests cover it at Trainer level; a package-level torchrun case would cost
+two extra interpreters importing torch and timm, far over the CPU budget).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,28 +24,13 @@ import pytest
 import torch
 from PIL import Image
 
-import binensemble.train as train_mod
 from binensemble.cli import analyze, predict, train, vote
 from binensemble.config import BinEnsembleConfig
 from medcore.config import load_config, packaged_config_path, save_config
-from medcore.testing import (
-    RunsCode,
-    all_finite,
-    assert_refused_while_running,
-    call_main,
-    disk_full_on,
-    error_line,
-    png_header_only,
-    random_image,
-    wait_until,
-)
-from medcore.weights.checkpoint import load_checkpoint, save_checkpoint
+from medcore.testing import call_main, error_line, png_header_only, random_image
 
 pytestmark = pytest.mark.faults
 
-RUNNER = str(Path(__file__).with_name("fault_runner.py"))
-METRIC = "binensemble.MetricModel"
-BASELINE = "binensemble.BaselineModel"
 TINY = [
     "num_threads=1",
     "device=cpu",
@@ -82,84 +63,6 @@ def _threads():
     torch.set_num_threads(threads)  # the runs set num_threads=1; leave other tests as they were
 
 
-# -- 1 + 3: kill -9 mid-epoch, a second job refused, --resume latest ------------------------------
-
-
-def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
-    tiny_data: Path, tmp_path: Path, capsys
-) -> None:
-    items = ("trainer.epochs=2", "trainer.max_steps_per_epoch=3", "trainer.save_every_steps=1")
-    run = tmp_path / "killed"
-    marker, log = tmp_path / "paused", tmp_path / "victim.err"
-    latest = run / "checkpoints" / "latest.pt"
-    with log.open("w") as err_file:
-        # Paused inside the third step of epoch 1: latest.pt of step 2 is on disk.
-        victim = subprocess.Popen(
-            [sys.executable, RUNNER, str(marker), "3", *_train_argv(tiny_data, run, *items)],
-            stdout=subprocess.DEVNULL,
-            stderr=err_file,
-        )
-    try:
-        wait_until(marker.exists, victim, log)
-        # 3: a second job into the running job's directory is refused and changes nothing
-        config = (run / "config.yaml").read_bytes()
-        argv = _train_argv(tiny_data, run, *items, "optim.head_lr=0.5")
-        code, _, err = call_main(train, argv, capsys)
-        assert_refused_while_running(code, err, run, victim.pid)
-        assert (run / "config.yaml").read_bytes() == config
-    finally:
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-    state = load_checkpoint(latest, kind=METRIC)
-    assert state["epoch"] == 0 and state["batch_in_epoch"] == 2 and state["global_step"] == 2
-    assert not (run / "checkpoints" / "final.pt").exists() and not (run / "model.pt").exists()
-
-    full = tmp_path / "full"
-    code, _, err = call_main(train, _train_argv(tiny_data, full, *items), capsys)
-    assert code == 0, err
-    # The run's own config and model choice are used: no flag of the first run is repeated.
-    code, out, err = call_main(train, ["--resume", "latest", "--output-dir", str(run)], capsys)
-    assert code == 0, err
-    assert "metric" in out and not (run / ".lock").exists()
-    a = load_checkpoint(full / "checkpoints" / "final.pt", kind=METRIC)
-    b = load_checkpoint(run / "checkpoints" / "final.pt", kind=METRIC)
-    assert a["global_step"] == b["global_step"] == 6
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    # The saved KNN (k, gallery embeddings and labels) and the predictions are the same too.
-    a, b = (load_checkpoint(r / "model.pt", kind=METRIC) for r in (full, run))
-    assert a["knn"] == b["knn"] and a["gallery"]["ids"] == b["gallery"]["ids"]
-    assert torch.equal(a["gallery"]["embeddings"], b["gallery"]["embeddings"])
-    assert torch.equal(a["gallery"]["labels"], b["gallery"]["labels"])
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    for name in ("metric_probs.csv", "metric_val_probs.csv"):
-        assert (run / "predictions" / name).read_text() == (full / "predictions" / name).read_text()
-
-
-# -- 4: a checkpoint write that fails ------------------------------------------------------------
-
-
-def test_failed_checkpoint_write_keeps_previous(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    run = tmp_path / "run"
-    with disk_full_on("latest.pt", nth=2):  # the second step's save: the disk is full
-        code, _, err = call_main(
-            train, _train_argv(tiny_data, run, "trainer.save_every_steps=1"), capsys
-        )
-    assert code == 2
-    line = error_line(err)
-    assert "No space left on device" in line and "latest.pt" in line
-    ckpts = run / "checkpoints"
-    state = load_checkpoint(ckpts / "latest.pt", kind=METRIC)
-    assert state["global_step"] == 1 and all_finite(state["model"])  # step 1's, intact
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest.pt"]  # no temp file left
-    assert not (run / "model.pt").exists() and not (run / ".lock").exists()
-
-
-# -- 5: checkpoints that would run code, checkpoints of another package ---------------------------
-
-
 def _run_config(run: Path, data: Path, kind: str = "metric") -> None:
     """A run directory as train leaves it once started (config.yaml of the tiny config)."""
     cfg = load_config(
@@ -170,83 +73,17 @@ def _run_config(run: Path, data: Path, kind: str = "metric") -> None:
     save_config(cfg, run / "config.yaml")
 
 
-def _command(command: str, ckpt: Path, data: Path, run: Path) -> list[str]:
-    if command == "predict":
-        return ["predict", str(ckpt.parent), "--data-dir", str(data)]
-    if command == "resume latest":
-        _run_config(run, data)
-        return ["train", "--resume", "latest", "--output-dir", str(run)]
-    if command == "resume PATH":  # a checkpoint inside the run: the run continues from it
-        _run_config(run, data)
-        return ["train", "--resume", str(ckpt), *_train_argv(data, run)]
-    return ["train", *_train_argv(data, run), "--pretrained-weights", str(ckpt)]
-
-
-@pytest.mark.parametrize(
-    ("command", "content"),
-    [
-        ("predict", "pickle"),
-        ("predict", "foreign"),
-        ("resume latest", "pickle"),
-        ("resume latest", "foreign"),
-        ("resume PATH", "pickle"),
-        ("pretrained weights", "pickle"),
-    ],
-)
-def test_unsafe_or_foreign_checkpoint_is_refused(
-    command: str, content: str, tiny_data: Path, tmp_path: Path, capsys
-) -> None:
-    marker = tmp_path / "code_ran"
-    run = tmp_path / "run"
-    ckpt = (
-        run / "checkpoints" / "latest.pt" if command.startswith("resume") else tmp_path / "model.pt"
-    )
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    if content == "pickle":
-        torch.save({"kind": METRIC, "model": {"w": torch.zeros(1)}, "x": RunsCode(marker)}, ckpt)
-    else:
-        save_checkpoint({"model": {"w": torch.zeros(1)}}, ckpt, kind="ctclip.CTCLIP")
-    name, *argv = _command(command, ckpt, tiny_data, run)
-    code, _, err = call_main(predict if name == "predict" else train, argv, capsys)
-    assert code == 2
-    line = error_line(err)
-    assert str(ckpt) in line
-    if content == "pickle":
-        assert "refused: contains pickled objects that could run code" in line
-        assert not marker.exists()  # the code never ran
-        torch.load(ckpt, weights_only=False)  # and it is real: an unsafe load runs it
-        assert marker.exists()
-    else:
-        assert "ctclip.CTCLIP" in line and "binensemble" in line
-
-
-@pytest.mark.parametrize(
-    ("row", "expected"),
-    [
-        ("not_a_run", "no config.yaml in"),
-        ("other_model", "holds a --model metric run"),
-        ("broken_config_yaml", "config.yaml"),
-    ],
-)
-def test_resume_latest_of_no_run_is_one_line_error(
-    row: str, expected: str, tiny_data: Path, tmp_path: Path, capsys
+def test_resume_latest_of_a_run_of_the_other_model_is_one_line_error(
+    tiny_data: Path, tmp_path: Path, capsys
 ) -> None:
     run = tmp_path / "run"
-    run.mkdir()
-    argv = ["--resume", "latest", "--output-dir", str(run)]
-    if row != "not_a_run":
-        _run_config(run, tiny_data)
-        (run / "checkpoints").mkdir()
-    if row == "other_model":
-        argv += ["--model", "baseline"]
-    if row == "broken_config_yaml":
-        (run / "config.yaml").write_text("data: [unclosed\n", encoding="utf-8")
+    _run_config(run, tiny_data)
+    (run / "checkpoints").mkdir()
+    argv = ["--resume", "latest", "--output-dir", str(run), "--model", "baseline"]
     code, _, err = call_main(train, argv, capsys)
     assert code == 2, err
-    assert expected in error_line(err)
-    assert sorted(p.name for p in run.iterdir()) == sorted(
-        [] if row == "not_a_run" else ["config.yaml", "checkpoints"]
-    )
+    assert "holds a --model metric run" in error_line(err)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
 
 
 # -- 6: broken inputs ----------------------------------------------------------------------------
@@ -378,102 +215,6 @@ def test_broken_image_is_named_and_the_job_goes_on(row: str, shared_run: dict) -
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return dst
-
-
-def _empty_class(root: Path) -> None:
-    for f in (root / "TrainSet" / "disease").iterdir():
-        f.unlink()
-
-
-def _broken_class(root: Path) -> None:
-    for f in (root / "TrainSet" / "disease").iterdir():
-        f.write_bytes(f.read_bytes()[:100])
-
-
-def _labels(root: Path, edit: Callable[[pd.DataFrame], pd.DataFrame | bytes]) -> None:
-    path = root / "TestSet_labels.csv"
-    frame = edit(pd.read_csv(path, dtype={"image_id": str}))
-    if isinstance(frame, bytes):
-        path.write_bytes(frame)
-    else:
-        frame.to_csv(path, index=False)
-
-
-def _label_twice(frame: pd.DataFrame) -> bytes:
-    rows = "".join(f"{i},{y},{y}\n" for i, y in zip(frame["image_id"], frame["label"], strict=True))
-    return ("image_id,label,label\n" + rows).encode()
-
-
-def _latin1(frame: pd.DataFrame) -> bytes:
-    return frame.to_csv(index=False).replace("label", "l\u00e1bel").encode("latin-1")
-
-
-# binensemble-train on a broken data directory: exit 2, one `error:` line, before any training.
-TRAIN_ERRORS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
-    "empty_data_dir": (
-        lambda src, r: r,
-        "TrainSet: not found (expected TrainSet/{normal,disease}/",
-    ),
-    "data_dir_missing": (lambda src, r: r / "nowhere", "data directory not found"),
-    "class_folder_missing": (
-        lambda src, r: (shutil.rmtree(_copy(src, r) / "TrainSet" / "normal"), r)[1],
-        "class folder not found",
-    ),
-    "class_folder_empty": (
-        lambda src, r: (_empty_class(_copy(src, r)), r)[1],
-        "class folder has no images",
-    ),
-    "class_folder_only_broken_images": (
-        lambda src, r: (_broken_class(_copy(src, r)), r)[1],
-        "no readable image in this class folder",
-    ),
-    "two_images_one_id": (
-        lambda src, r: (_write(_copy(src, r) / "TrainSet/normal/normal_0001.jpg", _png()), r)[1],
-        "two images share the id 'normal/normal_0001'",
-    ),
-    "test_labels_missing_column": (
-        lambda src, r: (_labels(_copy(src, r), lambda f: f.drop(columns="label")), r)[1],
-        "missing column(s) label",
-    ),
-    "test_labels_duplicated_column": (
-        lambda src, r: (_labels(_copy(src, r), _label_twice), r)[1],
-        "duplicated column(s)",
-    ),
-    "test_labels_duplicated_ids": (
-        lambda src, r: (_labels(_copy(src, r), lambda f: pd.concat([f, f.iloc[:1]])), r)[1],
-        "duplicated image_id value(s): 1",
-    ),
-    "test_labels_not_utf8": (
-        lambda src, r: (_labels(_copy(src, r), _latin1), r)[1],
-        "not UTF-8",
-    ),
-    "test_labels_zero_byte": (
-        lambda src, r: (_labels(_copy(src, r), lambda f: b""), r)[1],
-        "the CSV is empty",
-    ),
-    "test_labels_outside_0_1": (
-        lambda src, r: (_labels(_copy(src, r), lambda f: f.assign(label=2)), r)[1],
-        "labels must be class ids 0..1",
-    ),
-    "test_labels_not_covering_test_images": (
-        lambda src, r: (_labels(_copy(src, r), lambda f: f.iloc[1:]), r)[1],
-        "no label for 1 test image(s) (e.g. '1')",
-    ),
-}
-
-
-@pytest.mark.parametrize("row", list(TRAIN_ERRORS))
-def test_broken_data_dir_is_one_line_error(
-    row: str, tiny_data: Path, tmp_path: Path, capsys
-) -> None:
-    make, expected = TRAIN_ERRORS[row]
-    root = tmp_path / "data"
-    root.mkdir()
-    run = tmp_path / "run"
-    code, _, err = call_main(train, _train_argv(make(tiny_data, root), run), capsys)
-    assert code == 2, err
-    assert expected in error_line(err)
-    assert not (run / "checkpoints").exists()  # refused before any training
 
 
 def test_too_few_images_for_a_train_and_validation_part_is_one_line_error(
@@ -713,60 +454,3 @@ def test_probability_files_in_other_order_with_extra_columns_are_voted(
     assert voted["image_id"].tolist() == ["1", "2", "3"]
     np.testing.assert_allclose(voted["prob_disease"], [0.4, 0.2, 0.6])
     assert pd.read_csv(tmp_path / "v.csv")["label"].tolist() == [0, 0, 1]
-
-
-# -- 7: NaN batches ------------------------------------------------------------------------------
-
-
-def _nan_on(calls: Callable[[int], bool], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the images of the training steps ``calls`` says NaN (counted from 1)."""
-    real = train_mod._step_fn
-    count = [0]
-
-    def step_fn(cfg):
-        step = real(cfg)
-
-        def poisoned(model, batch):
-            count[0] += 1
-            if calls(count[0]):
-                # float NaN pixels in place of the store's uint8 ones (step_fn augments either)
-                nan = torch.full_like(batch["image"], torch.nan, dtype=torch.float32)
-                batch = {**batch, "image": nan}
-            return step(model, batch)
-
-        return poisoned
-
-    monkeypatch.setattr(train_mod, "_step_fn", step_fn)
-
-
-def test_nan_batch_is_skipped_with_a_warning(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    _nan_on(lambda n: n == 2, monkeypatch)
-    run = tmp_path / "run"
-    with pytest.warns(RuntimeWarning, match="non-finite loss at step 1; step skipped"):
-        code, _, err = call_main(train, _train_argv(tiny_data, run, "predict.tta=false"), capsys)
-    assert code == 0, err
-    state = load_checkpoint(run / "checkpoints" / "final.pt", kind=METRIC)
-    assert state["global_step"] == 1 and all_finite(state["model"])  # BatchNorm stats included
-    bundle = load_checkpoint(run / "model.pt", kind=METRIC)
-    assert all_finite(bundle["model"]) and torch.isfinite(bundle["gallery"]["embeddings"]).all()
-
-
-def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    _nan_on(lambda n: n > 2, monkeypatch)  # the first epoch (2 steps) is fine, then NaN only
-    run = tmp_path / "run"
-    # every epoch end writes latest.pt (the demo config writes it at most every 30 s)
-    items = ("trainer.epochs=2", "trainer.max_nonfinite_steps=2", "trainer.save_interval_s=0")
-    with pytest.warns(RuntimeWarning, match="non-finite loss"):
-        code, _, err = call_main(train, _train_argv(tiny_data, run, *items), capsys)
-    assert code == 2
-    line = error_line(err)
-    latest = run / "checkpoints" / "latest.pt"
-    assert "NaN/inf for 2 consecutive steps" in line and str(latest) in line
-    state = load_checkpoint(latest, kind=METRIC)
-    assert state["epoch"] == 1 and state["global_step"] == 2 and all_finite(state["model"])
-    assert not (run / "checkpoints" / "final.pt").exists() and not (run / "model.pt").exists()
-    assert not (run / ".lock").exists()

@@ -1,62 +1,45 @@
-"""A ctclip command that pauses at a chosen point, to be killed there by test_faults.py.
+"""``ctclip-preprocess`` pausing at a chosen point, to be killed there by test_faults.py.
 
-usage: fault_runner.py {train,preprocess,write} MARKER N ARGS...
+usage: fault_runner.py {preprocess,write} MARKER N ARGS...
 
-``train``: pauses in the N-th training step (its loss), so every earlier step's ``latest.pt``
-is on disk; ``preprocess``: pauses before reading the N-th volume; ``write``: pauses inside the
-write of the N-th volume, after its data went into the HDF5 file and before its ``complete``
-mark. On pausing it writes its PID to MARKER and sleeps until the test kills it.
+``preprocess``: pauses before reading the N-th volume; ``write``: pauses inside the write of the
+N-th volume, after its data went into the HDF5 file and before its ``complete`` mark. On pausing
+it writes its PID to MARKER and sleeps until the test kills it.
 """
 
 import sys
 from pathlib import Path
 
+import h5py
+
+import ctclip.preprocess as mod
+from ctclip.cli import preprocess
 from medcore.testing import PauseAt
 
 
 def main() -> int:
     what, marker, at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    argv = sys.argv[4:]
     count = PauseAt(marker, at)
+    if what == "preprocess":
+        real_one = mod.preprocess_volume
 
-    if what == "train":
-        import ctclip.train as mod
-        from ctclip.cli import train as command
+        def preprocess_volume(*args, **kwargs):
+            count()
+            return real_one(*args, **kwargs)
 
-        real_loss = mod.ClipLoss
-
-        class PausingLoss(real_loss):
-            def forward(self, *args, **kwargs):
-                count()
-                return super().forward(*args, **kwargs)
-
-        mod.ClipLoss = PausingLoss
+        mod.preprocess_volume = preprocess_volume
     else:
-        import ctclip.preprocess as mod
-        from ctclip.cli import preprocess as command
+        real_create = h5py.Group.create_dataset
 
-        if what == "preprocess":
-            real_one = mod.preprocess_volume
+        def create_dataset(self, *args, **kwargs):
+            ds = real_create(self, *args, **kwargs)
+            if count.next_pauses:
+                self.file.flush()  # the worst case: the unmarked volume reached the disk
+            count()  # the data is in, the complete mark not yet
+            return ds
 
-            def preprocess_volume(*args, **kwargs):
-                count()
-                return real_one(*args, **kwargs)
-
-            mod.preprocess_volume = preprocess_volume
-        else:
-            import h5py
-
-            real_create = h5py.Group.create_dataset
-
-            def create_dataset(self, *args, **kwargs):
-                ds = real_create(self, *args, **kwargs)
-                if count.next_pauses:
-                    self.file.flush()  # the worst case: the unmarked volume reached the disk
-                count()  # the data is in, the complete mark not yet
-                return ds
-
-            h5py.Group.create_dataset = create_dataset
-    return command(argv)
+        h5py.Group.create_dataset = create_dataset
+    return preprocess(sys.argv[4:])
 
 
 if __name__ == "__main__":

@@ -94,3 +94,27 @@ def helpers() -> SimpleNamespace:
     return SimpleNamespace(
         write_series=write_series, ramp_volume=ramp_volume, write_volumes=write_volumes
     )
+
+
+FINDINGS = ["condensacion", "nodulos", "quistes"]
+
+
+@pytest.fixture(scope="session")
+def tiny_volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir of 16 studies: volumes.h5 (6 x 16 x 16 uint8, findings drawn in) and
+    labels.csv."""
+    root = tmp_path_factory.mktemp("volumes")
+    rng = np.random.default_rng(0)
+    rows = []
+    with h5py.File(root / "volumes.h5", "w") as f:
+        group = f.create_group("volumes")
+        for i in range(16):
+            found = [int(v) for v in rng.integers(0, 2, 3)]
+            vol = rng.integers(0, 40, (6, 16, 16)).astype(np.uint8)
+            for j, on in enumerate(found):
+                if on:
+                    vol[:, 2 + 4 * j : 5 + 4 * j, 3:8] = 220
+            group.create_dataset(f"s{i:02d}", data=vol)
+            rows.append({"CT": f"s{i:02d}", **dict(zip(FINDINGS, found, strict=True))})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root

@@ -1,13 +1,11 @@
-"""Fault injection and broken inputs through ctretrieval's own commands (issue 9).
+"""Fault injection and broken inputs through ctretrieval's own commands, beyond the run contract
+every package keeps (test_run_contract.py: kill -9 of training and resume, a second job, a full
+disk, unsafe and foreign checkpoints, broken data directories, NaN batches).
 
-Covered: kill -9 mid-epoch of ``ctretrieval-train`` then ``--resume latest`` (same weights as an
-uninterrupted run); kill -9 of ``ctretrieval-preprocess`` while reading studies and while
-appending them to the HDF5 file, then a rerun (nothing processed twice, same file as an uninterrupted
-run, the output never unreadable); a second job into a running job's output (refused by the
-lock); a failing checkpoint write; checkpoints that would run code or belong to another package,
-given to eval / index / search / train --resume; a table of broken raw studies, label CSVs,
-volume files, indexes and queries; NaN batches. Not here: DDP rank failure (medcore's own fault
-tests cover it at Trainer level; ctretrieval adds nothing to it).
+Covered here: kill -9 of ``ctretrieval-preprocess`` while reading studies and while appending them
+to the HDF5 file, then a rerun (nothing processed twice, same file as an uninterrupted run, the
+output never unreadable) and a second job into it refused; a table of broken raw studies, label
+rows, indexes and queries, each named while the job goes on or refused in one line.
 """
 
 from __future__ import annotations
@@ -28,24 +26,13 @@ import pytest
 import torch
 
 import ctretrieval.preprocess as prep_mod
-import ctretrieval.train as train_mod
 from ctretrieval.cli import evaluate, index, preprocess, search, train
-from medcore.testing import (
-    RunsCode,
-    all_finite,
-    assert_refused_while_running,
-    call_main,
-    disk_full_on,
-    error_line,
-    wait_until,
-)
+from medcore.testing import assert_refused_while_running, call_main, error_line, wait_until
 from medcore.volumes.store import complete_names
-from medcore.weights.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.faults
 
 RUNNER = str(Path(__file__).with_name("fault_runner.py"))
-KIND = "ctretrieval.Proximity100x100"
 TINY = [
     "num_threads=1",
     "device=cpu",
@@ -60,18 +47,8 @@ TINY = [
     "trainer.batch_size=4",
     "trainer.epochs=1",
     "trainer.num_workers=0",
-    "trainer.save_every_steps=1",
 ]
 PREP = ["--shape", "4", "8", "8", "--min-slices", "3", "--workers", "1"]
-FINDINGS = ["condensacion", "nodulos", "quistes"]
-
-
-def _sets(*items: str) -> list[str]:
-    return [arg for item in [*TINY, *items] for arg in ("--set", item)]
-
-
-def _train_argv(data: Path, out: Path, *items: str) -> list[str]:
-    return ["--data-dir", str(data), "--output-dir", str(out), *_sets(*items)]
 
 
 def _h5_volumes(path: Path) -> dict[str, np.ndarray]:
@@ -88,42 +65,24 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """volumes.h5 (16 studies, 6 x 16 x 16 uint8, findings drawn in) and labels.csv."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    rows = []
-    with h5py.File(root / "volumes.h5", "w") as f:
-        group = f.create_group("volumes")
-        for i in range(16):
-            found = [int(v) for v in rng.integers(0, 2, 3)]
-            vol = rng.integers(0, 40, (6, 16, 16)).astype(np.uint8)
-            for j, on in enumerate(found):
-                if on:
-                    vol[:, 2 + 4 * j : 5 + 4 * j, 3:8] = 220
-            group.create_dataset(f"s{i:02d}", data=vol)
-            rows.append({"CT": f"s{i:02d}", **dict(zip(FINDINGS, found, strict=True))})
-    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted tiny run (also the checkpoint the eval / index / search cases use)."""
+def reference(tiny_volumes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run: the checkpoint the eval / index / search cases use."""
     run = tmp_path_factory.mktemp("runs") / "full"
+    sets = [arg for item in TINY for arg in ("--set", item)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDCORE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-        assert train(_train_argv(data_dir, run)) == 0
+        assert train(["--data-dir", str(tiny_volumes), "--output-dir", str(run), *sets]) == 0
     return run
 
 
 @pytest.fixture(scope="module")
-def index_file(reference: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def index_file(
+    reference: Path, tiny_volumes: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("index") / "archive.npz"
     ckpt = reference / "checkpoints" / "final.pt"
-    assert (
-        index(["--checkpoint", str(ckpt), "--data-dir", str(data_dir), "--output", str(out)]) == 0
-    )
+    argv = ["--checkpoint", str(ckpt), "--data-dir", str(tiny_volumes), "--output", str(out)]
+    assert index(argv) == 0
     return out
 
 
@@ -136,43 +95,7 @@ def _start(what: str, marker: Path, at: int, argv: list[str], log: Path) -> subp
         )
 
 
-# -- 1 + 3: kill -9 mid-epoch, a second job refused, --resume latest ----------------------------
-
-
-def test_kill_9_mid_epoch_second_job_refused_then_resume_latest(
-    data_dir: Path, reference: Path, tmp_path: Path, capsys
-) -> None:
-    run = tmp_path / "killed"
-    marker, log = tmp_path / "paused", tmp_path / "victim.err"
-    latest = run / "checkpoints" / "latest.pt"
-    # Paused inside the third step of the epoch: latest.pt of step 2 is on disk.
-    victim = _start("train", marker, 3, _train_argv(data_dir, run), log)
-    try:
-        wait_until(marker.exists, victim, log)
-        # 3: a second job into the running job's directory is refused and changes nothing
-        config = (run / "config.yaml").read_bytes()
-        code, _, err = call_main(train, _train_argv(data_dir, run, "trainer.lr=0.5"), capsys)
-        assert_refused_while_running(code, err, run, victim.pid)
-        assert (run / "config.yaml").read_bytes() == config
-    finally:
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-    state = load_checkpoint(latest, kind=KIND)
-    assert state["epoch"] == 0 and state["batch_in_epoch"] == 2 and state["global_step"] == 2
-    assert not (run / "checkpoints" / "final.pt").exists()
-
-    # Only the run dir: the data, tiny model and schedule come from the run's config.yaml.
-    code, out, err = call_main(train, ["--resume", "latest", "--output-dir", str(run)], capsys)
-    assert code == 0, err
-    assert "queries ranked against" in out
-    a = load_checkpoint(reference / "checkpoints" / "final.pt", kind=KIND)
-    b = load_checkpoint(run / "checkpoints" / "final.pt", kind=KIND)
-    assert a["global_step"] == b["global_step"]
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-
-# -- 2 + 3: kill -9 during preprocessing, a second job refused, rerun ---------------------------
+# -- kill -9 during preprocessing, a second job refused, rerun -------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -252,85 +175,7 @@ def test_kill_9_during_preprocess_then_rerun(
     assert sorted(p.name for p in out.parent.iterdir()) == ["volumes.h5"]  # no staging, lock
 
 
-# -- 4: a checkpoint write that fails -----------------------------------------------------------
-
-
-def test_failed_checkpoint_write_keeps_previous(
-    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    run = tmp_path / "run"
-    with disk_full_on("latest.pt", nth=2):  # the second step's save: the disk is full
-        code, _, err = call_main(train, _train_argv(data_dir, run), capsys)
-    assert code == 2
-    assert "No space left on device" in error_line(err)
-    ckpts = run / "checkpoints"
-    state = load_checkpoint(ckpts / "latest.pt", kind=KIND)
-    assert state["global_step"] == 1 and all_finite(state["model"])  # step 1's, intact
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest.pt"]  # no temp file left
-
-
-# -- 5: checkpoints that would run code, checkpoints of another package -------------------------
-
-
-def _command_argv(
-    command: str, ckpt: Path, data_dir: Path, index_file: Path, raw: Path, out: Path
-) -> tuple[Callable[[list[str]], int], list[str]]:
-    if command == "eval":
-        return evaluate, ["--checkpoint", str(ckpt), "--split", "all", "--data-dir", str(data_dir)]
-    if command == "index":
-        return index, [
-            "--checkpoint",
-            str(ckpt),
-            "--data-dir",
-            str(data_dir),
-            "--output",
-            str(out / "i.npz"),
-        ]
-    if command == "search":
-        return search, [
-            "--index",
-            str(index_file),
-            "--query",
-            str(raw),
-            "--checkpoint",
-            str(ckpt),
-            "--output",
-            str(out / "r.csv"),
-        ]
-    return train, ["--resume", str(ckpt), *_train_argv(data_dir, out / "run")]
-
-
-@pytest.mark.parametrize("command", ["eval", "index", "search", "train --resume"])
-@pytest.mark.parametrize("content", ["pickle", "foreign"])
-def test_unsafe_or_foreign_checkpoint_is_refused(
-    command: str,
-    content: str,
-    data_dir: Path,
-    index_file: Path,
-    raw_dir: Path,
-    tmp_path: Path,
-    capsys,
-) -> None:
-    marker = tmp_path / "code_ran"
-    ckpt = tmp_path / "model.pt"
-    weights = {"w": torch.zeros(2)}
-    if content == "pickle":
-        torch.save({"kind": KIND, "model": weights, "payload": RunsCode(marker)}, ckpt)
-    else:
-        torch.save({"kind": "ctclip.CTCLIP", "model": weights, "model_config": {}}, ckpt)
-    fn, argv = _command_argv(command, ckpt, data_dir, index_file, raw_dir / "n0.nii.gz", tmp_path)
-    code, _, err = call_main(fn, argv, capsys)
-    assert code == 2
-    line = error_line(err)
-    assert str(ckpt) in line
-    if content == "pickle":
-        assert "refused: contains pickled objects that could run code" in line
-        assert not marker.exists()
-    else:
-        assert "ctclip.CTCLIP" in line and "ctretrieval" in line
-
-
-# -- 6: broken inputs ----------------------------------------------------------------------------
+# -- broken inputs ----------------------------------------------------------------------------
 
 
 def _write_nifti(path: Path, data: np.ndarray) -> None:
@@ -474,52 +319,12 @@ def _labels(data_dir: Path) -> pd.DataFrame:
 
 
 def _bad_data(case: str, src: Path, dst: Path) -> None:
-    """``dst``: a copy of the tiny data dir with the labels or volumes broken as ``case`` says."""
+    """``dst``: a copy of the tiny data dir with the labels broken as ``case`` says, in a way the
+    job survives, each bad row or study named on stderr."""
     shutil.copytree(src, dst)
-    csv, h5 = dst / "labels.csv", dst / "volumes.h5"
+    csv = dst / "labels.csv"
     frame = _labels(src)
-    if case == "labels missing column":
-        frame.drop(columns="nodulos").to_csv(csv, index=False)
-    elif case == "labels duplicated column":
-        csv.write_text(
-            "CT,condensacion,nodulos,quistes,nodulos\n"
-            + "".join(
-                f"{r.CT},{r.condensacion},{r.nodulos},{r.quistes},0\n" for r in frame.itertuples()
-            )
-        )
-    elif case == "labels duplicated ids":
-        pd.concat([frame, frame.iloc[:1]]).to_csv(csv, index=False)
-    elif case == "labels not UTF-8":
-        frame.loc[0, "CT"] = "s00"
-        text = frame.to_csv(index=False).replace("condensacion", "condensaci\u00f3n")
-        csv.write_bytes(text.encode("latin-1"))
-    elif case == "labels zero-byte":
-        csv.write_bytes(b"")
-    elif case == "labels all outside {0,1}":
-        frame[FINDINGS] = 2
-        frame.to_csv(csv, index=False)
-    elif case == "no study id in common":
-        frame.assign(CT=[f"x{i}" for i in range(len(frame))]).to_csv(csv, index=False)
-    elif case == "volumes zero-byte":
-        h5.write_bytes(b"")
-    elif case == "volumes not HDF5":
-        h5.write_bytes(b"this is not an HDF5 file" * 10)
-    elif case == "volumes truncated":
-        h5.write_bytes(h5.read_bytes()[:3000])
-    elif case == "volumes of mixed shapes":
-        with h5py.File(h5, "a") as f:
-            del f["volumes/s03"]
-            f["volumes"].create_dataset("s03", data=np.zeros((5, 16, 16), np.uint8))
-    elif case == "volume 2-D":
-        with h5py.File(h5, "a") as f:
-            del f["volumes/s03"]
-            f["volumes"].create_dataset("s03", data=np.zeros((16, 16), np.uint8))
-    elif case == "volumes float":
-        with h5py.File(h5, "a") as f:
-            del f["volumes/s03"]
-            f["volumes"].create_dataset("s03", data=np.zeros((6, 16, 16), np.float32))
-    # Broken in a way the job survives, each bad row or study named on stderr:
-    elif case == "labels extra column":
+    if case == "labels extra column":
         frame.assign(enfisema=1).to_csv(csv, index=False)
     elif case == "labels outside {0,1} in some rows":
         frame.loc[1, "nodulos"], frame.loc[2, "quistes"] = 2, -1
@@ -534,36 +339,6 @@ def _bad_data(case: str, src: Path, dst: Path) -> None:
         raise AssertionError(case)
 
 
-# (case, what the error line says)
-DATA_ERRORS = [
-    ("labels missing column", "missing column(s) nodulos"),
-    ("labels duplicated column", "duplicated column(s)"),
-    ("labels duplicated ids", "duplicated CT value(s): s00"),
-    ("labels not UTF-8", "not UTF-8"),
-    ("labels zero-byte", "the CSV is empty"),
-    ("labels all outside {0,1}", "no row has 0/1 values"),
-    ("no study id in common", "no study id in common"),
-    ("volumes zero-byte", "not a readable HDF5 file"),
-    ("volumes not HDF5", "not a readable HDF5 file"),
-    ("volumes truncated", "volumes.h5"),
-    ("volumes of mixed shapes", "s03"),
-    ("volume 2-D", "s03"),
-    ("volumes float", "uint8"),
-]
-
-
-@pytest.mark.parametrize(("case", "message"), DATA_ERRORS, ids=[c for c, _ in DATA_ERRORS])
-def test_broken_training_data_is_one_line_error(
-    case: str, message: str, data_dir: Path, tmp_path: Path, capsys
-) -> None:
-    bad = tmp_path / "data"
-    _bad_data(case, data_dir, bad)
-    code, _, err = call_main(train, _train_argv(bad, tmp_path / "run"), capsys)
-    assert code == 2, err
-    assert message in error_line(err)
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
 # (case, what the warning names)
 DATA_WARNINGS = [
     ("labels extra column", "enfisema"),
@@ -576,10 +351,10 @@ DATA_WARNINGS = [
 
 @pytest.mark.parametrize(("case", "named"), DATA_WARNINGS, ids=[c for c, _ in DATA_WARNINGS])
 def test_partly_broken_data_is_named_and_the_job_goes_on(
-    case: str, named: str, data_dir: Path, reference: Path, tmp_path: Path, capsys
+    case: str, named: str, tiny_volumes: Path, reference: Path, tmp_path: Path, capsys
 ) -> None:
     bad = tmp_path / "data"
-    _bad_data(case, data_dir, bad)
+    _bad_data(case, tiny_volumes, bad)
     ckpt = reference / "checkpoints" / "final.pt"
     argv = ["--checkpoint", str(ckpt), "--split", "all", "--data-dir", str(bad)]
     code, out, err = call_main(evaluate, [*argv, "--output-dir", str(tmp_path / "ev")], capsys)
@@ -625,57 +400,3 @@ def test_search_and_eval_inputs_are_one_line_errors(
         assert code == 2, (argv, err)
         assert message in error_line(err), (argv, err)
     assert not (tmp_path / "r.csv").exists()
-
-
-# -- 7: NaN batches ------------------------------------------------------------------------------
-
-
-def _nan_on(calls: Callable[[int], bool], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the batches of the training steps ``calls`` says NaN (counted from 1)."""
-    real = train_mod._step_fn
-    count = [0]
-
-    def step_fn(cfg, augment):
-        step = real(cfg, augment)
-
-        def poisoned(model, batch):
-            count[0] += 1
-            if calls(count[0]):
-                batch = {**batch, "volume": torch.full(batch["volume"].shape, torch.nan)}
-            return step(model, batch)
-
-        return poisoned
-
-    monkeypatch.setattr(train_mod, "_step_fn", step_fn)
-
-
-def test_nan_batch_is_skipped_with_a_warning(
-    data_dir: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    _nan_on(lambda n: n == 2, monkeypatch)
-    run = tmp_path / "run"
-    with pytest.warns(RuntimeWarning, match="non-finite loss at step 1; step skipped"):
-        code, _, err = call_main(train, _train_argv(data_dir, run), capsys)
-    assert code == 0, err
-    state = load_checkpoint(run / "checkpoints" / "final.pt", kind=KIND)
-    assert all_finite(state["model"])  # BatchNorm running stats included
-    full = load_checkpoint(reference / "checkpoints" / "final.pt", kind=KIND)
-    assert state["global_step"] == full["global_step"] - 1  # one step skipped, the rest taken
-
-
-def test_nan_every_step_stops_cleanly_keeping_the_last_good_checkpoint(
-    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    _nan_on(lambda n: n > 3, monkeypatch)  # the first epoch (3 steps) is fine, then NaN only
-    run = tmp_path / "run"
-    # every epoch end writes latest.pt (the demo config writes it at most every 30 s)
-    items = ("trainer.epochs=2", "trainer.max_nonfinite_steps=2", "trainer.save_interval_s=0")
-    with pytest.warns(RuntimeWarning, match="non-finite loss"):
-        code, _, err = call_main(train, _train_argv(data_dir, run, *items), capsys)
-    assert code == 2
-    line = error_line(err)
-    latest = run / "checkpoints" / "latest.pt"
-    assert "NaN/inf for 2 consecutive steps" in line and str(latest) in line
-    state = load_checkpoint(latest, kind=KIND)
-    assert state["epoch"] == 1 and state["global_step"] == 3 and all_finite(state["model"])
-    assert not (run / "checkpoints" / "final.pt").exists()

@@ -83,3 +83,33 @@ def _write_original_checkpoint(path, seed: int = 0) -> OriginalRegressor:
 def write_original_checkpoint():
     """``write(path, seed=0) -> OriginalRegressor``: an original-code checkpoint at ``path``."""
     return _write_original_checkpoint
+
+
+def _small_case(
+    rng: np.random.Generator, category: str, size: int
+) -> tuple[Image.Image, np.ndarray]:
+    """A synthetic radiograph shrunk to ``size`` px and its landmarks (int pixels, inside)."""
+    img, landmarks = render_case(rng, category)
+    small = Image.fromarray(img, mode="L").resize((size, size), Image.BILINEAR)
+    coords = np.clip(np.floor(landmarks * size / img.shape[1]), 0, size - 1).astype(int)
+    return small, coords
+
+
+@pytest.fixture(scope="session")
+def tiny_radiographs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """18 images (6 per category, 64 x 64) in the original layout: the headerless
+    ``coordenadas/coordenadas_maestro.csv`` and ``dataset/<category>/`` folders."""
+    root = tmp_path_factory.mktemp("radiographs")
+    rng = np.random.default_rng(0)
+    lines = []
+    for category in CATEGORIES:
+        for i in range(6):
+            img, coords = _small_case(rng, category, 64)
+            name = f"{category}-{i + 1}"
+            (root / "dataset" / category).mkdir(parents=True, exist_ok=True)
+            img.save(root / "dataset" / category / f"{name}.png")
+            lines.append(",".join(map(str, [len(lines), *coords.ravel().tolist(), name])))
+    csv = root / "coordenadas" / "coordenadas_maestro.csv"
+    csv.parent.mkdir(parents=True)
+    csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root

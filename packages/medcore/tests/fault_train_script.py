@@ -1,10 +1,9 @@
-"""A training run driven from the fault tests (run as a subprocess or under torchrun).
+"""A training run driven from the fault tests under torchrun, one rank of which fails.
 
-usage: fault_train_script.py RUN_DIR [--slow] [--resume] [--raise-on-rank R]
+usage: fault_train_script.py RUN_DIR [--raise-on-rank R]
 """
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,8 +17,6 @@ from medcore.runtime.distributed import make_fabric
 
 def main() -> None:
     run_dir = Path(sys.argv[1])
-    slow = "--slow" in sys.argv
-    resume = "--resume" in sys.argv
     raise_rank = (
         int(sys.argv[sys.argv.index("--raise-on-rank") + 1])
         if "--raise-on-rank" in sys.argv
@@ -39,8 +36,6 @@ def main() -> None:
     def step(m, batch):
         if rank == raise_rank:
             raise RuntimeError(f"rank {rank} failed")
-        if slow:
-            time.sleep(0.15)
         xb, yb = batch
         return ((m(xb) - yb) ** 2).mean()
 
@@ -55,8 +50,7 @@ def main() -> None:
         seed=2,
         show_progress=False,
     )
-    latest = run_dir / "checkpoints" / "latest.pt"
-    trainer.fit(resume=latest if resume and latest.exists() else None)
+    trainer.fit()
     if rank == 0:
         torch.save(trainer.model.state_dict(), run_dir / "weights.pt")
 

@@ -1,7 +1,8 @@
-"""Fault injection on the Trainer: kill -9 and resume, failing checkpoint writes, a dying DDP rank."""
+"""Fault injection on medcore's own parts: failing checkpoint writes, a dying DDP rank. (kill -9
+and resume, a full disk during a run and the rest of the run contract: medcore.testing.run_contract,
+run by every package on its own command.)"""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,40 +16,6 @@ from medcore.weights.checkpoint import load_checkpoint, save_checkpoint
 
 SCRIPT = str(Path(__file__).with_name("fault_train_script.py"))
 pytestmark = pytest.mark.faults
-
-
-def _run(run_dir: Path, *flags: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, SCRIPT, str(run_dir), *flags],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    full = _run(tmp_path / "full")
-    assert full.returncode == 0, full.stderr
-    victim_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, SCRIPT, str(victim_dir), "--slow"], stderr=subprocess.DEVNULL
-    )
-    latest = victim_dir / "checkpoints" / "latest.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if latest.exists() and load_checkpoint(latest)["global_step"] >= 6:  # inside epoch 1 of 3
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    state = load_checkpoint(latest)  # whatever moment the kill hit, latest.pt is a whole checkpoint
-    assert 6 <= state["global_step"] < 48
-    resumed = _run(victim_dir, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    a = torch.load(tmp_path / "full/weights.pt", weights_only=True)
-    b = torch.load(victim_dir / "weights.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_failed_checkpoint_write_keeps_previous(
