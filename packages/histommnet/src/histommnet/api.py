@@ -228,6 +228,18 @@ class HistoModel:
         )
         paths = [p for patient in found for m in self.magnifications for p in patient.images[m]]
         images = WorkingImages(paths, self.data, progress=progress)
+        # An image that passed the check but does not decode is replaced by another of its
+        # magnification (WorkingImages names it), as in evaluation; with none left, the
+        # patient cannot be predicted.
+        for patient in list(found):
+            lost = [m for m in self.magnifications if set(patient.images[m]) <= images.bad]
+            if lost:
+                why = f"no decodable image at {', '.join(lost)}"
+                print(f"skip patient {where[patient.key]}: {why}", file=sys.stderr)
+                skipped.append((str(where[patient.key]), why))
+                found.remove(patient)
+        if not found:
+            raise DataError(", ".join(map(str, folders[:3])), "no patient with decodable images")
         options = PredictOptions(
             self.device, self.precision, batch_size, num_workers=0, shard=False
         )
