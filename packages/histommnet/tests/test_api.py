@@ -221,8 +221,7 @@ def test_predict_command_skips_a_broken_image_and_predicts_the_rest(
     copies = _copy_patients(folders, keys, tmp_path / "patients")
     broken = sorted((copies[1] / "200X").iterdir())[0]
     broken.write_bytes(broken.read_bytes()[:60])  # truncated
-    out = tmp_path / "out" / "pred.csv"
-    out.parent.mkdir()
+    out = tmp_path / "out" / "pred.csv"  # its folder is made
     code, stdout, err = call_main(
         predict,
         ["--model", str(run), str(tmp_path / "patients"), "--output", str(out), "--device", "cpu"],

@@ -30,8 +30,9 @@ def main(args: argparse.Namespace) -> int:
     print(model, file=sys.stderr)
     result = model.predict(args.patients, batch_size=args.batch_size)
     images_out = args.images_output or args.output.with_name(f"{args.output.stem}_images.csv")
-    atomic_write_csv(args.output, result.patients)
-    atomic_write_csv(images_out, result.images)
+    for path, frame in ((args.output, result.patients), (images_out, result.images)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_csv(path, frame)
     counts = result.patients["predicted"].value_counts()
     print(
         f"{len(result.patients)} patient(s): {counts.get('malignant', 0)} malignant, "
