@@ -1,7 +1,8 @@
 """Console entry points ``histommnet-{train,analyze,gradcam,export,predict}``: the commands and
 their flags only.
 
-Each command is ``histommnet.<module>:run(args)`` (:class:`medcore.cli.command.Command`).
+Each command is ``histommnet.<module>:run(args)`` (train, analyze, gradcam) or ``:main(args)``
+(export, predict); see :class:`medcore.cli.command.Command`.
 """
 
 from __future__ import annotations
