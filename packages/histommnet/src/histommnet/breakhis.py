@@ -219,7 +219,7 @@ def _folder_name(folder: str) -> PatientName | None:
         return None
 
 
-def _readable(path: Path) -> str | None:
+def image_problem(path: Path) -> str | None:
     """None if ``path`` is a complete PNG Pillow can read, else why not (no pixels decoded)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -317,11 +317,35 @@ def _report(what: str, why: str) -> None:
     print(f"skip {what}: {why}", file=sys.stderr)
 
 
-def _nearest(missing: str, available: Sequence[str]) -> str:
+def nearest_magnification(missing: str, available: Sequence[str]) -> str:
     order = ALL_MAGNIFICATIONS
     pos = order.index(missing)
     # Ties go to the lower magnification: it shows more tissue context.
     return min(available, key=lambda m: (abs(order.index(m) - pos), order.index(m)))
+
+
+def fill_magnifications(
+    patient: Patient, magnifications: Sequence[str], missing: str = "nearest"
+) -> str | None:
+    """Complete ``patient.images`` where a magnification has no image, as
+    ``data.missing_magnification`` says: ``nearest`` fills it from the nearest available one
+    (a ``note:`` line names the patient); ``skip`` (or no image at all) returns why the patient
+    is left out. None: the patient is complete."""
+    available = [m for m in magnifications if patient.images.get(m)]
+    absent = [m for m in magnifications if not patient.images.get(m)]
+    if not absent:
+        return None
+    if not available:
+        return "no readable image at any magnification"
+    if missing == "skip":
+        return f"no images at {', '.join(absent)} (data.missing_magnification=skip)"
+    for m in absent:
+        source = nearest_magnification(m, available)
+        patient.images[m] = list(patient.images[source])
+        patient.filled_from[m] = source
+    fills = ", ".join(f"{m} from {s}" for m, s in patient.filled_from.items())
+    print(f"note: patient {patient.key}: missing magnification filled ({fills})", file=sys.stderr)
+    return None
 
 
 def scan_breakhis(
@@ -360,7 +384,7 @@ def scan_breakhis(
                 continue
             if record.magnification not in magnifications:
                 continue
-            if check_images and (why := _readable(path)) is not None:
+            if check_images and (why := image_problem(path)) is not None:
                 skipped.append((str(path), why))
                 report(str(path), why)
                 continue
@@ -373,21 +397,12 @@ def scan_breakhis(
     for key in sorted(grouped):
         recs = grouped[key]
         images = {m: sorted(r.path for r in recs if r.magnification == m) for m in magnifications}
-        available = [m for m in magnifications if images[m]]
-        absent = [m for m in magnifications if not images[m]]
         patient = Patient(key, recs[0].patient_id, recs[0].label, recs[0].subtype, images)
-        if absent:
-            if missing == "skip":
-                why = f"no images at {', '.join(absent)} (data.missing_magnification=skip)"
-                skipped.append((key, why))
-                report(f"patient {key}", why)
-                continue
-            for m in absent:
-                source = _nearest(m, available)
-                patient.images[m] = list(images[source])
-                patient.filled_from[m] = source
-            fills = ", ".join(f"{m} from {s}" for m, s in patient.filled_from.items())
-            print(f"note: patient {key}: missing magnification filled ({fills})", file=sys.stderr)
+        why = fill_magnifications(patient, magnifications, missing)
+        if why is not None:
+            skipped.append((key, why))
+            report(f"patient {key}", why)
+            continue
         patients.append(patient)
 
     if not patients:

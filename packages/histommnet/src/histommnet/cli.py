@@ -1,6 +1,8 @@
-"""Console entry points ``histommnet-{train,analyze,gradcam}``: the commands and their flags only.
+"""Console entry points ``histommnet-{train,analyze,gradcam,export,predict}``: the commands and
+their flags only.
 
-Each command is ``histommnet.<module>:run(args)`` (:class:`medcore.cli.command.Command`).
+Each command is ``histommnet.<module>:run(args)`` (train, analyze, gradcam) or ``:main(args)``
+(export, predict); see :class:`medcore.cli.command.Command`.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from medcore.cli.command import Command
+from medcore.cli.export import EXPORT_FLAGS
+from medcore.runtime.device import DEVICE_CHOICES
 
 MODELS = ("mmnet", "single", "concat")
 # fmt: off
@@ -34,6 +38,23 @@ gradcam = Command("histommnet-gradcam", "Grad-CAM heatmaps per magnification",
     ("--target", {"choices": ("predicted", "benign", "malignant"), "default": "predicted"}),
     ("--threshold", {"type": float, "help": "P(malignant) cut-off (default: the fold's)"})],
     common=False)
+export = Command("histommnet-export", "Export one fold of a run as a Hugging Face model folder "
+                 "(safetensors, config, card)", "histommnet.export:main", [
+    *EXPORT_FLAGS,
+    ("--fold", {"type": int, "help": "the run's fold to export (default: the best by validation)"})])
+predict = Command("histommnet-predict", "P(malignant) of new patients' folders (40X/100X/200X/400X)",
+                  "histommnet.predict:main", [
+    ("patients", {"type": Path, "nargs": "+", "metavar": "FOLDER",
+                  "help": "patient folders, or folders holding them (a BreakHis tree too)"}),
+    ("--model", {"required": True, "metavar": "RUN|CHECKPOINT|FOLDER|hf-hub:ORG/NAME",
+                 "help": "a run directory (its best fold), a fold_<i>_best.pth, an export"}),
+    ("--fold", {"type": int, "help": "with a run directory: this fold's model"}),
+    ("--output", {"type": Path, "default": Path("predictions.csv"),
+                  "help": "per-patient CSV (default: predictions.csv)"}),
+    ("--images-output", {"type": Path,
+                         "help": "per-draw CSV (default: <output stem>_images.csv)"}),
+    ("--device", {"choices": DEVICE_CHOICES, "default": "auto"}),
+    ("--batch-size", {"type": int, "default": 32})])
 # fmt: on
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=4 -m histommnet.cli [train flags]

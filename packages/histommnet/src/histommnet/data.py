@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -199,7 +200,7 @@ class MultiMagDataset(Dataset):
     epoch depend only on ``(seed, epoch)`` and change with ``set_epoch``. Within an epoch a
     patient's images of one magnification are used without repetition until exhausted.
     ``train=False``: a fixed set of draws covering every image of every magnification at least
-    once (``eval_max_draws`` caps it).
+    once (``eval_max_draws`` caps it), drawn from ``(seed, patient folder name)``.
     """
 
     def __init__(
@@ -251,9 +252,13 @@ class MultiMagDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Draw this epoch's image tuples (deterministic in ``(seed, epoch)``)."""
         self.epoch = epoch
-        rng = np.random.default_rng([self.seed, epoch if self.train else 0])
+        rng = np.random.default_rng([self.seed, epoch])
         draws: list[tuple[int, tuple[str, ...]]] = []
         for p_idx, (patient, n) in enumerate(zip(self.patients, self.draw_counts(), strict=True)):
+            if not self.train:
+                # A patient's evaluation draws depend on the patient alone, not on the others
+                # beside it: its test prediction equals what ``histommnet.load`` predicts for it.
+                rng = np.random.default_rng([self.seed, zlib.crc32(patient.key.encode())])
             columns = []
             for mag in self.magnifications:
                 paths = patient.images[mag]

@@ -80,7 +80,8 @@ def predict(
             "patient": [p.key for p in patients],
             "patient_id": [p.patient_id for p in patients],
             "label": [p.label for p in patients],
-            "subtype": [SUBTYPE_CODES[p.subtype] for p in patients],
+            # new patients (``histommnet.load``) have no known label or subtype: -1
+            "subtype": [SUBTYPE_CODES[p.subtype] if p.subtype >= 0 else "" for p in patients],
             "prob_malignant": out["logits"].softmax(-1)[:, 1].numpy().astype(float),
             "logit_benign": logits[:, 0].astype(float),
             "logit_malignant": logits[:, 1].astype(float),

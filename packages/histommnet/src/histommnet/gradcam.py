@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -25,15 +26,17 @@ from torch import nn
 
 from histommnet.breakhis import CLASSES, Patient, find_patients
 from histommnet.config import PACKAGE, HistoConfig
-from histommnet.crossval import load_index
 from histommnet.data import MultiMagDataset, WorkingImages, normalization
 from histommnet.evaluate import predict
+from histommnet.export import fold_thresholds
 from histommnet.model import SingleMagNet, load_model, resolve_normalization
-from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.errors import UserError
 from medcore.io import atomic_path, atomic_write_json
 from medcore.report.plots import save_figure
+
+if TYPE_CHECKING:
+    from medcore.cli.run_setup import RunContext
 
 
 class _LogitsOnly(nn.Module):
@@ -83,16 +86,8 @@ def _select(wanted: list[str], patients: list[Patient]) -> list[Patient]:
 
 
 def fold_threshold(checkpoint: Path, state: dict) -> float | None:
-    """The image-level decision threshold of the checkpoint's fold: stored in the fold's
-    ``fold_<i>_best.pth``, else in the fold's ``result.json`` (for its other checkpoints)."""
-    stored = state.get("thresholds")
-    if isinstance(stored, dict) and "image" in stored:
-        return float(stored["image"])
-    result = checkpoint.resolve().parent.parent / "result.json"  # fold_<i>/checkpoints/<file>
-    if checkpoint.parent.name != "checkpoints" or not result.is_file():
-        return None
-    thresholds = json.loads(result.read_text(encoding="utf-8")).get("thresholds", {})
-    return float(thresholds["image"]) if "image" in thresholds else None
+    """The image-level decision threshold of the checkpoint's fold (``fold_thresholds``)."""
+    return fold_thresholds(checkpoint, state).get("image")
 
 
 def _stored_normalization(state: dict) -> dict:
@@ -166,11 +161,17 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``histommnet-gradcam`` after parsing."""
+    # Imported here: ``patient_cams`` (used by ``histommnet.load``) needs neither the run
+    # setup nor the training data index, which import the trainer.
+    from medcore.cli.run_setup import resolve_run, start_run
+
     with start_run(resolve_run(args, HistoConfig, PACKAGE, "default")) as ctx:
         return _gradcam(args, ctx)
 
 
 def _gradcam(args: argparse.Namespace, ctx: RunContext) -> int:
+    from histommnet.crossval import load_index
+
     model, state = load_model(args.checkpoint)
     threshold = _threshold(args, state)
     model.to(ctx.device).eval()

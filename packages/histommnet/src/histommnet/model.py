@@ -248,6 +248,8 @@ class ConcatNet(_Classifier):
 
 
 MODELS: dict[str, type[nn.Module]] = {"mmnet": MMNet, "single": SingleMagNet, "concat": ConcatNet}
+# The checkpoint identities of the models (``checkpoint_kind``).
+KINDS = frozenset(f"histommnet.{cls.__name__}" for cls in MODELS.values())
 
 
 def build_model(cfg: ModelConfig, magnifications: Sequence[str]) -> nn.Module:
@@ -263,7 +265,9 @@ def checkpoint_kind(model: nn.Module) -> str:
     return f"histommnet.{type(model).__name__}"
 
 
-def _build_from_checkpoint(state: dict[str, Any]) -> nn.Module:
+def build_from_checkpoint(state: dict[str, Any]) -> nn.Module:
+    """The unweighted model a checkpoint (or export) describes: its ``model_config`` and
+    ``magnifications``, never loading pretrained weights (the checkpoint's replace them)."""
     cfg = from_dict(
         ModelConfig, {**state["model_config"], "pretrained": False, "pretrained_weights": None}
     )
@@ -274,5 +278,4 @@ def load_model(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from one of its checkpoints alone; returns (model, checkpoint dict)."""
-    kinds = {f"histommnet.{cls.__name__}" for cls in MODELS.values()}
-    return inference.load_model(path, kinds, _build_from_checkpoint, device=map_location)
+    return inference.load_model(path, KINDS, build_from_checkpoint, device=map_location)

@@ -255,6 +255,12 @@ def train_fold(
         "image_size": cfg.data.image_size,
         "aspect_ratio": cfg.data.aspect_ratio,
         "normalization": normalization(cfg.data),
+        # how evaluation draws a patient's image tuples (``histommnet.load`` draws the same)
+        "draws": {
+            "seed": cfg.seed,
+            "eval_max_draws": cfg.data.eval_max_draws,
+            "missing_magnification": cfg.data.missing_magnification,
+        },
         "fold": fold,
     }
     trainer = Trainer(
