@@ -221,7 +221,7 @@ def test_original_code_checkpoint_loads(trained, write_original_checkpoint, tmp_
     image = np.asarray(Image.open(trained["images"][0]).convert("L"))
     frame = model.predict(image)
     x = torch.from_numpy(
-        np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BILINEAR))
+        np.array(Image.fromarray(image).resize((224, 224), Image.Resampling.BILINEAR))
     )
     x = ((x.float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None])
          / torch.tensor([0.229, 0.224, 0.225])[:, None, None])  # fmt: skip
