@@ -6,9 +6,12 @@ an import of something the package does not declare fails here rather than for a
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nox
@@ -20,6 +23,9 @@ nox.options.reuse_existing_virtualenvs = True
 ROOT = Path(__file__).parent
 PACKAGES = ["medcore", "ctretrieval", "ctclip", "cxrlandmarks", "histommnet", "binensemble"]
 TASK_PACKAGES = PACKAGES[1:]
+# The package whose README "Python API" section runs in the venv holding only its wheel and
+# medcore's (the wheels session).
+README_SNIPPET_PACKAGE = "cxrlandmarks"
 
 
 def _sync(session: nox.Session, package: str) -> None:
@@ -149,7 +155,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def wheels(session: nox.Session) -> None:
-    """Build every wheel without workspace sources; install one task package elsewhere and run it."""
+    """Build every wheel without workspace sources; install each task package alone in a fresh
+    venv (with medcore's wheel) and run it; run cxrlandmarks' README Python API snippet there."""
     dist = Path(session.create_tmp()).resolve() / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     for package in PACKAGES:
@@ -191,6 +198,52 @@ def wheels(session: nox.Session) -> None:
             session.run(
                 str(exe), "--smoke", "--output-dir", str(work / "run"), external=True, env=env
             )
+        if package == README_SNIPPET_PACKAGE:
+            _run_readme_snippet(session, package, venv, env)
+
+
+def _readme_python_api(package: str) -> tuple[list[list[str]], str]:
+    """The ``## Python API`` section of a package's README: the commands of its ``bash`` block
+    (comments dropped) and its ``python`` block, as the README has them."""
+    text = (ROOT / "packages" / package / "README.md").read_text(encoding="utf-8")
+    if "\n## Python API\n" not in text:
+        raise ValueError(f"{package}/README.md has no '## Python API' section")
+    section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    bash = re.search(r"```bash\n(.*?)```", section, re.S)
+    python = re.search(r"```python\n(.*?)```", section, re.S)
+    if python is None:
+        raise ValueError(f"{package}/README.md: its Python API section has no python block")
+    lines = bash.group(1).splitlines() if bash else []
+    commands = [shlex.split(line, comments=True) for line in lines]
+    return [c for c in commands if c], python.group(1)
+
+
+def _run_readme_snippet(
+    session: nox.Session, package: str, venv: Path, env: dict[str, str]
+) -> None:
+    """Run the README's Python API commands and snippet in ``venv`` (only the package's wheel
+    and medcore's), in an empty folder outside the workspace, offline."""
+    commands, snippet = _readme_python_api(package)
+    bin_dir = venv / ("Scripts" if sys.platform == "win32" else "bin")
+    python = bin_dir / ("python.exe" if sys.platform == "win32" else "python")
+    env = {**env, "HF_HUB_OFFLINE": "1"}
+    check = (
+        f"import {package}, medcore; "
+        f"assert 'site-packages' in {package}.__file__ and 'site-packages' in medcore.__file__"
+    )
+    session.run(str(python), "-c", check, external=True, env=env)
+    folder = Path(tempfile.mkdtemp(prefix=f"{package}-readme-"))
+    try:
+        with session.chdir(folder):
+            for command in commands:
+                exe = bin_dir / command[0]
+                if not exe.is_file():
+                    session.error(f"{package}/README.md runs {command[0]}: not in the wheel")
+                session.run(str(exe), *command[1:], external=True, env=env)
+            (folder / "snippet.py").write_text(snippet, encoding="utf-8")
+            session.run(str(python), "snippet.py", external=True, env=env)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @nox.session

@@ -169,7 +169,7 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
         (
             predict,
             [str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "x.pt")],
-            "checkpoint not found",
+            "x.pt: not found (expected a run directory, a checkpoint, an exported model folder",
         ),
     ]
     bad = tmp_path / "bad"

@@ -1,18 +1,27 @@
-"""Console entry points ``cxrlandmarks-{train,eval,predict}``: the commands and their flags only.
+"""Console entry points ``cxrlandmarks-{train,eval,predict,export}``: the commands and their flags.
 
 Each command is ``cxrlandmarks.<module>:<verb>_command(args)`` (:class:`medcore.cli.command.Command`).
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from medcore.cli.command import Command
+from medcore.cli.export import export_command
 from medcore.runtime.device import DEVICE_CHOICES
 
 P, DEVICE = {"type": Path}, ("--device", {"choices": DEVICE_CHOICES, "default": "auto"})
 CHECKPOINTS = {**P, "action": "append", "default": [], "help": "repeatable"}
-TTA = ("--tta-flip", {"action": "store_true", "help": "also predict the mirror"})
+TTA = (
+    "--tta-flip",
+    {
+        "action": argparse.BooleanOptionalAction,
+        "default": None,
+        "help": "also predict the mirror (default: as the config's eval.tta_flip)",
+    },
+)
 # fmt: off
 train = Command("cxrlandmarks-train", "4-phase landmark training",
                 "cxrlandmarks.train:train_command", [
@@ -32,8 +41,10 @@ evaluate = Command("cxrlandmarks-eval", "Evaluate checkpoints on a split",
 predict = Command("cxrlandmarks-predict", "Landmarks for new images",
                   "cxrlandmarks.predict:predict_command", [
     TTA, ("inputs", {**P, "nargs": "+", "help": "image files or folders"}),
-    ("--checkpoint", {**CHECKPOINTS, "required": True}),
+    ("--checkpoint", {"action": "append", "default": [], "required": True, "metavar": "SOURCE",
+                      "help": "a run, checkpoint, exported folder or hf-hub:ORG/NAME; repeatable"}),
     ("--output-dir", {**P, "default": Path("predictions")}), DEVICE,
     ("--batch-size", {"type": int, "default": 16}),
     ("--no-overlays", {"action": "store_true", "help": "skip the overlay PNGs"})])
+export = export_command("cxrlandmarks-export", "cxrlandmarks.export:main")
 # fmt: on

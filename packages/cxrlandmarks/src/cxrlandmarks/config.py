@@ -133,6 +133,10 @@ class PhasesConfig:
 @dataclass
 class EvalConfig:
     grid_images: int = 16  # test images drawn in the annotated PNG grid
+    # Flip test-time augmentation (the mirrored image's prediction, flipped back, averaged in):
+    # the run's test report, cxrlandmarks-eval/-predict without --[no-]tta-flip, and
+    # cxrlandmarks.load(...).predict all follow it (an export records it).
+    tta_flip: bool = False
 
 
 @dataclass

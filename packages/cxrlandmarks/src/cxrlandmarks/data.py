@@ -444,10 +444,31 @@ def image_tensor(path: Path) -> torch.Tensor:
     return torch.from_numpy(load_image(path, "L"))[None]
 
 
+def store_spec(size: int) -> StoreSpec:
+    """How training and evaluation hold every image: grayscale, stretched to ``size`` square
+    (Pillow's bilinear filter, antialiased when shrinking)."""
+    return StoreSpec((size, size), "L", "stretch")
+
+
+def model_input(gray: np.ndarray, size: int, norm: dict[str, Any]) -> torch.Tensor:
+    """A grayscale image ``[H, W]`` uint8 -> the model's input ``[3, S, S]``, exactly as
+    training and evaluation read it: the image store's resize (:func:`store_spec`), then
+    :func:`resize_and_normalise` (whose resize is then the identity)."""
+    from PIL import Image
+
+    # medcore's image store resizes inside its builder only; this is its stretch, one image.
+    filter_ = Image.Resampling[store_spec(size).resample.upper()]
+    small = np.asarray(Image.fromarray(gray).resize((size, size), filter_))
+    image, _ = resize_and_normalise(
+        torch.from_numpy(small.copy())[None], torch.zeros(1, 2), size, norm
+    )
+    return image
+
+
 def image_store(records: list[LandmarkRecord], size: int) -> ImageStore:
     """The records' images decoded once, grayscale, stretched to the model input ``size``
     (normalised landmarks stay as they are), shared by every phase, validation and test."""
-    store = cached_store([r.path for r in records], StoreSpec((size, size), "L", "stretch"))
+    store = cached_store([r.path for r in records], store_spec(size))
     bad = [r.name for r, ok in zip(records, store.valid, strict=True) if not ok]
     if bad:  # they decoded when indexed: changed since
         raise DataError(records[0].path.parent, f"{len(bad)} image(s) no longer decode: {bad[:5]}")

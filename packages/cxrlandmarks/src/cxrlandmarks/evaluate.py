@@ -211,6 +211,7 @@ def report_phases(ctx: RunContext, data: RunData) -> dict[str, Any]:
                 shard=False,  # the main rank reports alone, after the other ranks are done
                 desc=f"test {name}",
             ),
+            tta_flip=cfg.eval.tta_flip,
         )
         reports[name] = error_report(pred, test_records)
         rows.append(summary_row(f"{name} ({path.name})", reports[name]))
@@ -302,6 +303,12 @@ def evaluate_command(args: Any) -> int:
             splits = split_records(records, data_cfg.split_ratios, data_cfg.split_seed)
         rows = list(splits[args.split])
         subset = [records[i] for i in rows]
+    tta_flip = args.tta_flip
+    if tta_flip is None:  # as the run's config says (eval.tta_flip)
+        from cxrlandmarks.export import run_config
+
+        saved = run_config(run_dir if (run_dir / "config.yaml").is_file() else None)
+        tta_flip = bool((saved.get("eval") or {}).get("tta_flip", False))
     out_root = args.output_dir or run_dir / f"eval_{args.split}"
     made: dict[int, Any] = {}
 
@@ -319,14 +326,15 @@ def evaluate_command(args: Any) -> int:
                 subset, size, norm=state.get("input_norm"), store=stores(size), rows=rows
             ),
             PredictOptions(device, checkpoint_precision(state, device), desc=path.name),
-            tta_flip=args.tta_flip,
+            tta_flip=tta_flip,
         )
         report = error_report(pred, subset)
         report["checkpoint"] = str(path)
-        report["tta_flip"] = bool(args.tta_flip)
+        report["tta_flip"] = tta_flip
         write_report(report, pred, subset, out_root / path.stem)
         table.append(summary_row(path.name, report))
-    print(f"{args.split} split ({len(subset)} images), errors in px at 224")
+    tta = ", flip TTA" if tta_flip else ""
+    print(f"{args.split} split ({len(subset)} images{tta}), errors in px at 224")
     print(format_table(table, floatfmt=".3f"))
     write_phase_table(table, out_root)
     print(f"reports in {out_root}")
