@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ctclip.config import HU_SOURCES
 from ctclip.evaluate import KIND, build_model
@@ -403,7 +404,30 @@ class CTClipModel:
         ``num_workers``: DataLoader processes preprocessing the volumes (None: the device's
         default).
         """
-        asked = self.check_findings(findings) if findings != () else ()
+        return self._run(
+            volumes,
+            self.check_findings(findings),
+            hu_source=hu_source,
+            metadata=metadata,
+            skip_unreadable=skip_unreadable,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
+
+    def _run(
+        self,
+        volumes: Any,
+        asked: tuple[str, ...],
+        *,
+        hu_source: str = "auto",
+        metadata: Any = None,
+        skip_unreadable: bool = False,
+        batch_size: int = 4,
+        num_workers: int | None = None,
+        progress: bool = True,
+    ) -> Prediction:
+        """:meth:`predict` for checked finding names (none: embeddings only)."""
         items = named_volumes(volumes)
         data = RawVolumes(items, self.preprocessor(hu_source, metadata))
         skipped: dict[str, str] = {}
@@ -417,7 +441,7 @@ class CTClipModel:
                 if not skip_unreadable:
                     raise DataError(name, error)
                 skipped[name] = error
-                print(f"skipped {name}: {error}", file=sys.stderr)
+                tqdm.write(f"skipped {name}: {error}", file=sys.stderr)
             keep = torch.tensor(ok, dtype=torch.bool, device=batch["volume"].device)
             dim = model.visual.proj.out_features
             feats = (
@@ -461,7 +485,7 @@ class CTClipModel:
         ``zero_shot``'s index; see :meth:`predict` for ``options``, ``skip_unreadable`` aside)."""
         if options.get("skip_unreadable"):
             raise TypeError("encode_volumes keeps every row: use predict(skip_unreadable=True)")
-        return self.predict(volumes, (), **options).embeddings
+        return self._run(volumes, (), **options).embeddings
 
     def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings ``[n, e]``; a text longer than the model's context is
