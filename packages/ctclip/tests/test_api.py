@@ -266,6 +266,14 @@ def test_unreadable_volume_raises_in_python(env, tmp_path) -> None:
     assert "missing" in result.skipped
 
 
+def test_a_volume_that_does_not_look_like_hu_is_named(env, capsys) -> None:
+    water = np.zeros((6, 16, 16), dtype=np.float32)  # no air: not a body CT in HU
+    env.model.preprocess((water, (2.0, 1.0, 1.0)))
+    err = capsys.readouterr().err
+    assert "warning: volume_0: read as HU from the stored values as they are, but" in err
+    assert "(not a body CT in HU?)" in err
+
+
 def test_import_stays_light_and_load_pulls_no_trainer() -> None:
     code = (
         "import sys, ctclip\n"

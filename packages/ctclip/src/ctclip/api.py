@@ -52,9 +52,13 @@ from ctclip.export import (
 from ctclip.findings import prompt_pairs
 from ctclip.model import CTCLIP
 from ctclip.preprocess import (
+    HU_MIN_SCORE,
     HU_RANGE,
+    SOURCE_NAMES,
+    HUReading,
     VolumeMeta,
     hu_reading,
+    hu_record,
     hu_to_uint8,
     preprocess_volume,
     read_metadata,
@@ -249,7 +253,9 @@ class Preprocessor:
             if not path.name.endswith(NIFTI_SUFFIXES):
                 raise DataError(path, "neither a NIfTI file (.nii, .nii.gz) nor a DICOM folder")
             meta = self.meta(path.name, path)
-            return preprocess_volume(path, meta, target, self.slide_b2u, self.hu_source)[0]
+            volume, attrs = preprocess_volume(path, meta, target, self.slide_b2u, self.hu_source)
+            _warn_if_not_hu(name, hu_record(attrs))
+            return volume
         return self.stored(_array_volume(name, item), self.meta(name, name), name)
 
     def stored(self, stored: StoredVolume, meta: VolumeMeta | None, what: str | Path) -> np.ndarray:
@@ -257,6 +263,7 @@ class Preprocessor:
         if stored.stored.dtype.kind == "f" and not np.isfinite(stored.stored).all():
             raise DataError(what, "contains NaN or infinite values")
         reading = hu_reading(stored, meta.rescale if meta is not None else None, self.hu_source)
+        _warn_if_not_hu(Path(str(what)).name, reading)
         spacing = meta.spacing_zyx if meta is not None and meta.spacing_zyx else stored.spacing
         if not all(np.isfinite(v) and v > 0 for v in spacing):
             raise DataError(
@@ -266,6 +273,17 @@ class Preprocessor:
             stored, reading_rescale(reading, stored), spacing, self.target_shape, self.slide_b2u
         )
         return center_in_box(hu_to_uint8(resized), self.target_shape, 0)[0]
+
+
+def _warn_if_not_hu(name: str, reading: HUReading) -> None:
+    """The warning ``ctclip-preprocess`` writes for a volume without air and soft tissue in
+    place (a wrong reading: raw stored values, or HU rescaled twice)."""
+    if reading.evidence.score < HU_MIN_SCORE:
+        tqdm.write(
+            f"warning: {name}: read as HU from {SOURCE_NAMES[reading.source]}, but "
+            f"{reading.evidence} (not a body CT in HU?)",
+            file=sys.stderr,
+        )
 
 
 class RawVolumes(Dataset):
