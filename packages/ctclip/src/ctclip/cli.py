@@ -1,4 +1,5 @@
-"""Console scripts ``ctclip-{preprocess,split,train,eval,impressions}``: commands and flags only.
+"""Console scripts ``ctclip-{preprocess,split,train,eval,impressions,predict,export}``: commands
+and flags only.
 
 Each command is ``ctclip.<module>:main(args)`` (:class:`medcore.cli.command.Command`).
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from ctclip.config import HU_SOURCES, TRAIN_FLAGS
 from medcore.cli.command import Command
+from medcore.cli.export import export_command
 from medcore.cli.flags import Flag
 from medcore.runtime.device import DEVICE_CHOICES
 
@@ -60,6 +62,25 @@ IMPRESSIONS = [
     ("--max-tokens", {**INT, "default": 256, "help": "tokens per impression"}),
     ("--timeout", {**F, "default": 120.0, "help": "seconds per request"}),
     ("--seed", {**INT, "default": 42, "help": "random seed (choice of examples)"})]
+PREDICT = [
+    ("inputs", {"type": Path, "nargs": "+", "metavar": "INPUT",
+                "help": "NIfTI files, DICOM series folders, folders of NIfTI files, or a CSV "
+                        "with a path column (and optionally a name column)"}),
+    ("--model", {"required": True, "metavar": "SOURCE",
+                 "help": "a run directory (its best checkpoint), a .pt checkpoint, an exported "
+                         "folder or hf-hub:ORG/NAME[@REV]"}),
+    ("--output", {**NEED, "help": "CSV of finding probabilities, one row per volume"}),
+    ("--findings", {"nargs": "+", "metavar": "NAME",
+                    "help": "finding names to ask about (default: the model's 18)"}),
+    ("--embeddings", {**P, "metavar": "OUT.safetensors",
+                      "help": "also write the volume embeddings, keyed by volume name"}),
+    ("--metadata-path", {**P, "nargs": "+", "default": [],
+                         "help": "CT-RATE metadata CSVs (spacing, rescale), as ctclip-preprocess"}),
+    ("--hu-source", {"choices": HU_SOURCES, "default": "auto",
+                     "help": "as ctclip-preprocess (matters with --metadata-path)"}),
+    ("--device", {"choices": DEVICE_CHOICES, "default": "auto"}),
+    ("--batch-size", {**INT, "default": 4, "help": "volumes per batch"}),
+    ("--num-workers", {**INT, "help": "processes preprocessing volumes (default: the device's)"})]
 TRAIN = [Flag(f"--{name.replace('_', '-')}", {"help": f"sets {key}", **(
     {"action": BooleanOptionalAction} if kind is bool else {"type": kind})}, key)
     for name, (key, kind) in TRAIN_FLAGS.items()]
@@ -73,4 +94,7 @@ evaluate = Command("ctclip-eval", "zero-shot evaluation of a checkpoint", "ctcli
 split = Command("ctclip-split", "patient-wise validation/test split", "ctclip.split:main", SPLIT)
 impressions = Command("ctclip-impressions", "fill impressions with an LLM",
                       "ctclip.impressions:main", IMPRESSIONS)
+predict = Command("ctclip-predict", "zero-shot findings of NIfTI/DICOM volumes -> CSV",
+                  "ctclip.predict:main", PREDICT)
 # fmt: on
+export = export_command("ctclip-export", "ctclip.export:main")

@@ -42,6 +42,10 @@ class Tokenizer:
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         return self._tok(texts, context_length=self.context_length)
 
+    def length(self, text: str) -> int:
+        """Tokens of ``text`` with its start and end tokens, before any truncation."""
+        return len(self._tok.encode(text)) + 2
+
     def join(self, sentences: list[str]) -> torch.Tensor:
         """``self(" ".join(sentences))[0]``, from each sentence's BPE ids encoded once.
 

@@ -244,7 +244,9 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
         sorted(reports), paths.ct_filepath, paths.txt_filepath, cfg.data.allow_missing
     )
     check_volume_shape(paths.ct_filepath, cfg.model.image_size)
-    check_store(paths.ct_filepath, cfg.data)
+    # The store's settings (target shape, slice order, HU window, orientation) travel in the
+    # checkpoint: ctclip.load preprocesses raw volumes with them.
+    preprocessing = check_store(paths.ct_filepath, cfg.data)
     train_ds = CTReportDataset(
         paths.ct_filepath, reports, train_names, tokenizer, cfg.data.sentence_sampling
     )
@@ -309,6 +311,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
             "model_config": model_config,
             "text_column": cfg.data.text_column,
             "findings": list(FINDINGS),
+            "preprocessing": preprocessing,
         },
     )
     result = trainer.fit(resume=ctx.resume)
@@ -331,6 +334,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
             "kind": KIND,
             "model_config": json.dumps(model_config),
             "findings": json.dumps(list(FINDINGS)),
+            "preprocessing": json.dumps(preprocessing),
             "precision": str(trainer.precision),
         },
     )
