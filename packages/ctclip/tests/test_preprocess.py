@@ -13,6 +13,7 @@ import pytest
 from ctclip import cli
 from ctclip import preprocess as pp
 from ctclip.preprocess import VolumeMeta, preprocess_volume, run_preprocess
+from medcore.testing import call_main
 from medcore.volumes.store import complete_names, shard_of
 
 RNG = np.random.default_rng(0)
@@ -153,6 +154,9 @@ def test_bad_files_are_named_skipped_and_counted(tmp_path, capsys):
     assert code == 0
     for name in ("train_1_a_1", "train_2_a_1", "train_3_a_1", "train_9_a_1"):
         assert f"skipped {name}.nii.gz" in captured.err
+    # the cut gzip stream is named as such, on one line (isal and zlib raise different errors)
+    (cut,) = [line for line in captured.err.splitlines() if "train_1_a_1" in line]
+    assert "truncated or corrupt gzip data" in cut
     assert "1 written, 0 already present, 4 skipped" in captured.out
     with h5py.File(out) as h5:
         assert sorted(h5["volumes"]) == ["train_0_a_1.nii.gz"]
@@ -415,3 +419,38 @@ def test_shard_bad_input_is_one_line_error(tmp_path, capsys):
     fails(_argv(vols, parts, meta, "--shard", "1/4"), "a part of 2 shards; this job is shard 1/4")
     fails(_argv(vols, parts, meta), f"{parts}: is a folder (of shard parts?)")
     assert sorted(p.name for p in parts.iterdir()) == ["part-00001-of-00002.h5"]
+
+
+def test_training_on_parts_that_disagree_is_one_line_error(tiny_demo, tiny_sets, tmp_path, capsys):
+    """ctclip-train reads a folder of parts as one store: a part written with other settings,
+    or a volume two parts hold, stops it before any step with one line naming the parts."""
+    vols = tiny_demo / "ct_volumes"
+    csv = tiny_demo / "ct_rate"
+    meta = [csv / "train_metadata.csv", csv / "validation_metadata.csv"]
+    shape = tuple(int(v) for v in pp.open_store(tiny_demo / "ct_volumes.h5").attrs["target_shape"])
+    parts = tmp_path / "parts"
+    run_preprocess(vols, parts, meta, shape, num_workers=0, show_progress=False,
+                   shard=pp.Shard(1, 2))  # fmt: skip
+    other = tmp_path / "other"
+    run_preprocess(vols, other, meta, (shape[0] + 2, *shape[1:]), num_workers=0,
+                   show_progress=False, shard=pp.Shard(2, 2))  # fmt: skip
+    argv = ["--data-dir", str(tiny_demo), "--output-dir", str(tmp_path / "run"), *tiny_sets,
+            "--set", f"data.ct_filepath={parts}", "--set", "device=cpu"]  # fmt: skip
+
+    def fails(*expected):
+        code, _, err = call_main(cli.train, argv, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and lines[-1].startswith("error: ") and "Traceback" not in err, err
+        for text in expected:
+            assert text in lines[-1]
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+    (other / "part-00002-of-00002.h5").rename(parts / "part-00002-of-00002.h5")
+    fails(
+        f"{parts / 'part-00002-of-00002.h5'}: written with other settings than "
+        "part-00001-of-00002.h5",
+        f"target_shape=[{shape[0] + 2}, {shape[1]}, {shape[2]}]",
+    )
+    # shard 1's part again as shard 2's: every volume of it in two parts
+    (parts / "part-00002-of-00002.h5").write_bytes((parts / "part-00001-of-00002.h5").read_bytes())
+    fails(f"in two parts of {parts}: part-00001-of-00002.h5 and part-00002-of-00002.h5")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import h5py
@@ -161,3 +162,22 @@ def test_cli_exit_codes(tmp_path: Path, helpers, capsys) -> None:
         ]
     )
     assert code == 0 and "1 studies written, 1 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("inflate", ["isal", "zlib"])
+def test_truncated_gzip_study_is_skipped_by_name(
+    tmp_path: Path, helpers, capsys, monkeypatch, inflate
+) -> None:
+    if inflate == "zlib":
+        monkeypatch.setitem(sys.modules, "isal", None)  # medcore without isal
+    raw = tmp_path / "raw"
+    helpers.write_series(raw / "good", helpers.ramp_volume(6, 10, 10))
+    cut = raw / "cut.nii.gz"
+    nib.save(
+        nib.Nifti1Image(np.arange(10 * 10 * 6, dtype=np.int16).reshape(10, 10, 6), np.eye(4)), cut
+    )
+    cut.write_bytes(cut.read_bytes()[:-40])  # the stream ends inside the voxels
+    report = preprocess(raw, tmp_path / "v.h5", CFG, show_progress=False)
+    assert report.written == 1 and set(report.skipped) == {"cut"}
+    (line,) = [s for s in capsys.readouterr().err.splitlines() if s.startswith("skipped cut")]
+    assert "truncated or corrupt gzip data" in line

@@ -93,3 +93,41 @@ def test_shard_spec_errors_are_one_line(tmp_path: Path, helpers, capsys) -> None
     assert preprocess([*argv, "--output", str(tmp_path / "p"), "--shard", "1/1"]) == 0
     code, _, err = call_main(preprocess, [*argv, "--output", str(tmp_path / "p")], capsys)
     assert code == 2 and "is a folder (of shard parts?)" in err
+
+
+def test_index_of_parts_that_disagree_is_one_line_error(smoke, tmp_path: Path, capsys) -> None:
+    """ctretrieval-index reads a folder of parts as one store: a part written with other
+    settings, or a study two parts hold, is one line naming the parts, exit 2, no index."""
+    raw, ckpt, prep = smoke
+    parts, other = tmp_path / "parts", tmp_path / "other"
+    base = [
+        "--input",
+        str(raw),
+        *_flags(prep),
+        "--set",
+        f"preprocess.min_slices={prep['min_slices']}",
+    ]
+    assert preprocess([*base, "--output", str(parts), "--shard", "1/2"]) == 0
+    wider = [*base, "--output", str(other), "--shard", "2/2"]
+    wider[wider.index("--hu-window") + 2] = str(prep["hu_window"][1] + 100)
+    assert preprocess(wider) == 0
+    (other / "part-00002-of-00002.h5").rename(parts / "part-00002-of-00002.h5")
+    capsys.readouterr()
+    out = tmp_path / "index.npz"
+    argv = ["--checkpoint", str(ckpt), "--volumes", str(parts), "--output", str(out)]
+
+    def fails(*expected: str) -> None:
+        code, _, err = call_main(index, [*argv, "--device", "cpu"], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+        for text in expected:
+            assert text in lines[0]
+        assert not out.exists()
+
+    fails(
+        f"{parts / 'part-00002-of-00002.h5'}: written with other settings than "
+        "part-00001-of-00002.h5",
+        "hu_window=",
+    )
+    (parts / "part-00002-of-00002.h5").write_bytes((parts / "part-00001-of-00002.h5").read_bytes())
+    fails(f"in two parts of {parts}: part-00001-of-00002.h5 and part-00002-of-00002.h5")
