@@ -22,12 +22,13 @@ import pytest
 import torch
 
 import ctretrieval
+from ctretrieval.api import RESULT_COLUMNS
 from ctretrieval.cli import export, index, preprocess, search, train
 from ctretrieval.data import CTVolumeDataset, open_volumes, volume_ids
 from ctretrieval.evaluate import load_model
 from ctretrieval.index import Index
 from ctretrieval.metrics import embed
-from ctretrieval.raw import named_items, prepare
+from ctretrieval.predict import named_items, prepare
 from ctretrieval.synthetic import FINDINGS, phantom, write_dicom_series
 from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.errors import DataError
@@ -300,6 +301,9 @@ def test_an_unreadable_volume_among_good_ones_is_skipped(setup, tmp_path, capsys
     assert out.names == ["ct_00", "ct_01"] and len(out.embeddings) == 2
     assert list(out.skipped) == ["ct_99"] and "skipped ct_99: " in err
     assert "1 of 3 volume(s) skipped" in err
+    found = model.search([setup["raw"][0], broken, "ct_04"], setup["index"], k=2)
+    assert found["query"].tolist() == ["ct_00", "ct_00", "ct_04", "ct_04"]
+    assert "skipped ct_99: " in capsys.readouterr().err
     with pytest.raises(DataError, match="none of the 1 volume"):
         model.embed([broken])
     with pytest.raises(DataError, match="none of the 1 volume"):
@@ -353,7 +357,8 @@ def test_import_and_load_stay_off_the_trainer() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_readme_python_api_runs(setup, tmp_path, monkeypatch) -> None:
+def test_readme_python_api_runs(setup, tmp_path, monkeypatch, capsys) -> None:
+    """The README's own snippet, on this module's run and studies laid out as it names them."""
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
     snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
@@ -361,10 +366,14 @@ def test_readme_python_api_runs(setup, tmp_path, monkeypatch) -> None:
     os.symlink(setup["run"], tmp_path / "demo-run")
     os.symlink(setup["root"] / "raw", tmp_path / "demo" / "dicom")
     monkeypatch.chdir(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-c", snippet], capture_output=True, text=True, env={**os.environ}
+    exec(compile(snippet, "README.md", "exec"), {})
+    shown = capsys.readouterr().out
+    assert Index.read(tmp_path / "archive.npz").ids.tolist() == [f"ct_{i:02d}" for i in range(14)]
+    assert "(2, 16)\n" in shown
+    probs = re.search(
+        r"^ +condensacion +nodulos +quistes +sin_hallazgos\nct_00 .*\nct_01 ", shown, re.M
     )
-    assert result.returncode == 0, result.stderr
-    shown = result.stdout
-    assert (tmp_path / "archive.npz").is_file()
-    assert shown.count("ct_14") >= 1 and "similarity" in shown
+    assert probs, shown
+    header = next(line for line in shown.splitlines() if "similarity" in line).split()
+    assert header == RESULT_COLUMNS
+    assert shown.count("ct_14") == 3 and shown.count("ct_15") == 3

@@ -12,8 +12,8 @@
 Every source is read by medcore (:mod:`medcore.weights.sources`) into the exported form
 (:func:`ctretrieval.export.describe` for a run or a checkpoint), so a run, its checkpoint and
 its exported folder load the same model with the same settings. Raw studies go through
-:mod:`ctretrieval.raw`: the readers and preprocess's per-volume function, then the evaluation's
-embedding loop in the training precision. No trainer or Lightning code is imported.
+:mod:`ctretrieval.predict`: the readers and preprocess's per-volume function, then the
+evaluation's embedding loop in the training precision. No trainer or Lightning code is imported.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ctretrieval.evaluate import build
 from ctretrieval.export import KIND, PREPROCESS_KEYS, describe, find_in_run
 from ctretrieval.index import Index, check_model, ranked, stored_query
 from ctretrieval.model import Proximity100x100
-from ctretrieval.raw import (
+from ctretrieval.predict import (
     Embeddings,
     embed_volumes,
     named_items,
@@ -205,10 +205,10 @@ class RetrievalModel:
             "threshold": self.eval.threshold if threshold is None else threshold,
             "knn_k": self.eval.knn_k if knn_k is None else knn_k,
         }
+        known = {str(i) for i in index.ids}
         if isinstance(queries, Embeddings):
             embedded, pairs = queries, [(n, None) for n in queries.names]
         else:
-            known = {str(i) for i in index.ids}
             if isinstance(queries, (str, Path)) and str(queries) in known:
                 queries = [str(queries)]
             pairs = named_items(queries)
@@ -224,7 +224,7 @@ class RetrievalModel:
                 name, ranked(index, embedded.embeddings[i], k, probs=probs, **settings)
             )
         for name, item in pairs:
-            if name not in rows and isinstance(item, str):
+            if isinstance(item, str) and item in known:  # a study of the index, by its id
                 q_emb, row, hot = stored_query(index, item)
                 rows[name] = self._rows(
                     name, ranked(index, q_emb, k, exclude=row, q_hot=hot, **settings)

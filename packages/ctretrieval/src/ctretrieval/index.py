@@ -32,7 +32,7 @@ from ctretrieval.data import (
 )
 from ctretrieval.evaluate import load_model
 from ctretrieval.metrics import embed, knn_label_scores
-from ctretrieval.raw import (
+from ctretrieval.predict import (
     embed_prepared,
     named_items,
     prepare,
@@ -172,7 +172,7 @@ def _query_from_path(
 
     The study is preprocessed as ``ctretrieval-preprocess`` stored the archive (the index's
     record of the store's settings), falling back to the checkpoint's settings for an index of
-    a store that records none (:mod:`ctretrieval.raw`).
+    a store that records none (:mod:`ctretrieval.predict`).
     """
     model, state = load_model(checkpoint, device)
     check_model(index, weights_fingerprint(state["model"]), model.embedding_size, str(checkpoint))

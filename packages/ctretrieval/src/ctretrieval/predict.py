@@ -1,4 +1,4 @@
-"""Raw studies and HU arrays -> the uint8 volumes ctretrieval-preprocess stores -> embeddings.
+"""Prediction: raw studies and HU arrays -> the volumes preprocess stores -> embeddings.
 
 One path for every raw input of a trained model (``ctretrieval.load(...).embed`` and
 ``.search``, a raw query of ``ctretrieval-search``): a DICOM folder or NIfTI file is read by
