@@ -115,15 +115,14 @@ def test_eval_honours_set_seed_and_config(trained: Path, tmp_path: Path, capsys)
     assert code == 2 and err.count("error:") == 1 and "takes only eval, data, seed" in err
 
 
-def _index() -> tuple[dict, torch.Tensor]:
+def _index() -> tuple[index_mod.Index, torch.Tensor]:
     # The query (a raw study, embedded as q) is closest to a, then b, then c, then d.
     q = torch.nn.functional.normalize(torch.tensor([1.0, 0.0]), dim=0)
     angles = torch.tensor([0.1, 0.3, 0.5, 1.4])
     emb = torch.stack([angles.cos(), angles.sin()], dim=1).numpy().astype(np.float32)
     labels = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=np.uint8)
     meta = {"class_names": ["A", "B", "C"], "checkpoint": "unused.pt", "eval_config": {"knn_k": 3}}
-    index = {"ids": np.array(list("abcd")), "embeddings": emb, "labels": labels}
-    return {**index, "has_labels": np.ones(4, dtype=bool), "meta": meta}, q
+    return index_mod.Index(np.array(list("abcd")), emb, labels, np.ones(4, dtype=bool), meta), q
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,8 @@ def test_training_refuses_a_store_of_another_shape(tmp_path: Path, helpers, caps
 class _ShapeModel(torch.nn.Module):
     """Stands in for a trained model: records the volume a raw query becomes."""
 
+    embedding_size = 2
+
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[tuple[int, ...]] = []
@@ -108,19 +110,19 @@ def test_raw_query_is_preprocessed_with_the_archive_settings(
 ) -> None:
     root = _data_dir(tmp_path, helpers)
     # The checkpoint was trained with other settings than the archive's (4 x 8 x 8).
-    state = {"preprocess_config": {"target_shape": [6, 32, 32], "min_slices": 3}}
+    state = {"preprocess_config": {"target_shape": [6, 32, 32], "min_slices": 3}, "model": {}}
     model = _ShapeModel()
     monkeypatch.setattr(index_mod, "load_model", lambda path, device: (model, state))
-    idx = {
-        "ids": np.asarray(["s0", "s1"]),
-        "embeddings": np.ones((2, 2), np.float32) / 2**0.5,
-        "labels": np.zeros((2, 4), np.uint8),
-        "has_labels": np.zeros(2, bool),
-        "meta": {
+    idx = index_mod.Index(
+        ids=np.asarray(["s0", "s1"]),
+        embeddings=np.ones((2, 2), np.float32) / 2**0.5,
+        labels=np.zeros((2, 4), np.uint8),
+        has_labels=np.zeros(2, bool),
+        meta={
             "class_names": ["a", "b", "c", "d"],
             "checkpoint": "x.pt",
             "store_settings": read_settings(root / "volumes.h5"),
         },
-    }
+    )
     index_mod.search(idx, str(tmp_path / "raw" / "s1"), 1, torch.device("cpu"))
     assert model.seen == [(1, 4, 8, 8)]

@@ -1,4 +1,4 @@
-"""Console entry points ``ctretrieval-{preprocess,train,eval,index,search}``: commands and flags.
+"""Console entry points ``ctretrieval-{preprocess,train,eval,index,search,export}``: commands and flags.
 
 Each command is ``ctretrieval.<module>:<function>(args)`` (:class:`medcore.cli.command.Command`).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medcore.cli.command import Command
+from medcore.cli.export import export_command
 from medcore.runtime.device import DEVICE_CHOICES
 
 P, F = {"type": Path}, {"type": float}
@@ -47,7 +48,8 @@ index = Command("ctretrieval-index", "Embed an archive of volumes into an index"
 search = Command("ctretrieval-search", "Most similar studies of an index",
     "ctretrieval.index:search_main", [
         ("--index", {**P, "required": True, "help": "from ctretrieval-index"}),
-        ("--query", {"required": True, "help": "an id of the index, a DICOM folder, a NIfTI"}),
+        ("--query", {"required": True, "help": "an id of the index, or a raw study (a DICOM "
+                     "folder or a NIfTI file), preprocessed as the index's archive was"}),
         ("--top-k", {"type": int, "default": 10, "help": "results to list"}),
         ("--knn-k", {"type": int, "help": "neighbours voting findings (default: eval.knn_k)"}),
         ("--threshold", {**F, "help": "for a finding (default: eval.threshold)"}),
@@ -55,3 +57,4 @@ search = Command("ctretrieval-search", "Most similar studies of an index",
         ("--output", {**P, "help": "results CSV, JSON beside it (default: by the index)"}),
         ("--device", DEVICE)])
 # fmt: on
+export = export_command("ctretrieval-export", "ctretrieval.export:main")

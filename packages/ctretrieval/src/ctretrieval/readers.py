@@ -58,11 +58,31 @@ def find_studies(root: str | Path) -> list[Study]:
     return studies
 
 
+def study_at(path: str | Path) -> Study:
+    """The study of one path, with the id ``find_studies`` gives it: a DICOM folder or a NIfTI
+    file; anything else is a DataError."""
+    path = Path(path)
+    if path.is_dir():
+        return Study(path.name, path, "dicom")
+    if path.name.endswith(NIFTI_SUFFIXES):
+        if not path.is_file():
+            raise DataError(path, "NIfTI file not found")
+        return Study(_nifti_id(path), path, "nifti")
+    why = "not found" if not path.exists() else "neither a DICOM folder nor a NIfTI file"
+    raise DataError(path, f"{why} (expected a DICOM folder or a .nii / .nii.gz file)")
+
+
 def read_study(study: Study, min_slices: int = 1) -> Volume:
     """The study as a canonical medcore Volume; a DataError if it has fewer than ``min_slices``."""
     volume = read_dicom_series(study.path) if study.kind == "dicom" else read_nifti(study.path)
+    return check_volume(volume, study.id, min_slices)
+
+
+def check_volume(volume: Volume, study_id: str, min_slices: int = 1) -> Volume:
+    """``volume`` when it has at least ``min_slices`` slices and only finite voxels (what every
+    study, read from a file or handed over as an array, must have); else a DataError."""
     if volume.shape[0] < min_slices:
-        raise DataError(study.id, f"too few slices ({volume.shape[0]} < {min_slices})")
+        raise DataError(study_id, f"too few slices ({volume.shape[0]} < {min_slices})")
     if not np.isfinite(volume.voxels).all():
-        raise DataError(study.id, "NaN or infinite voxel(s) in the volume")
+        raise DataError(study_id, "NaN or infinite voxel(s) in the volume")
     return volume
