@@ -46,7 +46,7 @@ from medcore.config import read_yaml
 from medcore.errors import CheckpointError, UserError
 from medcore.io import json_default
 from medcore.report.model_card import ModelCard, metric_rows, read_metrics, split_sizes
-from medcore.weights.export import CONFIG_FILE, ModelExport
+from medcore.weights.export import CONFIG_FILE, WEIGHTS_FILE, ModelExport
 from medcore.weights.pretrained import HUB_PREFIX
 from medcore.weights.sources import ModelSource, ModelSourceError, read_model_source
 
@@ -133,6 +133,12 @@ def read_export(source: str | Path) -> tuple[ModelExport, Origin]:
     elif local and path.is_file() and path.suffix != ".safetensors":
         members = [path]
     if members is None:
+        if local and path.is_dir() and not (path / WEIGHTS_FILE).is_file():
+            raise ModelSourceError(
+                text,
+                f"checkpoint not found: neither a run or model directory of binensemble-train "
+                f"({BUNDLE_NAME}) nor an exported model folder ({CONFIG_FILE} + {WEIGHTS_FILE})",
+            )
         src = read_model_source(text, KIND)
         return src.as_export(), Origin(src.origin, text, src.path, {})
     read = dict(_read_member(p) for p in members)

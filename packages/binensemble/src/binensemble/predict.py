@@ -235,7 +235,7 @@ def run_predict(args: argparse.Namespace) -> int:
             for name, p in probs.items()
         ]
         print(format_table(rows))
-    used = ", ".join(f"{n}: {'+'.join(views or model.members[n].views or [])}" for n in names)
+    used = "; ".join(f"{n}: {', '.join(views or model.members[n].views or [])}" for n in names)
     print(f"{len(images)} images ({used}): {', '.join(str(p) for p in written)}")
     return 0
 
