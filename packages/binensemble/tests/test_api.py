@@ -252,6 +252,11 @@ def test_sources_that_are_not_a_binensemble_model_are_refused(
         binensemble.load(exported).predict(tiny_data / "TestSet" / "1.png", views=["identity"])
     code, _, err = call_main(predict, [str(exported)], capsys)
     assert code == 2 and error_line(err).startswith("error: --data-dir: an exported model")
+    argv = [str(exported), "--images", str(tiny_data / "TestSet"), "--data-dir", str(tiny_data)]
+    code, _, err = call_main(predict, argv, capsys)
+    assert code == 2 and error_line(err) == (
+        "error: --images: predicts the images given; leave out --data-dir"
+    )
 
 
 def test_import_stays_light_and_load_leaves_the_trainer_out() -> None:

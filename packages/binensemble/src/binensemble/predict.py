@@ -248,8 +248,9 @@ def _inputs(
     from binensemble.api import read_images
 
     if args.images:
-        if args.split == "val":
-            raise UserError("--images", "predicts the images given; leave out --split val")
+        if args.split == "val" or args.data_dir is not None:
+            flag = "--split val" if args.split == "val" else "--data-dir"
+            raise UserError("--images", f"predicts the images given; leave out {flag}")
         images, _ = read_images(args.images, data_cfg, workdir)
         return images, None
     if exported and args.data_dir is None:
