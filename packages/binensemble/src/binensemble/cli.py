@@ -1,4 +1,4 @@
-"""Console entry points ``binensemble-{train,predict,vote,analyze}``: commands and flags only.
+"""Console entry points ``binensemble-{train,predict,vote,analyze,export}``: commands and flags only.
 
 Each command is ``binensemble.<module>:<function>(args)`` (:class:`medcore.cli.command.Command`).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medcore.cli.command import Command
+from medcore.cli.export import export_command
 
 P = {"type": Path}
 PROBS = ("probs", {**P, "nargs": "+", "help": "two or more probability files"})
@@ -20,8 +21,11 @@ train = Command("binensemble-train", "Train the metric and/or baseline model (no
     common=True)
 predict = Command("binensemble-predict", "Predict TestSet/ (or the validation split) with 4-view "
                   "TTA.", "binensemble.predict:run_predict", [
-    ("model", {**P, "help": "a model directory of binensemble-train, or its model.pt"}),
+    ("model", {"metavar": "SOURCE", "help": "a run directory of binensemble-train (every "
+               "model and the vote), a model's model.pt, an exported folder or hf-hub:ORG/NAME"}),
     ("--split", {"choices": ["test", "val"], "default": "test", "help": "TestSet/ or validation"}),
+    ("--images", {**P, "nargs": "+", "help": "image files or folders to predict instead of "
+                  "TestSet/"}),
     ("--no-tta", {"action": "store_true", "help": "identity view only (default: 4-view TTA)"}),
     ("--name", {"help": "output file stem (default: the model name, e.g. metric_val)"})],
     common=False)
@@ -34,6 +38,9 @@ analyze = Command("binensemble-analyze", "Agreement, accuracy and complementarit
     PROBS, WEIGHTS, ("--names", {"nargs": "+", "help": "(default: the file stems)"}),
     ("--labels", {**P, "help": "image_id,label CSV (default: the targets)"}),
     ("--output-dir", {**P, "default": Path("analysis")})])
+export = export_command("binensemble-export", "binensemble.export:main", "Export the model of a "
+                        "run (every model and the vote) or of a checkpoint as a Hugging Face "
+                        "model folder (safetensors with the KNN gallery, config, card).")
 # fmt: on
 
 if __name__ == "__main__":  # torchrun -m binensemble.cli ...

@@ -65,10 +65,12 @@ def store_spec(cfg: DataConfig) -> StoreSpec:
     return StoreSpec((resize, resize), "RGB", "stretch")
 
 
-def _decoded(paths: list[Path], cfg: DataConfig) -> tuple[ImageStore, np.ndarray]:
-    """The store of ``paths`` (decoded once, cached) and which paths decoded; every other one
-    is named on stderr with its reason."""
-    store = cached_store(paths, store_spec(cfg), progress=False)
+def decode(
+    paths: list[Path], cfg: DataConfig, directory: Path | None = None
+) -> tuple[ImageStore, np.ndarray]:
+    """The store of ``paths`` (decoded once, cached; in ``directory`` when given) and which
+    paths decoded; every other one is named on stderr with its reason."""
+    store = cached_store(paths, store_spec(cfg), directory, progress=False)
     for path in np.asarray(paths, dtype=object)[~store.valid]:
         try:  # only the broken ones are read again, for the reason the store does not keep
             load_image(path)
@@ -96,7 +98,7 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
-def _image_files(folder: Path, extensions: Sequence[str]) -> list[Path]:
+def image_files(folder: Path, extensions: Sequence[str]) -> list[Path]:
     exts = {e.lower() for e in extensions}
     files = [
         p
@@ -124,13 +126,13 @@ def scan_labelled(root: Path, cfg: DataConfig) -> ImageSet:
                 folder,
                 f"class folder not found (expected one folder per class: {', '.join(cfg.classes)})",
             )
-        files = _image_files(folder, cfg.extensions)
+        files = image_files(folder, cfg.extensions)
         if not files:
             raise DataError(folder, f"class folder has no images ({', '.join(cfg.extensions)})")
         paths += files
         labels += [label] * len(files)
         ids += [f"{cls}/{p.stem}" for p in files]
-    store, valid = _decoded(paths, cfg)
+    store, valid = decode(paths, cfg)
     y = np.asarray(labels, dtype=np.int64)
     for label, cls in enumerate(cfg.classes):
         if not valid[y == label].any():
@@ -149,10 +151,10 @@ def scan_unlabelled(root: Path, cfg: DataConfig) -> ImageSet:
     folder = root / cfg.test_dir
     if not folder.is_dir():
         raise DataError(folder, "test folder not found")
-    files = _image_files(folder, cfg.extensions)
+    files = image_files(folder, cfg.extensions)
     if not files:
         raise DataError(folder, f"no images ({', '.join(cfg.extensions)})")
-    store, valid = _decoded(files, cfg)
+    store, valid = decode(files, cfg)
     if not valid.all():
         print(f"{cfg.test_dir}: skipped {int((~valid).sum())} unreadable image(s)", file=sys.stderr)
     if not valid.any():

@@ -29,7 +29,7 @@ from medcore.engine.inference import checkpoint_precision, load_model
 from medcore.errors import CheckpointError, DataError, UserError
 from medcore.metrics import knn_predict_proba
 from medcore.report.tables import format_table
-from medcore.runtime.device import AmpPolicy, resolve_device
+from medcore.runtime.device import AmpPolicy
 
 BUNDLE_NAME = "model.pt"
 
@@ -48,6 +48,7 @@ class Bundle:
     knn: dict[str, Any] | None
     gallery_emb: torch.Tensor | None
     gallery_y: torch.Tensor | None
+    views: list[str] | None = None  # the TTA views it predicts with, when recorded
 
 
 def resolve_bundle_path(path: str | Path) -> Path:
@@ -72,9 +73,17 @@ def _build(state: dict[str, Any]) -> torch.nn.Module:
 
 def load_bundle(path: str | Path, device: torch.device) -> Bundle:
     """Rebuild the model of a ``model.pt`` (or a training checkpoint of the baseline)."""
-    path = resolve_bundle_path(path)
+    return bundle_from_state(resolve_bundle_path(path), None, device)
+
+
+def bundle_from_state(
+    path: str | Path, state: dict[str, Any] | None, device: torch.device
+) -> Bundle:
+    """The model of a checkpoint dict (read from ``path`` when ``state`` is None; an exported
+    model's, :func:`binensemble.export.member_states`, names ``path`` only in errors)."""
+    path = Path(path)
     kinds = {model_kind(name): name for name in MODEL_CLASSES}
-    model, state = load_model(path, list(kinds), _build, device=device)
+    model, state = load_model(path, list(kinds), _build, device=device, state=state)
     name = kinds[state["kind"]]
     model_cfg, data_cfg = _configs(state)
     knn = gallery_emb = gallery_y = None
@@ -88,7 +97,10 @@ def load_bundle(path: str | Path, device: torch.device) -> Bundle:
         gallery_emb = state["gallery"]["embeddings"].float()
         gallery_y = state["gallery"]["labels"].long()
     precision = checkpoint_precision(state, device)
-    return Bundle(path, name, model, model_cfg, data_cfg, precision, knn, gallery_emb, gallery_y)
+    views = list(state["views"]) if "views" in state else None
+    return Bundle(
+        path, name, model, model_cfg, data_cfg, precision, knn, gallery_emb, gallery_y, views
+    )
 
 
 def predict_probs(
@@ -105,10 +117,24 @@ def predict_probs(
     A metric model's queries must be embedded with the views its KNN gallery was embedded with
     (an embedding averaged over other views lies elsewhere on the sphere).
     """
+    return member_probs(
+        bundle, images, device, views, cfg.data.eval_batch_size, cfg.trainer.num_workers, desc
+    )
+
+
+def member_probs(
+    bundle: Bundle,
+    images: ImageSet,
+    device: torch.device,
+    views: Sequence[str],
+    batch_size: int,
+    workers: int | None,
+    desc: str | None = None,
+) -> np.ndarray:
+    """:func:`predict_probs` with the batch size and loader workers given."""
     if bundle.knn is not None:
         check_views(bundle, views)
-    data_cfg = dataclasses.replace(bundle.data_cfg, eval_batch_size=cfg.data.eval_batch_size)
-    workers = cfg.trainer.num_workers
+    data_cfg = dataclasses.replace(bundle.data_cfg, eval_batch_size=batch_size)
     out = extract(
         bundle.model, images, data_cfg, device, bundle.precision, workers, views, desc, False
     )
@@ -156,26 +182,25 @@ def validation_images(root: Path, data_cfg: DataConfig, splits_path: Path) -> Im
 
 # -- the binensemble-predict command ------------------------------------------------------------
 def run_predict(args: argparse.Namespace) -> int:
+    """Predict with every model of ``args.model`` (run, checkpoint, export or hub name) and, with
+    several models, vote: the functions of :func:`binensemble.load` and ``binensemble-vote``."""
+    import tempfile
+
+    from binensemble.api import load
+
     # As in training, a --config stands alone; the demo preset applies only without one.
     cfg = load_run_config(args, BinEnsembleConfig, "binensemble")
-    device = resolve_device(cfg.device)
-    bundle = load_bundle(args.model, device)
-    data_cfg = bundle.data_cfg
-    if args.data_dir is not None:
-        data_cfg = dataclasses.replace(data_cfg, data_dir=str(args.data_dir))
-    root = data_root(data_cfg)
-    targets = None
-    if args.split == "val":
-        images = validation_images(root, data_cfg, bundle.path.parent / "splits.json")
-        targets = images.labels
-    else:
-        images = scan_unlabelled(root, data_cfg)
-        labels_path = root / data_cfg.test_labels
-        if labels_path.is_file():
-            labels = read_labels(labels_path)
-            if all(i in labels for i in images.ids):
-                targets = np.asarray([labels[i] for i in images.ids])
-    views = ["identity"] if args.no_tta or not cfg.predict.tta else list(cfg.predict.views)
+    model = load(args.model, cfg.device)
+    names = model.names
+    if args.name and len(names) > 1:
+        raise UserError(
+            "--name",
+            f"names one model's files; {args.model} holds {', '.join(names)} and their vote",
+        )
+    exported = not model.origin.model_dirs
+    data_dir = model.origin.data_dir if args.data_dir is None else str(args.data_dir)
+    data_cfg = dataclasses.replace(model.data_config, data_dir=data_dir)
+    # Views asked for on the command line apply to every model; else each its recorded ones.
     asked = (
         args.no_tta
         or args.config is not None
@@ -184,25 +209,67 @@ def run_predict(args: argparse.Namespace) -> int:
             for item in args.overrides
         )
     )
-    if bundle.knn is not None and not asked:
-        views = list(bundle.knn["views"])  # nothing asked: the gallery's own views
-    probs = predict_probs(bundle, images, cfg, device, views, f"{bundle.name}: {args.split}")
-    out_dir = Path(args.output_dir) if args.output_dir else bundle.path.parent / "predictions"
-    name = args.name or (bundle.name if args.split == "test" else f"{bundle.name}_val")
-    pred_path, prob_path = write_predictions(
-        out_dir, name, images.ids, probs, data_cfg.classes, targets
-    )
-    if targets is not None:
-        print(
-            format_table(
-                [
-                    {
-                        "model": bundle.name,
-                        "split": args.split,
-                        **summarise(targets, probs, prefix=""),
-                    }
-                ]
-            )
+    views = None
+    if asked:
+        views = ["identity"] if args.no_tta or not cfg.predict.tta else list(cfg.predict.views)
+    with tempfile.TemporaryDirectory(prefix="binensemble-predict-") as tmp:
+        images, targets = _inputs(args, data_cfg, model, exported, Path(tmp))
+        probs = model.predict_set(
+            images, views, cfg.data.eval_batch_size, cfg.trainer.num_workers, args.split
         )
-    print(f"{len(images)} images ({', '.join(views)}): {pred_path}, {prob_path}")
+    if args.output_dir:
+        out_dir = Path(args.output_dir)
+    elif exported:
+        out_dir = Path("predictions")
+    elif model.origin.origin == "run":
+        out_dir = Path(args.model) / "predictions"
+    else:
+        out_dir = model.origin.model_dirs[names[0]] / "predictions"
+    written = []
+    for name, p in probs.items():
+        stem = args.name or (name if args.split == "test" else f"{name}_val")
+        written += write_predictions(out_dir, stem, images.ids, p, data_cfg.classes, targets)
+    if targets is not None:
+        rows = [
+            {"model": name, "split": args.split, **summarise(targets, p, prefix="")}
+            for name, p in probs.items()
+        ]
+        print(format_table(rows))
+    used = "; ".join(f"{n}: {', '.join(views or model.members[n].views or [])}" for n in names)
+    print(f"{len(images)} images ({used}): {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _inputs(
+    args: argparse.Namespace, data_cfg: DataConfig, model: Any, exported: bool, workdir: Path
+) -> tuple[ImageSet, np.ndarray | None]:
+    """The images to predict and their labels when known: ``--images``, the validation split
+    of the run, or ``TestSet/`` (scored when its labels file covers it)."""
+    from binensemble.api import read_images
+
+    if args.images:
+        if args.split == "val" or args.data_dir is not None:
+            flag = "--split val" if args.split == "val" else "--data-dir"
+            raise UserError("--images", f"predicts the images given; leave out {flag}")
+        images, _ = read_images(args.images, data_cfg, workdir)
+        return images, None
+    if exported and args.data_dir is None:
+        raise UserError(
+            "--data-dir", "an exported model carries no data directory: give --data-dir or --images"
+        )
+    root = data_root(data_cfg)
+    if args.split == "val":
+        if exported:
+            raise UserError(
+                "--split", "val reads the run's saved split: pass the run directory, not an export"
+            )
+        splits = next(iter(model.origin.model_dirs.values())) / "splits.json"
+        images = validation_images(root, data_cfg, splits)
+        return images, images.labels
+    images = scan_unlabelled(root, data_cfg)
+    labels_path = root / data_cfg.test_labels
+    if labels_path.is_file():
+        labels = read_labels(labels_path)
+        if all(i in labels for i in images.ids):
+            return images, np.asarray([labels[i] for i in images.ids])
+    return images, None
