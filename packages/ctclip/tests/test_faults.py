@@ -218,9 +218,9 @@ def _bad_nifti(case: str, path: Path) -> None:
 # (case, what the skip line says)
 NIFTI_SKIPS = [
     ("zero-byte", "empty file (0 bytes)"),
-    ("truncated .nii.gz header", "not a readable NIfTI file (truncated or corrupt"),
-    ("truncated .nii.gz voxels", "cannot read the voxels (truncated or corrupt"),
-    ("not gzip", "not a readable NIfTI file"),
+    ("truncated .nii.gz header", "truncated or corrupt gzip data"),
+    ("truncated .nii.gz voxels", "truncated or corrupt gzip data"),
+    ("not gzip", "not a NIfTI-1/NIfTI-2 file (no valid header"),
     ("2-D", "expected a 3D volume"),
     ("4-D", "expected a 3D volume"),
     ("NaN voxels", "NaN"),

@@ -384,7 +384,7 @@ def test_search_and_eval_inputs_are_one_line_errors(
         (
             search,
             ["--index", str(index_file), "--query", str(broken_nii), *out],
-            "not a readable NIfTI",
+            "truncated or corrupt gzip data",
         ),
         (
             search,
