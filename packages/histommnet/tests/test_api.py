@@ -13,12 +13,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from sklearn.metrics import roc_auc_score
 
@@ -26,7 +28,7 @@ import histommnet
 from histommnet.breakhis import ALL_MAGNIFICATIONS, scan_breakhis
 from histommnet.cli import export, predict, train
 from medcore.data.splits import load_splits
-from medcore.errors import UserError
+from medcore.errors import DataError, UserError
 from medcore.testing import call_main, error_line, hub_snapshot_of
 from medcore.weights.export import ModelExport, write_export
 from medcore.weights.sources import ModelSourceError
@@ -265,6 +267,101 @@ def test_gradcam_maps_for_each_draw(run, folders) -> None:
     cams = result.cams[key]
     assert cams.shape == (len(result.images), 4, 32, 32)
     assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0
+
+
+def _arrays_of(folder: Path) -> dict[str, list[np.ndarray]]:
+    """A patient folder's images as uint8 RGB arrays, read by PIL, in file-name order."""
+    return {
+        m: [np.asarray(Image.open(p).convert("RGB")) for p in sorted((folder / m).iterdir())]
+        for m in ALL_MAGNIFICATIONS
+    }
+
+
+def test_images_in_memory_predict_as_their_folder(
+    run, folders, tmp_path, monkeypatch, capsys
+) -> None:
+    model = histommnet.load(run, device="cpu")
+    plain = folders[sorted(folders)[0]]
+    (resized,) = _copy_patients(folders, [sorted(folders)[-1]], tmp_path / "p")
+    for png in resized.rglob("*.png"):  # not the input size: the store resizes and crops them
+        with Image.open(png) as img:
+            img.resize((45, 38), Image.Resampling.BILINEAR).save(png)
+    by_folder = model.predict([plain, resized], progress=False)
+    given = {plain.name: _arrays_of(plain), resized.name: _arrays_of(resized)}
+    paths_100x = sorted(str(p) for p in (resized / "100X").iterdir())
+    given[resized.name]["100x"] = paths_100x  # file paths beside arrays, any case of the key
+    del given[resized.name]["100X"]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    stores = tmp_path / "cache" / "imagestore"
+    monkeypatch.setenv("MEDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    in_memory = model.predict(given, progress=False)
+    assert not list((tmp_path / "tmp").iterdir())  # PNGs and their stores are removed
+    assert not stores.exists()  # and never enter the shared cache
+    for level in ("images", "patients"):
+        got, want = getattr(in_memory, level), getattr(by_folder, level)
+        assert got["patient"].tolist() == want["patient"].tolist()
+        np.testing.assert_allclose(got["prob_malignant"], want["prob_malignant"], atol=1e-6, rtol=0)
+    assert in_memory.patients["images"].tolist() == by_folder.patients["images"].tolist()
+    assert in_memory.patients["folder"].tolist() == ["", ""]
+    # the same draws: an array is named by its magnification and position in the list given
+    mine = by_folder.images["patient"] == plain.name
+    for mag in ALL_MAGNIFICATIONS:
+        order = sorted(str(p) for p in (plain / mag).iterdir())
+        named = [f"{mag}[{order.index(p)}]" for p in by_folder.images.loc[mine, f"image_{mag}"]]
+        assert in_memory.images.loc[mine, f"image_{mag}"].tolist() == named
+    assert in_memory.images.loc[~mine, "image_100X"].tolist() == (
+        by_folder.images.loc[~mine, "image_100X"].tolist()
+    )
+
+    # the missing-magnification rule of folders
+    (copy,) = _copy_patients(folders, [plain.name], tmp_path / "q")
+    shutil.rmtree(copy / "400X")
+    arrays = _arrays_of(plain)
+    del arrays["400X"]
+    capsys.readouterr()
+    filled = model.predict({plain.name: arrays}, progress=False)
+    assert f"patient {plain.name}: missing magnification filled (400X from 200X)" in (
+        capsys.readouterr().err
+    )
+    want = model.predict(copy, progress=False)
+    assert filled.patients["filled"].tolist() == ["400X from 200X"]
+    np.testing.assert_allclose(
+        filled.images["prob_malignant"], want.images["prob_malignant"], atol=1e-6, rtol=0
+    )
+    # one patient as one mapping is named "patient"
+    one = model.predict(arrays, progress=False)
+    assert one.patients["patient"].tolist() == ["patient"]
+    assert one.images["image_40X"].str.fullmatch(r"40X\[\d\]").all()
+
+
+def test_images_in_memory_refused(run, folders, tmp_path) -> None:
+    model = histommnet.load(run, device="cpu")
+    rgb = _arrays_of(folders[sorted(folders)[0]])["40X"][0]
+    cases = {
+        "patient: unknown magnification '50X' (known: 40X, 100X, 200X, 400X)": {"50X": rgb},
+        "patient P1: unknown magnification 40": {"P1": {40: rgb}},
+        "patient 40X[1]: an image array must be uint8 RGB [H, W, 3], not float32 [32, 32, 3]": {
+            "40X": [rgb, rgb.astype(np.float32)]
+        },
+        "patient P1 100X[0]: an image array must be uint8 RGB [H, W, 3], not uint8 [32, 32]": {
+            "P1": {"100X": rgb[..., 0]}
+        },
+        "not uint8 [2, 32, 32, 3]": {"40X": np.stack([rgb, rgb])},
+        "patient 40X[0]: expected an image file path or a uint8 [H, W, 3] array, not int": {
+            "40X": 7
+        },
+        "patients['40X']: mixes named patients": {"P1": {"40X": rgb}, "40X": rgb},
+        "patients: no patient given": {},
+    }
+    for why, given in cases.items():
+        with pytest.raises(DataError, match=re.escape(why)):
+            model.predict(given, progress=False)
+    # a path that names no file is skipped and named, like an unreadable image in a folder
+    gone = str(tmp_path / "gone.png")
+    result = model.predict({"40X": [rgb, gone], "100X": [rgb, str(tmp_path)]}, progress=False)
+    assert result.skipped[:2] == [(gone, "no such file"), (str(tmp_path), "not a file")]
+    assert result.patients["images"].tolist() == [2]
 
 
 def _other_package_export(tmp_path: Path) -> Path:

@@ -4,8 +4,13 @@
 
     model = histommnet.load("runs/histommnet/<run>")   # or a checkpoint, an export, hf-hub:ORG/NAME
     result = model.predict("patients/")                # patient folders of 40X/100X/200X/400X
+    result = model.predict({"P1": {"40X": [rgb1, rgb2], "100X": rgb3}})  # or images in memory
     result.patients                                    # P(malignant) per patient, predicted class
     result.images                                      # P(malignant) per draw (one image per magnification)
+
+Images in memory (uint8 RGB arrays) are written as PNG files to a temporary folder and read
+back through the same image store as files: PNG is lossless, so each is decoded to the very
+array given, and one decoding, resize and crop path serves files and arrays alike.
 
 The model of a run is one fold (:mod:`histommnet.export`: the best by validation score, or
 ``fold=K``) with that fold's image- and patient-level thresholds. Prediction is the evaluation
@@ -20,9 +25,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,18 +57,24 @@ from medcore.weights.export import ModelExport
 from medcore.weights.sources import model_export, read_model_source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-PatientsArg = str | Path | Iterable[str | Path]
+ImageArg = str | Path | np.ndarray
+PatientImages = Mapping[str, ImageArg | Sequence[ImageArg]]
+PatientsArg = str | Path | Iterable[str | Path] | PatientImages | Mapping[str, PatientImages]
+# the name of a patient given as one mapping of magnification -> images
+ONE_PATIENT = "patient"
 
 
 @dataclass
 class Prediction:
     """What :meth:`HistoModel.predict` returns.
 
-    ``patients``: one row per patient (``patient`` = folder name, ``prob_malignant`` the mean
-    over its draws, ``predicted`` at the patient-level ``threshold``, ``images`` used,
-    ``draws``, ``filled`` missing magnifications, ``folder``). ``images``: one row per draw
-    (``patient``, ``draw``, ``prob_malignant``, ``predicted`` at the image-level ``threshold``,
-    the image path of each magnification, the subtype head's guess where the model has one).
+    ``patients``: one row per patient (``patient`` = folder name or the name given,
+    ``prob_malignant`` the mean over its draws, ``predicted`` at the patient-level
+    ``threshold``, ``images`` used, ``draws``, ``filled`` missing magnifications, ``folder``,
+    empty for images given in memory). ``images``: one row per draw (``patient``, ``draw``,
+    ``prob_malignant``, ``predicted`` at the image-level ``threshold``, the image of each
+    magnification: its path, or ``40X[1]`` for the second array given at 40X; the subtype
+    head's guess where the model has one).
     ``skipped``: ``(path or folder, why)`` of what was left out. ``cams`` (``gradcam=True``):
     patient -> Grad-CAM maps ``[draws, magnifications, h, w]`` in [0, 1] for the predicted
     class of each draw, on the model's input pixels.
@@ -124,47 +137,163 @@ def patient_folders(inputs: PatientsArg) -> list[Path]:
     return folders
 
 
-def read_patients(
-    folders: Sequence[Path], magnifications: Sequence[str], missing: str
-) -> tuple[list[Patient], list[tuple[str, str]], dict[str, Path]]:
+@dataclass
+class _Inputs:
+    """Patients read from folders or mappings, ready for :meth:`HistoModel.predict`."""
+
+    patients: list[Patient]
+    skipped: list[tuple[str, str]]
+    where: dict[str, str]  # patient key -> its folder ("" for images given in memory)
+    who: dict[str, str]  # patient key -> how messages name it ("patient <folder or name>")
+    shown: dict[str, str] = field(default_factory=dict)  # temporary PNG -> "40X[1]"
+
+
+def _skip(skipped: list[tuple[str, str]], what: str, why: str) -> None:
+    skipped.append((what, why))
+    print(f"skip {what}: {why}", file=sys.stderr)
+
+
+def _add_patient(
+    inputs: _Inputs,
+    key: str,
+    folder: str,
+    who: str,
+    images: dict[str, list[str]],
+    magnifications: Sequence[str],
+    missing: str,
+) -> None:
+    """Patient ``key`` of ``images`` (paths per magnification) into ``inputs``: unreadable
+    images skipped, a missing magnification filled or the patient skipped, each named."""
+    good: dict[str, list[str]] = {}
+    for mag in magnifications:
+        good[mag] = []
+        for path in images.get(mag, []):
+            file = Path(path)
+            if file.is_file():
+                why = image_problem(file)
+            else:
+                why = "not a file" if file.exists() else "no such file"
+            if why is None:
+                good[mag].append(path)
+            else:
+                shown = f"{who} {inputs.shown[path]}" if path in inputs.shown else path
+                _skip(inputs.skipped, shown, why)
+    patient = Patient(key, key, -1, -1, good)
+    why = fill_magnifications(patient, magnifications, missing)
+    if why is not None:
+        _skip(inputs.skipped, who, why)
+        return
+    inputs.patients.append(patient)
+    inputs.where[key] = folder
+    inputs.who[key] = who
+
+
+def _no_patient(inputs: _Inputs, what: str, magnifications: Sequence[str]) -> None:
+    if not inputs.patients:
+        raise DataError(what, f"no patient with readable images at {', '.join(magnifications)}")
+
+
+def read_patients(folders: Sequence[Path], magnifications: Sequence[str], missing: str) -> _Inputs:
     """Patients of ``folders`` (key: folder name; label and subtype unknown, -1), their
     unreadable images and incomplete patients skipped, each named on stderr."""
-    patients: list[Patient] = []
-    skipped: list[tuple[str, str]] = []
-    where: dict[str, Path] = {}
-
-    def skip(what: str, why: str) -> None:
-        skipped.append((what, why))
-        print(f"skip {what}: {why}", file=sys.stderr)
-
+    inputs = _Inputs([], [], {}, {})
     for folder in folders:
         dirs = _magnification_dirs(folder)
-        images: dict[str, list[str]] = {}
-        for mag in magnifications:
-            paths = (
-                sorted(str(p) for p in dirs[mag].iterdir() if _is_image(p)) if mag in dirs else []
-            )
-            good = []
-            for path in paths:
-                why = image_problem(Path(path))
-                if why is None:
-                    good.append(path)
-                else:
-                    skip(path, why)
-            images[mag] = good
-        patient = Patient(folder.name, folder.name, -1, -1, images)
-        why = fill_magnifications(patient, magnifications, missing)
-        if why is not None:
-            skip(f"patient {folder}", why)
-            continue
-        patients.append(patient)
-        where[patient.key] = folder
-    if not patients:
+        images = {
+            mag: sorted(str(p) for p in dirs[mag].iterdir() if _is_image(p))
+            for mag in magnifications
+            if mag in dirs
+        }
+        who = f"patient {folder}"
+        _add_patient(inputs, folder.name, str(folder), who, images, magnifications, missing)
+    what = ", ".join(str(f) for f in folders[:3]) + (" ..." if len(folders) > 3 else "")
+    _no_patient(inputs, what, magnifications)
+    return inputs
+
+
+def _magnification_key(key: Any, where: str) -> str:
+    mag = key.upper() if isinstance(key, str) else None
+    if mag not in ALL_MAGNIFICATIONS:
         raise DataError(
-            ", ".join(str(f) for f in folders[:3]) + (" ..." if len(folders) > 3 else ""),
-            f"no patient with readable images at {', '.join(magnifications)}",
+            where, f"unknown magnification {key!r} (known: {', '.join(ALL_MAGNIFICATIONS)})"
         )
-    return patients, skipped, where
+    return mag
+
+
+def _image_path(item: Any, png: Path, where: str) -> str:
+    """The file of one given image: a path as given, an array written to ``png``."""
+    if isinstance(item, (str, Path)):
+        return str(Path(item).expanduser())
+    if not isinstance(item, np.ndarray):
+        raise DataError(
+            where,
+            f"expected an image file path or a uint8 [H, W, 3] array, not {type(item).__name__}",
+        )
+    if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3 or 0 in item.shape:
+        raise DataError(
+            where,
+            f"an image array must be uint8 RGB [H, W, 3], not {item.dtype} {list(item.shape)}",
+        )
+    from PIL import Image
+
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(item).save(png)
+    return str(png)
+
+
+def given_patients(
+    given: Mapping[Any, Any], magnifications: Sequence[str], missing: str, workdir: Path
+) -> _Inputs:
+    """Patients given in memory: one mapping of magnification -> images (named
+    :data:`ONE_PATIENT`) or a mapping of name -> such a mapping. An image is a file path or a
+    uint8 RGB array ``[H, W, 3]`` (written to ``workdir`` as PNG); each magnification takes
+    one or a list. DataError for an unknown magnification, an array of another shape or dtype,
+    a value of another type."""
+    if not given:
+        raise DataError("patients", "no patient given")
+    nested = [isinstance(v, Mapping) for v in given.values()]
+    single = not any(nested)
+    if single:
+        given = {ONE_PATIENT: given}
+    elif not all(nested):
+        key = next(k for k, n in zip(given, nested, strict=True) if not n)
+        raise DataError(
+            f"patients[{key!r}]",
+            "mixes named patients (mappings) with a patient's magnifications: give either "
+            '{"40X": images, ...} or {name: {"40X": images, ...}, ...}',
+        )
+    inputs = _Inputs([], [], {}, {})
+    seen: set[str] = set()
+    for n, (name, patient) in enumerate(given.items()):
+        key = str(name)
+        if key in seen:
+            raise DataError(f"patients[{name!r}]", "two patients have this name")
+        seen.add(key)
+        who = "patient" if single else f"patient {key}"
+        images: dict[str, list[str]] = {}
+        for mag_key, items in patient.items():
+            mag = _magnification_key(mag_key, who)
+            if mag in images:
+                raise DataError(who, f"{mag} is given twice ({mag_key!r})")
+            listed = items if isinstance(items, (list, tuple)) else [items]
+            paths = []
+            for i, item in enumerate(listed):
+                label = f"{mag}[{i}]"
+                path = _image_path(item, workdir / f"{n}" / f"{mag}_{i}.png", f"{who} {label}")
+                if not isinstance(item, (str, Path)):
+                    inputs.shown[path] = label
+                paths.append(path)
+            images[mag] = paths
+        unused = [m for m in images if m not in magnifications]
+        for mag in unused:
+            _skip(
+                inputs.skipped,
+                f"{who} {mag}",
+                f"not a magnification of this model (it reads {', '.join(magnifications)})",
+            )
+        _add_patient(inputs, key, "", who, images, magnifications, missing)
+    _no_patient(inputs, "patients", magnifications)
+    return inputs
 
 
 class HistoModel:
@@ -214,32 +343,53 @@ class HistoModel:
         batch_size: int = 32,
         progress: bool = True,
     ) -> Prediction:
-        """P(malignant) of each patient folder (see :func:`patient_folders` for what
-        ``patients`` may name) and of each of its draws, with the fold's thresholds.
+        """P(malignant) of each patient and of each of its draws, with the fold's thresholds.
+
+        ``patients``: patient folders (see :func:`patient_folders` for what may be named), or
+        images in memory (see :func:`given_patients`): ``{"40X": [rgb1, rgb2], "100X": rgb3}``
+        for one patient (named ``patient``), ``{name: {...}, ...}`` for several; an image is a
+        file path or a uint8 RGB array ``[H, W, 3]``, decoded, drawn and predicted exactly as
+        the same image in a patient folder (a patient's draws are seeded by its name).
 
         An unreadable image is named on stderr, skipped and counted in ``skipped``; a patient
         without images at a magnification is filled from the nearest one or skipped, as the
         training run's ``data.missing_magnification`` said. ``gradcam``: also the Grad-CAM
         maps of every draw (``histommnet.gradcam.patient_cams``).
         """
-        folders = patient_folders(patients)
-        found, skipped, where = read_patients(
-            folders, self.magnifications, self.data.missing_magnification
-        )
+        mags, missing = self.magnifications, self.data.missing_magnification
+        if not isinstance(patients, Mapping):
+            inputs = read_patients(patient_folders(patients), mags, missing)
+            return self._predict(inputs, None, gradcam, batch_size, progress)
+        with tempfile.TemporaryDirectory(prefix="histommnet-predict-") as tmp:
+            inputs = given_patients(patients, mags, missing, Path(tmp) / "arrays")
+            return self._predict(inputs, Path(tmp) / "store", gradcam, batch_size, progress)
+
+    def _predict(
+        self,
+        inputs: _Inputs,
+        store_dir: Path | None,
+        gradcam: bool,
+        batch_size: int,
+        progress: bool,
+    ) -> Prediction:
+        found, skipped = inputs.patients, inputs.skipped
         paths = [p for patient in found for m in self.magnifications for p in patient.images[m]]
-        images = WorkingImages(paths, self.data, progress=progress)
+        images = WorkingImages(paths, self.data, progress=progress, store_dir=store_dir)
         # An image that passed the check but does not decode is replaced by another of its
         # magnification (WorkingImages names it), as in evaluation; with none left, the
         # patient cannot be predicted.
         for patient in list(found):
             lost = [m for m in self.magnifications if set(patient.images[m]) <= images.bad]
             if lost:
-                why = f"no decodable image at {', '.join(lost)}"
-                print(f"skip patient {where[patient.key]}: {why}", file=sys.stderr)
-                skipped.append((str(where[patient.key]), why))
+                _skip(
+                    skipped,
+                    inputs.who[patient.key],
+                    f"no decodable image at {', '.join(lost)}",
+                )
                 found.remove(patient)
         if not found:
-            raise DataError(", ".join(map(str, folders[:3])), "no patient with decodable images")
+            names = [folder or key for key, folder in inputs.where.items()]
+            raise DataError(", ".join(names[:3]), "no patient with decodable images")
         options = PredictOptions(
             self.device, self.precision, batch_size, num_workers=0, shard=False
         )
@@ -249,7 +399,7 @@ class HistoModel:
             frame = predict_draws(self.model, ds, options)
             frame["draw"] = range(len(frame))
             for j, mag in enumerate(self.magnifications):
-                frame[f"image_{mag}"] = [paths_of[j] for _, paths_of in ds.draws]
+                frame[f"image_{mag}"] = [inputs.shown.get(p[j], p[j]) for _, p in ds.draws]
             draws.append(frame)
             used = {p for m in self.magnifications for p in patient.images[m]}
             rows.append(
@@ -257,7 +407,7 @@ class HistoModel:
                     "patient": patient.key,
                     "images": len(used),
                     "filled": ", ".join(f"{m} from {s}" for m, s in patient.filled_from.items()),
-                    "folder": str(where[patient.key]),
+                    "folder": inputs.where[patient.key],
                 }
             )
             if gradcam:
@@ -320,4 +470,4 @@ def load(source: str | Path, device: str = "auto", fold: int | None = None) -> H
     return HistoModel(model, export, where, str(source))
 
 
-__all__ = ["HistoModel", "Prediction", "load", "patient_folders"]
+__all__ = ["HistoModel", "Prediction", "given_patients", "load", "patient_folders"]

@@ -11,6 +11,7 @@ import math
 import sys
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import kornia.augmentation as K
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 
 from histommnet.breakhis import Patient, draws_per_patient
 from histommnet.config import AugmentConfig, DataConfig
-from medcore.data.image_store import ImageStore, StoreSpec, cached_store
+from medcore.data.image_store import ImageStore, StoreSpec, cached_store, store_key
 from medcore.errors import DataError
 from medcore.io import load_image
 
@@ -67,9 +68,18 @@ class WorkingImages:
     takes the centre crop. Images that do
     not decode are named here once and replaced at read time by another image of the same
     patient and magnification (``MultiMagDataset``).
+
+    ``store_dir``: build the stores there instead of the shared cache (for sources that are
+    themselves temporary, such as in-memory images written out by ``histommnet.load``).
     """
 
-    def __init__(self, paths: Sequence[str], cfg: DataConfig, progress: bool = True) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        cfg: DataConfig,
+        progress: bool = True,
+        store_dir: Path | None = None,
+    ) -> None:
         self.size = input_size(cfg)
         resample = normalization(cfg)["interpolation"]
         groups: dict[tuple[int, int] | None, list[str]] = {}
@@ -84,7 +94,10 @@ class WorkingImages:
         self.bad: set[str] = set()
         for shape, group in groups.items():
             spec = StoreSpec(cover_size(shape, self.size), "RGB", "stretch", resample)
-            store = cached_store(group, spec, progress=progress)
+            where = (
+                None if store_dir is None else store_dir / store_key(list(map(Path, group)), spec)
+            )
+            store = cached_store(group, spec, where, progress=progress)
             for i, path in enumerate(group):
                 self.where[path] = (len(self.stores), i)
                 if not store.valid[i]:
