@@ -148,8 +148,20 @@ def test_the_run_model_is_the_best_checkpoint_and_its_export(setup) -> None:
     assert all(torch.equal(weights[k], state["model"][k]) for k in weights)
     card = (folder / "README.md").read_text()
     report = json.loads((setup["run"] / "metrics.json").read_text())
-    row = re.search(r"\| test\.map@1 \| ([\d.]+) \|", card)
-    assert row and float(row.group(1)) == pytest.approx(report["test"]["map@1"], abs=1e-4)
+    test = report["test"]
+    for name in ("map@1", "ndcg@5", "micro_f1"):
+        # The value and its bootstrap interval from metrics.json, in the card's 95% CI column.
+        row = re.search(rf"\| test\.{name} \| ([\d.]+) \| \[([\d.]+), ([\d.]+)\] \|", card)
+        assert row, name
+        value, low, high = (float(v) for v in row.groups())
+        assert value == pytest.approx(test[name], abs=1e-4)
+        assert (low, high) == pytest.approx(
+            (test[f"{name}_ci_low"], test[f"{name}_ci_high"]), abs=1e-4
+        )
+        assert low <= value <= high
+    assert "| metric | value | 95% CI |" in card and "No intervals recorded" not in card
+    assert f"bootstrap intervals over the test queries ({report['n_boot']} resamples)" in card
+    assert "test.map@1_ci_low" not in card and "no confidence intervals" not in card
     assert 'model = ctretrieval.load("hf-hub:ORG/NAME")' in card and "Measured with" not in card
 
 

@@ -7,7 +7,15 @@ from sklearn.metrics import f1_score
 
 from ctretrieval.augment import RandomGaussianNoise3D, VolumeAugmentation
 from ctretrieval.config import AugmentConfig, EvalConfig
-from ctretrieval.metrics import Embedded, compute_metrics, knn_label_scores, valid_ks
+from ctretrieval.metrics import (
+    Embedded,
+    compute_metrics,
+    knn_label_scores,
+    metric_intervals,
+    metric_rows,
+    per_query_retrieval,
+    valid_ks,
+)
 from medcore.runtime.device import AmpPolicy
 
 
@@ -90,6 +98,91 @@ def test_pooled_f1_covers_the_real_findings_and_shows_no_finding_apart() -> None
     assert metrics["f1/sin_hallazgos"] == pytest.approx(f1_score(y[:, 3], pred[:, 3]))
     # With the derived slot pooled in, micro-F1 would read higher: the slot is easy.
     assert f1_score(y, pred, average="micro") > metrics["micro_f1"] + 0.01
+
+
+def _average_precision_at(
+    query: np.ndarray, db: np.ndarray, y_q: np.ndarray, y_db: np.ndarray, k: int
+) -> float:
+    """AP@k of one query written out: binary relevance (a shared finding), ranked by cosine."""
+    order = np.argsort(-(db @ query), kind="stable")[:k]
+    relevant = (y_db @ y_q) > 0
+    n_relevant = int(relevant.sum())
+    if not n_relevant:
+        return np.nan
+    hits, total = 0, 0.0
+    for rank, j in enumerate(order, start=1):
+        if relevant[j]:
+            hits += 1
+            total += hits / rank
+    return total / min(k, n_relevant)
+
+
+def _hand_bootstrap(stat, n: int, n_boot: int, seed: int) -> tuple[float, float]:
+    """Percentile 95% interval of ``stat(rows)`` over ``n_boot`` resamples of ``n`` rows."""
+    rng = np.random.default_rng(seed)
+    values = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)])
+    values = values[~np.isnan(values)]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def test_intervals_resample_queries_like_a_hand_written_bootstrap() -> None:
+    rng = np.random.default_rng(5)
+    # 25 test queries against a 40-study archive; a query without a finding has no relevant
+    # study, so its map@5 is NaN and left out of the mean (and of each resample's mean).
+    y_db = (rng.random((40, 3)) < 0.3).astype(np.float32)
+    y_q = (rng.random((25, 3)) < 0.3).astype(np.float32)
+    db_emb = torch.nn.functional.normalize(torch.from_numpy(y_db) + 0.5 * torch.randn(40, 3), dim=1)
+    q_emb = torch.nn.functional.normalize(torch.from_numpy(y_q) + 0.5 * torch.randn(25, 3), dim=1)
+    probs = torch.from_numpy(np.clip(y_q * 0.4 + rng.random(y_q.shape) * 0.5, 0, 1)).float()
+    query = Embedded(q_emb, torch.from_numpy(y_q), probs)
+    db = Embedded(db_emb, torch.from_numpy(y_db), None)
+    cfg = EvalConfig(ks=[1, 5], relevance="binary", n_boot=300)
+    metrics, _, scores = compute_metrics(query, db, cfg, ["a", "b", "c"], exclude_self=False)
+    ci = metric_intervals(query, db, scores, cfg, ["a", "b", "c"], exclude_self=False, seed=11)
+
+    ap = np.array(
+        [
+            _average_precision_at(q_emb[i].numpy(), db_emb.numpy(), y_q[i], y_db, 5)
+            for i in range(25)
+        ]
+    )
+    assert np.isnan(ap).any() and not np.isnan(ap).all()  # queries without a relevant study
+    assert np.nanmean(ap) == pytest.approx(metrics["map@5"])
+    low, high = _hand_bootstrap(lambda idx: np.nanmean(ap[idx]), 25, 300, seed=11)
+    assert (ci["map@5_ci_low"], ci["map@5_ci_high"]) == pytest.approx((low, high))
+    assert low < metrics["map@5"] < high
+
+    pred = probs.numpy() >= 0.5
+    low, high = _hand_bootstrap(
+        lambda idx: f1_score(y_q[idx], pred[idx], average="micro", zero_division=0), 25, 300, 11
+    )
+    assert (ci["micro_f1_ci_low"], ci["micro_f1_ci_high"]) == pytest.approx((low, high))
+    assert low <= metrics["micro_f1"] <= high and high - low > 0.01
+    assert set(ci) == {f"{m}{s}" for m in metrics if "/" not in m for s in ("_ci_low", "_ci_high")}
+    # Seeded: the same seed, the same intervals; the metric table gets a CI column, no CI rows.
+    again = metric_intervals(query, db, scores, cfg, ["a", "b", "c"], exclude_self=False, seed=11)
+    assert again == ci
+    rows = metric_rows({**metrics, **ci}, {})
+    assert [r["metric"] for r in rows] == list(metrics)
+    assert (rows[0]["ci_low"], rows[0]["ci_high"]) == (ci["p@1_ci_low"], ci["p@1_ci_high"])
+    assert rows[-1]["metric"] == "f1/c" and rows[-1]["ci_low"] == ""
+    no_boot = EvalConfig(ks=[1, 5], relevance="binary", n_boot=0)
+    assert metric_intervals(query, db, scores, no_boot, ["a", "b", "c"], False) == {}
+    with pytest.raises(ValueError, match=r"eval\.n_boot must be >= 0"):
+        EvalConfig(n_boot=-1)
+
+
+def test_per_query_values_average_to_the_reported_metrics_with_exclude_self() -> None:
+    rng = np.random.default_rng(2)
+    y = torch.from_numpy((rng.random((20, 3)) < 0.35).astype(np.float32))
+    data = Embedded(torch.nn.functional.normalize(torch.randn(20, 4), dim=1), y, None)
+    cfg = EvalConfig(ks=[1, 3, 5])
+    metrics, _, _ = compute_metrics(data, data, cfg, ["a", "b", "c"], exclude_self=True)
+    per_query = per_query_retrieval(data, data, [1, 3, 5], cfg, exclude_self=True)
+    assert set(per_query) == {m for m in metrics if "@" in m}
+    for name, values in per_query.items():
+        assert values.shape == (20,) and np.nanmean(values) == pytest.approx(metrics[name]), name
 
 
 class _Table:

@@ -108,6 +108,12 @@ class EvalConfig:
     batch_size: int = 4
     threshold: float = 0.5  # probability (microf1) or neighbour vote (triplet) for a positive
     knn_k: int = 5  # neighbours voting the findings of a study in triplet mode
+    # Bootstrap resamples of the queries for the 95% intervals of the test report; 0: none.
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.n_boot < 0:
+            raise ValueError(f"eval.n_boot must be >= 0 (0: no intervals), got {self.n_boot}")
 
 
 @dataclass

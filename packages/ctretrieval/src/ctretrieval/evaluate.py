@@ -97,7 +97,12 @@ def run(args: argparse.Namespace) -> int:
     # Test queries are ranked against the train archive, the other splits against themselves.
     db = embed_split("train") if args.split == "test" else query
     metrics, baseline, _ = score(
-        query, db, cfg, table.labels.class_names, exclude_self=args.split != "test"
+        query,
+        db,
+        cfg,
+        table.labels.class_names,
+        exclude_self=args.split != "test",
+        intervals=True,
     )
 
     out_dir = args.output_dir or args.checkpoint.parent.parent / f"eval_{args.split}"

@@ -100,8 +100,7 @@ def _card(source: ModelSource, names: list[str]) -> ModelCard:
         limitations=(
             f"The model knows only the findings it was trained on ({', '.join(names)}). The "
             "metrics were measured on held-out studies of the training source only; other "
-            "scanners, protocols, sites or populations may retrieve differently. The test "
-            "metrics carry no confidence intervals (ctretrieval-train does not compute them)."
+            "scanners, protocols, sites or populations may retrieve differently."
         ),
         license="apache-2.0",
         pipeline_tag="feature-extraction",
@@ -130,6 +129,12 @@ def _card(source: ModelSource, names: list[str]) -> ModelCard:
             f"{report.get('n_archive', '?')} training studies (Jaccard-graded relevance); "
             "`random.*` is a random ranking of the same archive."
         )
+        if report.get("n_boot"):
+            card.metrics_note += (
+                f" 95% percentile bootstrap intervals over the test queries ({report['n_boot']} "
+                "resamples): P/R/mAP/NDCG@k are means over queries, the pooled F1 scores "
+                "pool the resampled queries' counts."
+            )
         if measured != source.path.name:
             card.metrics_note += (
                 f" Measured with the run's model `{measured}`, not with this export's "

@@ -146,7 +146,7 @@ def _final_report(
         for split in ("test", "train")
     )
     names = table.labels.class_names
-    metrics, baseline, scores = score(query, db, cfg, names, exclude_self=False)
+    metrics, baseline, scores = score(query, db, cfg, names, exclude_self=False, intervals=True)
     for c, name in enumerate(names):
         logger.log_pr_curve(f"test_pr/{name}", query.labels[:, c] > 0, scores[:, c], 0)
     rows = metric_rows(metrics, baseline)
@@ -171,6 +171,7 @@ def _final_report(
         "checkpoint": str(weights),
         "n_test": len(query.emb),
         "n_archive": len(db.emb),
+        "n_boot": cfg.eval.n_boot,
         "test": metrics,
         "random": baseline,
     }
