@@ -116,7 +116,9 @@ def test_train_one_model_then_predict_the_test_set(
         capsys,
     )
     assert code == 0, err
-    assert (run / "model.pt").is_file() and (run / "checkpoints" / "latest.pt").is_file()
+    # A finished model keeps its weights, not the resumable state (optimizer, RNG) of latest.pt.
+    assert (run / "model.pt").is_file() and (run / "checkpoints" / "final.pt").is_file()
+    assert not (run / "checkpoints" / "latest.pt").exists()
     assert not (run / "metric").exists()
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val/accuracy", "test/accuracy", "best_epoch"} <= set(metrics)

@@ -17,18 +17,20 @@ from medcore.runtime.distributed import gather_with_grad, get_world_size
 
 def batch_hard_triplet_loss(
     emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.5
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss and statistics (fraction of active triplets, mean positive / negative distance)."""
     positive, negative = triplet_masks(labels)
     d_ap, d_an, valid = batch_hard(pairwise_distances(emb), positive, negative)
     if not valid.any():
         # No anchor has both a positive and a negative: a zero that still carries the graph.
-        return emb.sum() * 0.0, {"active": 0.0, "d_pos": 0.0, "d_neg": 0.0}
+        zero = emb.new_zeros(()).detach()
+        return emb.sum() * 0.0, {"active": zero, "d_pos": zero, "d_neg": zero}
     losses = F.relu(d_ap[valid] - d_an[valid] + margin)
+    # Tensors on the device: the trainer reads them once per logging step, not per batch.
     stats = {
-        "active": float((losses > 0).float().mean()),
-        "d_pos": float(d_ap[valid].mean().detach()),
-        "d_neg": float(d_an[valid].mean().detach()),
+        "active": (losses > 0).float().mean().detach(),
+        "d_pos": d_ap[valid].mean().detach(),
+        "d_neg": d_an[valid].mean().detach(),
     }
     return losses.mean(), stats
 

@@ -259,7 +259,7 @@ def _finalise(
     save_checkpoint(bundle, model_dir / BUNDLE_NAME, kind=model_kind(name))
     y = val_set.labels
     plot_training_curves(
-        trainer.history, ["val/accuracy", "val/roc_auc"], model_dir / "plots" / "curves.png"
+        trainer.state.history, ["val/accuracy", "val/roc_auc"], model_dir / "plots" / "curves.png"
     )
     plot_roc_curves({f"{name} (val)": (y, val_probs[:, 1])}, model_dir / "plots" / "roc_val.png")
     confusion = multiclass_metrics(y, val_probs)["confusion_matrix"]
