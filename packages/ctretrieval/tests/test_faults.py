@@ -271,7 +271,7 @@ RAW_SKIPS = [
     ("dicom without pixel data", "without pixel data"),
     ("dicom bomb-sized header", "60000 x 60000 pixels; refusing to decode"),
     ("nifti zero-byte", "empty file (0 bytes)"),
-    ("nifti truncated", "(truncated or corrupt"),
+    ("nifti truncated", "truncated or corrupt gzip data"),
     ("nifti 4-D", "expected a 3D volume"),
     ("nifti 2-D", "expected a 3D volume"),
     ("nifti NaN voxels", "NaN"),
