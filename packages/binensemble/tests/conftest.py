@@ -30,9 +30,10 @@ def _tiny_args(*extra: str) -> list[str]:
     return [*out, *extra]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_args():
-    """``tiny_args(*extra)``: command-line arguments of the tiny config plus ``extra``."""
+    """``tiny_args(*extra)``: command-line arguments of the tiny config plus ``extra`` (a pure
+    function, so any fixture scope may use it)."""
     return _tiny_args
 
 

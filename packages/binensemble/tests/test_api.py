@@ -31,22 +31,10 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory, tiny_args) -> Path:
     """One smoke run of both models on the tiny data set (trained once for the module)."""
     out = tmp_path_factory.mktemp("api") / "run"
-    tiny = [
-        "data.img_size=32",
-        "data.eval_batch_size=16",
-        "model.convnext_name=test_convnext",
-        "model.vit_name=test_vit",
-        "model.hidden_dim=32",
-        "model.embed_dim=16",
-        "trainer.batch_size=8",
-        "trainer.num_workers=0",
-        "trainer.max_steps_per_epoch=2",
-        "knn.ks=[1,3,5]",
-    ]  # fmt: skip  (conftest's TINY: a module fixture cannot take its function fixture)
-    argv = [a for item in tiny for a in ("--set", item)]
+    argv = tiny_args()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDCORE_CACHE_DIR", str(out.parent / "cache"))
         assert (
