@@ -200,6 +200,9 @@ def wheels(session: nox.Session) -> None:
             )
         if package == README_SNIPPET_PACKAGE:
             _run_readme_snippet(session, package, venv, env)
+        # A passed package's venv and run go at once: five venvs and runs outgrow a CI disk.
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 def _readme_python_api(package: str) -> tuple[list[list[str]], str]:
