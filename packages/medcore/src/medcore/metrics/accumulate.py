@@ -16,18 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from medcore.runtime.distributed import collective_device, get_world_size
+
 __all__ = ["MetricAccumulator"]
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _collective_device() -> torch.device:
-    """Device that tensors must live on for the process group's collectives."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _gather_rows(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -47,7 +38,7 @@ def _gather_rows(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise RuntimeError(
             f"ranks accumulated different tensor names: {[sorted(m) for m in all_meta]}"
         )
-    device = _collective_device()
+    device = collective_device()
     out = {}
     # Iterate in an order every rank agrees on, since each name is a separate collective.
     for name, (_, tail, dtype) in filled[0].items():
@@ -90,7 +81,7 @@ class MetricAccumulator:
     def compute(self) -> Any:
         """The metric (or the dict of tensors) over everything accumulated, on all ranks."""
         local = {name: torch.cat(parts) for name, parts in self._batches.items()}
-        if _world_size() > 1:
+        if get_world_size() > 1:
             local = _gather_rows(local)
         elif not local:
             raise RuntimeError("compute() called before any update()")
