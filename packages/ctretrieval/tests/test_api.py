@@ -25,10 +25,9 @@ import ctretrieval
 from ctretrieval.api import RESULT_COLUMNS
 from ctretrieval.cli import export, index, preprocess, search, train
 from ctretrieval.data import CTVolumeDataset, open_volumes, volume_ids
-from ctretrieval.evaluate import load_model
 from ctretrieval.index import Index
 from ctretrieval.metrics import embed
-from ctretrieval.predict import named_items, prepare
+from ctretrieval.predict import load_model, named_items, prepare
 from ctretrieval.synthetic import FINDINGS, phantom, write_dicom_series
 from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.errors import DataError

@@ -179,7 +179,7 @@ def test_graded_targets_are_jaccard_of_the_finding_set() -> None:
 
 def test_graded_targets_reach_the_loss_from_the_config() -> None:
     from ctretrieval.config import CTRetrievalConfig
-    from ctretrieval.train import _step_fn
+    from ctretrieval.train import make_step_fn
     from medcore.config import load_config
 
     labels = torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 0]])
@@ -192,6 +192,6 @@ def test_graded_targets_reach_the_loss_from_the_config() -> None:
     batch = {"volume": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "labels": labels}
     for targets, expected in (("binary", labels), ("jaccard", graded_targets(labels))):
         cfg = load_config(CTRetrievalConfig, overrides=[f"loss.targets={targets}"])
-        loss, _ = _step_fn(cfg, None)(Head(), batch)
+        loss, _ = make_step_fn(cfg, None)(Head(), batch)
         assert loss.item() == pytest.approx(GradedMicroF1Loss()(logits, expected).item())
     assert graded_targets(labels)[1, 1] == 0.5

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from ctretrieval.config import ModelConfig
+from ctretrieval.config import CTRetrievalConfig, ModelConfig
 from ctretrieval.model import Proximity100x100, Proximity300x300, build_model
 from medcore.errors import UserError
 
@@ -78,7 +78,7 @@ def test_pretrained_weights_from_local_file(tmp_path: Path) -> None:
         fc_hidden=8,
         pretrained_weights=str(tmp_path / "resnet18.pt"),
     )
-    model = build_model(cfg)
+    model = build_model(CTRetrievalConfig(model=cfg))
     torch.testing.assert_close(model.trunk[0].weight, ref.conv1.weight)
     torch.testing.assert_close(model.trunk[7][1].conv2.weight, ref.layer4[1].conv2.weight)
 
@@ -93,7 +93,7 @@ def test_pretrained_without_file_is_a_user_error() -> None:
         pretrained=True,
     )
     with pytest.raises(UserError, match="--pretrained-weights"):
-        build_model(cfg)
+        build_model(CTRetrievalConfig(model=cfg))
 
 
 def test_bad_slice_count() -> None:
