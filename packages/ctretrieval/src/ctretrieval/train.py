@@ -82,7 +82,7 @@ def model_config(cfg: CTRetrievalConfig) -> ModelConfig:
 
 
 def make_step_fn(cfg: CTRetrievalConfig, augment: nn.Module | None):
-    """The training step of ``cfg.mode``: a batch -> ``(loss, extras)``."""
+    """The training step of ``cfg.mode``: a batch -> ``(loss, terms)`` (:mod:`ctretrieval.losses`)."""
     f1_loss = GradedMicroF1Loss(cfg.loss.f1_average, cfg.loss.bce_weight)
     graded = cfg.loss.targets == "jaccard"
     triplet_loss = OnlineTripletLoss(cfg.loss.margin, cfg.loss.mining)
@@ -94,11 +94,11 @@ def make_step_fn(cfg: CTRetrievalConfig, augment: nn.Module | None):
         if augment is not None:
             x = augment(x)
         out = model(x)
+        # (loss, terms): the terms stay on the device, the trainer reads them at logging steps.
         if cfg.mode == "microf1":
             targets = graded_targets(batch["labels"]) if graded else batch["labels"]
-            return f1_loss(out["logits"], targets), {}
-        loss, n_triplets = triplet_loss(out["embedding"], batch["labels"], batch["label_id"])
-        return loss, {"triplets": loss.new_tensor(float(n_triplets))}
+            return f1_loss(out["logits"], targets)
+        return triplet_loss(out["embedding"], batch["labels"], batch["label_id"])
 
     return step
 
