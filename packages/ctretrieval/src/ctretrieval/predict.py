@@ -268,7 +268,7 @@ def _query_from_path(
 
     The study is preprocessed as ``ctretrieval-preprocess`` stored the archive (the index's
     record of the store's settings), falling back to the checkpoint's settings for an index of
-    a store that records none (:mod:`ctretrieval.predict`).
+    a store that records none (:func:`preprocess_for`).
     """
     model, state = load_model(checkpoint, device)
     check_model(index, weights_fingerprint(state["model"]), model.embedding_size, str(checkpoint))
