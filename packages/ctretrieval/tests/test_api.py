@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -337,7 +338,9 @@ def test_refused_sources(setup, tmp_path, capsys) -> None:
         match=r"this is a cxrlandmarks\.ResNetLandmarkRegressor export, not ctretrieval",
     ):
         ctretrieval.load(folder)
-    bare = setup["run"] / "checkpoints" / "model.safetensors"
+    bare = tmp_path / "bare" / "model.safetensors"
+    bare.parent.mkdir()
+    shutil.copy(setup["export"] / "model.safetensors", bare)
     with pytest.raises(ModelSourceError, match=r"a weights file without its config\.json"):
         ctretrieval.load(bare)
     with pytest.raises(ModelSourceError, match="neither an exported model folder"):

@@ -28,6 +28,7 @@ from ctretrieval.model import (
     model_kind,
     with_weights_normalisation,
 )
+from ctretrieval.predict import load_model
 from medcore.cli.dry_run import dry_run
 from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.config import to_dict
@@ -36,13 +37,12 @@ from medcore.engine.inference import PredictOptions
 from medcore.engine.run_log import RunLogger
 from medcore.engine.task import EvalContext, TrainResult
 from medcore.engine.trainer import Trainer
-from medcore.errors import ConfigError
+from medcore.errors import CheckpointError, ConfigError
 from medcore.io import atomic_write_csv
 from medcore.report.plots import plot_roc_curves, plot_training_curves
 from medcore.report.tables import format_table
 from medcore.runtime.device import AmpPolicy
 from medcore.runtime.distributed import barrier
-from medcore.weights.checkpoint import export_best
 from medcore.weights.pretrained import require_pretrained
 
 # --smoke on the demo: a smaller demo at a smaller size, so a cold cache still finishes in seconds.
@@ -131,21 +131,22 @@ def _final_report(
     cfg: CTRetrievalConfig,
     table: StudyTable,
     splits: dict[str, np.ndarray],
-    model: nn.Module,
     run: RunContext,
     logger: RunLogger,
     result: TrainResult,
     amp: AmpPolicy,
 ) -> dict[str, Any]:
-    """Test split ranked against the train archive with the best weights (exported as
-    safetensors); tables, plots, JSON. Rank 0 only, so the embedding is not sharded."""
-    weights = export_best(
-        result.best_path,
-        result.final_path,
-        model,
-        run.run_dir / "checkpoints" / "model.safetensors",
-        metadata={"kind": model_kind(cfg)},
-    )
+    """Test split ranked against the train archive with the best weights; tables, plots, JSON.
+    Rank 0 only, so the embedding is not sharded.
+
+    The model is the best checkpoint's (the final one's when no best was kept), rebuilt as
+    ctretrieval-eval rebuilds it: that checkpoint is the run's one copy of those weights.
+    """
+    kept = [p for p in (result.best_path, result.final_path) if p is not None and p.is_file()]
+    if not kept:
+        raise CheckpointError(run.run_dir, "training kept neither a best nor a final checkpoint")
+    weights = kept[0]
+    model, _ = load_model(weights, run.device)
     options = PredictOptions(
         run.device, amp, cfg.eval.batch_size, cfg.trainer.num_workers, shard=False
     )
@@ -288,7 +289,7 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
     )
     result = trainer.fit(resume=run.resume)
     if run.dist.is_main:
-        _final_report(cfg, table, splits, model, run, logger, result, trainer.amp)
+        _final_report(cfg, table, splits, run, logger, result, trainer.amp)
         print(f"run directory: {run.run_dir}")
     logger.close()
     return 0
