@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +26,9 @@ import ctretrieval
 from ctretrieval.api import RESULT_COLUMNS
 from ctretrieval.cli import export, index, preprocess, search, train
 from ctretrieval.data import CTVolumeDataset, open_volumes, volume_ids
-from ctretrieval.evaluate import load_model
 from ctretrieval.index import Index
 from ctretrieval.metrics import embed
-from ctretrieval.predict import named_items, prepare
+from ctretrieval.predict import load_model, named_items, prepare
 from ctretrieval.synthetic import FINDINGS, phantom, write_dicom_series
 from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.errors import DataError
@@ -338,7 +338,9 @@ def test_refused_sources(setup, tmp_path, capsys) -> None:
         match=r"this is a cxrlandmarks\.ResNetLandmarkRegressor export, not ctretrieval",
     ):
         ctretrieval.load(folder)
-    bare = setup["run"] / "checkpoints" / "model.safetensors"
+    bare = tmp_path / "bare" / "model.safetensors"
+    bare.parent.mkdir()
+    shutil.copy(setup["export"] / "model.safetensors", bare)
     with pytest.raises(ModelSourceError, match=r"a weights file without its config\.json"):
         ctretrieval.load(bare)
     with pytest.raises(ModelSourceError, match="neither an exported model folder"):

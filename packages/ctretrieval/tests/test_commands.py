@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import ctretrieval.index as index_mod
+import ctretrieval.predict as predict_mod
 from ctretrieval.cli import evaluate, train
 from medcore.testing import call_main
 
@@ -140,8 +141,8 @@ def test_search_votes_with_k_and_threshold(
     monkeypatch, tmp_path, knn_k, threshold, expected
 ) -> None:
     index, q = _index()
-    monkeypatch.setattr(index_mod, "_query_from_path", lambda *a: (q, None))
-    _, findings, rows = index_mod.search(
+    monkeypatch.setattr(predict_mod, "_query_from_path", lambda *a: (q, None))
+    _, findings, rows = predict_mod.search(
         index, str(tmp_path), 2, torch.device("cpu"), threshold=threshold, knn_k=knn_k
     )
     assert findings == expected  # (None, None): the checkpoint's eval.knn_k=3 at 0.5

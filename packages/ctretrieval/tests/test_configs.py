@@ -12,9 +12,9 @@ import torch
 import torchvision
 
 from ctretrieval.cli import train
-from ctretrieval.config import CTRetrievalConfig, ModelConfig
+from ctretrieval.config import CTRetrievalConfig
 from ctretrieval.model import Proximity100x100, build_model
-from ctretrieval.train import _step_fn, model_config
+from ctretrieval.train import make_step_fn, model_config
 from medcore.cli.dry_run import build_on_meta, count_parameters
 from medcore.config import load_config, packaged_config_path
 from medcore.errors import ConfigError
@@ -35,8 +35,9 @@ def _resnet18_trunk_parameters() -> int:
     return sum(p.numel() for n, p in ref.named_parameters() if not n.startswith("fc."))
 
 
-def _scratch(cfg: CTRetrievalConfig) -> ModelConfig:
-    return dataclasses.replace(model_config(cfg), pretrained=False, pretrained_weights=None)
+def _scratch(cfg: CTRetrievalConfig) -> CTRetrievalConfig:
+    model = dataclasses.replace(model_config(cfg), pretrained=False, pretrained_weights=None)
+    return dataclasses.replace(cfg, model=model)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -91,7 +92,7 @@ def test_contradicting_or_unknown_values_are_config_errors() -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_one_training_step_at_the_real_width(name: str) -> None:
     cfg = _resolve(name)
-    mcfg = _scratch(cfg)
+    mcfg = _scratch(cfg).model
     # Real channel and embedding widths and the real slice count (the reduction's input
     # channels); few pixels. Proximity300x300 resizes every input to 300 x 300 x 300, which
     # does not fit this machine (100 ResNet-18 images of 300 x 300 per study), so the triplet
@@ -113,7 +114,7 @@ def test_one_training_step_at_the_real_width(name: str) -> None:
         "labels": labels,
         "label_id": torch.tensor([1, 1, 6, 6]),
     }
-    loss, extras = _step_fn(cfg, augment=None)(model, batch)
+    loss, extras = make_step_fn(cfg, augment=None)(model, batch)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
     assert cfg.mode == "microf1" or extras["triplets"] > 0

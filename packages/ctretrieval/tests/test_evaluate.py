@@ -213,7 +213,7 @@ class _Table:
 def test_train_eval_embeddings_run_in_the_trainers_precision(policy, dtype, tmp_path) -> None:
     from ctretrieval.config import CTRetrievalConfig
     from ctretrieval.model import Proximity100x100
-    from ctretrieval.train import _evaluate_fn
+    from ctretrieval.train import make_evaluate_fn
     from medcore.engine.task import EvalContext
 
     model = Proximity100x100(6, (16, 16), 8, 4, (4, 4, 4), 8)
@@ -222,6 +222,6 @@ def test_train_eval_embeddings_run_in_the_trainers_precision(policy, dtype, tmp_
     logger = type("Logger", (), {"log_pr_curve": lambda *a, **k: None})()
     ctx = EvalContext(0, 0, torch.device("cpu"), policy, logger, tmp_path)
     cfg = CTRetrievalConfig()
-    out = _evaluate_fn(cfg, _Table(8), np.arange(8))(model, ctx)
+    out = make_evaluate_fn(cfg, _Table(8), np.arange(8))(model, ctx)
     assert seen and set(seen) == {dtype}  # the trainer's autocast dtype, not a fixed fp16/fp32
     assert "val/map@1" in out and "val/f1/sin_hallazgos" in out

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from ctretrieval.cli import train
-from ctretrieval.config import ModelConfig
+from ctretrieval.config import CTRetrievalConfig, ModelConfig
 from ctretrieval.model import build_model, resnet18_trunk
 from medcore.testing import call_main, error_line, save_weights_as
 
@@ -54,7 +54,9 @@ def test_trunk_takes_every_tensor_of_framework_files(how, prefix, tmp_path: Path
     reference = _reference()
     path = save_weights_as(how, reference, tmp_path / "resnet18.ckpt")
     cfg = ModelConfig(**TINY, pretrained_weights=str(path))
-    model = build_model(dataclasses.replace(cfg, pretrained_weights=None, pretrained=False))
+    model = build_model(
+        CTRetrievalConfig(model=dataclasses.replace(cfg, pretrained_weights=None, pretrained=False))
+    )
     report = model.load_trunk_weights(cfg)
     assert report.matched == report.total == len(model.trunk.state_dict())
     assert report.prefix == prefix and not report.missing

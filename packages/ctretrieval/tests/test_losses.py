@@ -29,8 +29,8 @@ def test_f1_loss_hand_computed() -> None:
     # Row 1: tp = 1.5, fp = 0.2, fn = 0.5 -> F1 = 3 / 3.7; row 2: tp = 0.4, fp = 0.8, fn = 0.1 -> 0.8 / 1.7.
     sample = 1 - (3 / 3.7 + 0.8 / 1.7) / 2
     micro = 1 - 2 * 1.9 / (2 * 1.9 + 1.0 + 0.6)
-    assert GradedMicroF1Loss("sample")(logits, targets).item() == pytest.approx(sample, rel=1e-5)
-    assert GradedMicroF1Loss("micro")(logits, targets).item() == pytest.approx(micro, rel=1e-5)
+    assert GradedMicroF1Loss("sample")(logits, targets)[0].item() == pytest.approx(sample, rel=1e-5)
+    assert GradedMicroF1Loss("micro")(logits, targets)[0].item() == pytest.approx(micro, rel=1e-5)
     assert 1 - _f1(probs.flatten().tolist(), targets.flatten().tolist()) == pytest.approx(
         micro, rel=1e-5
     )
@@ -46,16 +46,19 @@ def test_hybrid_adds_weighted_bce() -> None:
         )
         / 4
     )
-    plain = GradedMicroF1Loss("sample")(logits, targets).item()
-    assert GradedMicroF1Loss("sample", bce_weight=0.3)(logits, targets).item() == pytest.approx(
-        plain + 0.3 * bce, rel=1e-5
-    )
+    plain, plain_terms = GradedMicroF1Loss("sample")(logits, targets)
+    total, terms = GradedMicroF1Loss("sample", bce_weight=0.3)(logits, targets)
+    assert total.item() == pytest.approx(plain.item() + 0.3 * bce, rel=1e-5)
+    # The terms: the soft F1 (1 - the plain loss) and, in the hybrid only, the BCE; detached.
+    assert set(plain_terms) == {"soft_f1"} and set(terms) == {"soft_f1", "bce"}
+    assert terms["bce"].item() == pytest.approx(bce, rel=1e-5)
+    assert terms["soft_f1"].item() == pytest.approx(1 - plain.item(), rel=1e-5)
 
 
 def test_f1_loss_is_low_for_confident_correct_predictions() -> None:
     targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
-    good = GradedMicroF1Loss()((targets * 2 - 1) * 20, targets)
-    bad = GradedMicroF1Loss()((1 - targets * 2) * 20, targets)
+    good, _ = GradedMicroF1Loss()((targets * 2 - 1) * 20, targets)
+    bad, _ = GradedMicroF1Loss()((1 - targets * 2) * 20, targets)
     assert good.item() < 1e-6 and bad.item() > 1 - 1e-6
 
 
@@ -121,14 +124,14 @@ def test_triplet_loss_value_and_gradient() -> None:
     emb, labels, label_ids = _batch(2)
     emb.requires_grad_(True)
     loss_fn = OnlineTripletLoss(margin=0.2, mining="hardest")
-    loss, n = loss_fn(emb, labels, label_ids)
+    loss, terms = loss_fn(emb, labels, label_ids)
     dist = pairwise_sq_dist(emb.detach())
     ref = _brute_force(dist.tolist(), labels.tolist(), label_ids.tolist(), 0.2, "hardest")
     values = [
         max(0.0, dist[a, p].item() - min(dist[a, m].item() for m in negs) + 0.2)
         for (a, p), negs in ref.items()
     ]
-    assert n == len(ref)
+    assert terms["triplets"].item() == len(ref) and not terms["triplets"].requires_grad
     assert loss.item() == pytest.approx(sum(values) / len(values), rel=1e-4, abs=1e-6)
     loss.backward()
     assert emb.grad is not None and torch.isfinite(emb.grad).all()
@@ -148,8 +151,8 @@ def test_compatible_negatives_share_no_finding() -> None:
 
 def test_no_triplet_gives_zero_attached_loss() -> None:
     emb = torch.randn(3, 4, requires_grad=True)
-    loss, n = OnlineTripletLoss()(emb, torch.ones(3, 2), torch.tensor([0, 1, 2]))
-    assert n == 0 and loss.item() == 0.0
+    loss, terms = OnlineTripletLoss()(emb, torch.ones(3, 2), torch.tensor([0, 1, 2]))
+    assert terms["triplets"].item() == 0 and loss.item() == 0.0
     loss.backward()
 
 
@@ -162,7 +165,7 @@ def test_default_loss_is_the_batch_micro_f1_of_sklearn() -> None:
     expected = f1_score(targets.numpy(), predicted.numpy(), average="micro")
     per_study = f1_score(targets.numpy(), predicted.numpy(), average="samples")
     assert abs(expected - per_study) > 0.01  # the batch tells the two apart
-    loss = GradedMicroF1Loss()(logits, targets.float())
+    loss, _ = GradedMicroF1Loss()(logits, targets.float())
     assert 1 - loss.item() == pytest.approx(expected, abs=1e-5)
 
 
@@ -179,7 +182,7 @@ def test_graded_targets_are_jaccard_of_the_finding_set() -> None:
 
 def test_graded_targets_reach_the_loss_from_the_config() -> None:
     from ctretrieval.config import CTRetrievalConfig
-    from ctretrieval.train import _step_fn
+    from ctretrieval.train import make_step_fn
     from medcore.config import load_config
 
     labels = torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 0]])
@@ -192,6 +195,8 @@ def test_graded_targets_reach_the_loss_from_the_config() -> None:
     batch = {"volume": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "labels": labels}
     for targets, expected in (("binary", labels), ("jaccard", graded_targets(labels))):
         cfg = load_config(CTRetrievalConfig, overrides=[f"loss.targets={targets}"])
-        loss, _ = _step_fn(cfg, None)(Head(), batch)
-        assert loss.item() == pytest.approx(GradedMicroF1Loss()(logits, expected).item())
+        loss, terms = make_step_fn(cfg, None)(Head(), batch)
+        assert loss.item() == pytest.approx(GradedMicroF1Loss()(logits, expected)[0].item())
+        # The step hands the loss's terms to the trainer as device tensors, detached.
+        assert set(terms) == {"soft_f1"} and not terms["soft_f1"].requires_grad
     assert graded_targets(labels)[1, 1] == 0.5

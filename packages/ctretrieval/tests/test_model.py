@@ -6,8 +6,18 @@ import pytest
 import torch
 import torchvision
 
-from ctretrieval.config import ModelConfig
-from ctretrieval.model import Proximity100x100, Proximity300x300, build_model
+from ctretrieval.config import CTRetrievalConfig, ModelConfig
+from ctretrieval.model import (
+    KIND,
+    KINDS,
+    MODELS,
+    Proximity100x100,
+    Proximity300x300,
+    build_model,
+    model_kind,
+    stored_config,
+)
+from medcore.config import to_dict
 from medcore.errors import UserError
 
 
@@ -78,7 +88,7 @@ def test_pretrained_weights_from_local_file(tmp_path: Path) -> None:
         fc_hidden=8,
         pretrained_weights=str(tmp_path / "resnet18.pt"),
     )
-    model = build_model(cfg)
+    model = build_model(CTRetrievalConfig(model=cfg))
     torch.testing.assert_close(model.trunk[0].weight, ref.conv1.weight)
     torch.testing.assert_close(model.trunk[7][1].conv2.weight, ref.layer4[1].conv2.weight)
 
@@ -93,9 +103,44 @@ def test_pretrained_without_file_is_a_user_error() -> None:
         pretrained=True,
     )
     with pytest.raises(UserError, match="--pretrained-weights"):
-        build_model(cfg)
+        build_model(CTRetrievalConfig(model=cfg))
 
 
 def test_bad_slice_count() -> None:
     with pytest.raises(ValueError, match="multiple of 3"):
         Proximity100x100(num_slices=10, image_size=(32, 32))
+
+
+def test_a_checkpoint_is_rebuilt_by_build_model_from_its_stored_section() -> None:
+    # The resolved section a run stores: a head sized for microf1 mode, the weights' mean/std.
+    section = ModelConfig(
+        num_slices=6,
+        image_size=(32, 32),
+        embedding_size=8,
+        reduce_channels=(8, 8, 4),
+        fc_hidden=8,
+        num_classes=4,
+        pretrained=False,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
+    torch.manual_seed(0)
+    trained = build_model(CTRetrievalConfig(model=section))
+    state = {
+        "model_config": {**to_dict(section), "pretrained_weights": "gone.pth", "pretrained": True},
+        "model": trained.state_dict(),
+    }
+    rebuilt = build_model(stored_config(state))  # the weights named at training are not read
+    rebuilt.load_state_dict(state["model"])  # strict: the same tensors, head included
+    x = torch.randint(0, 256, (2, 6, 32, 32), dtype=torch.uint8)
+    trained.eval(), rebuilt.eval()
+    torch.testing.assert_close(rebuilt(x)["logits"], trained(x)["logits"])
+    assert rebuilt.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
+def test_checkpoint_kinds_name_the_architecture() -> None:
+    assert KINDS == ("ctretrieval.Proximity100x100", "ctretrieval.Proximity300x300")
+    assert all(kind.startswith(KIND) for kind in KINDS)
+    for name in MODELS:
+        model = ModelConfig(name=name, num_slices=300, image_size=(300, 300))
+        assert model_kind(CTRetrievalConfig(model=model)) == f"ctretrieval.{name}"

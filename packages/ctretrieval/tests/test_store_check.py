@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ctretrieval import index as index_mod
+from ctretrieval import predict as predict_mod
 from ctretrieval.cli import train
 from ctretrieval.config import DataConfig, PreprocessConfig
 from ctretrieval.data import load_studies
@@ -112,7 +113,7 @@ def test_raw_query_is_preprocessed_with_the_archive_settings(
     # The checkpoint was trained with other settings than the archive's (4 x 8 x 8).
     state = {"preprocess_config": {"target_shape": [6, 32, 32], "min_slices": 3}, "model": {}}
     model = _ShapeModel()
-    monkeypatch.setattr(index_mod, "load_model", lambda path, device: (model, state))
+    monkeypatch.setattr(predict_mod, "load_model", lambda path, device: (model, state))
     idx = index_mod.Index(
         ids=np.asarray(["s0", "s1"]),
         embeddings=np.ones((2, 2), np.float32) / 2**0.5,
@@ -124,5 +125,5 @@ def test_raw_query_is_preprocessed_with_the_archive_settings(
             "store_settings": read_settings(root / "volumes.h5"),
         },
     )
-    index_mod.search(idx, str(tmp_path / "raw" / "s1"), 1, torch.device("cpu"))
+    predict_mod.search(idx, str(tmp_path / "raw" / "s1"), 1, torch.device("cpu"))
     assert model.seen == [(1, 4, 8, 8)]

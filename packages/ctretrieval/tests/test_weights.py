@@ -13,9 +13,9 @@ import torchvision
 from safetensors.torch import save_file
 
 from ctretrieval.cli import train
-from ctretrieval.config import ModelConfig
-from ctretrieval.evaluate import load_model
+from ctretrieval.config import CTRetrievalConfig, ModelConfig
 from ctretrieval.model import build_model, with_weights_normalisation
+from ctretrieval.predict import load_model
 from medcore.testing import call_main, hub_snapshot
 from medcore.weights.normalization import IMAGENET_MEAN
 
@@ -61,7 +61,9 @@ def test_torchvision_state_dict_loads_every_trunk_tensor(tmp_path: Path, capsys)
     ref = _reference()
     torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
     cfg = ModelConfig(**TINY, pretrained_weights=str(tmp_path / "resnet18.pth"))
-    model = build_model(dataclasses.replace(cfg, pretrained_weights=None, pretrained=False))
+    model = build_model(
+        CTRetrievalConfig(model=dataclasses.replace(cfg, pretrained_weights=None, pretrained=False))
+    )
     report = model.load_trunk_weights(cfg)
     assert report.matched == report.total == len(model.trunk.state_dict())
     assert not report.missing and report.unexpected == ["fc.bias", "fc.weight"]

@@ -28,15 +28,18 @@ import pandas as pd
 import torch
 
 from ctretrieval.config import EvalConfig, PreprocessConfig
-from ctretrieval.evaluate import build
-from ctretrieval.export import KIND, PREPROCESS_KEYS, describe, find_in_run
-from ctretrieval.index import Index, check_model, ranked, stored_query
-from ctretrieval.model import Proximity100x100
+from ctretrieval.export import PREPROCESS_KEYS, describe, find_in_run
+from ctretrieval.index import Index
+from ctretrieval.model import KINDS, Proximity100x100
 from ctretrieval.predict import (
     Embeddings,
+    check_model,
     embed_volumes,
+    load_model,
     named_items,
     preprocess_for,
+    ranked,
+    stored_query,
     weights_fingerprint,
 )
 from medcore.config import from_dict
@@ -248,10 +251,10 @@ def load(source: str | Path, device: str = "auto") -> RetrievalModel:
     file without its config, or a folder with neither raises
     :class:`medcore.weights.sources.ModelSourceError`.
     """
-    read = read_model_source(source, KIND, find_in_run=find_in_run)
+    read = read_model_source(source, KINDS, find_in_run=find_in_run)
     export = model_export(read, describe)
     dev = resolve_device(device)
-    model, _ = inference.load_model(read.path, KIND, build, device=dev, state=export.checkpoint())
+    model, _ = load_model(read.path, dev, state=export.checkpoint())
     if read.origin == "run":
         print(f"note: {source}: the run's model is {read.path.name}", file=sys.stderr)
     return RetrievalModel(model, export, dev, str(source))  # type: ignore[arg-type]

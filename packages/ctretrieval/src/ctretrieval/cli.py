@@ -1,6 +1,6 @@
 """Console entry points ``ctretrieval-{preprocess,train,eval,index,search,export}``: commands and flags.
 
-Each command is ``ctretrieval.<module>:<function>(args)`` (:class:`medcore.cli.command.Command`).
+Each command is ``ctretrieval.<module>:main(args)`` (:class:`medcore.cli.command.Command`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ CKPT = {**P, "help": "a .pt written by ctretrieval-train"}
 DEVICE = {"choices": DEVICE_CHOICES, "default": "auto"}
 # fmt: off
 preprocess = Command("ctretrieval-preprocess", "DICOM series / NIfTI -> uint8 volumes in one HDF5",
-    "ctretrieval.preprocess:run", [
+    "ctretrieval.preprocess:main", [
         ("--input", {**P, "required": True, "help": "one DICOM folder or NIfTI file per study"}),
         ("--output", {**P, "required": True, "help": "HDF5 file to write (resumed if it exists); "
                       "with --shard a folder of part files"}),
@@ -29,16 +29,16 @@ preprocess = Command("ctretrieval-preprocess", "DICOM series / NIfTI -> uint8 vo
         ("--min-slices", {"type": int, "help": "skip series with fewer slices"}),
         ("--shard", {"metavar": "I/N", "help": "only shard I of N, into a part file of the "
                      "folder --output (default in a SLURM job array: its task)"})])
-train = Command("ctretrieval-train", "Train the CT retrieval embedding", "ctretrieval.train:run", [
+train = Command("ctretrieval-train", "Train the CT retrieval embedding", "ctretrieval.train:main", [
         ("--mode", {"choices": ["microf1", "triplet"], "help": "default: the config's"}, "mode")],
     common=True)
 evaluate = Command("ctretrieval-eval", "Metric table of a checkpoint on a split",
-    "ctretrieval.evaluate:run", [
+    "ctretrieval.evaluate:main", [
         ("--checkpoint", {**CKPT, "required": True}),
         ("--split", {"default": "test", "choices": ["test", "train", "train_eval", "all"]}),
         ("--splits", {**P, "help": "splits.json (default: the checkpoint's run's)"})], common=False)
 index = Command("ctretrieval-index", "Embed an archive of volumes into an index",
-    "ctretrieval.index:index_main", [
+    "ctretrieval.index:main", [
         ("--checkpoint", {**CKPT, "required": True}),
         ("--volumes", {**P, "help": "HDF5 or folder of shard parts (default: the checkpoint's data)"}),
         ("--labels", {**P, "help": "labels CSV, to show findings in results"}),
@@ -46,7 +46,7 @@ index = Command("ctretrieval-index", "Embed an archive of volumes into an index"
         ("--output", {**P, "required": True, "help": "index file to write (.npz)"}),
         ("--device", DEVICE), ("--batch-size", {"type": int, "default": 4})])
 search = Command("ctretrieval-search", "Most similar studies of an index",
-    "ctretrieval.index:search_main", [
+    "ctretrieval.search:main", [
         ("--index", {**P, "required": True, "help": "from ctretrieval-index"}),
         ("--query", {"required": True, "help": "an id of the index, or a raw study (a DICOM "
                      "folder or a NIfTI file), preprocessed as the index's archive was"}),

@@ -134,13 +134,13 @@ def match_ids(
 def open_volumes(h5_path: str | Path) -> VolumeStore:
     """The volumes store at ``h5_path``: an HDF5 file, or a folder of the part files that
     ctretrieval-preprocess shards wrote, read as one (:mod:`medcore.volumes.store`)."""
-    from ctretrieval.preprocess import KIND
+    from ctretrieval.preprocess import STORE_KIND
 
     path = Path(h5_path)
     if not path.exists():
         raise DataError(path, "volumes file not found (run ctretrieval-preprocess first)")
     store = VolumeStore(path)
-    if store.is_store and store.attrs.get("kind") not in (None, KIND):
+    if store.is_store and store.attrs.get("kind") not in (None, STORE_KIND):
         raise DataError(path, f"not a ctretrieval volumes file (kind {store.attrs.get('kind')})")
     if not store.names and not store.is_store:
         raise DataError(path, "not a ctretrieval volumes file (no /volumes group)")

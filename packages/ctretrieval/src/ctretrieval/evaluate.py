@@ -1,6 +1,7 @@
-"""``ctretrieval-eval``: the metric table of a checkpoint on a split, and the model of a checkpoint.
+"""``ctretrieval-eval``: the metric table of a checkpoint on a split.
 
-The metrics themselves are :mod:`ctretrieval.metrics`.
+The metrics themselves are :mod:`ctretrieval.metrics`; the checkpoint's model is rebuilt by
+:func:`ctretrieval.predict.load_model`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctretrieval.config import CTRetrievalConfig, ModelConfig
+from ctretrieval.config import CTRetrievalConfig
 from ctretrieval.data import StudyTable, load_studies
 from ctretrieval.metrics import Embedded, embed, metric_rows, score
-from ctretrieval.model import Proximity100x100, build_model
+from ctretrieval.predict import load_model
 from medcore.cli.run_setup import load_run_config
-from medcore.config import from_dict, to_dict
+from medcore.config import to_dict
 from medcore.data.splits import load_splits
 from medcore.engine import inference
 from medcore.errors import DataError
@@ -28,19 +29,6 @@ from medcore.runtime.device import resolve_device
 
 # What ctretrieval-eval takes from --config / --set: the model is the checkpoint's.
 EVAL_SECTIONS = ("eval", "data", "seed")
-
-
-def build(state: dict[str, Any]) -> Proximity100x100:
-    """The unweighted model of a checkpoint's stored config (no pretrained weights read)."""
-    stored = {**state["model_config"], "pretrained_weights": None, "pretrained": False}
-    if stored.get("name") == "Proximity300x300":  # fixed input; older checkpoints stored others
-        stored.update(num_slices=300, image_size=[300, 300])
-    return build_model(from_dict(ModelConfig, stored))
-
-
-def load_model(path: str | Path, device: torch.device) -> tuple[Proximity100x100, dict[str, Any]]:
-    """The model of a ctretrieval checkpoint (rebuilt from its stored config) and the checkpoint."""
-    return inference.load_model(path, "ctretrieval.", build, device=device)  # type: ignore[return-value]
 
 
 def eval_config(args: argparse.Namespace, state: dict[str, Any]) -> CTRetrievalConfig:
@@ -72,7 +60,7 @@ def _split_rows(
         raise DataError(path, str(exc).split(": ", 1)[-1]) from None
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """``ctretrieval-eval``: the metric table of ``args.checkpoint`` on ``args.split``."""
     model, state = load_model(args.checkpoint, torch.device("cpu"))
     cfg = eval_config(args, state)

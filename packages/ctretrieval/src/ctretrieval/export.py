@@ -19,13 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ctretrieval.model import KINDS
 from medcore.cli.export import export_main
 from medcore.report.model_card import ModelCard, metric_rows, read_metrics, split_sizes
 from medcore.weights.export import ModelExport
 from medcore.weights.pretrained import HUB_PREFIX
 from medcore.weights.sources import ModelSource, checkpoint_in_run
 
-KIND = "ctretrieval."
 PACKAGE = "ctretrieval"
 # The store settings (ctretrieval.preprocess.store_settings) and the rest of the preprocess
 # section that decides whether a study is kept.
@@ -170,4 +170,4 @@ def describe(source: ModelSource) -> ModelExport:
     )
 
 
-main = export_main(KIND, describe, find_in_run)
+main = export_main(KINDS, describe, find_in_run)

@@ -1,6 +1,8 @@
 """The two training objectives: a graded micro-F1 loss and an online triplet loss with multi-label mining.
 
-Shape notation: ``b`` batch, ``c`` label slots, ``e`` embedding size.
+Each returns ``(total, terms)``: the loss to minimise and a dict of detached tensors that the
+trainer logs as ``train/<name>`` at its logging steps (left on the device: no host sync per
+micro-batch). Shape notation: ``b`` batch, ``c`` label slots, ``e`` embedding size.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class GradedMicroF1Loss(nn.Module):
 
     ``bce_weight > 0`` adds ``bce_weight * BCEWithLogits`` (the hybrid loss): BCE gives every
     slot a gradient even when the soft F1 saturates.
+
+    Terms: ``soft_f1`` (the batch's soft F1, ``1 - total`` without BCE) and, in the hybrid,
+    ``bce``.
     """
 
     def __init__(
@@ -55,18 +60,23 @@ class GradedMicroF1Loss(nn.Module):
         self.bce_weight = bce_weight
         self.eps = eps
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, targets = logits.float(), targets.float()
         probs = torch.sigmoid(logits)
         dims = (1,) if self.average == "sample" else (0, 1)
         tp = (probs * targets).sum(dims)
         fp = (probs * (1 - targets)).sum(dims)
         fn = ((1 - probs) * targets).sum(dims)
-        f1 = 2 * tp / (2 * tp + fp + fn + self.eps)
-        loss = 1 - f1.mean()
+        f1 = (2 * tp / (2 * tp + fp + fn + self.eps)).mean()
+        loss = 1 - f1
+        terms = {"soft_f1": f1.detach()}
         if self.bce_weight > 0:
-            loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(logits, targets)
-        return loss
+            bce = F.binary_cross_entropy_with_logits(logits, targets)
+            loss = loss + self.bce_weight * bce
+            terms["bce"] = bce.detach()
+        return loss, terms
 
 
 class OnlineTripletLoss(nn.Module):
@@ -84,7 +94,8 @@ class OnlineTripletLoss(nn.Module):
     Pairs without such a negative give no triplet. The loss is the mean of
     ``relu(d_ap - d_an + margin)`` over the chosen triplets (0, still attached to the graph,
     when there are none). Mining is one ``[b, b, b]`` masked tensor, no Python loops; the random
-    choices draw on the global torch RNG (seeded and checkpointed by the Trainer).
+    choices draw on the global torch RNG (seeded and checkpointed by the Trainer). Terms:
+    ``triplets``, their number.
     """
 
     def __init__(self, margin: float = 0.2, mining: Mining = "hardest") -> None:
@@ -103,13 +114,15 @@ class OnlineTripletLoss(nn.Module):
 
     def forward(
         self, emb: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, int]:
-        """(mean triplet loss, number of triplets)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(mean triplet loss, ``{"triplets": their number}``)."""
         emb = emb.float()
         dist = pairwise_distances(emb, squared=True)
         triplets = self.mine(dist.detach(), labels, label_ids)
+        # The count is a host int already (mining's nonzero sized the triplets): copied over.
+        terms = {"triplets": emb.new_tensor(triplets.shape[0])}
         if triplets.numel() == 0:
-            return emb.sum() * 0.0, 0
+            return emb.sum() * 0.0, terms
         a, p, n = triplets.unbind(1)
         losses = F.relu(dist[a, p] - dist[a, n] + self.margin)
-        return losses.mean(), int(triplets.shape[0])
+        return losses.mean(), terms

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ctretrieval.config import ModelConfig
+from ctretrieval.config import CTRetrievalConfig, ModelConfig
+from medcore.config import from_dict
 from medcore.runtime.device import AmpPolicy, autocast
 from medcore.weights.normalization import IMAGENET_MEAN, IMAGENET_STD, data_config
 from medcore.weights.pretrained import (
@@ -31,6 +32,10 @@ from medcore.weights.pretrained import (
     missing_weights_error,
     resolve_weights,
 )
+
+# The package's network, Proximity; a checkpoint's kind also names its architecture (a name of
+# MODELS, each starting with "Proximity"): ctretrieval.Proximity100x100 or ...300x300 (KINDS).
+KIND = "ctretrieval.Proximity"
 
 RESNET18_HINT = (
     "ImageNet ResNet-18 weights: hf-hub:timm/resnet18.a1_in1k (timm), or a torchvision file "
@@ -228,8 +233,27 @@ MODELS: dict[str, type[Proximity100x100]] = {
 }
 
 
-def build_model(cfg: ModelConfig) -> Proximity100x100:
-    return MODELS[cfg.name].from_config(cfg)
+KINDS = tuple(f"ctretrieval.{name}" for name in MODELS)
+
+
+def model_kind(cfg: CTRetrievalConfig) -> str:
+    """The kind a checkpoint of ``cfg``'s network is stored as, one of :data:`KINDS`."""
+    return f"ctretrieval.{cfg.model.name}"
+
+
+def build_model(cfg: CTRetrievalConfig) -> Proximity100x100:
+    """The network of ``cfg.model`` as it stands (the training run sizes the head for its mode:
+    :func:`ctretrieval.train.model_config`), with the trunk's pretrained weights it names."""
+    return MODELS[cfg.model.name].from_config(cfg.model)
+
+
+def stored_config(state: dict[str, Any]) -> CTRetrievalConfig:
+    """The config :func:`build_model` rebuilds a checkpoint's network from: its stored (resolved)
+    model section, with no pretrained weights to read (the checkpoint's replace them)."""
+    stored = {**state["model_config"], "pretrained_weights": None, "pretrained": False}
+    if stored.get("name") == "Proximity300x300":  # fixed input; older checkpoints stored others
+        stored.update(num_slices=300, image_size=[300, 300])
+    return CTRetrievalConfig(model=from_dict(ModelConfig, stored))
 
 
 def with_weights_normalisation(cfg: ModelConfig, report: bool = True) -> ModelConfig:

@@ -12,6 +12,10 @@ Arrays are ``[slices, rows, columns]`` in HU in the canonical orientation the re
 (slices inferior -> superior, rows anterior -> posterior, columns patient right -> left). A
 model trained on volumes resampled to a voxel size (``preprocess.target_spacing``) needs the
 spacing: pass a :class:`medcore.volumes.geometry.Volume` instead of a bare array.
+
+Searching an index (:class:`ctretrieval.index.Index`) is here too: a query, an id of the index
+or a raw study, ranked against the archive (:func:`search`, :func:`ranked`), by the model that
+embedded it (:func:`check_model`); :func:`load_model` rebuilds a checkpoint's model.
 """
 
 from __future__ import annotations
@@ -21,21 +25,38 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ctretrieval.config import PreprocessConfig
-from ctretrieval.metrics import embed
+from ctretrieval.config import EvalConfig, PreprocessConfig
+from ctretrieval.metrics import embed, knn_label_scores
+from ctretrieval.model import KINDS, Proximity100x100, build_model, stored_config
 from ctretrieval.preprocess import fit_volume
-from ctretrieval.readers import check_volume, read_study, study_at
-from medcore.engine.inference import PredictOptions
+from ctretrieval.readers import NIFTI_SUFFIXES, check_volume, read_study, study_at
+from medcore.config import from_dict
+from medcore.engine import inference
+from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.errors import DataError
 from medcore.volumes.geometry import CANONICAL_AXCODES, Volume
 
+if TYPE_CHECKING:  # the index module builds on this one
+    from ctretrieval.index import Index
+
 Item = str | Path | np.ndarray | torch.Tensor | Volume
+
+
+def load_model(
+    path: str | Path, device: torch.device, state: dict[str, Any] | None = None
+) -> tuple[Proximity100x100, dict[str, Any]]:
+    """The model of a ctretrieval checkpoint (rebuilt by :func:`ctretrieval.model.build_model`
+    from its stored config) and the checkpoint; ``state``: the checkpoint already read."""
+    model, state = inference.load_model(
+        path, KINDS, lambda s: build_model(stored_config(s)), device=device, state=state
+    )
+    return model, state  # type: ignore[return-value]
 
 
 @dataclass
@@ -214,3 +235,145 @@ def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def check_model(index: Index, fingerprint: str, embedding_size: int, model: str) -> None:
+    """A DataError unless ``index`` was embedded by the model ``model`` names (its weights'
+    fingerprint and embedding size): embeddings of two models are not comparable."""
+    size = index.embeddings.shape[1] if index.embeddings.ndim == 2 else None
+    if size != embedding_size:
+        raise DataError(
+            "index", f"holds {size}-d embeddings, {model} gives {embedding_size}-d: rebuild it"
+        )
+    recorded = index.meta.get("weights")
+    if recorded is None:
+        print(
+            "note: the index records no weights fingerprint (an older file): its model "
+            f"cannot be checked against {model}",
+            file=sys.stderr,
+        )
+    elif recorded != fingerprint:
+        raise DataError(
+            "index",
+            f"embedded by another model (weights {recorded}, {model} has {fingerprint}): "
+            "build the index with this model",
+        )
+
+
+def _query_from_path(
+    path: Path, checkpoint: Path, device: torch.device, index: Index
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Embedding (and head probabilities) of a raw study, a DICOM folder or a NIfTI file, by
+    ``checkpoint``, which must be the model that embedded ``index`` (:func:`check_model`).
+
+    The study is preprocessed as ``ctretrieval-preprocess`` stored the archive (the index's
+    record of the store's settings), falling back to the checkpoint's settings for an index of
+    a store that records none (:func:`preprocess_for`).
+    """
+    model, state = load_model(checkpoint, device)
+    check_model(index, weights_fingerprint(state["model"]), model.embedding_size, str(checkpoint))
+    prep = from_dict(PreprocessConfig, state.get("preprocess_config", {}))
+    prep = preprocess_for(prep, index.meta.get("store_settings"))
+    name, item = named_items([path])[0]
+    voxels, _ = prepare(name, item, prep)  # the only item: unreadable is an error, not a skip
+    options = PredictOptions(device, checkpoint_precision(state, device), 1, 0, False, None)
+    out = embed_prepared(model, [(name, voxels)], options)
+    return out.embeddings[0], None if out.probs is None else out.probs[0]
+
+
+def stored_query(index: Index, query_id: str) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(embedding, row, findings as a bool vector or None when unlabelled) of an index id."""
+    row = [str(i) for i in index.ids].index(query_id)
+    hot = torch.from_numpy(index.labels[row] > 0) if index.has_labels[row] else None
+    return torch.from_numpy(index.embeddings[row]), row, hot
+
+
+def ranked(
+    index: Index,
+    q_emb: torch.Tensor,
+    top_k: int,
+    *,
+    exclude: int | None = None,
+    q_hot: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
+    threshold: float,
+    knn_k: int,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """(query findings, top-k rows) of a query embedding against ``index``.
+
+    The query's findings are ``q_hot`` (a study of the index), else the head's ``probs`` at
+    ``threshold``, else, for a model without a head, the fraction of its ``knn_k`` nearest
+    labelled studies that have each finding, at ``threshold``. Rows: ``rank``, ``id``,
+    ``similarity`` (cosine), the study's ``findings`` (``?`` when unlabelled) and the
+    ``shared_findings``. ``exclude``: a row of the index left out (the query itself).
+    """
+    emb = torch.from_numpy(np.asarray(index.embeddings, dtype=np.float32))
+    labels = torch.from_numpy(np.asarray(index.labels).astype(np.float32))
+    names = index.meta["class_names"]
+    if q_hot is None:
+        if probs is None:  # no head: the findings its nearest labelled studies agree on
+            known = torch.from_numpy(np.asarray(index.has_labels, dtype=bool))
+            if known.any():
+                probs = knn_label_scores(q_emb[None], emb[known], labels[known], k=knn_k)[0]
+        q_hot = None if probs is None else probs >= threshold
+    q_findings = (
+        [] if q_hot is None else [n for n, h in zip(names, q_hot.tolist(), strict=True) if h]
+    )
+    sim = emb @ q_emb.float()
+    if exclude is not None:
+        sim[exclude] = -torch.inf
+    top = sim.topk(min(top_k, len(index) - int(exclude is not None)))
+    rows = []
+    for rank, (score, j) in enumerate(
+        zip(top.values.tolist(), top.indices.tolist(), strict=True), start=1
+    ):
+        found = (
+            [n for n, v in zip(names, labels[j].tolist(), strict=True) if v > 0]
+            if index.has_labels[j]
+            else []
+        )
+        rows.append(
+            {
+                "rank": rank,
+                "id": str(index.ids[j]),
+                "similarity": float(score),
+                "findings": ";".join(found) or ("?" if not index.has_labels[j] else ""),
+                "shared_findings": ";".join(f for f in found if f in q_findings),
+            }
+        )
+    return q_findings, rows
+
+
+def search(
+    index: Index,
+    query: str,
+    top_k: int,
+    device: torch.device,
+    checkpoint: Path | None = None,
+    threshold: float | None = None,
+    knn_k: int | None = None,
+) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """(query id, query findings, top-k rows) for an index id or a raw study path.
+
+    A raw study (a DICOM folder or a NIfTI file) is preprocessed as the archive was and
+    embedded by ``checkpoint`` (default: the index's); see :func:`ranked` for its findings,
+    whose ``threshold`` and ``knn_k`` default to the checkpoint's ``eval`` settings.
+    """
+    ecfg = from_dict(EvalConfig, index.meta.get("eval_config", {}))
+    settings = {
+        "threshold": ecfg.threshold if threshold is None else threshold,
+        "knn_k": ecfg.knn_k if knn_k is None else knn_k,
+    }
+    path = Path(query)
+    if query in {str(i) for i in index.ids}:
+        q_emb, row, hot = stored_query(index, query)
+        q_findings, rows = ranked(index, q_emb, top_k, exclude=row, q_hot=hot, **settings)
+        return query, q_findings, rows
+    if not (path.is_dir() or path.name.endswith(NIFTI_SUFFIXES)):
+        raise DataError(query, "neither an id of the index nor a DICOM folder / NIfTI file")
+    study = study_at(path)
+    q_emb, probs = _query_from_path(
+        path, checkpoint or Path(index.meta["checkpoint"]), device, index
+    )
+    q_findings, rows = ranked(index, q_emb, top_k, probs=probs, **settings)
+    return study.id, q_findings, rows

@@ -42,7 +42,8 @@ from medcore.errors import ConfigError, DataError, UserError
 from medcore.volumes.geometry import CANONICAL_AXCODES, Volume, center_in_box
 from medcore.volumes.store import Shard, VolumeStoreWriter, shard_output
 
-KIND = "ctretrieval.volumes"
+# The identity of the volume stores it writes (their "kind" attribute), not a model's.
+STORE_KIND = "ctretrieval.volumes"
 
 
 def store_settings(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -176,11 +177,11 @@ def preprocess(
             input_dir, "no studies found (expected one DICOM folder or NIfTI file per study)"
         )
     if shard is not None:
-        output = shard_output(output, shard, KIND, store_settings(cfg))
+        output = shard_output(output, shard, STORE_KIND, store_settings(cfg))
         total_studies = len(studies)
         studies = [s for s in studies if shard.owns(s.id)]
         print(f"shard {shard}: {len(studies)} of the {total_studies} studies", file=sys.stderr)
-    with VolumeStoreWriter(output, KIND, store_settings(cfg), chunks="slice") as store:
+    with VolumeStoreWriter(output, STORE_KIND, store_settings(cfg), chunks="slice") as store:
         done = store.done
         todo = [s for s in studies if s.id not in done]
         skipped: dict[str, str] = {}
@@ -207,7 +208,7 @@ def preprocess(
     return PreprocessReport(written, skipped, len(done & {s.id for s in studies}), total, output)
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """``ctretrieval-preprocess`` with parsed arguments (see :mod:`ctretrieval.cli`): the
     preprocess section of ``--config`` on the defaults, then ``--set`` and the flags."""
     from ctretrieval.config import CTRetrievalConfig

@@ -22,7 +22,13 @@ from ctretrieval.config import CTRetrievalConfig, ModelConfig
 from ctretrieval.data import StudyTable, balanced_sampler, load_studies, make_splits
 from ctretrieval.losses import GradedMicroF1Loss, OnlineTripletLoss, graded_targets
 from ctretrieval.metrics import embed, metric_rows, score
-from ctretrieval.model import RESNET18_HINT, build_model, with_weights_normalisation
+from ctretrieval.model import (
+    RESNET18_HINT,
+    build_model,
+    model_kind,
+    with_weights_normalisation,
+)
+from ctretrieval.predict import load_model
 from medcore.cli.dry_run import dry_run
 from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.config import to_dict
@@ -31,13 +37,12 @@ from medcore.engine.inference import PredictOptions
 from medcore.engine.run_log import RunLogger
 from medcore.engine.task import EvalContext, TrainResult
 from medcore.engine.trainer import Trainer
-from medcore.errors import ConfigError
+from medcore.errors import CheckpointError, ConfigError
 from medcore.io import atomic_write_csv
 from medcore.report.plots import plot_roc_curves, plot_training_curves
 from medcore.report.tables import format_table
 from medcore.runtime.device import AmpPolicy
 from medcore.runtime.distributed import barrier
-from medcore.weights.checkpoint import export_best
 from medcore.weights.pretrained import require_pretrained
 
 # --smoke on the demo: a smaller demo at a smaller size, so a cold cache still finishes in seconds.
@@ -76,7 +81,8 @@ def model_config(cfg: CTRetrievalConfig) -> ModelConfig:
     return dataclasses.replace(cfg.model, num_classes=n_slots if cfg.mode == "microf1" else 0)
 
 
-def _step_fn(cfg: CTRetrievalConfig, augment: nn.Module | None):
+def make_step_fn(cfg: CTRetrievalConfig, augment: nn.Module | None):
+    """The training step of ``cfg.mode``: a batch -> ``(loss, terms)`` (:mod:`ctretrieval.losses`)."""
     f1_loss = GradedMicroF1Loss(cfg.loss.f1_average, cfg.loss.bce_weight)
     graded = cfg.loss.targets == "jaccard"
     triplet_loss = OnlineTripletLoss(cfg.loss.margin, cfg.loss.mining)
@@ -88,16 +94,18 @@ def _step_fn(cfg: CTRetrievalConfig, augment: nn.Module | None):
         if augment is not None:
             x = augment(x)
         out = model(x)
+        # (loss, terms): the terms stay on the device, the trainer reads them at logging steps.
         if cfg.mode == "microf1":
             targets = graded_targets(batch["labels"]) if graded else batch["labels"]
-            return f1_loss(out["logits"], targets), {}
-        loss, n_triplets = triplet_loss(out["embedding"], batch["labels"], batch["label_id"])
-        return loss, {"triplets": loss.new_tensor(float(n_triplets))}
+            return f1_loss(out["logits"], targets)
+        return triplet_loss(out["embedding"], batch["labels"], batch["label_id"])
 
     return step
 
 
-def _evaluate_fn(cfg: CTRetrievalConfig, table: StudyTable, rows: np.ndarray):
+def make_evaluate_fn(cfg: CTRetrievalConfig, table: StudyTable, rows: np.ndarray):
+    """The per-epoch evaluation: retrieval and F1 metrics of the studies ``rows`` of ``table``
+    ranked against themselves (``train_eval``), as ``val/<name>``."""
     data = table.dataset(rows)
     names = table.labels.class_names
 
@@ -123,21 +131,22 @@ def _final_report(
     cfg: CTRetrievalConfig,
     table: StudyTable,
     splits: dict[str, np.ndarray],
-    model: nn.Module,
     run: RunContext,
     logger: RunLogger,
     result: TrainResult,
     amp: AmpPolicy,
 ) -> dict[str, Any]:
-    """Test split ranked against the train archive with the best weights (exported as
-    safetensors); tables, plots, JSON. Rank 0 only, so the embedding is not sharded."""
-    weights = export_best(
-        result.best_path,
-        result.final_path,
-        model,
-        run.run_dir / "checkpoints" / "model.safetensors",
-        metadata={"kind": f"ctretrieval.{cfg.model.name}"},
-    )
+    """Test split ranked against the train archive with the best weights; tables, plots, JSON.
+    Rank 0 only, so the embedding is not sharded.
+
+    The model is the best checkpoint's (the final one's when no best was kept), rebuilt as
+    ctretrieval-eval rebuilds it: that checkpoint is the run's one copy of those weights.
+    """
+    kept = [p for p in (result.best_path, result.final_path) if p is not None and p.is_file()]
+    if not kept:
+        raise CheckpointError(run.run_dir, "training kept neither a best nor a final checkpoint")
+    weights = kept[0]
+    model, _ = load_model(weights, run.device)
     options = PredictOptions(
         run.device, amp, cfg.eval.batch_size, cfg.trainer.num_workers, shard=False
     )
@@ -179,7 +188,7 @@ def _final_report(
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """``ctretrieval-train`` with parsed arguments (see :mod:`ctretrieval.cli`)."""
     request = resolve_run(
         args,
@@ -208,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             model_config(run.cfg), pretrained=False, pretrained_weights=None
         )
         dry_run(
-            lambda: build_model(scratch),
+            lambda: build_model(dataclasses.replace(run.cfg, model=scratch)),
             run.run_dir,
             extra={
                 "mode": cfg.mode,
@@ -224,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
     # First, so that weights that cannot be found stop the run before any data is read.
     model_cfg = with_weights_normalisation(model_config(cfg), report=run.dist.is_main)
+    cfg = dataclasses.replace(cfg, model=model_cfg)  # what the checkpoint stores and rebuilds
     if run.dist.is_main:  # the demo is generated and preprocessed once, by rank 0
         table = load_studies(cfg.data, cfg.preprocess)
     barrier()
@@ -231,7 +241,7 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
         table = load_studies(cfg.data, cfg.preprocess, show_progress=False)
     splits = _splits(cfg, table, run)
     _warn_graded_threshold(cfg, table.labels.y[:, :-1])
-    model = build_model(model_cfg)
+    model = build_model(cfg)
     if run.dist.is_main:
         source = model_cfg.pretrained_weights
         print(f"init: ResNet-18 trunk {'pretrained from ' + source if source else 'from scratch'}")
@@ -260,12 +270,12 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
         tcfg,
         train_data=table.dataset(train_rows),
         fabric=run.fabric,
-        step_fn=_step_fn(cfg, augment),
+        step_fn=make_step_fn(cfg, augment),
         run_dir=run.run_dir,
-        kind=f"ctretrieval.{model_cfg.name}",
+        kind=model_kind(cfg),
         seed=cfg.seed,
         batch_sampler=sampler,
-        evaluate_fn=_evaluate_fn(cfg, table, splits["train_eval"]),
+        evaluate_fn=make_evaluate_fn(cfg, table, splits["train_eval"]),
         logger=logger,
         extra_state={
             "model_config": to_dict(model_cfg),
@@ -279,7 +289,7 @@ def _train(cfg: CTRetrievalConfig, run: RunContext) -> int:
     )
     result = trainer.fit(resume=run.resume)
     if run.dist.is_main:
-        _final_report(cfg, table, splits, model, run, logger, result, trainer.amp)
+        _final_report(cfg, table, splits, run, logger, result, trainer.amp)
         print(f"run directory: {run.run_dir}")
     logger.close()
     return 0
