@@ -13,7 +13,7 @@ from PIL import Image
 from histommnet.breakhis import scan_breakhis
 from histommnet.cli import analyze, gradcam, train
 from histommnet.config import HistoConfig
-from histommnet.crossval import make_folds
+from histommnet.folds import make_folds
 from medcore.cli import stages
 from medcore.config import load_config, packaged_config_path
 from medcore.data.splits import load_splits

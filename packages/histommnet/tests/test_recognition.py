@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from histommnet.cli import analyze, train
-from histommnet.evaluate import METRICS, patient_table, recognition_rates, summarize_folds
+from histommnet.evaluate import METRICS, recognition_rates, summarize_folds
+from histommnet.predict import patient_table
 from medcore.testing import call_main
 from medcore.weights.checkpoint import finish_releasing, load_checkpoint, load_safetensors
 
