@@ -67,6 +67,18 @@ def test_train_one_fold_each_model(
         "400X",
     ]
     assert (out / "fold_0" / "checkpoints" / "fold_0_best.safetensors").is_file()
+    # the objective's terms are logged beside the loss, and add up to it (one micro-batch per
+    # step: no gradient accumulation in these runs, so each logged window is whole steps)
+    logged = [
+        json.loads(line)
+        for line in (out / "fold_0" / "metrics.jsonl").read_text().splitlines()
+        if '"train/loss"' in line
+    ]
+    assert logged
+    for row in logged:
+        assert row["train/loss"] == pytest.approx(
+            row["train/focal"] + 0.3 * row["train/subtype_ce"], rel=1e-4
+        )
     metrics = json.loads((out / "metrics.json").read_text())
     assert [f["fold"] for f in metrics["folds"]] == [0]
     fold = metrics["folds"][0]

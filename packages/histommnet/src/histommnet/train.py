@@ -48,7 +48,7 @@ from histommnet.data import (
 )
 from histommnet.evaluate import selection_score, test_fold, validation_scores, write_summary
 from histommnet.folds import fold_splits
-from histommnet.losses import FocalLoss, malignant_alpha, mixup, soft_targets
+from histommnet.losses import FocalLoss, HistoLoss, malignant_alpha, mixup, soft_targets
 from histommnet.model import (
     NUM_SUBTYPES,
     build_model,
@@ -229,6 +229,7 @@ class _EpochLoss:
         self.n = 0
 
     def add(self, value: torch.Tensor) -> None:
+        """Add one micro-batch's loss: a device-side sum, no host sync."""
         value = value.detach().float()
         self.total = value if self.total is None else self.total + value
         self.n += 1
@@ -238,7 +239,9 @@ class _EpochLoss:
         return float(self.total) / self.n if self.total is not None else float("nan")
 
 
-def make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
+def make_step_fn(cfg: HistoConfig, objective: HistoLoss, tracker: _EpochLoss):
+    """The training step: augmentation, soft targets, mixup, ``objective``; returns
+    ``(loss, terms)``, the terms tensors on the device (the trainer logs them)."""
     loss_cfg = cfg.loss
     augment = TrainAugment(cfg.data)
 
@@ -256,16 +259,9 @@ def make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
             images, perm, lam = mixup(images, loss_cfg.mixup_alpha)
             target = lam * target + (1 - lam) * target[perm]
             sub_target = lam * sub_target + (1 - lam) * sub_target[perm]
-        out = model(images)
-        focal = criterion(out["logits"], target)
-        loss = focal
-        extras = {"focal": focal.detach()}
-        if "subtype_logits" in out and loss_cfg.subtype_weight > 0:
-            sub = torch.nn.functional.cross_entropy(out["subtype_logits"].float(), sub_target)
-            loss = loss + loss_cfg.subtype_weight * sub
-            extras["subtype_ce"] = sub.detach()
-        tracker.add(focal)  # compared with the validation focal loss
-        return loss, extras
+        loss, terms = objective(model(images), target, sub_target)
+        tracker.add(terms["focal"])  # compared with the validation focal loss
+        return loss, terms
 
     return step_fn
 
@@ -281,11 +277,13 @@ def make_evaluate_fn(
     cfg: HistoConfig,
     fold: int,
     val_ds: MultiMagDataset,
-    criterion: FocalLoss,
+    focal: FocalLoss,
     tracker: _EpochLoss,
     eval_bs: int,
     workers: int | None,
 ):
+    """The epoch's validation: focal loss, balanced accuracy and AUC at the validation-optimal
+    thresholds, the selection score, the epoch's training loss; overfitting warnings."""
     warned_perfect: list[int] = []
 
     def evaluate_fn(model: torch.nn.Module, ctx: EvalContext) -> dict[str, float]:
@@ -294,20 +292,21 @@ def make_evaluate_fn(
             draws[["logit_benign", "logit_malignant"]].to_numpy(), device=ctx.device
         )
         labels = torch.tensor(draws["label"].to_numpy(), device=ctx.device)
-        val_loss = float(criterion(logits, labels))
+        val_loss = float(focal(logits, labels))
         scores = validation_scores(draws, cfg.cv.threshold_method)
+        train_loss = tracker.mean  # the epoch's one read of the training loss sum
         metrics = {
             "val/loss": val_loss,
             **{f"val/{name}": value for name, value in scores.items()},
             "val/selection": selection_score(scores["balanced_accuracy"], val_loss),
-            "train/epoch_loss": tracker.mean,
+            "train/epoch_loss": train_loss,
         }
-        gap = val_loss - tracker.mean
+        gap = val_loss - train_loss
         if np.isfinite(gap) and gap > cfg.cv.overfit_loss_gap:
             _warn(
                 fold,
                 ctx,
-                f"validation loss {val_loss:.3f} exceeds training loss {tracker.mean:.3f} "
+                f"validation loss {val_loss:.3f} exceeds training loss {train_loss:.3f} "
                 f"by {gap:.3f} (> cv.overfit_loss_gap={cfg.cv.overfit_loss_gap})",
             )
         if scores["balanced_accuracy"] >= 1.0 and not warned_perfect:
@@ -402,7 +401,8 @@ def train_fold(
     )
 
     model = build_model(cfg)
-    criterion = FocalLoss(alpha, cfg.loss.focal_gamma, cfg.loss.label_smoothing).to(ctx.device)
+    focal = FocalLoss(alpha, cfg.loss.focal_gamma, cfg.loss.label_smoothing)
+    objective = HistoLoss(focal, cfg.loss.subtype_weight).to(ctx.device)
     tracker = _EpochLoss()
 
     def on_epoch_start(epoch: int) -> None:
@@ -429,11 +429,11 @@ def train_fold(
         tcfg,
         train_data=train_ds,
         fabric=ctx.fabric,
-        step_fn=make_step_fn(cfg, criterion, tracker),
+        step_fn=make_step_fn(cfg, objective, tracker),
         run_dir=fold_dir,
         kind=kind,
         evaluate_fn=make_evaluate_fn(
-            cfg, fold, val_ds, criterion, tracker, eval_bs, cfg.trainer.num_workers
+            cfg, fold, val_ds, objective.focal, tracker, eval_bs, cfg.trainer.num_workers
         ),
         seed=cfg.seed + fold,
         extra_state=meta,
