@@ -66,7 +66,8 @@ def test_train_one_fold_each_model(
         "200X",
         "400X",
     ]
-    assert (out / "fold_0" / "checkpoints" / "fold_0_best.safetensors").is_file()
+    # one weights-only file per set of weights: the selected (best.pth) and the last (final.pt)
+    assert sorted(p.name for p in best.parent.iterdir()) == ["final.pt", "fold_0_best.pth"]
     # the objective's terms are logged beside the loss, and add up to it (one micro-batch per
     # step: no gradient accumulation in these runs, so each logged window is whole steps)
     logged = [

@@ -15,8 +15,7 @@ validation-optimal threshold; overfitting warnings.
 Run directory::
 
     config.yaml  dataset.json  splits.json  metrics.json  metrics.jsonl
-    fold_<i>/checkpoints/{fold_<i>_best.pth, fold_<i>_best.safetensors, final.pt}
-                        (and latest.pt until the fold finishes)
+    fold_<i>/checkpoints/{fold_<i>_best.pth, final.pt} (and latest.pt until the fold finishes)
     fold_<i>/{stage.json, metrics.jsonl, tb/, result.json, predictions_{image,patient}.csv (test),
               predictions_val_{image,patient}.csv (validation, where thresholds were chosen)}
     plots/{roc_image.png, roc_patient.png, confusion_fold<i>_<level>.png, curves_fold<i>_*.png}
@@ -70,7 +69,6 @@ from medcore.errors import UserError
 from medcore.io import atomic_write_json
 from medcore.runtime.device import device_defaults
 from medcore.weights.checkpoint import (
-    export_best,
     load_checkpoint,
     release_spares,
     save_checkpoint,
@@ -373,7 +371,7 @@ def train_fold(
     logger: RunLogger,
 ) -> TrainedFold | None:
     """Train one fold in ``stage.dir`` (resumed from ``stage.resume``); on the main rank the
-    selected weights are exported next to the checkpoint and returned (None on the others)."""
+    model with the selected weights is returned (None on the others)."""
     cfg: HistoConfig = ctx.cfg
     fold_dir = stage.dir
     requested = cfg.trainer.batch_size or device_defaults(ctx.device).batch_size
@@ -449,10 +447,11 @@ def train_fold(
     if not ctx.dist.is_main:
         return None
     best_path = ckpt_dir / tcfg.best_name
-    weights_path = export_best(
-        best_path, final_path, model, best_path.with_suffix(".safetensors"), {"kind": kind}
-    )
+    # The weights that won model selection (the final ones when no best was kept) go into the
+    # model for the fold's test; fold_<i>_best.pth is then their one weights-only copy.
+    weights_path = best_path if best_path.is_file() else final_path
     state = load_checkpoint(weights_path, kind=kind)
+    unwrap_model(model).load_state_dict(state["model"])
     return TrainedFold(
         model.to(ctx.device), state, weights_path, best_path, meta, history, alpha, eval_bs
     )
