@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from histommnet.config import DataConfig, ModelConfig
+from histommnet.config import MAGNIFICATIONS, DataConfig, HistoConfig, ModelConfig
 from histommnet.synthetic import generate_breakhis
 from medcore.testing import random_image, write_png
 
@@ -68,6 +68,16 @@ def tiny_model_cfg() -> ModelConfig:
         dropout=0.1,
         drop_path_rate=0.0,
     )
+
+
+@pytest.fixture
+def histo_config():
+    """``histo_config(model_cfg, magnifications)``: the package config ``build_model`` takes."""
+
+    def make(model: ModelConfig, magnifications: list[str] = MAGNIFICATIONS) -> HistoConfig:
+        return HistoConfig(model=model, data=DataConfig(magnifications=list(magnifications)))
+
+    return make
 
 
 @pytest.fixture

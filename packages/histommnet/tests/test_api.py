@@ -30,6 +30,7 @@ from histommnet.cli import export, predict, train
 from medcore.data.splits import load_splits
 from medcore.errors import DataError, UserError
 from medcore.testing import call_main, error_line, hub_snapshot_of
+from medcore.weights.checkpoint import export_safetensors
 from medcore.weights.export import ModelExport, write_export
 from medcore.weights.sources import ModelSourceError
 
@@ -374,11 +375,12 @@ def test_refused_sources_and_inputs(run, exported, folders, best_fold, tmp_path,
     ckpt_dir = run / f"fold_{best_fold}" / "checkpoints"
     lone = tmp_path / "lone.pt"  # a fold's checkpoint away from its run: no thresholds known
     state = torch.load(ckpt_dir / f"fold_{best_fold}_best.pth", weights_only=True)
+    bare = export_safetensors(state["model"], tmp_path / "weights.safetensors")
     state.pop("thresholds")
     torch.save(state, lone)
     cases = {
         _other_package_export(tmp_path): "this is a ctclip.CTCLIP export, not histommnet",
-        ckpt_dir / f"fold_{best_fold}_best.safetensors": "a weights file without its config.json",
+        bare: "a weights file without its config.json",
         lone: "records no decision thresholds: its fold was not tested",
     }
     patients = str(folders[sorted(folders)[0]])

@@ -13,7 +13,7 @@ from PIL import Image
 from histommnet.breakhis import scan_breakhis
 from histommnet.cli import analyze, gradcam, train
 from histommnet.config import HistoConfig
-from histommnet.crossval import make_folds
+from histommnet.folds import make_folds
 from medcore.cli import stages
 from medcore.config import load_config, packaged_config_path
 from medcore.data.splits import load_splits
@@ -66,7 +66,20 @@ def test_train_one_fold_each_model(
         "200X",
         "400X",
     ]
-    assert (out / "fold_0" / "checkpoints" / "fold_0_best.safetensors").is_file()
+    # one weights-only file per set of weights: the selected (best.pth) and the last (final.pt)
+    assert sorted(p.name for p in best.parent.iterdir()) == ["final.pt", "fold_0_best.pth"]
+    # the objective's terms are logged beside the loss, and add up to it (one micro-batch per
+    # step: no gradient accumulation in these runs, so each logged window is whole steps)
+    logged = [
+        json.loads(line)
+        for line in (out / "fold_0" / "metrics.jsonl").read_text().splitlines()
+        if '"train/loss"' in line
+    ]
+    assert logged
+    for row in logged:
+        assert row["train/loss"] == pytest.approx(
+            row["train/focal"] + 0.3 * row["train/subtype_ce"], rel=1e-4
+        )
     metrics = json.loads((out / "metrics.json").read_text())
     assert [f["fold"] for f in metrics["folds"]] == [0]
     fold = metrics["folds"][0]

@@ -13,7 +13,7 @@ import torch
 from histommnet.cli import train
 from histommnet.config import HistoConfig
 from histommnet.data import input_size
-from histommnet.model import build_model, dry_run_model_config, resolve_normalization
+from histommnet.model import build_model, dry_run_config, resolve_normalization
 from medcore.cli.dry_run import build_on_meta, count_parameters
 from medcore.config import load_config, packaged_config_path
 from medcore.testing import call_main, error_line
@@ -36,9 +36,7 @@ def _timm_trunk_parameters(name: str) -> int:
 def test_config_builds_the_named_backbone(name: str) -> None:
     cfg = _config(name)
     assert cfg.model.backbone == CONFIGS[name]
-    model = build_on_meta(
-        lambda: build_model(dry_run_model_config(cfg.model), cfg.data.magnifications)
-    )
+    model = build_on_meta(lambda: build_model(dry_run_config(cfg)))
     trunks = model.encoder.trunks
     assert len(trunks) == len(cfg.data.magnifications) == 4  # one trunk per magnification
     expected = _timm_trunk_parameters(CONFIGS[name])
@@ -83,8 +81,10 @@ def test_one_training_step_at_real_width(name: str) -> None:
     """
     cfg = _config(name)
     torch.manual_seed(0)
-    model_cfg = dataclasses.replace(dry_run_model_config(cfg.model), shared_backbone=True)
-    model = build_model(model_cfg, cfg.data.magnifications).train()
+    dry = dry_run_config(cfg)
+    model = build_model(
+        dataclasses.replace(dry, model=dataclasses.replace(dry.model, shared_backbone=True))
+    ).train()
     images = torch.randn(2, 4, 3, 32, 48)  # 1x2 feature maps after EfficientNet's stride 32
     out = model(images)
     assert out["logits"].shape == (2, 2) and out["subtype_logits"].shape == (2, 8)

@@ -19,11 +19,11 @@ from histommnet.breakhis import draws_per_patient, scan_breakhis
 from histommnet.cli import analyze, gradcam, train
 from histommnet.config import AugmentConfig, DataConfig, HistoConfig
 from histommnet.data import TrainAugment, WorkingImages
-from histommnet.evaluate import patient_table, validation_scores
+from histommnet.evaluate import selection_score, validation_scores
 from histommnet.gradcam import patient_cams
 from histommnet.losses import FocalLoss, malignant_alpha
 from histommnet.model import build_model
-from histommnet.train import selection_score
+from histommnet.predict import patient_table
 from medcore.config import load_config, packaged_config_path
 from medcore.data.splits import load_splits
 from medcore.testing import call_main, write_png
@@ -103,10 +103,10 @@ def test_patient_threshold_is_chosen_on_validation_patients() -> None:
     assert scores["threshold"] == pytest.approx(0.40)  # the draws' own: between 0.36 and 0.44
 
 
-def test_gradcam_predicted_class_uses_the_threshold(tiny_model_cfg) -> None:
+def test_gradcam_predicted_class_uses_the_threshold(tiny_model_cfg, histo_config) -> None:
     torch.manual_seed(0)
     cfg = dataclasses.replace(tiny_model_cfg, shared_backbone=True)
-    model = build_model(cfg, ["40X", "100X", "200X", "400X"]).eval()
+    model = build_model(histo_config(cfg, ["40X", "100X", "200X", "400X"])).eval()
     images = torch.randn(1, 4, 3, 32, 32)
     _, prob, _ = patient_cams(model, images, None, threshold=0.5)
     for threshold, expected in ((prob - 0.01, 1), (prob + 0.01, 0)):

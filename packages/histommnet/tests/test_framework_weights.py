@@ -39,12 +39,12 @@ def _reference() -> torch.nn.Module:
     ],
 )
 def test_every_trunk_takes_every_tensor_of_framework_files(
-    how, prefix, tiny_model_cfg: ModelConfig, tmp_path: Path, capsys
+    how, prefix, tiny_model_cfg: ModelConfig, histo_config, tmp_path: Path, capsys
 ) -> None:
     reference = _reference()
     path = save_weights_as(how, reference, tmp_path / "resnet18.ckpt")
     cfg = dataclasses.replace(tiny_model_cfg, backbone="resnet18", pretrained_weights=str(path))
-    model = build_model(cfg, MAGS)
+    model = build_model(histo_config(cfg, MAGS))
     expected = reference.state_dict()
     for trunk in model.encoder.trunks:
         for key, value in trunk.state_dict().items():

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from histommnet.losses import FocalLoss, mixup, soft_targets
+from histommnet.losses import FocalLoss, HistoLoss, mixup, soft_targets
 
 
 def test_focal_loss_hand_computed() -> None:
@@ -38,3 +38,31 @@ def test_soft_targets_and_mixup() -> None:
     mixed, perm, lam = mixup(images, alpha=0.2)
     assert 0.0 <= lam <= 1.0 and sorted(perm.tolist()) == [0, 1, 2, 3]
     torch.testing.assert_close(mixed, lam * images + (1 - lam) * images[perm])
+
+
+def test_objective_returns_total_and_detached_terms() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 2, requires_grad=True)
+    sub_logits = torch.randn(4, 8, requires_grad=True)
+    target = soft_targets(torch.tensor([0, 1, 1, 0]), 2, 0.1)
+    sub_target = soft_targets(torch.tensor([0, 5, 7, 2]), 8, 0.1)
+    focal = FocalLoss(alpha=0.6, gamma=2.0, label_smoothing=0.1)
+    total, terms = HistoLoss(focal, subtype_weight=0.3)(
+        {"logits": logits, "subtype_logits": sub_logits}, target, sub_target
+    )
+    # independent reference: torch's cross-entropy on probability targets
+    reference = focal(logits, target) + 0.3 * F.cross_entropy(sub_logits, sub_target)
+    torch.testing.assert_close(total, reference)
+    assert set(terms) == {"focal", "subtype_ce"}
+    assert all(isinstance(t, torch.Tensor) and not t.requires_grad for t in terms.values())
+    torch.testing.assert_close(terms["subtype_ce"], F.cross_entropy(sub_logits, sub_target))
+    total.backward()
+    assert logits.grad is not None and sub_logits.grad is not None
+    # no subtype head, or a zero weight: the focal loss alone
+    for out, weight in (
+        ({"logits": logits}, 0.3),
+        ({"logits": logits, "subtype_logits": sub_logits}, 0.0),
+    ):
+        total, terms = HistoLoss(focal, subtype_weight=weight)(out, target, sub_target)
+        assert set(terms) == {"focal"}
+        torch.testing.assert_close(total, focal(logits, target))

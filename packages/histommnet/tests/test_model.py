@@ -102,9 +102,11 @@ def test_fusion_blends_global_and_concat_views() -> None:
 @pytest.mark.parametrize(
     ("name", "cls"), [("mmnet", MMNet), ("single", SingleMagNet), ("concat", ConcatNet)]
 )
-def test_models_forward_and_gradients(name: str, cls: type, tiny_model_cfg: ModelConfig) -> None:
+def test_models_forward_and_gradients(
+    name: str, cls: type, tiny_model_cfg: ModelConfig, histo_config
+) -> None:
     cfg = dataclasses.replace(tiny_model_cfg, name=name)
-    model = build_model(cfg, MAGS)
+    model = build_model(histo_config(cfg, MAGS))
     assert isinstance(model, cls) and checkpoint_kind(model) == f"histommnet.{cls.__name__}"
     x = torch.randn(3, 4, 3, 32, 32)
     out = model(x)
@@ -119,9 +121,11 @@ def test_models_forward_and_gradients(name: str, cls: type, tiny_model_cfg: Mode
         )
 
 
-def test_single_uses_only_its_magnification(tiny_model_cfg: ModelConfig) -> None:
+def test_single_uses_only_its_magnification(tiny_model_cfg: ModelConfig, histo_config) -> None:
     model = build_model(
-        dataclasses.replace(tiny_model_cfg, name="single", single_magnification="200X"), MAGS
+        histo_config(
+            dataclasses.replace(tiny_model_cfg, name="single", single_magnification="200X"), MAGS
+        )
     ).eval()
     x = torch.randn(2, 4, 3, 32, 32)
     y = x.clone()
@@ -129,35 +133,42 @@ def test_single_uses_only_its_magnification(tiny_model_cfg: ModelConfig) -> None
     torch.testing.assert_close(model(x)["logits"], model(y)["logits"])
     with pytest.raises(ConfigError):
         build_model(
-            dataclasses.replace(tiny_model_cfg, name="single", single_magnification="40X"), ["100X"]
+            histo_config(
+                dataclasses.replace(tiny_model_cfg, name="single", single_magnification="40X"),
+                ["100X"],
+            )
         )
 
 
 def test_shared_backbone_and_no_subtype_head(tiny_model_cfg: ModelConfig) -> None:
     cfg = dataclasses.replace(tiny_model_cfg, shared_backbone=True, subtype_head=False)
-    model = MMNet.from_config(cfg, MAGS)
+    model = MMNet(cfg, MAGS)
     assert len(model.encoder.trunks) == 1
     out = model(torch.randn(2, 4, 3, 32, 32))
     assert out["logits"].shape == (2, 2) and "subtype_logits" not in out
 
 
 def test_pretrained_weights_from_local_file_only(
-    tiny_model_cfg: ModelConfig, tmp_path: Path
+    tiny_model_cfg: ModelConfig, tmp_path: Path, histo_config
 ) -> None:
     with pytest.raises(UserError, match="--pretrained-weights"):
-        build_model(dataclasses.replace(tiny_model_cfg, pretrained=True), MAGS)
+        build_model(histo_config(dataclasses.replace(tiny_model_cfg, pretrained=True), MAGS))
     source = timm.create_model("test_efficientnet", pretrained=False, num_classes=0, global_pool="")
     path = tmp_path / "trunk.pth"
     torch.save(source.state_dict(), path)
-    model = build_model(dataclasses.replace(tiny_model_cfg, pretrained_weights=str(path)), MAGS)
+    model = build_model(
+        histo_config(dataclasses.replace(tiny_model_cfg, pretrained_weights=str(path)), MAGS)
+    )
     for trunk in model.encoder.trunks:
         torch.testing.assert_close(trunk.conv_stem.weight, source.conv_stem.weight)
     with pytest.raises(ConfigError, match=r"model\.backbone"):
-        build_model(dataclasses.replace(tiny_model_cfg, backbone="no_such_net"), MAGS)
+        build_model(histo_config(dataclasses.replace(tiny_model_cfg, backbone="no_such_net"), MAGS))
 
 
-def test_load_model_rebuilds_from_checkpoint(tiny_model_cfg: ModelConfig, tmp_path: Path) -> None:
-    model = build_model(tiny_model_cfg, MAGS).eval()
+def test_load_model_rebuilds_from_checkpoint(
+    tiny_model_cfg: ModelConfig, tmp_path: Path, histo_config
+) -> None:
+    model = build_model(histo_config(tiny_model_cfg, MAGS)).eval()
     path = save_checkpoint(
         {
             "model": model.state_dict(),

@@ -7,7 +7,7 @@ import pytest
 
 from histommnet.cli import train
 from histommnet.config import HistoConfig
-from histommnet.crossval import SMOKE_OVERRIDES as SMOKE
+from histommnet.train import SMOKE_OVERRIDES as SMOKE
 from medcore.cli.run_setup import SMOKE_OVERRIDES, load_run_config
 from medcore.testing import (
     assert_epochs_set_only,

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from histommnet.cli import analyze, train
-from histommnet.evaluate import METRICS, patient_table, recognition_rates, summarize_folds
+from histommnet.evaluate import METRICS, recognition_rates, summarize_folds
+from histommnet.predict import patient_table
 from medcore.testing import call_main
-from medcore.weights.checkpoint import finish_releasing, load_checkpoint, load_safetensors
+from medcore.weights.checkpoint import finish_releasing, load_checkpoint
 
 
 def test_recognition_rates_by_hand() -> None:
@@ -100,10 +100,7 @@ def test_training_reports_the_rates_and_keeps_a_weights_only_best(
         assert best["threshold_method"] == "youden" and best["normalization"]["mean"]
         assert best["model_config"]["name"] == "mmnet" and best["epoch"] == fold["best_epoch"]
         assert not (ckpts / "latest.pt").exists()  # a finished fold is never resumed
-        exported = load_safetensors(ckpts / f"fold_{fold['fold']}_best.safetensors")
-        assert best["model"].keys() == exported.keys()
-        assert all(torch.equal(best["model"][k], v) for k, v in exported.items())
-        weights = sum(t.numel() * t.element_size() for t in exported.values())
+        weights = sum(t.numel() * t.element_size() for t in best["model"].values())
         size = (ckpts / f"fold_{fold['fold']}_best.pth").stat().st_size
         assert weights <= size < weights * 1.15 + 200_000  # the full one is about 3x
         assert not list(ckpts.glob(".*"))  # no spare copy of the replaced checkpoint left

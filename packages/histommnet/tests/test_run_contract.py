@@ -35,7 +35,7 @@ def tiny_argv(data: Path, out: Path) -> list[str]:
 
 def nan_in(monkeypatch: pytest.MonkeyPatch, steps: Callable[[int], bool]) -> None:
     """One NaN image in the batches of the training steps ``steps`` accepts (from 1)."""
-    real = train_mod._make_step_fn
+    real = train_mod.make_step_fn
     count = [0]
 
     def make_step_fn(*args, **kwargs):
@@ -51,7 +51,7 @@ def nan_in(monkeypatch: pytest.MonkeyPatch, steps: Callable[[int], bool]) -> Non
 
         return poisoned
 
-    monkeypatch.setattr(train_mod, "_make_step_fn", make_step_fn)
+    monkeypatch.setattr(train_mod, "make_step_fn", make_step_fn)
 
 
 def _file(src: Path, dst: Path) -> Path:

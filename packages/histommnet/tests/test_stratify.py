@@ -13,7 +13,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from histommnet.breakhis import SUBTYPES, Patient, scan_breakhis
 from histommnet.cli import analyze
 from histommnet.config import CVConfig, HistoConfig
-from histommnet.crossval import fold_splits, make_folds
+from histommnet.folds import fold_splits, make_folds
 from medcore.data.splits import load_splits
 from medcore.errors import DataError
 from medcore.testing import call_main, random_image, write_png

@@ -53,10 +53,10 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
 
 
 def test_hub_name_loads_every_trunk_and_says_so(
-    hub: torch.nn.Module, tiny_model_cfg: ModelConfig, capsys
+    hub: torch.nn.Module, tiny_model_cfg: ModelConfig, histo_config, capsys
 ) -> None:
     cfg = dataclasses.replace(tiny_model_cfg, pretrained=True, pretrained_weights=f"hf-hub:{REPO}")
-    model = build_model(cfg, MAGS)
+    model = build_model(histo_config(cfg, MAGS))
     for trunk in model.encoder.trunks:
         for key, value in trunk.state_dict().items():
             torch.testing.assert_close(value, hub.state_dict()[key])

@@ -20,8 +20,9 @@ import pandas as pd
 
 from histommnet.breakhis import CLASSES, SUBTYPE_NAMES, BreakHisIndex, Patient, draws_per_patient
 from histommnet.config import PACKAGE, HistoConfig
-from histommnet.crossval import load_index, make_folds, read_folds
+from histommnet.data import load_index
 from histommnet.evaluate import METRICS, RATES_NOTE, summarize_folds, summary_display, write_table
+from histommnet.folds import make_folds, read_folds
 from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.data.splits import save_splits
 from medcore.errors import DataError, UserError
@@ -154,7 +155,7 @@ def _fold_results(run_dir: Path) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: r["fold"])
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """``histommnet-analyze`` after parsing."""
     run_dir = _training_run(args)
     if run_dir is not None:  # the run's config (unless --config), its analysis/ (unless -o)

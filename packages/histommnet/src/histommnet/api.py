@@ -15,7 +15,7 @@ array given, and one decoding, resize and crop path serves files and arrays alik
 The model of a run is one fold (:mod:`histommnet.export`: the best by validation score, or
 ``fold=K``) with that fold's image- and patient-level thresholds. Prediction is the evaluation
 path: the same draws of image tuples (``MultiMagDataset``), decoding and resize
-(``WorkingImages``), normalisation, forward and autocast (``histommnet.evaluate.predict``), the
+(``WorkingImages``), normalisation, forward and autocast (``histommnet.predict.predict_draws``), the
 patient's probability the mean over its draws (``patient_table``).
 
 Nothing here imports the trainer or Lightning.
@@ -46,10 +46,9 @@ from histommnet.breakhis import (
 )
 from histommnet.config import DataConfig
 from histommnet.data import MultiMagDataset, WorkingImages
-from histommnet.evaluate import patient_table
-from histommnet.evaluate import predict as predict_draws
 from histommnet.export import describe, find_in_run
 from histommnet.model import KINDS, build_from_checkpoint
+from histommnet.predict import patient_table, predict_draws
 from medcore.engine.inference import PredictOptions, checkpoint_precision, load_model
 from medcore.errors import DataError, UserError
 from medcore.runtime.device import resolve_device

@@ -1,8 +1,7 @@
 """Console entry points ``histommnet-{train,analyze,gradcam,export,predict}``: the commands and
 their flags only.
 
-Each command is ``histommnet.<module>:run(args)`` (train, analyze, gradcam) or ``:main(args)``
-(export, predict); see :class:`medcore.cli.command.Command`.
+Each command is ``histommnet.<module>:main(args)``; see :class:`medcore.cli.command.Command`.
 """
 
 from __future__ import annotations
@@ -18,17 +17,17 @@ MODELS = ("mmnet", "single", "concat")
 FOLDS = ("--folds", {"type": int, "help": "number of cross-validation folds (default 5)"},
          "cv.folds")
 train = Command("histommnet-train", "patient-wise k-fold cross-validation of MMNet",
-                "histommnet.crossval:run", [
+                "histommnet.train:main", [
     ("--model", {"choices": MODELS, "help": "model kind (default: mmnet)"}, "model.name"),
     FOLDS,
     ("--fold", {"type": int, "help": "run only this fold (0-based)"}, "cv.fold")], common=True)
 analyze = Command("histommnet-analyze", "BreakHis dataset report and the cross-validation folds",
-                  "histommnet.analyze:run", [
+                  "histommnet.analyze:main", [
     FOLDS,
     ("--run", {"type": Path, "help": "a training run: report its config and saved folds"})],
     common=False)
 gradcam = Command("histommnet-gradcam", "Grad-CAM heatmaps per magnification",
-                  "histommnet.gradcam:run", [
+                  "histommnet.gradcam:main", [
     ("--checkpoint", {"type": Path, "required": True, "help": "a fold_<i>_best.pth"}),
     ("--patients", {"nargs": "+", "metavar": "ID",
                     "help": "patients in any BreakHis spelling: SOB_B_A_14-22549AB, "

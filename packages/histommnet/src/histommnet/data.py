@@ -1,4 +1,6 @@
-"""The multi-magnification dataset: items are patients, each draw one image per magnification.
+"""The data: the BreakHis tree (or the synthetic demo tree) indexed (``load_index``), images
+decoded once at the input size (``WorkingImages``), the training augmentation, and the
+multi-magnification dataset: items are patients, each draw one image per magnification.
 
 Shapes: ``b`` batch, ``m`` magnifications, ``c`` colour channels, ``h w`` pixels. A batch is a
 dict with ``images [b, m, c, h, w]`` (float in [0, 1]; ``model_input`` normalises), ``label [b]``, ``subtype [b]``,
@@ -20,11 +22,40 @@ import torch
 from kornia.geometry.transform import rotate
 from torch.utils.data import Dataset
 
-from histommnet.breakhis import Patient, draws_per_patient
-from histommnet.config import AugmentConfig, DataConfig
+from histommnet.breakhis import BreakHisIndex, Patient, draws_per_patient, scan_breakhis
+from histommnet.config import PACKAGE, AugmentConfig, DataConfig, HistoConfig
+from histommnet.synthetic import generate_breakhis
+from medcore.data.demo_cache import ensure_demo_data
 from medcore.data.image_store import ImageStore, StoreSpec, cached_store, store_key
 from medcore.errors import DataError
 from medcore.io import load_image
+
+DEMO_VERSION = "v2"
+
+
+def _generate_demo(path: Path) -> None:
+    generate_breakhis(
+        path, patients_per_subtype=4, images_per_magnification=(4, 9), size=64, seed=0
+    )
+
+
+def resolve_data_dir(cfg: HistoConfig) -> Path:
+    """``data.data_dir``, or the cached synthetic demo tree (generated on first use)."""
+    if cfg.data.data_dir:
+        return Path(cfg.data.data_dir)
+    print("no --data-dir: using the built-in synthetic BreakHis demo data", file=sys.stderr)
+    return ensure_demo_data(PACKAGE, _generate_demo, version=DEMO_VERSION)
+
+
+def load_index(cfg: HistoConfig, verbose: bool = True) -> BreakHisIndex:
+    """The BreakHis tree of ``cfg`` (or the demo tree) scanned into patients and images."""
+    return scan_breakhis(
+        resolve_data_dir(cfg),
+        cfg.data.magnifications,
+        cfg.data.missing_magnification,
+        cfg.data.check_images,
+        verbose=verbose,
+    )
 
 
 def normalization(cfg: DataConfig) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Prediction, image- and patient-level metrics, cross-validation summaries, tables and plots.
+"""Image- and patient-level metrics, validation thresholds, a fold's test, cross-validation
+summaries, tables and plots (the predictions they score: ``histommnet.predict``).
 
 "Image level" means one draw (one image per magnification); "patient level" averages the
 malignant probability over all draws of a patient. Beside them, the recognition rates the
@@ -18,18 +19,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import confusion_matrix
 from torch import nn
-from torch.utils.data import Subset
 
-from histommnet.breakhis import CLASSES, SUBTYPE_CODES
+from histommnet.breakhis import CLASSES
 from histommnet.data import MultiMagDataset
+from histommnet.predict import patient_table, predict_draws
 from medcore.engine import inference
+from medcore.engine.run_log import RunLogger
 from medcore.io import atomic_write_csv, atomic_write_text
 from medcore.metrics import binary_metrics, select_threshold
 from medcore.report.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
-from medcore.report.tables import markdown_table
+from medcore.report.tables import format_table, markdown_table
 
 METRICS = (
     "accuracy",
@@ -45,64 +46,6 @@ RATES_NOTE = (
     "recognition_rate: image level N_rec / N_all, patient level the mean over patients of "
     "N_rec / N_P, draws classified at the image-level threshold (Spanhol et al. 2016)"
 )
-
-
-def predict(
-    model: nn.Module,
-    dataset: MultiMagDataset,
-    options: inference.PredictOptions,
-    indices: Sequence[int] | None = None,
-) -> pd.DataFrame:
-    """One row per draw (of ``indices`` only, when given): patient, label, subtype, malignant
-    probability (and subtype guess).
-
-    ``medcore.engine.inference.predict`` with ``options`` (sharded over the ranks under DDP unless
-    ``options.shard`` is False: every rank gets all rows).
-    """
-
-    def forward(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = net(dataset.model_input(batch["images"]))
-        kept = {"logits": out["logits"].float(), "patient": batch["patient"]}
-        if "subtype_logits" in out:
-            kept["subtype_pred"] = out["subtype_logits"].argmax(-1)
-        return kept
-
-    out = inference.predict(
-        model,
-        dataset if indices is None else Subset(dataset, list(indices)),
-        forward,
-        options.but(desc=None),
-    )
-    logits = out["logits"].numpy()
-    patients = [dataset.patients[int(i)] for i in out["patient"]]
-    frame = pd.DataFrame(
-        {
-            "patient": [p.key for p in patients],
-            "patient_id": [p.patient_id for p in patients],
-            "label": [p.label for p in patients],
-            # new patients (``histommnet.load``) have no known label or subtype: -1
-            "subtype": [SUBTYPE_CODES[p.subtype] if p.subtype >= 0 else "" for p in patients],
-            "prob_malignant": out["logits"].softmax(-1)[:, 1].numpy().astype(float),
-            "logit_benign": logits[:, 0].astype(float),
-            "logit_malignant": logits[:, 1].astype(float),
-        }
-    )
-    if "subtype_pred" in out:
-        frame["subtype_pred"] = [SUBTYPE_CODES[int(i)] for i in out["subtype_pred"]]
-    return frame
-
-
-def patient_table(draws: pd.DataFrame) -> pd.DataFrame:
-    """Per-patient mean malignant probability over the patient's draws."""
-    grouped = draws.groupby("patient", sort=True)
-    return pd.DataFrame(
-        {
-            "label": grouped["label"].first(),
-            "subtype": grouped["subtype"].first(),
-            "prob_malignant": grouped["prob_malignant"].mean(),
-            "draws": grouped.size(),
-        }
-    ).reset_index()
 
 
 def level_metrics(frame: pd.DataFrame, threshold: float) -> dict[str, float]:
@@ -172,6 +115,17 @@ def validation_scores(draws: pd.DataFrame, method: str) -> dict[str, float]:
         "patient_auc": patient["roc_auc"],
         "patient_threshold": t_patient,
     }
+
+
+def selection_score(balanced_accuracy: float, val_loss: float) -> float:
+    """What model selection maximises: the balanced accuracy at the validation-optimal
+    threshold, ties broken by the lower validation loss.
+
+    On a small validation split that balanced accuracy reaches 1.0 early and stays there; the
+    loss term (at most 1e-5, below any balanced-accuracy step of a split under 50,000 draws)
+    then keeps the later, better-fitted epoch instead of the first one to reach 1.0.
+    """
+    return balanced_accuracy - 1e-5 * min(max(val_loss, 0.0), 1.0)
 
 
 def confusion(frame: pd.DataFrame, threshold: float) -> np.ndarray:
@@ -259,8 +213,8 @@ def test_fold(
     passes): thresholds chosen on validation, both splits' metrics; predictions and plots
     written. Returns ``thresholds``, ``threshold_method``, ``val``, ``test`` (and
     ``test_subtype_accuracy`` with a subtype head)."""
-    val_draws = predict(model, val_ds, options.but(shard=False))
-    test_draws = predict(model, test_ds, options.but(shard=False))
+    val_draws = predict_draws(model, val_ds, options.but(shard=False))
+    test_draws = predict_draws(model, test_ds, options.but(shard=False))
     frames = {
         "val": (val_draws, patient_table(val_draws)),
         "test": (test_draws, patient_table(test_draws)),
@@ -315,3 +269,52 @@ def write_roc_plots(
             for f, frames in sorted(per_fold_frames.items())
         }
         plot_roc_curves(curves, plots_dir / f"roc_{level}.png", title=f"ROC, {level} level")
+
+
+def write_summary(run_dir: Path, model_name: str, results: list[dict[str, Any]]) -> None:
+    """The cross-validation summary of a run's tested folds: per-fold and mean +- std tables
+    (``tables/cv_{folds,summary}``), ROC plots, ``metrics.json``, printed."""
+    per_fold, summary = summarize_folds(results)
+    tables = run_dir / "tables"
+    write_table(per_fold, tables / "cv_folds")
+    write_table(summary, tables / "cv_summary")
+    frames = {}
+    for res in results:
+        fold_dir = run_dir / f"fold_{res['fold']}"
+        frames[res["fold"]] = (
+            pd.read_csv(fold_dir / "predictions_image.csv"),
+            pd.read_csv(fold_dir / "predictions_patient.csv"),
+        )
+    write_roc_plots(run_dir / "plots", frames)
+    final = {
+        "model": model_name,
+        "folds": results,
+        "summary": {
+            row["level"]: {k: v for k, v in row.items() if k != "level"}
+            for row in summary.to_dict("records")
+        },
+    }
+    logger = RunLogger(run_dir)
+    logger.log_jsonl(
+        {
+            "event": "cv_summary",
+            **{
+                f"{lvl}/{m}_mean": final["summary"][lvl][f"{m}_mean"]
+                for lvl in LEVELS
+                for m in METRICS
+            },
+        }
+    )
+    logger.write_final(final)
+    logger.close()
+
+    print(f"\n{model_name}: per-fold test metrics (thresholds chosen on validation)")
+    print(
+        format_table(
+            per_fold.to_dict("records"), ["fold", "level", "threshold", *METRICS], floatfmt=".3f"
+        )
+    )
+    print(RATES_NOTE)
+    print(f"\nmean ± std over {len(results)} fold(s)")
+    print(format_table(summary_display(summary), ["level", "folds", *METRICS]))
+    print(f"\nrun directory: {run_dir}")

@@ -26,10 +26,10 @@ from torch import nn
 
 from histommnet.breakhis import CLASSES, Patient, find_patients
 from histommnet.config import PACKAGE, HistoConfig
-from histommnet.data import MultiMagDataset, WorkingImages, normalization
-from histommnet.evaluate import predict
+from histommnet.data import MultiMagDataset, WorkingImages, load_index, normalization
 from histommnet.export import fold_thresholds
 from histommnet.model import SingleMagNet, load_model, resolve_normalization
+from histommnet.predict import predict_draws
 from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.errors import UserError
 from medcore.io import atomic_path, atomic_write_json
@@ -159,10 +159,10 @@ def _save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """``histommnet-gradcam`` after parsing."""
-    # Imported here: ``patient_cams`` (used by ``histommnet.load``) needs neither the run
-    # setup nor the training data index, which import the trainer.
+    # Imported here: ``patient_cams`` (used by ``histommnet.load``) needs no run setup, which
+    # imports Lightning.
     from medcore.cli.run_setup import resolve_run, start_run
 
     with start_run(resolve_run(args, HistoConfig, PACKAGE, "default")) as ctx:
@@ -170,8 +170,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _gradcam(args: argparse.Namespace, ctx: RunContext) -> int:
-    from histommnet.crossval import load_index
-
     model, state = load_model(args.checkpoint)
     threshold = _threshold(args, state)
     model.to(ctx.device).eval()
@@ -204,7 +202,7 @@ def _gradcam(args: argparse.Namespace, ctx: RunContext) -> int:
         index = args.draw
         # One draw: no worker processes for it.
         one = PredictOptions(ctx.device, precision, num_workers=0, shard=False)
-        p_draw = predict(model, ds, one, indices=[index])["prob_malignant"].iloc[0]
+        p_draw = predict_draws(model, ds, one, indices=[index])["prob_malignant"].iloc[0]
         rgb_batch = ds[index]["images"].unsqueeze(0)
         images = ds.model_input(rgb_batch).to(ctx.device)
         cams, prob, cls = patient_cams(model, images, target, threshold, prob=float(p_draw))

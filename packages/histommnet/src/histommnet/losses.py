@@ -1,4 +1,5 @@
-"""Focal loss with label smoothing on soft targets, and mixup.
+"""The training objective (``HistoLoss``: focal loss plus the subtype head's cross-entropy,
+returning ``(total, terms)``), focal loss with label smoothing on soft targets, and mixup.
 
 Shapes: ``b`` batch, ``k`` classes.
 """
@@ -44,6 +45,32 @@ class FocalLoss(nn.Module):
         log_p = F.log_softmax(logits.float(), dim=-1)
         focal = (1.0 - log_p.exp()).pow(self.gamma)
         return -(self.weights * focal * target * log_p).sum(-1).mean()
+
+
+class HistoLoss(nn.Module):
+    """The training objective: the focal loss of the benign/malignant head plus
+    ``subtype_weight`` times the cross-entropy of the subtype head, when the model has one.
+
+    ``forward(out, target, subtype_target)`` takes the model's output dict and (soft or integer)
+    targets and returns ``(total, terms)``: ``terms`` holds the detached parts, ``focal`` and
+    ``subtype_ce``, left on the device (the trainer reads them once per logging step).
+    """
+
+    def __init__(self, focal: FocalLoss, subtype_weight: float = 0.0) -> None:
+        super().__init__()
+        self.focal = focal
+        self.subtype_weight = subtype_weight
+
+    def forward(
+        self, out: dict[str, torch.Tensor], target: torch.Tensor, subtype_target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        focal = self.focal(out["logits"], target)
+        total, terms = focal, {"focal": focal.detach()}
+        if "subtype_logits" in out and self.subtype_weight > 0:
+            sub = F.cross_entropy(out["subtype_logits"].float(), subtype_target)
+            total = total + self.subtype_weight * sub
+            terms["subtype_ce"] = sub.detach()
+        return total, terms
 
 
 def malignant_alpha(labels: Sequence[int], alpha: float, alpha_class: str = "minority") -> float:

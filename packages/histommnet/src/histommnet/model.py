@@ -24,7 +24,7 @@ from histommnet.attention import (
     MultiScaleAttentionPool,
 )
 from histommnet.breakhis import SUBTYPE_CODES
-from histommnet.config import DataConfig, ModelConfig
+from histommnet.config import DataConfig, HistoConfig, ModelConfig
 from medcore.config import from_dict
 from medcore.engine import inference
 from medcore.errors import ConfigError
@@ -149,10 +149,6 @@ class _Classifier(nn.Module):
             _head(width, NUM_SUBTYPES, self.cfg.dropout) if self.cfg.subtype_head else None
         )
 
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, magnifications: Sequence[str]) -> nn.Module:
-        return cls(cfg, magnifications)  # type: ignore[call-arg]
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -248,17 +244,41 @@ class ConcatNet(_Classifier):
 
 
 MODELS: dict[str, type[nn.Module]] = {"mmnet": MMNet, "single": SingleMagNet, "concat": ConcatNet}
-# The checkpoint identities of the models (``checkpoint_kind``).
+# The checkpoint identity of MMNet; the baselines' are ``histommnet.<class name>`` as well
+# (``checkpoint_kind``), and loading accepts any of ``KINDS``.
+KIND = "histommnet.MMNet"
 KINDS = frozenset(f"histommnet.{cls.__name__}" for cls in MODELS.values())
 
 
-def build_model(cfg: ModelConfig, magnifications: Sequence[str]) -> nn.Module:
-    return MODELS[cfg.name].from_config(cfg, magnifications)
+def build_model(cfg: HistoConfig) -> nn.Module:
+    """The model ``cfg.model`` names, for the magnifications ``cfg.data.magnifications`` (with
+    its pretrained trunk weights loaded when ``cfg.model`` asks for them)."""
+    return MODELS[cfg.model.name](cfg.model, cfg.data.magnifications)  # type: ignore[call-arg]
 
 
-def dry_run_model_config(cfg: ModelConfig) -> ModelConfig:
+def check_model_config(cfg: HistoConfig, dry: bool = False) -> None:
+    """What refuses the model settings before a run starts (``dry``: no weights needed)."""
+    if not dry:
+        require_pretrained(
+            cfg.model.pretrained,
+            cfg.model.pretrained_weights,
+            "model.pretrained",
+            weights_hint(cfg.model.backbone),
+        )
+    if not timm.is_model(cfg.model.backbone):
+        raise ConfigError("model.backbone", f"unknown timm model {cfg.model.backbone!r}")
+    mags = list(cfg.data.magnifications)
+    if cfg.model.name == "single" and cfg.model.single_magnification not in mags:
+        raise ConfigError(
+            "model.single_magnification",
+            f"{cfg.model.single_magnification} is not among data.magnifications {mags}",
+        )
+
+
+def dry_run_config(cfg: HistoConfig) -> HistoConfig:
     """``cfg`` without weights to load: what a meta-device build (``--dry-run``) uses."""
-    return dataclasses.replace(cfg, pretrained=False, pretrained_weights=None)
+    model = dataclasses.replace(cfg.model, pretrained=False, pretrained_weights=None)
+    return dataclasses.replace(cfg, model=model)
 
 
 def checkpoint_kind(model: nn.Module) -> str:
@@ -266,12 +286,14 @@ def checkpoint_kind(model: nn.Module) -> str:
 
 
 def build_from_checkpoint(state: dict[str, Any]) -> nn.Module:
-    """The unweighted model a checkpoint (or export) describes: its ``model_config`` and
-    ``magnifications``, never loading pretrained weights (the checkpoint's replace them)."""
-    cfg = from_dict(
+    """The unweighted model a checkpoint (or export) describes: the config of its
+    ``model_config`` and ``magnifications``, never loading pretrained weights (the checkpoint's
+    replace them)."""
+    model = from_dict(
         ModelConfig, {**state["model_config"], "pretrained": False, "pretrained_weights": None}
     )
-    return build_model(cfg, state["magnifications"])
+    data = DataConfig(magnifications=list(state["magnifications"]))
+    return build_model(HistoConfig(model=model, data=data))
 
 
 def load_model(

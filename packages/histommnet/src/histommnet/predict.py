@@ -1,4 +1,7 @@
-"""``histommnet-predict``: new patients' folders -> P(malignant) per patient and per draw (CSV).
+"""Prediction: the model's P(malignant) per draw (``predict_draws``) and per patient
+(``patient_table``), used by validation, a fold's test, ``histommnet-gradcam`` and
+``histommnet.load``; and the ``histommnet-predict`` command, new patients' folders -> P(malignant)
+per patient and per draw (CSV).
 
 ``histommnet-predict --model RUN|CHECKPOINT|FOLDER|hf-hub:ORG/NAME FOLDER... --output FILE.csv``
 loads the model (``histommnet.load``: a run's best fold unless ``--fold``) and predicts every
@@ -18,8 +21,75 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from histommnet.breakhis import SUBTYPE_CODES
+from histommnet.data import MultiMagDataset
+from medcore.engine import inference
 from medcore.io import atomic_write_csv
+
+
+def predict_draws(
+    model: nn.Module,
+    dataset: MultiMagDataset,
+    options: inference.PredictOptions,
+    indices: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """One row per draw (of ``indices`` only, when given): patient, label, subtype, malignant
+    probability (and subtype guess).
+
+    ``medcore.engine.inference.predict`` with ``options`` (sharded over the ranks under DDP unless
+    ``options.shard`` is False: every rank gets all rows).
+    """
+
+    def forward(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = net(dataset.model_input(batch["images"]))
+        kept = {"logits": out["logits"].float(), "patient": batch["patient"]}
+        if "subtype_logits" in out:
+            kept["subtype_pred"] = out["subtype_logits"].argmax(-1)
+        return kept
+
+    out = inference.predict(
+        model,
+        dataset if indices is None else Subset(dataset, list(indices)),
+        forward,
+        options.but(desc=None),
+    )
+    logits = out["logits"].numpy()
+    patients = [dataset.patients[int(i)] for i in out["patient"]]
+    frame = pd.DataFrame(
+        {
+            "patient": [p.key for p in patients],
+            "patient_id": [p.patient_id for p in patients],
+            "label": [p.label for p in patients],
+            # new patients (``histommnet.load``) have no known label or subtype: -1
+            "subtype": [SUBTYPE_CODES[p.subtype] if p.subtype >= 0 else "" for p in patients],
+            "prob_malignant": out["logits"].softmax(-1)[:, 1].numpy().astype(float),
+            "logit_benign": logits[:, 0].astype(float),
+            "logit_malignant": logits[:, 1].astype(float),
+        }
+    )
+    if "subtype_pred" in out:
+        frame["subtype_pred"] = [SUBTYPE_CODES[int(i)] for i in out["subtype_pred"]]
+    return frame
+
+
+def patient_table(draws: pd.DataFrame) -> pd.DataFrame:
+    """Per-patient mean malignant probability over the patient's draws."""
+    grouped = draws.groupby("patient", sort=True)
+    return pd.DataFrame(
+        {
+            "label": grouped["label"].first(),
+            "subtype": grouped["subtype"].first(),
+            "prob_malignant": grouped["prob_malignant"].mean(),
+            "draws": grouped.size(),
+        }
+    ).reset_index()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,14 +1,30 @@
-"""Training of one cross-validation fold (``histommnet-train`` runs them all, then tests).
+"""``histommnet-train``: patient-wise k-fold cross-validation, one training per fold.
 
-Per fold: batched on-device augmentation (``histommnet.data.TrainAugment``), focal loss (class
-weight on the fold's minority class), mixup, label smoothing and the optional subtype head;
-early stopping and model selection on validation balanced accuracy at the validation-optimal
-threshold; overfitting warnings. The selected weights are exported for the fold's test
-(``histommnet.evaluate.test_fold``).
+Every image is decoded once at the input size (``histommnet.data.WorkingImages``) for all
+folds. Each fold is a ``medcore.cli.stages`` stage ``fold_<i>`` (a resumed run skips finished
+folds and resumes the interrupted one): the patient-wise folds with a nested validation split
+(``histommnet.folds``), training (``train_fold``), thresholds chosen on validation and applied to
+the test patients (``histommnet.evaluate.test_fold``). Then mean +- std over folds, tables (CSV +
+Markdown) and plots (``histommnet.evaluate.write_summary``).
+
+A fold's training: batched on-device augmentation (``histommnet.data.TrainAugment``), focal loss
+(class weight on the fold's minority class), mixup, label smoothing and the optional subtype
+head; early stopping and model selection on validation balanced accuracy at the
+validation-optimal threshold; overfitting warnings.
+
+Run directory::
+
+    config.yaml  dataset.json  splits.json  metrics.json  metrics.jsonl
+    fold_<i>/checkpoints/{fold_<i>_best.pth, final.pt} (and latest.pt until the fold finishes)
+    fold_<i>/{stage.json, metrics.jsonl, tb/, result.json, predictions_{image,patient}.csv (test),
+              predictions_val_{image,patient}.csv (validation, where thresholds were chosen)}
+    plots/{roc_image.png, roc_patient.png, confusion_fold<i>_<level>.png, curves_fold<i>_*.png}
+    tables/{cv_folds, cv_summary}.{csv,md}
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -18,31 +34,185 @@ from typing import Any
 import numpy as np
 import torch
 
-from histommnet.config import HistoConfig
+from histommnet.breakhis import Patient
+from histommnet.config import PACKAGE, HistoConfig
 from histommnet.data import (
     MultiMagDataset,
     TrainAugment,
+    WorkingImages,
     adjust_batch_size,
+    input_size,
+    load_index,
     normalization,
 )
-from histommnet.evaluate import predict, validation_scores
-from histommnet.losses import FocalLoss, malignant_alpha, mixup, soft_targets
-from histommnet.model import NUM_SUBTYPES, build_model, checkpoint_kind
-from medcore.cli.run_setup import RunContext
-from medcore.cli.stages import Stage
+from histommnet.evaluate import selection_score, test_fold, validation_scores, write_summary
+from histommnet.folds import fold_splits
+from histommnet.losses import FocalLoss, HistoLoss, malignant_alpha, mixup, soft_targets
+from histommnet.model import (
+    NUM_SUBTYPES,
+    build_model,
+    check_model_config,
+    checkpoint_kind,
+    dry_run_config,
+    resolve_normalization,
+)
+from histommnet.predict import predict_draws
+from medcore.cli.dry_run import dry_run
+from medcore.cli.run_setup import RunContext, resolve_run, start_run
+from medcore.cli.stages import Stage, run_stage
 from medcore.config import to_dict
-from medcore.engine.inference import PredictOptions
+from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.engine.run_log import RunLogger
 from medcore.engine.task import EvalContext
 from medcore.engine.trainer import Trainer
+from medcore.errors import UserError
+from medcore.io import atomic_write_json
 from medcore.runtime.device import device_defaults
 from medcore.weights.checkpoint import (
-    export_best,
     load_checkpoint,
     release_spares,
     save_checkpoint,
     unwrap_model,
 )
+
+SMOKE_OVERRIDES = ["cv.fold=0", "data.eval_max_draws=2", "data.max_draws_per_patient=3"]
+
+
+def check_config(cfg: HistoConfig, dry: bool = False) -> None:
+    """What refuses a config before the run directory exists."""
+    if cfg.cv.fold is not None and not 0 <= cfg.cv.fold < cfg.cv.folds:
+        raise UserError("--fold", f"must be in 0..{cfg.cv.folds - 1}")
+    check_model_config(cfg, dry)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``histommnet-train`` after parsing: resolve the run, then dry-run or cross-validate."""
+    request = resolve_run(
+        args, HistoConfig, PACKAGE, "default", smoke_overrides=SMOKE_OVERRIDES, staged=True
+    )
+    check_config(request.cfg, dry=args.dry_run)
+    with start_run(request) as ctx:
+        return _dry_run(ctx) if args.dry_run else cross_validate(ctx)
+
+
+def _dry_run(ctx: RunContext) -> int:
+    cfg: HistoConfig = ctx.cfg
+    height, width = input_size(cfg.data)
+    dry_run(
+        lambda: build_model(dry_run_config(cfg)),
+        ctx.run_dir,
+        extra={
+            "backbone": cfg.model.backbone,
+            "trunks": 1
+            if cfg.model.shared_backbone or cfg.model.name == "single"
+            else len(cfg.data.magnifications),
+            "input_size": [len(cfg.data.magnifications), 3, height, width],
+        },
+    )
+    return 0
+
+
+def cross_validate(ctx: RunContext) -> int:
+    """Every chosen fold (finished ones read back), then the summary tables, plots and JSON."""
+    cfg = dataclasses.replace(ctx.cfg, data=resolve_normalization(ctx.cfg.model, ctx.cfg.data))
+    ctx.cfg = cfg
+    if ctx.dist.is_main:
+        norm = normalization(cfg.data)
+        print(
+            f"input: {'x'.join(map(str, input_size(cfg.data)))} px, mean {norm['mean']}, "
+            f"std {norm['std']}, {norm['interpolation']} resize ({cfg.model.backbone})",
+            file=sys.stderr,
+        )
+    index = load_index(cfg, verbose=ctx.dist.is_main)
+    patients = index.patients
+    folds = fold_splits(ctx.run_dir, patients, cfg, ctx.dist.is_main)
+    if ctx.dist.is_main:
+        atomic_write_json(
+            ctx.run_dir / "dataset.json",
+            {
+                "patients": len(patients),
+                "images": len(index.images),
+                "skipped": index.skipped,
+                "filled_magnifications": {p.key: p.filled_from for p in patients if p.filled_from},
+            },
+        )
+    chosen = [cfg.cv.fold] if cfg.cv.fold is not None else list(range(len(folds)))
+    # decoded once at the input size, for every fold, split and DataLoader worker
+    mags = cfg.data.magnifications
+    images = WorkingImages(
+        [path for p in patients for m in mags for path in p.images[m]],
+        cfg.data,
+        progress=ctx.dist.is_main,
+    )
+    results = [
+        run_stage(
+            ctx, f"fold_{i}", lambda stage, i=i: _fold(ctx, stage, images, patients, folds[i], i)
+        )
+        for i in chosen
+    ]
+    if ctx.dist.is_main:
+        write_summary(ctx.run_dir, cfg.model.name, results)
+    return 0
+
+
+def _fold(
+    ctx: RunContext,
+    stage: Stage,
+    images: WorkingImages,
+    patients: list[Patient],
+    split: dict[str, np.ndarray],
+    fold: int,
+) -> dict[str, Any]:
+    """Stage ``fold_<i>``: train on the fold's training patients, then test; its result."""
+    cfg: HistoConfig = ctx.cfg
+    subsets = {name: [patients[j] for j in split[name]] for name in ("train", "val", "test")}
+    seeds = {"train": cfg.seed * 1000 + fold, "val": cfg.seed, "test": cfg.seed}
+    ds = {
+        name: MultiMagDataset(part, cfg.data, name == "train", seeds[name], images=images)
+        for name, part in subsets.items()
+    }
+    logger = RunLogger(stage.dir, enabled=ctx.dist.is_main)
+    trained = train_fold(ctx, stage, ds["train"], ds["val"], fold, logger)
+    if trained is None:  # not the main rank
+        return {}
+    tested = test_fold(
+        trained.model,
+        fold,
+        ds["val"],
+        ds["test"],
+        options=PredictOptions(
+            ctx.device,
+            checkpoint_precision(trained.state, ctx.device),
+            trained.eval_batch_size,
+            cfg.trainer.num_workers,
+        ),
+        method=cfg.cv.threshold_method,
+        fold_dir=stage.dir,
+        plots_dir=ctx.run_dir / "plots",
+        history=trained.history,
+    )
+    thresholds = tested.pop("thresholds")
+    method = tested.pop("threshold_method")
+    model_path = save_fold_model(trained, {"thresholds": thresholds, "threshold_method": method})
+    result: dict[str, Any] = {
+        "fold": fold,
+        "thresholds": thresholds,
+        "threshold_method": method,
+        "focal_class_weights": {"benign": 1.0 - trained.alpha, "malignant": trained.alpha},
+        "checkpoint": str(model_path),
+        "selected_from": trained.weights_path.name,
+        "best_epoch": int(trained.state.get("epoch", 0)),
+        "patients": {name: len(part) for name, part in subsets.items()},
+        "draws": {
+            "train_per_epoch": len(ds["train"]),
+            "val": len(ds["val"]),
+            "test": len(ds["test"]),
+        },
+        **tested,
+    }
+    logger.write_final(result, "result.json")
+    logger.close()
+    return result
 
 
 class _EpochLoss:
@@ -57,6 +227,7 @@ class _EpochLoss:
         self.n = 0
 
     def add(self, value: torch.Tensor) -> None:
+        """Add one micro-batch's loss: a device-side sum, no host sync."""
         value = value.detach().float()
         self.total = value if self.total is None else self.total + value
         self.n += 1
@@ -66,7 +237,9 @@ class _EpochLoss:
         return float(self.total) / self.n if self.total is not None else float("nan")
 
 
-def _make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
+def make_step_fn(cfg: HistoConfig, objective: HistoLoss, tracker: _EpochLoss):
+    """The training step: augmentation, soft targets, mixup, ``objective``; returns
+    ``(loss, terms)``, the terms tensors on the device (the trainer logs them)."""
     loss_cfg = cfg.loss
     augment = TrainAugment(cfg.data)
 
@@ -84,16 +257,9 @@ def _make_step_fn(cfg: HistoConfig, criterion: FocalLoss, tracker: _EpochLoss):
             images, perm, lam = mixup(images, loss_cfg.mixup_alpha)
             target = lam * target + (1 - lam) * target[perm]
             sub_target = lam * sub_target + (1 - lam) * sub_target[perm]
-        out = model(images)
-        focal = criterion(out["logits"], target)
-        loss = focal
-        extras = {"focal": focal.detach()}
-        if "subtype_logits" in out and loss_cfg.subtype_weight > 0:
-            sub = torch.nn.functional.cross_entropy(out["subtype_logits"].float(), sub_target)
-            loss = loss + loss_cfg.subtype_weight * sub
-            extras["subtype_ce"] = sub.detach()
-        tracker.add(focal)  # compared with the validation focal loss
-        return loss, extras
+        loss, terms = objective(model(images), target, sub_target)
+        tracker.add(terms["focal"])  # compared with the validation focal loss
+        return loss, terms
 
     return step_fn
 
@@ -105,48 +271,40 @@ def _warn(fold: int, ctx: EvalContext, message: str) -> None:
     ctx.logger.log_jsonl({"event": "overfitting_warning", "epoch": ctx.epoch, "message": message})
 
 
-def selection_score(balanced_accuracy: float, val_loss: float) -> float:
-    """What model selection maximises: the balanced accuracy at the validation-optimal
-    threshold, ties broken by the lower validation loss.
-
-    On a small validation split that balanced accuracy reaches 1.0 early and stays there; the
-    loss term (at most 1e-5, below any balanced-accuracy step of a split under 50,000 draws)
-    then keeps the later, better-fitted epoch instead of the first one to reach 1.0.
-    """
-    return balanced_accuracy - 1e-5 * min(max(val_loss, 0.0), 1.0)
-
-
-def _make_evaluate_fn(
+def make_evaluate_fn(
     cfg: HistoConfig,
     fold: int,
     val_ds: MultiMagDataset,
-    criterion: FocalLoss,
+    focal: FocalLoss,
     tracker: _EpochLoss,
     eval_bs: int,
     workers: int | None,
 ):
+    """The epoch's validation: focal loss, balanced accuracy and AUC at the validation-optimal
+    thresholds, the selection score, the epoch's training loss; overfitting warnings."""
     warned_perfect: list[int] = []
 
     def evaluate_fn(model: torch.nn.Module, ctx: EvalContext) -> dict[str, float]:
-        draws = predict(model, val_ds, PredictOptions(ctx.device, ctx.amp, eval_bs, workers))
+        draws = predict_draws(model, val_ds, PredictOptions(ctx.device, ctx.amp, eval_bs, workers))
         logits = torch.tensor(
             draws[["logit_benign", "logit_malignant"]].to_numpy(), device=ctx.device
         )
         labels = torch.tensor(draws["label"].to_numpy(), device=ctx.device)
-        val_loss = float(criterion(logits, labels))
+        val_loss = float(focal(logits, labels))
         scores = validation_scores(draws, cfg.cv.threshold_method)
+        train_loss = tracker.mean  # the epoch's one read of the training loss sum
         metrics = {
             "val/loss": val_loss,
             **{f"val/{name}": value for name, value in scores.items()},
             "val/selection": selection_score(scores["balanced_accuracy"], val_loss),
-            "train/epoch_loss": tracker.mean,
+            "train/epoch_loss": train_loss,
         }
-        gap = val_loss - tracker.mean
+        gap = val_loss - train_loss
         if np.isfinite(gap) and gap > cfg.cv.overfit_loss_gap:
             _warn(
                 fold,
                 ctx,
-                f"validation loss {val_loss:.3f} exceeds training loss {tracker.mean:.3f} "
+                f"validation loss {val_loss:.3f} exceeds training loss {train_loss:.3f} "
                 f"by {gap:.3f} (> cv.overfit_loss_gap={cfg.cv.overfit_loss_gap})",
             )
         if scores["balanced_accuracy"] >= 1.0 and not warned_perfect:
@@ -213,7 +371,7 @@ def train_fold(
     logger: RunLogger,
 ) -> TrainedFold | None:
     """Train one fold in ``stage.dir`` (resumed from ``stage.resume``); on the main rank the
-    selected weights are exported next to the checkpoint and returned (None on the others)."""
+    model with the selected weights is returned (None on the others)."""
     cfg: HistoConfig = ctx.cfg
     fold_dir = stage.dir
     requested = cfg.trainer.batch_size or device_defaults(ctx.device).batch_size
@@ -240,8 +398,9 @@ def train_fold(
         file=sys.stderr,
     )
 
-    model = build_model(cfg.model, cfg.data.magnifications)
-    criterion = FocalLoss(alpha, cfg.loss.focal_gamma, cfg.loss.label_smoothing).to(ctx.device)
+    model = build_model(cfg)
+    focal = FocalLoss(alpha, cfg.loss.focal_gamma, cfg.loss.label_smoothing)
+    objective = HistoLoss(focal, cfg.loss.subtype_weight).to(ctx.device)
     tracker = _EpochLoss()
 
     def on_epoch_start(epoch: int) -> None:
@@ -268,11 +427,11 @@ def train_fold(
         tcfg,
         train_data=train_ds,
         fabric=ctx.fabric,
-        step_fn=_make_step_fn(cfg, criterion, tracker),
+        step_fn=make_step_fn(cfg, objective, tracker),
         run_dir=fold_dir,
         kind=kind,
-        evaluate_fn=_make_evaluate_fn(
-            cfg, fold, val_ds, criterion, tracker, eval_bs, cfg.trainer.num_workers
+        evaluate_fn=make_evaluate_fn(
+            cfg, fold, val_ds, objective.focal, tracker, eval_bs, cfg.trainer.num_workers
         ),
         seed=cfg.seed + fold,
         extra_state=meta,
@@ -288,10 +447,11 @@ def train_fold(
     if not ctx.dist.is_main:
         return None
     best_path = ckpt_dir / tcfg.best_name
-    weights_path = export_best(
-        best_path, final_path, model, best_path.with_suffix(".safetensors"), {"kind": kind}
-    )
+    # The weights that won model selection (the final ones when no best was kept) go into the
+    # model for the fold's test; fold_<i>_best.pth is then their one weights-only copy.
+    weights_path = best_path if best_path.is_file() else final_path
     state = load_checkpoint(weights_path, kind=kind)
+    unwrap_model(model).load_state_dict(state["model"])
     return TrainedFold(
         model.to(ctx.device), state, weights_path, best_path, meta, history, alpha, eval_bs
     )
