@@ -4,15 +4,15 @@ from torch import nn
 from torchvision.models import resnet18
 
 from cxrlandmarks.anatomy import flip_coords
-from cxrlandmarks.config import ModelConfig
-from cxrlandmarks.inference import predict_batches
-from cxrlandmarks.model import ResNetLandmarkRegressor, ResNetWithCoordinateAttention
+from cxrlandmarks.config import CxrConfig
+from cxrlandmarks.model import ResNetLandmarkRegressor, ResNetWithCoordinateAttention, build_model
+from cxrlandmarks.predict import predict_batches
 from medcore.errors import CheckpointError, UserError
 from medcore.testing import skip_if_no_cuda
 
 
 def test_head_is_the_spec_head_and_output_in_unit_range():
-    model = ResNetLandmarkRegressor.from_config(ModelConfig()).eval()
+    model = build_model(CxrConfig()).eval()
     layers = list(model.head)
     assert [type(m) for m in layers] == [
         nn.Dropout,
