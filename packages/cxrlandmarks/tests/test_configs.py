@@ -78,7 +78,8 @@ def test_one_training_step_at_the_real_width(name):
     criterion = build_loss(phase.loss, cfg.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=phase.head_lr)
     before = model.head[7].weight.detach().clone()
-    loss = criterion(model(torch.randn(2, 3, 32, 32)), torch.rand(2, 30))
+    loss, terms = criterion(model(torch.randn(2, 3, 32, 32)), torch.rand(2, 30))
+    assert set(terms) == {"wing", "symmetry", "distance"}
     loss.backward()
     assert model.embed(torch.randn(2, 3, 32, 32)).shape == (2, 512)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -105,7 +105,7 @@ def test_cuda_training_step_with_amp():
     scaler = torch.amp.GradScaler("cuda", enabled=policy.use_scaler)
     x, y = torch.randn(4, 3, 64, 64, device=device), torch.rand(4, 30, device=device)
     with autocast(device, policy):
-        loss = build_loss("complete")(model(x), y)
+        loss, _ = build_loss("complete")(model(x), y)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()

@@ -130,27 +130,27 @@ def run_normalisation(cfg: CxrConfig, init_path: Path | None) -> dict[str, Any]:
 def make_step_fn(cfg: CxrConfig, criterion: torch.nn.Module, norm: dict[str, Any]) -> StepFn:
     """One micro-batch: (batched augmentation on the device,) forward, the phase's loss.
 
-    Returns ``(loss, terms)``: the loss's unweighted terms stay on the device, read by the
-    trainer at logging steps only. ``norm``: the input normalisation the dataset applied, undone
-    around the device-side augmentation (``augment.batched``).
+    Returns the loss's ``(total, terms)``: the unweighted terms stay on the device, logged by
+    the trainer (``train/<term>``) at logging steps only. ``norm``: the input normalisation the
+    dataset applied, undone around the device-side augmentation (``augment.batched``).
     """
     batched = cfg.augment.enabled and cfg.augment.batched
-    mean = torch.tensor(norm["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(norm["std"]).view(1, 3, 1, 1)
+    stats = torch.tensor([norm["mean"], norm["std"]]).view(2, 1, 3, 1, 1)
+    on_device: dict[torch.device, torch.Tensor] = {}  # copied once, not per micro-batch
 
     def step_fn(
         net: torch.nn.Module, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, target = batch["image"], batch["target"]
         if batched:  # on the device: back to [0, 1], augment, normalise again
-            m, s = mean.to(images.device), std.to(images.device)
+            if images.device not in on_device:
+                on_device[images.device] = stats.to(images.device)
+            m, s = on_device[images.device]
             images, points = augment_batch(
                 images * s + m, target.reshape(len(target), -1, 2), cfg.augment
             )
             images, target = (images - m) / s, points.reshape(len(target), -1)
-        pred = net(images)
-        loss = criterion(pred, target)
-        return loss, dict(getattr(criterion, "last", {}))
+        return criterion(net(images), target)
 
     return step_fn
 
