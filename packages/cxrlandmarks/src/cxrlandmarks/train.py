@@ -55,7 +55,7 @@ from medcore.errors import UserError
 from medcore.metrics import landmark_errors
 from medcore.report.plots import plot_training_curves
 from medcore.runtime.distributed import barrier
-from medcore.weights.checkpoint import copy_checkpoint, export_best
+from medcore.weights.checkpoint import copy_checkpoint
 from medcore.weights.pretrained import require_pretrained, resolve_weights
 
 
@@ -306,14 +306,6 @@ def run_training(ctx: RunContext, selection: str, init_from: Path | None = None)
             print(f"[{name}] already finished in this run: kept {done[name]['best']}")
     if not ctx.dist.is_main:
         return {}
-    last = done[selected[-1]]
-    export_best(
-        last["phase_best"],
-        last["phase_final"],
-        build_model(cfg),
-        Path(last["best"]).with_suffix(".safetensors"),
-        metadata={"kind": KIND},
-    )
     return report_phases(ctx, data)
 
 
