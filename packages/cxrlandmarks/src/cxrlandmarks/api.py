@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cxrlandmarks.data import IMAGE_EXTENSIONS, model_input
+from cxrlandmarks.data import model_input
 from cxrlandmarks.export import describe, read_source
+from cxrlandmarks.layouts import IMAGE_EXTENSIONS
 from cxrlandmarks.model import KIND, build_model, saved_config
 from cxrlandmarks.predict import predict_batches
 from medcore.engine.inference import PredictOptions, checkpoint_precision, load_model, predict
