@@ -213,7 +213,7 @@ def _images_per_s(fn, images: torch.Tensor, device: torch.device, repeats: int) 
 
 def _inference_rows(device: torch.device, quick: bool) -> list[Row]:
     from binensemble.tta import TTA_VIEWS, tta_embed
-    from cxrlandmarks.evaluate import predict_batches
+    from cxrlandmarks.predict import predict_batches
 
     repeats = 3 if quick else 10
     rows = []

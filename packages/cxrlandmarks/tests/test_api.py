@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import cxrlandmarks
 from cxrlandmarks.anatomy import LANDMARK_NAMES
@@ -236,7 +237,9 @@ def test_foreign_and_bare_sources_are_refused(trained, tmp_path, capsys):
         ModelExport("ctclip.CTCLIP", "ctclip", {"dim": 2}, {"w": torch.zeros(2)}),
         tmp_path / "ctclip-export",
     )
-    bare = trained["run"] / "checkpoints" / "geometric_complete.safetensors"
+    bare = tmp_path / "geometric_complete.safetensors"
+    weights = load_checkpoint(trained["run"] / "checkpoints" / "geometric_complete.pt")["model"]
+    save_file(weights, bare)
     image = trained["images"][0]
     cases = [
         (foreign, f"this is a ctclip.CTCLIP export, not {KIND}"),

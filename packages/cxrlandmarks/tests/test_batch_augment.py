@@ -96,3 +96,34 @@ def test_training_with_batched_augmentation(tmp_path, monkeypatch):
     cfg = from_dict(AugmentConfig, __import__("yaml").safe_load(
         (tmp_path / "run" / "config.yaml").read_text())["augment"])  # fmt: skip
     assert cfg.batched
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_step_fn_returns_the_loss_and_its_terms_as_tensors(batched):
+    """The step's extras are the loss's unweighted terms, detached tensors (read by the trainer
+    at logging steps only); the batched path's un-normalise / re-normalise round trip around an
+    identity augmentation leaves the loss as the plain forward's."""
+    from cxrlandmarks.config import CxrConfig
+    from cxrlandmarks.losses import build_loss
+    from cxrlandmarks.model import build_model
+    from cxrlandmarks.train import make_step_fn
+
+    torch.manual_seed(0)
+    cfg = CxrConfig()
+    cfg.augment = AugmentConfig(
+        enabled=batched, batched=True, hflip_p=0.0, rotation_deg=0.0, brightness=0.0, contrast=0.0
+    )
+    norm = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    net = build_model(cfg).eval()
+    mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    images = (torch.rand(2, 3, 32, 32) - mean) / std
+    target = torch.rand(2, 30) * 0.5 + 0.25
+    criterion = build_loss("complete")
+    loss, terms = make_step_fn(cfg, criterion, norm)(net, {"image": images, "target": target})
+    ref, ref_terms = criterion(net(images), target)
+    assert loss.requires_grad and loss.shape == ()
+    assert set(terms) == {"wing", "symmetry", "distance"}
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in terms.values())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    for name, value in terms.items():
+        assert value.item() == pytest.approx(ref_terms[name].item(), rel=1e-3, abs=1e-3)

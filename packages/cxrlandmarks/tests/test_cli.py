@@ -33,7 +33,9 @@ def demo_run(tmp_path_factory, write_original_checkpoint) -> Path:
 def test_train_all_chains_the_four_phases(demo_run):
     for name in CHECKPOINTS:
         assert (demo_run / "checkpoints" / name).is_file()
-    assert (demo_run / "checkpoints" / "geometric_complete.safetensors").is_file()
+    # One weights-only copy per set of weights: no safetensors twin of the last phase's best
+    # (cxrlandmarks-export writes the shareable one).
+    assert not list(demo_run.rglob("*.safetensors"))
     for name in (
         "config.yaml",
         "splits.json",

@@ -59,7 +59,7 @@ def test_demo_preset_is_complete_and_scratch():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds_the_real_resnet18_trunk_on_meta(name):
     cfg = packaged(name)
-    model = build_on_meta(lambda: build_model(cfg.model))
+    model = build_on_meta(lambda: build_model(cfg))
     counts = count_parameters(model)
     ref = reference_trunk_parameters()
     assert counts["backbone"] == ref["torchvision"] == ref["timm"] == 11_176_512
@@ -73,12 +73,13 @@ def test_one_training_step_at_the_real_width(name):
     """Real channels (3 in, 512 features, 30 out), a tiny image: forward + backward + step."""
     torch.manual_seed(0)
     cfg = packaged(name)
-    model = build_model(cfg.model).train()
+    model = build_model(cfg).train()
     phase = cfg.phases.phase4
     criterion = build_loss(phase.loss, cfg.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=phase.head_lr)
     before = model.head[7].weight.detach().clone()
-    loss = criterion(model(torch.randn(2, 3, 32, 32)), torch.rand(2, 30))
+    loss, terms = criterion(model(torch.randn(2, 3, 32, 32)), torch.rand(2, 30))
+    assert set(terms) == {"wing", "symmetry", "distance"}
     loss.backward()
     assert model.embed(torch.randn(2, 3, 32, 32)).shape == (2, 512)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

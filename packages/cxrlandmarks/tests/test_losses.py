@@ -83,19 +83,33 @@ def test_complete_is_weighted_sum_of_unit_weight_components():
     wing = WingLoss()(pred, target)
     sym = SymmetryLoss()(pred, target)
     dist = DistancePreservationLoss()(pred, target)
-    total = CompleteLandmarkLoss()(pred, target)
+    total, terms = CompleteLandmarkLoss()(pred, target)
     assert total.item() == pytest.approx((wing + 0.3 * sym + 0.2 * dist).item(), rel=1e-5)
-    assert build_loss("symmetry")(pred, target).item() == pytest.approx(
-        (wing + 0.3 * sym).item(), rel=1e-5
-    )
-    assert build_loss("wing")(pred, target).item() == pytest.approx(wing.item(), rel=1e-6)
+    # The unweighted components, detached: what the trainer logs as train/<term>.
+    assert set(terms) == {"wing", "symmetry", "distance"}
+    for name, ref in (("wing", wing), ("symmetry", sym), ("distance", dist)):
+        assert terms[name].item() == pytest.approx(ref.item(), rel=1e-6)
+        assert not terms[name].requires_grad
+    total, terms = build_loss("symmetry")(pred, target)
+    assert total.item() == pytest.approx((wing + 0.3 * sym).item(), rel=1e-5)
+    assert set(terms) == {"wing", "symmetry"}  # a term weighted 0 is not computed
+    total, terms = build_loss("wing")(pred, target)
+    assert total.item() == pytest.approx(wing.item(), rel=1e-6)
+    assert set(terms) == {"wing"}
     assert set(build_loss("complete").terms) == {"wing", "symmetry", "distance"}
+
+
+def test_mse_baseline_returns_its_one_term():
+    pred, target = torch.full((2, 30), 0.5), torch.zeros(2, 30)
+    total, terms = build_loss("mse")(pred, target)
+    assert total.item() == pytest.approx(112.0**2)  # 0.5 x 224 px on every coordinate
+    assert terms == {"mse": total.detach()}
 
 
 def test_gradients_finite_at_perfect_prediction():
     target = symmetric_chest().reshape(1, 30)
     pred = target.clone().requires_grad_(True)
-    build_loss("complete")(pred, target).backward()
+    build_loss("complete")(pred, target)[0].backward()
     assert torch.isfinite(pred.grad).all()
 
 

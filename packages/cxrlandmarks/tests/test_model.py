@@ -4,15 +4,15 @@ from torch import nn
 from torchvision.models import resnet18
 
 from cxrlandmarks.anatomy import flip_coords
-from cxrlandmarks.config import ModelConfig
-from cxrlandmarks.inference import predict_batches
-from cxrlandmarks.model import ResNetLandmarkRegressor, ResNetWithCoordinateAttention
+from cxrlandmarks.config import CxrConfig
+from cxrlandmarks.model import ResNetLandmarkRegressor, ResNetWithCoordinateAttention, build_model
+from cxrlandmarks.predict import predict_batches
 from medcore.errors import CheckpointError, UserError
 from medcore.testing import skip_if_no_cuda
 
 
 def test_head_is_the_spec_head_and_output_in_unit_range():
-    model = ResNetLandmarkRegressor.from_config(ModelConfig()).eval()
+    model = build_model(CxrConfig()).eval()
     layers = list(model.head)
     assert [type(m) for m in layers] == [
         nn.Dropout,
@@ -105,7 +105,7 @@ def test_cuda_training_step_with_amp():
     scaler = torch.amp.GradScaler("cuda", enabled=policy.use_scaler)
     x, y = torch.randn(4, 3, 64, 64, device=device), torch.rand(4, 30, device=device)
     with autocast(device, policy):
-        loss = build_loss("complete")(model(x), y)
+        loss, _ = build_loss("complete")(model(x), y)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()

@@ -5,7 +5,7 @@
 ``hf-hub:ORG/NAME[@REV]``, and returns a :class:`LandmarkModel` whose ``predict(images)``
 takes PNG/JPEG files, folders or arrays and returns the 15 named landmarks in pixels of each
 original image. It runs what evaluation runs: the image decoded as grayscale, the image store's
-resize, the recorded input normalisation, :func:`cxrlandmarks.inference.predict_batches` with
+resize, the recorded input normalisation, :func:`cxrlandmarks.predict.predict_batches` with
 flip TTA as the model's config says. ``cxrlandmarks-predict`` predicts through
 :func:`predict_inputs` as well, so the command and ``predict`` agree exactly.
 
@@ -26,12 +26,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cxrlandmarks.config import ModelConfig
-from cxrlandmarks.data import IMAGE_EXTENSIONS, model_input
+from cxrlandmarks.data import model_input
 from cxrlandmarks.export import describe, read_source
-from cxrlandmarks.inference import predict_batches
-from cxrlandmarks.model import KIND, build_model
-from medcore.config import from_dict
+from cxrlandmarks.layouts import IMAGE_EXTENSIONS
+from cxrlandmarks.model import KIND, build_model, saved_config
+from cxrlandmarks.predict import predict_batches
 from medcore.engine.inference import PredictOptions, checkpoint_precision, load_model, predict
 from medcore.errors import DataError, UserError
 from medcore.io import load_image
@@ -304,7 +303,7 @@ def load(source: str | Path, device: str | torch.device = "auto") -> LandmarkMod
     module, _ = load_model(
         src.path,
         KIND,
-        lambda s: build_model(from_dict(ModelConfig, s["model_config"])),
+        lambda s: build_model(saved_config(s)),
         device=dev,
         state=export.checkpoint(),
     )

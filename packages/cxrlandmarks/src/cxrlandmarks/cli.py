@@ -1,6 +1,6 @@
 """Console entry points ``cxrlandmarks-{train,eval,predict,export}``: the commands and their flags.
 
-Each command is ``cxrlandmarks.<module>:<verb>_command(args)`` (:class:`medcore.cli.command.Command`).
+Each command runs ``cxrlandmarks.<module>:main(args)`` (:class:`medcore.cli.command.Command`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ TTA = (
 )
 # fmt: off
 train = Command("cxrlandmarks-train", "4-phase landmark training",
-                "cxrlandmarks.train:train_command", [
+                "cxrlandmarks.train:main", [
     ("--phase", {"choices": ["1", "2", "3", "4", "all"], "default": "all"}),
     ("--init-from", {**P, "help": "checkpoint the first phase starts from"}),
     ("--allow-missing", {"action": "store_true", "help": "accept >2%% rows w/o image"},
      "data.allow_missing")],
     common=True)
 evaluate = Command("cxrlandmarks-eval", "Evaluate checkpoints on a split",
-                   "cxrlandmarks.evaluate:evaluate_command", [
+                   "cxrlandmarks.evaluate:main", [
     TTA, ("--checkpoint", CHECKPOINTS),
     ("--run-dir", {**P, "help": "evaluate every phase checkpoint of a run"}),
     ("--split", {"choices": ["train", "val", "test", "all"], "default": "test"}),
@@ -39,7 +39,7 @@ evaluate = Command("cxrlandmarks-eval", "Evaluate checkpoints on a split",
     ("--data-dir", {**P, "help": "data directory (default: the training's)"}, "data.data_dir"),
     ("--output-dir", {**P, "help": "reports (default: <run>/eval_<split>)"}), DEVICE])
 predict = Command("cxrlandmarks-predict", "Landmarks for new images",
-                  "cxrlandmarks.predict:predict_command", [
+                  "cxrlandmarks.predict:main", [
     TTA, ("inputs", {**P, "nargs": "+", "help": "image files or folders"}),
     ("--checkpoint", {"action": "append", "default": [], "required": True, "metavar": "SOURCE",
                       "help": "a run, checkpoint, exported folder or hf-hub:ORG/NAME; repeatable"}),

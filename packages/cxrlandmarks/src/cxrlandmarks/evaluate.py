@@ -21,8 +21,8 @@ from cxrlandmarks.anatomy import (
 )
 from cxrlandmarks.config import PHASES, CxrConfig
 from cxrlandmarks.data import PACKAGE, LandmarkDataset, LandmarkRecord, RunData, image_store
-from cxrlandmarks.inference import REFERENCE_SIZE, predict_dataset
 from cxrlandmarks.model import load_model
+from cxrlandmarks.predict import REFERENCE_SIZE, coordinates_frame, predict_dataset
 from medcore.cli.run_setup import RunContext, load_run_config
 from medcore.engine.inference import PredictOptions, checkpoint_precision
 from medcore.engine.run_log import RunLogger
@@ -177,18 +177,6 @@ def write_report(
     )
 
 
-def coordinates_frame(
-    names: Sequence[str], paths: Sequence[str], coords_px: np.ndarray
-) -> pd.DataFrame:
-    """The headed coordinates CSV layout, ``image_name, image_path, L1_x, L1_y, ..., L15_y``
-    (pixels): ``image_name`` is the annotation CSV's key, ``image_path`` the file read."""
-    frame = pd.DataFrame({"image_name": list(names), "image_path": list(paths)})
-    for i in range(coords_px.shape[1]):
-        frame[f"L{i + 1}_x"] = coords_px[:, i, 0]
-        frame[f"L{i + 1}_y"] = coords_px[:, i, 1]
-    return frame
-
-
 def report_phases(ctx: RunContext, data: RunData) -> dict[str, Any]:
     """Test-split evaluation of every phase checkpoint present; full report for the last one."""
     cfg: CxrConfig = ctx.cfg
@@ -268,7 +256,7 @@ def data_config_of(args: Any, state: dict[str, Any]) -> Any:
     return load_run_config(args, CxrConfig, PACKAGE, sections=["data"], base=base).data
 
 
-def evaluate_command(args: Any) -> int:
+def main(args: Any) -> int:
     """``cxrlandmarks-eval``: reports per checkpoint and a comparison table."""
     from cxrlandmarks.data import load_records, resolve_data_dir, split_records
     from medcore.data.splits import load_splits

@@ -5,6 +5,10 @@ pixel-scale differences (``pixel_scale`` = 224 by default, the model's reference
 so that Wing's ``w`` and ``epsilon`` mean pixels as in the Wing loss paper and the composite's
 weights balance terms of the same unit. Each component has unit weight; the weights of the
 composite (0.3 symmetry, 0.2 distance) live only in :class:`CompleteLandmarkLoss`.
+
+The components return a scalar; a training loss (what :func:`build_loss` returns) returns
+``(total, terms)``: ``terms`` its unweighted components, detached and left on the device, so
+that the trainer reads them at logging steps only (no host sync per micro-batch).
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ class CompleteLandmarkLoss(nn.Module):
     """``sum(weights[t] * t)`` over the terms Wing, Symmetry and Distance (a term weighted 0 is
     not computed); the default weights are the original's 1, 0.3 and 0.2.
 
-    Returns the total; the unweighted components of the last call are in ``self.last``.
+    Returns ``(total, terms)``: ``terms`` maps each computed term to its unweighted value
+    (detached).
     """
 
     def __init__(
@@ -110,29 +115,36 @@ class CompleteLandmarkLoss(nn.Module):
                 "distance": DistancePreservationLoss(pixel_scale),
             }
         )
-        self.last: dict[str, torch.Tensor] = {}
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pred: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = pred.new_zeros((), dtype=torch.float32)
-        self.last = {}
+        values: dict[str, torch.Tensor] = {}
         for name, term in self.terms.items():
             if self.weights[name] == 0:
                 continue
             value = term(pred, target)
-            self.last[name] = value.detach()  # on the device: read at logging steps only
+            values[name] = value.detach()
             total = total + self.weights[name] * value
-        return total
+        return total, values
 
 
 class MSELoss(nn.Module):
-    """Mean squared pixel error: a plain baseline to compare the Wing loss against."""
+    """Mean squared pixel error: a plain baseline to compare the Wing loss against.
+
+    Returns ``(total, {"mse": total detached})``, as every training loss does.
+    """
 
     def __init__(self, pixel_scale: float = 224.0) -> None:
         super().__init__()
         self.pixel_scale = pixel_scale
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (((pred.float() - target.float()) * self.pixel_scale) ** 2).mean()
+    def forward(
+        self, pred: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total = (((pred.float() - target.float()) * self.pixel_scale) ** 2).mean()
+        return total, {"mse": total.detach()}
 
 
 LOSS_NAMES = ("wing", "symmetry", "complete", "mse")
@@ -146,6 +158,7 @@ def build_loss(name: str, cfg: LossConfig | None = None) -> nn.Module:
     """The loss of a training phase by name: ``wing`` (phases 1-2), ``symmetry`` = Wing + 0.3 x
     symmetry (phase 3), ``complete`` = Wing + 0.3 x symmetry + 0.2 x distance (phase 4), ``mse``;
     with the parameters of ``cfg`` (the config's ``loss:`` section; default: its defaults).
+    Called as ``loss(pred, target)``, it returns ``(total, terms)``.
     """
     cfg = cfg or LossConfig()
     if name == "mse":

@@ -16,7 +16,7 @@ from timm.layers.coord_attn import CoordAttn
 from torch import nn
 from torchvision.models import resnet18
 
-from cxrlandmarks.config import ModelConfig
+from cxrlandmarks.config import CxrConfig, ModelConfig
 from medcore.config import from_dict, to_dict
 from medcore.engine.inference import load_model as load_checkpoint_model
 from medcore.errors import CheckpointError
@@ -91,10 +91,6 @@ class ResNetLandmarkRegressor(nn.Module):
         )
         self.trunk_frozen = False
 
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> ResNetLandmarkRegressor:
-        return cls(cfg.num_landmarks, cfg.head_dropout, cfg.coord_attention)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last ResNet feature map ``[b, 512, S/32, S/32]`` (after CoordAtt if enabled)."""
         b = self.backbone
@@ -148,8 +144,16 @@ class ResNetWithCoordinateAttention(ResNetLandmarkRegressor):
         super().__init__(num_landmarks, head_dropout, coord_attention=True)
 
 
-def build_model(cfg: ModelConfig) -> ResNetLandmarkRegressor:
-    return ResNetLandmarkRegressor.from_config(cfg)
+def build_model(cfg: CxrConfig) -> ResNetLandmarkRegressor:
+    """The regressor ``cfg.model`` describes, randomly initialised (weights come from a
+    checkpoint or :meth:`ResNetLandmarkRegressor.load_pretrained_trunk`)."""
+    m = cfg.model
+    return ResNetLandmarkRegressor(m.num_landmarks, m.head_dropout, m.coord_attention)
+
+
+def saved_config(state: dict[str, Any]) -> CxrConfig:
+    """The config :func:`build_model` needs, from a checkpoint's recorded ``model_config``."""
+    return from_dict(CxrConfig, {"model": state["model_config"]})
 
 
 # The original code's trunk is ``nn.Sequential(*resnet18.children()[:-1])`` (``backbone``, or
@@ -245,7 +249,7 @@ def load_model(
     model, state = load_checkpoint_model(
         path,
         KIND,
-        lambda s: build_model(from_dict(ModelConfig, s["model_config"])),
+        lambda s: build_model(saved_config(s)),
         device=device,
         state=state,
     )

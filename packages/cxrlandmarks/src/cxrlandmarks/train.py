@@ -23,6 +23,7 @@ from cxrlandmarks.augment import augment_batch
 from cxrlandmarks.config import PHASES, CxrConfig, PhaseConfig
 from cxrlandmarks.data import (
     PACKAGE,
+    LandmarkDataset,
     LandmarkRecord,
     RunData,
     image_store,
@@ -31,7 +32,6 @@ from cxrlandmarks.data import (
     split_records,
 )
 from cxrlandmarks.evaluate import report_phases
-from cxrlandmarks.inference import REFERENCE_SIZE, predict_dataset
 from cxrlandmarks.losses import build_loss
 from cxrlandmarks.model import (
     KIND,
@@ -42,19 +42,20 @@ from cxrlandmarks.model import (
     load_weights,
     read_model_checkpoint,
 )
+from cxrlandmarks.predict import REFERENCE_SIZE, predict_dataset
 from medcore.cli.dry_run import dry_run
 from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.cli.stages import Stage, run_stage
 from medcore.config import to_dict
 from medcore.data.splits import load_or_make_splits
 from medcore.engine.inference import PredictOptions
-from medcore.engine.task import EvalContext
+from medcore.engine.task import EvalContext, EvaluateFn, StepFn
 from medcore.engine.trainer import Trainer
 from medcore.errors import UserError
 from medcore.metrics import landmark_errors
 from medcore.report.plots import plot_training_curves
 from medcore.runtime.distributed import barrier
-from medcore.weights.checkpoint import copy_checkpoint, export_best
+from medcore.weights.checkpoint import copy_checkpoint
 from medcore.weights.pretrained import require_pretrained, resolve_weights
 
 
@@ -97,7 +98,7 @@ def build_phase_model(
     cfg: CxrConfig, phase: PhaseConfig, init_path: Path | None
 ) -> tuple[ResNetLandmarkRegressor, str]:
     """The phase's model and a truthful description of where its weights came from."""
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     if init_path is not None:
         weights, _, state = read_model_checkpoint(init_path)
         load_weights(model, weights, init_path)
@@ -126,6 +127,53 @@ def run_normalisation(cfg: CxrConfig, init_path: Path | None) -> dict[str, Any]:
     return input_normalisation(resolve_weights(weights).config if weights else None)
 
 
+def make_step_fn(cfg: CxrConfig, criterion: torch.nn.Module, norm: dict[str, Any]) -> StepFn:
+    """One micro-batch: (batched augmentation on the device,) forward, the phase's loss.
+
+    Returns the loss's ``(total, terms)``: the unweighted terms stay on the device, logged by
+    the trainer (``train/<term>``) at logging steps only. ``norm``: the input normalisation the
+    dataset applied, undone around the device-side augmentation (``augment.batched``).
+    """
+    batched = cfg.augment.enabled and cfg.augment.batched
+    stats = torch.tensor([norm["mean"], norm["std"]]).view(2, 1, 3, 1, 1)
+    on_device: dict[torch.device, torch.Tensor] = {}  # copied once, not per micro-batch
+
+    def step_fn(
+        net: torch.nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, target = batch["image"], batch["target"]
+        if batched:  # on the device: back to [0, 1], augment, normalise again
+            if images.device not in on_device:
+                on_device[images.device] = stats.to(images.device)
+            m, s = on_device[images.device]
+            images, points = augment_batch(
+                images * s + m, target.reshape(len(target), -1, 2), cfg.augment
+            )
+            images, target = (images - m) / s, points.reshape(len(target), -1)
+        return criterion(net(images), target)
+
+    return step_fn
+
+
+def make_evaluate_fn(cfg: CxrConfig, val_set: LandmarkDataset) -> EvaluateFn:
+    """Validation: mean and median pixel error at 224 and the share of images under 8.5 px."""
+    val_target = np.stack([r.normalised for r in val_set.records])
+
+    def evaluate_fn(net: torch.nn.Module, ectx: EvalContext) -> dict[str, float]:
+        options = PredictOptions(
+            ectx.device, ectx.amp, cfg.data.eval_batch_size, cfg.trainer.num_workers, desc=None
+        )
+        pred = predict_dataset([net], val_set, options)
+        e = landmark_errors(pred, val_target, scale=REFERENCE_SIZE)
+        return {
+            "val/mean_px": e["mean"],
+            "val/median_px": e["median"],
+            "val/under_8.5px": e["under_8.5px"],
+        }
+
+    return evaluate_fn
+
+
 def run_phase(
     stage: Stage,
     ctx: RunContext,
@@ -140,41 +188,10 @@ def run_phase(
     cfg: CxrConfig = ctx.cfg
     phase: PhaseConfig = getattr(cfg.phases, name)
     model, init = build_phase_model(cfg, phase, init_path)
-    criterion = build_loss(phase.loss, cfg.loss)
     size = cfg.data.image_size
     batched = cfg.augment.enabled and cfg.augment.batched
     train_set = data.dataset("train", size, norm, None if batched else cfg.augment)
-    mean = torch.tensor(norm["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(norm["std"]).view(1, 3, 1, 1)
     val_set = data.dataset("val", size, norm)
-    val_target = np.stack([r.normalised for r in val_set.records])
-
-    def step_fn(
-        net: torch.nn.Module, batch: dict[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images, target = batch["image"], batch["target"]
-        if batched:  # on the device: back to [0, 1], augment, normalise again
-            m, s = mean.to(images.device), std.to(images.device)
-            images, points = augment_batch(
-                images * s + m, target.reshape(len(target), -1, 2), cfg.augment
-            )
-            images, target = (images - m) / s, points.reshape(len(target), -1)
-        pred = net(images)
-        loss = criterion(pred, target)
-        return loss, dict(getattr(criterion, "last", {}))
-
-    def evaluate_fn(net: torch.nn.Module, ectx: EvalContext) -> dict[str, float]:
-        options = PredictOptions(
-            ectx.device, ectx.amp, cfg.data.eval_batch_size, cfg.trainer.num_workers, desc=None
-        )
-        pred = predict_dataset([net], val_set, options)
-        e = landmark_errors(pred, val_target, scale=REFERENCE_SIZE)
-        return {
-            "val/mean_px": e["mean"],
-            "val/median_px": e["median"],
-            "val/under_8.5px": e["under_8.5px"],
-        }
-
     groups = [
         {"params": list(model.trunk_parameters()), "lr": phase.trunk_lr, "name": "trunk"},
         {"params": list(model.head_parameters()), "lr": phase.head_lr, "name": "head"},
@@ -184,10 +201,10 @@ def run_phase(
         phase_trainer_config(cfg, phase),
         train_data=train_set,
         fabric=ctx.fabric,
-        step_fn=step_fn,
+        step_fn=make_step_fn(cfg, build_loss(phase.loss, cfg.loss), norm),
         run_dir=stage.dir,
         kind=KIND,
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=make_evaluate_fn(cfg, val_set),
         param_groups=groups,
         seed=cfg.seed,
         extra_state={
@@ -289,14 +306,6 @@ def run_training(ctx: RunContext, selection: str, init_from: Path | None = None)
             print(f"[{name}] already finished in this run: kept {done[name]['best']}")
     if not ctx.dist.is_main:
         return {}
-    last = done[selected[-1]]
-    export_best(
-        last["phase_best"],
-        last["phase_final"],
-        build_model(cfg.model),
-        Path(last["best"]).with_suffix(".safetensors"),
-        metadata={"kind": KIND},
-    )
     return report_phases(ctx, data)
 
 
@@ -321,7 +330,7 @@ SMOKE = [  # besides one epoch of every phase: every phase runs, each a few step
 ]
 
 
-def train_command(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """``cxrlandmarks-train``: the demo with no arguments, real data with ``--data-dir``."""
     config = "paper" if args.data_dir is not None else "default"  # without --config
     request = resolve_run(args, CxrConfig, PACKAGE, config, SMOKE, staged=True)
@@ -336,7 +345,7 @@ def train_command(args: argparse.Namespace) -> int:
     with start_run(request) as ctx:  # the run directory is locked until the block ends
         if args.dry_run:
             dry_run(
-                lambda: build_model(cfg.model),
+                lambda: build_model(cfg),
                 ctx.run_dir,
                 extra={"input_size": cfg.data.image_size, "phases": list(PHASES)},
             )
