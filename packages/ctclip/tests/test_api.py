@@ -23,9 +23,9 @@ from ctclip.api import FindingError
 from ctclip.evaluate import labelled_volumes, load_model
 from ctclip.export import find_in_run
 from ctclip.findings import FINDINGS
+from ctclip.predict import predict
 from ctclip.synthetic import DEMO_FINDINGS, Case, render
 from ctclip.text import Tokenizer
-from ctclip.zeroshot import predict
 from medcore.engine.inference import checkpoint_precision
 from medcore.errors import DataError
 from medcore.testing import error_line, hub_snapshot_of

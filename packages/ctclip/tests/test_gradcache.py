@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from ctclip.config import CTClipConfig
 from ctclip.gradcache import cached_embeddings
 from ctclip.losses import ClipLoss
-from ctclip.model import CTCLIP
+from ctclip.model import build_model
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -20,7 +21,7 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_gradient_cache_equals_the_big_batch(tiny_cfg, chunk):
     torch.manual_seed(0)
-    ref = CTCLIP.from_config(tiny_cfg())
+    ref = build_model(CTClipConfig(model=tiny_cfg()))
     cached = copy.deepcopy(ref)
     volume = torch.randint(0, 256, (5, 4, 28, 28), dtype=torch.uint8)
     tokens = torch.randint(1, 1000, (5, 32))
@@ -46,7 +47,7 @@ def test_gradient_cache_equals_the_big_batch(tiny_cfg, chunk):
 def test_separate_micro_batches_give_other_gradients(tiny_cfg):
     """Why the cache exists: accumulating two halves is not the big batch's gradient."""
     torch.manual_seed(0)
-    ref = CTCLIP.from_config(tiny_cfg())
+    ref = build_model(CTClipConfig(model=tiny_cfg()))
     accum = copy.deepcopy(ref)
     volume = torch.randint(0, 256, (4, 4, 28, 28), dtype=torch.uint8)
     tokens = torch.randint(1, 1000, (4, 32))

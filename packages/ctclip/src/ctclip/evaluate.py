@@ -15,15 +15,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctclip.config import ModelConfig
 from ctclip.ctrate import find_ctrate
 from ctclip.data import CTVolumeDataset, check_store, match_names, read_labels
 from ctclip.findings import FINDINGS
-from ctclip.model import CTCLIP
+from ctclip.model import CTCLIP, KIND, build_model, checkpoint_config
+from ctclip.predict import predict
 from ctclip.preprocess import volume_shape
 from ctclip.text import Tokenizer
-from ctclip.zeroshot import predict
-from medcore.config import from_dict
 from medcore.engine import inference
 from medcore.errors import CheckpointError, DataError, UserError
 from medcore.io import atomic_write_csv, atomic_write_json
@@ -42,7 +40,6 @@ from medcore.weights.checkpoint import load_checkpoint
 if TYPE_CHECKING:
     from medcore.cli.run_setup import RunContext
 
-KIND = "ctclip.CTCLIP"
 METRICS = ("auc", "f1", "precision", "recall", "accuracy")
 
 
@@ -264,17 +261,16 @@ def read_model_file(path: Path) -> dict[str, Any] | None:
     return state
 
 
-def build_model(state: dict[str, Any]) -> CTCLIP:
-    """The unweighted model of a ctclip checkpoint, from the config it carries."""
-    overrides = {"pretrained_weights": None, "freeze_dinov2": False}
-    cfg = from_dict(ModelConfig, {**state["model_config"], **overrides})
-    return CTCLIP.from_config(cfg, load_weights=False)
-
-
 def load_model(path: Path, device: torch.device) -> tuple[CTCLIP, dict[str, Any]]:
     """Rebuild the model from a ctclip checkpoint alone (its config travels inside it)."""
     state = read_model_file(path)
-    model, state = inference.load_model(path, KIND, build_model, device=device, state=state)
+    model, state = inference.load_model(
+        path,
+        KIND,
+        lambda checkpoint: build_model(checkpoint_config(checkpoint), load_weights=False),
+        device=device,
+        state=state,
+    )
     return model, state  # type: ignore[return-value]
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from ctclip.evaluate import KIND
 from ctclip.findings import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE
+from ctclip.model import KIND
 from medcore.cli.export import export_main
 from medcore.report.model_card import ModelCard, metric_rows, read_metrics, split_sizes
 from medcore.weights.export import ModelExport

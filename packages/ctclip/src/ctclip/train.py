@@ -26,22 +26,24 @@ from ctclip.data import (
     read_reports,
     resolve_paths,
 )
-from ctclip.evaluate import KIND, auc_per_finding, final_report, json_safe
+from ctclip.evaluate import auc_per_finding, final_report, json_safe
 from ctclip.findings import FINDINGS
 from ctclip.gradcache import cached_embeddings
 from ctclip.impressions import fill_impressions
 from ctclip.losses import ClipLoss
 from ctclip.model import (
     CTCLIP,
+    KIND,
+    build_model,
     check_weights,
     component_counts,
     init_line,
     timm_backbone_name,
 )
+from ctclip.predict import predict
 from ctclip.preprocess import run_preprocess, volume_shape
 from ctclip.synthetic import generate_demo
 from ctclip.text import Tokenizer
-from ctclip.zeroshot import predict
 from medcore.cli.dry_run import build_on_meta, dry_run
 from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.config import to_dict
@@ -109,19 +111,19 @@ def main(args: argparse.Namespace) -> int:
         cfg.model.text_quick_gelu = check_weights(cfg.model).quick_gelu
     with start_run(request) as ctx:
         if not args.dry_run:
-            run_train(ctx)
+            _train(ctx)
             return 0
         return _dry_run(ctx)
 
 
 def _dry_run(ctx: RunContext) -> int:
-    model_cfg = ctx.cfg.model
+    cfg: CTClipConfig = ctx.cfg
 
     def build() -> CTCLIP:
-        return CTCLIP.from_config(model_cfg, load_weights=False)
+        return build_model(cfg, load_weights=False)
 
     extra = {
-        "backbone": timm_backbone_name(model_cfg.dinov2_model_name),
+        "backbone": timm_backbone_name(cfg.model.dinov2_model_name),
         "components": component_counts(build_on_meta(build)),
     }
     dry_run(build, ctx.run_dir, extra=extra)
@@ -166,7 +168,7 @@ def check_volume_shape(h5_path: Path, image_size: int) -> None:
         )
 
 
-def make_validation_fn(
+def make_evaluate_fn(
     val_ds: CTVolumeDataset, tokenizer: Tokenizer, batch_size: int, num_workers: int | None
 ):
     """Zero-shot AUC per finding, logged as ``val/auc/<finding>`` and ``val/mean_auc``; under
@@ -225,7 +227,10 @@ def training_reports(cfg: CTClipConfig, txt_filepath: Path, ctx: RunContext) -> 
     return filled
 
 
-def run_train(ctx: RunContext) -> dict[str, Any]:
+def _train(ctx: RunContext) -> dict[str, Any]:
+    """Train on the run's data (the demo's without ``data.data_dir``), export the best weights
+    and write the zero-shot report of the validation set; returns the summary written to
+    ``metrics.json``."""
     cfg: CTClipConfig = ctx.cfg  # checked by check_config before the run started
     if cfg.trainer.grad_accum_steps > 1:
         print(
@@ -280,7 +285,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
             ids=names,
         )
 
-    model = CTCLIP.from_config(cfg.model, load_weights=ctx.resume is None)
+    model = build_model(cfg, load_weights=ctx.resume is None)
     print(
         f"init: resumed from {ctx.resume}"
         if ctx.resume
@@ -299,7 +304,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
         run_dir=ctx.run_dir,
         kind=KIND,
         seed=cfg.seed,
-        evaluate_fn=make_validation_fn(
+        evaluate_fn=make_evaluate_fn(
             val_ds, tokenizer, cfg.validation.batch_size, cfg.trainer.num_workers
         )
         if val_ds
