@@ -104,7 +104,7 @@ def _real_width_step(model_cfg: ModelConfig) -> CTCLIP:
     model = build_model(CTClipConfig(model=model_cfg), load_weights=False)
     volume = torch.randint(0, 256, (2, 2, 28, 28), dtype=torch.uint8)
     tokens = torch.randint(1, 49000, (2, model_cfg.context_length))
-    loss = ClipLoss()(*model(volume, tokens))
+    loss, _ = ClipLoss()(*model(volume, tokens))
     loss.backward()
     assert torch.isfinite(loss)
     return model

@@ -51,6 +51,13 @@ def test_smoke_train_writes_the_run_directory(trained_run):
     assert final["model_config"]["image_size"] == 28 and final["findings"] == list(FINDINGS)
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["num_evaluated_findings"] >= 1 and 0.0 <= metrics["mean_auc"] <= 1.0
+    log = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "train/loss" in r]
+    assert steps and all(  # the loss's terms, logged at the logging steps
+        r["train/loss"]
+        == pytest.approx((r["train/image_to_text"] + r["train/text_to_image"]) / 2, rel=1e-5)
+        for r in steps
+    )
 
 
 def test_eval_command_rebuilds_the_model_from_the_checkpoint(trained_run, tmp_path, capsys):

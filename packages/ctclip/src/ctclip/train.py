@@ -195,7 +195,8 @@ def make_evaluate_fn(
 
 def make_step_fn(model: CTCLIP, chunk_size: int):
     """The Trainer's step: the contrastive loss of a batch, through the gradient cache when
-    ``chunk_size`` is smaller than the batch."""
+    ``chunk_size`` is smaller than the batch, and its terms and the logit scale to log (device
+    tensors: the trainer reads them at logging steps only)."""
     loss_fn = ClipLoss()
 
     def step_fn(train_model: torch.nn.Module, batch: dict[str, torch.Tensor]):
@@ -207,7 +208,8 @@ def make_step_fn(model: CTCLIP, chunk_size: int):
             scale = model.scale()
         else:
             image, text, scale = train_model(volume, tokens)
-        return loss_fn(image, text, scale), {"logit_scale": scale.detach()}
+        loss, terms = loss_fn(image, text, scale)
+        return loss, {**terms, "logit_scale": scale.detach()}
 
     return step_fn
 
