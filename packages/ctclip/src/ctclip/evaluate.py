@@ -4,7 +4,6 @@ bootstrap 95% CIs, ROC curves (PNG), predictions and metrics (CSV, JSON)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ import torch
 
 from ctclip.ctrate import find_ctrate
 from ctclip.data import CTVolumeDataset, check_store, match_names, read_labels
+from ctclip.export import find_in_run
 from ctclip.findings import FINDINGS
 from ctclip.model import CTCLIP, KIND, build_model, checkpoint_config
 from ctclip.predict import predict
@@ -35,7 +35,6 @@ from medcore.metrics import (
 from medcore.report.plots import plot_roc_curves
 from medcore.report.tables import format_table
 from medcore.runtime.device import AmpPolicy, resolve_device
-from medcore.weights.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
     from medcore.cli.run_setup import RunContext
@@ -236,40 +235,20 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def read_model_file(path: Path) -> dict[str, Any] | None:
-    """The checkpoint dict of exported weights (``final.safetensors``, whose metadata carries
-    the model identity, config and training precision); None for a ``.pt`` checkpoint, which
-    :func:`medcore.engine.inference.load_model` reads itself."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    state = load_checkpoint(path)  # checks the file and reads the tensors
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if not meta.get("kind"):
-        raise CheckpointError(
-            path, f"not a {KIND} checkpoint (its metadata carries no model identity)"
-        )
-    state.update({k: meta[k] for k in ("kind", "precision") if k in meta})
-    if "model_config" in meta:  # without it, load_model names what is missing
-        try:
-            state["model_config"] = json.loads(meta["model_config"])
-        except json.JSONDecodeError:
-            raise CheckpointError(path, "its metadata has no readable model_config") from None
-    return state
-
-
 def load_model(path: Path, device: torch.device) -> tuple[CTCLIP, dict[str, Any]]:
-    """Rebuild the model from a ctclip checkpoint alone (its config travels inside it)."""
-    state = read_model_file(path)
+    """Rebuild the model from a ctclip checkpoint alone (its config travels inside it), or
+    from a run directory's model (its best checkpoint, else ``final.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        found = find_in_run(path)
+        if found is None:
+            raise CheckpointError(path, "holds no ctclip checkpoint (checkpoints/*.pt)")
+        path = found
     model, state = inference.load_model(
         path,
         KIND,
         lambda checkpoint: build_model(checkpoint_config(checkpoint), load_weights=False),
         device=device,
-        state=state,
     )
     return model, state  # type: ignore[return-value]
 

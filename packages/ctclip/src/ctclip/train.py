@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from medcore.engine.task import EvalContext
 from medcore.engine.trainer import Trainer
 from medcore.errors import ConfigError, DataError, UserError
 from medcore.runtime.distributed import barrier, launched_world
-from medcore.weights.checkpoint import export_best
+from medcore.weights.checkpoint import load_checkpoint
 
 DEMO_SEED = 0  # the demo data does not depend on --seed, so every run shares one cache
 SMOKE = [  # a smaller demo, so that --smoke is quick even with a cold cache
@@ -331,21 +330,11 @@ def _train(ctx: RunContext) -> dict[str, Any]:
     if not ctx.dist.is_main or result.final_path is None:
         trainer.logger.close()
         return summary
-    # The exported weights and the report are of the best checkpoint (else the final one).
-    weights = export_best(
-        result.best_path,
-        result.final_path,
-        model,
-        ctx.run_dir / "checkpoints" / "final.safetensors",
-        metadata={
-            "kind": KIND,
-            "model_config": json.dumps(model_config),
-            "findings": json.dumps(list(FINDINGS)),
-            "preprocessing": json.dumps(preprocessing),
-            "precision": str(trainer.precision),
-        },
-    )
     if val_ds is not None:
+        # The report is of the run's model: its best checkpoint (else the final one), the one
+        # ctclip-eval, ctclip-export and ctclip.load read from the run directory.
+        weights = result.best_path or result.final_path
+        model.load_state_dict(load_checkpoint(weights, map_location="cpu")["model"])
         summary.update(final_report(model, weights, val_ds, tokenizer, trainer.amp, ctx))
     trainer.logger.write_final(json_safe(summary))
     trainer.logger.close()
