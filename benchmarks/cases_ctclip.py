@@ -122,13 +122,15 @@ def _previous_path(paths: list[Path], out: Path) -> None:
     import nibabel as nib
     import torch.nn.functional as F
 
-    from ctclip.preprocess import HU_RANGE, KIND, output_grid, store_settings
+    from ctclip.preprocess import HU_RANGE, STORE_KIND, output_grid, store_settings
     from medcore.volumes.geometry import center_in_box, to_canonical, voxel_spacing
     from medcore.volumes.reader import hu_evidence
     from medcore.volumes.store import VolumeStoreWriter
 
     lo, hi = HU_RANGE
-    with VolumeStoreWriter(out, KIND, store_settings(TARGET, True), compression="lzf") as store:
+    with VolumeStoreWriter(
+        out, STORE_KIND, store_settings(TARGET, True), compression="lzf"
+    ) as store:
         for path in paths:
             img = nib.load(str(path))
             data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(img.shape, order="A")
@@ -355,8 +357,8 @@ def _one_step(slices: int, chunked: bool, device_type: str) -> tuple[float, floa
     """
     import torch.nn.functional as F
 
-    from ctclip.config import ModelConfig
-    from ctclip.model import CTCLIP
+    from ctclip.config import CTClipConfig, ModelConfig
+    from ctclip.model import build_model
     from ctclip.text import Tokenizer
 
     torch.manual_seed(0)
@@ -368,7 +370,7 @@ def _one_step(slices: int, chunked: bool, device_type: str) -> tuple[float, floa
         slice_chunk_size=32 if chunked else slices,
         grad_checkpointing=chunked,
     )
-    model = CTCLIP.from_config(cfg).to(device)
+    model = build_model(CTClipConfig(model=cfg)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(1)
     volume = torch.randint(0, 256, (1, slices, 224, 224), generator=gen, dtype=torch.uint8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,9 @@ from ctclip.api import FindingError
 from ctclip.evaluate import labelled_volumes, load_model
 from ctclip.export import find_in_run
 from ctclip.findings import FINDINGS
+from ctclip.predict import predict
 from ctclip.synthetic import DEMO_FINDINGS, Case, render
 from ctclip.text import Tokenizer
-from ctclip.zeroshot import predict
 from medcore.engine.inference import checkpoint_precision
 from medcore.errors import DataError
 from medcore.testing import error_line, hub_snapshot_of
@@ -215,14 +216,16 @@ def test_predict_command_names_skips_and_counts_a_broken_volume(env, tmp_path, c
         torch.testing.assert_close(embeddings[name], direct[i], atol=1e-6, rtol=0)
 
 
+def _weights_alone(env, tmp_path: Path) -> Path:
+    """The export's weights file copied without the config.json beside it."""
+    return Path(shutil.copy(env.exported / "model.safetensors", tmp_path / "weights.safetensors"))
+
+
 def test_predict_command_refusals_are_one_line(env, tmp_path, capsys) -> None:
     out = tmp_path / "out.csv"
     cases = [
         (["--findings", ""], "error: --findings: '' is not a finding name"),
-        (
-            ["--model", str(env.run / "checkpoints" / "final.safetensors")],
-            "without its config.json",
-        ),
+        (["--model", str(_weights_alone(env, tmp_path))], "without its config.json"),
     ]
     for extra, message in cases:
         argv = [str(env.valid[0]), "--model", str(env.exported), "--output", str(out), *extra]
@@ -247,7 +250,7 @@ def test_sources_of_other_models_are_refused(env, tmp_path) -> None:
         write_export(other, tmp_path / "landmarks"): (
             "this is a cxrlandmarks.ResNetLandmarkRegressor export, not ctclip.CTCLIP"
         ),
-        env.run / "checkpoints" / "final.safetensors": "a weights file without its config.json",
+        _weights_alone(env, tmp_path): "a weights file without its config.json",
     }
     for source, message in cases.items():
         with pytest.raises(ModelSourceError, match=re.escape(message)):

@@ -16,7 +16,7 @@ import yaml
 from ctclip import cli
 from ctclip.config import CTClipConfig, ModelConfig
 from ctclip.losses import ClipLoss
-from ctclip.model import CTCLIP
+from ctclip.model import CTCLIP, build_model
 from medcore.cli.dry_run import build_on_meta, count_parameters
 from medcore.config import load_config, packaged_config_path
 
@@ -72,7 +72,7 @@ def test_dry_run_reports_the_real_dinov2(name, tmp_path, capsys):
 
 def test_demo_preset_builds_the_small_backbone():
     cfg = load_config(CTClipConfig, packaged_config_path("ctclip", "default"))
-    model = build_on_meta(lambda: CTCLIP.from_config(cfg.model, load_weights=False))
+    model = build_on_meta(lambda: build_model(cfg, load_weights=False))
     assert not cfg.model.pretrained
     assert model.visual.backbone.num_features == 64 and len(model.visual.backbone.blocks) == 2
 
@@ -101,10 +101,10 @@ def test_from_scratch_and_weights_together_are_refused(tmp_path, capsys):
 def _real_width_step(model_cfg: ModelConfig) -> CTCLIP:
     """Forward + backward of 2 volumes of 2 slices of 28x28 px (2x2 patches) at the real widths."""
     torch.manual_seed(0)
-    model = CTCLIP.from_config(model_cfg, load_weights=False)
+    model = build_model(CTClipConfig(model=model_cfg), load_weights=False)
     volume = torch.randint(0, 256, (2, 2, 28, 28), dtype=torch.uint8)
     tokens = torch.randint(1, 49000, (2, model_cfg.context_length))
-    loss = ClipLoss()(*model(volume, tokens))
+    loss, _ = ClipLoss()(*model(volume, tokens))
     loss.backward()
     assert torch.isfinite(loss)
     return model

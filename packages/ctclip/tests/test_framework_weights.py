@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctclip.model import CTCLIP, create_backbone
+from ctclip.config import CTClipConfig
+from ctclip.model import build_model, create_backbone
 
 NAME = "dinov2_vits14_reg"
 OVERRIDES = {"depth": 1, "embed_dim": 32, "num_heads": 2}
@@ -46,12 +47,14 @@ def test_prefixed_hub_weights_load_like_the_bare_file(how, tmp_path, tiny_cfg, c
     torch.save(hub, tmp_path / "bare.pth")
     torch.save(_wrapped(how, hub), tmp_path / "wrapped.pth")
     loaded = [
-        CTCLIP.from_config(
-            tiny_cfg(
-                dinov2_model_name=NAME,
-                backbone_overrides=OVERRIDES,
-                image_size=28,  # 3 x 3 -> 2 x 2 position grid: timm's filter resamples
-                pretrained_weights=str(tmp_path / name),
+        build_model(
+            CTClipConfig(
+                model=tiny_cfg(
+                    dinov2_model_name=NAME,
+                    backbone_overrides=OVERRIDES,
+                    image_size=28,  # 3 x 3 -> 2 x 2 position grid: timm's filter resamples
+                    pretrained_weights=str(tmp_path / name),
+                )
             )
         ).visual.backbone.state_dict()
         for name in ("bare.pth", "wrapped.pth")

@@ -39,7 +39,7 @@ def test_training_beats_random_pairing(tmp_path, monkeypatch):
     demo = next((tmp_path / "cache" / "ctclip").glob("demo-*/"))
     out = tmp_path / "eval"
     labels_csv = demo / "ct_rate/valid_predicted_labels.csv"
-    argv = ["--model-path", str(run / "checkpoints/final.safetensors"), "--n-boot", "0"]
+    argv = ["--model-path", str(run), "--n-boot", "0"]  # without validation: final.pt
     argv += ["--test-data", str(next(demo.glob("*.h5"))), "--test-labels", str(labels_csv)]
     assert cli.evaluate([*argv, "--output-dir", str(out), "--device", "cpu"]) == 0
     preds = pd.read_csv(out / "zero_shot_predictions.csv").set_index("VolumeName")

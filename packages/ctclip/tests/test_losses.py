@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ctclip.config import CTClipConfig
 from ctclip.losses import ClipLoss
+from ctclip.model import build_model
+from ctclip.train import make_step_fn
 from medcore.testing import run_gloo
 
 
@@ -18,12 +21,51 @@ def test_clip_loss_by_hand():
     txt = F.normalize(torch.randn(4, 8), dim=-1)
     scale = torch.tensor(5.0)
     sim = (scale * img @ txt.T).tolist()
-    total = 0.0
+    image_to_text = text_to_image = 0.0
     for i in range(4):
         row = torch.tensor(sim[i])
         col = torch.tensor([sim[j][i] for j in range(4)])
-        total += float(-(row[i] - row.logsumexp(0)) - (col[i] - col.logsumexp(0)))
-    assert ClipLoss()(img, txt, scale).item() == pytest.approx(total / 8, rel=1e-5)
+        image_to_text -= float(row[i] - row.logsumexp(0)) / 4
+        text_to_image -= float(col[i] - col.logsumexp(0)) / 4
+    total, terms = ClipLoss()(img, txt, scale)
+    assert total.item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-5)
+    assert terms["image_to_text"].item() == pytest.approx(image_to_text, rel=1e-5)
+    assert terms["text_to_image"].item() == pytest.approx(text_to_image, rel=1e-5)
+
+
+def test_clip_loss_terms_are_detached_and_total_carries_the_gradient():
+    img = F.normalize(torch.randn(3, 8), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(3, 8), dim=-1)
+    total, terms = ClipLoss()(img, txt, torch.tensor(10.0))
+    assert total.requires_grad
+    assert set(terms) == {"image_to_text", "text_to_image"}
+    assert not any(t.requires_grad for t in terms.values())
+
+
+@pytest.mark.parametrize("chunk_size", [0, 2])
+def test_step_returns_loss_and_terms_without_reading_the_device(tiny_cfg, monkeypatch, chunk_size):
+    """The step's loss and logged terms stay tensors: a float(), .item(), .tolist() or .cpu()
+    in the step would cost a host sync per micro-batch (with and without the gradient cache)."""
+    torch.manual_seed(0)
+    model = build_model(CTClipConfig(model=tiny_cfg()))
+    batch = {
+        "volume": torch.randint(0, 256, (4, 4, 28, 28), dtype=torch.uint8),
+        "tokens": torch.randint(1, 1000, (4, 32)),
+    }
+    step = make_step_fn(model, chunk_size)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the step read a tensor on the host")
+
+    for name in ("item", "tolist", "cpu", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    loss, terms = step(model, batch)
+    loss.backward()
+    monkeypatch.undo()
+    assert set(terms) == {"image_to_text", "text_to_image", "logit_scale"}
+    assert all(isinstance(t, torch.Tensor) and not t.requires_grad for t in terms.values())
+    expected = (terms["image_to_text"] + terms["text_to_image"]) / 2
+    torch.testing.assert_close(loss.detach(), expected)
 
 
 class _Towers(torch.nn.Module):
@@ -52,7 +94,7 @@ def _ddp_worker(rank: int, world_size: int, out_dir: str) -> None:
     x, t = _batch()
     per_rank = x.shape[0] // world_size
     part = slice(rank * per_rank, (rank + 1) * per_rank)
-    loss = ClipLoss()(*model(x[part], t[part]))
+    loss, _ = ClipLoss()(*model(x[part], t[part]))
     loss.backward()  # DDP averages the gradients over ranks
     grads = {n: p.grad.tolist() for n, p in model.module.named_parameters()}
     mean_loss = loss.detach().clone()
@@ -66,7 +108,7 @@ def test_ddp_loss_and_gradients_equal_single_process(tmp_path):
     torch.manual_seed(0)
     model = _Towers()
     x, t = _batch()
-    loss = ClipLoss()(*model(x, t))
+    loss, _ = ClipLoss()(*model(x, t))
     loss.backward()
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -6,9 +6,10 @@ import pytest
 import timm
 import torch
 
+from ctclip.config import CTClipConfig
 from ctclip.model import (
     BACKBONES,
-    CTCLIP,
+    build_model,
     convert_dinov2_state,
     create_backbone,
     timm_backbone_name,
@@ -36,7 +37,7 @@ def test_full_size_backbone_has_dinov2_architecture(tiny_cfg):
 
 
 def test_forward_shapes_and_normalised_features(tiny_cfg):
-    model = CTCLIP.from_config(tiny_cfg()).eval()
+    model = build_model(CTClipConfig(model=tiny_cfg())).eval()
     volume = torch.randint(0, 256, (2, 5, 28, 28), dtype=torch.uint8)
     tokens = torch.randint(1, 1000, (2, 32))
     image, text, scale = model(volume, tokens)
@@ -46,7 +47,7 @@ def test_forward_shapes_and_normalised_features(tiny_cfg):
 
 
 def test_per_slice_min_max_normalisation_matches_a_loop(tiny_cfg):
-    model = CTCLIP.from_config(tiny_cfg())
+    model = build_model(CTClipConfig(model=tiny_cfg()))
     slices = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
     slices[2] = 7  # a uniform slice
     out = model.visual.normalize_slices(slices)
@@ -59,8 +60,8 @@ def test_per_slice_min_max_normalisation_matches_a_loop(tiny_cfg):
 
 def test_chunking_and_checkpointing_do_not_change_results(tiny_cfg):
     torch.manual_seed(0)
-    ref = CTCLIP.from_config(tiny_cfg(slice_chunk_size=1000))
-    chunked = CTCLIP.from_config(tiny_cfg(slice_chunk_size=3, grad_checkpointing=True))
+    ref = build_model(CTClipConfig(model=tiny_cfg(slice_chunk_size=1000)))
+    chunked = build_model(CTClipConfig(model=tiny_cfg(slice_chunk_size=3, grad_checkpointing=True)))
     chunked.load_state_dict(ref.state_dict())
     volume = torch.randint(0, 256, (2, 7, 28, 28), dtype=torch.uint8)
     grads = []
@@ -97,12 +98,14 @@ def test_hub_layout_weights_load_with_position_interpolation(tmp_path, registers
     )
     path = tmp_path / "hub.pth"
     torch.save(_hub_layout(source, registers), path)
-    model = CTCLIP.from_config(
-        tiny_cfg(
-            dinov2_model_name=name,
-            backbone_overrides=overrides,
-            image_size=28,
-            pretrained_weights=str(path),
+    model = build_model(
+        CTClipConfig(
+            model=tiny_cfg(
+                dinov2_model_name=name,
+                backbone_overrides=overrides,
+                image_size=28,
+                pretrained_weights=str(path),
+            )
         )
     )
     backbone = model.visual.backbone
@@ -124,24 +127,26 @@ def test_weights_of_another_architecture_are_refused(tmp_path, tiny_cfg):
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
     with pytest.raises(CheckpointError, match="tensors match"):
-        CTCLIP.from_config(tiny_cfg(pretrained_weights=str(path)))
+        build_model(CTClipConfig(model=tiny_cfg(pretrained_weights=str(path))))
 
 
 def test_frozen_backbone_without_weights_is_an_error_and_with_weights_has_no_grad(
     tmp_path, tiny_cfg
 ):
     with pytest.raises(UserError, match="--pretrained-weights"):
-        CTCLIP.from_config(tiny_cfg(freeze_dinov2=True))
+        build_model(CTClipConfig(model=tiny_cfg(freeze_dinov2=True)))
     path = tmp_path / "w.pth"
     torch.save(create_backbone(tiny_cfg()).state_dict(), path)
-    model = CTCLIP.from_config(tiny_cfg(freeze_dinov2=True, pretrained_weights=str(path)))
+    model = build_model(
+        CTClipConfig(model=tiny_cfg(freeze_dinov2=True, pretrained_weights=str(path)))
+    )
     assert not any(p.requires_grad for p in model.visual.backbone.parameters())
     names = {g["name"] for g in model.param_groups(1e-3, 0.1, 0.05)}
     assert not any(n.startswith("backbone") for n in names)
 
 
 def test_param_groups_lower_backbone_lr_and_no_decay_on_gains(tiny_cfg):
-    model = CTCLIP.from_config(tiny_cfg())
+    model = build_model(CTClipConfig(model=tiny_cfg()))
     groups = {g["name"]: g for g in model.param_groups(1e-3, 0.1, 0.05)}
     assert groups["backbone"]["lr"] == pytest.approx(1e-4) and groups["head"][
         "lr"
@@ -154,11 +159,11 @@ def test_param_groups_lower_backbone_lr_and_no_decay_on_gains(tiny_cfg):
 
 def test_pretrained_config_without_weights_says_how_to_supply_them(tiny_cfg):
     with pytest.raises(UserError) as err:
-        CTCLIP.from_config(tiny_cfg(pretrained=True))
+        build_model(CTClipConfig(model=tiny_cfg(pretrained=True)))
     assert "--pretrained-weights" in err.value.why and "--from-scratch" in err.value.why
     assert "hf-hub:timm/vit_small_patch14_dinov2" in err.value.why
     # building without loading (dry run, eval) needs no weights
-    CTCLIP.from_config(tiny_cfg(pretrained=True), load_weights=False)
+    build_model(CTClipConfig(model=tiny_cfg(pretrained=True)), load_weights=False)
 
 
 def test_init_line_tells_the_source(tiny_cfg):
@@ -175,17 +180,17 @@ def test_init_line_tells_the_source(tiny_cfg):
 def test_normalisation_from_the_backbone_config_unless_the_config_sets_it(tiny_cfg):
     with torch.device("meta"):
         expected = timm.create_model("vit_small_patch14_dinov2", pretrained=False).pretrained_cfg
-    model = CTCLIP.from_config(tiny_cfg())
+    model = build_model(CTClipConfig(model=tiny_cfg()))
     norm = model.visual.normalization()
     assert norm["mean"] == pytest.approx(expected["mean"]) and norm["std"] == pytest.approx(
         expected["std"]
     )
-    half = CTCLIP.from_config(tiny_cfg(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]))
+    half = build_model(CTClipConfig(model=tiny_cfg(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])))
     slices = torch.tensor([[[0, 255], [255, 0]]], dtype=torch.uint8)
     out = half.visual.normalize_slices(slices)
     torch.testing.assert_close(out[0, :, 0, 1], torch.full((3,), 2.0))  # (1 - 0.5) / 0.25
     with pytest.raises(ConfigError, match="both"):
-        CTCLIP.from_config(tiny_cfg(mean=[0.5, 0.5, 0.5]))
+        build_model(CTClipConfig(model=tiny_cfg(mean=[0.5, 0.5, 0.5])))
 
 
 def _fake_hub_cache(home, repo: str, files: dict[str, bytes]) -> None:
@@ -229,13 +234,19 @@ def test_text_tower_starts_from_an_open_clip_checkpoint(tmp_path, tiny_cfg, monk
     for spec in (tmp_path / "clip.pt", folder, "hf-hub:org/tiny-clip"):
         # No open_clip_config.json beside these weights: the config says their activation
         # (tests/test_text_activation.py covers the ways the weights say it themselves).
-        model = CTCLIP.from_config(tiny_cfg(text_weights=str(spec), text_quick_gelu=False))
+        model = build_model(
+            CTClipConfig(model=tiny_cfg(text_weights=str(spec), text_quick_gelu=False))
+        )
         torch.testing.assert_close(model.text(tokens), expected)
         line = capsys.readouterr().out
         assert f"loaded CLIP text tower weights from {spec}" in line
         assert f"{len(model.text.state_dict())}/{len(model.text.state_dict())} tensors" in line
     with pytest.raises(CheckpointError, match="missing"):
-        CTCLIP.from_config(tiny_cfg(text_weights=str(folder), text_layers=2, text_quick_gelu=False))
+        build_model(
+            CTClipConfig(
+                model=tiny_cfg(text_weights=str(folder), text_layers=2, text_quick_gelu=False)
+            )
+        )
 
 
 def test_hf_transformers_dinov2_directory_loads_with_its_normalisation(tmp_path, tiny_cfg, capsys):
@@ -254,7 +265,7 @@ def test_hf_transformers_dinov2_directory_loads_with_its_normalisation(tmp_path,
     save_file({k: v.contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"))
     pre = {"image_mean": [0.4, 0.4, 0.4], "image_std": [0.2, 0.2, 0.2], "resample": 3}
     (folder / "preprocessor_config.json").write_text(json.dumps(pre))
-    model = CTCLIP.from_config(tiny_cfg(pretrained_weights=str(folder)))
+    model = build_model(CTClipConfig(model=tiny_cfg(pretrained_weights=str(folder))))
     backbone = model.visual.backbone
     torch.testing.assert_close(backbone.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(backbone.pos_embed, source.pos_embed)

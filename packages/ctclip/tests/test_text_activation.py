@@ -18,7 +18,8 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS
 from open_clip.push_to_hf_hub import save_config_for_hf
 
 from ctclip import cli
-from ctclip.model import CTCLIP
+from ctclip.config import CTClipConfig
+from ctclip.model import build_model, checkpoint_config
 from medcore.errors import ConfigError
 from medcore.testing import hub_snapshot
 from medcore.weights.checkpoint import load_checkpoint
@@ -85,7 +86,7 @@ def test_features_equal_open_clip_for_a_hub_layout_folder(
     reference = open_clip.create_model(f"local-dir:{folder}").eval()
     with torch.no_grad():
         expected = reference.encode_text(tokens)
-        model = CTCLIP.from_config(tiny_cfg(text_weights=str(folder))).eval()
+        model = build_model(CTClipConfig(model=tiny_cfg(text_weights=str(folder)))).eval()
         got = model.encode_text(tokens, normalize=False)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert model.text_activation.quick_gelu is quick_gelu
@@ -94,7 +95,9 @@ def test_features_equal_open_clip_for_a_hub_layout_folder(
     n = len(model.text.state_dict())
     assert f"{n}/{n} tensors matched" in line  # the load itself cannot tell the activations apart
     # The activation is what makes them equal: the same tensors with the other one are far off.
-    other = CTCLIP.from_config(tiny_cfg(text_quick_gelu=not quick_gelu), load_weights=False)
+    other = build_model(
+        CTClipConfig(model=tiny_cfg(text_quick_gelu=not quick_gelu)), load_weights=False
+    )
     other.text.load_state_dict(model.text.state_dict())
     with torch.no_grad():
         assert (other.eval().encode_text(tokens, normalize=False) - expected).abs().max() > 1e-3
@@ -103,7 +106,7 @@ def test_features_equal_open_clip_for_a_hub_layout_folder(
 def test_hub_name_resolves_the_config_from_the_cache(tmp_path, tiny_cfg, tokens, offline_hub):
     folder = save_like_the_hub(open_clip_model(True), tmp_path / "repo", True)
     hub_snapshot(offline_hub, "org/tiny-clip", {p.name: p.read_bytes() for p in folder.iterdir()})
-    model = CTCLIP.from_config(tiny_cfg(text_weights="hf-hub:org/tiny-clip")).eval()
+    model = build_model(CTClipConfig(model=tiny_cfg(text_weights="hf-hub:org/tiny-clip"))).eval()
     reference = open_clip.create_model(f"local-dir:{folder}").eval()
     with torch.no_grad():
         torch.testing.assert_close(
@@ -135,7 +138,7 @@ def test_open_clip_registry_decides_for_weights_without_a_config(
         (str(release), "laion400m_e31"),
         ("hf-hub:timm/vit_base_patch32_clip_224.openai", "openai"),
     ):
-        model = CTCLIP.from_config(tiny_cfg(text_weights=spec)).eval()
+        model = build_model(CTClipConfig(model=tiny_cfg(text_weights=spec))).eval()
         assert model.text_activation.quick_gelu, spec
         assert "registry" in model.text_activation.source and entry in model.text_activation.source
         with torch.no_grad():
@@ -145,7 +148,7 @@ def test_open_clip_registry_decides_for_weights_without_a_config(
     # A laion2B tag of the same architecture was trained with GELU.
     repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     hub_snapshot(offline_hub, repo, {HF_SAFE_WEIGHTS_NAME: safetensors.torch.save(state)})
-    model = CTCLIP.from_config(tiny_cfg(text_weights=f"hf-hub:{repo}"))
+    model = build_model(CTClipConfig(model=tiny_cfg(text_weights=f"hf-hub:{repo}")))
     assert not model.text_activation.quick_gelu
     assert "ViT-B-32:laion2b_s34b_b79k" in model.text_activation.source
 
@@ -155,32 +158,34 @@ def test_unknown_activation_and_contradictions_are_one_line_errors(tmp_path, tin
     bare = tmp_path / "clip_text.pt"
     torch.save(clip.state_dict(), bare)
     with pytest.raises(ConfigError, match="cannot tell whether") as err:
-        CTCLIP.from_config(tiny_cfg(text_weights=str(bare)))
+        build_model(CTClipConfig(model=tiny_cfg(text_weights=str(bare))))
     assert err.value.what == "model.text_quick_gelu"
     # Saying it is enough for weights nothing describes.
-    model = CTCLIP.from_config(tiny_cfg(text_weights=str(bare), text_quick_gelu=True)).eval()
+    model = build_model(
+        CTClipConfig(model=tiny_cfg(text_weights=str(bare), text_quick_gelu=True))
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(
             model.encode_text(tokens, normalize=False), clip.encode_text(tokens), atol=1e-5, rtol=0
         )
     folder = save_like_the_hub(clip, tmp_path / "repo", True)
     with pytest.raises(ConfigError, match=r"quick_gelu: true in its open_clip_config\.json"):
-        CTCLIP.from_config(tiny_cfg(text_weights=str(folder), text_quick_gelu=False))
+        build_model(CTClipConfig(model=tiny_cfg(text_weights=str(folder), text_quick_gelu=False)))
     # A config of another text transformer is named before any tensor is compared.
     with pytest.raises(ConfigError, match=r"text_cfg.width=32") as err:
-        CTCLIP.from_config(tiny_cfg(text_weights=str(folder), text_width=64))
+        build_model(CTClipConfig(model=tiny_cfg(text_weights=str(folder), text_width=64)))
     assert err.value.what == "model.text_width"
     config = json.loads((folder / HF_CONFIG_NAME).read_text())
     config["model_cfg"]["text_cfg"]["no_causal_mask"] = True
     (folder / HF_CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="no_causal_mask=True"):
-        CTCLIP.from_config(tiny_cfg(text_weights=str(folder)))
+        build_model(CTClipConfig(model=tiny_cfg(text_weights=str(folder))))
 
 
 def test_config_without_the_key_is_gelu_as_open_clip_builds_it(tmp_path, tiny_cfg, tokens):
     folder = save_like_the_hub(open_clip_model(False), tmp_path / "repo", None)
     reference = open_clip.create_model(f"local-dir:{folder}").eval()
-    model = CTCLIP.from_config(tiny_cfg(text_weights=str(folder))).eval()
+    model = build_model(CTClipConfig(model=tiny_cfg(text_weights=str(folder)))).eval()
     assert (
         not model.text_activation.quick_gelu
         and "sets no quick_gelu" in model.text_activation.source
@@ -219,7 +224,5 @@ def test_train_records_the_activation_and_eval_rebuilds_it(tmp_path, tiny_sets, 
     assert "text_quick_gelu: true" in (run / "config.yaml").read_text()
     state = load_checkpoint(run / "checkpoints/final.pt", kind="ctclip.CTCLIP")
     assert state["model_config"]["text_quick_gelu"] is True
-    from ctclip.evaluate import build_model
-
-    rebuilt = build_model(state)
+    rebuilt = build_model(checkpoint_config(state), load_weights=False)
     assert rebuilt.text_activation.quick_gelu

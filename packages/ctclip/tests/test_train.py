@@ -40,17 +40,27 @@ def test_smoke_train_writes_the_run_directory(trained_run):
         "splits.json",
         "checkpoints/final.pt",
         "checkpoints/latest.pt",
-        "checkpoints/final.safetensors",
         "zero_shot_metrics.csv",
         "zero_shot_metrics.json",
         "plots/zero_shot_roc.png",
     ):
         assert (trained_run / rel).is_file(), rel
     assert list((trained_run / "tb").iterdir())
+    # One file per distinct set of weights beside latest.pt: the best and the final checkpoint.
+    kept = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
+    assert len(kept) == 3 and kept[:2] == ["final.pt", "latest.pt"], kept
+    assert kept[2].startswith("model_") and kept[2].endswith(".pt"), kept
     final = load_checkpoint(trained_run / "checkpoints/final.pt", kind="ctclip.CTCLIP")
     assert final["model_config"]["image_size"] == 28 and final["findings"] == list(FINDINGS)
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["num_evaluated_findings"] >= 1 and 0.0 <= metrics["mean_auc"] <= 1.0
+    log = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "train/loss" in r]
+    assert steps and all(  # the loss's terms, logged at the logging steps
+        r["train/loss"]
+        == pytest.approx((r["train/image_to_text"] + r["train/text_to_image"]) / 2, rel=1e-5)
+        for r in steps
+    )
 
 
 def test_eval_command_rebuilds_the_model_from_the_checkpoint(trained_run, tmp_path, capsys):
@@ -176,7 +186,7 @@ def _eval_argv(model: Path, data: Path, labels: Path, out: Path, *extra: str) ->
     ]  # fmt: skip
 
 
-def test_eval_accepts_final_safetensors_and_chooses_thresholds_on_validation(trained_run, tmp_path):
+def test_eval_reads_the_run_and_chooses_thresholds_on_validation(trained_run, tmp_path):
     from ctclip.evaluate import choose_thresholds
 
     demo = next((trained_run.parent / "cache" / "ctclip").glob("demo-*/"))
@@ -186,17 +196,16 @@ def test_eval_accepts_final_safetensors_and_chooses_thresholds_on_validation(tra
     labels.iloc[1::2].to_csv(tmp_path / "test.csv", index=False)
     ckpt = trained_run / "checkpoints"
 
-    # final.safetensors carries its model config: the same predictions as final.pt
-    for name in ("final.pt", "final.safetensors"):
-        assert cli.evaluate(_eval_argv(ckpt / name, h5, tmp_path / "val.csv", tmp_path / name)) == 0
-    pt, st = (
-        pd.read_csv(tmp_path / n / "zero_shot_predictions.csv")
-        for n in ("final.pt", "final.safetensors")
-    )
-    pd.testing.assert_frame_equal(pt, st)
+    # the run directory is its best checkpoint: the same predictions as that file
+    best = next(ckpt.glob("model_*.pt"))
+    for source, name in ((trained_run, "run"), (best, "best")):
+        argv = _eval_argv(source, h5, tmp_path / "val.csv", tmp_path / name)
+        assert cli.evaluate(argv) == 0
+    pt, run = (pd.read_csv(tmp_path / n / "zero_shot_predictions.csv") for n in ("best", "run"))
+    pd.testing.assert_frame_equal(pt, run)
 
     out = tmp_path / "tuned"
-    argv = _eval_argv(ckpt / "final.safetensors", h5, tmp_path / "test.csv", out)
+    argv = _eval_argv(trained_run, h5, tmp_path / "test.csv", out)
     assert cli.evaluate([*argv, "--val-labels", str(tmp_path / "val.csv")]) == 0
     val_labels = labels.iloc[::2][list(FINDINGS)].to_numpy()
     expected, _ = choose_thresholds(pt[list(FINDINGS)].to_numpy(), val_labels)
@@ -210,12 +219,15 @@ def test_eval_accepts_final_safetensors_and_chooses_thresholds_on_validation(tra
     assert same == 2
 
 
-def test_eval_refuses_safetensors_without_ctclip_metadata(tmp_path, capsys):
+def test_eval_refuses_a_weights_file_and_a_folder_without_checkpoints(tmp_path, capsys):
     from medcore.weights.checkpoint import export_safetensors
 
     export_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
     code = cli.evaluate(_eval_argv(tmp_path / "w.safetensors", tmp_path, tmp_path, tmp_path / "e"))
-    assert code == 2 and "not a ctclip.CTCLIP checkpoint" in _one_error_line(capsys)
+    assert code == 2 and "unlabelled checkpoint, not ctclip.CTCLIP" in _one_error_line(capsys)
+    (tmp_path / "run").mkdir()
+    code = cli.evaluate(_eval_argv(tmp_path / "run", tmp_path, tmp_path, tmp_path / "e"))
+    assert code == 2 and "holds no ctclip checkpoint" in _one_error_line(capsys)
 
 
 def test_checkpoints_record_the_normalisation_eval_uses(trained_run):
@@ -226,8 +238,8 @@ def test_checkpoints_record_the_normalisation_eval_uses(trained_run):
         cfg = timm.create_model("vit_small_patch14_dinov2", pretrained=False).pretrained_cfg
     assert final["model_config"]["mean"] == pytest.approx(cfg["mean"])
     assert final["model_config"]["std"] == pytest.approx(cfg["std"])
-    for name in ("final.pt", "final.safetensors"):
-        model, _ = load_model(trained_run / "checkpoints" / name, torch.device("cpu"))
+    for source in (trained_run / "checkpoints" / "final.pt", trained_run):
+        model, _ = load_model(source, torch.device("cpu"))
         assert model.visual.normalization()["mean"] == pytest.approx(cfg["mean"])
 
 
@@ -241,4 +253,4 @@ def test_devices_2_on_cpu_trains_two_ranks_with_use_ddp(tiny_demo, tiny_sets, tm
     assert cli.train(argv) == 0
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert next(r for r in log if r.get("event") == "start")["world_size"] == 2
-    assert (run / "checkpoints/final.safetensors").is_file()
+    assert (run / "checkpoints/final.pt").is_file()

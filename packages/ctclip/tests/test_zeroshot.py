@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from ctclip.evaluate import format_summary, summarize, write_report
 from ctclip.findings import FINDINGS, prompt_pairs
-from ctclip.zeroshot import zero_shot_probs
+from ctclip.predict import zero_shot_probs
 
 
 def test_prompt_pairs_follow_the_findings_order():
@@ -117,13 +117,14 @@ def test_predict_reads_the_volumes_in_loader_workers_in_dataset_order(tiny_demo,
     itself): the probabilities of a plain loop over the volumes read directly, in order."""
     import h5py
 
+    from ctclip.config import CTClipConfig
     from ctclip.data import CTVolumeDataset, read_labels
-    from ctclip.model import CTCLIP
+    from ctclip.model import build_model
+    from ctclip.predict import predict, prompt_features
     from ctclip.text import Tokenizer
-    from ctclip.zeroshot import predict, prompt_features
 
     torch.manual_seed(0)
-    model = CTCLIP.from_config(tiny_cfg(), load_weights=False).eval()
+    model = build_model(CTClipConfig(model=tiny_cfg()), load_weights=False).eval()
     labels = read_labels(tiny_demo / "ct_rate/valid_predicted_labels.csv")
     names = list(labels.index)[::-1]  # not the file's order
     ds = CTVolumeDataset(tiny_demo / "ct_volumes.h5", labels, names)

@@ -19,8 +19,8 @@ One code path with ``ctclip-preprocess`` and ``ctclip-eval``: a volume becomes t
 ``ctclip-preprocess`` would store, with the settings of the store the model was trained on (a
 NIfTI file through :func:`ctclip.preprocess.preprocess_volume` itself; DICOM series, read by
 medcore's reader, and arrays through the same HU reading, resampling, window and padding), and
-the probabilities are :func:`ctclip.zeroshot.zero_shot_probs` of ``CTCLIP.encode_volume`` and
-:func:`ctclip.zeroshot.prompt_features`, in the checkpoint's training precision. HU: the NIfTI
+the probabilities are :func:`ctclip.predict.zero_shot_probs` of ``CTCLIP.encode_volume`` and
+:func:`ctclip.predict.prompt_features`, in the checkpoint's training precision. HU: the NIfTI
 as it reads (header scaling), unless a CT-RATE metadata table is given (``metadata=``, with
 ``hu_source`` as ``ctclip-preprocess --hu-source``); DICOM: each slice's RescaleSlope/Intercept.
 """
@@ -41,7 +41,6 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ctclip.config import HU_SOURCES
-from ctclip.evaluate import KIND, build_model
 from ctclip.export import (
     PREPROCESSING_KEYS,
     describe,
@@ -50,7 +49,8 @@ from ctclip.export import (
     tokenizer_identity,
 )
 from ctclip.findings import prompt_pairs
-from ctclip.model import CTCLIP
+from ctclip.model import CTCLIP, KIND, build_model, checkpoint_config
+from ctclip.predict import prompt_features, zero_shot_probs
 from ctclip.preprocess import (
     HU_MIN_SCORE,
     HU_RANGE,
@@ -67,7 +67,6 @@ from ctclip.preprocess import (
     unusable_meta,
 )
 from ctclip.text import Tokenizer
-from ctclip.zeroshot import prompt_features, zero_shot_probs
 from medcore.engine import inference
 from medcore.errors import DataError, UserError
 from medcore.runtime.device import autocast, resolve_device
@@ -102,7 +101,11 @@ def load(source: str | os.PathLike, device: str | torch.device = "auto") -> CTCl
     check_export(export, str(source))
     target = resolve_device(device)
     model, _ = inference.load_model(
-        read.path, KIND, build_model, device=target, state=export.checkpoint()
+        read.path,
+        KIND,
+        lambda state: build_model(checkpoint_config(state), load_weights=False),
+        device=target,
+        state=export.checkpoint(),
     )
     return CTClipModel(model, export, target)  # type: ignore[arg-type]
 

@@ -32,7 +32,8 @@ PREPROCESS = [
     ("--shard", {"metavar": "I/N", "help": "only shard I of N, into a part file of the folder "
                  "--ct-out-path (default in a SLURM job array: its task)"})]
 EVALUATE = [
-    ("--model-path", {**NEED, "help": "a ctclip checkpoint (.pt) or final.safetensors"}),
+    ("--model-path", {**NEED, "help": "a run directory (its best checkpoint) or a ctclip "
+                                      "checkpoint (.pt)"}),
     ("--test-data", {**P, "help": "HDF5 from ctclip-preprocess"}),
     ("--test-labels", {**P, "help": "VolumeName + 18 findings"}),
     ("--data-dir", {**P, "help": "a CT-RATE copy: the defaults of the two above"}),

@@ -4,7 +4,6 @@ bootstrap 95% CIs, ROC curves (PNG), predictions and metrics (CSV, JSON)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -15,15 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctclip.config import ModelConfig
 from ctclip.ctrate import find_ctrate
 from ctclip.data import CTVolumeDataset, check_store, match_names, read_labels
+from ctclip.export import find_in_run
 from ctclip.findings import FINDINGS
-from ctclip.model import CTCLIP
+from ctclip.model import CTCLIP, KIND, build_model, checkpoint_config
+from ctclip.predict import predict
 from ctclip.preprocess import volume_shape
 from ctclip.text import Tokenizer
-from ctclip.zeroshot import predict
-from medcore.config import from_dict
 from medcore.engine import inference
 from medcore.errors import CheckpointError, DataError, UserError
 from medcore.io import atomic_write_csv, atomic_write_json
@@ -37,12 +35,10 @@ from medcore.metrics import (
 from medcore.report.plots import plot_roc_curves
 from medcore.report.tables import format_table
 from medcore.runtime.device import AmpPolicy, resolve_device
-from medcore.weights.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
     from medcore.cli.run_setup import RunContext
 
-KIND = "ctclip.CTCLIP"
 METRICS = ("auc", "f1", "precision", "recall", "accuracy")
 
 
@@ -239,42 +235,21 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def read_model_file(path: Path) -> dict[str, Any] | None:
-    """The checkpoint dict of exported weights (``final.safetensors``, whose metadata carries
-    the model identity, config and training precision); None for a ``.pt`` checkpoint, which
-    :func:`medcore.engine.inference.load_model` reads itself."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    state = load_checkpoint(path)  # checks the file and reads the tensors
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if not meta.get("kind"):
-        raise CheckpointError(
-            path, f"not a {KIND} checkpoint (its metadata carries no model identity)"
-        )
-    state.update({k: meta[k] for k in ("kind", "precision") if k in meta})
-    if "model_config" in meta:  # without it, load_model names what is missing
-        try:
-            state["model_config"] = json.loads(meta["model_config"])
-        except json.JSONDecodeError:
-            raise CheckpointError(path, "its metadata has no readable model_config") from None
-    return state
-
-
-def build_model(state: dict[str, Any]) -> CTCLIP:
-    """The unweighted model of a ctclip checkpoint, from the config it carries."""
-    overrides = {"pretrained_weights": None, "freeze_dinov2": False}
-    cfg = from_dict(ModelConfig, {**state["model_config"], **overrides})
-    return CTCLIP.from_config(cfg, load_weights=False)
-
-
 def load_model(path: Path, device: torch.device) -> tuple[CTCLIP, dict[str, Any]]:
-    """Rebuild the model from a ctclip checkpoint alone (its config travels inside it)."""
-    state = read_model_file(path)
-    model, state = inference.load_model(path, KIND, build_model, device=device, state=state)
+    """Rebuild the model from a ctclip checkpoint alone (its config travels inside it), or
+    from a run directory's model (its best checkpoint, else ``final.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        found = find_in_run(path)
+        if found is None:
+            raise CheckpointError(path, "holds no ctclip checkpoint (checkpoints/*.pt)")
+        path = found
+    model, state = inference.load_model(
+        path,
+        KIND,
+        lambda checkpoint: build_model(checkpoint_config(checkpoint), load_weights=False),
+        device=device,
+    )
     return model, state  # type: ignore[return-value]
 
 

@@ -2,8 +2,8 @@
 folder (``model.safetensors``, ``config.json``, ``README.md``), read back by :func:`ctclip.load`.
 
 The model of a run is its best checkpoint: the one with the highest validation mean AUC
-(``checkpoints/<prefix>_*.pt``, or ``trainer.best_name``), which ``final.safetensors`` and the
-run's zero-shot report also describe; a run trained without validation has only
+(``checkpoints/<prefix>_*.pt``, or ``trainer.best_name``), which the run's zero-shot report
+also describes; a run trained without validation has only
 ``checkpoints/final.pt``, which is then its model.
 
 ``config.json`` carries what :func:`ctclip.load` needs without the run: the model config (the
@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from ctclip.evaluate import KIND
 from ctclip.findings import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE
+from ctclip.model import KIND
 from medcore.cli.export import export_main
 from medcore.report.model_card import ModelCard, metric_rows, read_metrics, split_sizes
 from medcore.weights.export import ModelExport

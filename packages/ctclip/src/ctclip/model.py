@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -21,7 +23,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 from x_transformers import Encoder
 
-from ctclip.config import ModelConfig
+from ctclip.config import CTClipConfig, ModelConfig
+from medcore.config import from_dict
 from medcore.errors import ConfigError, UserError
 from medcore.weights.normalization import IMAGENET_MEAN, IMAGENET_STD, data_config
 from medcore.weights.pretrained import (
@@ -33,6 +36,7 @@ from medcore.weights.pretrained import (
     resolve_weights,
 )
 
+KIND = "ctclip.CTCLIP"  # the identity of ctclip's checkpoints and exports
 # The spec's torch.hub names of DINOv2 and the timm models with the same architecture.
 BACKBONES: dict[str, str] = {
     "dinov2_vits14": "vit_small_patch14_dinov2",
@@ -190,48 +194,6 @@ class CTCLIP(nn.Module):
         # What the text tower's MLPs compute and what decided it (recorded in checkpoints).
         self.text_activation = text_activation or TextActivation(False, "open_clip's default")
 
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, load_weights: bool = True) -> CTCLIP:
-        """Build the model; with ``load_weights`` the backbone takes ``cfg.pretrained_weights``
-        and the text tower ``cfg.text_weights`` with the activation they were trained with (a
-        config that needs weights but names none is refused, see :func:`check_weights`).
-        Without it the text tower's activation is ``cfg.text_quick_gelu`` (a checkpoint's)."""
-        backbone = create_backbone(cfg)
-        if cfg.grad_checkpointing:
-            backbone.set_grad_checkpointing(True)  # timm checkpoints each block
-        weights_config: dict = {}
-        if load_weights:
-            check_weights(cfg)
-            if exists(cfg.pretrained_weights):
-                weights_config = load_backbone_weights(backbone, cfg.pretrained_weights)
-        if cfg.freeze_dinov2:
-            backbone.requires_grad_(False)
-        norm = normalization(cfg, backbone, weights_config)
-        visual = VolumeEncoder(
-            backbone,
-            cfg.embed_dim,
-            cfg.fusion_depth,
-            cfg.fusion_heads,
-            cfg.slice_chunk_size,
-            mean=norm["mean"],
-            std=norm["std"],
-        )
-        text_cfg = CLIPTextCfg(
-            context_length=cfg.context_length,
-            vocab_size=cfg.vocab_size,
-            width=cfg.text_width,
-            heads=cfg.text_heads,
-            layers=cfg.text_layers,
-        )
-        if load_weights:
-            activation = text_activation(cfg)
-        else:
-            activation = TextActivation(bool(cfg.text_quick_gelu), "the model config")
-        text = _build_text_tower(cfg.embed_dim, text_cfg, quick_gelu=activation.quick_gelu)
-        if load_weights and exists(cfg.text_weights):
-            load_text_weights(text, cfg.text_weights)
-        return cls(visual, text, cfg.context_length, cfg.init_logit_scale, activation)
-
     def encode_volume(self, volume: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         feats = self.visual(volume)
         return F.normalize(feats, dim=-1) if normalize else feats
@@ -276,6 +238,58 @@ class CTCLIP(nn.Module):
             )
             group["params"].append(param)
         return list(groups.values())
+
+
+def build_model(cfg: CTClipConfig, *, load_weights: bool = True) -> CTCLIP:
+    """The model of ``cfg.model``; with ``load_weights`` the backbone takes
+    ``pretrained_weights`` and the text tower ``text_weights`` with the activation they were
+    trained with (a config that needs weights but names none is refused, see
+    :func:`check_weights`). Without it the text tower's activation is ``text_quick_gelu`` (a
+    checkpoint's)."""
+    m = cfg.model
+    backbone = create_backbone(m)
+    if m.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)  # timm checkpoints each block
+    weights_config: dict = {}
+    if load_weights:
+        check_weights(m)
+        if exists(m.pretrained_weights):
+            weights_config = load_backbone_weights(backbone, m.pretrained_weights)
+    if m.freeze_dinov2:
+        backbone.requires_grad_(False)
+    norm = normalization(m, backbone, weights_config)
+    visual = VolumeEncoder(
+        backbone,
+        m.embed_dim,
+        m.fusion_depth,
+        m.fusion_heads,
+        m.slice_chunk_size,
+        mean=norm["mean"],
+        std=norm["std"],
+    )
+    text_cfg = CLIPTextCfg(
+        context_length=m.context_length,
+        vocab_size=m.vocab_size,
+        width=m.text_width,
+        heads=m.text_heads,
+        layers=m.text_layers,
+    )
+    if load_weights:
+        activation = text_activation(m)
+    else:
+        activation = TextActivation(bool(m.text_quick_gelu), "the model config")
+    text = _build_text_tower(m.embed_dim, text_cfg, quick_gelu=activation.quick_gelu)
+    if load_weights and exists(m.text_weights):
+        load_text_weights(text, m.text_weights)
+    return CTCLIP(visual, text, m.context_length, m.init_logit_scale, activation)
+
+
+def checkpoint_config(state: Mapping[str, Any]) -> CTClipConfig:
+    """The config that rebuilds a checkpoint's model with :func:`build_model` (``load_weights=
+    False``): the model section the checkpoint stores (``model_config``, resolved when training
+    started), without the start weights and freezing, which the stored weights replace."""
+    start = {"pretrained_weights": None, "freeze_dinov2": False}
+    return from_dict(CTClipConfig, {"model": {**state["model_config"], **start}})
 
 
 def normalization(

@@ -82,7 +82,7 @@ from medcore.volumes.store import (  # noqa: F401 (complete_names: the fault tes
     shard_output,
 )
 
-KIND = "ctclip.volumes"
+STORE_KIND = "ctclip.volumes"  # the identity of the HDF5 volume stores ctclip-preprocess writes
 HU_RANGE = (-1000.0, 1000.0)
 HU_MIN_SCORE = 0.01  # a reading with less air or soft tissue than this is not HU
 HU_TIE = 0.8  # the other reading scores at least this fraction of the best: cannot tell
@@ -560,7 +560,7 @@ def run_preprocess(
         raise DataError(where, f"volume names occur more than once: {', '.join(dupes[:5])}")
     settings = store_settings(target, slide_b2u)
     if shard is not None:
-        out = shard_output(out, shard, KIND, settings)
+        out = shard_output(out, shard, STORE_KIND, settings)
         files = [p for p in files if shard.owns(volume_name(p))]
         print(f"shard {shard}: {len(files)} of the {len(names)} volumes", file=sys.stderr)
         names = [volume_name(p) for p in files]
@@ -592,7 +592,7 @@ def run_preprocess(
     without_file = sorted(set(metadata) - set(names))
     name_left_out("note: ", without_file, f"metadata rows have no volume under {where}")
 
-    with VolumeStoreWriter(out, KIND, settings, compression=compression) as store:
+    with VolumeStoreWriter(out, STORE_KIND, settings, compression=compression) as store:
         done = store.done
         result.skipped_existing = len(done & set(names))
         todo = [
@@ -648,7 +648,7 @@ def open_store(path: Path) -> VolumeStore:
         )
         raise DataError(path, "HDF5 file not found" + hint)
     store = VolumeStore(path)
-    if not store.is_store or store.attrs.get("kind") != KIND:
+    if not store.is_store or store.attrs.get("kind") != STORE_KIND:
         raise DataError(path, "not a ctclip volume file (write it with ctclip-preprocess)")
     return store
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,22 +25,24 @@ from ctclip.data import (
     read_reports,
     resolve_paths,
 )
-from ctclip.evaluate import KIND, auc_per_finding, final_report, json_safe
+from ctclip.evaluate import auc_per_finding, final_report, json_safe
 from ctclip.findings import FINDINGS
 from ctclip.gradcache import cached_embeddings
 from ctclip.impressions import fill_impressions
 from ctclip.losses import ClipLoss
 from ctclip.model import (
     CTCLIP,
+    KIND,
+    build_model,
     check_weights,
     component_counts,
     init_line,
     timm_backbone_name,
 )
+from ctclip.predict import predict
 from ctclip.preprocess import run_preprocess, volume_shape
 from ctclip.synthetic import generate_demo
 from ctclip.text import Tokenizer
-from ctclip.zeroshot import predict
 from medcore.cli.dry_run import build_on_meta, dry_run
 from medcore.cli.run_setup import RunContext, resolve_run, start_run
 from medcore.config import to_dict
@@ -51,7 +52,7 @@ from medcore.engine.task import EvalContext
 from medcore.engine.trainer import Trainer
 from medcore.errors import ConfigError, DataError, UserError
 from medcore.runtime.distributed import barrier, launched_world
-from medcore.weights.checkpoint import export_best
+from medcore.weights.checkpoint import load_checkpoint
 
 DEMO_SEED = 0  # the demo data does not depend on --seed, so every run shares one cache
 SMOKE = [  # a smaller demo, so that --smoke is quick even with a cold cache
@@ -109,19 +110,19 @@ def main(args: argparse.Namespace) -> int:
         cfg.model.text_quick_gelu = check_weights(cfg.model).quick_gelu
     with start_run(request) as ctx:
         if not args.dry_run:
-            run_train(ctx)
+            _train(ctx)
             return 0
         return _dry_run(ctx)
 
 
 def _dry_run(ctx: RunContext) -> int:
-    model_cfg = ctx.cfg.model
+    cfg: CTClipConfig = ctx.cfg
 
     def build() -> CTCLIP:
-        return CTCLIP.from_config(model_cfg, load_weights=False)
+        return build_model(cfg, load_weights=False)
 
     extra = {
-        "backbone": timm_backbone_name(model_cfg.dinov2_model_name),
+        "backbone": timm_backbone_name(cfg.model.dinov2_model_name),
         "components": component_counts(build_on_meta(build)),
     }
     dry_run(build, ctx.run_dir, extra=extra)
@@ -166,7 +167,7 @@ def check_volume_shape(h5_path: Path, image_size: int) -> None:
         )
 
 
-def make_validation_fn(
+def make_evaluate_fn(
     val_ds: CTVolumeDataset, tokenizer: Tokenizer, batch_size: int, num_workers: int | None
 ):
     """Zero-shot AUC per finding, logged as ``val/auc/<finding>`` and ``val/mean_auc``; under
@@ -193,7 +194,8 @@ def make_validation_fn(
 
 def make_step_fn(model: CTCLIP, chunk_size: int):
     """The Trainer's step: the contrastive loss of a batch, through the gradient cache when
-    ``chunk_size`` is smaller than the batch."""
+    ``chunk_size`` is smaller than the batch, and its terms and the logit scale to log (device
+    tensors: the trainer reads them at logging steps only)."""
     loss_fn = ClipLoss()
 
     def step_fn(train_model: torch.nn.Module, batch: dict[str, torch.Tensor]):
@@ -205,7 +207,8 @@ def make_step_fn(model: CTCLIP, chunk_size: int):
             scale = model.scale()
         else:
             image, text, scale = train_model(volume, tokens)
-        return loss_fn(image, text, scale), {"logit_scale": scale.detach()}
+        loss, terms = loss_fn(image, text, scale)
+        return loss, {**terms, "logit_scale": scale.detach()}
 
     return step_fn
 
@@ -225,7 +228,10 @@ def training_reports(cfg: CTClipConfig, txt_filepath: Path, ctx: RunContext) -> 
     return filled
 
 
-def run_train(ctx: RunContext) -> dict[str, Any]:
+def _train(ctx: RunContext) -> dict[str, Any]:
+    """Train on the run's data (the demo's without ``data.data_dir``), export the best weights
+    and write the zero-shot report of the validation set; returns the summary written to
+    ``metrics.json``."""
     cfg: CTClipConfig = ctx.cfg  # checked by check_config before the run started
     if cfg.trainer.grad_accum_steps > 1:
         print(
@@ -280,7 +286,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
             ids=names,
         )
 
-    model = CTCLIP.from_config(cfg.model, load_weights=ctx.resume is None)
+    model = build_model(cfg, load_weights=ctx.resume is None)
     print(
         f"init: resumed from {ctx.resume}"
         if ctx.resume
@@ -299,7 +305,7 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
         run_dir=ctx.run_dir,
         kind=KIND,
         seed=cfg.seed,
-        evaluate_fn=make_validation_fn(
+        evaluate_fn=make_evaluate_fn(
             val_ds, tokenizer, cfg.validation.batch_size, cfg.trainer.num_workers
         )
         if val_ds
@@ -324,21 +330,11 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
     if not ctx.dist.is_main or result.final_path is None:
         trainer.logger.close()
         return summary
-    # The exported weights and the report are of the best checkpoint (else the final one).
-    weights = export_best(
-        result.best_path,
-        result.final_path,
-        model,
-        ctx.run_dir / "checkpoints" / "final.safetensors",
-        metadata={
-            "kind": KIND,
-            "model_config": json.dumps(model_config),
-            "findings": json.dumps(list(FINDINGS)),
-            "preprocessing": json.dumps(preprocessing),
-            "precision": str(trainer.precision),
-        },
-    )
     if val_ds is not None:
+        # The report is of the run's model: its best checkpoint (else the final one), the one
+        # ctclip-eval, ctclip-export and ctclip.load read from the run directory.
+        weights = result.best_path or result.final_path
+        model.load_state_dict(load_checkpoint(weights, map_location="cpu")["model"])
         summary.update(final_report(model, weights, val_ds, tokenizer, trainer.amp, ctx))
     trainer.logger.write_final(json_safe(summary))
     trainer.logger.close()
