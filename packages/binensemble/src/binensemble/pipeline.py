@@ -4,7 +4,7 @@ No ``--model`` (or ``--model both``): train the metric model (triplet loss, KNN 
 k) and the baseline (cross-entropy), predict the validation split and ``TestSet/`` with 4-view
 TTA, soft-vote the two, analyse their agreement and print the accuracy table. ``--model
 metric|baseline`` trains one model. With ``selection.cv_folds >= 2`` a cross-validation stage
-(:mod:`binensemble.crossval`) chooses the epoch count and k first.
+(:mod:`binensemble.selection`) chooses the epoch count and k first.
 
 Run directory (``--model both``; with one model the model directory is the run directory)::
 
@@ -131,7 +131,7 @@ def _train_models(ctx: RunContext, model: str) -> int:
     cv_lines: list[str] = []
     chosen: dict[str, tuple[int, int | None]] = {}
     if cfg.selection.cv_folds:
-        from binensemble.crossval import cross_validate
+        from binensemble.selection import cross_validate
 
         chosen, cv_lines = cross_validate(ctx, labelled, names)
     bundles: dict[str, Path] = {}
