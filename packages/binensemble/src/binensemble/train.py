@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from binensemble.config import BinEnsembleConfig
 from binensemble.data import (
@@ -58,7 +57,7 @@ from binensemble.evaluate import (
     metric_evaluator,
     summarise,
 )
-from binensemble.losses import BatchHardTripletLoss
+from binensemble.losses import BatchHardTripletLoss, cross_entropy_loss
 from binensemble.model import (
     MEMBER_KINDS,
     MODEL_CLASSES,
@@ -269,8 +268,7 @@ def make_step_fn(cfg: BinEnsembleConfig) -> StepFn:
 
     def baseline_step(model: torch.nn.Module, batch: dict[str, Any]):
         logits = model(images(batch)).float()
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=cfg.loss.label_smoothing)
-        return loss, {"accuracy": (logits.argmax(1) == batch["label"]).float().mean()}
+        return cross_entropy_loss(logits, batch["label"], cfg.loss.label_smoothing)
 
     return baseline_step
 
