@@ -95,6 +95,7 @@ SMOKE_OVERRIDES = ["data.demo=small", "trainer.batch_size=8"]
 
 
 def main(args: argparse.Namespace) -> int:
+    """``binensemble-train``: a dry run, or the models of ``--model`` and their predictions."""
     request = resolve_run(args, BinEnsembleConfig, PACKAGE, "default", SMOKE_OVERRIDES, staged=True)
     cfg: BinEnsembleConfig = request.cfg
     model = _model_choice(args, cfg)
