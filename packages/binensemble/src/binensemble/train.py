@@ -362,9 +362,13 @@ def train_model(
         metrics.update(
             best_epoch=_best_epoch(result.history, result.best_metric_name, result.best_metric),
             epochs_completed=result.epochs_completed,
-            weights=str(chosen),
+            weights=chosen.name,  # the checkpoint model.pt took its weights from
             init=init,
         )
+        if chosen != result.final_path:
+            # model.pt and model.safetensors hold the best epoch's weights now: its checkpoint
+            # would be a third copy (2 GB a model for `full`); final.pt stays (the last epoch).
+            chosen.unlink()
         logger.write_final(metrics)
         logger.close()
     barrier()
