@@ -22,15 +22,18 @@ BATCH = 3  # the smallest batch with a triplet (two of one class, one of the oth
 
 def _one_step(checkpointing: bool, device_type: str) -> tuple[float, float, int, float]:
     """(loss, grad checksum, bytes the step adds, step seconds) of one training step."""
-    from binensemble.config import ModelConfig
+    from binensemble.config import BinEnsembleConfig, DataConfig, ModelConfig
     from binensemble.losses import batch_hard_triplet_loss
     from binensemble.model import build_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(device_type)
-    cfg = ModelConfig(pretrained=False, grad_checkpointing=checkpointing)
+    cfg = BinEnsembleConfig(
+        model=ModelConfig(pretrained=False, grad_checkpointing=checkpointing),
+        data=DataConfig(img_size=448),
+    )
     torch.manual_seed(0)
-    model = build_model(cfg, 448, load_weights=False).to(device).train()
+    model = build_model(cfg, load_weights=False).to(device).train()
     opt = torch.optim.AdamW(model.param_groups(5e-6, 1e-3), weight_decay=1e-3)
     x = torch.rand(BATCH, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(device)
     labels = torch.tensor([0, 0, 1], device=device)

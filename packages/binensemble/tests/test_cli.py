@@ -38,6 +38,10 @@ def test_train_both_models_votes_and_scores(
             "plots/curves.png",
         ):
             assert (run / name / rel).is_file(), f"{name}/{rel}"
+        # model.pt holds the best epoch's weights: its checkpoint is not kept beside them.
+        kept = sorted(p.name for p in (run / name / "checkpoints").iterdir())
+        assert kept == ["final.pt"], kept
+        assert json.loads((run / name / "metrics.json").read_text())["weights"] != "final.pt"
     knn = json.loads((run / "metric" / "knn.json").read_text())
     bundle = load_checkpoint(run / "metric" / "model.pt", kind="binensemble.MetricModel")
     assert bundle["knn"]["k"] == knn["k"] and knn["k"] in (1, 3, 5)

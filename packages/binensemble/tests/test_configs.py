@@ -14,7 +14,7 @@ import torch
 from binensemble.cli import train
 from binensemble.config import BinEnsembleConfig
 from binensemble.model import build_model
-from binensemble.train import _step_fn
+from binensemble.train import make_step_fn
 from medcore.cli.dry_run import build_on_meta, count_parameters
 from medcore.config import load_config, packaged_config_path
 from medcore.testing import call_main
@@ -67,7 +67,7 @@ def test_full_stands_alone_on_the_research_defaults() -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds_the_named_architectures_on_meta(name: str) -> None:
     cfg = _resolve(name)
-    model = build_on_meta(lambda: build_model(cfg.model, cfg.data.img_size, load_weights=False))
+    model = build_on_meta(lambda: build_model(cfg, load_weights=False))
     cnn, vit = _timm_counts(cfg)
     assert count_parameters(model.backbone.convnext)["total"] == cnn
     assert count_parameters(model.backbone.vit)["total"] == vit
@@ -122,8 +122,12 @@ def test_one_training_step_at_the_real_width(name: str) -> None:
     is what a test on a laptop can afford.
     """
     cfg = _resolve(name)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, drop_path_rate=0.0))
-    model = build_on_meta(lambda: build_model(cfg.model, 32, load_weights=False))
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, drop_path_rate=0.0),
+        data=dataclasses.replace(cfg.data, img_size=32),
+    )
+    model = build_on_meta(lambda: build_model(cfg, load_weights=False))
     model = model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -135,10 +139,9 @@ def test_one_training_step_at_the_real_width(name: str) -> None:
     model.backbone.set_normalisation(model.backbone.normalisation())  # buffers after to_empty
     model.train()
     # step_fn crops 32 px from the store's uint8 working-size images, as in training.
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=32))
     size = round(32 * cfg.data.resize_scale)
     pixels = torch.randint(0, 256, (4, 3, size, size), generator=gen, dtype=torch.uint8)
-    loss, _ = _step_fn(cfg)(model, {"image": pixels, "label": torch.tensor([0, 0, 1, 1])})
+    loss, _ = make_step_fn(cfg)(model, {"image": pixels, "label": torch.tensor([0, 0, 1, 1])})
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -157,8 +160,12 @@ def test_one_training_step_at_the_real_width(name: str) -> None:
 
 def _saved_activation_bytes(cfg: BinEnsembleConfig, checkpointing: bool) -> int:
     """Bytes autograd keeps for the backward pass of one image, counted on the meta device."""
-    model_cfg = dataclasses.replace(cfg.model, grad_checkpointing=checkpointing)
-    model = build_on_meta(lambda: build_model(model_cfg, 224, load_weights=False)).train()
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, grad_checkpointing=checkpointing),
+        data=dataclasses.replace(cfg.data, img_size=224),
+    )
+    model = build_on_meta(lambda: build_model(cfg, load_weights=False)).train()
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,9 @@ import pytest
 from scipy.stats import binomtest
 
 from binensemble.cli import predict, train
-from binensemble.crossval import choose
 from binensemble.ensemble import analyse, check_rule, wilson_interval, write_predictions
 from binensemble.evaluate import save_heldout, summarise
+from binensemble.selection import choose
 from binensemble.synthetic import write_dataset
 from medcore.config import TrainerConfig
 from medcore.data.splits import stratified_split

@@ -8,8 +8,8 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from binensemble.config import ModelConfig
-from binensemble.model import DualBackbone, MetricModel
+from binensemble.config import BinEnsembleConfig, DataConfig, ModelConfig
+from binensemble.model import DualBackbone, build_model
 from medcore.testing import save_weights_as
 from medcore.weights.checkpoint import export_safetensors
 
@@ -25,6 +25,11 @@ TINY = dict(
 )
 
 
+def _build(model: ModelConfig, img_size: int, **kwargs) -> torch.nn.Module:
+    """``build_model`` of the package config holding ``model`` at ``img_size`` inputs."""
+    return build_model(BinEnsembleConfig(model=model, data=DataConfig(img_size=img_size)), **kwargs)
+
+
 @pytest.mark.parametrize("how", ["lightning_compiled_attribute", "ddp", "plain"])
 def test_vit_file_of_a_framework_is_resampled_to_the_grid(how, tmp_path) -> None:
     torch.manual_seed(0)
@@ -32,7 +37,7 @@ def test_vit_file_of_a_framework_is_resampled_to_the_grid(how, tmp_path) -> None
     torch.save(source.convnext.state_dict(), tmp_path / "convnext.pt")
     vit = save_weights_as(how, source.vit, tmp_path / "vit.ckpt")
     cfg = ModelConfig(**TINY, convnext_weights=str(tmp_path / "convnext.pt"), vit_weights=str(vit))
-    model = MetricModel.from_config(cfg, img_size=64)  # 4 x 4 token grid
+    model = _build(cfg, 64)  # 4 x 4 token grid
     expected = resample_abs_pos_embed(
         source.vit.pos_embed.detach(), new_size=(4, 4), num_prefix_tokens=1
     )
@@ -45,10 +50,10 @@ def test_vit_file_of_a_framework_is_resampled_to_the_grid(how, tmp_path) -> None
 def test_combined_file_under_a_prefix_is_resampled(tmp_path) -> None:
     """This package's exported model (``backbone.*``, ``head.*``) at another input size."""
     torch.manual_seed(0)
-    source = MetricModel.from_config(ModelConfig(**{**TINY, "pretrained": False}), img_size=32)
+    source = _build(ModelConfig(**{**TINY, "pretrained": False}), 32)
     export_safetensors(source.state_dict(), tmp_path / "model.safetensors")
     cfg = ModelConfig(**TINY, pretrained_weights=str(tmp_path / "model.safetensors"))
-    model = MetricModel.from_config(cfg, img_size=64)
+    model = _build(cfg, 64)
     expected = resample_abs_pos_embed(
         source.backbone.vit.pos_embed.detach(), new_size=(4, 4), num_prefix_tokens=1
     )

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from binensemble.config import ModelConfig
+from binensemble.config import BinEnsembleConfig, DataConfig, ModelConfig
 from binensemble.model import BaselineModel, DualBackbone, MetricModel, build_model
 from medcore.errors import UserError
 from medcore.weights.checkpoint import export_safetensors
@@ -22,14 +24,21 @@ TINY = ModelConfig(
 )
 
 
+def _build(model: ModelConfig, img_size: int, **kwargs) -> torch.nn.Module:
+    """``build_model`` of the package config holding ``model`` at ``img_size`` inputs."""
+    return build_model(BinEnsembleConfig(model=model, data=DataConfig(img_size=img_size)), **kwargs)
+
+
 def test_full_size_architecture_on_meta_device() -> None:
     cfg = ModelConfig()  # ConvNeXt-Large + ViT-Large, the research defaults
     with torch.device("meta"):
-        model = build_model(cfg, img_size=448, load_weights=False).eval()
-        baseline = BaselineModel.from_config(cfg, img_size=448, load_weights=False).eval()
+        model = _build(cfg, 448, load_weights=False).eval()
+        baseline = _build(dataclasses.replace(cfg, kind="baseline"), 448, load_weights=False)
+        baseline.eval()
         x = torch.empty(2, 3, 448, 448)
         emb = model(x)
         logits = baseline(x)
+    assert isinstance(model, MetricModel) and isinstance(baseline, BaselineModel)
     assert model.backbone.convnext.num_features == 1536
     assert model.backbone.vit.num_features == 1024
     assert model.backbone.num_features == 2560
@@ -43,7 +52,7 @@ def test_full_size_architecture_on_meta_device() -> None:
 
 
 def test_metric_embeddings_are_unit_norm_and_feature_dims_come_from_backbones() -> None:
-    model = MetricModel.from_config(TINY, img_size=32).eval()
+    model = _build(TINY, 32).eval()
     emb = model(torch.randn(3, 3, 32, 32))
     assert emb.shape == (3, 16)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
@@ -54,7 +63,7 @@ def test_metric_embeddings_are_unit_norm_and_feature_dims_come_from_backbones() 
 
 def test_partial_freezing_and_param_groups() -> None:
     cfg = ModelConfig(**{**TINY.__dict__, "train_convnext_stages": 1, "train_vit_blocks": 2})
-    model = MetricModel.from_config(cfg, img_size=32)
+    model = _build(cfg, 32)
     conv, vit = model.backbone.convnext, model.backbone.vit
     assert all(p.requires_grad for p in conv.stages[-1].parameters())
     assert not any(p.requires_grad for p in conv.stages[0].parameters())
@@ -82,7 +91,7 @@ def test_per_backbone_weights_with_pos_embed_resampling(tmp_path) -> None:
             "vit_weights": str(tmp_path / "vit.safetensors"),
         }
     )
-    model = MetricModel.from_config(cfg, img_size=64)  # 4 x 4 token grid
+    model = _build(cfg, 64)  # 4 x 4 token grid
     for name, value in source.convnext.state_dict().items():
         torch.testing.assert_close(model.backbone.convnext.state_dict()[name], value)
     expected = resample_abs_pos_embed(
@@ -95,7 +104,7 @@ def test_per_backbone_weights_with_pos_embed_resampling(tmp_path) -> None:
 
 
 def test_combined_weights_file(tmp_path) -> None:
-    source = MetricModel.from_config(TINY, img_size=32)
+    source = _build(TINY, 32)
     export_safetensors(
         source.state_dict(), tmp_path / "model.safetensors"
     )  # backbone.* and head.* keys
@@ -106,7 +115,7 @@ def test_combined_weights_file(tmp_path) -> None:
             "pretrained_weights": str(tmp_path / "model.safetensors"),
         }
     )
-    model = MetricModel.from_config(cfg, img_size=32)
+    model = _build(cfg, 32)
     torch.testing.assert_close(model.backbone.vit.cls_token, source.backbone.vit.cls_token)
     torch.testing.assert_close(
         model.backbone.convnext.stem[0].weight, source.backbone.convnext.stem[0].weight
@@ -116,4 +125,4 @@ def test_combined_weights_file(tmp_path) -> None:
 def test_pretrained_without_files_is_a_clear_error() -> None:
     cfg = ModelConfig(**{**TINY.__dict__, "pretrained": True})
     with pytest.raises(UserError, match="--pretrained-weights"):
-        MetricModel.from_config(cfg, img_size=32)
+        _build(cfg, 32)

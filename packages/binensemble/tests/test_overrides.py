@@ -7,7 +7,7 @@ import pytest
 
 from binensemble.cli import train
 from binensemble.config import BinEnsembleConfig
-from binensemble.pipeline import SMOKE_OVERRIDES as SMOKE
+from binensemble.train import SMOKE_OVERRIDES as SMOKE
 from medcore.cli.run_setup import SMOKE_OVERRIDES, load_run_config
 from medcore.testing import (
     assert_epochs_set_only,

@@ -42,7 +42,7 @@ def tiny_argv(data: Path, out: Path) -> list[str]:
 
 def nan_in(monkeypatch: pytest.MonkeyPatch, steps: Callable[[int], bool]) -> None:
     """NaN images in the training steps ``steps`` accepts (counted from 1)."""
-    real = train_mod._step_fn
+    real = train_mod.make_step_fn
     count = [0]
 
     def step_fn(cfg):
@@ -58,7 +58,7 @@ def nan_in(monkeypatch: pytest.MonkeyPatch, steps: Callable[[int], bool]) -> Non
 
         return poisoned
 
-    monkeypatch.setattr(train_mod, "_step_fn", step_fn)
+    monkeypatch.setattr(train_mod, "make_step_fn", step_fn)
 
 
 def _copy(src: Path, dst: Path) -> Path:

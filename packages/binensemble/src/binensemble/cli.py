@@ -1,6 +1,6 @@
 """Console entry points ``binensemble-{train,predict,vote,analyze,export}``: commands and flags only.
 
-Each command is ``binensemble.<module>:<function>(args)`` (:class:`medcore.cli.command.Command`).
+Each command is ``binensemble.<module>:main(args)`` (:class:`medcore.cli.command.Command`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ PROBS = ("probs", {**P, "nargs": "+", "help": "two or more probability files"})
 WEIGHTS = ("--weights", {"nargs": "+", "type": float, "help": "one per file (default: equal)"})
 # fmt: off
 train = Command("binensemble-train", "Train the metric and/or baseline model (no arguments: the "
-                "demo).", "binensemble.pipeline:run_train", [
+                "demo).", "binensemble.train:main", [
     ("--model", {"choices": ["metric", "baseline", "both"], "help": "which model to train "
                  "(default: both, then predict, vote, analyse; --resume: the run's own choice)"})],
     common=True)
 predict = Command("binensemble-predict", "Predict TestSet/ (or the validation split) with 4-view "
-                  "TTA.", "binensemble.predict:run_predict", [
+                  "TTA.", "binensemble.predict:main", [
     ("model", {"metavar": "SOURCE", "help": "a run directory of binensemble-train (every "
                "model and the vote), a model's model.pt, an exported folder or hf-hub:ORG/NAME"}),
     ("--split", {"choices": ["test", "val"], "default": "test", "help": "TestSet/ or validation"}),
@@ -30,11 +30,11 @@ predict = Command("binensemble-predict", "Predict TestSet/ (or the validation sp
     ("--name", {"help": "output file stem (default: the model name, e.g. metric_val)"})],
     common=False)
 vote = Command("binensemble-vote", "Soft-vote two or more models' probability files.",
-               "binensemble.ensemble:run_vote", [PROBS, WEIGHTS, ("--output", {
+               "binensemble.vote:main", [PROBS, WEIGHTS, ("--output", {
                    **P, "default": Path("vote.csv"),
                    "help": "final image_id,label CSV; probabilities beside it as <stem>_probs.csv"})])
 analyze = Command("binensemble-analyze", "Agreement, accuracy and complementarity of models.",
-                  "binensemble.ensemble:run_analyze", [
+                  "binensemble.analyze:main", [
     PROBS, WEIGHTS, ("--names", {"nargs": "+", "help": "(default: the file stems)"}),
     ("--labels", {**P, "help": "image_id,label CSV (default: the targets)"}),
     ("--output-dir", {**P, "default": Path("analysis")})])

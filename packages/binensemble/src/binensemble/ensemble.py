@@ -12,7 +12,6 @@ the analysis, so a reported accuracy is the accuracy of the written labels.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -24,12 +23,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import cohen_kappa_score
 
-from binensemble.data import read_labels
 from medcore.errors import DataError, UserError
-from medcore.io import atomic_write_csv, atomic_write_json, read_csv
+from medcore.io import atomic_write_csv, read_csv
 from medcore.metrics import bootstrap_ci
 from medcore.report.plots import save_figure
-from medcore.report.tables import format_table
 
 PROB_PREFIX = "prob_"
 
@@ -392,47 +389,3 @@ def rule_message(rule: dict[str, Any], where: str) -> str:
         f"warning: {where}: the seed's ensemble rule does not hold ({'; '.join(rule['reasons'])}); "
         "the seed votes only two models that are both accurate and rarely disagree"
     )
-
-
-# -- the binensemble-vote and binensemble-analyze commands -------------------------------------
-def run_vote(args: argparse.Namespace) -> int:
-    ref, voted = vote_files(args.probs, args.weights)
-    out = args.output
-    pred, prob = write_predictions(out.parent, out.stem, ref.ids, voted, ref.classes, ref.targets)
-    labels = decide(voted)
-    print(
-        f"voted {len(args.probs)} models on {len(ref.ids)} images: {int(labels.sum())} predicted "
-        f"{ref.classes[1]}, {int((labels == 0).sum())} {ref.classes[0]}"
-    )
-    print(f"wrote {pred} and {prob}")
-    return 0
-
-
-def run_analyze(args: argparse.Namespace) -> int:
-    if len(args.probs) < 2:
-        raise UserError("binensemble-analyze", "needs two or more probability files")
-    names = args.names or [p.name.removesuffix(".csv").removesuffix("_probs") for p in args.probs]
-    if len(names) != len(args.probs) or len(set(names)) != len(names):
-        raise UserError("--names", f"needs {len(args.probs)} distinct names, one per file")
-    files = align([read_probs(p) for p in args.probs])
-    labels = (
-        None if args.labels is None else read_labels(args.labels, num_classes=len(files[0].classes))
-    )
-    targets = resolve_targets(files, labels)
-    probs = [f.probs for f in files]
-    check_weights(args.weights, len(files))
-    report = analyse(names, probs, targets, args.weights)
-    report["rule"] = check_rule(report)
-    out = args.output_dir
-    atomic_write_json(out / "analysis.json", report)
-    atomic_write_csv(
-        out / "disagreements.csv",
-        disagreement_frame(files[0].ids, names, probs, targets, args.weights),
-    )
-    plot_analysis(names, probs, targets, report, out / "analysis.png")
-    print(format_table(report["models"]))
-    print()
-    print(format_table(report["pairs"]))
-    print(rule_message(report["rule"], f"these {len(files)} files"))
-    print(f"\nreport: {out / 'analysis.json'}, {out / 'disagreements.csv'}, {out / 'analysis.png'}")
-    return 0

@@ -7,7 +7,7 @@ model alone, without a vote. A checkpoint (``<model>/model.pt``, or a baseline's
 checkpoint) is its one model.
 
 ``binensemble-export RUN|CHECKPOINT --output DIR`` writes medcore's folder layout
-(:mod:`medcore.weights.export`), kind :data:`KIND`:
+(:mod:`medcore.weights.export`), kind :data:`binensemble.model.KIND`:
 
 - ``model.safetensors``: each model's tensors under its name (``metric.backbone.vit...``,
   ``baseline.head.0.weight``); the metric model's gallery as ``extras/metric.gallery.embeddings``
@@ -40,7 +40,7 @@ import torch
 
 from binensemble.config import TTA_VIEWS, DataConfig
 from binensemble.ensemble import check_weights
-from binensemble.model import MODEL_CLASSES, model_kind
+from binensemble.model import KIND, MEMBER_KINDS, MODEL_CLASSES
 from binensemble.predict import BUNDLE_NAME
 from medcore.config import read_yaml
 from medcore.errors import CheckpointError, UserError
@@ -50,9 +50,8 @@ from medcore.weights.export import CONFIG_FILE, WEIGHTS_FILE, ModelExport
 from medcore.weights.pretrained import HUB_PREFIX
 from medcore.weights.sources import ModelSource, ModelSourceError, read_model_source
 
-KIND = "binensemble.Ensemble"
 PACKAGE = "binensemble"
-MEMBER_KINDS = {model_kind(name): name for name in MODEL_CLASSES}
+NAMES_BY_KIND = {kind: name for name, kind in MEMBER_KINDS.items()}
 GALLERY = ("embeddings", "labels")
 
 
@@ -72,8 +71,8 @@ class Origin:
 def _read_member(path: Path) -> tuple[str, ModelSource]:
     """One model's checkpoint (``model.pt``), checked to be a binensemble model with what
     prediction needs."""
-    src = read_model_source(path, list(MEMBER_KINDS))
-    name = MEMBER_KINDS[src.kind]
+    src = read_model_source(path, list(NAMES_BY_KIND))
+    name = NAMES_BY_KIND[src.kind]
     if name == "metric" and not {"gallery", "knn"} <= src.config.keys():
         raise ModelSourceError(
             path,
@@ -259,7 +258,7 @@ def member_states(export: ModelExport) -> dict[str, dict[str, Any]]:
     for name in extras["members"]:
         prefix = f"{name}."
         state: dict[str, Any] = {
-            "kind": model_kind(name),
+            "kind": MEMBER_KINDS[name],
             "model": {
                 k[len(prefix) :]: v for k, v in export.tensors.items() if k.startswith(prefix)
             },

@@ -15,11 +15,16 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from binensemble.config import ModelConfig
+from binensemble.config import BinEnsembleConfig, ModelConfig
 from medcore.engine.grad_checkpointing import set_grad_checkpointing
 from medcore.errors import ConfigError
 from medcore.weights.normalization import data_config
 from medcore.weights.pretrained import load_pretrained, require_pretrained, resolve_weights
+
+KIND = "binensemble.Ensemble"
+"""The model of a run: every model it trained and their soft vote (an exported folder's kind)."""
+MEMBER_KINDS = {"metric": "binensemble.MetricModel", "baseline": "binensemble.BaselineModel"}
+"""Each model's checkpoint kind (its ``model.pt`` and training checkpoints), by model name."""
 
 WEIGHTS_HINT = (
     "--pretrained-weights names one source holding both backbones (convnext.*, vit.*); "
@@ -247,28 +252,6 @@ class _DualModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, img_size: int, load_weights: bool = True):
-        backbone = DualBackbone(
-            cfg.convnext_name,
-            cfg.vit_name,
-            img_size,
-            cfg.drop_path_rate,
-            cfg.convnext_kwargs,
-            cfg.vit_kwargs,
-            {
-                n: {"mean": getattr(cfg, f"{n}_mean"), "std": getattr(cfg, f"{n}_std")}
-                for n in BRANCHES
-            },
-        )
-        if load_weights:
-            check_pretrained(cfg)
-            backbone.load_weights(cfg)
-        backbone.freeze(cfg.train_convnext_stages, cfg.train_vit_blocks)
-        # timm checkpoints non-reentrantly: trainable blocks behind frozen ones keep their grads.
-        set_grad_checkpointing(backbone, cfg.grad_checkpointing)
-        return cls(backbone, cls._head(backbone.num_features, cfg))
-
     @staticmethod
     def _head(in_dim: int, cfg: ModelConfig) -> nn.Module:
         raise NotImplementedError
@@ -317,10 +300,26 @@ class BaselineModel(_DualModel):
 MODEL_CLASSES: dict[str, type[_DualModel]] = {"metric": MetricModel, "baseline": BaselineModel}
 
 
-def model_kind(name: str) -> str:
-    """The checkpoint ``kind`` stamp of a model name (``metric`` -> ``binensemble.MetricModel``)."""
-    return f"binensemble.{MODEL_CLASSES[name].__name__}"
-
-
-def build_model(cfg: ModelConfig, img_size: int, load_weights: bool = True) -> _DualModel:
-    return MODEL_CLASSES[cfg.kind].from_config(cfg, img_size, load_weights=load_weights)
+def build_model(cfg: BinEnsembleConfig, *, load_weights: bool = True) -> _DualModel:
+    """The model ``cfg.model.kind`` for ``cfg.data.img_size`` inputs, its backbones' trainable
+    parts as configured; ``load_weights``: start from the configured pretrained weights (a
+    missing source is an error), else from random ones (a dry run, or a checkpoint loaded next).
+    """
+    m = cfg.model
+    backbone = DualBackbone(
+        m.convnext_name,
+        m.vit_name,
+        cfg.data.img_size,
+        m.drop_path_rate,
+        m.convnext_kwargs,
+        m.vit_kwargs,
+        {n: {"mean": getattr(m, f"{n}_mean"), "std": getattr(m, f"{n}_std")} for n in BRANCHES},
+    )
+    if load_weights:
+        check_pretrained(m)
+        backbone.load_weights(m)
+    backbone.freeze(m.train_convnext_stages, m.train_vit_blocks)
+    # timm checkpoints non-reentrantly: trainable blocks behind frozen ones keep their grads.
+    set_grad_checkpointing(backbone, m.grad_checkpointing)
+    cls = MODEL_CLASSES[m.kind]
+    return cls(backbone, cls._head(backbone.num_features, m))

@@ -1,4 +1,5 @@
-"""Load a trained model bundle (``model.pt``) and predict images with test-time augmentation.
+"""``binensemble-predict``, and the prediction of images by a trained model bundle
+(``model.pt``) with test-time augmentation.
 
 A bundle is what ``binensemble-train`` leaves in a model's run directory: the best weights,
 the model and data configs, and for the metric model the chosen k and the KNN gallery (the
@@ -21,7 +22,7 @@ from binensemble.config import BinEnsembleConfig, DataConfig, ModelConfig
 from binensemble.data import ImageSet, data_root, read_labels, scan_labelled, scan_unlabelled
 from binensemble.ensemble import write_predictions
 from binensemble.evaluate import extract, summarise
-from binensemble.model import MODEL_CLASSES, build_model, model_kind
+from binensemble.model import MEMBER_KINDS, build_model
 from medcore.cli.run_setup import load_run_config
 from medcore.config import from_dict
 from medcore.data.splits import load_splits
@@ -56,19 +57,21 @@ def resolve_bundle_path(path: str | Path) -> Path:
     return path / BUNDLE_NAME if path.is_dir() else path
 
 
-def _configs(state: dict[str, Any]) -> tuple[ModelConfig, DataConfig]:
+def _config(state: dict[str, Any]) -> BinEnsembleConfig:
+    """The config a checkpoint's model was built from (its model and data sections)."""
     model_cfg, data_cfg = dict(state["model_config"]), dict(state["data_config"])
     # Bundles of version 0.1.0 normalised both branches with data.mean / data.std.
     old_mean, old_std = data_cfg.pop("mean", None), data_cfg.pop("std", None)
     for branch in ("convnext", "vit"):
         model_cfg.setdefault(f"{branch}_mean", old_mean)
         model_cfg.setdefault(f"{branch}_std", old_std)
-    return from_dict(ModelConfig, model_cfg), from_dict(DataConfig, data_cfg)
+    return BinEnsembleConfig(
+        model=from_dict(ModelConfig, model_cfg), data=from_dict(DataConfig, data_cfg)
+    )
 
 
 def _build(state: dict[str, Any]) -> torch.nn.Module:
-    model_cfg, data_cfg = _configs(state)
-    return build_model(model_cfg, data_cfg.img_size, load_weights=False)
+    return build_model(_config(state), load_weights=False)
 
 
 def load_bundle(path: str | Path, device: torch.device) -> Bundle:
@@ -82,10 +85,10 @@ def bundle_from_state(
     """The model of a checkpoint dict (read from ``path`` when ``state`` is None; an exported
     model's, :func:`binensemble.export.member_states`, names ``path`` only in errors)."""
     path = Path(path)
-    kinds = {model_kind(name): name for name in MODEL_CLASSES}
+    kinds = {kind: name for name, kind in MEMBER_KINDS.items()}
     model, state = load_model(path, list(kinds), _build, device=device, state=state)
     name = kinds[state["kind"]]
-    model_cfg, data_cfg = _configs(state)
+    cfg = _config(state)
     knn = gallery_emb = gallery_y = None
     if name == "metric":
         if "gallery" not in state or "knn" not in state:
@@ -99,7 +102,7 @@ def bundle_from_state(
     precision = checkpoint_precision(state, device)
     views = list(state["views"]) if "views" in state else None
     return Bundle(
-        path, name, model, model_cfg, data_cfg, precision, knn, gallery_emb, gallery_y, views
+        path, name, model, cfg.model, cfg.data, precision, knn, gallery_emb, gallery_y, views
     )
 
 
@@ -181,7 +184,7 @@ def validation_images(root: Path, data_cfg: DataConfig, splits_path: Path) -> Im
 
 
 # -- the binensemble-predict command ------------------------------------------------------------
-def run_predict(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Predict with every model of ``args.model`` (run, checkpoint, export or hub name) and, with
     several models, vote: the functions of :func:`binensemble.load` and ``binensemble-vote``."""
     import tempfile

@@ -29,7 +29,7 @@ from binensemble.ensemble import (
 )
 from binensemble.evaluate import summarise
 from binensemble.predict import load_bundle, predict_probs
-from binensemble.train import tta_views
+from binensemble.tta import tta_views
 from medcore.data.splits import load_splits
 from medcore.errors import UserError
 from medcore.io import atomic_write_csv, atomic_write_json

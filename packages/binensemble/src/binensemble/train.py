@@ -1,8 +1,27 @@
-"""Training of one model into its own directory, ending with its ``model.pt`` bundle.
+"""``binensemble-train``: the research pipeline from data to voted predictions, and the training
+of one model (its step and evaluation functions).
+
+No ``--model`` (or ``--model both``): train the metric model (triplet loss, KNN with automatic
+k) and the baseline (cross-entropy), predict the validation split and ``TestSet/`` with 4-view
+TTA, soft-vote the two, analyse their agreement and print the accuracy table. ``--model
+metric|baseline`` trains one model. With ``selection.cv_folds >= 2`` a cross-validation stage
+(:mod:`binensemble.selection`) chooses the epoch count and k first.
 
 The metric model trains with batch-hard triplet loss on class-balanced batches and is scored
 per epoch by KNN (automatic k) against the training split's embeddings; the baseline trains
-with cross-entropy. A model directory holds::
+with cross-entropy.
+
+Run directory (``--model both``; with one model the model directory is the run directory)::
+
+    config.yaml  metrics.json
+    metric/    a model directory (below)
+    baseline/  the same, without the KNN files
+    cv/        the cross-validation stage, when asked for
+    predictions/  metric.csv metric_probs.csv baseline.csv ... vote.csv vote_probs.csv
+                  *_val_probs.csv (validation split, with targets)
+    analysis/  <split>/analysis.json disagreements.csv analysis.png
+
+A model directory::
 
     config.yaml metrics.jsonl metrics.json tb/ checkpoints/ plots/ splits.json
     model.pt (weights + k + KNN gallery) model.safetensors knn.json
@@ -11,6 +30,7 @@ with cross-entropy. A model directory holds::
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -18,10 +38,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from binensemble.config import BinEnsembleConfig
-from binensemble.data import BalancedBatchSampler, ImageDataset, ImageSet, train_augmentation
+from binensemble.data import (
+    BalancedBatchSampler,
+    ImageDataset,
+    ImageSet,
+    data_root,
+    read_labels,
+    scan_labelled,
+    scan_unlabelled,
+    train_augmentation,
+)
 from binensemble.evaluate import (
     baseline_evaluator,
     extract,
@@ -29,14 +57,29 @@ from binensemble.evaluate import (
     metric_evaluator,
     summarise,
 )
-from binensemble.losses import BatchHardTripletLoss
-from binensemble.model import build_model, init_description, model_kind, with_normalisation
+from binensemble.losses import BatchHardTripletLoss, cross_entropy_loss
+from binensemble.model import (
+    MEMBER_KINDS,
+    MODEL_CLASSES,
+    build_model,
+    check_pretrained,
+    init_description,
+    weight_sources,
+    with_normalisation,
+)
 from binensemble.predict import BUNDLE_NAME
+from binensemble.report import predict_vote_report
+from binensemble.tta import tta_views
+from medcore.cli.dry_run import build_on_meta, count_parameters, dry_run
+from medcore.cli.run_setup import RunContext, resolve_run, start_run
+from medcore.cli.stages import STAGE_FILE, Stage, run_stage
 from medcore.config import save_config, to_dict
 from medcore.data.splits import load_or_make_splits, save_splits, stratified_split
+from medcore.engine.rng import seed_everything
 from medcore.engine.run_log import RunLogger
+from medcore.engine.task import EvaluateFn, StepFn
 from medcore.engine.trainer import Trainer
-from medcore.errors import DataError
+from medcore.errors import DataError, UserError
 from medcore.io import atomic_write_json
 from medcore.metrics import multiclass_metrics
 from medcore.report.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
@@ -47,12 +90,139 @@ from medcore.weights.checkpoint import export_best, save_checkpoint
 if TYPE_CHECKING:
     from lightning_fabric import Fabric
 
+PACKAGE = "binensemble"
+SMOKE_OVERRIDES = ["data.demo=small", "trainer.batch_size=8"]
+
+
+def main(args: argparse.Namespace) -> int:
+    """``binensemble-train``: a dry run, or the models of ``--model`` and their predictions."""
+    request = resolve_run(args, BinEnsembleConfig, PACKAGE, "default", SMOKE_OVERRIDES, staged=True)
+    cfg: BinEnsembleConfig = request.cfg
+    model = _model_choice(args, cfg)
+    if not args.dry_run:
+        check_pretrained(cfg.model)
+        if args.from_scratch and any(weight_sources(cfg.model).values()):
+            raise UserError("--from-scratch", "contradicts the pretrained weights also given")
+    with start_run(request) as ctx:
+        return _dry_run(ctx, model) if args.dry_run else _train_models(ctx, model)
+
+
+def _model_choice(args: argparse.Namespace, cfg: BinEnsembleConfig) -> str:
+    """``--model``; a resumed run keeps its own choice (one model lives in the run itself)."""
+    if not args.resume:
+        return args.model or "both"
+    run_dir = Path(cfg.output_dir)
+    single = ("splits.json", "checkpoints", BUNDLE_NAME, STAGE_FILE)
+    trained = cfg.model.kind if any((run_dir / n).exists() for n in single) else "both"
+    if args.model not in (None, trained):
+        raise UserError(
+            "--model", f"{run_dir} holds a --model {trained} run; resume it with that choice"
+        )
+    return trained
+
+
+def _dry_run(ctx: RunContext, model: str) -> int:
+    """Build the model(s) on the meta device: config.yaml, model_summary.json, the table."""
+    cfg: BinEnsembleConfig = ctx.cfg
+    names = list(MODEL_CLASSES) if model == "both" else [model]
+
+    def build(name: str):
+        return build_model(_with_kind(cfg, name), load_weights=False)
+
+    first = build_on_meta(lambda: build(names[0]))
+    extra = {
+        "img_size": cfg.data.img_size,
+        "normalisation": first.backbone.normalisation(),
+        "branches": {
+            cfg.model.convnext_name: count_parameters(first.backbone.convnext)["total"],
+            cfg.model.vit_name: count_parameters(first.backbone.vit)["total"],
+        },
+        **{
+            f"{n}_parameters": count_parameters(build_on_meta(lambda n=n: build(n)))
+            for n in names[1:]
+        },
+    }
+    dry_run(lambda: build(names[0]), ctx.run_dir, extra=extra)
+    return 0
+
+
+def _test_images(root: Path, cfg: BinEnsembleConfig) -> tuple[ImageSet | None, np.ndarray | None]:
+    """``TestSet/`` and its optional labels, checked before any training.
+
+    A test folder without a usable image is named and left out (the models are still trained);
+    a broken label file is an error.
+    """
+    if not (root / cfg.data.test_dir).is_dir():
+        return None, None
+    try:
+        test_set = scan_unlabelled(root, cfg.data)
+    except DataError as exc:
+        print(f"warning: {exc.what}: {exc.why}; no test predictions", file=sys.stderr)
+        return None, None
+    labels_path = root / cfg.data.test_labels
+    if not labels_path.is_file():
+        return test_set, None
+    test_labels = read_labels(labels_path)
+    missing = [i for i in test_set.ids if i not in test_labels]
+    if missing:
+        raise DataError(
+            labels_path, f"no label for {len(missing)} test image(s) (e.g. {missing[0]!r})"
+        )
+    return test_set, np.asarray([test_labels[i] for i in test_set.ids])
+
+
+def _train_models(ctx: RunContext, model: str) -> int:
+    """Each model (and each cross-validation fold) is a stage of the run: a resumed run skips
+    the finished ones and continues the unfinished one from its ``checkpoints/latest.pt``."""
+    cfg: BinEnsembleConfig = ctx.cfg
+    names = list(MODEL_CLASSES) if model == "both" else [model]
+    root = data_root(cfg.data)
+    labelled = scan_labelled(root, cfg.data)
+    test_set, test_y = _test_images(root, cfg) if ctx.dist.is_main else (None, None)
+    cv_lines: list[str] = []
+    chosen: dict[str, tuple[int, int | None]] = {}
+    if cfg.selection.cv_folds:
+        from binensemble.selection import cross_validate
+
+        chosen, cv_lines = cross_validate(ctx, labelled, names)
+    bundles: dict[str, Path] = {}
+    for name in names:
+        model_cfg = _with_kind(cfg, name)
+        weights = "best"
+        if name in chosen:  # the cross-validated epoch count (and k) replace validation's
+            epochs, k = chosen[name]
+            model_cfg = dataclasses.replace(
+                model_cfg,
+                trainer=dataclasses.replace(cfg.trainer, epochs=epochs),
+                knn=dataclasses.replace(cfg.knn, ks=[k] if k is not None else cfg.knn.ks),
+            )
+            weights = "final"
+
+        def train(stage: Stage, model_cfg=model_cfg, weights=weights) -> dict[str, str]:
+            seed_everything(cfg.seed + ctx.dist.rank)  # each model's result independent of order
+            bundle = train_model(
+                model_cfg, labelled, stage.dir, ctx.fabric, stage.resume, weights=weights
+            )
+            return {"bundle": str(bundle)}
+
+        # One model lives in the run directory itself: its stage is the run directory.
+        result = run_stage(ctx, name if len(names) > 1 else ".", train)
+        bundles[name] = Path(result["bundle"])
+    if not ctx.dist.is_main:
+        return 0
+    report = predict_vote_report(
+        cfg, labelled, test_set, test_y, bundles, ctx.run_dir, ctx.device, cv_lines
+    )
+    print(report)
+    return 0
+
+
+def _with_kind(cfg: BinEnsembleConfig, name: str) -> BinEnsembleConfig:
+    """``cfg`` for the model ``name`` (``metric`` or ``baseline``)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=name))
+
+
 Splits = dict[str, np.ndarray]
-
-
-def tta_views(cfg: BinEnsembleConfig) -> list[str]:
-    """The views of the configured test-time augmentation (identity only without TTA)."""
-    return list(cfg.predict.views) if cfg.predict.tta else ["identity"]
 
 
 def train_val_splits(labelled: ImageSet, cfg: BinEnsembleConfig, path: Path) -> Splits:
@@ -76,7 +246,10 @@ def train_val_splits(labelled: ImageSet, cfg: BinEnsembleConfig, path: Path) -> 
     return splits
 
 
-def _step_fn(cfg: BinEnsembleConfig):
+def make_step_fn(cfg: BinEnsembleConfig) -> StepFn:
+    """The training step of ``cfg.model.kind``: augment the uint8 batch on its device, then the
+    triplet loss on the embeddings (metric) or cross-entropy on the logits (baseline); returns
+    the loss and its terms as device tensors (read by the trainer at logging steps only)."""
     augment = train_augmentation(cfg.data)
 
     def images(batch: dict[str, Any]) -> torch.Tensor:
@@ -96,13 +269,24 @@ def _step_fn(cfg: BinEnsembleConfig):
 
     def baseline_step(model: torch.nn.Module, batch: dict[str, Any]):
         logits = model(images(batch)).float()
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=cfg.loss.label_smoothing)
-        return loss, {"accuracy": (logits.argmax(1) == batch["label"]).float().mean()}
+        return cross_entropy_loss(logits, batch["label"], cfg.loss.label_smoothing)
 
     return baseline_step
 
 
-def train_one(
+def make_evaluate_fn(
+    cfg: BinEnsembleConfig, train_set: ImageSet, val_set: ImageSet, heldout_dir: Path | None
+) -> EvaluateFn:
+    """The per-epoch validation of ``cfg.model.kind``: KNN with automatic k against the
+    training split's embeddings (metric), softmax probabilities (baseline); with
+    ``heldout_dir`` every evaluation's validation probabilities are kept there."""
+    workers = cfg.trainer.num_workers
+    if cfg.model.kind == "metric":
+        return metric_evaluator(train_set, val_set, cfg.data, cfg.knn, workers, heldout_dir)
+    return baseline_evaluator(val_set, cfg.data, workers, heldout_dir)
+
+
+def train_model(
     cfg: BinEnsembleConfig,
     labelled: ImageSet,
     model_dir: Path,
@@ -123,7 +307,7 @@ def train_one(
     name = cfg.model.kind
     device = fabric.device
     model_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(cfg.model, cfg.data.img_size)
+    model = build_model(cfg)
     # The branches' input normalisation as resolved from the backbones, recorded for predict.
     cfg = dataclasses.replace(cfg, model=with_normalisation(cfg.model, model.backbone))
     if get_rank() == 0:
@@ -140,16 +324,13 @@ def train_one(
         print(f"{name}: {init}", file=sys.stderr)
     logger.log_jsonl({"event": "init", "model": name, "backbones": init})
     batch_size = cfg.trainer.batch_size or device_defaults(device).batch_size
-    workers = cfg.trainer.num_workers
     heldout = model_dir / "heldout" if keep_heldout else None
     if name == "metric":
-        evaluate_fn = metric_evaluator(train_set, val_set, cfg.data, cfg.knn, workers, heldout)
         # Every batch is full: batch_size // 2 images of each class.
         sampler = BalancedBatchSampler(
             train_set.labels, batch_size, cfg.seed, get_rank(), get_world_size()
         )
     else:
-        evaluate_fn = baseline_evaluator(val_set, cfg.data, workers, heldout)
         # Shuffled batches: a last batch too small for the heads' BatchNorm (the real TrainSet's
         # 1393 images at batch 24 leave 1) is dropped by the trainer (trainer.min_batch_size).
         sampler = None
@@ -158,10 +339,10 @@ def train_one(
         cfg.trainer,
         fabric=fabric,
         train_data=ImageDataset(train_set),  # uint8 from the store; step_fn augments the batch
-        step_fn=_step_fn(cfg),
+        step_fn=make_step_fn(cfg),
         run_dir=model_dir,
-        kind=model_kind(name),
-        evaluate_fn=evaluate_fn,
+        kind=MEMBER_KINDS[name],
+        evaluate_fn=make_evaluate_fn(cfg, train_set, val_set, heldout),
         param_groups=model.param_groups(cfg.optim.backbone_lr, cfg.optim.head_lr),
         batch_sampler=sampler,
         seed=cfg.seed,
@@ -175,15 +356,19 @@ def train_one(
             result.final_path,
             model,
             model_dir / "model.safetensors",
-            metadata={"kind": model_kind(name)},
+            metadata={"kind": MEMBER_KINDS[name]},
         )
         metrics = _finalise(cfg, model, train_set, val_set, model_dir, device, trainer)
         metrics.update(
             best_epoch=_best_epoch(result.history, result.best_metric_name, result.best_metric),
             epochs_completed=result.epochs_completed,
-            weights=str(chosen),
+            weights=chosen.name,  # the checkpoint model.pt took its weights from
             init=init,
         )
+        if chosen != result.final_path:
+            # model.pt and model.safetensors hold the best epoch's weights now: its checkpoint
+            # would be a third copy (2 GB a model for `full`); final.pt stays (the last epoch).
+            chosen.unlink()
         logger.write_final(metrics)
         logger.close()
     barrier()
@@ -256,7 +441,7 @@ def _finalise(
         extra["k"] = knn.k
     else:
         val_probs = predict(val_set, "predicting validation").numpy()
-    save_checkpoint(bundle, model_dir / BUNDLE_NAME, kind=model_kind(name))
+    save_checkpoint(bundle, model_dir / BUNDLE_NAME, kind=MEMBER_KINDS[name])
     y = val_set.labels
     plot_training_curves(
         trainer.state.history, ["val/accuracy", "val/roc_auc"], model_dir / "plots" / "curves.png"

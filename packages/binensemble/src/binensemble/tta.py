@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from binensemble.config import TTA_VIEWS
+from binensemble.config import TTA_VIEWS, BinEnsembleConfig
+
+
+def tta_views(cfg: BinEnsembleConfig) -> list[str]:
+    """The views of the configured test-time augmentation (identity only without TTA)."""
+    return list(cfg.predict.views) if cfg.predict.tta else ["identity"]
 
 
 def apply_view(name: str, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from binensemble.config import BinEnsembleConfig
 from binensemble.data import ImageSet
 from binensemble.ensemble import analyse, check_rule, decide, rule_message, write_predictions
 from binensemble.evaluate import load_heldout
-from binensemble.train import Splits, train_one
+from binensemble.train import Splits, train_model
 from medcore.cli.run_setup import RunContext
 from medcore.cli.stages import Stage, run_stage
 from medcore.data.splits import stratified_group_kfold
@@ -113,7 +113,7 @@ def cross_validate(
 
             def train(stage: Stage, model_cfg=model_cfg, fold=fold) -> dict[str, str]:
                 seed_everything(cfg.seed + get_rank())
-                bundle = train_one(
+                bundle = train_model(
                     model_cfg,
                     labelled,
                     stage.dir,
