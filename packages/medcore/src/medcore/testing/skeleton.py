@@ -7,8 +7,10 @@ package's tests call :func:`skeleton_problems` on itself; an empty list means it
 - modules: ``cli`` (the command table only), ``config``, ``data``, ``model``, ``losses``,
   ``train``, ``evaluate``, ``predict``, ``synthetic`` (demo data in the real on-disk format);
   ``preprocess`` where the package has a preprocessing step;
-- ``model.KIND``: the checkpoint identity, ``"<pkg>.<Name>"``; ``model.build_model(cfg)``: one
-  argument, the package's config;
+- ``model.KIND``: the checkpoint identity, ``"<pkg>.<Name>"`` (a package with several
+  architectures names the default or the family here, and lists the kinds its checkpoints are
+  stored as beside it: ctretrieval's and histommnet's ``KINDS``, binensemble's
+  ``MEMBER_KINDS``); ``model.build_model(cfg)``: one argument, the package's config;
 - ``train``: ``main`` (the ``<pkg>-train`` command), ``make_step_fn``, ``make_evaluate_fn``;
 - every command of ``cli`` runs ``<pkg>.<module>:main`` and is installed as the console script
   named by its ``prog``, and every console script of the package is such a command.

@@ -132,7 +132,7 @@ def resolve_weights(spec: str | Path, files: Sequence[str] = WEIGHT_FILES) -> Re
     """Find the weights file of ``spec``: a file, a directory, or ``hf-hub:ORG/NAME[@REV]``.
 
     In a directory or hub snapshot the first of ``files`` present is taken (else a single
-    weights file of any name, e.g. an exported ``final.safetensors``). A hub name is looked up in
+    weights file of any name, e.g. an exported ``model.safetensors``). A hub name is looked up in
     the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) and downloaded only when online and
     ``HF_HUB_OFFLINE`` is unset; a cached snapshot is used as it is. Every failure is a one-line
     CheckpointError (a UserError) saying what was looked for.
@@ -155,7 +155,7 @@ def _resolve_dir(path: Path, source: str, files: tuple[str, ...]) -> ResolvedWei
     for name in files:
         if (path / name).is_file():
             return ResolvedWeights(path / name, _read_configs(path), source)
-    # A single weights file of another name (e.g. medcore's exported final.safetensors).
+    # A single weights file of another name (e.g. the model.safetensors of an exported folder).
     found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if len(found) == 1:
         return ResolvedWeights(found[0], _read_configs(path), source)
