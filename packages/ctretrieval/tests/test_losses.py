@@ -149,6 +149,17 @@ def test_compatible_negatives_share_no_finding() -> None:
     ]
 
 
+@pytest.mark.parametrize("mining", ["hardest", "semihard", "random_hard"])
+def test_triplet_loss_reads_nothing_back_from_the_device(mining: str) -> None:
+    # On the meta device a value read (nonzero, item, boolean indexing) raises: the loss and
+    # its count stay on the device, so a training step never waits for it.
+    emb, labels, label_ids = _batch(1)
+    loss, terms = OnlineTripletLoss(mining=mining)(
+        emb.to("meta"), labels.to("meta"), label_ids.to("meta")
+    )
+    assert loss.device.type == terms["triplets"].device.type == "meta" and loss.shape == ()
+
+
 def test_no_triplet_gives_zero_attached_loss() -> None:
     emb = torch.randn(3, 4, requires_grad=True)
     loss, terms = OnlineTripletLoss()(emb, torch.ones(3, 2), torch.tensor([0, 1, 2]))

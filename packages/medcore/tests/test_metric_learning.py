@@ -11,6 +11,7 @@ from medcore.data.samplers import BalancedBatchSampler
 from medcore.errors import DataError
 from medcore.losses.triplet_mining import (
     batch_hard,
+    mine_negatives,
     mine_triplets,
     pairwise_distances,
     triplet_masks,
@@ -97,3 +98,27 @@ def test_multilabel_negatives_share_no_positive() -> None:
     pos, neg = triplet_masks(ids, labels)
     assert pos[0, 3] and not pos[0, 0]
     assert neg[0, 2] and not neg[0, 1]  # 1 shares the first finding with 0
+
+
+@pytest.mark.parametrize("mining", ["hardest", "semihard", "random_hard"])
+def test_mine_negatives_is_mine_triplets_without_a_host_read(mining: str) -> None:
+    torch.manual_seed(3)
+    emb = torch.randn(12, 5)
+    ids = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1, 2, 3, 3])
+    dist = pairwise_distances(emb, squared=True)
+    pos, neg = triplet_masks(ids)
+    torch.manual_seed(7)
+    chosen, has = mine_negatives(dist, pos, neg, mining, margin=1.0)
+    torch.manual_seed(7)  # the same draws: the same negatives
+    triplets = mine_triplets(dist, pos, neg, mining, margin=1.0)
+    assert chosen.shape == has.shape == (12, 12)
+    assert {(a, p, chosen[a, p].item()) for a, p in has.nonzero().tolist()} == {
+        tuple(t) for t in triplets.tolist()
+    }
+    assert not (has & ~pos).any()
+    # On the meta device any read of a value (nonzero, item, a data-dependent shape) raises.
+    meta = [x.to("meta") for x in (dist, pos, neg)]
+    chosen_m, has_m = mine_negatives(*meta, mining, margin=1.0)
+    assert chosen_m.shape == has_m.shape == (12, 12)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        mine_triplets(*meta, mining, margin=1.0)

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medcore.losses.triplet_mining import Mining, mine_triplets, pairwise_distances, triplet_masks
+from medcore.losses.triplet_mining import (
+    Mining,
+    mine_negatives,
+    mine_triplets,
+    pairwise_distances,
+    triplet_masks,
+)
 
 Average = Literal["micro", "sample"]
 Targets = Literal["binary", "jaccard"]
@@ -85,7 +91,7 @@ class OnlineTripletLoss(nn.Module):
     Every (anchor, positive) pair of the batch gets one negative among the compatible ones
     (:func:`medcore.losses.triplet_mining.triplet_masks` with the multi-hot labels: no shared
     positive finding), chosen on squared Euclidean distances ``d``
-    (:func:`medcore.losses.triplet_mining.mine_triplets`):
+    (:func:`medcore.losses.triplet_mining.mine_negatives`):
 
     * ``hardest``: the negative closest to the anchor.
     * ``semihard``: a random negative with ``d_ap < d_an < d_ap + margin``.
@@ -118,11 +124,11 @@ class OnlineTripletLoss(nn.Module):
         """(mean triplet loss, ``{"triplets": their number}``)."""
         emb = emb.float()
         dist = pairwise_distances(emb, squared=True)
-        triplets = self.mine(dist.detach(), labels, label_ids)
-        # The count is a host int already (mining's nonzero sized the triplets): copied over.
-        terms = {"triplets": emb.new_tensor(triplets.shape[0])}
-        if triplets.numel() == 0:
-            return emb.sum() * 0.0, terms
-        a, p, n = triplets.unbind(1)
-        losses = F.relu(dist[a, p] - dist[a, n] + self.margin)
-        return losses.mean(), terms
+        positive, negative = triplet_masks(label_ids, labels)
+        chosen, has = mine_negatives(dist.detach(), positive, negative, self.mining, self.margin)
+        # Masked over the [b, b] pairs rather than indexed by triplet: no shape depends on the
+        # data, so the step never waits for the device (the count stays a tensor).
+        losses = F.relu(dist - dist.gather(1, chosen) + self.margin) * has
+        count = has.sum()
+        loss = losses.sum() / count.clamp_min(1)  # 0, attached to the graph, without triplets
+        return loss, {"triplets": count.float()}

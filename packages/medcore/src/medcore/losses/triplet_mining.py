@@ -7,8 +7,10 @@ binensemble (two classes, batch-hard mining of Hermans et al., 2017).
 
 - :func:`triplet_masks`: positive / negative pair masks, single-label or multi-label.
 - :func:`batch_hard`: per anchor, the farthest positive and the closest negative.
-- :func:`mine_triplets`: per (anchor, positive) pair, one negative (hardest, semi-hard or a
-  random margin violator), as index triplets.
+- :func:`mine_negatives`: per (anchor, positive) pair, one negative (hardest, semi-hard or a
+  random margin violator), as ``[b, b]`` tensors: what a loss uses inside a training step,
+  with no read back to the host.
+- :func:`mine_triplets`: the same choice as index triplets ``[t, 3]`` (sized on the host).
 """
 
 from __future__ import annotations
@@ -57,22 +59,23 @@ def batch_hard(
 
 
 @torch.no_grad()
-def mine_triplets(
+def mine_negatives(
     dist: torch.Tensor,
     positive: torch.Tensor,
     negative: torch.Tensor,
     mining: Mining = "hardest",
     margin: float = 0.2,
-) -> torch.Tensor:
-    """Triplets ``[t, 3]`` (anchor, positive, negative indices): one negative per (a, p) pair.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (anchor, positive) pair, the chosen negative's index and whether there is one, both
+    ``[b, b]`` (row: anchor, column: positive).
 
     * ``hardest``: the negative closest to the anchor.
     * ``semihard``: a random negative with ``d_ap < d_an < d_ap + margin``.
     * ``random_hard``: a random negative that violates the margin, ``d_an < d_ap + margin``.
 
-    Pairs without such a negative give no triplet. One ``[b, b, b]`` masked tensor, no Python
-    loops; the random choices draw on the global torch RNG (seeded and checkpointed by the
-    Trainer).
+    A pair that is no positive pair, or has no such negative, has ``False``. One ``[b, b, b]``
+    masked tensor, no Python loops and no host sync (the shapes do not depend on the data); the
+    random choices draw on the global torch RNG (seeded and checkpointed by the Trainer).
     """
     if mining not in ("hardest", "semihard", "random_hard"):
         raise ValueError(f"mining must be hardest, semihard or random_hard, got {mining!r}")
@@ -90,6 +93,18 @@ def mine_triplets(
     else:
         noise = torch.rand(valid.shape, device=dist.device)
         score = torch.where(valid, noise, torch.full_like(noise, -1.0))
-    chosen = score.argmax(2)  # [a, p]
-    anchors, positives = valid.any(2).nonzero(as_tuple=True)
+    return score.argmax(2), valid.any(2)
+
+
+def mine_triplets(
+    dist: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    mining: Mining = "hardest",
+    margin: float = 0.2,
+) -> torch.Tensor:
+    """Triplets ``[t, 3]`` (anchor, positive, negative indices): :func:`mine_negatives`' choice
+    for every pair that has one. Sizing ``t`` reads back to the host once."""
+    chosen, has = mine_negatives(dist, positive, negative, mining, margin)
+    anchors, positives = has.nonzero(as_tuple=True)
     return torch.stack([anchors, positives, chosen[anchors, positives]], dim=1)
