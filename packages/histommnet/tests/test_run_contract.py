@@ -70,7 +70,6 @@ class TestRunContract(RunContract):
         stage="fold_0",
         outputs=("fold_0/result.json",),
         summary="mean ± std",
-        nan_notice="warning: non-finite pixel values in a training batch",
         checkpoint_uses={
             "gradcam": CheckpointUse(
                 lambda ckpt, w: ["--checkpoint", str(ckpt), "--output-dir", str(w.out)],

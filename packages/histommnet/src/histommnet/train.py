@@ -245,11 +245,6 @@ def make_step_fn(cfg: HistoConfig, objective: HistoLoss, tracker: _EpochLoss):
 
     def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         images, labels, subtypes = batch["images"], batch["label"], batch["subtype"]
-        if not torch.isfinite(images).all():
-            # Not fed to the model: a forward pass in training mode would write the NaNs into
-            # the BatchNorm running statistics even though the Trainer skips the step.
-            print("warning: non-finite pixel values in a training batch; skipped", file=sys.stderr)
-            return images.new_tensor(float("nan")), {}
         images = augment.to(images.device)(images)
         target = soft_targets(labels, 2, loss_cfg.label_smoothing)
         sub_target = soft_targets(subtypes, NUM_SUBTYPES, loss_cfg.label_smoothing)
